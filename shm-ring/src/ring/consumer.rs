@@ -1,0 +1,399 @@
+//! The reading side: records in place, validated, released in batches.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use super::{claim_side, release_side, SideStats, SPIN_LIMIT};
+use crate::error::{AttachError, CorruptError};
+use crate::layout::{record_size, RecordHeader, RECORD_HEADER_SIZE, TAG_PAD};
+use crate::storage::RingStorage;
+use crate::sync::{fence, Ordering};
+use crate::wake::{futex_wait, monotonic_ns, Doorbell};
+
+/// The single reader of a ring.
+///
+/// [`records`](Consumer::records) iterates what is published from the released position on;
+/// every record borrows the consumer, so [`release`](Consumer::release), which lets the producer
+/// reuse the space, compiles only once no payload slice is alive.
+///
+/// # Examples
+///
+/// ```
+/// use shm_ring::{HeapRing, Meta};
+///
+/// let (mut tx, mut rx) = HeapRing::channel(4096).unwrap();
+/// for i in 0..3u8 {
+///     tx.push(Meta::tag(1).conn(i.into()), &[i; 3]).unwrap();
+/// }
+/// tx.publish();
+///
+/// let mut end = None;
+/// for rec in rx.records().unwrap() {
+///     let rec = rec.unwrap(); // a corrupted ring gives an error, not a panic
+///     assert_eq!(rec.payload(), &[rec.conn() as u8; 3]);
+///     end = Some(rec.end());
+/// }
+/// rx.release(end.unwrap()); // one position store for the whole batch
+/// ```
+pub struct Consumer<S: RingStorage> {
+    storage: S,
+    data: *const u8,
+    cap: u64,
+    mask: u64,
+    /// The position last stored to the shared head.
+    released: u64,
+    /// Last validated tail: `released <= cached_tail <= released + cap`.
+    cached_tail: u64,
+    /// Records are counted once each as they are first read, though `records` may re-read.
+    counted_through: Cell<u64>,
+    counted: Cell<u64>,
+    counted_bytes: Cell<u64>,
+    doorbell: Doorbell,
+    stats: SideStats,
+}
+
+// SAFETY: see `Producer`'s Send impl; the Cells are only touched through `&self` on one thread
+// at a time (Consumer is not Sync).
+unsafe impl<S: RingStorage + Send> Send for Consumer<S> {}
+
+impl<S: RingStorage> Consumer<S> {
+    /// Becomes the consumer of the ring in `storage`, continuing from its released position:
+    /// records a dead consumer read but did not release are read again.
+    ///
+    /// # Errors
+    ///
+    /// [`AttachError::InUse`] if another live process is the consumer;
+    /// [`AttachError::Corrupt`] if the positions in shared memory are inconsistent.
+    pub fn new(storage: S) -> Result<Self, AttachError> {
+        let h = storage.header();
+        let cap = storage.capacity() as u64;
+        let head = h.head.load(Ordering::Relaxed);
+        // Acquire: pairs with the Release store in `Producer::publish`.
+        let tail = h.tail.load(Ordering::Acquire);
+        if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap {
+            return Err(CorruptError::HeadOutOfRange { head, tail, capacity: cap }.into());
+        }
+        claim_side(&h.consumer, "consumer")?;
+        let stats = SideStats::load(&h.consumer);
+        let data = storage.data();
+        Ok(Consumer {
+            storage,
+            data,
+            cap,
+            mask: cap - 1,
+            released: head,
+            cached_tail: tail,
+            counted_through: Cell::new(head),
+            counted: Cell::new(0),
+            counted_bytes: Cell::new(0),
+            doorbell: Doorbell::Futex,
+            stats,
+        })
+    }
+
+    /// How to wake the producer when it announced that it waits for space (default: futex).
+    pub fn set_doorbell(&mut self, doorbell: Doorbell) {
+        self.doorbell = doorbell;
+    }
+
+    /// Bytes of the data area.
+    pub fn capacity(&self) -> usize {
+        self.cap as usize
+    }
+
+    /// The storage this consumer reads from.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The position released so far; records start here.
+    pub fn position(&self) -> u64 {
+        self.released
+    }
+
+    /// The published tail as of the last `records` or `wait` call.
+    pub fn seen_tail(&self) -> u64 {
+        self.cached_tail
+    }
+
+    /// Iterates the published records from the released position, reading the shared tail
+    /// once. Calling it again without releasing yields the same records first.
+    ///
+    /// # Errors
+    ///
+    /// [`CorruptError::TailOutOfRange`] if the producer's position is invalid. An invalid
+    /// record is reported by the iterator, which then ends.
+    pub fn records(&mut self) -> Result<Records<'_, S>, CorruptError> {
+        self.refresh_tail()?;
+        Ok(Records { consumer: self, pos: self.released, end: self.cached_tail, failed: false })
+    }
+
+    /// True if records were published beyond what [`records`](Consumer::records) last saw
+    /// (one relaxed load; a hint for event loops).
+    pub fn has_new(&self) -> bool {
+        self.storage.header().tail.load(Ordering::Relaxed) != self.cached_tail
+    }
+
+    /// True if there are published records not yet released.
+    pub fn is_empty(&mut self) -> Result<bool, CorruptError> {
+        self.refresh_tail()?;
+        Ok(self.cached_tail == self.released)
+    }
+
+    fn refresh_tail(&mut self) -> Result<(), CorruptError> {
+        // Acquire: pairs with the Release store in `Producer::publish`, making the bytes of
+        // every record before `tail` visible here.
+        let tail = self.storage.header().tail.load(Ordering::Acquire);
+        if tail < self.cached_tail || tail - self.released > self.cap || tail % 8 != 0 {
+            return Err(CorruptError::TailOutOfRange {
+                tail,
+                head: self.released,
+                capacity: self.cap,
+            });
+        }
+        self.cached_tail = tail;
+        Ok(())
+    }
+
+    /// Gives the space up to `to` (a record's [`end`](Record::end)) back to the producer, and
+    /// wakes it if it waits for space.
+    ///
+    /// # Panics
+    ///
+    /// If `to` is not between the released position and the last seen tail: only a position
+    /// this consumer handed out is valid.
+    pub fn release(&mut self, to: u64) {
+        assert!(
+            to >= self.released && to <= self.cached_tail && to % 8 == 0,
+            "release to {to} outside {}..={}",
+            self.released,
+            self.cached_tail
+        );
+        if to == self.released {
+            return;
+        }
+        let h = self.storage.header();
+        // Release: pairs with the Acquire loads of `head` in the producer, so our reads of the
+        // records before `to` happen before the producer overwrites them.
+        h.head.store(to, Ordering::Release);
+        self.released = to;
+        self.stats.records += self.counted.take();
+        self.stats.bytes += self.counted_bytes.take();
+        self.stats.active_ns = monotonic_ns();
+        // SeqCst fence (mirror of P2 in wake.rs): orders the head store before the load of the
+        // producer's sleep word; pairs with the fence in `Producer::prepare_park_for_space`.
+        fence(Ordering::SeqCst);
+        if h.producer_sleep.load(Ordering::Relaxed) == 1
+            && h.producer_sleep.swap(0, Ordering::Relaxed) == 1
+        {
+            self.doorbell.ring(&h.producer_sleep, h);
+            self.stats.wakeups_sent += 1;
+        }
+        self.stats.store(&h.consumer);
+    }
+
+    /// Waits for records beyond those [`records`](Consumer::records) last saw: spins briefly,
+    /// then announces that it sleeps and parks on the futex. True if there are new records;
+    /// false after `timeout` (or a spurious wake).
+    ///
+    /// # Errors
+    ///
+    /// [`CorruptError`] if the producer's position is invalid.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<bool, CorruptError> {
+        for _ in 0..SPIN_LIMIT {
+            if self.has_new() {
+                self.refresh_tail()?;
+                return Ok(true);
+            }
+            crate::sync::spin_hint();
+        }
+        if !self.prepare_park()? {
+            return Ok(true);
+        }
+        let h = self.storage.header();
+        futex_wait(&h.consumer_sleep, 1, timeout, h);
+        self.finish_park();
+        let before = self.cached_tail;
+        self.refresh_tail()?;
+        Ok(self.cached_tail != before)
+    }
+
+    /// For a consumer in an event loop: announces that it sleeps, then re-checks. `Ok(true)`:
+    /// nothing new, sleep now (poll the eventfd given to the producer as its doorbell);
+    /// `Ok(false)`: records arrived, do not sleep. Call [`finish_park`](Consumer::finish_park)
+    /// after waking either way.
+    ///
+    /// # Errors
+    ///
+    /// [`CorruptError`] if the producer's position is invalid.
+    pub fn prepare_park(&mut self) -> Result<bool, CorruptError> {
+        let h = self.storage.header();
+        h.consumer_sleep.store(1, Ordering::Relaxed);
+        // SeqCst fence C2 (wake.rs): orders the announcement before re-reading the tail; pairs
+        // with fence P2 in `Producer::publish`.
+        fence(Ordering::SeqCst);
+        let before = self.cached_tail;
+        self.refresh_tail()?;
+        if self.cached_tail != before {
+            self.storage.header().consumer_sleep.store(0, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.stats.parks += 1;
+        Ok(true)
+    }
+
+    /// Withdraws the announcement made by [`prepare_park`](Consumer::prepare_park).
+    pub fn finish_park(&mut self) {
+        let h = self.storage.header();
+        h.consumer_sleep.store(0, Ordering::Relaxed);
+        self.stats.active_ns = monotonic_ns();
+        self.stats.store(&h.consumer);
+    }
+
+    /// Records the consumer as alive now (an idle consumer's proof of life).
+    pub fn heartbeat(&mut self) {
+        self.stats.active_ns = monotonic_ns();
+        self.stats.store(&self.storage.header().consumer);
+    }
+}
+
+impl<S: RingStorage> Drop for Consumer<S> {
+    fn drop(&mut self) {
+        release_side(&self.storage.header().consumer);
+    }
+}
+
+/// One record, read in place.
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    header: RecordHeader,
+    payload: &'a [u8],
+    pos: u64,
+}
+
+impl<'a> Record<'a> {
+    /// The application's tag.
+    pub fn tag(&self) -> u16 {
+        self.header.tag
+    }
+    /// The application's flags.
+    pub fn flags(&self) -> u16 {
+        self.header.flags
+    }
+    /// The connection id (or any 64-bit key) the producer attached.
+    pub fn conn(&self) -> u64 {
+        self.header.conn
+    }
+    /// The 64-bit word the producer attached besides the connection.
+    pub fn aux(&self) -> u64 {
+        self.header.aux
+    }
+    /// The payload, borrowed from the ring. From a hostile producer its bytes may change while
+    /// you read them; its bounds never do (they were validated once, from a private copy).
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+    /// Ring position of the record.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+    /// Ring position of the payload's first byte.
+    pub fn payload_position(&self) -> u64 {
+        self.pos + RECORD_HEADER_SIZE as u64
+    }
+    /// Position just past the record: pass it to [`Consumer::release`].
+    pub fn end(&self) -> u64 {
+        self.pos + record_size(self.payload.len())
+    }
+}
+
+/// Iterator over published records; see [`Consumer::records`]. After an error it ends.
+pub struct Records<'a, S: RingStorage> {
+    consumer: &'a Consumer<S>,
+    pos: u64,
+    end: u64,
+    failed: bool,
+}
+
+impl<'a, S: RingStorage> Records<'a, S> {
+    /// Position after the last record returned so far.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn next_record(&mut self) -> Result<Option<Record<'a>>, CorruptError> {
+        let c = self.consumer;
+        loop {
+            if self.pos == self.end {
+                return Ok(None);
+            }
+            let off = self.pos & c.mask;
+            let to_end = c.cap - off;
+            if to_end < RECORD_HEADER_SIZE as u64 {
+                // Too little room for a header: the producer wrapped without a padding record.
+                if self.pos + to_end > self.end {
+                    return Err(CorruptError::BadPadding { pos: self.pos, len: 0, expected: to_end });
+                }
+                self.pos += to_end;
+                continue;
+            }
+            // SAFETY: off + 24 <= capacity and off is 8-aligned (positions are validated
+            // multiples of 8), so the header lies inside the mapping. read_volatile takes one
+            // private copy that all checks below use, so a peer changing it cannot race them.
+            let hdr = unsafe { c.data.add(off as usize).cast::<RecordHeader>().read_volatile() };
+            if hdr.tag == TAG_PAD {
+                let expected = to_end - RECORD_HEADER_SIZE as u64;
+                if hdr.len as u64 != expected || self.pos + to_end > self.end {
+                    return Err(CorruptError::BadPadding { pos: self.pos, len: hdr.len, expected });
+                }
+                self.pos += to_end;
+                continue;
+            }
+            let size = record_size(hdr.len as usize);
+            if size > to_end {
+                return Err(CorruptError::RecordCrossesEnd { pos: self.pos, len: hdr.len });
+            }
+            if self.pos + size > self.end {
+                return Err(CorruptError::RecordPastTail {
+                    pos: self.pos,
+                    len: hdr.len,
+                    tail: self.end,
+                });
+            }
+            // SAFETY: the payload lies inside the data area (checked above against the private
+            // copy of its length) and before the tail, so the producer will not write it until
+            // we release it; the slice borrows the consumer, and `release` needs `&mut`.
+            let payload = unsafe {
+                std::slice::from_raw_parts(
+                    c.data.add(off as usize + RECORD_HEADER_SIZE),
+                    hdr.len as usize,
+                )
+            };
+            let rec = Record { header: hdr, payload, pos: self.pos };
+            self.pos += size;
+            if self.pos > c.counted_through.get() {
+                c.counted_through.set(self.pos);
+                c.counted.set(c.counted.get() + 1);
+                c.counted_bytes.set(c.counted_bytes.get() + hdr.len as u64);
+            }
+            return Ok(Some(rec));
+        }
+    }
+}
+
+impl<'a, S: RingStorage> Iterator for Records<'a, S> {
+    type Item = Result<Record<'a>, CorruptError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.next_record() {
+            Ok(r) => r.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

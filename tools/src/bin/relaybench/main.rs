@@ -1,0 +1,51 @@
+//! `relaybench`: benchmarks for shmrelay.
+//!
+//! - `relaybench ring`: shm-ring against rtrb, a Unix socket pair, a pipe and a raw futex
+//!   ping-pong, in one run on the same payloads.
+//! - `relaybench load`: a load generator for the length-prefixed wire protocol.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod load;
+mod ring;
+
+#[derive(Parser)]
+#[command(name = "relaybench", version, about = "Benchmarks for shmrelay")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Ring transports compared in one run (throughput and round trip).
+    Ring(ring::Args),
+    /// Load generator for the length-prefixed wire protocol.
+    Load(load::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Ring(args) => ring::run(args),
+        Cmd::Load(args) => load::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relaybench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
