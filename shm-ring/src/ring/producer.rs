@@ -144,6 +144,24 @@ impl<S: RingStorage> Producer<S> {
         Ok(WriteGrant { producer: self, pad, len })
     }
 
+    /// True if [`reserve`](Producer::reserve) of `len` bytes would succeed now (a reservation
+    /// right after a `true` cannot fail: the consumer only ever frees space).
+    ///
+    /// # Errors
+    ///
+    /// [`ReserveError::TooLarge`] or [`ReserveError::Corrupt`].
+    pub fn has_space(&mut self, len: usize) -> Result<bool, ReserveError> {
+        let limit = self.max_payload();
+        if len > limit {
+            return Err(ReserveError::TooLarge { len, max: limit });
+        }
+        let need = record_size(len);
+        if self.fit(need).is_none() {
+            self.refresh_head()?;
+        }
+        Ok(self.fit(need).is_some())
+    }
+
     /// Copies `payload` into a new record (for small control records; data goes through
     /// [`reserve`](Producer::reserve) to avoid the copy).
     ///

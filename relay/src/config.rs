@@ -1,0 +1,156 @@
+//! Relay settings: a TOML file (`--config FILE`) overridden by command-line flags.
+//!
+//! ```toml
+//! instance = "default"       # names the shared memory segments; one live relay per name
+//! listen = "127.0.0.1:7878"
+//! fronts = 1                 # front processes (sharing one listening socket)
+//! workers = 2                # worker processes
+//! # worker_cmd = "/usr/local/bin/my-worker --flag"   # default: the built-in echo worker
+//! max_frame = 1048576        # largest frame payload from a client, bytes
+//! max_conns = 100000         # connections per front
+//! max_pending = 4194304      # reply bytes queued for a client that does not read
+//! # ring_capacity = 4194304  # bytes per ring; default fits two max frames
+//! drain_ms = 5000            # how long shutdown waits for in-flight replies
+//! backlog = 4096             # listen backlog
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// Every setting, with its default.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Instance name: part of every segment name.
+    pub instance: String,
+    /// Address to listen on (`host:port`; port 0 picks one).
+    pub listen: String,
+    /// Front processes.
+    pub fronts: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// Worker command line (split on whitespace); `None` runs the built-in echo worker.
+    pub worker_cmd: Option<String>,
+    /// Largest frame payload accepted from a client.
+    pub max_frame: u32,
+    /// Connections accepted per front.
+    pub max_conns: u64,
+    /// Reply bytes queued per client before it is disconnected as a slow consumer.
+    pub max_pending: usize,
+    /// Ring data bytes (a power of two); default: enough for two maximum frames, at least 4 MiB.
+    pub ring_capacity: Option<usize>,
+    /// Shutdown drain time in milliseconds.
+    pub drain_ms: u64,
+    /// Listen backlog.
+    pub backlog: i32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            instance: "default".into(),
+            listen: "127.0.0.1:7878".into(),
+            fronts: 1,
+            workers: 2,
+            worker_cmd: None,
+            max_frame: 1 << 20,
+            max_conns: 100_000,
+            max_pending: 4 << 20,
+            ring_capacity: None,
+            drain_ms: 5_000,
+            backlog: 4096,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read or parsed.
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    /// A value is out of range.
+    #[error("invalid setting {name}: {problem}")]
+    Invalid { name: &'static str, problem: String },
+}
+
+impl Config {
+    /// Reads a TOML file.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::File`] naming the file and the problem (unknown keys included).
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError::File { path: path.display().to_string(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// The ring capacity in effect: a request ring must hold a maximum frame plus its header
+    /// in one record, and a record can use at most half a ring.
+    pub fn ring_capacity(&self) -> usize {
+        self.ring_capacity.unwrap_or_else(|| {
+            let need = 2 * (self.max_frame as usize + 4 + shm_ring::layout::RECORD_HEADER_SIZE);
+            need.next_power_of_two().max(4 << 20)
+        })
+    }
+
+    /// Checks ranges and relations between settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |name, problem: String| Err(ConfigError::Invalid { name, problem });
+        if !crate::names::valid_instance(&self.instance) {
+            return bad("instance", format!("{:?}: use 1-64 of [A-Za-z0-9_-]", self.instance));
+        }
+        if self.fronts == 0 || self.fronts > crate::stats::MAX_FRONTS {
+            return bad("fronts", format!("{} not in 1..={}", self.fronts, crate::stats::MAX_FRONTS));
+        }
+        if self.workers == 0 || self.workers > crate::stats::MAX_WORKERS {
+            return bad("workers", format!("{} not in 1..={}", self.workers, crate::stats::MAX_WORKERS));
+        }
+        let cap = self.ring_capacity();
+        if !shm_ring::layout::valid_capacity(cap as u64) {
+            return bad("ring_capacity", format!("{cap} is not a power of two between 4096 and 2^40"));
+        }
+        let max_record = shm_ring::layout::max_payload(cap);
+        if self.max_frame as usize + 4 > max_record {
+            return bad(
+                "max_frame",
+                format!("{} does not fit a ring of {cap} bytes (largest record {max_record}); raise ring_capacity", self.max_frame),
+            );
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("listen", format!("{:?} is not an IP:port address", self.listen));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_file_overrides() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.ring_capacity(), 4 << 20);
+        let c: Config = toml::from_str("fronts = 3\nmax_frame = 4000000\n").unwrap();
+        assert_eq!(c.fronts, 3);
+        assert_eq!(c.ring_capacity(), 8 << 20);
+        c.validate().unwrap();
+        assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let c = Config { ring_capacity: Some(4096), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { name: "max_frame", .. })));
+        let c = Config { instance: "a/b".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { name: "instance", .. })));
+        let c = Config { listen: "nowhere".into(), ..Config::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { name: "listen", .. })));
+    }
+}

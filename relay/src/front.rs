@@ -1,0 +1,861 @@
+//! The front: one process, one mio event loop, many sockets.
+//!
+//! Reading: a readable connection gets space reserved in its worker's request ring and the
+//! socket is read straight into it; the whole frames of that read are committed as one DATA
+//! record. Only the partial frame at the end of a read is copied (to the connection's small
+//! carry buffer, and back in front of the next read), and counted as copied.
+//!
+//! Writing: reply records are written to their sockets with `writev` straight from the reply
+//! ring, consecutive records of one connection in one call. Only what a socket does not take
+//! at once is copied to the connection's bounded out queue (and counted); past the bound the
+//! client is disconnected as a slow consumer, so it never stalls anybody else.
+//!
+//! Backpressure: when a request ring is full, the connections routed to it are not read (TCP
+//! pushes back on their clients) until the worker releases space.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
+use shmrelay_worker::protocol::{frame_len, is_whole_frames, tag, FRAME_HEADER};
+use shmrelay_worker::{CloseReason, ConnId};
+use tracing::{debug, error, info, warn};
+
+use crate::stats::{add, FrontStats, Stats};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const DOORBELL: Token = Token(usize::MAX - 2);
+/// Largest single read into the ring.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection before others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Reply records handled per ring per loop turn.
+const REPLY_BATCH: usize = 1024;
+/// Slices per writev.
+const MAX_IOV: usize = 64;
+/// Longest sleep of an idle loop (stop flag, liveness).
+const TICK: Duration = Duration::from_millis(100);
+
+/// Settings of one front process.
+#[derive(Clone, Debug)]
+pub struct FrontSettings {
+    /// This front's index (the top byte of its connection ids).
+    pub index: usize,
+    /// Largest frame payload accepted from a client.
+    pub max_frame: u32,
+    /// Connections this front accepts at most.
+    pub max_conns: u64,
+    /// Bytes queued for a client that does not read before it is disconnected.
+    pub max_pending: usize,
+    /// How long shutdown waits for in-flight replies.
+    pub drain: Duration,
+}
+
+/// One worker's pair of rings, as handed over by the supervisor.
+pub struct ChannelFds {
+    /// Worker index.
+    pub worker: usize,
+    /// Request ring segment (front -> worker).
+    pub req: OwnedFd,
+    /// Reply ring segment (worker -> front).
+    pub rep: OwnedFd,
+    /// The worker's doorbell.
+    pub worker_doorbell: Arc<EventFd>,
+}
+
+/// Why a front stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    /// Setting up the event loop or the listener failed.
+    #[error("front setup: {0}")]
+    Io(#[from] io::Error),
+    /// A ring could not be attached.
+    #[error("attaching to the rings of worker {worker}: {source}")]
+    Attach { worker: usize, source: shm_ring::AttachError },
+}
+
+/// A control record waiting for ring space (kept in order, ahead of any data).
+struct Ctrl {
+    tag: u16,
+    conn: u64,
+    aux: u64,
+    payload: Vec<u8>,
+}
+
+struct Chan {
+    req: Producer<Arc<ShmRing>>,
+    rep: Consumer<Arc<ShmRing>>,
+    backlog: VecDeque<Ctrl>,
+    /// Connections not read because `req` was full: (slot, generation).
+    blocked: Vec<(u32, u32)>,
+    dirty: bool,
+    broken: bool,
+}
+
+struct Conn {
+    stream: TcpStream,
+    worker: usize,
+    /// An edge was seen and the socket not yet read dry.
+    readable: bool,
+    blocked: bool,
+    /// Close once `out` is flushed; read nothing more.
+    closing: Option<CloseReason>,
+    want_write: bool,
+    /// The partial frame at the end of the last read.
+    carry: Vec<u8>,
+    /// Reply bytes the socket did not take yet.
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+impl Conn {
+    fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+}
+
+#[derive(Default)]
+struct Slab {
+    conns: Vec<Option<Conn>>,
+    gens: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn insert(&mut self, conn: Conn) -> (u32, u32) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.gens.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        self.conns[slot as usize] = Some(conn);
+        (slot, self.gens[slot as usize])
+    }
+
+    fn get(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        let s = slot as usize;
+        if self.gens.get(s) != Some(&gen) {
+            return None;
+        }
+        self.conns[s].as_mut()
+    }
+
+    fn remove(&mut self, slot: u32) -> Option<Conn> {
+        let c = self.conns.get_mut(slot as usize)?.take()?;
+        self.gens[slot as usize] = (self.gens[slot as usize] + 1) & ConnId::GENERATION_MASK;
+        self.free.push(slot);
+        Some(c)
+    }
+}
+
+/// Runs a front until SIGTERM (then drains) and returns.
+///
+/// # Errors
+///
+/// Only setup errors; everything after setup is handled per connection.
+pub fn run(
+    settings: FrontSettings,
+    listener: std::net::TcpListener,
+    doorbell: Arc<EventFd>,
+    channels: Vec<ChannelFds>,
+    stats: Stats,
+    ready: Option<OwnedFd>,
+) -> Result<(), FrontError> {
+    crate::signals::install();
+    let mut front = Front::new(settings, listener, doorbell, channels, stats)?;
+    if let Some(fd) = ready {
+        // Tell the supervisor we are accepting; closing the pipe is the signal.
+        let mut f = std::fs::File::from(fd);
+        let _ = f.write_all(b"r");
+    }
+    front.run()
+}
+
+struct Front {
+    s: FrontSettings,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    doorbell: Arc<EventFd>,
+    chans: Vec<Chan>,
+    slab: Slab,
+    ready: Vec<(u32, u32)>,
+    next_worker: usize,
+    fs: &'static FrontStats,
+    open: u64,
+}
+
+impl Front {
+    fn new(
+        s: FrontSettings,
+        listener: std::net::TcpListener,
+        doorbell: Arc<EventFd>,
+        channels: Vec<ChannelFds>,
+        stats: Stats,
+    ) -> Result<Front, FrontError> {
+        let poll = Poll::new()?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*doorbell)),
+            DOORBELL,
+            Interest::READABLE,
+        )?;
+        let mut chans = Vec::new();
+        for ch in channels {
+            let worker = ch.worker;
+            let attach = |source| FrontError::Attach { worker, source };
+            let t = Duration::from_secs(5);
+            let req = Arc::new(ShmRing::open_fd(ch.req, t).map_err(attach)?);
+            let rep = Arc::new(ShmRing::open_fd(ch.rep, t).map_err(attach)?);
+            let mut req = Producer::new(req).map_err(attach)?;
+            let mut rep = Consumer::new(rep).map_err(attach)?;
+            // Workers block on a futex or poll their eventfd: ring both.
+            req.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
+            rep.set_doorbell(Doorbell::Both(ch.worker_doorbell));
+            chans.push(Chan { req, rep, backlog: VecDeque::new(), blocked: Vec::new(), dirty: false, broken: false });
+        }
+        // The stats block lives as long as the process; leaking the mapping gives the hot
+        // path a plain reference.
+        let stats: &'static Stats = Box::leak(Box::new(stats));
+        let fs = stats.front(s.index);
+        fs.pid.store(std::process::id(), Ordering::Relaxed);
+        fs.conns_open.store(0, Ordering::Relaxed);
+        Ok(Front {
+            s,
+            poll,
+            listener: Some(listener),
+            doorbell,
+            chans,
+            slab: Slab::default(),
+            ready: Vec::new(),
+            next_worker: 0,
+            fs,
+            open: 0,
+        })
+    }
+
+    fn run(&mut self) -> Result<(), FrontError> {
+        info!(front = self.s.index, workers = self.chans.len(), "front running");
+        let mut events = Events::with_capacity(1024);
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            if crate::signals::stop_requested() && drain_deadline.is_none() {
+                info!(front = self.s.index, conns = self.open, "draining");
+                drain_deadline = Some(Instant::now() + self.s.drain);
+                if let Some(mut l) = self.listener.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
+                self.ready.clear();
+            }
+            let mut busy = false;
+            for w in 0..self.chans.len() {
+                busy |= self.pump_replies(w) > 0;
+                self.flush_backlog(w);
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.drained() || Instant::now() >= deadline {
+                    break;
+                }
+            } else {
+                self.unblock();
+                self.read_ready();
+            }
+            for ch in &mut self.chans {
+                if ch.dirty {
+                    ch.req.publish();
+                    ch.dirty = false;
+                }
+            }
+            let timeout = if busy || !self.ready.is_empty() { Some(Duration::ZERO) } else { self.prepare_park() };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+            if timeout != Some(Duration::ZERO) {
+                for ch in &mut self.chans {
+                    ch.rep.finish_park();
+                    ch.req.finish_park();
+                }
+            }
+            self.fs.active_ns.store(shm_ring::monotonic_ns(), Ordering::Relaxed);
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    DOORBELL => {
+                        self.doorbell.drain();
+                    }
+                    Token(t) => {
+                        let slot = t as u32;
+                        let Some(gen) = self.slab.gens.get(t).copied() else { continue };
+                        let Some(c) = self.slab.get(slot, gen) else { continue };
+                        if ev.is_writable() && c.want_write {
+                            self.flush_out(slot, gen);
+                        }
+                        if (ev.is_readable() || ev.is_read_closed() || ev.is_error()) && drain_deadline.is_none() {
+                            if let Some(c) = self.slab.get(slot, gen) {
+                                if !c.readable {
+                                    c.readable = true;
+                                    if !c.blocked && c.closing.is_none() {
+                                        self.ready.push((slot, gen));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// True when every request was consumed, every reply written and every queue flushed.
+    fn drained(&mut self) -> bool {
+        for ch in &mut self.chans {
+            if ch.broken {
+                continue;
+            }
+            if !ch.backlog.is_empty() || !ch.req.is_drained().unwrap_or(true) || !ch.rep.is_empty().unwrap_or(true) {
+                return false;
+            }
+        }
+        self.slab.conns.iter().flatten().all(|c| c.pending() == 0)
+    }
+
+    fn shutdown(&mut self) {
+        let slots: Vec<u32> = (0..self.slab.conns.len() as u32).filter(|&s| self.slab.conns[s as usize].is_some()).collect();
+        for slot in slots {
+            self.close_conn(slot, CloseReason::Shutdown);
+        }
+        for w in 0..self.chans.len() {
+            self.flush_backlog(w);
+            self.chans[w].req.publish();
+        }
+        info!(front = self.s.index, "front stopped");
+    }
+
+    /// Announces sleep on every ring this front waits on; returns the poll timeout.
+    fn prepare_park(&mut self) -> Option<Duration> {
+        let want = READ_CHUNK;
+        for ch in &mut self.chans {
+            if ch.broken {
+                continue;
+            }
+            if !ch.rep.prepare_park().unwrap_or(false) {
+                return Some(Duration::ZERO);
+            }
+            if !ch.blocked.is_empty() || !ch.backlog.is_empty() {
+                let want = want.min(ch.req.max_payload());
+                if !ch.req.prepare_park_for_space(want).unwrap_or(false) {
+                    return Some(Duration::ZERO);
+                }
+            }
+        }
+        Some(TICK)
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else { return };
+            let (stream, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the backlog for the next turn.
+                    warn!(front = self.s.index, "accept: {e}");
+                    return;
+                }
+            };
+            let workers: Vec<usize> = (0..self.chans.len()).filter(|&w| !self.chans[w].broken).collect();
+            if self.open >= self.s.max_conns || workers.is_empty() {
+                add(&self.fs.rejects, 1);
+                add(&self.fs.closes[CloseReason::Rejected as usize], 1);
+                drop(stream);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let worker = workers[self.next_worker % workers.len()];
+            self.next_worker = self.next_worker.wrapping_add(1);
+            let conn = Conn {
+                stream,
+                worker,
+                readable: false,
+                blocked: false,
+                closing: None,
+                want_write: false,
+                carry: Vec::new(),
+                out: Vec::new(),
+                out_pos: 0,
+            };
+            let (slot, gen) = self.slab.insert(conn);
+            let c = self.slab.conns[slot as usize].as_mut().expect("just inserted");
+            if let Err(e) = self.poll.registry().register(&mut c.stream, Token(slot as usize), Interest::READABLE) {
+                warn!("register: {e}");
+                self.slab.remove(slot);
+                continue;
+            }
+            let id = ConnId::new(self.s.index as u8, gen, slot);
+            self.chans[worker].backlog.push_back(Ctrl { tag: tag::OPEN, conn: id.raw(), aux: 0, payload: peer.to_string().into_bytes() });
+            self.open += 1;
+            add(&self.fs.accepts, 1);
+            self.fs.conns_open.store(self.open, Ordering::Relaxed);
+            debug!(%id, %peer, worker, "accepted");
+            self.flush_backlog(worker);
+        }
+    }
+
+    /// Writes queued control records while there is space; true if the backlog is empty.
+    fn flush_backlog(&mut self, w: usize) -> bool {
+        let ch = &mut self.chans[w];
+        while let Some(ctrl) = ch.backlog.front() {
+            if ch.broken {
+                ch.backlog.clear();
+                break;
+            }
+            match ch.req.push(Meta::tag(ctrl.tag).conn(ctrl.conn).aux(ctrl.aux), &ctrl.payload) {
+                Ok(_) => {
+                    ch.backlog.pop_front();
+                    ch.dirty = true;
+                }
+                Err(ReserveError::Full) => return false,
+                Err(e) => {
+                    error!(worker = w, "request ring: {e}");
+                    ch.broken = true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Moves connections blocked on a ring that has space again back to the ready list.
+    fn unblock(&mut self) {
+        for ch in &mut self.chans {
+            if ch.blocked.is_empty() || !ch.backlog.is_empty() {
+                continue;
+            }
+            let want = READ_CHUNK.min(ch.req.max_payload());
+            if !ch.req.has_space(want).unwrap_or(false) {
+                continue;
+            }
+            for (slot, gen) in ch.blocked.drain(..) {
+                if let Some(c) = self.slab.get(slot, gen) {
+                    c.blocked = false;
+                    if c.readable && c.closing.is_none() {
+                        self.ready.push((slot, gen));
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_ready(&mut self) {
+        let ready = std::mem::take(&mut self.ready);
+        for (slot, gen) in ready {
+            let Some(c) = self.slab.get(slot, gen) else { continue };
+            if c.blocked || c.closing.is_some() || !c.readable {
+                continue;
+            }
+            let w = c.worker;
+            let ch = &mut self.chans[w];
+            if ch.broken {
+                self.close_conn(slot, CloseReason::WorkerGone);
+                continue;
+            }
+            if !ch.backlog.is_empty() {
+                c.blocked = true;
+                ch.blocked.push((slot, gen));
+                continue;
+            }
+            let id = ConnId::new(self.s.index as u8, gen, slot);
+            let (result, heartbeats) = read_conn(ch, c, self.fs, id, self.s.max_frame);
+            if heartbeats > 0 {
+                add(&self.fs.heartbeats, heartbeats as u64);
+                let zeros = vec![0u8; FRAME_HEADER * heartbeats];
+                if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&zeros)]) {
+                    self.close_conn(slot, reason);
+                    continue;
+                }
+            }
+            match result {
+                ReadResult::Drained => {}
+                ReadResult::Budget => self.ready.push((slot, gen)),
+                ReadResult::Blocked => {
+                    add(&self.fs.ring_full_stalls, 1);
+                    if let Some(c) = self.slab.get(slot, gen) {
+                        c.blocked = true;
+                    }
+                    self.chans[w].blocked.push((slot, gen));
+                }
+                ReadResult::Close(reason) => self.close_conn(slot, reason),
+                ReadResult::TooLarge(len) => {
+                    add(&self.fs.protocol_errors, 1);
+                    let msg = format!("shmrelay-error: frame of {len} bytes exceeds the maximum of {}", self.s.max_frame);
+                    let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+                    frame.extend_from_slice(msg.as_bytes());
+                    if let Some(c) = self.slab.get(slot, gen) {
+                        // Best effort, and never blocking: the connection closes either way.
+                        let _ = (&c.stream).write(&frame);
+                        let _ = c.stream.shutdown(Shutdown::Write);
+                    }
+                    self.close_conn(slot, CloseReason::ProtocolError);
+                }
+                ReadResult::Corrupt(e) => {
+                    self.quarantine(w, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Drains one reply ring to the sockets; returns the records handled.
+    fn pump_replies(&mut self, w: usize) -> usize {
+        let me = self.s.index;
+        let ch = &mut self.chans[w];
+        if ch.broken {
+            return 0;
+        }
+        let mut todo: Vec<(u32, u32, Action)> = Vec::new();
+        let mut n = 0;
+        let mut corrupt = None;
+        {
+            let records = match ch.rep.records() {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = e.to_string();
+                    self.quarantine(w, &e);
+                    return 0;
+                }
+            };
+            let mut group: Vec<IoSlice<'_>> = Vec::new();
+            let mut group_conn = 0u64;
+            let mut end = None;
+            let slab = &mut self.slab;
+            let fs = self.fs;
+            for rec in records.take(REPLY_BATCH) {
+                let rec = match rec {
+                    Ok(r) => r,
+                    Err(e) => {
+                        corrupt = Some(e.to_string());
+                        break;
+                    }
+                };
+                match rec.tag() {
+                    tag::SEND if is_whole_frames(rec.payload()) => {
+                        if rec.conn() != group_conn || group.len() >= MAX_IOV {
+                            deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+                            group_conn = rec.conn();
+                        }
+                        group.push(IoSlice::new(rec.payload()));
+                    }
+                    tag::CLOSE => {
+                        deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+                        let id = ConnId::from_raw(rec.conn());
+                        if id.front() == me {
+                            todo.push((id.slot(), id.generation(), Action::CloseAfterFlush));
+                        }
+                    }
+                    t => {
+                        corrupt = Some(format!("reply record at {} has tag {t} or broken framing", rec.position()));
+                        break;
+                    }
+                }
+                end = Some(rec.end());
+                n += 1;
+            }
+            deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+            drop(group);
+            if let Some(end) = end {
+                ch.rep.release(end);
+            }
+        }
+        for (slot, gen, action) in todo {
+            match action {
+                Action::Close(reason) => self.close_conn(slot, reason),
+                Action::WantWrite => self.want_write(slot, gen),
+                Action::CloseAfterFlush => {
+                    if let Some(c) = self.slab.get(slot, gen) {
+                        c.closing = Some(CloseReason::WorkerRequest);
+                        if c.pending() == 0 {
+                            self.close_conn(slot, CloseReason::WorkerRequest);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(detail) = corrupt {
+            self.quarantine(w, &detail);
+        }
+        // Slow-consumer bound, checked once per batch.
+        n
+    }
+
+    /// Writes to a connection, queueing what the socket does not take.
+    fn send(&mut self, slot: u32, gen: u32, iov: &[IoSlice<'_>]) -> Result<(), CloseReason> {
+        let max = self.s.max_pending;
+        let Some(c) = self.slab.get(slot, gen) else { return Ok(()) };
+        send_to(c, iov, self.fs, max)?;
+        if c.pending() > 0 {
+            self.want_write(slot, gen);
+        }
+        Ok(())
+    }
+
+    fn want_write(&mut self, slot: u32, gen: u32) {
+        let max = self.s.max_pending;
+        let Some(c) = self.slab.get(slot, gen) else { return };
+        if c.pending() > max {
+            self.close_conn(slot, CloseReason::SlowConsumer);
+            return;
+        }
+        if !c.want_write {
+            c.want_write = true;
+            let _ = self.poll.registry().reregister(&mut c.stream, Token(slot as usize), Interest::READABLE | Interest::WRITABLE);
+        }
+    }
+
+    fn flush_out(&mut self, slot: u32, gen: u32) {
+        let Some(c) = self.slab.get(slot, gen) else { return };
+        while c.pending() > 0 {
+            match (&c.stream).write(&c.out[c.out_pos..]) {
+                Ok(n) => {
+                    c.out_pos += n;
+                    add(&self.fs.bytes_out, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_conn(slot, CloseReason::IoError);
+                    return;
+                }
+            }
+        }
+        c.out.clear();
+        c.out_pos = 0;
+        c.out.shrink_to(4096);
+        c.want_write = false;
+        let _ = self.poll.registry().reregister(&mut c.stream, Token(slot as usize), Interest::READABLE);
+        if let Some(reason) = c.closing {
+            self.close_conn(slot, reason);
+        }
+    }
+
+    /// Closes a connection now and tells its worker (in order, after its data).
+    fn close_conn(&mut self, slot: u32, reason: CloseReason) {
+        let Some(mut c) = self.slab.remove(slot) else { return };
+        let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        drop(c.stream);
+        let id = ConnId::new(self.s.index as u8, gen_before, slot);
+        self.chans[c.worker].backlog.push_back(Ctrl { tag: tag::CLOSE, conn: id.raw(), aux: reason as u64, payload: Vec::new() });
+        self.flush_backlog(c.worker);
+        self.open -= 1;
+        self.fs.conns_open.store(self.open, Ordering::Relaxed);
+        add(&self.fs.closes[reason as usize], 1);
+        debug!(%id, %reason, "closed");
+    }
+
+    /// Stops using a worker's rings after its peer broke them; its connections are closed.
+    fn quarantine(&mut self, w: usize, detail: &str) {
+        if self.chans[w].broken {
+            return;
+        }
+        error!(front = self.s.index, worker = w, "ring quarantined: {detail}");
+        self.chans[w].broken = true;
+        self.chans[w].backlog.clear();
+        add(&self.fs.corrupt_rings, 1);
+        let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
+            .filter(|&s| self.slab.conns[s as usize].as_ref().is_some_and(|c| c.worker == w))
+            .collect();
+        for slot in slots {
+            self.close_conn(slot, CloseReason::WorkerGone);
+        }
+    }
+}
+
+/// Writes a group of consecutive reply payloads of one connection (or counts them stale).
+fn deliver(
+    slab: &mut Slab,
+    fs: &FrontStats,
+    me: usize,
+    conn_raw: u64,
+    group: &mut Vec<IoSlice<'_>>,
+    todo: &mut Vec<(u32, u32, Action)>,
+) {
+    if group.is_empty() {
+        return;
+    }
+    let id = ConnId::from_raw(conn_raw);
+    let (slot, gen) = (id.slot(), id.generation());
+    match slab.get(slot, gen) {
+        Some(c) if id.front() == me && c.closing.is_none() => {
+            if let Err(reason) = send_to(c, group, fs, usize::MAX) {
+                todo.push((slot, gen, Action::Close(reason)));
+            } else if c.pending() > 0 {
+                todo.push((slot, gen, Action::WantWrite));
+            }
+        }
+        _ => add(&fs.stale_replies, group.len() as u64),
+    }
+    group.clear();
+}
+
+enum Action {
+    Close(CloseReason),
+    WantWrite,
+    CloseAfterFlush,
+}
+
+enum ReadResult {
+    /// Read until the socket was empty.
+    Drained,
+    /// More to read; the connection's budget for this turn is spent.
+    Budget,
+    /// The worker's ring is full.
+    Blocked,
+    Close(CloseReason),
+    TooLarge(u32),
+    Corrupt(ReserveError),
+}
+
+/// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the
+/// ring is full. Returns the outcome and the number of heartbeats received.
+fn read_conn(ch: &mut Chan, c: &mut Conn, fs: &FrontStats, id: ConnId, max_frame: u32) -> (ReadResult, usize) {
+    let mut budget = READ_BUDGET;
+    let mut heartbeats = 0;
+    let limit = ch.req.max_payload();
+    loop {
+        let carry = c.carry.len();
+        // A partial frame of known size needs room for all of it, so it is carried at most
+        // once more; otherwise any room beyond the carry will do.
+        let min = match frame_len(&c.carry) {
+            Some(len) => FRAME_HEADER + len,
+            None => carry + 1,
+        }
+        .min(limit);
+        let max = (carry + READ_CHUNK).max(min);
+        let mut grant = match ch.req.reserve_up_to(min, max) {
+            Ok(g) => g,
+            Err(ReserveError::Full) => return (ReadResult::Blocked, heartbeats),
+            Err(e) => return (ReadResult::Corrupt(e), heartbeats),
+        };
+        grant[..carry].copy_from_slice(&c.carry);
+        let room = grant.len() - carry;
+        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[carry..])]) {
+            Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.readable = false;
+                return (ReadResult::Drained, heartbeats);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
+        };
+        let filled = carry + n;
+        // Walk the frames of this read.
+        let mut pos = 0;
+        let mut frames = 0u64;
+        while let Some(len) = frame_len(&grant[pos..filled]) {
+            if len > max_frame as usize {
+                return (ReadResult::TooLarge(len as u32), heartbeats);
+            }
+            if filled - pos - FRAME_HEADER < len {
+                break;
+            }
+            if len == 0 {
+                heartbeats += 1;
+            } else {
+                frames += 1;
+            }
+            pos += FRAME_HEADER + len;
+        }
+        // The carried bytes were copied in; the new partial tail is copied out.
+        let copied = carry + (filled - pos);
+        c.carry.clear();
+        c.carry.extend_from_slice(&grant[pos..filled]);
+        if frames > 0 {
+            grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
+            ch.dirty = true;
+            add(&fs.frames_in, frames);
+        }
+        add(&fs.bytes_in, n as u64);
+        if copied > 0 {
+            add(&fs.bytes_copied, copied as u64);
+        }
+        if c.carry.is_empty() && c.carry.capacity() > 4096 {
+            c.carry = Vec::new();
+        }
+        if n < room {
+            // A short read emptied the socket; the next arrival raises a new edge.
+            c.readable = false;
+            return (ReadResult::Drained, heartbeats);
+        }
+        budget = budget.saturating_sub(n);
+        if budget == 0 {
+            return (ReadResult::Budget, heartbeats);
+        }
+    }
+}
+
+/// Writes `iov` to the connection unless it already has queued bytes (order), and queues the
+/// rest. Errors with the close reason when the connection must go.
+fn send_to(c: &mut Conn, iov: &[IoSlice<'_>], fs: &FrontStats, max_pending: usize) -> Result<(), CloseReason> {
+    let total: usize = iov.iter().map(|s| s.len()).sum();
+    let mut written = 0;
+    if c.pending() == 0 {
+        loop {
+            match (&c.stream).write_vectored(iov) {
+                Ok(n) => {
+                    written = n;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(CloseReason::IoError),
+            }
+        }
+        add(&fs.bytes_out, written as u64);
+    }
+    if written < total {
+        let mut skip = written;
+        for s in iov {
+            if skip >= s.len() {
+                skip -= s.len();
+                continue;
+            }
+            c.out.extend_from_slice(&s[skip..]);
+            skip = 0;
+        }
+        add(&fs.bytes_copied, (total - written) as u64);
+        if c.pending() > max_pending {
+            return Err(CloseReason::SlowConsumer);
+        }
+    }
+    Ok(())
+}
+
+/// Takes an inherited fd named in the environment.
+///
+/// # Safety
+///
+/// `fd` must be owned by this process and by nothing else in it.
+pub unsafe fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: F_SETFD on any number is harmless; EBADF tells us it is not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("inherited fd {fd} is not open")));
+    }
+    // SAFETY: open (checked) and owned per the caller's contract.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,198 @@
+//! `shmrelay`: the supervisor, and (as hidden subcommands it runs itself) the front and the
+//! built-in example workers.
+
+use std::net::TcpListener;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use shm_ring::EventFd;
+use shmrelay::config::Config;
+use shmrelay::front::{self, inherited_fd, ChannelFds, FrontSettings};
+use shmrelay::stats::Stats;
+
+mod supervisor;
+
+/// Relay long-lived TCP connections to worker processes through shared-memory rings.
+#[derive(Parser)]
+#[command(name = "shmrelay", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Args, Default)]
+struct RunArgs {
+    /// TOML settings file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Instance name (segments are /dev/shm/shmrelay.NAME.*). [default: default]
+    #[arg(long)]
+    instance: Option<String>,
+    /// Address to listen on. [default: 127.0.0.1:7878]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Front processes. [default: 1]
+    #[arg(long, value_name = "N")]
+    fronts: Option<usize>,
+    /// Worker processes. [default: 2]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Worker command line, "PATH ARGS". [default: the built-in echo worker]
+    #[arg(long, value_name = "CMD")]
+    worker_cmd: Option<String>,
+    /// Largest frame payload from a client, in bytes. [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    max_frame: Option<u32>,
+    /// Connections per front. [default: 100000]
+    #[arg(long, value_name = "N")]
+    max_conns: Option<u64>,
+    /// Bytes per ring (power of two). [default: fits two maximum frames, at least 4 MiB]
+    #[arg(long, value_name = "BYTES")]
+    ring_capacity: Option<usize>,
+    /// Shutdown drain time in milliseconds. [default: 5000]
+    #[arg(long, value_name = "MS")]
+    drain_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs one front (started by the supervisor, with its fds in the environment).
+    #[command(hide = true)]
+    Front(FrontArgs),
+    /// Runs a built-in example worker (started by the supervisor).
+    #[command(hide = true)]
+    Worker {
+        /// `echo` or `pubsub`.
+        kind: String,
+    },
+}
+
+#[derive(Args)]
+struct FrontArgs {
+    #[arg(long)]
+    index: usize,
+    #[arg(long)]
+    max_frame: u32,
+    #[arg(long)]
+    max_conns: u64,
+    #[arg(long)]
+    max_pending: usize,
+    #[arg(long)]
+    drain_ms: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        None => settings(cli.run).and_then(supervisor::run),
+        Some(Cmd::Front(args)) => run_front(args),
+        Some(Cmd::Worker { kind }) => run_worker(&kind),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shmrelay: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn settings(a: RunArgs) -> Result<Config> {
+    let mut c = match &a.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = a.instance {
+        c.instance = v;
+    }
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if let Some(v) = a.fronts {
+        c.fronts = v;
+    }
+    if let Some(v) = a.workers {
+        c.workers = v;
+    }
+    if let Some(v) = a.worker_cmd {
+        c.worker_cmd = Some(v);
+    }
+    if let Some(v) = a.max_frame {
+        c.max_frame = v;
+    }
+    if let Some(v) = a.max_conns {
+        c.max_conns = v;
+    }
+    if let Some(v) = a.ring_capacity {
+        c.ring_capacity = Some(v);
+    }
+    if let Some(v) = a.drain_ms {
+        c.drain_ms = v;
+    }
+    Ok(c)
+}
+
+fn env_fd(var: &str) -> Result<std::os::fd::OwnedFd> {
+    let v = std::env::var(var).with_context(|| format!("{var} is not set: fronts are started by the shmrelay supervisor"))?;
+    let fd: i32 = v.parse().with_context(|| format!("{var}={v:?} is not an fd number"))?;
+    // SAFETY: the supervisor passes each fd number once, for this process to own.
+    unsafe { inherited_fd(fd) }.with_context(|| format!("{var}={fd}"))
+}
+
+fn run_front(a: FrontArgs) -> Result<()> {
+    let listener = TcpListener::from(env_fd("SHMRELAY_LISTEN_FD")?);
+    let doorbell = Arc::new(EventFd::from_owned(env_fd("SHMRELAY_DOORBELL_FD")?));
+    let stats = Stats::from_fd(env_fd("SHMRELAY_STATS_FD")?).context("mapping the stats segment")?;
+    let ready = env_fd("SHMRELAY_READY_FD")?;
+    let spec = std::env::var(shmrelay_worker::protocol::env::CHANNELS).context("SHMRELAY_CHANNELS is not set")?;
+    let mut channels = Vec::new();
+    for entry in spec.split(',').filter(|e| !e.is_empty()) {
+        let n: Vec<i32> = entry.split(':').map(str::parse).collect::<Result<_, _>>().with_context(|| format!("bad channel {entry:?}"))?;
+        let [worker, req, rep, bell] = n[..] else { anyhow::bail!("bad channel {entry:?}") };
+        // SAFETY: inherited fds named once by the supervisor for this process.
+        let (req, rep, bell) = unsafe { (inherited_fd(req)?, inherited_fd(rep)?, inherited_fd(bell)?) };
+        channels.push(ChannelFds { worker: worker as usize, req, rep, worker_doorbell: Arc::new(EventFd::from_owned(bell)) });
+    }
+    let settings = FrontSettings {
+        index: a.index,
+        max_frame: a.max_frame,
+        max_conns: a.max_conns,
+        max_pending: a.max_pending,
+        drain: Duration::from_millis(a.drain_ms),
+    };
+    front::run(settings, listener, doorbell, channels, stats, Some(ready))?;
+    Ok(())
+}
+
+fn run_worker(kind: &str) -> Result<()> {
+    use shmrelay_worker::{examples, Worker};
+    let mut worker = Worker::from_env()?;
+    match kind {
+        "echo" => worker.run(&mut examples::Echo)?,
+        "pubsub" => worker.run(&mut examples::PubSub::default())?,
+        other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub)"),
+    }
+    Ok(())
+}
+
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

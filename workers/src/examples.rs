@@ -1,0 +1,74 @@
+//! The example workers' logic, shared by their binaries and by `shmrelay`'s built-in default
+//! worker.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{CloseReason, ConnId, Handler, Out};
+
+/// Sends every frame back to its sender.
+#[derive(Default)]
+pub struct Echo;
+
+impl Handler for Echo {
+    fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
+        // A failed send means the worker is stopping or the front broke the ring; the
+        // request stays unreleased and is redelivered to the replacement.
+        let _ = out.send(conn, frame);
+    }
+}
+
+/// Topic pub/sub over text frames:
+///
+/// - `sub TOPIC`: subscribe this connection; answered `ok`.
+/// - `unsub TOPIC`: answered `ok`.
+/// - `pub TOPIC MESSAGE`: pushes `TOPIC MESSAGE` to every subscriber of TOPIC (on any front,
+///   including the sender if subscribed); the sender gets `ok N`, N the subscribers reached.
+/// - anything else: answered `err unknown command`.
+///
+/// One pub/sub worker sees only the connections routed to it, so run one worker
+/// (`--workers 1`) for a single topic space.
+#[derive(Default)]
+pub struct PubSub {
+    topics: HashMap<Vec<u8>, HashSet<ConnId>>,
+}
+
+impl Handler for PubSub {
+    fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
+        let mut parts = frame.splitn(3, |&b| b == b' ');
+        let reply = match (parts.next(), parts.next(), parts.next()) {
+            (Some(b"sub"), Some(topic), None) => {
+                self.topics.entry(topic.to_vec()).or_default().insert(conn);
+                b"ok".to_vec()
+            }
+            (Some(b"unsub"), Some(topic), None) => {
+                if let Some(s) = self.topics.get_mut(topic) {
+                    s.remove(&conn);
+                }
+                b"ok".to_vec()
+            }
+            (Some(b"pub"), Some(topic), Some(msg)) => {
+                let mut n = 0;
+                if let Some(subs) = self.topics.get(topic) {
+                    let mut push = topic.to_vec();
+                    push.push(b' ');
+                    push.extend_from_slice(msg);
+                    for &sub in subs {
+                        if out.send(sub, &push).is_ok() {
+                            n += 1;
+                        }
+                    }
+                }
+                format!("ok {n}").into_bytes()
+            }
+            _ => b"err unknown command".to_vec(),
+        };
+        let _ = out.send(conn, &reply);
+    }
+
+    fn on_close(&mut self, conn: ConnId, _reason: CloseReason, _out: &mut Out<'_>) {
+        self.topics.retain(|_, subs| {
+            subs.remove(&conn);
+            !subs.is_empty()
+        });
+    }
+}

@@ -1,0 +1,39 @@
+//! Worker SDK for shmrelay.
+//!
+//! A worker is any binary that links this crate: the supervisor starts it with its rings in the
+//! environment, and [`Worker::run`] calls your [`Handler`] for every connection opened, every
+//! frame received (a `&[u8]` borrowed from shared memory: no copy) and every connection closed.
+//! Replies, pushes to any live connection and close requests go through [`Out`], which writes
+//! them straight into the reply ring.
+//!
+//! # Example: an echo worker
+//!
+//! ```no_run
+//! use shmrelay_worker::{ConnId, Handler, Out, Worker};
+//!
+//! struct Echo;
+//!
+//! impl Handler for Echo {
+//!     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
+//!         let _ = out.send(conn, frame); // fails only while stopping or on a corrupt ring
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     Worker::from_env()?.run(&mut Echo)?; // returns on SIGTERM
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Workers with an event loop of their own poll [`Worker::doorbell`] and call
+//! [`Worker::poll_once`] when it is readable.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod examples;
+pub mod protocol;
+mod worker;
+
+pub use protocol::{CloseReason, ConnId};
+pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError};

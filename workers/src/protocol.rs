@@ -1,0 +1,307 @@
+//! The contract between the relay's fronts and its workers: record tags, connection ids, close
+//! reasons, the frame codec and the environment a worker is started with.
+//!
+//! # Request ring (front -> worker)
+//!
+//! | tag | conn | aux | payload |
+//! |---|---|---|---|
+//! | [`tag::OPEN`] | new connection | 0 | peer address, UTF-8 |
+//! | [`tag::DATA`] | connection | 0 | one or more whole wire frames (4-byte big-endian length, payload), exactly as read from the socket; length-0 frames (heartbeats) may be among them and are skipped by the SDK |
+//! | [`tag::CLOSE`] | connection | [`CloseReason`] code | empty |
+//!
+//! A record flagged [`flags::REDELIVERED`] (set by the SDK, not the front) was published before
+//! the current worker attached and may have been seen by its predecessor.
+//!
+//! # Reply ring (worker -> front)
+//!
+//! | tag | conn | aux | payload |
+//! |---|---|---|---|
+//! | [`tag::SEND`] | connection | request position answered (0 for a push) | one or more whole wire frames |
+//! | [`tag::CLOSE`] | connection | 0 | empty: close after sending what was queued before |
+//!
+//! The front validates every reply record (connection id, framing) before use: a worker is
+//! another process and its memory is untrusted.
+
+/// Record tags.
+pub mod tag {
+    /// Request ring: a connection was accepted.
+    pub const OPEN: u16 = 1;
+    /// Request ring: frames from the client.
+    pub const DATA: u16 = 2;
+    /// Both rings: the connection closed (request) / close it (reply).
+    pub const CLOSE: u16 = 3;
+    /// Reply ring: frames to write to the client.
+    pub const SEND: u16 = 4;
+}
+
+/// Record flags.
+pub mod flags {
+    /// The record may have been delivered to a previous worker that died.
+    pub const REDELIVERED: u16 = 1;
+}
+
+/// Bytes of the frame length prefix.
+pub const FRAME_HEADER: usize = 4;
+
+/// A connection, unique within one relay instance for its lifetime: the front that owns it,
+/// a generation that changes each time its slot is reused, and the slot.
+///
+/// # Examples
+///
+/// ```
+/// use shmrelay_worker::ConnId;
+/// let c = ConnId::new(3, 17, 42);
+/// assert_eq!((c.front(), c.generation(), c.slot()), (3, 17, 42));
+/// assert_eq!(ConnId::from_raw(c.raw()), c);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// Largest front index (8 bits).
+    pub const MAX_FRONTS: usize = 256;
+    /// Generations wrap at 24 bits.
+    pub const GENERATION_MASK: u32 = (1 << 24) - 1;
+
+    /// Packs front (8 bits), generation (24 bits) and slot (32 bits).
+    pub const fn new(front: u8, generation: u32, slot: u32) -> ConnId {
+        ConnId(
+            (front as u64) << 56
+                | ((generation & Self::GENERATION_MASK) as u64) << 32
+                | slot as u64,
+        )
+    }
+    /// From the 64-bit value carried in a record.
+    pub const fn from_raw(raw: u64) -> ConnId {
+        ConnId(raw)
+    }
+    /// The 64-bit value carried in a record.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+    /// Index of the owning front.
+    pub const fn front(self) -> usize {
+        (self.0 >> 56) as usize
+    }
+    /// Generation of the slot.
+    pub const fn generation(self) -> u32 {
+        (self.0 >> 32) as u32 & Self::GENERATION_MASK
+    }
+    /// Slot in the front's connection table.
+    pub const fn slot(self) -> u32 {
+        self.0 as u32
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.front(), self.slot(), self.generation())
+    }
+}
+
+macro_rules! close_reasons {
+    ($($(#[$doc:meta])* $name:ident = $code:literal => $text:literal,)*) => {
+        /// Why a connection closed; carried in CLOSE records and counted in the stats.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum CloseReason {
+            $($(#[$doc])* $name = $code,)*
+        }
+
+        impl CloseReason {
+            /// Every reason, in code order.
+            pub const ALL: &'static [CloseReason] = &[$(CloseReason::$name,)*];
+
+            /// From a code read from a record; unknown codes map to `Other`.
+            pub fn from_code(code: u64) -> CloseReason {
+                match code {
+                    $($code => CloseReason::$name,)*
+                    _ => CloseReason::Other,
+                }
+            }
+
+            /// Stable snake_case name (stats, logs, JSON).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(CloseReason::$name => $text,)*
+                }
+            }
+        }
+    };
+}
+
+close_reasons! {
+    /// Anything not listed (also unknown codes).
+    Other = 0 => "other",
+    /// The client closed its end.
+    ClientEof = 1 => "client_eof",
+    /// Nothing arrived within the idle timeout.
+    IdleTimeout = 2 => "idle_timeout",
+    /// No answer to the front's heartbeats within the heartbeat timeout.
+    HeartbeatTimeout = 3 => "heartbeat_timeout",
+    /// Malformed or oversized frame.
+    ProtocolError = 4 => "protocol_error",
+    /// A worker asked for the close.
+    WorkerRequest = 5 => "worker_request",
+    /// The client did not read its replies and its queue passed the bound.
+    SlowConsumer = 6 => "slow_consumer",
+    /// The worker pool serving the connection failed.
+    WorkerGone = 7 => "worker_gone",
+    /// The relay is shutting down.
+    Shutdown = 8 => "shutdown",
+    /// Refused by admission control.
+    Rejected = 9 => "rejected",
+    /// A socket error (reset by peer, ...).
+    IoError = 10 => "io_error",
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A malformed frame sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Fewer than 4 bytes, or fewer than the length announces, remain.
+    #[error("truncated frame at offset {offset}")]
+    Truncated { offset: usize },
+}
+
+/// Iterates the frames of a buffer of whole wire frames, yielding `(end offset, payload)`.
+/// Heartbeats (length 0) are skipped: workers never see them.
+///
+/// # Examples
+///
+/// ```
+/// let buf = [0, 0, 0, 2, b'h', b'i', 0, 0, 0, 0, 0, 0, 0, 1, b'!'];
+/// let frames: Vec<_> = shmrelay_worker::protocol::Frames::new(&buf).map(|f| f.unwrap().1).collect();
+/// assert_eq!(frames, [&b"hi"[..], &b"!"[..]]);
+/// ```
+pub struct Frames<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Frames<'a> {
+    /// Frames of `buf`.
+    pub fn new(buf: &'a [u8]) -> Frames<'a> {
+        Frames { buf, pos: 0 }
+    }
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<(usize, &'a [u8]), FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let rest = &self.buf[self.pos..];
+            if rest.is_empty() {
+                return None;
+            }
+            let Some(len) = frame_len(rest) else {
+                let offset = self.pos;
+                self.pos = self.buf.len();
+                return Some(Err(FrameError::Truncated { offset }));
+            };
+            let end = FRAME_HEADER + len;
+            if rest.len() < end {
+                let offset = self.pos;
+                self.pos = self.buf.len();
+                return Some(Err(FrameError::Truncated { offset }));
+            }
+            self.pos += end;
+            if len > 0 {
+                return Some(Ok((self.pos, &rest[FRAME_HEADER..end])));
+            }
+        }
+    }
+}
+
+/// The payload length announced by the prefix at the start of `buf`, if 4 bytes are there.
+#[inline]
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    let p: [u8; 4] = buf.get(..FRAME_HEADER)?.try_into().ok()?;
+    Some(u32::from_be_bytes(p) as usize)
+}
+
+/// Checks that `buf` is a sequence of whole frames (what a front must verify of a worker's
+/// reply before writing it to a client).
+pub fn is_whole_frames(buf: &[u8]) -> bool {
+    let mut pos = 0;
+    while pos < buf.len() {
+        match frame_len(&buf[pos..]) {
+            Some(len) if buf.len() - pos - FRAME_HEADER >= len => pos += FRAME_HEADER + len,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Environment variables through which the supervisor hands a worker its rings. All fds are
+/// inherited (close-on-exec cleared for exactly these).
+pub mod env {
+    /// Instance name (for logs).
+    pub const INSTANCE: &str = "SHMRELAY_INSTANCE";
+    /// This worker's index in its pool.
+    pub const WORKER_INDEX: &str = "SHMRELAY_WORKER_INDEX";
+    /// The worker's eventfd: fronts ring it when they publish requests or release replies.
+    pub const DOORBELL_FD: &str = "SHMRELAY_DOORBELL_FD";
+    /// One entry per front, comma separated: `FRONT:REQUEST_FD:REPLY_FD:FRONT_DOORBELL_FD`.
+    pub const CHANNELS: &str = "SHMRELAY_CHANNELS";
+    /// How many times this worker slot was started before (0 on the first start).
+    pub const RESTARTS: &str = "SHMRELAY_RESTARTS";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(p: &[u8]) -> Vec<u8> {
+        let mut v = (p.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(p);
+        v
+    }
+
+    #[test]
+    fn frames_skip_heartbeats_and_report_truncation() {
+        let mut buf = frame(b"abc");
+        buf.extend(frame(b""));
+        buf.extend(frame(b"de"));
+        let got: Vec<_> = Frames::new(&buf).collect();
+        assert_eq!(got, vec![Ok((7, &b"abc"[..])), Ok((17, &b"de"[..]))]);
+        assert!(is_whole_frames(&buf));
+        assert!(!is_whole_frames(&buf[..buf.len() - 1]));
+        let cut = &buf[..9];
+        let got: Vec<_> = Frames::new(cut).collect();
+        assert_eq!(got, vec![Ok((7, &b"abc"[..])), Err(FrameError::Truncated { offset: 7 })]);
+        // A huge announced length never reads out of bounds.
+        assert_eq!(Frames::new(&[0xff; 4]).next(), Some(Err(FrameError::Truncated { offset: 0 })));
+    }
+
+    #[test]
+    fn close_reasons_round_trip() {
+        for &r in CloseReason::ALL {
+            assert_eq!(CloseReason::from_code(r as u64), r);
+        }
+        assert_eq!(CloseReason::from_code(999), CloseReason::Other);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn frames_round_trip(payloads in proptest::collection::vec(proptest::collection::vec(0u8.., 0..64), 0..20)) {
+            let buf: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+            let got: Vec<Vec<u8>> = Frames::new(&buf).map(|f| f.unwrap().1.to_vec()).collect();
+            let want: Vec<Vec<u8>> = payloads.into_iter().filter(|p| !p.is_empty()).collect();
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert!(is_whole_frames(&buf));
+        }
+
+        #[test]
+        fn conn_ids_round_trip(front: u8, generation in 0u32..(1 << 24), slot: u32) {
+            let c = ConnId::new(front, generation, slot);
+            proptest::prop_assert_eq!((c.front(), c.generation(), c.slot()), (front as usize, generation, slot));
+        }
+    }
+}

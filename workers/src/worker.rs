@@ -1,0 +1,370 @@
+//! The worker side of the relay: attach to the rings handed over by the supervisor and serve
+//! OPEN / frame / CLOSE events with payloads borrowed in place.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
+
+use crate::protocol::{env, flags, tag, CloseReason, ConnId, Frames, FRAME_HEADER};
+
+type Rx = Consumer<Arc<ShmRing>>;
+type Tx = Producer<Arc<ShmRing>>;
+
+/// How long a blocked worker sleeps before re-checking its stop flag.
+const PARK_TIMEOUT: Duration = Duration::from_millis(100);
+/// Records handled before replies are published and requests released.
+const BATCH: usize = 256;
+
+/// Why a worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A variable the supervisor sets is missing or malformed: the binary was not started by
+    /// `shmrelay`.
+    #[error("environment variable {var}: {problem} (is this worker started by shmrelay?)")]
+    Env { var: &'static str, problem: String },
+    /// Attaching to a ring failed.
+    #[error("attaching to the ring of front {front}: {source}")]
+    Attach { front: usize, source: shm_ring::AttachError },
+    /// A front wrote invalid positions or records into a request ring.
+    #[error("corrupt request ring from front {front}: {detail}")]
+    Corrupt { front: usize, detail: String },
+}
+
+/// Why a reply could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The connection id names a front this worker has no ring to.
+    #[error("no ring to front {0}")]
+    UnknownFront(usize),
+    /// The frame is larger than a reply record can be.
+    #[error("reply of {len} bytes exceeds the ring's maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    /// The worker is stopping (SIGTERM) while waiting for ring space.
+    #[error("worker stopping")]
+    Stopping,
+    /// The front corrupted the reply ring's positions.
+    #[error("corrupt reply ring")]
+    Corrupt,
+}
+
+/// What the worker code implements. Every method gets an [`Out`] to reply, push or close.
+pub trait Handler {
+    /// A client connected (`peer` is its address).
+    fn on_open(&mut self, _conn: ConnId, _peer: &str, _out: &mut Out<'_>) {}
+    /// One frame from `conn`, borrowed from shared memory. `redelivered` is true if a previous
+    /// worker may have seen it before it died.
+    fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut Out<'_>);
+    /// The connection closed; further sends to it are dropped by the front.
+    fn on_close(&mut self, _conn: ConnId, _reason: CloseReason, _out: &mut Out<'_>) {}
+}
+
+/// Writes replies into the reply rings, in place.
+pub struct Out<'w> {
+    reps: &'w mut [Option<Tx>],
+    /// Request position being answered; carried in reply records (aux).
+    answering: u64,
+}
+
+impl Out<'_> {
+    /// Queues one frame to `conn` (a reply, or a push to any live connection).
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    pub fn send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+        self.send_with(conn, payload.len(), |buf| buf.copy_from_slice(payload))
+    }
+
+    /// Queues one frame of `len` bytes that `fill` writes directly into the reply ring.
+    /// Blocks (publishing first) while the ring is full.
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    pub fn send_with(
+        &mut self,
+        conn: ConnId,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), SendError> {
+        let aux = self.answering;
+        let rep = self.ring(conn)?;
+        let total = FRAME_HEADER + len;
+        let mut grant = reserve_blocking(rep, total)?;
+        grant[..FRAME_HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+        fill(&mut grant[FRAME_HEADER..total]);
+        grant.commit(total, Meta::tag(tag::SEND).conn(conn.raw()).aux(aux));
+        Ok(())
+    }
+
+    /// Asks the front to close `conn` once what was queued before is written.
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    pub fn close(&mut self, conn: ConnId) -> Result<(), SendError> {
+        let rep = self.ring(conn)?;
+        let grant = reserve_blocking(rep, 0)?;
+        grant.commit(0, Meta::tag(tag::CLOSE).conn(conn.raw()));
+        Ok(())
+    }
+
+    fn ring(&mut self, conn: ConnId) -> Result<&mut Tx, SendError> {
+        let f = conn.front();
+        self.reps.get_mut(f).and_then(Option::as_mut).ok_or(SendError::UnknownFront(f))
+    }
+
+    fn publish(&mut self) {
+        for rep in self.reps.iter_mut().flatten() {
+            rep.publish();
+        }
+    }
+}
+
+fn reserve_blocking(
+    rep: &mut Tx,
+    len: usize,
+) -> Result<shm_ring::WriteGrant<'_, Arc<ShmRing>>, SendError> {
+    let fail = |e| match e {
+        ReserveError::TooLarge { len, max } => SendError::TooLarge { len, max },
+        _ => SendError::Corrupt,
+    };
+    while !rep.has_space(len).map_err(fail)? {
+        if stop_requested() {
+            return Err(SendError::Stopping);
+        }
+        rep.wait_for_space(len, Some(PARK_TIMEOUT)).map_err(fail)?;
+    }
+    rep.reserve(len).map_err(fail)
+}
+
+/// A worker attached to its rings: one request ring and one reply ring per front.
+pub struct Worker {
+    index: usize,
+    reqs: Vec<Option<Rx>>,
+    reps: Vec<Option<Tx>>,
+    /// Records published before attach, per front: at or below this position they are
+    /// flagged as redelivered.
+    redeliver_below: Vec<u64>,
+    doorbell: Arc<EventFd>,
+}
+
+impl Worker {
+    /// Attaches to the rings described by the environment the supervisor set (see
+    /// [`protocol::env`](crate::protocol::env)) and installs the SIGTERM/SIGINT handler that
+    /// makes [`run`](Worker::run) return.
+    ///
+    /// # Errors
+    ///
+    /// [`WorkerError::Env`] when not started by shmrelay, [`WorkerError::Attach`] when a ring
+    /// cannot be attached.
+    pub fn from_env() -> Result<Worker, WorkerError> {
+        let index = parse_env::<usize>(env::WORKER_INDEX)?;
+        let doorbell_fd = parse_env::<RawFd>(env::DOORBELL_FD)?;
+        let channels = std::env::var(env::CHANNELS).map_err(|e| WorkerError::Env {
+            var: env::CHANNELS,
+            problem: e.to_string(),
+        })?;
+        let restarted = std::env::var(env::RESTARTS).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0) > 0;
+        // SAFETY: the supervisor passes this fd number as an inherited eventfd owned by us.
+        let doorbell = Arc::new(EventFd::from_owned(unsafe { take_fd(doorbell_fd, env::DOORBELL_FD)? }));
+        let mut worker = Worker { index, reqs: Vec::new(), reps: Vec::new(), redeliver_below: Vec::new(), doorbell };
+        for entry in channels.split(',').filter(|e| !e.is_empty()) {
+            let bad = |problem: &str| WorkerError::Env { var: env::CHANNELS, problem: format!("{problem} in {entry:?}") };
+            let nums: Vec<i64> = entry.split(':').map(str::parse).collect::<Result<_, _>>().map_err(|_| bad("not numbers"))?;
+            let [front, req_fd, rep_fd, front_bell] = nums[..] else { return Err(bad("want FRONT:REQ:REP:BELL")) };
+            let front = usize::try_from(front).map_err(|_| bad("bad front"))?;
+            // SAFETY: inherited fds named by the supervisor for this process alone.
+            let (req_fd, rep_fd, front_bell) = unsafe {
+                (take_fd(req_fd as RawFd, env::CHANNELS)?, take_fd(rep_fd as RawFd, env::CHANNELS)?, take_fd(front_bell as RawFd, env::CHANNELS)?)
+            };
+            worker.attach(front, req_fd, rep_fd, Arc::new(EventFd::from_owned(front_bell)), restarted)?;
+        }
+        install_stop_handler();
+        Ok(worker)
+    }
+
+    /// Attaches to one front's pair of rings (for tests and custom launchers).
+    ///
+    /// # Errors
+    ///
+    /// [`WorkerError::Attach`].
+    pub fn attach(
+        &mut self,
+        front: usize,
+        req: OwnedFd,
+        rep: OwnedFd,
+        front_doorbell: Arc<EventFd>,
+        restarted: bool,
+    ) -> Result<(), WorkerError> {
+        let attach_err = |source| WorkerError::Attach { front, source };
+        let timeout = Duration::from_secs(5);
+        let req = Arc::new(ShmRing::open_fd(req, timeout).map_err(attach_err)?);
+        let rep = Arc::new(ShmRing::open_fd(rep, timeout).map_err(attach_err)?);
+        let mut rx = Consumer::new(req).map_err(attach_err)?;
+        let mut tx = Producer::new(rep).map_err(attach_err)?;
+        // The front parks in epoll on its eventfd; wake it there.
+        rx.set_doorbell(Doorbell::EventFd(front_doorbell.clone()));
+        tx.set_doorbell(Doorbell::EventFd(front_doorbell));
+        let below = if restarted {
+            rx.is_empty().map_err(|e| WorkerError::Corrupt { front, detail: e.to_string() })?;
+            rx.seen_tail()
+        } else {
+            0
+        };
+        if self.reqs.len() <= front {
+            self.reqs.resize_with(front + 1, || None);
+            self.reps.resize_with(front + 1, || None);
+            self.redeliver_below.resize(front + 1, 0);
+        }
+        self.reqs[front] = Some(rx);
+        self.reps[front] = Some(tx);
+        self.redeliver_below[front] = below;
+        Ok(())
+    }
+
+    /// This worker's index in its pool.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The eventfd fronts ring when there is work: poll it from your own event loop, then call
+    /// [`poll_once`](Worker::poll_once).
+    pub fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    /// Serves events until SIGTERM or SIGINT.
+    ///
+    /// # Errors
+    ///
+    /// [`WorkerError::Corrupt`] if a front corrupted a request ring.
+    pub fn run<H: Handler>(&mut self, handler: &mut H) -> Result<(), WorkerError> {
+        while !stop_requested() {
+            if self.poll_once(handler)? == 0 {
+                self.park()?;
+            }
+        }
+        for rep in self.reps.iter_mut().flatten() {
+            rep.publish();
+        }
+        Ok(())
+    }
+
+    /// Handles what is waiting in every request ring, without blocking; returns the number of
+    /// records handled. Replies are published and requests released after each batch, so a
+    /// crash never loses a request whose reply was not published.
+    ///
+    /// # Errors
+    ///
+    /// [`WorkerError::Corrupt`] if a front corrupted a request ring.
+    pub fn poll_once<H: Handler>(&mut self, handler: &mut H) -> Result<usize, WorkerError> {
+        let mut total = 0;
+        for front in 0..self.reqs.len() {
+            let Some(rx) = self.reqs[front].as_mut() else { continue };
+            let corrupt = |detail: String| WorkerError::Corrupt { front, detail };
+            let below = self.redeliver_below[front];
+            let mut out = Out { reps: &mut self.reps, answering: 0 };
+            let mut end = None;
+            let mut n = 0;
+            for rec in rx.records().map_err(|e| corrupt(e.to_string()))?.take(BATCH) {
+                let rec = rec.map_err(|e| corrupt(e.to_string()))?;
+                let conn = ConnId::from_raw(rec.conn());
+                let redelivered = rec.position() < below || rec.flags() & flags::REDELIVERED != 0;
+                match rec.tag() {
+                    tag::OPEN => handler.on_open(conn, &String::from_utf8_lossy(rec.payload()), &mut out),
+                    tag::DATA => {
+                        let base = rec.payload_position();
+                        for frame in Frames::new(rec.payload()) {
+                            let (end, payload) = frame.map_err(|e| corrupt(e.to_string()))?;
+                            out.answering = base + end as u64;
+                            handler.on_frame(conn, payload, redelivered, &mut out);
+                        }
+                        out.answering = 0;
+                    }
+                    tag::CLOSE => handler.on_close(conn, CloseReason::from_code(rec.aux()), &mut out),
+                    other => return Err(corrupt(format!("unknown record tag {other}"))),
+                }
+                end = Some(rec.end());
+                n += 1;
+            }
+            // Replies first, then the release: a request is only given up once its answer is
+            // visible to the front.
+            out.publish();
+            if let Some(end) = end {
+                rx.release(end);
+            }
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// Spins briefly, then sleeps on the doorbell until a front publishes (or a timeout, to
+    /// re-check the stop flag).
+    fn park(&mut self) -> Result<(), WorkerError> {
+        for _ in 0..2_000 {
+            if self.reqs.iter().flatten().any(Consumer::has_new) {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let mut sleep = true;
+        for (front, rx) in self.reqs.iter_mut().enumerate() {
+            if let Some(rx) = rx {
+                sleep &= rx.prepare_park().map_err(|e| WorkerError::Corrupt { front, detail: e.to_string() })?;
+            }
+        }
+        if sleep {
+            self.doorbell.wait(Some(PARK_TIMEOUT));
+        }
+        for rx in self.reqs.iter_mut().flatten() {
+            rx.finish_park();
+        }
+        Ok(())
+    }
+}
+
+fn parse_env<T: std::str::FromStr>(var: &'static str) -> Result<T, WorkerError> {
+    let v = std::env::var(var).map_err(|e| WorkerError::Env { var, problem: e.to_string() })?;
+    v.parse().map_err(|_| WorkerError::Env { var, problem: format!("cannot parse {v:?}") })
+}
+
+/// Takes ownership of an inherited fd, checking that it is open, and sets close-on-exec so
+/// it does not leak into processes the worker starts.
+///
+/// # Safety
+///
+/// `fd` must be an fd this process owns and nothing else will close.
+unsafe fn take_fd(fd: RawFd, var: &'static str) -> Result<OwnedFd, WorkerError> {
+    // SAFETY: F_SETFD on an arbitrary number is harmless; it fails with EBADF if not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(WorkerError::Env { var, problem: format!("fd {fd} is not open") });
+    }
+    // SAFETY: open (checked above) and owned by us per the caller's contract.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// True once SIGTERM or SIGINT arrived.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_stop_handler() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let _ = sigaction(sig, &action);
+        }
+    }
+}
