@@ -80,7 +80,10 @@ impl Config {
     ///
     /// [`ConfigError::File`] naming the file and the problem (unknown keys included).
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError::File { path: path.display().to_string(), message };
+        let err = |message: String| ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
     }
@@ -102,17 +105,29 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |name, problem: String| Err(ConfigError::Invalid { name, problem });
         if !crate::names::valid_instance(&self.instance) {
-            return bad("instance", format!("{:?}: use 1-64 of [A-Za-z0-9_-]", self.instance));
+            return bad(
+                "instance",
+                format!("{:?}: use 1-64 of [A-Za-z0-9_-]", self.instance),
+            );
         }
         if self.fronts == 0 || self.fronts > crate::stats::MAX_FRONTS {
-            return bad("fronts", format!("{} not in 1..={}", self.fronts, crate::stats::MAX_FRONTS));
+            return bad(
+                "fronts",
+                format!("{} not in 1..={}", self.fronts, crate::stats::MAX_FRONTS),
+            );
         }
         if self.workers == 0 || self.workers > crate::stats::MAX_WORKERS {
-            return bad("workers", format!("{} not in 1..={}", self.workers, crate::stats::MAX_WORKERS));
+            return bad(
+                "workers",
+                format!("{} not in 1..={}", self.workers, crate::stats::MAX_WORKERS),
+            );
         }
         let cap = self.ring_capacity();
         if !shm_ring::layout::valid_capacity(cap as u64) {
-            return bad("ring_capacity", format!("{cap} is not a power of two between 4096 and 2^40"));
+            return bad(
+                "ring_capacity",
+                format!("{cap} is not a power of two between 4096 and 2^40"),
+            );
         }
         let max_record = shm_ring::layout::max_payload(cap);
         if self.max_frame as usize + 4 > max_record {
@@ -122,7 +137,10 @@ impl Config {
             );
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad("listen", format!("{:?} is not an IP:port address", self.listen));
+            return bad(
+                "listen",
+                format!("{:?} is not an IP:port address", self.listen),
+            );
         }
         Ok(())
     }
@@ -146,11 +164,35 @@ mod tests {
 
     #[test]
     fn invalid_settings_are_named() {
-        let c = Config { ring_capacity: Some(4096), ..Config::default() };
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { name: "max_frame", .. })));
-        let c = Config { instance: "a/b".into(), ..Config::default() };
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { name: "instance", .. })));
-        let c = Config { listen: "nowhere".into(), ..Config::default() };
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { name: "listen", .. })));
+        let c = Config {
+            ring_capacity: Some(4096),
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                name: "max_frame",
+                ..
+            })
+        ));
+        let c = Config {
+            instance: "a/b".into(),
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                name: "instance",
+                ..
+            })
+        ));
+        let c = Config {
+            listen: "nowhere".into(),
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { name: "listen", .. })
+        ));
     }
 }

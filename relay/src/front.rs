@@ -25,7 +25,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
-use shmrelay_worker::protocol::{frame_len, is_whole_frames, tag, FRAME_HEADER};
+use shmrelay_worker::protocol::{frame_len, is_whole_frames, tag, ANSWERED_WORD, FRAME_HEADER};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{debug, error, info, warn};
 
@@ -79,7 +79,10 @@ pub enum FrontError {
     Io(#[from] io::Error),
     /// A ring could not be attached.
     #[error("attaching to the rings of worker {worker}: {source}")]
-    Attach { worker: usize, source: shm_ring::AttachError },
+    Attach {
+        worker: usize,
+        source: shm_ring::AttachError,
+    },
 }
 
 /// A control record waiting for ring space (kept in order, ahead of any data).
@@ -206,7 +209,8 @@ impl Front {
         let poll = Poll::new()?;
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry().register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*doorbell)),
             DOORBELL,
@@ -224,7 +228,14 @@ impl Front {
             // Workers block on a futex or poll their eventfd: ring both.
             req.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
             rep.set_doorbell(Doorbell::Both(ch.worker_doorbell));
-            chans.push(Chan { req, rep, backlog: VecDeque::new(), blocked: Vec::new(), dirty: false, broken: false });
+            chans.push(Chan {
+                req,
+                rep,
+                backlog: VecDeque::new(),
+                blocked: Vec::new(),
+                dirty: false,
+                broken: false,
+            });
         }
         // The stats block lives as long as the process; leaking the mapping gives the hot
         // path a plain reference.
@@ -247,7 +258,11 @@ impl Front {
     }
 
     fn run(&mut self) -> Result<(), FrontError> {
-        info!(front = self.s.index, workers = self.chans.len(), "front running");
+        info!(
+            front = self.s.index,
+            workers = self.chans.len(),
+            "front running"
+        );
         let mut events = Events::with_capacity(1024);
         let mut drain_deadline: Option<Instant> = None;
         loop {
@@ -278,7 +293,11 @@ impl Front {
                     ch.dirty = false;
                 }
             }
-            let timeout = if busy || !self.ready.is_empty() { Some(Duration::ZERO) } else { self.prepare_park() };
+            let timeout = if busy || !self.ready.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.prepare_park()
+            };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -290,7 +309,9 @@ impl Front {
                     ch.req.finish_park();
                 }
             }
-            self.fs.active_ns.store(shm_ring::monotonic_ns(), Ordering::Relaxed);
+            self.fs
+                .active_ns
+                .store(shm_ring::monotonic_ns(), Ordering::Relaxed);
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -299,12 +320,18 @@ impl Front {
                     }
                     Token(t) => {
                         let slot = t as u32;
-                        let Some(gen) = self.slab.gens.get(t).copied() else { continue };
-                        let Some(c) = self.slab.get(slot, gen) else { continue };
+                        let Some(gen) = self.slab.gens.get(t).copied() else {
+                            continue;
+                        };
+                        let Some(c) = self.slab.get(slot, gen) else {
+                            continue;
+                        };
                         if ev.is_writable() && c.want_write {
                             self.flush_out(slot, gen);
                         }
-                        if (ev.is_readable() || ev.is_read_closed() || ev.is_error()) && drain_deadline.is_none() {
+                        if (ev.is_readable() || ev.is_read_closed() || ev.is_error())
+                            && drain_deadline.is_none()
+                        {
                             if let Some(c) = self.slab.get(slot, gen) {
                                 if !c.readable {
                                     c.readable = true;
@@ -328,7 +355,10 @@ impl Front {
             if ch.broken {
                 continue;
             }
-            if !ch.backlog.is_empty() || !ch.req.is_drained().unwrap_or(true) || !ch.rep.is_empty().unwrap_or(true) {
+            if !ch.backlog.is_empty()
+                || !ch.req.is_drained().unwrap_or(true)
+                || !ch.rep.is_empty().unwrap_or(true)
+            {
                 return false;
             }
         }
@@ -336,7 +366,9 @@ impl Front {
     }
 
     fn shutdown(&mut self) {
-        let slots: Vec<u32> = (0..self.slab.conns.len() as u32).filter(|&s| self.slab.conns[s as usize].is_some()).collect();
+        let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
+            .filter(|&s| self.slab.conns[s as usize].is_some())
+            .collect();
         for slot in slots {
             self.close_conn(slot, CloseReason::Shutdown);
         }
@@ -369,7 +401,9 @@ impl Front {
 
     fn accept(&mut self) {
         loop {
-            let Some(listener) = self.listener.as_ref() else { return };
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
             let (stream, peer) = match listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -380,7 +414,9 @@ impl Front {
                     return;
                 }
             };
-            let workers: Vec<usize> = (0..self.chans.len()).filter(|&w| !self.chans[w].broken).collect();
+            let workers: Vec<usize> = (0..self.chans.len())
+                .filter(|&w| !self.chans[w].broken)
+                .collect();
             if self.open >= self.s.max_conns || workers.is_empty() {
                 add(&self.fs.rejects, 1);
                 add(&self.fs.closes[CloseReason::Rejected as usize], 1);
@@ -402,14 +438,25 @@ impl Front {
                 out_pos: 0,
             };
             let (slot, gen) = self.slab.insert(conn);
-            let c = self.slab.conns[slot as usize].as_mut().expect("just inserted");
-            if let Err(e) = self.poll.registry().register(&mut c.stream, Token(slot as usize), Interest::READABLE) {
+            let c = self.slab.conns[slot as usize]
+                .as_mut()
+                .expect("just inserted");
+            if let Err(e) = self.poll.registry().register(
+                &mut c.stream,
+                Token(slot as usize),
+                Interest::READABLE,
+            ) {
                 warn!("register: {e}");
                 self.slab.remove(slot);
                 continue;
             }
             let id = ConnId::new(self.s.index as u8, gen, slot);
-            self.chans[worker].backlog.push_back(Ctrl { tag: tag::OPEN, conn: id.raw(), aux: 0, payload: peer.to_string().into_bytes() });
+            self.chans[worker].backlog.push_back(Ctrl {
+                tag: tag::OPEN,
+                conn: id.raw(),
+                aux: 0,
+                payload: peer.to_string().into_bytes(),
+            });
             self.open += 1;
             add(&self.fs.accepts, 1);
             self.fs.conns_open.store(self.open, Ordering::Relaxed);
@@ -426,7 +473,10 @@ impl Front {
                 ch.backlog.clear();
                 break;
             }
-            match ch.req.push(Meta::tag(ctrl.tag).conn(ctrl.conn).aux(ctrl.aux), &ctrl.payload) {
+            match ch.req.push(
+                Meta::tag(ctrl.tag).conn(ctrl.conn).aux(ctrl.aux),
+                &ctrl.payload,
+            ) {
                 Ok(_) => {
                     ch.backlog.pop_front();
                     ch.dirty = true;
@@ -465,7 +515,9 @@ impl Front {
     fn read_ready(&mut self) {
         let ready = std::mem::take(&mut self.ready);
         for (slot, gen) in ready {
-            let Some(c) = self.slab.get(slot, gen) else { continue };
+            let Some(c) = self.slab.get(slot, gen) else {
+                continue;
+            };
             if c.blocked || c.closing.is_some() || !c.readable {
                 continue;
             }
@@ -503,7 +555,10 @@ impl Front {
                 ReadResult::Close(reason) => self.close_conn(slot, reason),
                 ReadResult::TooLarge(len) => {
                     add(&self.fs.protocol_errors, 1);
-                    let msg = format!("shmrelay-error: frame of {len} bytes exceeds the maximum of {}", self.s.max_frame);
+                    let msg = format!(
+                        "shmrelay-error: frame of {len} bytes exceeds the maximum of {}",
+                        self.s.max_frame
+                    );
                     let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
                     frame.extend_from_slice(msg.as_bytes());
                     if let Some(c) = self.slab.get(slot, gen) {
@@ -541,6 +596,7 @@ impl Front {
             };
             let mut group: Vec<IoSlice<'_>> = Vec::new();
             let mut group_conn = 0u64;
+            let mut answered = 0u64;
             let mut end = None;
             let slab = &mut self.slab;
             let fs = self.fs;
@@ -559,6 +615,7 @@ impl Front {
                             group_conn = rec.conn();
                         }
                         group.push(IoSlice::new(rec.payload()));
+                        answered = answered.max(rec.aux());
                     }
                     tag::CLOSE => {
                         deliver(slab, fs, me, group_conn, &mut group, &mut todo);
@@ -568,7 +625,10 @@ impl Front {
                         }
                     }
                     t => {
-                        corrupt = Some(format!("reply record at {} has tag {t} or broken framing", rec.position()));
+                        corrupt = Some(format!(
+                            "reply record at {} has tag {t} or broken framing",
+                            rec.position()
+                        ));
                         break;
                     }
                 }
@@ -578,6 +638,12 @@ impl Front {
             deliver(slab, fs, me, group_conn, &mut group, &mut todo);
             drop(group);
             if let Some(end) = end {
+                // The answered word first, then the release (Release store of the head): a
+                // replacement worker that sees the release sees the word (see the worker SDK).
+                let word = &ch.req.storage().user_words()[ANSWERED_WORD];
+                if answered > word.load(Ordering::Relaxed) {
+                    word.store(answered, Ordering::Relaxed);
+                }
                 ch.rep.release(end);
             }
         }
@@ -605,7 +671,9 @@ impl Front {
     /// Writes to a connection, queueing what the socket does not take.
     fn send(&mut self, slot: u32, gen: u32, iov: &[IoSlice<'_>]) -> Result<(), CloseReason> {
         let max = self.s.max_pending;
-        let Some(c) = self.slab.get(slot, gen) else { return Ok(()) };
+        let Some(c) = self.slab.get(slot, gen) else {
+            return Ok(());
+        };
         send_to(c, iov, self.fs, max)?;
         if c.pending() > 0 {
             self.want_write(slot, gen);
@@ -615,19 +683,27 @@ impl Front {
 
     fn want_write(&mut self, slot: u32, gen: u32) {
         let max = self.s.max_pending;
-        let Some(c) = self.slab.get(slot, gen) else { return };
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
         if c.pending() > max {
             self.close_conn(slot, CloseReason::SlowConsumer);
             return;
         }
         if !c.want_write {
             c.want_write = true;
-            let _ = self.poll.registry().reregister(&mut c.stream, Token(slot as usize), Interest::READABLE | Interest::WRITABLE);
+            let _ = self.poll.registry().reregister(
+                &mut c.stream,
+                Token(slot as usize),
+                Interest::READABLE | Interest::WRITABLE,
+            );
         }
     }
 
     fn flush_out(&mut self, slot: u32, gen: u32) {
-        let Some(c) = self.slab.get(slot, gen) else { return };
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
         while c.pending() > 0 {
             match (&c.stream).write(&c.out[c.out_pos..]) {
                 Ok(n) => {
@@ -646,7 +722,11 @@ impl Front {
         c.out_pos = 0;
         c.out.shrink_to(4096);
         c.want_write = false;
-        let _ = self.poll.registry().reregister(&mut c.stream, Token(slot as usize), Interest::READABLE);
+        let _ = self.poll.registry().reregister(
+            &mut c.stream,
+            Token(slot as usize),
+            Interest::READABLE,
+        );
         if let Some(reason) = c.closing {
             self.close_conn(slot, reason);
         }
@@ -654,12 +734,19 @@ impl Front {
 
     /// Closes a connection now and tells its worker (in order, after its data).
     fn close_conn(&mut self, slot: u32, reason: CloseReason) {
-        let Some(mut c) = self.slab.remove(slot) else { return };
+        let Some(mut c) = self.slab.remove(slot) else {
+            return;
+        };
         let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
         let _ = self.poll.registry().deregister(&mut c.stream);
         drop(c.stream);
         let id = ConnId::new(self.s.index as u8, gen_before, slot);
-        self.chans[c.worker].backlog.push_back(Ctrl { tag: tag::CLOSE, conn: id.raw(), aux: reason as u64, payload: Vec::new() });
+        self.chans[c.worker].backlog.push_back(Ctrl {
+            tag: tag::CLOSE,
+            conn: id.raw(),
+            aux: reason as u64,
+            payload: Vec::new(),
+        });
         self.flush_backlog(c.worker);
         self.open -= 1;
         self.fs.conns_open.store(self.open, Ordering::Relaxed);
@@ -672,12 +759,20 @@ impl Front {
         if self.chans[w].broken {
             return;
         }
-        error!(front = self.s.index, worker = w, "ring quarantined: {detail}");
+        error!(
+            front = self.s.index,
+            worker = w,
+            "ring quarantined: {detail}"
+        );
         self.chans[w].broken = true;
         self.chans[w].backlog.clear();
         add(&self.fs.corrupt_rings, 1);
         let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
-            .filter(|&s| self.slab.conns[s as usize].as_ref().is_some_and(|c| c.worker == w))
+            .filter(|&s| {
+                self.slab.conns[s as usize]
+                    .as_ref()
+                    .is_some_and(|c| c.worker == w)
+            })
             .collect();
         for slot in slots {
             self.close_conn(slot, CloseReason::WorkerGone);
@@ -732,7 +827,13 @@ enum ReadResult {
 
 /// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the
 /// ring is full. Returns the outcome and the number of heartbeats received.
-fn read_conn(ch: &mut Chan, c: &mut Conn, fs: &FrontStats, id: ConnId, max_frame: u32) -> (ReadResult, usize) {
+fn read_conn(
+    ch: &mut Chan,
+    c: &mut Conn,
+    fs: &FrontStats,
+    id: ConnId,
+    max_frame: u32,
+) -> (ReadResult, usize) {
     let mut budget = READ_BUDGET;
     let mut heartbeats = 0;
     let limit = ch.req.max_payload();
@@ -811,7 +912,12 @@ fn read_conn(ch: &mut Chan, c: &mut Conn, fs: &FrontStats, id: ConnId, max_frame
 
 /// Writes `iov` to the connection unless it already has queued bytes (order), and queues the
 /// rest. Errors with the close reason when the connection must go.
-fn send_to(c: &mut Conn, iov: &[IoSlice<'_>], fs: &FrontStats, max_pending: usize) -> Result<(), CloseReason> {
+fn send_to(
+    c: &mut Conn,
+    iov: &[IoSlice<'_>],
+    fs: &FrontStats,
+    max_pending: usize,
+) -> Result<(), CloseReason> {
     let total: usize = iov.iter().map(|s| s.len()).sum();
     let mut written = 0;
     if c.pending() == 0 {
@@ -854,7 +960,10 @@ fn send_to(c: &mut Conn, iov: &[IoSlice<'_>], fs: &FrontStats, max_pending: usiz
 pub unsafe fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: F_SETFD on any number is harmless; EBADF tells us it is not open.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("inherited fd {fd} is not open")));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("inherited fd {fd} is not open"),
+        ));
     }
     // SAFETY: open (checked) and owned per the caller's contract.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

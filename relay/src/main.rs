@@ -145,8 +145,12 @@ fn settings(a: RunArgs) -> Result<Config> {
 }
 
 fn env_fd(var: &str) -> Result<std::os::fd::OwnedFd> {
-    let v = std::env::var(var).with_context(|| format!("{var} is not set: fronts are started by the shmrelay supervisor"))?;
-    let fd: i32 = v.parse().with_context(|| format!("{var}={v:?} is not an fd number"))?;
+    let v = std::env::var(var).with_context(|| {
+        format!("{var} is not set: fronts are started by the shmrelay supervisor")
+    })?;
+    let fd: i32 = v
+        .parse()
+        .with_context(|| format!("{var}={v:?} is not an fd number"))?;
     // SAFETY: the supervisor passes each fd number once, for this process to own.
     unsafe { inherited_fd(fd) }.with_context(|| format!("{var}={fd}"))
 }
@@ -154,16 +158,30 @@ fn env_fd(var: &str) -> Result<std::os::fd::OwnedFd> {
 fn run_front(a: FrontArgs) -> Result<()> {
     let listener = TcpListener::from(env_fd("SHMRELAY_LISTEN_FD")?);
     let doorbell = Arc::new(EventFd::from_owned(env_fd("SHMRELAY_DOORBELL_FD")?));
-    let stats = Stats::from_fd(env_fd("SHMRELAY_STATS_FD")?).context("mapping the stats segment")?;
+    let stats =
+        Stats::from_fd(env_fd("SHMRELAY_STATS_FD")?).context("mapping the stats segment")?;
     let ready = env_fd("SHMRELAY_READY_FD")?;
-    let spec = std::env::var(shmrelay_worker::protocol::env::CHANNELS).context("SHMRELAY_CHANNELS is not set")?;
+    let spec = std::env::var(shmrelay_worker::protocol::env::CHANNELS)
+        .context("SHMRELAY_CHANNELS is not set")?;
     let mut channels = Vec::new();
     for entry in spec.split(',').filter(|e| !e.is_empty()) {
-        let n: Vec<i32> = entry.split(':').map(str::parse).collect::<Result<_, _>>().with_context(|| format!("bad channel {entry:?}"))?;
-        let [worker, req, rep, bell] = n[..] else { anyhow::bail!("bad channel {entry:?}") };
+        let n: Vec<i32> = entry
+            .split(':')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad channel {entry:?}"))?;
+        let [worker, req, rep, bell] = n[..] else {
+            anyhow::bail!("bad channel {entry:?}")
+        };
         // SAFETY: inherited fds named once by the supervisor for this process.
-        let (req, rep, bell) = unsafe { (inherited_fd(req)?, inherited_fd(rep)?, inherited_fd(bell)?) };
-        channels.push(ChannelFds { worker: worker as usize, req, rep, worker_doorbell: Arc::new(EventFd::from_owned(bell)) });
+        let (req, rep, bell) =
+            unsafe { (inherited_fd(req)?, inherited_fd(rep)?, inherited_fd(bell)?) };
+        channels.push(ChannelFds {
+            worker: worker as usize,
+            req,
+            rep,
+            worker_doorbell: Arc::new(EventFd::from_owned(bell)),
+        });
     }
     let settings = FrontSettings {
         index: a.index,
@@ -186,7 +204,6 @@ fn run_worker(kind: &str) -> Result<()> {
     }
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -39,7 +39,9 @@ pub fn ring_path(instance: &str, front: usize, worker: usize, dir: Dir) -> PathB
 /// Every file in the shm directory that belongs to `instance`.
 pub fn instance_files(instance: &str) -> Vec<PathBuf> {
     let prefix = prefix(instance);
-    let Ok(dir) = std::fs::read_dir(shm_dir()) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(shm_dir()) else {
+        return Vec::new();
+    };
     let mut files: Vec<PathBuf> = dir
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
@@ -51,12 +53,16 @@ pub fn instance_files(instance: &str) -> Vec<PathBuf> {
 
 /// Names of every instance with a stats segment in the shm directory.
 pub fn instances() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir(shm_dir()) else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir(shm_dir()) else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = dir
         .flatten()
         .filter_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix("shmrelay.")?.strip_suffix(".stats").map(str::to_owned)
+            n.strip_prefix("shmrelay.")?
+                .strip_suffix(".stats")
+                .map(str::to_owned)
         })
         .collect();
     names.sort();
@@ -67,5 +73,7 @@ pub fn instances() -> Vec<String> {
 pub fn valid_instance(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

@@ -12,7 +12,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// must surface as EPIPE on its own socket, not kill the process).
 pub fn install() {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     // SAFETY: the handler only stores to an atomic (async-signal-safe); SIG_IGN is always safe.
     unsafe {

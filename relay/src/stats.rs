@@ -127,15 +127,22 @@ impl Stats {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
         file.set_len(STATS_SIZE as u64)?;
-        nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, STATS_SIZE as i64)?;
+        nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            STATS_SIZE as i64,
+        )?;
         let stats = Stats::map_rw(file)?;
         let h = stats.header();
         h.version.store(STATS_VERSION, Ordering::Relaxed);
         h.fronts.store(fronts as u32, Ordering::Relaxed);
         h.workers.store(workers as u32, Ordering::Relaxed);
-        h.supervisor_pid.store(std::process::id(), Ordering::Relaxed);
+        h.supervisor_pid
+            .store(std::process::id(), Ordering::Relaxed);
         h.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
-        h.supervisor_active_ns.store(shm_ring::monotonic_ns(), Ordering::Relaxed);
+        h.supervisor_active_ns
+            .store(shm_ring::monotonic_ns(), Ordering::Relaxed);
         // Release: pairs with the Acquire load in `validate`; the fields above are visible to
         // anyone who sees the magic.
         h.magic.store(STATS_MAGIC, Ordering::Release);
@@ -159,12 +166,18 @@ impl Stats {
     ///
     /// Opening or mapping failed, or the segment is not a valid stats segment.
     pub fn open_readonly(path: &Path) -> io::Result<Stats> {
-        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
         check_len(&file)?;
         // SAFETY: read-only shared mapping of a file of exactly STATS_SIZE bytes (checked) that
         // its owner never shrinks; we only ever load through it.
         let map = unsafe { MmapOptions::new().len(STATS_SIZE).map(&file)? };
-        let stats = Stats { map: Map::Ro(map), file };
+        let stats = Stats {
+            map: Map::Ro(map),
+            file,
+        };
         stats.validate()?;
         Ok(stats)
     }
@@ -172,7 +185,10 @@ impl Stats {
     fn map_rw(file: File) -> io::Result<Stats> {
         check_len(&file)?;
         let map = MmapOptions::new().len(STATS_SIZE).map_raw(&file)?;
-        Ok(Stats { map: Map::Rw(map), file })
+        Ok(Stats {
+            map: Map::Rw(map),
+            file,
+        })
     }
 
     fn validate(&self) -> io::Result<()> {
@@ -184,7 +200,9 @@ impl Stats {
         }
         let v = h.version.load(Ordering::Relaxed);
         if v != STATS_VERSION {
-            return Err(bad(format!("stats layout version {v}, this binary reads {STATS_VERSION}")));
+            return Err(bad(format!(
+                "stats layout version {v}, this binary reads {STATS_VERSION}"
+            )));
         }
         Ok(())
     }
@@ -220,7 +238,9 @@ impl Stats {
         assert!(i < MAX_WORKERS);
         // SAFETY: as in `front`.
         unsafe {
-            &*(self.base().add(HEADER_BYTES + MAX_FRONTS * FRONT_BYTES + i * WORKER_BYTES)
+            &*(self
+                .base()
+                .add(HEADER_BYTES + MAX_FRONTS * FRONT_BYTES + i * WORKER_BYTES)
                 as *const WorkerStats)
         }
     }

@@ -71,7 +71,8 @@ pub fn run(cfg: Config) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed)).context("installing the SIGINT/SIGTERM handler")?;
+        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
+            .context("installing the SIGINT/SIGTERM handler")?;
     }
     claim_instance(&cfg.instance)?;
     let instance = cfg.instance.clone();
@@ -102,14 +103,22 @@ fn claim_instance(instance: &str) -> Result<()> {
     }
     let stale = names::instance_files(instance);
     if !stale.is_empty() {
-        warn!(instance, count = stale.len(), "removing segments left by a dead instance");
+        warn!(
+            instance,
+            count = stale.len(),
+            "removing segments left by a dead instance"
+        );
         remove_files(instance, &stale);
     }
     Ok(())
 }
 
 fn remove_files(instance: &str, files: &[PathBuf]) {
-    let files = if files.is_empty() { names::instance_files(instance) } else { files.to_vec() };
+    let files = if files.is_empty() {
+        names::instance_files(instance)
+    } else {
+        files.to_vec()
+    };
     for f in files {
         if let Err(e) = std::fs::remove_file(&f) {
             warn!("removing {}: {e}", f.display());
@@ -121,24 +130,41 @@ impl Instance {
     fn create(cfg: Config) -> Result<Instance> {
         let exe = std::env::current_exe().context("locating the shmrelay binary")?;
         let stats = Stats::create(&names::stats_path(&cfg.instance), cfg.fronts, cfg.workers)
-            .with_context(|| format!("creating the stats segment {}", names::stats_path(&cfg.instance).display()))?;
+            .with_context(|| {
+                format!(
+                    "creating the stats segment {}",
+                    names::stats_path(&cfg.instance).display()
+                )
+            })?;
         let cap = cfg.ring_capacity();
         let mut rings = Vec::new();
         for f in 0..cfg.fronts {
             let mut row = Vec::new();
             for w in 0..cfg.workers {
-                let req = ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Request), cap)?;
-                let rep = ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Reply), cap)?;
+                let req =
+                    ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Request), cap)?;
+                let rep =
+                    ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Reply), cap)?;
                 row.push((req, rep));
             }
             rings.push(row);
         }
         let bell = || EventFd::new().map(Arc::new).context("creating an eventfd");
-        let front_bells = (0..cfg.fronts).map(|_| bell()).collect::<Result<Vec<_>>>()?;
-        let worker_bells = (0..cfg.workers).map(|_| bell()).collect::<Result<Vec<_>>>()?;
+        let front_bells = (0..cfg.fronts)
+            .map(|_| bell())
+            .collect::<Result<Vec<_>>>()?;
+        let worker_bells = (0..cfg.workers)
+            .map(|_| bell())
+            .collect::<Result<Vec<_>>>()?;
         let addr: SocketAddr = cfg.listen.parse()?;
         let listener = listen(addr, cfg.backlog).with_context(|| format!("listening on {addr}"))?;
-        info!(instance = cfg.instance, fronts = cfg.fronts, workers = cfg.workers, ring_capacity = cap, "segments created");
+        info!(
+            instance = cfg.instance,
+            fronts = cfg.fronts,
+            workers = cfg.workers,
+            ring_capacity = cap,
+            "segments created"
+        );
         Ok(Instance {
             cfg,
             exe,
@@ -161,12 +187,18 @@ impl Instance {
             self.start(Role::Worker(w))?;
         }
         info!(%addr, "listening on {addr}");
-        println!("shmrelay: listening on {addr} (instance {})", self.cfg.instance);
+        println!(
+            "shmrelay: listening on {addr} (instance {})",
+            self.cfg.instance
+        );
         let _ = std::io::stdout().flush();
         while !stop.load(Ordering::Relaxed) {
             self.reap();
             self.restart_due()?;
-            self.stats.header().supervisor_active_ns.store(shm_ring::monotonic_ns(), Ordering::Relaxed);
+            self.stats
+                .header()
+                .supervisor_active_ns
+                .store(shm_ring::monotonic_ns(), Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(20));
         }
         info!("stopping");
@@ -190,20 +222,30 @@ impl Instance {
                 let channels: Vec<String> = (0..self.cfg.workers)
                     .map(|w| {
                         let (req, rep) = &self.rings[f][w];
-                        let fds = [req.fd().as_raw_fd(), rep.fd().as_raw_fd(), self.worker_bells[w].as_raw_fd()];
+                        let fds = [
+                            req.fd().as_raw_fd(),
+                            rep.fd().as_raw_fd(),
+                            self.worker_bells[w].as_raw_fd(),
+                        ];
                         keep.extend(fds);
                         format!("{w}:{}:{}:{}", fds[0], fds[1], fds[2])
                     })
                     .collect();
-                let (listen_fd, bell, stats_fd) =
-                    (self.listener.as_raw_fd(), self.front_bells[f].as_raw_fd(), self.stats.fd().as_raw_fd());
+                let (listen_fd, bell, stats_fd) = (
+                    self.listener.as_raw_fd(),
+                    self.front_bells[f].as_raw_fd(),
+                    self.stats.fd().as_raw_fd(),
+                );
                 keep.extend([listen_fd, bell, stats_fd, ready_w.as_raw_fd()]);
                 cmd.env("SHMRELAY_LISTEN_FD", listen_fd.to_string())
                     .env("SHMRELAY_DOORBELL_FD", bell.to_string())
                     .env("SHMRELAY_STATS_FD", stats_fd.to_string())
                     .env("SHMRELAY_READY_FD", ready_w.as_raw_fd().to_string())
                     .env(env::CHANNELS, channels.join(","));
-                self.stats.front(f).restarts.store(starts, Ordering::Relaxed);
+                self.stats
+                    .front(f)
+                    .restarts
+                    .store(starts, Ordering::Relaxed);
                 (cmd, Some((ready_r, ready_w)))
             }
             Role::Worker(w) => {
@@ -224,7 +266,11 @@ impl Instance {
                 let channels: Vec<String> = (0..self.cfg.fronts)
                     .map(|f| {
                         let (req, rep) = &self.rings[f][w];
-                        let fds = [req.fd().as_raw_fd(), rep.fd().as_raw_fd(), self.front_bells[f].as_raw_fd()];
+                        let fds = [
+                            req.fd().as_raw_fd(),
+                            rep.fd().as_raw_fd(),
+                            self.front_bells[f].as_raw_fd(),
+                        ];
                         keep.extend(fds);
                         format!("{f}:{}:{}:{}", fds[0], fds[1], fds[2])
                     })
@@ -260,13 +306,18 @@ impl Instance {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting {role} ({:?})", cmd.get_program()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {role} ({:?})", cmd.get_program()))?;
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped with waitpid in `reap`; the handle is not needed.
         drop(child);
         info!(%role, pid = pid.as_raw(), starts, "started");
         if let Role::Worker(w) = role {
-            self.stats.worker(w).pid.store(pid.as_raw() as u32, Ordering::Relaxed);
+            self.stats
+                .worker(w)
+                .pid
+                .store(pid.as_raw() as u32, Ordering::Relaxed);
         }
         let slot = self.slots.entry(role).or_insert(Slot {
             pid: None,
@@ -293,10 +344,17 @@ impl Instance {
                 Ok(s) => s,
             };
             let Some(pid) = status.pid() else { continue };
-            let Some((&role, slot)) = self.slots.iter_mut().find(|(_, s)| s.pid == Some(pid)) else { continue };
+            let Some((&role, slot)) = self.slots.iter_mut().find(|(_, s)| s.pid == Some(pid))
+            else {
+                continue;
+            };
             slot.pid = None;
             let lived = slot.started.elapsed();
-            slot.quick_crashes = if lived >= STABLE_AFTER { 0 } else { slot.quick_crashes + 1 };
+            slot.quick_crashes = if lived >= STABLE_AFTER {
+                0
+            } else {
+                slot.quick_crashes + 1
+            };
             let delay = if slot.quick_crashes <= 1 {
                 Duration::ZERO
             } else {
@@ -314,7 +372,12 @@ impl Instance {
 
     fn restart_due(&mut self) -> Result<()> {
         let now = Instant::now();
-        let due: Vec<Role> = self.slots.iter().filter(|(_, s)| s.restart_at.is_some_and(|t| t <= now)).map(|(&r, _)| r).collect();
+        let due: Vec<Role> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.restart_at.is_some_and(|t| t <= now))
+            .map(|(&r, _)| r)
+            .collect();
         for role in due {
             match self.start(role) {
                 Ok(Some(ready)) => {
@@ -344,7 +407,10 @@ impl Instance {
             s.restart_at = None;
         }
         let drain = Duration::from_millis(self.cfg.drain_ms);
-        self.stop_role(|r| matches!(r, Role::Front(_)), drain + Duration::from_secs(2));
+        self.stop_role(
+            |r| matches!(r, Role::Front(_)),
+            drain + Duration::from_secs(2),
+        );
         self.stop_role(|r| matches!(r, Role::Worker(_)), Duration::from_secs(3));
         remove_files(&self.cfg.instance, &[]);
         info!("stopped; segments removed");
@@ -352,7 +418,11 @@ impl Instance {
 
     fn stop_role(&mut self, which: impl Fn(Role) -> bool, grace: Duration) {
         let pids = |slots: &HashMap<Role, Slot>| -> Vec<Pid> {
-            slots.iter().filter(|(r, _)| which(**r)).filter_map(|(_, s)| s.pid).collect()
+            slots
+                .iter()
+                .filter(|(r, _)| which(**r))
+                .filter_map(|(_, s)| s.pid)
+                .collect()
         };
         for pid in pids(&self.slots) {
             let _ = kill(pid, Signal::SIGTERM);
@@ -369,7 +439,9 @@ impl Instance {
         }
         self.reap_quietly();
         for s in self.slots.values_mut() {
-            if s.pid.is_some_and(|p| !shm_ring::process_alive(p.as_raw() as u32)) {
+            if s.pid
+                .is_some_and(|p| !shm_ring::process_alive(p.as_raw() as u32))
+            {
                 s.pid = None;
             }
         }
@@ -390,11 +462,19 @@ impl Instance {
 /// Waits until front `f` says it is accepting (or died trying).
 fn wait_ready(ready: Option<OwnedFd>, f: usize) -> Result<()> {
     let Some(fd) = ready else { return Ok(()) };
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
     let mut byte = [0u8; 1];
-    let n = if r > 0 { std::fs::File::from(fd).read(&mut byte).unwrap_or(0) } else { 0 };
+    let n = if r > 0 {
+        std::fs::File::from(fd).read(&mut byte).unwrap_or(0)
+    } else {
+        0
+    };
     if n == 1 {
         Ok(())
     } else {
@@ -406,8 +486,15 @@ fn wait_ready(ready: Option<OwnedFd>, f: usize) -> Result<()> {
 /// SO_REUSEPORT: a front that dies loses no queued connection, and the port stays open while
 /// it restarts.
 fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
-    use nix::sys::socket::{bind, listen as nix_listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    use nix::sys::socket::{
+        bind, listen as nix_listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
+        SockType, SockaddrStorage,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
@@ -415,4 +502,3 @@ fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListen
     // SAFETY: `fd` is a listening TCP socket we own; ownership moves into the listener.
     Ok(unsafe { std::net::TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) })
 }
-

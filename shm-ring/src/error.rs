@@ -52,7 +52,11 @@ pub enum CreateError {
     /// Not enough shared memory (tmpfs full or memory cgroup limit): reported at creation,
     /// because the space is allocated up front, never as a SIGBUS later.
     #[error("no space for a {size}-byte shared memory segment {name}: {source}")]
-    NoSpace { name: String, size: u64, source: io::Error },
+    NoSpace {
+        name: String,
+        size: u64,
+        source: io::Error,
+    },
     /// Any other system call failure.
     #[error("creating shared memory segment {name}: {source}")]
     Io { name: String, source: io::Error },

@@ -68,7 +68,10 @@ impl ShmRing {
     /// [`CreateError::Io`] otherwise.
     pub fn create_memfd(name: &str, capacity: usize) -> Result<ShmRing, CreateError> {
         check_capacity(capacity)?;
-        let io_err = |source: io::Error| CreateError::Io { name: name.to_owned(), source };
+        let io_err = |source: io::Error| CreateError::Io {
+            name: name.to_owned(),
+            source,
+        };
         let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
             .map_err(|e| io_err(e.into()))?;
         let file = File::from(fd);
@@ -97,7 +100,10 @@ impl ShmRing {
             .open(path)
             .map_err(|source| match source.kind() {
                 io::ErrorKind::AlreadyExists => CreateError::Exists(name.clone()),
-                _ => CreateError::Io { name: name.clone(), source },
+                _ => CreateError::Io {
+                    name: name.clone(),
+                    source,
+                },
             })?;
         if let Err(e) = allocate(&file, &name, capacity) {
             let _ = std::fs::remove_file(path);
@@ -108,9 +114,16 @@ impl ShmRing {
 
     fn init(file: File, path: Option<PathBuf>, capacity: usize) -> Result<ShmRing, CreateError> {
         let size = HEADER_SIZE + capacity;
-        let name = path.as_ref().map_or("memfd".into(), |p| p.display().to_string());
+        let name = path
+            .as_ref()
+            .map_or("memfd".into(), |p| p.display().to_string());
         let map = map_rw(&file, size).map_err(|source| CreateError::Io { name, source })?;
-        let ring = ShmRing { map, file, path, capacity };
+        let ring = ShmRing {
+            map,
+            file,
+            path,
+            capacity,
+        };
         // The file is new and zero-filled, which is a valid (all-zero) header.
         init_header(ring.header(), capacity as u64, HEADER_SIZE as u64);
         Ok(ring)
@@ -141,14 +154,23 @@ impl ShmRing {
         Self::attach(file, Some(path.to_owned()), timeout)
     }
 
-    fn attach(file: File, path: Option<PathBuf>, timeout: Duration) -> Result<ShmRing, AttachError> {
+    fn attach(
+        file: File,
+        path: Option<PathBuf>,
+        timeout: Duration,
+    ) -> Result<ShmRing, AttachError> {
         let file_len = wait_initialised(&file, timeout)?;
         let map = map_rw(&file, file_len as usize)?;
         // SAFETY: the mapping is at least HEADER_SIZE bytes (checked by wait_initialised) and
         // page-aligned; every bit pattern is a valid RingHeader (all fields are atomics).
         let header = unsafe { &*(map.as_ptr() as *const RingHeader) };
         let capacity = check_identity(header, file_len)?;
-        Ok(ShmRing { map, file, path, capacity })
+        Ok(ShmRing {
+            map,
+            file,
+            path,
+            capacity,
+        })
     }
 
     /// The segment's fd, to pass to a child process or over a Unix socket.
@@ -296,13 +318,23 @@ fn check_capacity(capacity: usize) -> Result<(), CreateError> {
 
 fn allocate(file: &File, name: &str, capacity: usize) -> Result<(), CreateError> {
     let size = (HEADER_SIZE + capacity) as u64;
-    file.set_len(size).map_err(|source| CreateError::Io { name: name.to_owned(), source })?;
+    file.set_len(size).map_err(|source| CreateError::Io {
+        name: name.to_owned(),
+        source,
+    })?;
     fallocate(file, FallocateFlags::empty(), 0, size as libc::off_t).map_err(|e| {
         let source = io::Error::from(e);
         if e == nix::errno::Errno::ENOSPC || e == nix::errno::Errno::ENOMEM {
-            CreateError::NoSpace { name: name.to_owned(), size, source }
+            CreateError::NoSpace {
+                name: name.to_owned(),
+                size,
+                source,
+            }
         } else {
-            CreateError::Io { name: name.to_owned(), source }
+            CreateError::Io {
+                name: name.to_owned(),
+                source,
+            }
         }
     })
 }
@@ -328,7 +360,9 @@ fn wait_initialised(file: &File, timeout: Duration) -> Result<u64, AttachError> 
             }
         }
         if start.elapsed() >= timeout {
-            return Err(AttachError::NotInitialised { waited: start.elapsed() });
+            return Err(AttachError::NotInitialised {
+                waited: start.elapsed(),
+            });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -343,12 +377,17 @@ fn check_identity(h: &RingHeader, file_len: u64) -> Result<usize, AttachError> {
     }
     let version = h.id.version.load(Ordering::Relaxed);
     if version != LAYOUT_VERSION {
-        return Err(AttachError::VersionMismatch { found: version, expected: LAYOUT_VERSION });
+        return Err(AttachError::VersionMismatch {
+            found: version,
+            expected: LAYOUT_VERSION,
+        });
     }
     let capacity = h.id.capacity.load(Ordering::Relaxed);
     let data_offset = h.id.data_offset.load(Ordering::Relaxed);
     let expected = capacity.saturating_add(HEADER_SIZE as u64);
-    if !layout::valid_capacity(capacity) || data_offset != HEADER_SIZE as u64 || file_len != expected
+    if !layout::valid_capacity(capacity)
+        || data_offset != HEADER_SIZE as u64
+        || file_len != expected
     {
         return Err(AttachError::SizeMismatch { file_len, expected });
     }
@@ -384,12 +423,23 @@ pub fn recv_fds(
     // Room for the cmsghdr plus the fds, generously aligned.
     let mut cmsg = vec![0u8; 64 + std::mem::size_of::<RawFd>() * max_fds.max(1)];
     let mut iov = [io::IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
     let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "control message truncated"))? {
+    for c in msg
+        .cmsgs()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "control message truncated"))?
+    {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: the kernel just installed these fds in our table for us alone.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     Ok((msg.bytes, fds))
@@ -402,7 +452,10 @@ mod tests {
     use std::sync::Arc;
 
     fn tmp_path(tag: &str) -> PathBuf {
-        PathBuf::from(format!("/dev/shm/shm-ring-test-{}-{tag}", std::process::id()))
+        PathBuf::from(format!(
+            "/dev/shm/shm-ring-test-{}-{tag}",
+            std::process::id()
+        ))
     }
 
     #[test]
@@ -411,8 +464,14 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         let ring = ShmRing::create_at(&p, 4096).unwrap();
         let mode = std::fs::metadata(&p).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
-        assert!(matches!(ShmRing::create_at(&p, 4096), Err(CreateError::Exists(_))));
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            ShmRing::create_at(&p, 4096),
+            Err(CreateError::Exists(_))
+        ));
         let again = ShmRing::open_path(&p, Duration::ZERO).unwrap();
         assert_eq!(again.capacity(), 4096);
         ring.unlink().unwrap();
@@ -425,26 +484,52 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         // Uninitialised: right size, zero magic.
         std::fs::write(&p, vec![0u8; HEADER_SIZE + 4096]).unwrap();
-        let e = ShmRing::open_path(&p, Duration::from_millis(20)).err().unwrap();
+        let e = ShmRing::open_path(&p, Duration::from_millis(20))
+            .err()
+            .unwrap();
         assert!(matches!(e, AttachError::NotInitialised { .. }), "{e}");
         // Too short to hold a header at all: also "not initialised yet".
         std::fs::write(&p, [1u8; 10]).unwrap();
-        assert!(matches!(ShmRing::open_path(&p, Duration::ZERO), Err(AttachError::NotInitialised { .. })));
+        assert!(matches!(
+            ShmRing::open_path(&p, Duration::ZERO),
+            Err(AttachError::NotInitialised { .. })
+        ));
         // Bad magic.
         std::fs::write(&p, vec![0xAB; HEADER_SIZE + 4096]).unwrap();
-        assert!(matches!(ShmRing::open_path(&p, Duration::ZERO), Err(AttachError::BadMagic { .. })));
+        assert!(matches!(
+            ShmRing::open_path(&p, Duration::ZERO),
+            Err(AttachError::BadMagic { .. })
+        ));
         std::fs::remove_file(&p).unwrap();
 
         let ring = ShmRing::create_at(&p, 4096).unwrap();
-        ring.header().id.version.store(LAYOUT_VERSION + 1, Ordering::Relaxed);
+        ring.header()
+            .id
+            .version
+            .store(LAYOUT_VERSION + 1, Ordering::Relaxed);
         let e = ShmRing::open_path(&p, Duration::ZERO).err().unwrap();
-        assert!(matches!(e, AttachError::VersionMismatch { found: 2, expected: 1 }), "{e}");
-        ring.header().id.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        assert!(
+            matches!(
+                e,
+                AttachError::VersionMismatch {
+                    found: 2,
+                    expected: 1
+                }
+            ),
+            "{e}"
+        );
+        ring.header()
+            .id
+            .version
+            .store(LAYOUT_VERSION, Ordering::Relaxed);
         ring.header().id.capacity.store(8192, Ordering::Relaxed);
         let e = ShmRing::open_path(&p, Duration::ZERO).err().unwrap();
         assert!(matches!(e, AttachError::SizeMismatch { .. }), "{e}");
         ring.header().id.capacity.store(3000, Ordering::Relaxed);
-        assert!(matches!(ShmRing::open_path(&p, Duration::ZERO), Err(AttachError::SizeMismatch { .. })));
+        assert!(matches!(
+            ShmRing::open_path(&p, Duration::ZERO),
+            Err(AttachError::SizeMismatch { .. })
+        ));
         ring.unlink().unwrap();
     }
 
@@ -487,6 +572,9 @@ mod tests {
 
     #[test]
     fn bad_capacity_is_refused() {
-        assert!(matches!(ShmRing::create_memfd("x", 5000), Err(CreateError::BadCapacity(5000))));
+        assert!(matches!(
+            ShmRing::create_memfd("x", 5000),
+            Err(CreateError::BadCapacity(5000))
+        ));
     }
 }

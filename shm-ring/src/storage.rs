@@ -77,8 +77,14 @@ impl HeapRing {
         }
         let header = RingHeader::boxed_zeroed();
         init_header(&header, capacity as u64, layout::HEADER_SIZE as u64);
-        let data = (0..capacity / 8).map(|_| std::cell::UnsafeCell::new(0)).collect();
-        Ok(Arc::new(HeapRing { header, data, capacity }))
+        let data = (0..capacity / 8)
+            .map(|_| std::cell::UnsafeCell::new(0))
+            .collect();
+        Ok(Arc::new(HeapRing {
+            header,
+            data,
+            capacity,
+        }))
     }
 
     /// A producer and a consumer on a new heap ring.
@@ -89,8 +95,13 @@ impl HeapRing {
     #[allow(clippy::type_complexity)]
     pub fn channel(
         capacity: usize,
-    ) -> Result<(crate::Producer<Arc<HeapRing>>, crate::Consumer<Arc<HeapRing>>), crate::CreateError>
-    {
+    ) -> Result<
+        (
+            crate::Producer<Arc<HeapRing>>,
+            crate::Consumer<Arc<HeapRing>>,
+        ),
+        crate::CreateError,
+    > {
         let ring = HeapRing::new(capacity)?;
         let tx = crate::Producer::new(ring.clone()).expect("fresh ring");
         let rx = crate::Consumer::new(ring).expect("fresh ring");
@@ -114,10 +125,12 @@ unsafe impl RingStorage for HeapRing {
 
 /// Writes the identity of a zeroed header and publishes it.
 pub(crate) fn init_header(h: &RingHeader, capacity: u64, data_offset: u64) {
-    h.id.version.store(layout::LAYOUT_VERSION, Ordering::Relaxed);
+    h.id.version
+        .store(layout::LAYOUT_VERSION, Ordering::Relaxed);
     h.id.capacity.store(capacity, Ordering::Relaxed);
     h.id.data_offset.store(data_offset, Ordering::Relaxed);
-    h.id.creator_pid.store(std::process::id(), Ordering::Relaxed);
+    h.id.creator_pid
+        .store(std::process::id(), Ordering::Relaxed);
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);

@@ -114,7 +114,11 @@ impl EventFd {
 
     /// Blocks until the counter is non-zero or `timeout` passes, then drains it. True if woken.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
         // SAFETY: one valid pollfd, count 1.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -147,12 +151,20 @@ pub(crate) fn futex_wait(
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a live, 4-byte aligned u32 (AtomicU32 has u32's layout) for the duration
     // of the call; the timespec pointer is null or points at a live local. FUTEX_WAIT without the
     // private flag keys on the physical page, which is what a word shared between processes needs.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+        );
     }
 }
 
@@ -196,7 +208,10 @@ pub(crate) fn futex_wake(_word: &AtomicU32, h: &crate::layout::RingHeader) {
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the liveness words (comparable across processes).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec into a live local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

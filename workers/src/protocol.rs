@@ -40,6 +40,12 @@ pub mod flags {
     pub const REDELIVERED: u16 = 1;
 }
 
+/// Index of the request ring's user word in which the front records the highest request
+/// position answered by the reply records it has consumed (see [`tag::SEND`]'s aux). A
+/// replacement worker skips frames at or below it, together with the answers still waiting in
+/// its reply ring, so a client sees no duplicate reply across a worker crash.
+pub const ANSWERED_WORD: usize = 0;
+
 /// Bytes of the frame length prefix.
 pub const FRAME_HEADER: usize = 4;
 
@@ -275,9 +281,18 @@ mod tests {
         assert!(!is_whole_frames(&buf[..buf.len() - 1]));
         let cut = &buf[..9];
         let got: Vec<_> = Frames::new(cut).collect();
-        assert_eq!(got, vec![Ok((7, &b"abc"[..])), Err(FrameError::Truncated { offset: 7 })]);
+        assert_eq!(
+            got,
+            vec![
+                Ok((7, &b"abc"[..])),
+                Err(FrameError::Truncated { offset: 7 })
+            ]
+        );
         // A huge announced length never reads out of bounds.
-        assert_eq!(Frames::new(&[0xff; 4]).next(), Some(Err(FrameError::Truncated { offset: 0 })));
+        assert_eq!(
+            Frames::new(&[0xff; 4]).next(),
+            Some(Err(FrameError::Truncated { offset: 0 }))
+        );
     }
 
     #[test]

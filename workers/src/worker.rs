@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
 
-use crate::protocol::{env, flags, tag, CloseReason, ConnId, Frames, FRAME_HEADER};
+use crate::protocol::{env, flags, tag, CloseReason, ConnId, Frames, ANSWERED_WORD, FRAME_HEADER};
 
 type Rx = Consumer<Arc<ShmRing>>;
 type Tx = Producer<Arc<ShmRing>>;
@@ -27,7 +27,10 @@ pub enum WorkerError {
     Env { var: &'static str, problem: String },
     /// Attaching to a ring failed.
     #[error("attaching to the ring of front {front}: {source}")]
-    Attach { front: usize, source: shm_ring::AttachError },
+    Attach {
+        front: usize,
+        source: shm_ring::AttachError,
+    },
     /// A front wrote invalid positions or records into a request ring.
     #[error("corrupt request ring from front {front}: {detail}")]
     Corrupt { front: usize, detail: String },
@@ -114,7 +117,10 @@ impl Out<'_> {
 
     fn ring(&mut self, conn: ConnId) -> Result<&mut Tx, SendError> {
         let f = conn.front();
-        self.reps.get_mut(f).and_then(Option::as_mut).ok_or(SendError::UnknownFront(f))
+        self.reps
+            .get_mut(f)
+            .and_then(Option::as_mut)
+            .ok_or(SendError::UnknownFront(f))
     }
 
     fn publish(&mut self) {
@@ -146,9 +152,12 @@ pub struct Worker {
     index: usize,
     reqs: Vec<Option<Rx>>,
     reps: Vec<Option<Tx>>,
-    /// Records published before attach, per front: at or below this position they are
-    /// flagged as redelivered.
+    /// Records published before attach, per front: below this position they are flagged as
+    /// redelivered.
     redeliver_below: Vec<u64>,
+    /// Per front: frames ending at or below this request position were answered by the
+    /// previous worker and are skipped.
+    answered: Vec<u64>,
     doorbell: Arc<EventFd>,
 }
 
@@ -168,20 +177,52 @@ impl Worker {
             var: env::CHANNELS,
             problem: e.to_string(),
         })?;
-        let restarted = std::env::var(env::RESTARTS).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0) > 0;
+        let restarted = std::env::var(env::RESTARTS)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+            > 0;
         // SAFETY: the supervisor passes this fd number as an inherited eventfd owned by us.
-        let doorbell = Arc::new(EventFd::from_owned(unsafe { take_fd(doorbell_fd, env::DOORBELL_FD)? }));
-        let mut worker = Worker { index, reqs: Vec::new(), reps: Vec::new(), redeliver_below: Vec::new(), doorbell };
+        let doorbell = Arc::new(EventFd::from_owned(unsafe {
+            take_fd(doorbell_fd, env::DOORBELL_FD)?
+        }));
+        let mut worker = Worker {
+            index,
+            reqs: Vec::new(),
+            reps: Vec::new(),
+            redeliver_below: Vec::new(),
+            answered: Vec::new(),
+            doorbell,
+        };
         for entry in channels.split(',').filter(|e| !e.is_empty()) {
-            let bad = |problem: &str| WorkerError::Env { var: env::CHANNELS, problem: format!("{problem} in {entry:?}") };
-            let nums: Vec<i64> = entry.split(':').map(str::parse).collect::<Result<_, _>>().map_err(|_| bad("not numbers"))?;
-            let [front, req_fd, rep_fd, front_bell] = nums[..] else { return Err(bad("want FRONT:REQ:REP:BELL")) };
+            let bad = |problem: &str| WorkerError::Env {
+                var: env::CHANNELS,
+                problem: format!("{problem} in {entry:?}"),
+            };
+            let nums: Vec<i64> = entry
+                .split(':')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|_| bad("not numbers"))?;
+            let [front, req_fd, rep_fd, front_bell] = nums[..] else {
+                return Err(bad("want FRONT:REQ:REP:BELL"));
+            };
             let front = usize::try_from(front).map_err(|_| bad("bad front"))?;
             // SAFETY: inherited fds named by the supervisor for this process alone.
             let (req_fd, rep_fd, front_bell) = unsafe {
-                (take_fd(req_fd as RawFd, env::CHANNELS)?, take_fd(rep_fd as RawFd, env::CHANNELS)?, take_fd(front_bell as RawFd, env::CHANNELS)?)
+                (
+                    take_fd(req_fd as RawFd, env::CHANNELS)?,
+                    take_fd(rep_fd as RawFd, env::CHANNELS)?,
+                    take_fd(front_bell as RawFd, env::CHANNELS)?,
+                )
             };
-            worker.attach(front, req_fd, rep_fd, Arc::new(EventFd::from_owned(front_bell)), restarted)?;
+            worker.attach(
+                front,
+                req_fd,
+                rep_fd,
+                Arc::new(EventFd::from_owned(front_bell)),
+                restarted,
+            )?;
         }
         install_stop_handler();
         Ok(worker)
@@ -209,20 +250,36 @@ impl Worker {
         // The front parks in epoll on its eventfd; wake it there.
         rx.set_doorbell(Doorbell::EventFd(front_doorbell.clone()));
         tx.set_doorbell(Doorbell::EventFd(front_doorbell));
-        let below = if restarted {
-            rx.is_empty().map_err(|e| WorkerError::Corrupt { front, detail: e.to_string() })?;
-            rx.seen_tail()
+        let corrupt = |e: shm_ring::CorruptError| WorkerError::Corrupt {
+            front,
+            detail: e.to_string(),
+        };
+        let (below, answered) = if restarted {
+            rx.is_empty().map_err(corrupt)?;
+            // Producer::new loaded the reply ring's head with Acquire, and the front stores the
+            // answered word before it releases reply records (Release): so every answer is
+            // either covered by the word or still readable in the reply ring.
+            let mut answered = rx.storage().user_words()[ANSWERED_WORD].load(Ordering::Acquire);
+            for rec in tx.unreleased().map_err(corrupt)? {
+                let rec = rec.map_err(corrupt)?;
+                if rec.tag() == tag::SEND {
+                    answered = answered.max(rec.aux());
+                }
+            }
+            (rx.seen_tail(), answered)
         } else {
-            0
+            (0, 0)
         };
         if self.reqs.len() <= front {
             self.reqs.resize_with(front + 1, || None);
             self.reps.resize_with(front + 1, || None);
             self.redeliver_below.resize(front + 1, 0);
+            self.answered.resize(front + 1, 0);
         }
         self.reqs[front] = Some(rx);
         self.reps[front] = Some(tx);
         self.redeliver_below[front] = below;
+        self.answered[front] = answered;
         Ok(())
     }
 
@@ -264,28 +321,45 @@ impl Worker {
     pub fn poll_once<H: Handler>(&mut self, handler: &mut H) -> Result<usize, WorkerError> {
         let mut total = 0;
         for front in 0..self.reqs.len() {
-            let Some(rx) = self.reqs[front].as_mut() else { continue };
+            let Some(rx) = self.reqs[front].as_mut() else {
+                continue;
+            };
             let corrupt = |detail: String| WorkerError::Corrupt { front, detail };
             let below = self.redeliver_below[front];
-            let mut out = Out { reps: &mut self.reps, answering: 0 };
+            let answered = self.answered[front];
+            let mut out = Out {
+                reps: &mut self.reps,
+                answering: 0,
+            };
             let mut end = None;
             let mut n = 0;
-            for rec in rx.records().map_err(|e| corrupt(e.to_string()))?.take(BATCH) {
+            for rec in rx
+                .records()
+                .map_err(|e| corrupt(e.to_string()))?
+                .take(BATCH)
+            {
                 let rec = rec.map_err(|e| corrupt(e.to_string()))?;
                 let conn = ConnId::from_raw(rec.conn());
                 let redelivered = rec.position() < below || rec.flags() & flags::REDELIVERED != 0;
                 match rec.tag() {
-                    tag::OPEN => handler.on_open(conn, &String::from_utf8_lossy(rec.payload()), &mut out),
+                    tag::OPEN => {
+                        handler.on_open(conn, &String::from_utf8_lossy(rec.payload()), &mut out)
+                    }
                     tag::DATA => {
                         let base = rec.payload_position();
                         for frame in Frames::new(rec.payload()) {
                             let (end, payload) = frame.map_err(|e| corrupt(e.to_string()))?;
                             out.answering = base + end as u64;
+                            if out.answering <= answered {
+                                continue; // answered by the previous worker
+                            }
                             handler.on_frame(conn, payload, redelivered, &mut out);
                         }
                         out.answering = 0;
                     }
-                    tag::CLOSE => handler.on_close(conn, CloseReason::from_code(rec.aux()), &mut out),
+                    tag::CLOSE => {
+                        handler.on_close(conn, CloseReason::from_code(rec.aux()), &mut out)
+                    }
                     other => return Err(corrupt(format!("unknown record tag {other}"))),
                 }
                 end = Some(rec.end());
@@ -314,7 +388,10 @@ impl Worker {
         let mut sleep = true;
         for (front, rx) in self.reqs.iter_mut().enumerate() {
             if let Some(rx) = rx {
-                sleep &= rx.prepare_park().map_err(|e| WorkerError::Corrupt { front, detail: e.to_string() })?;
+                sleep &= rx.prepare_park().map_err(|e| WorkerError::Corrupt {
+                    front,
+                    detail: e.to_string(),
+                })?;
             }
         }
         if sleep {
@@ -328,8 +405,14 @@ impl Worker {
 }
 
 fn parse_env<T: std::str::FromStr>(var: &'static str) -> Result<T, WorkerError> {
-    let v = std::env::var(var).map_err(|e| WorkerError::Env { var, problem: e.to_string() })?;
-    v.parse().map_err(|_| WorkerError::Env { var, problem: format!("cannot parse {v:?}") })
+    let v = std::env::var(var).map_err(|e| WorkerError::Env {
+        var,
+        problem: e.to_string(),
+    })?;
+    v.parse().map_err(|_| WorkerError::Env {
+        var,
+        problem: format!("cannot parse {v:?}"),
+    })
 }
 
 /// Takes ownership of an inherited fd, checking that it is open, and sets close-on-exec so
@@ -341,7 +424,10 @@ fn parse_env<T: std::str::FromStr>(var: &'static str) -> Result<T, WorkerError> 
 unsafe fn take_fd(fd: RawFd, var: &'static str) -> Result<OwnedFd, WorkerError> {
     // SAFETY: F_SETFD on an arbitrary number is harmless; it fails with EBADF if not open.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(WorkerError::Env { var, problem: format!("fd {fd} is not open") });
+        return Err(WorkerError::Env {
+            var,
+            problem: format!("fd {fd} is not open"),
+        });
     }
     // SAFETY: open (checked above) and owned by us per the caller's contract.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -360,7 +446,11 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 
 fn install_stop_handler() {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {

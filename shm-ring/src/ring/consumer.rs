@@ -1,6 +1,7 @@
 //! The reading side: records in place, validated, released in batches.
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use super::{claim_side, release_side, SideStats, SPIN_LIMIT};
@@ -39,15 +40,12 @@ pub struct Consumer<S: RingStorage> {
     storage: S,
     data: *const u8,
     cap: u64,
-    mask: u64,
     /// The position last stored to the shared head.
     released: u64,
     /// Last validated tail: `released <= cached_tail <= released + cap`.
     cached_tail: u64,
     /// Records are counted once each as they are first read, though `records` may re-read.
-    counted_through: Cell<u64>,
-    counted: Cell<u64>,
-    counted_bytes: Cell<u64>,
+    counted: Counted,
     doorbell: Doorbell,
     stats: SideStats,
 }
@@ -71,7 +69,12 @@ impl<S: RingStorage> Consumer<S> {
         // Acquire: pairs with the Release store in `Producer::publish`.
         let tail = h.tail.load(Ordering::Acquire);
         if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap {
-            return Err(CorruptError::HeadOutOfRange { head, tail, capacity: cap }.into());
+            return Err(CorruptError::HeadOutOfRange {
+                head,
+                tail,
+                capacity: cap,
+            }
+            .into());
         }
         claim_side(&h.consumer, "consumer")?;
         let stats = SideStats::load(&h.consumer);
@@ -80,12 +83,13 @@ impl<S: RingStorage> Consumer<S> {
             storage,
             data,
             cap,
-            mask: cap - 1,
             released: head,
             cached_tail: tail,
-            counted_through: Cell::new(head),
-            counted: Cell::new(0),
-            counted_bytes: Cell::new(0),
+            counted: Counted {
+                through: Cell::new(head),
+                records: Cell::new(0),
+                bytes: Cell::new(0),
+            },
             doorbell: Doorbell::Futex,
             stats,
         })
@@ -123,9 +127,19 @@ impl<S: RingStorage> Consumer<S> {
     ///
     /// [`CorruptError::TailOutOfRange`] if the producer's position is invalid. An invalid
     /// record is reported by the iterator, which then ends.
-    pub fn records(&mut self) -> Result<Records<'_, S>, CorruptError> {
+    pub fn records(&mut self) -> Result<Records<'_>, CorruptError> {
         self.refresh_tail()?;
-        Ok(Records { consumer: self, pos: self.released, end: self.cached_tail, failed: false })
+        // SAFETY: `released ..= cached_tail` was validated by `refresh_tail`; the returned
+        // iterator borrows self, so `release` cannot run while its records are alive.
+        Ok(unsafe {
+            Records::new(
+                self.data,
+                self.cap,
+                self.released,
+                self.cached_tail,
+                Some(&self.counted),
+            )
+        })
     }
 
     /// True if records were published beyond what [`records`](Consumer::records) last saw
@@ -177,8 +191,8 @@ impl<S: RingStorage> Consumer<S> {
         // records before `to` happen before the producer overwrites them.
         h.head.store(to, Ordering::Release);
         self.released = to;
-        self.stats.records += self.counted.take();
-        self.stats.bytes += self.counted_bytes.take();
+        self.stats.records = self.stats.records.wrapping_add(self.counted.records.take());
+        self.stats.bytes = self.stats.bytes.wrapping_add(self.counted.bytes.take());
         self.stats.active_ns = monotonic_ns();
         // SeqCst fence (mirror of P2 in wake.rs): orders the head store before the load of the
         // producer's sleep word; pairs with the fence in `Producer::prepare_park_for_space`.
@@ -187,7 +201,7 @@ impl<S: RingStorage> Consumer<S> {
             && h.producer_sleep.swap(0, Ordering::Relaxed) == 1
         {
             self.doorbell.ring(&h.producer_sleep, h);
-            self.stats.wakeups_sent += 1;
+            self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
         }
         self.stats.store(&h.consumer);
     }
@@ -235,10 +249,13 @@ impl<S: RingStorage> Consumer<S> {
         let before = self.cached_tail;
         self.refresh_tail()?;
         if self.cached_tail != before {
-            self.storage.header().consumer_sleep.store(0, Ordering::Relaxed);
+            self.storage
+                .header()
+                .consumer_sleep
+                .store(0, Ordering::Relaxed);
             return Ok(false);
         }
-        self.stats.parks += 1;
+        self.stats.parks = self.stats.parks.wrapping_add(1);
         Ok(true)
     }
 
@@ -307,32 +324,70 @@ impl<'a> Record<'a> {
     }
 }
 
-/// Iterator over published records; see [`Consumer::records`]. After an error it ends.
-pub struct Records<'a, S: RingStorage> {
-    consumer: &'a Consumer<S>,
+/// Per-consumer record counting that survives re-reads.
+pub(crate) struct Counted {
+    through: Cell<u64>,
+    records: Cell<u64>,
+    bytes: Cell<u64>,
+}
+
+/// Iterator over published records; see [`Consumer::records`] and
+/// [`Producer::unreleased`](crate::Producer::unreleased). After an error it ends.
+pub struct Records<'a> {
+    data: *const u8,
+    cap: u64,
     pos: u64,
     end: u64,
     failed: bool,
+    counted: Option<&'a Counted>,
+    _borrow: PhantomData<&'a [u8]>,
 }
 
-impl<'a, S: RingStorage> Records<'a, S> {
+impl<'a> Records<'a> {
+    /// # Safety
+    ///
+    /// `data` points to a data area of `cap` bytes (a power of two) that stays mapped for `'a`,
+    /// and no one writes the bytes of `pos..end` during `'a` (they are published and not
+    /// released). `pos` and `end` are multiples of 8 with `end - pos <= cap`.
+    pub(crate) unsafe fn new(
+        data: *const u8,
+        cap: u64,
+        pos: u64,
+        end: u64,
+        counted: Option<&'a Counted>,
+    ) -> Self {
+        Records {
+            data,
+            cap,
+            pos,
+            end,
+            failed: false,
+            counted,
+            _borrow: PhantomData,
+        }
+    }
+
     /// Position after the last record returned so far.
     pub fn position(&self) -> u64 {
         self.pos
     }
 
     fn next_record(&mut self) -> Result<Option<Record<'a>>, CorruptError> {
-        let c = self.consumer;
+        let mask = self.cap - 1;
         loop {
             if self.pos == self.end {
                 return Ok(None);
             }
-            let off = self.pos & c.mask;
-            let to_end = c.cap - off;
+            let off = self.pos & mask;
+            let to_end = self.cap - off;
             if to_end < RECORD_HEADER_SIZE as u64 {
                 // Too little room for a header: the producer wrapped without a padding record.
                 if self.pos + to_end > self.end {
-                    return Err(CorruptError::BadPadding { pos: self.pos, len: 0, expected: to_end });
+                    return Err(CorruptError::BadPadding {
+                        pos: self.pos,
+                        len: 0,
+                        expected: to_end,
+                    });
                 }
                 self.pos += to_end;
                 continue;
@@ -340,18 +395,30 @@ impl<'a, S: RingStorage> Records<'a, S> {
             // SAFETY: off + 24 <= capacity and off is 8-aligned (positions are validated
             // multiples of 8), so the header lies inside the mapping. read_volatile takes one
             // private copy that all checks below use, so a peer changing it cannot race them.
-            let hdr = unsafe { c.data.add(off as usize).cast::<RecordHeader>().read_volatile() };
+            let hdr = unsafe {
+                self.data
+                    .add(off as usize)
+                    .cast::<RecordHeader>()
+                    .read_volatile()
+            };
             if hdr.tag == TAG_PAD {
                 let expected = to_end - RECORD_HEADER_SIZE as u64;
                 if hdr.len as u64 != expected || self.pos + to_end > self.end {
-                    return Err(CorruptError::BadPadding { pos: self.pos, len: hdr.len, expected });
+                    return Err(CorruptError::BadPadding {
+                        pos: self.pos,
+                        len: hdr.len,
+                        expected,
+                    });
                 }
                 self.pos += to_end;
                 continue;
             }
             let size = record_size(hdr.len as usize);
             if size > to_end {
-                return Err(CorruptError::RecordCrossesEnd { pos: self.pos, len: hdr.len });
+                return Err(CorruptError::RecordCrossesEnd {
+                    pos: self.pos,
+                    len: hdr.len,
+                });
             }
             if self.pos + size > self.end {
                 return Err(CorruptError::RecordPastTail {
@@ -361,27 +428,32 @@ impl<'a, S: RingStorage> Records<'a, S> {
                 });
             }
             // SAFETY: the payload lies inside the data area (checked above against the private
-            // copy of its length) and before the tail, so the producer will not write it until
-            // we release it; the slice borrows the consumer, and `release` needs `&mut`.
+            // copy of its length) and before `end`, which nobody writes during 'a (see `new`).
             let payload = unsafe {
                 std::slice::from_raw_parts(
-                    c.data.add(off as usize + RECORD_HEADER_SIZE),
+                    self.data.add(off as usize + RECORD_HEADER_SIZE),
                     hdr.len as usize,
                 )
             };
-            let rec = Record { header: hdr, payload, pos: self.pos };
+            let rec = Record {
+                header: hdr,
+                payload,
+                pos: self.pos,
+            };
             self.pos += size;
-            if self.pos > c.counted_through.get() {
-                c.counted_through.set(self.pos);
-                c.counted.set(c.counted.get() + 1);
-                c.counted_bytes.set(c.counted_bytes.get() + hdr.len as u64);
+            if let Some(c) = self.counted {
+                if self.pos > c.through.get() {
+                    c.through.set(self.pos);
+                    c.records.set(c.records.get() + 1);
+                    c.bytes.set(c.bytes.get() + hdr.len as u64);
+                }
             }
             return Ok(Some(rec));
         }
     }
 }
 
-impl<'a, S: RingStorage> Iterator for Records<'a, S> {
+impl<'a> Iterator for Records<'a> {
     type Item = Result<Record<'a>, CorruptError>;
 
     fn next(&mut self) -> Option<Self::Item> {

@@ -37,7 +37,12 @@ pub struct Meta {
 impl Meta {
     /// Metadata with this tag and everything else zero.
     pub const fn tag(tag: u16) -> Meta {
-        Meta { tag, flags: 0, conn: 0, aux: 0 }
+        Meta {
+            tag,
+            flags: 0,
+            conn: 0,
+            aux: 0,
+        }
     }
     /// With this connection id.
     pub const fn conn(mut self, conn: u64) -> Meta {
@@ -106,8 +111,10 @@ pub(crate) fn claim_side(side: &Side, name: &'static str) -> Result<(), AttachEr
     }
     side.pid.store(me, Ordering::Relaxed);
     let n = side.attach_count.load(Ordering::Relaxed);
-    side.attach_count.store(n.wrapping_add(1), Ordering::Relaxed);
-    side.active_ns.store(crate::wake::monotonic_ns(), Ordering::Relaxed);
+    side.attach_count
+        .store(n.wrapping_add(1), Ordering::Relaxed);
+    side.active_ns
+        .store(crate::wake::monotonic_ns(), Ordering::Relaxed);
     Ok(())
 }
 

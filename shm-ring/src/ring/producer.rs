@@ -66,7 +66,12 @@ impl<S: RingStorage> Producer<S> {
         // of the space it released happen before we overwrite it.
         let head = h.head.load(Ordering::Acquire);
         if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap {
-            return Err(CorruptError::TailOutOfRange { tail, head, capacity: cap }.into());
+            return Err(CorruptError::TailOutOfRange {
+                tail,
+                head,
+                capacity: cap,
+            }
+            .into());
         }
         claim_side(&h.producer, "producer")?;
         let stats = SideStats::load(&h.producer);
@@ -127,7 +132,10 @@ impl<S: RingStorage> Producer<S> {
     ) -> Result<WriteGrant<'_, S>, ReserveError> {
         let limit = self.max_payload();
         if min > limit {
-            return Err(ReserveError::TooLarge { len: min, max: limit });
+            return Err(ReserveError::TooLarge {
+                len: min,
+                max: limit,
+            });
         }
         let max = max.clamp(min, limit);
         let need = record_size(min);
@@ -137,11 +145,15 @@ impl<S: RingStorage> Producer<S> {
             fit = self.fit(need);
         }
         let Some((pad, room)) = fit else {
-            self.stats.full_events += 1;
+            self.stats.full_events = self.stats.full_events.wrapping_add(1);
             return Err(ReserveError::Full);
         };
         let len = max.min((room - RECORD_HEADER_SIZE as u64) as usize);
-        Ok(WriteGrant { producer: self, pad, len })
+        Ok(WriteGrant {
+            producer: self,
+            pad,
+            len,
+        })
     }
 
     /// True if [`reserve`](Producer::reserve) of `len` bytes would succeed now (a reservation
@@ -223,7 +235,7 @@ impl<S: RingStorage> Producer<S> {
             && h.consumer_sleep.swap(0, Ordering::Relaxed) == 1
         {
             self.doorbell.ring(&h.consumer_sleep, h);
-            self.stats.wakeups_sent += 1;
+            self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
         }
         self.stats.store(&h.producer);
     }
@@ -232,6 +244,22 @@ impl<S: RingStorage> Producer<S> {
     pub fn is_drained(&mut self) -> Result<bool, CorruptError> {
         self.refresh_head()?;
         Ok(self.cached_head == self.published)
+    }
+
+    /// The records this producer published that the consumer has not released yet, read back
+    /// in place: what a restarted producer inspects to learn how far its predecessor got.
+    ///
+    /// # Errors
+    ///
+    /// [`CorruptError::HeadOutOfRange`] if the consumer's position is invalid.
+    pub fn unreleased(&mut self) -> Result<crate::Records<'_>, CorruptError> {
+        self.refresh_head()?;
+        // SAFETY: `cached_head ..= published` is validated and published, so the bytes are
+        // initialised records; only this producer writes the data area, and the iterator
+        // borrows it, so nothing overwrites them while they are read.
+        Ok(unsafe {
+            crate::Records::new(self.data, self.cap, self.cached_head, self.published, None)
+        })
     }
 
     /// Publishes, then waits until a payload of `len` bytes fits: spins briefly, then parks on
@@ -279,16 +307,22 @@ impl<S: RingStorage> Producer<S> {
     /// [`ReserveError::Corrupt`] if the consumer's position is invalid.
     pub fn prepare_park_for_space(&mut self, len: usize) -> Result<bool, ReserveError> {
         self.publish();
-        self.storage.header().producer_sleep.store(1, Ordering::Relaxed);
+        self.storage
+            .header()
+            .producer_sleep
+            .store(1, Ordering::Relaxed);
         // SeqCst fence C2 (mirrored, see wake.rs): orders the announcement before re-reading
         // the head; pairs with the fence in `Consumer::release`.
         fence(Ordering::SeqCst);
         self.refresh_head()?;
         if self.fit(record_size(len)).is_some() {
-            self.storage.header().producer_sleep.store(0, Ordering::Relaxed);
+            self.storage
+                .header()
+                .producer_sleep
+                .store(0, Ordering::Relaxed);
             return Ok(false);
         }
-        self.stats.parks += 1;
+        self.stats.parks = self.stats.parks.wrapping_add(1);
         Ok(true)
     }
 
@@ -347,8 +381,15 @@ impl<S: RingStorage> WriteGrant<'_, S> {
     /// If `len` exceeds the grant or `meta.tag` is the reserved padding tag: both are bugs in
     /// the caller, not conditions of the ring.
     pub fn commit(self, len: usize, meta: Meta) -> u64 {
-        assert!(len <= self.len, "commit of {len} bytes on a grant of {}", self.len);
-        assert!(meta.tag != TAG_PAD, "tag {TAG_PAD:#x} is reserved for padding");
+        assert!(
+            len <= self.len,
+            "commit of {len} bytes on a grant of {}",
+            self.len
+        );
+        assert!(
+            meta.tag != TAG_PAD,
+            "tag {TAG_PAD:#x} is reserved for padding"
+        );
         let p = self.producer;
         if self.pad >= RECORD_HEADER_SIZE as u64 {
             let pad_hdr = RecordHeader {
@@ -361,19 +402,31 @@ impl<S: RingStorage> WriteGrant<'_, S> {
             // SAFETY: the padding starts at the current tail, 8-aligned, with `pad` >= 24 bytes
             // up to the end of the data area, all of it free (checked by `fit`).
             unsafe {
-                let at = p.data.add((p.tail & p.mask) as usize).cast::<RecordHeader>();
+                let at = p
+                    .data
+                    .add((p.tail & p.mask) as usize)
+                    .cast::<RecordHeader>();
                 at.write_volatile(pad_hdr);
             }
         }
         let pos = p.tail + self.pad;
-        let hdr = RecordHeader { len: len as u32, tag: meta.tag, flags: meta.flags, conn: meta.conn, aux: meta.aux };
+        let hdr = RecordHeader {
+            len: len as u32,
+            tag: meta.tag,
+            flags: meta.flags,
+            conn: meta.conn,
+            aux: meta.aux,
+        };
         // SAFETY: `fit` guaranteed record_size(len) free, contiguous bytes at `pos`, 8-aligned.
         unsafe {
-            p.data.add((pos & p.mask) as usize).cast::<RecordHeader>().write_volatile(hdr);
+            p.data
+                .add((pos & p.mask) as usize)
+                .cast::<RecordHeader>()
+                .write_volatile(hdr);
         }
         p.tail = pos + record_size(len);
-        p.stats.records += 1;
-        p.stats.bytes += len as u64;
+        p.stats.records = p.stats.records.wrapping_add(1);
+        p.stats.bytes = p.stats.bytes.wrapping_add(len as u64);
         pos
     }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     match shmrelay_worker::Worker::from_env() {
-        Ok(mut worker) => match worker.run(&mut shmrelay_worker::examples::Echo::default()) {
+        Ok(mut worker) => match worker.run(&mut shmrelay_worker::examples::Echo) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("echo-worker: {e}");
