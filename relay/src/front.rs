@@ -29,7 +29,7 @@ use shmrelay_worker::protocol::{frame_len, is_whole_frames, tag, ANSWERED_WORD, 
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{debug, error, info, warn};
 
-use crate::stats::{add, FrontStats, Stats};
+use crate::stats::{add, FrontStats, RejectReason, Stats};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const DOORBELL: Token = Token(usize::MAX - 2);
@@ -418,7 +418,7 @@ impl Front {
                 .filter(|&w| !self.chans[w].broken)
                 .collect();
             if self.open >= self.s.max_conns || workers.is_empty() {
-                add(&self.fs.rejects, 1);
+                add(&self.fs.rejects[RejectReason::ConnLimit as usize], 1);
                 add(&self.fs.closes[CloseReason::Rejected as usize], 1);
                 drop(stream);
                 continue;

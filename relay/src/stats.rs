@@ -27,7 +27,7 @@ pub const MAX_WORKERS: usize = 64;
 /// Close reasons counted (one slot per [`CloseReason`] code).
 pub const REASONS: usize = 16;
 
-/// Instance-wide identity and liveness.
+/// Instance-wide identity, liveness, global admission state and leak counters.
 #[repr(C, align(128))]
 pub struct StatsHeader {
     pub magic: AtomicU64,
@@ -40,10 +40,72 @@ pub struct StatsHeader {
     pub supervisor_active_ns: AtomicU64,
     /// 1 while draining for shutdown.
     pub draining: AtomicU32,
-    pub _pad: AtomicU32,
-    /// Global connection count across fronts (admission control).
+    /// 1 once the worker pool crashed too often and was marked failed.
+    pub pool_failed: AtomicU32,
+    /// Connections open across all fronts (the global connection cap counts this).
     pub conns_total: AtomicU64,
+    /// Global accept-rate token bucket: `(refill time in ms since start) << 24 | tokens`.
+    pub accept_bucket: AtomicU64,
+    /// Leak detector: stale segments of dead instances removed at start.
+    pub stale_segments_removed: AtomicU64,
+    /// Leak detector: connection-table entries without an open socket, or sockets without
+    /// an entry, found by the fronts' self-checks.
+    pub leaked_conns: AtomicU64,
+    /// Leak detector: times a process's open fds grew past its baseline plus the allowance.
+    pub fd_growth_events: AtomicU64,
+    /// Leak detector: times a process's resident memory grew past its baseline allowance.
+    pub rss_growth_events: AtomicU64,
+    /// Leak detector: ring reservations abandoned by a dead producer, reclaimed.
+    pub reclaimed_reservations: AtomicU64,
+    /// Leak detector: processes found running that belong to no slot (orphans), killed.
+    pub orphans_killed: AtomicU64,
+    pub supervisor_rss_kb: AtomicU64,
+    pub supervisor_fds: AtomicU64,
+    /// Room to grow without a layout version bump for readers that ignore it.
+    pub _reserved: [AtomicU64; 16],
 }
+
+/// Why a connection was refused at accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RejectReason {
+    /// The global connection cap.
+    ConnLimit = 0,
+    /// The per-source-address cap.
+    PerAddress = 1,
+    /// The accept-rate bucket was empty.
+    Rate = 2,
+    /// Overloaded: request rings full.
+    Overload = 3,
+    /// No worker could take the connection (pool failed).
+    NoWorker = 4,
+}
+
+impl RejectReason {
+    /// Every reason, in index order.
+    pub const ALL: [RejectReason; 5] = [
+        RejectReason::ConnLimit,
+        RejectReason::PerAddress,
+        RejectReason::Rate,
+        RejectReason::Overload,
+        RejectReason::NoWorker,
+    ];
+
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::ConnLimit => "conn_limit",
+            RejectReason::PerAddress => "per_address",
+            RejectReason::Rate => "rate",
+            RejectReason::Overload => "overload",
+            RejectReason::NoWorker => "no_worker",
+        }
+    }
+}
+
+/// Buckets of the round-trip-time histogram: bucket `i` counts samples below `2^i` microseconds
+/// (the last bucket counts the rest).
+pub const RTT_BUCKETS: usize = 16;
 
 /// One front's counters.
 #[repr(C, align(128))]
@@ -51,13 +113,21 @@ pub struct FrontStats {
     pub pid: AtomicU32,
     pub restarts: AtomicU32,
     pub active_ns: AtomicU64,
+    /// Connections in state open.
     pub conns_open: AtomicU64,
+    /// Connections in state draining (closing once their replies are flushed).
+    pub conns_draining: AtomicU64,
     pub accepts: AtomicU64,
-    pub rejects: AtomicU64,
+    pub rejects: [AtomicU64; 8],
+    /// Heartbeat frames received from clients (answered by the front).
     pub heartbeats: AtomicU64,
+    /// Heartbeat frames the front sent to idle clients.
+    pub pings_sent: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// Frames received from clients (heartbeats excluded).
     pub frames_in: AtomicU64,
+    /// Reply records written to clients.
+    pub frames_out: AtomicU64,
     /// Bytes read from clients into request rings.
     pub bytes_in: AtomicU64,
     /// Bytes written to clients.
@@ -71,7 +141,52 @@ pub struct FrontStats {
     pub ring_full_stalls: AtomicU64,
     /// Rings found corrupt and quarantined.
     pub corrupt_rings: AtomicU64,
+    /// Closes by [`CloseReason`] code.
     pub closes: [AtomicU64; REASONS],
+    /// TCP_INFO round-trip-time samples, log2 microsecond buckets.
+    pub rtt_hist: [AtomicU64; RTT_BUCKETS],
+    /// TCP_INFO retransmissions summed over samples.
+    pub retransmits: AtomicU64,
+    /// 1 while the front stopped accepting because it is overloaded.
+    pub paused: AtomicU64,
+}
+
+/// One worker slot's state, as the supervisor sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkerState {
+    Stopped = 0,
+    Running = 1,
+    /// Waiting out its restart backoff.
+    Restarting = 2,
+    /// Crashed too often: connections are refused.
+    Failed = 3,
+    /// Not consuming a non-empty ring.
+    Hung = 4,
+}
+
+impl WorkerState {
+    /// From the stored code.
+    pub fn from_code(c: u32) -> WorkerState {
+        match c {
+            1 => WorkerState::Running,
+            2 => WorkerState::Restarting,
+            3 => WorkerState::Failed,
+            4 => WorkerState::Hung,
+            _ => WorkerState::Stopped,
+        }
+    }
+
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Stopped => "stopped",
+            WorkerState::Running => "running",
+            WorkerState::Restarting => "restarting",
+            WorkerState::Failed => "failed",
+            WorkerState::Hung => "hung",
+        }
+    }
 }
 
 /// One worker slot's counters (written by the supervisor).
@@ -81,17 +196,34 @@ pub struct WorkerStats {
     pub restarts: AtomicU32,
     pub started_unix_ms: AtomicU64,
     pub crashes: AtomicU64,
+    /// A [`WorkerState`] code.
+    pub state: AtomicU32,
+    pub _pad: AtomicU32,
+    /// Hangs detected (a non-empty ring not consumed within the hang timeout).
+    pub hangs: AtomicU64,
+    pub rss_kb: AtomicU64,
+    pub fds: AtomicU64,
 }
+
+/// Same layout as [`WorkerStats`], for fronts' process metrics (written by the supervisor).
+pub type ProcessStats = WorkerStats;
 
 const HEADER_BYTES: usize = std::mem::size_of::<StatsHeader>();
 const FRONT_BYTES: usize = std::mem::size_of::<FrontStats>();
 const WORKER_BYTES: usize = std::mem::size_of::<WorkerStats>();
+/// Slots of the per-source-address connection counts (addresses are hashed into them; a
+/// collision makes two addresses share a cap, which errs on the side of refusing).
+pub const ADDR_SLOTS: usize = 1 << 16;
+const FRONTS_AT: usize = HEADER_BYTES;
+const WORKERS_AT: usize = FRONTS_AT + MAX_FRONTS * FRONT_BYTES;
+const FRONT_PROCS_AT: usize = WORKERS_AT + MAX_WORKERS * WORKER_BYTES;
+const ADDRS_AT: usize = FRONT_PROCS_AT + MAX_FRONTS * WORKER_BYTES;
 /// Total bytes of the segment.
-pub const STATS_SIZE: usize = HEADER_BYTES + MAX_FRONTS * FRONT_BYTES + MAX_WORKERS * WORKER_BYTES;
+pub const STATS_SIZE: usize = ADDRS_AT + ADDR_SLOTS * 4;
 
 const _: () = {
-    assert!(HEADER_BYTES == 128);
-    assert!(FRONT_BYTES == 256);
+    assert!(HEADER_BYTES == 256);
+    assert!(FRONT_BYTES == 512);
     assert!(WORKER_BYTES == 128);
     assert!(CloseReason::ALL.len() <= REASONS);
 };
