@@ -7,7 +7,15 @@
 //! workers = 2                # worker processes
 //! # worker_cmd = "/usr/local/bin/my-worker --flag"   # default: the built-in echo worker
 //! max_frame = 1048576        # largest frame payload from a client, bytes
-//! max_conns = 100000         # connections per front
+//! max_conns = 100000         # connections across all fronts
+//! max_conns_per_addr = 0     # connections per client IP address across all fronts (0: no cap)
+//! accept_rate = 0            # new connections per second across all fronts (0: no limit)
+//! accept_burst = 1000        # token bucket depth for accept_rate
+//! pause_accept_when_overloaded = true  # stop accepting while every worker's ring is full
+//! ping_min_ms = 15000        # the front pings a connection idle this long (low-RTT links)...
+//! ping_max_ms = 60000        # ...up to this long for high-RTT links (interval = 64 x RTT, clamped)
+//! # heartbeat_timeout_ms = 22500  # nothing received this long: close (default 1.5 x the interval)
+//! idle_timeout_ms = 0        # no data frame (heartbeats do not count) this long: close (0: never)
 //! max_pending = 4194304      # reply bytes queued for a client that does not read
 //! # ring_capacity = 4194304  # bytes per ring; default fits two max frames
 //! drain_ms = 5000            # how long shutdown waits for in-flight replies
@@ -32,8 +40,25 @@ pub struct Config {
     pub worker_cmd: Option<String>,
     /// Largest frame payload accepted from a client.
     pub max_frame: u32,
-    /// Connections accepted per front.
+    /// Connections open at once across all fronts.
     pub max_conns: u64,
+    /// Connections per client IP address across all fronts; 0 for no cap.
+    pub max_conns_per_addr: u64,
+    /// New connections per second across all fronts; 0 for no limit.
+    pub accept_rate: u64,
+    /// Depth of the accept-rate token bucket.
+    pub accept_burst: u64,
+    /// Stop accepting while every worker's request ring is full.
+    pub pause_accept_when_overloaded: bool,
+    /// Shortest ping interval (for connections with a small RTT).
+    pub ping_min_ms: u64,
+    /// Longest ping interval.
+    pub ping_max_ms: u64,
+    /// Close a connection from which no frame arrived for this long; default 1.5x its ping
+    /// interval.
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Close a connection that sent no data frame for this long; 0 for never.
+    pub idle_timeout_ms: u64,
     /// Reply bytes queued per client before it is disconnected as a slow consumer.
     pub max_pending: usize,
     /// Ring data bytes (a power of two); default: enough for two maximum frames, at least 4 MiB.
@@ -54,6 +79,14 @@ impl Default for Config {
             worker_cmd: None,
             max_frame: 1 << 20,
             max_conns: 100_000,
+            max_conns_per_addr: 0,
+            accept_rate: 0,
+            accept_burst: 1000,
+            pause_accept_when_overloaded: true,
+            ping_min_ms: 15_000,
+            ping_max_ms: 60_000,
+            heartbeat_timeout_ms: None,
+            idle_timeout_ms: 0,
             max_pending: 4 << 20,
             ring_capacity: None,
             drain_ms: 5_000,
@@ -86,6 +119,32 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Applies `KEY=VALUE` overrides, each value read as TOML (a bare word as a string).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for an unknown key or a value of the wrong type.
+    pub fn with_overrides(&self, sets: &[String]) -> Result<Config, ConfigError> {
+        let bad = |problem: String| ConfigError::Invalid {
+            name: "--set",
+            problem,
+        };
+        let mut table = toml::Table::try_from(self).map_err(|e| bad(e.to_string()))?;
+        for kv in sets {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{kv:?} is not KEY=VALUE")))?;
+            let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(v.to_owned()));
+            table.insert(k.trim().to_owned(), value);
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))
     }
 
     /// The ring capacity in effect: a request ring must hold a maximum frame plus its header
@@ -136,6 +195,25 @@ impl Config {
                 format!("{} does not fit a ring of {cap} bytes (largest record {max_record}); raise ring_capacity", self.max_frame),
             );
         }
+        if self.ping_min_ms == 0 || self.ping_min_ms > self.ping_max_ms {
+            return bad(
+                "ping_min_ms",
+                format!(
+                    "{} must be > 0 and <= ping_max_ms ({})",
+                    self.ping_min_ms, self.ping_max_ms
+                ),
+            );
+        }
+        if self
+            .heartbeat_timeout_ms
+            .is_some_and(|t| t <= self.ping_max_ms)
+        {
+            return bad(
+                "heartbeat_timeout_ms",
+                "must exceed ping_max_ms, or clients are closed before they can answer a ping"
+                    .into(),
+            );
+        }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(
                 "listen",
@@ -160,6 +238,26 @@ mod tests {
         assert_eq!(c.ring_capacity(), 8 << 20);
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn overrides_take_toml_values() {
+        let c = Config::default()
+            .with_overrides(&[
+                "ping_min_ms=250".into(),
+                "worker_cmd=/bin/cat".into(),
+                "pause_accept_when_overloaded=false".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.ping_min_ms, 250);
+        assert_eq!(c.worker_cmd.as_deref(), Some("/bin/cat"));
+        assert!(!c.pause_accept_when_overloaded);
+        assert!(Config::default()
+            .with_overrides(&["nope=1".into()])
+            .is_err());
+        assert!(Config::default()
+            .with_overrides(&["fronts=many".into()])
+            .is_err());
     }
 
     #[test]

@@ -14,3 +14,4 @@ pub mod front;
 pub mod names;
 pub mod signals;
 pub mod stats;
+pub mod timer;

@@ -5,7 +5,6 @@ use std::net::TcpListener;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -58,6 +57,9 @@ struct RunArgs {
     /// Shutdown drain time in milliseconds. [default: 5000]
     #[arg(long, value_name = "MS")]
     drain_ms: Option<u64>,
+    /// Any setting of the config file, e.g. `--set ping_min_ms=500` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -68,7 +70,7 @@ enum Cmd {
     /// Runs a built-in example worker (started by the supervisor).
     #[command(hide = true)]
     Worker {
-        /// `echo` or `pubsub`.
+        /// `echo`, `pubsub` or `journal`.
         kind: String,
     },
 }
@@ -77,14 +79,6 @@ enum Cmd {
 struct FrontArgs {
     #[arg(long)]
     index: usize,
-    #[arg(long)]
-    max_frame: u32,
-    #[arg(long)]
-    max_conns: u64,
-    #[arg(long)]
-    max_pending: usize,
-    #[arg(long)]
-    drain_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +135,9 @@ fn settings(a: RunArgs) -> Result<Config> {
     if let Some(v) = a.drain_ms {
         c.drain_ms = v;
     }
+    if !a.set.is_empty() {
+        c = c.with_overrides(&a.set)?;
+    }
     Ok(c)
 }
 
@@ -183,12 +180,11 @@ fn run_front(a: FrontArgs) -> Result<()> {
             worker_doorbell: Arc::new(EventFd::from_owned(bell)),
         });
     }
+    let text = std::env::var("SHMRELAY_CONFIG").context("SHMRELAY_CONFIG is not set")?;
+    let config: Config = toml::from_str(&text).context("parsing SHMRELAY_CONFIG")?;
     let settings = FrontSettings {
         index: a.index,
-        max_frame: a.max_frame,
-        max_conns: a.max_conns,
-        max_pending: a.max_pending,
-        drain: Duration::from_millis(a.drain_ms),
+        config,
     };
     front::run(settings, listener, doorbell, channels, stats, Some(ready))?;
     Ok(())
@@ -200,7 +196,8 @@ fn run_worker(kind: &str) -> Result<()> {
     match kind {
         "echo" => worker.run(&mut examples::Echo)?,
         "pubsub" => worker.run(&mut examples::PubSub::default())?,
-        other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub)"),
+        "journal" => worker.run(&mut examples::Journal::default())?,
+        other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub, journal)"),
     }
     Ok(())
 }

@@ -211,15 +211,16 @@ pub type ProcessStats = WorkerStats;
 const HEADER_BYTES: usize = std::mem::size_of::<StatsHeader>();
 const FRONT_BYTES: usize = std::mem::size_of::<FrontStats>();
 const WORKER_BYTES: usize = std::mem::size_of::<WorkerStats>();
-/// Slots of the per-source-address connection counts (addresses are hashed into them; a
-/// collision makes two addresses share a cap, which errs on the side of refusing).
-pub const ADDR_SLOTS: usize = 1 << 16;
+/// Per front, slots of the per-source-address connection counts (addresses are hashed into
+/// them; a collision makes two addresses share a cap, which errs on the side of refusing).
+/// Each front counts its own connections, so the supervisor can zero a dead front's table.
+pub const ADDR_SLOTS: usize = 4096;
 const FRONTS_AT: usize = HEADER_BYTES;
 const WORKERS_AT: usize = FRONTS_AT + MAX_FRONTS * FRONT_BYTES;
 const FRONT_PROCS_AT: usize = WORKERS_AT + MAX_WORKERS * WORKER_BYTES;
 const ADDRS_AT: usize = FRONT_PROCS_AT + MAX_FRONTS * WORKER_BYTES;
 /// Total bytes of the segment.
-pub const STATS_SIZE: usize = ADDRS_AT + ADDR_SLOTS * 4;
+pub const STATS_SIZE: usize = ADDRS_AT + MAX_FRONTS * ADDR_SLOTS * 4;
 
 const _: () = {
     assert!(HEADER_BYTES == 256);
@@ -362,19 +363,37 @@ impl Stats {
     pub fn front(&self, i: usize) -> &FrontStats {
         assert!(i < MAX_FRONTS);
         // SAFETY: in bounds by the assert and the fixed layout; 128-aligned; any bits valid.
-        unsafe { &*(self.base().add(HEADER_BYTES + i * FRONT_BYTES) as *const FrontStats) }
+        unsafe { &*(self.base().add(FRONTS_AT + i * FRONT_BYTES) as *const FrontStats) }
     }
 
     /// Worker `i`'s block (`i < MAX_WORKERS`).
     pub fn worker(&self, i: usize) -> &WorkerStats {
         assert!(i < MAX_WORKERS);
         // SAFETY: as in `front`.
+        unsafe { &*(self.base().add(WORKERS_AT + i * WORKER_BYTES) as *const WorkerStats) }
+    }
+
+    /// Process metrics (pid, restarts, memory, fds) of front `i`, kept by the supervisor.
+    pub fn front_process(&self, i: usize) -> &ProcessStats {
+        assert!(i < MAX_FRONTS);
+        // SAFETY: as in `front`.
+        unsafe { &*(self.base().add(FRONT_PROCS_AT + i * WORKER_BYTES) as *const ProcessStats) }
+    }
+
+    /// Front `front`'s connection count in address slot `slot` (`< ADDR_SLOTS`).
+    pub fn addr_slot(&self, front: usize, slot: usize) -> &AtomicU32 {
+        assert!(front < MAX_FRONTS && slot < ADDR_SLOTS);
+        // SAFETY: in bounds by the assert, inside the mapping, 4-aligned; any bits valid.
         unsafe {
-            &*(self
-                .base()
-                .add(HEADER_BYTES + MAX_FRONTS * FRONT_BYTES + i * WORKER_BYTES)
-                as *const WorkerStats)
+            &*(self.base().add(ADDRS_AT + (front * ADDR_SLOTS + slot) * 4) as *const AtomicU32)
         }
+    }
+
+    /// Connections from address slot `slot` across the first `fronts` fronts.
+    pub fn addr_count(&self, fronts: usize, slot: usize) -> u64 {
+        (0..fronts)
+            .map(|f| self.addr_slot(f, slot).load(Ordering::Relaxed) as u64)
+            .sum()
     }
 }
 

@@ -215,10 +215,7 @@ impl Instance {
                 let mut cmd = Command::new(&self.exe);
                 cmd.arg("front")
                     .args(["--index", &f.to_string()])
-                    .args(["--max-frame", &self.cfg.max_frame.to_string()])
-                    .args(["--max-conns", &self.cfg.max_conns.to_string()])
-                    .args(["--max-pending", &self.cfg.max_pending.to_string()])
-                    .args(["--drain-ms", &self.cfg.drain_ms.to_string()]);
+                    .env("SHMRELAY_CONFIG", toml::to_string(&self.cfg)?);
                 let channels: Vec<String> = (0..self.cfg.workers)
                     .map(|w| {
                         let (req, rep) = &self.rings[f][w];
@@ -361,12 +358,30 @@ impl Instance {
                 (BACKOFF_START * 2u32.saturating_pow(slot.quick_crashes - 2)).min(BACKOFF_MAX)
             };
             slot.restart_at = Some(Instant::now() + delay);
-            if let Role::Worker(w) = role {
-                let ws = self.stats.worker(w);
-                ws.crashes.fetch_add(1, Ordering::Relaxed);
-                ws.pid.store(0, Ordering::Relaxed);
+            match role {
+                Role::Worker(w) => {
+                    let ws = self.stats.worker(w);
+                    ws.crashes.fetch_add(1, Ordering::Relaxed);
+                    ws.pid.store(0, Ordering::Relaxed);
+                }
+                Role::Front(f) => self.forget_front_connections(f),
             }
             warn!(%role, pid = pid.as_raw(), ?status, ?lived, restart_in = ?delay, "process exited; restarting");
+        }
+    }
+
+    /// A dead front's connections died with it (the kernel closed them): give their places in
+    /// the global admission counts back.
+    fn forget_front_connections(&self, f: usize) {
+        let fs = self.stats.front(f);
+        let open = fs.conns_open.swap(0, Ordering::Relaxed);
+        fs.conns_draining.store(0, Ordering::Relaxed);
+        let total = &self.stats.header().conns_total;
+        let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+            Some(t.saturating_sub(open))
+        });
+        for slot in 0..shmrelay::stats::ADDR_SLOTS {
+            self.stats.addr_slot(f, slot).store(0, Ordering::Relaxed);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The example workers' logic, shared by their binaries and by `shmrelay`'s built-in default
 //! worker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::{CloseReason, ConnId, Handler, Out};
 
@@ -70,5 +70,48 @@ impl Handler for PubSub {
             subs.remove(&conn);
             !subs.is_empty()
         });
+    }
+}
+
+/// Echo that also keeps a journal of connection events, for tests and for watching what a
+/// worker is told: the frame `journal?` is answered with the last events, one per line
+/// (`open CONN PEER`, `close CONN REASON`), instead of being echoed.
+#[derive(Default)]
+pub struct Journal {
+    events: VecDeque<String>,
+}
+
+impl Journal {
+    const KEEP: usize = 1000;
+
+    fn log(&mut self, e: String) {
+        if self.events.len() == Self::KEEP {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+}
+
+impl Handler for Journal {
+    fn on_open(&mut self, conn: ConnId, peer: &str, _out: &mut Out<'_>) {
+        self.log(format!("open {conn} {peer}"));
+    }
+
+    fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
+        if frame == b"journal?" {
+            let text = self
+                .events
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join("\n");
+            let _ = out.send(conn, text.as_bytes());
+        } else {
+            let _ = out.send(conn, frame);
+        }
+    }
+
+    fn on_close(&mut self, conn: ConnId, reason: CloseReason, _out: &mut Out<'_>) {
+        self.log(format!("close {conn} {reason}"));
     }
 }

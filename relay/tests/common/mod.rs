@@ -155,6 +155,67 @@ impl Client {
         Client { stream }
     }
 
+    /// Connects from a chosen loopback source address (127.0.0.2, ...).
+    pub fn connect_from(addr: SocketAddr, src: std::net::Ipv4Addr) -> Client {
+        use nix::sys::socket::{
+            bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
+        };
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)),
+        )
+        .unwrap();
+        let SocketAddr::V4(v4) = addr else {
+            panic!("IPv4 only")
+        };
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+        // SAFETY: a connected TCP socket we own.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Client { stream }
+    }
+
+    /// A round trip that reports a refused or closed connection as None instead of panicking.
+    pub fn try_roundtrip(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = (payload.len() as u32).to_be_bytes().to_vec();
+        buf.extend_from_slice(payload);
+        self.stream.write_all(&buf).ok()?;
+        let mut h = [0u8; 4];
+        self.stream.read_exact(&mut h).ok()?;
+        let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
+        self.stream.read_exact(&mut p).ok()?;
+        Some(p)
+    }
+
+    /// True if the server closed the connection (EOF or reset) within `limit`.
+    pub fn closed_within(&mut self, limit: Duration) -> bool {
+        self.stream.set_read_timeout(Some(limit)).unwrap();
+        let mut b = [0u8; 4096];
+        let end = Instant::now() + limit;
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {
+                    if Instant::now() >= end {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub fn send(&mut self, payload: &[u8]) {
         let mut buf = (payload.len() as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(payload);

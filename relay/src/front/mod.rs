@@ -11,52 +11,55 @@
 //! client is disconnected as a slow consumer, so it never stalls anybody else.
 //!
 //! Backpressure: when a request ring is full, the connections routed to it are not read (TCP
-//! pushes back on their clients) until the worker releases space.
+//! pushes back on their clients) until the worker releases space; when every ring is full the
+//! front also stops accepting (if configured).
+//!
+//! Liveness: a timing wheel visits each connection only at its own deadline, to ping it when
+//! idle and to close it when nothing arrived within its heartbeat timeout.
+
+mod admission;
+mod conn;
+mod liveness;
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::Shutdown;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
-use shmrelay_worker::protocol::{frame_len, is_whole_frames, tag, ANSWERED_WORD, FRAME_HEADER};
+use shmrelay_worker::protocol::{is_whole_frames, tag, ANSWERED_WORD, FRAME_HEADER};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{debug, error, info, warn};
 
-use crate::stats::{add, FrontStats, RejectReason, Stats};
+use crate::config::Config;
+use crate::stats::{add, FrontStats, Stats};
+use crate::timer::Wheel;
+use admission::Admission;
+use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
+use liveness::{Liveness, Verdict, TICK_MS};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const DOORBELL: Token = Token(usize::MAX - 2);
-/// Largest single read into the ring.
-const READ_CHUNK: usize = 64 * 1024;
-/// Bytes read from one connection before others get their turn.
-const READ_BUDGET: usize = 256 * 1024;
 /// Reply records handled per ring per loop turn.
 const REPLY_BATCH: usize = 1024;
 /// Slices per writev.
 const MAX_IOV: usize = 64;
 /// Longest sleep of an idle loop (stop flag, liveness).
-const TICK: Duration = Duration::from_millis(100);
+const MAX_SLEEP: Duration = Duration::from_millis(100);
 
 /// Settings of one front process.
 #[derive(Clone, Debug)]
 pub struct FrontSettings {
     /// This front's index (the top byte of its connection ids).
     pub index: usize,
-    /// Largest frame payload accepted from a client.
-    pub max_frame: u32,
-    /// Connections this front accepts at most.
-    pub max_conns: u64,
-    /// Bytes queued for a client that does not read before it is disconnected.
-    pub max_pending: usize,
-    /// How long shutdown waits for in-flight replies.
-    pub drain: Duration,
+    /// The relay's settings.
+    pub config: Config,
 }
 
 /// One worker's pair of rings, as handed over by the supervisor.
@@ -103,65 +106,6 @@ struct Chan {
     broken: bool,
 }
 
-struct Conn {
-    stream: TcpStream,
-    worker: usize,
-    /// An edge was seen and the socket not yet read dry.
-    readable: bool,
-    blocked: bool,
-    /// Close once `out` is flushed; read nothing more.
-    closing: Option<CloseReason>,
-    want_write: bool,
-    /// The partial frame at the end of the last read.
-    carry: Vec<u8>,
-    /// Reply bytes the socket did not take yet.
-    out: Vec<u8>,
-    out_pos: usize,
-}
-
-impl Conn {
-    fn pending(&self) -> usize {
-        self.out.len() - self.out_pos
-    }
-}
-
-#[derive(Default)]
-struct Slab {
-    conns: Vec<Option<Conn>>,
-    gens: Vec<u32>,
-    free: Vec<u32>,
-}
-
-impl Slab {
-    fn insert(&mut self, conn: Conn) -> (u32, u32) {
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.conns.push(None);
-                self.gens.push(0);
-                (self.conns.len() - 1) as u32
-            }
-        };
-        self.conns[slot as usize] = Some(conn);
-        (slot, self.gens[slot as usize])
-    }
-
-    fn get(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
-        let s = slot as usize;
-        if self.gens.get(s) != Some(&gen) {
-            return None;
-        }
-        self.conns[s].as_mut()
-    }
-
-    fn remove(&mut self, slot: u32) -> Option<Conn> {
-        let c = self.conns.get_mut(slot as usize)?.take()?;
-        self.gens[slot as usize] = (self.gens[slot as usize] + 1) & ConnId::GENERATION_MASK;
-        self.free.push(slot);
-        Some(c)
-    }
-}
-
 /// Runs a front until SIGTERM (then drains) and returns.
 ///
 /// # Errors
@@ -186,16 +130,28 @@ pub fn run(
 }
 
 struct Front {
-    s: FrontSettings,
+    index: usize,
+    cfg: Config,
     poll: Poll,
     listener: Option<TcpListener>,
+    /// Not accepting because every request ring is full.
+    paused: bool,
     doorbell: Arc<EventFd>,
     chans: Vec<Chan>,
     slab: Slab,
     ready: Vec<(u32, u32)>,
     next_worker: usize,
+    stats: &'static Stats,
     fs: &'static FrontStats,
+    admission: Admission,
+    liveness: Liveness,
+    wheel: Wheel,
+    due: Vec<((u32, u32), u64)>,
+    start_ns: u64,
+    /// Current tick (TICK_MS each) since the front started.
+    now: u64,
     open: u64,
+    draining: u64,
 }
 
 impl Front {
@@ -243,23 +199,41 @@ impl Front {
         let fs = stats.front(s.index);
         fs.pid.store(std::process::id(), Ordering::Relaxed);
         fs.conns_open.store(0, Ordering::Relaxed);
+        fs.conns_draining.store(0, Ordering::Relaxed);
+        fs.paused.store(0, Ordering::Relaxed);
         Ok(Front {
-            s,
+            index: s.index,
+            admission: Admission::new(&s.config, s.index),
+            liveness: Liveness::new(&s.config),
+            cfg: s.config,
             poll,
             listener: Some(listener),
+            paused: false,
             doorbell,
             chans,
             slab: Slab::default(),
             ready: Vec::new(),
             next_worker: 0,
+            stats,
             fs,
+            wheel: Wheel::new(4096, 0),
+            due: Vec::new(),
+            start_ns: shm_ring::monotonic_ns(),
+            now: 0,
             open: 0,
+            draining: 0,
         })
+    }
+
+    fn tick(&mut self) {
+        let ns = shm_ring::monotonic_ns();
+        self.now = (ns - self.start_ns) / (TICK_MS * 1_000_000);
+        self.fs.active_ns.store(ns, Ordering::Relaxed);
     }
 
     fn run(&mut self) -> Result<(), FrontError> {
         info!(
-            front = self.s.index,
+            front = self.index,
             workers = self.chans.len(),
             "front running"
         );
@@ -267,13 +241,14 @@ impl Front {
         let mut drain_deadline: Option<Instant> = None;
         loop {
             if crate::signals::stop_requested() && drain_deadline.is_none() {
-                info!(front = self.s.index, conns = self.open, "draining");
-                drain_deadline = Some(Instant::now() + self.s.drain);
+                info!(front = self.index, conns = self.open, "draining");
+                drain_deadline = Some(Instant::now() + Duration::from_millis(self.cfg.drain_ms));
                 if let Some(mut l) = self.listener.take() {
                     let _ = self.poll.registry().deregister(&mut l);
                 }
                 self.ready.clear();
             }
+            self.tick();
             let mut busy = false;
             for w in 0..self.chans.len() {
                 busy |= self.pump_replies(w) > 0;
@@ -286,6 +261,8 @@ impl Front {
             } else {
                 self.unblock();
                 self.read_ready();
+                self.check_timers();
+                self.pause_when_overloaded();
             }
             for ch in &mut self.chans {
                 if ch.dirty {
@@ -309,9 +286,6 @@ impl Front {
                     ch.req.finish_park();
                 }
             }
-            self.fs
-                .active_ns
-                .store(shm_ring::monotonic_ns(), Ordering::Relaxed);
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -323,10 +297,7 @@ impl Front {
                         let Some(gen) = self.slab.gens.get(t).copied() else {
                             continue;
                         };
-                        let Some(c) = self.slab.get(slot, gen) else {
-                            continue;
-                        };
-                        if ev.is_writable() && c.want_write {
+                        if ev.is_writable() {
                             self.flush_out(slot, gen);
                         }
                         if (ev.is_readable() || ev.is_read_closed() || ev.is_error())
@@ -335,7 +306,7 @@ impl Front {
                             if let Some(c) = self.slab.get(slot, gen) {
                                 if !c.readable {
                                     c.readable = true;
-                                    if !c.blocked && c.closing.is_none() {
+                                    if c.wants_read() {
                                         self.ready.push((slot, gen));
                                     }
                                 }
@@ -376,12 +347,11 @@ impl Front {
             self.flush_backlog(w);
             self.chans[w].req.publish();
         }
-        info!(front = self.s.index, "front stopped");
+        info!(front = self.index, "front stopped");
     }
 
     /// Announces sleep on every ring this front waits on; returns the poll timeout.
     fn prepare_park(&mut self) -> Option<Duration> {
-        let want = READ_CHUNK;
         for ch in &mut self.chans {
             if ch.broken {
                 continue;
@@ -390,13 +360,18 @@ impl Front {
                 return Some(Duration::ZERO);
             }
             if !ch.blocked.is_empty() || !ch.backlog.is_empty() {
-                let want = want.min(ch.req.max_payload());
+                let want = READ_CHUNK.min(ch.req.max_payload());
                 if !ch.req.prepare_park_for_space(want).unwrap_or(false) {
                     return Some(Duration::ZERO);
                 }
             }
         }
-        Some(TICK)
+        // Wake for the next timer tick only while there are timers at all.
+        if self.wheel.is_empty() {
+            Some(MAX_SLEEP)
+        } else {
+            Some(Duration::from_millis(TICK_MS * 2))
+        }
     }
 
     fn accept(&mut self) {
@@ -410,37 +385,44 @@ impl Front {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: leave the rest in the backlog for the next turn.
-                    warn!(front = self.s.index, "accept: {e}");
+                    warn!(front = self.index, "accept: {e}");
                     return;
                 }
             };
             let workers: Vec<usize> = (0..self.chans.len())
                 .filter(|&w| !self.chans[w].broken)
                 .collect();
-            if self.open >= self.s.max_conns || workers.is_empty() {
-                add(&self.fs.rejects[RejectReason::ConnLimit as usize], 1);
-                add(&self.fs.closes[CloseReason::Rejected as usize], 1);
-                drop(stream);
-                continue;
-            }
+            let admitted = if workers.is_empty() {
+                Err(crate::stats::RejectReason::NoWorker)
+            } else {
+                self.admission.admit(self.stats, peer.ip())
+            };
+            let addr_slot = match admitted {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    // Refused at once, never left to time out in a full backlog.
+                    add(&self.fs.rejects[reason as usize], 1);
+                    add(&self.fs.closes[CloseReason::Rejected as usize], 1);
+                    debug!(%peer, reason = reason.as_str(), "rejected");
+                    drop(stream);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
+            let now = self.now as u32;
+            liveness::configure_socket(
+                &stream,
+                self.liveness.timeout(self.liveness.interval(0)) as u64 * TICK_MS,
+            );
             let worker = workers[self.next_worker % workers.len()];
             self.next_worker = self.next_worker.wrapping_add(1);
-            let conn = Conn {
-                stream,
-                worker,
-                readable: false,
-                blocked: false,
-                closing: None,
-                want_write: false,
-                carry: Vec::new(),
-                out: Vec::new(),
-                out_pos: 0,
-            };
-            let (slot, gen) = self.slab.insert(conn);
+            let (slot, gen) = self.slab.insert(Conn::new(stream, worker, addr_slot, now));
+            let first = self.liveness.first(now);
+            let at = self.wheel.schedule((slot, gen), first);
             let c = self.slab.conns[slot as usize]
                 .as_mut()
                 .expect("just inserted");
+            c.timer_at = at;
             if let Err(e) = self.poll.registry().register(
                 &mut c.stream,
                 Token(slot as usize),
@@ -448,9 +430,10 @@ impl Front {
             ) {
                 warn!("register: {e}");
                 self.slab.remove(slot);
+                self.admission.release(self.stats, addr_slot);
                 continue;
             }
-            let id = ConnId::new(self.s.index as u8, gen, slot);
+            let id = ConnId::new(self.index as u8, gen, slot);
             self.chans[worker].backlog.push_back(Ctrl {
                 tag: tag::OPEN,
                 conn: id.raw(),
@@ -465,7 +448,37 @@ impl Front {
         }
     }
 
+    /// Stops accepting while every worker's request ring is full, and resumes when one has
+    /// room: new clients wait in the kernel's backlog instead of adding to the overload.
+    fn pause_when_overloaded(&mut self) {
+        if !self.cfg.pause_accept_when_overloaded {
+            return;
+        }
+        let overloaded = self.chans.iter().all(|c| c.broken || !c.blocked.is_empty());
+        if overloaded != self.paused {
+            let Some(l) = self.listener.as_mut() else {
+                return;
+            };
+            let r = if overloaded {
+                self.poll.registry().deregister(l)
+            } else {
+                self.poll
+                    .registry()
+                    .register(l, LISTENER, Interest::READABLE)
+            };
+            if r.is_ok() {
+                self.paused = overloaded;
+                self.fs.paused.store(overloaded as u64, Ordering::Relaxed);
+                if !overloaded {
+                    // Connections may have queued while paused: there is no new edge for them.
+                    self.accept();
+                }
+            }
+        }
+    }
+
     /// Writes queued control records while there is space; true if the backlog is empty.
+    /// An OPEN written moves its connection from Accepted to Open.
     fn flush_backlog(&mut self, w: usize) -> bool {
         let ch = &mut self.chans[w];
         while let Some(ctrl) = ch.backlog.front() {
@@ -478,8 +491,19 @@ impl Front {
                 &ctrl.payload,
             ) {
                 Ok(_) => {
-                    ch.backlog.pop_front();
+                    let ctrl = ch.backlog.pop_front().expect("front exists");
                     ch.dirty = true;
+                    if ctrl.tag == tag::OPEN {
+                        let id = ConnId::from_raw(ctrl.conn);
+                        if let Some(c) = self.slab.get(id.slot(), id.generation()) {
+                            if c.state == ConnState::Accepted {
+                                c.state = ConnState::Open;
+                                if c.readable {
+                                    self.ready.push((id.slot(), id.generation()));
+                                }
+                            }
+                        }
+                    }
                 }
                 Err(ReserveError::Full) => return false,
                 Err(e) => {
@@ -504,7 +528,7 @@ impl Front {
             for (slot, gen) in ch.blocked.drain(..) {
                 if let Some(c) = self.slab.get(slot, gen) {
                     c.blocked = false;
-                    if c.readable && c.closing.is_none() {
+                    if c.wants_read() {
                         self.ready.push((slot, gen));
                     }
                 }
@@ -514,11 +538,13 @@ impl Front {
 
     fn read_ready(&mut self) {
         let ready = std::mem::take(&mut self.ready);
+        let now = self.now as u32;
+        let max_frame = self.cfg.max_frame;
         for (slot, gen) in ready {
             let Some(c) = self.slab.get(slot, gen) else {
                 continue;
             };
-            if c.blocked || c.closing.is_some() || !c.readable {
+            if !c.wants_read() {
                 continue;
             }
             let w = c.worker;
@@ -532,10 +558,9 @@ impl Front {
                 ch.blocked.push((slot, gen));
                 continue;
             }
-            let id = ConnId::new(self.s.index as u8, gen, slot);
-            let (result, heartbeats) = read_conn(ch, c, self.fs, id, self.s.max_frame);
+            let id = ConnId::new(self.index as u8, gen, slot);
+            let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
             if heartbeats > 0 {
-                add(&self.fs.heartbeats, heartbeats as u64);
                 let zeros = vec![0u8; FRAME_HEADER * heartbeats];
                 if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&zeros)]) {
                     self.close_conn(slot, reason);
@@ -556,8 +581,7 @@ impl Front {
                 ReadResult::TooLarge(len) => {
                     add(&self.fs.protocol_errors, 1);
                     let msg = format!(
-                        "shmrelay-error: frame of {len} bytes exceeds the maximum of {}",
-                        self.s.max_frame
+                        "shmrelay-error: frame of {len} bytes exceeds the maximum of {max_frame}"
                     );
                     let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
                     frame.extend_from_slice(msg.as_bytes());
@@ -575,9 +599,52 @@ impl Front {
         }
     }
 
-    /// Drains one reply ring to the sockets; returns the records handled.
+    /// Visits the connections whose deadline came: ping the idle, close the silent.
+    fn check_timers(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(self.now, &mut due);
+        let now = self.now as u32;
+        for ((slot, gen), at) in due.drain(..) {
+            let Some(c) = self.slab.get(slot, gen) else {
+                continue;
+            };
+            if c.timer_at != at {
+                continue; // superseded entry
+            }
+            // A cheap kernel sample, once per check rather than per frame.
+            if let Some((rtt, retrans)) = liveness::tcp_info(&c.stream) {
+                c.rtt_us = rtt;
+                add(&self.fs.rtt_hist[liveness::rtt_bucket(rtt)], 1);
+                add(&self.fs.retransmits, retrans as u64);
+            }
+            let next = match self.liveness.check(c, now, self.now) {
+                Verdict::Close(reason) => {
+                    self.close_conn(slot, reason);
+                    continue;
+                }
+                Verdict::Ping(next) => {
+                    c.ping_outstanding = true;
+                    c.ping_sent = now;
+                    add(&self.fs.pings_sent, 1);
+                    if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&[0u8; FRAME_HEADER])])
+                    {
+                        self.close_conn(slot, reason);
+                        continue;
+                    }
+                    next
+                }
+                Verdict::Wait(next) => next,
+            };
+            let at = self.wheel.schedule((slot, gen), next);
+            if let Some(c) = self.slab.get(slot, gen) {
+                c.timer_at = at;
+            }
+        }
+        self.due = due;
+    }
+
     fn pump_replies(&mut self, w: usize) -> usize {
-        let me = self.s.index;
+        let me = self.index;
         let ch = &mut self.chans[w];
         if ch.broken {
             return 0;
@@ -652,12 +719,7 @@ impl Front {
                 Action::Close(reason) => self.close_conn(slot, reason),
                 Action::WantWrite => self.want_write(slot, gen),
                 Action::CloseAfterFlush => {
-                    if let Some(c) = self.slab.get(slot, gen) {
-                        c.closing = Some(CloseReason::WorkerRequest);
-                        if c.pending() == 0 {
-                            self.close_conn(slot, CloseReason::WorkerRequest);
-                        }
-                    }
+                    self.drain_conn(slot, gen, CloseReason::WorkerRequest);
                 }
             }
         }
@@ -670,11 +732,10 @@ impl Front {
 
     /// Writes to a connection, queueing what the socket does not take.
     fn send(&mut self, slot: u32, gen: u32, iov: &[IoSlice<'_>]) -> Result<(), CloseReason> {
-        let max = self.s.max_pending;
         let Some(c) = self.slab.get(slot, gen) else {
             return Ok(());
         };
-        send_to(c, iov, self.fs, max)?;
+        send_to(c, iov, self.fs, self.cfg.max_pending)?;
         if c.pending() > 0 {
             self.want_write(slot, gen);
         }
@@ -682,7 +743,7 @@ impl Front {
     }
 
     fn want_write(&mut self, slot: u32, gen: u32) {
-        let max = self.s.max_pending;
+        let max = self.cfg.max_pending;
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
@@ -704,6 +765,9 @@ impl Front {
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
+        if !c.want_write {
+            return;
+        }
         while c.pending() > 0 {
             match (&c.stream).write(&c.out[c.out_pos..]) {
                 Ok(n) => {
@@ -727,8 +791,24 @@ impl Front {
             Token(slot as usize),
             Interest::READABLE,
         );
-        if let Some(reason) = c.closing {
+        if let ConnState::Draining(reason) = c.state {
             self.close_conn(slot, reason);
+        }
+    }
+
+    /// Stops reading a connection and closes it once its queued replies are written.
+    fn drain_conn(&mut self, slot: u32, gen: u32, reason: CloseReason) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        if c.pending() == 0 {
+            self.close_conn(slot, reason);
+        } else if !matches!(c.state, ConnState::Draining(_)) {
+            c.state = ConnState::Draining(reason);
+            self.draining += 1;
+            self.fs
+                .conns_draining
+                .store(self.draining, Ordering::Relaxed);
         }
     }
 
@@ -740,14 +820,29 @@ impl Front {
         let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
         let _ = self.poll.registry().deregister(&mut c.stream);
         drop(c.stream);
-        let id = ConnId::new(self.s.index as u8, gen_before, slot);
-        self.chans[c.worker].backlog.push_back(Ctrl {
-            tag: tag::CLOSE,
-            conn: id.raw(),
-            aux: reason as u64,
-            payload: Vec::new(),
-        });
-        self.flush_backlog(c.worker);
+        self.admission.release(self.stats, c.addr_slot);
+        let id = ConnId::new(self.index as u8, gen_before, slot);
+        // A connection whose OPEN never reached the worker needs no CLOSE either.
+        let told = c.state != ConnState::Accepted;
+        if !told {
+            self.chans[c.worker]
+                .backlog
+                .retain(|ctrl| ctrl.conn != id.raw());
+        } else {
+            self.chans[c.worker].backlog.push_back(Ctrl {
+                tag: tag::CLOSE,
+                conn: id.raw(),
+                aux: reason as u64,
+                payload: Vec::new(),
+            });
+            self.flush_backlog(c.worker);
+        }
+        if matches!(c.state, ConnState::Draining(_)) {
+            self.draining -= 1;
+            self.fs
+                .conns_draining
+                .store(self.draining, Ordering::Relaxed);
+        }
         self.open -= 1;
         self.fs.conns_open.store(self.open, Ordering::Relaxed);
         add(&self.fs.closes[reason as usize], 1);
@@ -759,11 +854,7 @@ impl Front {
         if self.chans[w].broken {
             return;
         }
-        error!(
-            front = self.s.index,
-            worker = w,
-            "ring quarantined: {detail}"
-        );
+        error!(front = self.index, worker = w, "ring quarantined: {detail}");
         self.chans[w].broken = true;
         self.chans[w].backlog.clear();
         add(&self.fs.corrupt_rings, 1);
@@ -795,7 +886,8 @@ fn deliver(
     let id = ConnId::from_raw(conn_raw);
     let (slot, gen) = (id.slot(), id.generation());
     match slab.get(slot, gen) {
-        Some(c) if id.front() == me && c.closing.is_none() => {
+        Some(c) if id.front() == me && !matches!(c.state, ConnState::Draining(_)) => {
+            add(&fs.frames_out, group.len() as u64);
             if let Err(reason) = send_to(c, group, fs, usize::MAX) {
                 todo.push((slot, gen, Action::Close(reason)));
             } else if c.pending() > 0 {
@@ -811,145 +903,6 @@ enum Action {
     Close(CloseReason),
     WantWrite,
     CloseAfterFlush,
-}
-
-enum ReadResult {
-    /// Read until the socket was empty.
-    Drained,
-    /// More to read; the connection's budget for this turn is spent.
-    Budget,
-    /// The worker's ring is full.
-    Blocked,
-    Close(CloseReason),
-    TooLarge(u32),
-    Corrupt(ReserveError),
-}
-
-/// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the
-/// ring is full. Returns the outcome and the number of heartbeats received.
-fn read_conn(
-    ch: &mut Chan,
-    c: &mut Conn,
-    fs: &FrontStats,
-    id: ConnId,
-    max_frame: u32,
-) -> (ReadResult, usize) {
-    let mut budget = READ_BUDGET;
-    let mut heartbeats = 0;
-    let limit = ch.req.max_payload();
-    loop {
-        let carry = c.carry.len();
-        // A partial frame of known size needs room for all of it, so it is carried at most
-        // once more; otherwise any room beyond the carry will do.
-        let min = match frame_len(&c.carry) {
-            Some(len) => FRAME_HEADER + len,
-            None => carry + 1,
-        }
-        .min(limit);
-        let max = (carry + READ_CHUNK).max(min);
-        let mut grant = match ch.req.reserve_up_to(min, max) {
-            Ok(g) => g,
-            Err(ReserveError::Full) => return (ReadResult::Blocked, heartbeats),
-            Err(e) => return (ReadResult::Corrupt(e), heartbeats),
-        };
-        grant[..carry].copy_from_slice(&c.carry);
-        let room = grant.len() - carry;
-        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[carry..])]) {
-            Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                c.readable = false;
-                return (ReadResult::Drained, heartbeats);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
-        };
-        let filled = carry + n;
-        // Walk the frames of this read.
-        let mut pos = 0;
-        let mut frames = 0u64;
-        while let Some(len) = frame_len(&grant[pos..filled]) {
-            if len > max_frame as usize {
-                return (ReadResult::TooLarge(len as u32), heartbeats);
-            }
-            if filled - pos - FRAME_HEADER < len {
-                break;
-            }
-            if len == 0 {
-                heartbeats += 1;
-            } else {
-                frames += 1;
-            }
-            pos += FRAME_HEADER + len;
-        }
-        // The carried bytes were copied in; the new partial tail is copied out.
-        let copied = carry + (filled - pos);
-        c.carry.clear();
-        c.carry.extend_from_slice(&grant[pos..filled]);
-        if frames > 0 {
-            grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
-            ch.dirty = true;
-            add(&fs.frames_in, frames);
-        }
-        add(&fs.bytes_in, n as u64);
-        if copied > 0 {
-            add(&fs.bytes_copied, copied as u64);
-        }
-        if c.carry.is_empty() && c.carry.capacity() > 4096 {
-            c.carry = Vec::new();
-        }
-        if n < room {
-            // A short read emptied the socket; the next arrival raises a new edge.
-            c.readable = false;
-            return (ReadResult::Drained, heartbeats);
-        }
-        budget = budget.saturating_sub(n);
-        if budget == 0 {
-            return (ReadResult::Budget, heartbeats);
-        }
-    }
-}
-
-/// Writes `iov` to the connection unless it already has queued bytes (order), and queues the
-/// rest. Errors with the close reason when the connection must go.
-fn send_to(
-    c: &mut Conn,
-    iov: &[IoSlice<'_>],
-    fs: &FrontStats,
-    max_pending: usize,
-) -> Result<(), CloseReason> {
-    let total: usize = iov.iter().map(|s| s.len()).sum();
-    let mut written = 0;
-    if c.pending() == 0 {
-        loop {
-            match (&c.stream).write_vectored(iov) {
-                Ok(n) => {
-                    written = n;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(CloseReason::IoError),
-            }
-        }
-        add(&fs.bytes_out, written as u64);
-    }
-    if written < total {
-        let mut skip = written;
-        for s in iov {
-            if skip >= s.len() {
-                skip -= s.len();
-                continue;
-            }
-            c.out.extend_from_slice(&s[skip..]);
-            skip = 0;
-        }
-        add(&fs.bytes_copied, (total - written) as u64);
-        if c.pending() > max_pending {
-            return Err(CloseReason::SlowConsumer);
-        }
-    }
-    Ok(())
 }
 
 /// Takes an inherited fd named in the environment.

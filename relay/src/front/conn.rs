@@ -1,0 +1,288 @@
+//! One connection's state, the connection table, and the read and write paths.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+
+use mio::net::TcpStream;
+use shm_ring::{Meta, ReserveError};
+use shmrelay_worker::protocol::{frame_len, tag, FRAME_HEADER};
+use shmrelay_worker::{CloseReason, ConnId};
+
+use super::Chan;
+use crate::stats::{add, FrontStats};
+
+/// Largest single read into the ring.
+pub(super) const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection before others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+
+/// Where a connection is in its life. Every transition is made by the front's loop:
+///
+/// ```text
+/// Accepted --OPEN record written--> Open --close requested, replies pending--> Draining
+///     \                              |                                            |
+///      +------------------------------+--------- close(reason) ------------------+--> (removed)
+/// ```
+///
+/// `Accepted`: its OPEN record waits for ring space, nothing is read yet. `Open`: read and
+/// written. `Draining`: nothing more is read; it closes once its queued replies are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConnState {
+    Accepted,
+    Open,
+    Draining(CloseReason),
+}
+
+pub(super) struct Conn {
+    pub stream: TcpStream,
+    pub worker: usize,
+    pub state: ConnState,
+    /// An edge was seen and the socket not yet read dry.
+    pub readable: bool,
+    /// Waiting for space in its worker's request ring.
+    pub blocked: bool,
+    pub want_write: bool,
+    /// Heartbeat bookkeeping, in timer ticks.
+    pub last_rx: u32,
+    pub last_data: u32,
+    pub ping_sent: u32,
+    pub ping_outstanding: bool,
+    /// The tick of this connection's live timer entry.
+    pub timer_at: u64,
+    /// Smoothed RTT from TCP_INFO, microseconds (0 until sampled).
+    pub rtt_us: u32,
+    /// Its source address's admission slot.
+    pub addr_slot: u16,
+    /// The partial frame at the end of the last read.
+    pub carry: Vec<u8>,
+    /// Reply bytes the socket did not take yet.
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, worker: usize, addr_slot: u16, now: u32) -> Conn {
+        Conn {
+            stream,
+            worker,
+            state: ConnState::Accepted,
+            readable: false,
+            blocked: false,
+            want_write: false,
+            last_rx: now,
+            last_data: now,
+            ping_sent: 0,
+            ping_outstanding: false,
+            timer_at: 0,
+            rtt_us: 0,
+            addr_slot,
+            carry: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// True if the loop should read this connection now.
+    pub fn wants_read(&self) -> bool {
+        self.readable && !self.blocked && self.state == ConnState::Open
+    }
+}
+
+/// The connection table: slots reused with a new generation, so a stale id never reaches a
+/// new connection.
+#[derive(Default)]
+pub(super) struct Slab {
+    pub conns: Vec<Option<Conn>>,
+    pub gens: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    pub fn insert(&mut self, conn: Conn) -> (u32, u32) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.gens.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        self.conns[slot as usize] = Some(conn);
+        (slot, self.gens[slot as usize])
+    }
+
+    pub fn get(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        let s = slot as usize;
+        if self.gens.get(s) != Some(&gen) {
+            return None;
+        }
+        self.conns[s].as_mut()
+    }
+
+    pub fn remove(&mut self, slot: u32) -> Option<Conn> {
+        let c = self.conns.get_mut(slot as usize)?.take()?;
+        self.gens[slot as usize] = (self.gens[slot as usize] + 1) & ConnId::GENERATION_MASK;
+        self.free.push(slot);
+        Some(c)
+    }
+}
+
+pub(super) enum ReadResult {
+    /// Read until the socket was empty.
+    Drained,
+    /// More to read; the connection's budget for this turn is spent.
+    Budget,
+    /// The worker's ring is full.
+    Blocked,
+    Close(CloseReason),
+    TooLarge(u32),
+    Corrupt(ReserveError),
+}
+
+/// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the
+/// ring is full. Returns the outcome and the number of heartbeats to answer.
+pub(super) fn read_conn(
+    ch: &mut Chan,
+    c: &mut Conn,
+    fs: &FrontStats,
+    id: ConnId,
+    max_frame: u32,
+    now: u32,
+) -> (ReadResult, usize) {
+    let mut budget = READ_BUDGET;
+    let mut heartbeats = 0;
+    let limit = ch.req.max_payload();
+    loop {
+        let carry = c.carry.len();
+        // A partial frame of known size needs room for all of it, so it is carried at most
+        // once more; otherwise any room beyond the carry will do.
+        let min = match frame_len(&c.carry) {
+            Some(len) => FRAME_HEADER + len,
+            None => carry + 1,
+        }
+        .min(limit);
+        let max = (carry + READ_CHUNK).max(min);
+        let mut grant = match ch.req.reserve_up_to(min, max) {
+            Ok(g) => g,
+            Err(ReserveError::Full) => return (ReadResult::Blocked, heartbeats),
+            Err(e) => return (ReadResult::Corrupt(e), heartbeats),
+        };
+        grant[..carry].copy_from_slice(&c.carry);
+        let room = grant.len() - carry;
+        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[carry..])]) {
+            Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.readable = false;
+                return (ReadResult::Drained, heartbeats);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
+        };
+        let filled = carry + n;
+        // Walk the frames of this read.
+        let mut pos = 0;
+        let mut frames = 0u64;
+        let mut beats = 0u64;
+        while let Some(len) = frame_len(&grant[pos..filled]) {
+            if len > max_frame as usize {
+                return (ReadResult::TooLarge(len as u32), heartbeats);
+            }
+            if filled - pos - FRAME_HEADER < len {
+                break;
+            }
+            if len == 0 {
+                // A length-0 frame answers our outstanding ping if there is one, and otherwise
+                // asks for an answer: so pings and heartbeats never bounce back and forth.
+                beats += 1;
+                if c.ping_outstanding {
+                    c.ping_outstanding = false;
+                } else {
+                    heartbeats += 1;
+                }
+            } else {
+                frames += 1;
+            }
+            pos += FRAME_HEADER + len;
+        }
+        if frames + beats > 0 {
+            c.last_rx = now;
+        }
+        if frames > 0 {
+            c.last_data = now;
+        }
+        if beats > 0 {
+            add(&fs.heartbeats, beats);
+        }
+        // The carried bytes were copied in; the new partial tail is copied out.
+        let copied = carry + (filled - pos);
+        c.carry.clear();
+        c.carry.extend_from_slice(&grant[pos..filled]);
+        if frames > 0 {
+            grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
+            ch.dirty = true;
+            add(&fs.frames_in, frames);
+        }
+        add(&fs.bytes_in, n as u64);
+        if copied > 0 {
+            add(&fs.bytes_copied, copied as u64);
+        }
+        if c.carry.is_empty() && c.carry.capacity() > 4096 {
+            c.carry = Vec::new();
+        }
+        if n < room {
+            // A short read emptied the socket; the next arrival raises a new edge.
+            c.readable = false;
+            return (ReadResult::Drained, heartbeats);
+        }
+        budget = budget.saturating_sub(n);
+        if budget == 0 {
+            return (ReadResult::Budget, heartbeats);
+        }
+    }
+}
+
+/// Writes `iov` to the connection unless it already has queued bytes (order), and queues the
+/// rest. Errors with the close reason when the connection must go.
+pub(super) fn send_to(
+    c: &mut Conn,
+    iov: &[IoSlice<'_>],
+    fs: &FrontStats,
+    max_pending: usize,
+) -> Result<(), CloseReason> {
+    let total: usize = iov.iter().map(|s| s.len()).sum();
+    let mut written = 0;
+    if c.pending() == 0 {
+        loop {
+            match (&c.stream).write_vectored(iov) {
+                Ok(n) => {
+                    written = n;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(CloseReason::IoError),
+            }
+        }
+        add(&fs.bytes_out, written as u64);
+    }
+    if written < total {
+        let mut skip = written;
+        for s in iov {
+            if skip >= s.len() {
+                skip -= s.len();
+                continue;
+            }
+            c.out.extend_from_slice(&s[skip..]);
+            skip = 0;
+        }
+        add(&fs.bytes_copied, (total - written) as u64);
+        if c.pending() > max_pending {
+            return Err(CloseReason::SlowConsumer);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Heartbeats and timeouts: when to ping a connection, when to give up on it, and what the
+//! kernel says about it (TCP_INFO), plus the kernel's own backstops (keepalive,
+//! TCP_USER_TIMEOUT).
+
+use std::os::fd::AsRawFd;
+
+use shmrelay_worker::CloseReason;
+
+use super::conn::{Conn, ConnState};
+use crate::config::Config;
+
+/// Timer resolution.
+pub(super) const TICK_MS: u64 = 10;
+
+pub(super) enum Verdict {
+    Close(CloseReason),
+    /// Send a ping now, then come back at the tick given.
+    Ping(u64),
+    /// Nothing to do until this tick.
+    Wait(u64),
+}
+
+pub(super) struct Liveness {
+    ping_min: u32,
+    ping_max: u32,
+    timeout: Option<u32>,
+    idle: u32,
+}
+
+impl Liveness {
+    pub fn new(cfg: &Config) -> Liveness {
+        let ticks = |ms: u64| (ms / TICK_MS).clamp(1, u32::MAX as u64 / 4) as u32;
+        Liveness {
+            ping_min: ticks(cfg.ping_min_ms),
+            ping_max: ticks(cfg.ping_max_ms),
+            timeout: cfg.heartbeat_timeout_ms.map(ticks),
+            idle: if cfg.idle_timeout_ms == 0 {
+                0
+            } else {
+                ticks(cfg.idle_timeout_ms)
+            },
+        }
+    }
+
+    /// The ping interval for a connection: 64 round trips, within the configured bounds, so a
+    /// high-latency (mobile) link is pinged less often than a LAN one.
+    pub fn interval(&self, rtt_us: u32) -> u32 {
+        let ticks = (rtt_us as u64 * 64 / 1000 / TICK_MS).min(u32::MAX as u64) as u32;
+        ticks.clamp(self.ping_min, self.ping_max)
+    }
+
+    /// Nothing received for this long closes the connection: 1.5x its interval by default.
+    pub fn timeout(&self, interval: u32) -> u32 {
+        self.timeout.unwrap_or(interval + interval / 2)
+    }
+
+    /// The first check of a new connection.
+    pub fn first(&self, now: u32) -> u64 {
+        let next = now as u64 + self.interval(0) as u64;
+        if self.idle > 0 {
+            next.min(now as u64 + self.idle as u64)
+        } else {
+            next
+        }
+    }
+
+    /// What to do with `c` at tick `now` (ticks are u32 and compared with wrapping arithmetic).
+    pub fn check(&self, c: &Conn, now: u32, now64: u64) -> Verdict {
+        let interval = self.interval(c.rtt_us);
+        let timeout = self.timeout(interval);
+        let since_rx = now.wrapping_sub(c.last_rx);
+        let since_data = now.wrapping_sub(c.last_data);
+        if self.idle > 0 && since_data >= self.idle {
+            return Verdict::Close(CloseReason::IdleTimeout);
+        }
+        if since_rx >= timeout {
+            return Verdict::Close(CloseReason::HeartbeatTimeout);
+        }
+        let mut next = now64 + (timeout - since_rx) as u64;
+        if self.idle > 0 {
+            next = next.min(now64 + (self.idle - since_data) as u64);
+        }
+        if c.state == ConnState::Open && !c.ping_outstanding {
+            if since_rx >= interval {
+                return Verdict::Ping(next);
+            }
+            next = next.min(now64 + (interval - since_rx) as u64);
+        }
+        Verdict::Wait(next)
+    }
+}
+
+/// Turns on keepalive and TCP_USER_TIMEOUT, the kernel's backstops for a peer that vanished
+/// without a FIN (our own heartbeats normally notice first).
+pub(super) fn configure_socket(stream: &mio::net::TcpStream, timeout_ms: u64) {
+    let fd = stream.as_raw_fd();
+    let secs = (timeout_ms / 1000).clamp(1, 3600) as libc::c_int;
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: a valid socket fd, an int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs * 2);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs.max(1));
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        (timeout_ms * 2).min(i32::MAX as u64) as libc::c_int,
+    );
+}
+
+/// Smoothed RTT (microseconds) and total retransmissions of a socket.
+pub(super) fn tcp_info(stream: &mio::net::TcpStream) -> Option<(u32, u32)> {
+    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket fd and a buffer of `len` bytes that the kernel fills.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some((info.tcpi_rtt, info.tcpi_total_retrans))
+}
+
+/// The histogram bucket of an RTT: `floor(log2(us))`, clamped.
+pub(super) fn rtt_bucket(rtt_us: u32) -> usize {
+    (32 - rtt_us.max(1).leading_zeros() as usize - 1).min(crate::stats::RTT_BUCKETS - 1)
+}
