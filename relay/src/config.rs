@@ -19,6 +19,10 @@
 //! max_pending = 4194304      # reply bytes queued for a client that does not read
 //! # ring_capacity = 4194304  # bytes per ring; default fits two max frames
 //! drain_ms = 5000            # how long shutdown waits for in-flight replies
+//! crash_limit = 5            # a worker crashing this often...
+//! crash_window_ms = 30000    # ...within this window is marked failed (its clients get an error)
+//! hang_timeout_ms = 5000     # frames waiting this long for a worker that does not move: hung
+//! kill_hung = true           # replace a hung worker (false: only report it)
 //! backlog = 4096             # listen backlog
 //! ```
 
@@ -67,6 +71,15 @@ pub struct Config {
     pub drain_ms: u64,
     /// Listen backlog.
     pub backlog: i32,
+    /// Crashes of one worker within `crash_window_ms` that mark it failed.
+    pub crash_limit: u32,
+    /// The window for `crash_limit`.
+    pub crash_window_ms: u64,
+    /// A worker whose request ring holds frames and whose position has not moved for this
+    /// long is hung.
+    pub hang_timeout_ms: u64,
+    /// Kill and replace a hung worker (otherwise only report it).
+    pub kill_hung: bool,
 }
 
 impl Default for Config {
@@ -91,6 +104,10 @@ impl Default for Config {
             ring_capacity: None,
             drain_ms: 5_000,
             backlog: 4096,
+            crash_limit: 5,
+            crash_window_ms: 30_000,
+            hang_timeout_ms: 5_000,
+            kill_hung: true,
         }
     }
 }

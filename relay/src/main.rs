@@ -14,6 +14,7 @@ use shmrelay::front::{self, inherited_fd, ChannelFds, FrontSettings};
 use shmrelay::stats::Stats;
 
 mod supervisor;
+mod watchdog;
 
 /// Relay long-lived TCP connections to worker processes through shared-memory rings.
 #[derive(Parser)]

@@ -1,7 +1,7 @@
 //! The supervisor: owns every shared resource, starts the fronts and workers, restarts them,
 //! and on SIGINT/SIGTERM drains and removes everything it created.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -16,11 +16,13 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use shm_ring::{EventFd, ShmRing};
+use shm_ring::{Doorbell, EventFd, Meta, ShmRing};
 use shmrelay::config::Config;
 use shmrelay::names::{self, Dir};
-use shmrelay::stats::{unix_ms, Stats};
-use shmrelay_worker::protocol::env;
+use shmrelay::stats::{unix_ms, Stats, WorkerState};
+use shmrelay_worker::protocol::{env, tag};
+
+use crate::watchdog::{self, Growth, Hang, HangWatch};
 use tracing::{error, info, warn};
 
 /// Restart delay after the first quick crash; doubles per further quick crash.
@@ -50,6 +52,11 @@ struct Slot {
     starts: u32,
     quick_crashes: u32,
     restart_at: Option<Instant>,
+    /// Recent crash times, for the crash limit.
+    crashes: VecDeque<Instant>,
+    /// Crashed too often: not restarted.
+    failed: bool,
+    growth: Growth,
 }
 
 /// Everything one instance owns.
@@ -57,12 +64,18 @@ struct Instance {
     cfg: Config,
     exe: PathBuf,
     stats: Stats,
-    listener: std::net::TcpListener,
+    /// One listening socket per front, all bound to the port with SO_REUSEPORT: the kernel
+    /// spreads new connections over them, and a dead front's socket (held here) keeps its
+    /// queue until the front's replacement accepts from it.
+    listeners: Vec<std::net::TcpListener>,
     /// rings[f][w] = (request, reply)
     rings: Vec<Vec<(ShmRing, ShmRing)>>,
     front_bells: Vec<Arc<EventFd>>,
     worker_bells: Vec<Arc<EventFd>>,
     slots: HashMap<Role, Slot>,
+    /// hangs[f][w] watches request ring (f, w).
+    hangs: Vec<Vec<HangWatch>>,
+    supervisor_growth: Growth,
 }
 
 /// Runs the relay until SIGINT or SIGTERM.
@@ -74,9 +87,10 @@ pub fn run(cfg: Config) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the SIGINT/SIGTERM handler")?;
     }
-    claim_instance(&cfg.instance)?;
+    let stale = claim_instance(&cfg.instance)?;
+    let orphans = kill_orphans(&cfg.instance);
     let instance = cfg.instance.clone();
-    let mut inst = match Instance::create(cfg) {
+    let mut inst = match Instance::create(cfg, stale, orphans) {
         Ok(i) => i,
         Err(e) => {
             // Nothing runs yet: remove whatever part of the instance was created.
@@ -89,8 +103,22 @@ pub fn run(cfg: Config) -> Result<()> {
     result
 }
 
-/// Refuses to start over a live instance of the same name; removes a dead one's segments.
-fn claim_instance(instance: &str) -> Result<()> {
+/// Kills processes left from a dead run of this instance; returns how many.
+fn kill_orphans(instance: &str) -> usize {
+    let orphans = watchdog::orphans(instance, std::process::id());
+    for &pid in &orphans {
+        warn!(
+            pid,
+            instance, "killing a process left over from a dead run of this instance"
+        );
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    orphans.len()
+}
+
+/// Refuses to start over a live instance of the same name; removes a dead one's segments
+/// and returns how many there were.
+fn claim_instance(instance: &str) -> Result<usize> {
     let stats_path = names::stats_path(instance);
     if stats_path.exists() {
         let live = Stats::open_readonly(&stats_path)
@@ -110,7 +138,7 @@ fn claim_instance(instance: &str) -> Result<()> {
         );
         remove_files(instance, &stale);
     }
-    Ok(())
+    Ok(stale.len())
 }
 
 fn remove_files(instance: &str, files: &[PathBuf]) {
@@ -127,7 +155,7 @@ fn remove_files(instance: &str, files: &[PathBuf]) {
 }
 
 impl Instance {
-    fn create(cfg: Config) -> Result<Instance> {
+    fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Instance> {
         let exe = std::env::current_exe().context("locating the shmrelay binary")?;
         let stats = Stats::create(&names::stats_path(&cfg.instance), cfg.fronts, cfg.workers)
             .with_context(|| {
@@ -136,6 +164,10 @@ impl Instance {
                     names::stats_path(&cfg.instance).display()
                 )
             })?;
+        let h = stats.header();
+        h.stale_segments_removed
+            .store(stale as u64, Ordering::Relaxed);
+        h.orphans_killed.store(orphans as u64, Ordering::Relaxed);
         let cap = cfg.ring_capacity();
         let mut rings = Vec::new();
         for f in 0..cfg.fronts {
@@ -157,7 +189,14 @@ impl Instance {
             .map(|_| bell())
             .collect::<Result<Vec<_>>>()?;
         let addr: SocketAddr = cfg.listen.parse()?;
-        let listener = listen(addr, cfg.backlog).with_context(|| format!("listening on {addr}"))?;
+        let first = listen(addr, cfg.backlog).with_context(|| format!("listening on {addr}"))?;
+        // Port 0 resolves on the first bind; the others join that port.
+        let bound = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..cfg.fronts {
+            listeners
+                .push(listen(bound, cfg.backlog).with_context(|| format!("listening on {bound}"))?);
+        }
         info!(
             instance = cfg.instance,
             fronts = cfg.fronts,
@@ -165,15 +204,20 @@ impl Instance {
             ring_capacity = cap,
             "segments created"
         );
+        let (fronts, workers) = (cfg.fronts, cfg.workers);
         Ok(Instance {
             cfg,
             exe,
             stats,
-            listener,
+            listeners,
             rings,
             front_bells,
             worker_bells,
             slots: HashMap::new(),
+            hangs: (0..fronts)
+                .map(|_| (0..workers).map(|_| HangWatch::default()).collect())
+                .collect(),
+            supervisor_growth: Growth::default(),
         })
     }
 
@@ -182,7 +226,7 @@ impl Instance {
             let ready = self.start(Role::Front(f))?;
             wait_ready(ready, f)?;
         }
-        let addr = self.listener.local_addr()?;
+        let addr = self.listeners[0].local_addr()?;
         for w in 0..self.cfg.workers {
             self.start(Role::Worker(w))?;
         }
@@ -192,6 +236,8 @@ impl Instance {
             self.cfg.instance
         );
         let _ = std::io::stdout().flush();
+        let mut last_watch = Instant::now();
+        let mut last_metrics = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             self.reap();
             self.restart_due()?;
@@ -199,6 +245,14 @@ impl Instance {
                 .header()
                 .supervisor_active_ns
                 .store(shm_ring::monotonic_ns(), Ordering::Relaxed);
+            if last_watch.elapsed() >= Duration::from_millis(100) {
+                last_watch = Instant::now();
+                self.watch_hangs();
+            }
+            if last_metrics.elapsed() >= Duration::from_secs(1) {
+                last_metrics = Instant::now();
+                self.sample_processes();
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         info!("stopping");
@@ -229,12 +283,13 @@ impl Instance {
                     })
                     .collect();
                 let (listen_fd, bell, stats_fd) = (
-                    self.listener.as_raw_fd(),
+                    self.listeners[f].as_raw_fd(),
                     self.front_bells[f].as_raw_fd(),
                     self.stats.fd().as_raw_fd(),
                 );
                 keep.extend([listen_fd, bell, stats_fd, ready_w.as_raw_fd()]);
-                cmd.env("SHMRELAY_LISTEN_FD", listen_fd.to_string())
+                cmd.env(env::INSTANCE, &self.cfg.instance)
+                    .env("SHMRELAY_LISTEN_FD", listen_fd.to_string())
                     .env("SHMRELAY_DOORBELL_FD", bell.to_string())
                     .env("SHMRELAY_STATS_FD", stats_fd.to_string())
                     .env("SHMRELAY_READY_FD", ready_w.as_raw_fd().to_string())
@@ -310,11 +365,22 @@ impl Instance {
         // The child is reaped with waitpid in `reap`; the handle is not needed.
         drop(child);
         info!(%role, pid = pid.as_raw(), starts, "started");
-        if let Role::Worker(w) = role {
-            self.stats
-                .worker(w)
-                .pid
-                .store(pid.as_raw() as u32, Ordering::Relaxed);
+        match role {
+            Role::Worker(w) => {
+                let ws = self.stats.worker(w);
+                ws.pid.store(pid.as_raw() as u32, Ordering::Relaxed);
+                ws.state
+                    .store(WorkerState::Running as u32, Ordering::Relaxed);
+                for f in 0..self.cfg.fronts {
+                    self.hangs[f][w].reset();
+                }
+            }
+            Role::Front(f) => {
+                let fp = self.stats.front_process(f);
+                fp.pid.store(pid.as_raw() as u32, Ordering::Relaxed);
+                fp.restarts.store(starts, Ordering::Relaxed);
+                fp.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
+            }
         }
         let slot = self.slots.entry(role).or_insert(Slot {
             pid: None,
@@ -322,6 +388,9 @@ impl Instance {
             starts: 0,
             quick_crashes: 0,
             restart_at: None,
+            crashes: VecDeque::new(),
+            failed: false,
+            growth: Growth::default(),
         });
         slot.pid = Some(pid);
         slot.started = Instant::now();
@@ -347,6 +416,30 @@ impl Instance {
             };
             slot.pid = None;
             let lived = slot.started.elapsed();
+            let window = Duration::from_millis(self.cfg.crash_window_ms);
+            slot.crashes.push_back(Instant::now());
+            while slot.crashes.front().is_some_and(|t| t.elapsed() > window) {
+                slot.crashes.pop_front();
+            }
+            if let Role::Worker(w) = role {
+                if slot.crashes.len() as u32 >= self.cfg.crash_limit {
+                    slot.failed = true;
+                    let crashes = slot.crashes.len();
+                    let ws = self.stats.worker(w);
+                    ws.crashes.fetch_add(1, Ordering::Relaxed);
+                    ws.pid.store(0, Ordering::Relaxed);
+                    ws.state
+                        .store(WorkerState::Failed as u32, Ordering::Relaxed);
+                    error!(%role, crashes, ?window, "crashed too often: marked failed, its clients get an error");
+                    let all_failed = (0..self.cfg.workers)
+                        .all(|i| self.slots.get(&Role::Worker(i)).is_some_and(|s| s.failed));
+                    if all_failed {
+                        self.stats.header().pool_failed.store(1, Ordering::Relaxed);
+                        error!("every worker failed: new connections are refused");
+                    }
+                    continue;
+                }
+            }
             slot.quick_crashes = if lived >= STABLE_AFTER {
                 0
             } else {
@@ -363,8 +456,13 @@ impl Instance {
                     let ws = self.stats.worker(w);
                     ws.crashes.fetch_add(1, Ordering::Relaxed);
                     ws.pid.store(0, Ordering::Relaxed);
+                    ws.state
+                        .store(WorkerState::Restarting as u32, Ordering::Relaxed);
                 }
-                Role::Front(f) => self.forget_front_connections(f),
+                Role::Front(f) => {
+                    self.forget_front_connections(f);
+                    self.reset_front_rings(f);
+                }
             }
             warn!(%role, pid = pid.as_raw(), ?status, ?lived, restart_in = ?delay, "process exited; restarting");
         }
@@ -382,6 +480,141 @@ impl Instance {
         });
         for slot in 0..shmrelay::stats::ADDR_SLOTS {
             self.stats.addr_slot(f, slot).store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells every worker that front `f` died, by a FRONT_RESET record in each of its request
+    /// rings (the supervisor is the producer while no front is): each worker reports a CLOSE
+    /// for every connection of that front. Replies still in the reply rings are dropped by the
+    /// new front as stale (its connection ids start at new generations).
+    fn reset_front_rings(&mut self, f: usize) {
+        for w in 0..self.cfg.workers {
+            let ring = &self.rings[f][w].0;
+            let mut tx = match shm_ring::Producer::new(ring) {
+                Ok(tx) => tx,
+                Err(e) => {
+                    error!(front = f, worker = w, "cannot reset the request ring: {e}");
+                    continue;
+                }
+            };
+            tx.set_doorbell(Doorbell::Both(self.worker_bells[w].clone()));
+            let meta = Meta::tag(tag::FRONT_RESET).conn(f as u64);
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                match tx.push(meta, &[]) {
+                    Ok(_) => {
+                        tx.publish();
+                        break;
+                    }
+                    Err(shm_ring::ReserveError::Full) if Instant::now() < deadline => {
+                        let _ = tx.wait_for_space(0, Some(Duration::from_millis(50)));
+                    }
+                    Err(e) => {
+                        warn!(
+                            front = f,
+                            worker = w,
+                            "worker not told of the dead front's connections: {e}"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Samples every worker's request rings for a hang; reports it and, if configured, kills
+    /// the worker (the reaper restarts it, and its replacement gets the waiting frames).
+    fn watch_hangs(&mut self) {
+        let timeout = Duration::from_millis(self.cfg.hang_timeout_ms);
+        for w in 0..self.cfg.workers {
+            let Some(pid) = self.slots.get(&Role::Worker(w)).and_then(|s| s.pid) else {
+                continue;
+            };
+            let mut hung = None;
+            let mut recovered = false;
+            for f in 0..self.cfg.fronts {
+                match self.hangs[f][w].sample(&self.rings[f][w].0, timeout) {
+                    Hang::Detected(d) => hung = Some(d),
+                    Hang::Recovered => recovered = true,
+                    Hang::Fine | Hang::Ongoing => {}
+                }
+            }
+            let ws = self.stats.worker(w);
+            if let Some(d) = hung {
+                ws.hangs.fetch_add(1, Ordering::Relaxed);
+                ws.state.store(WorkerState::Hung as u32, Ordering::Relaxed);
+                if self.cfg.kill_hung {
+                    error!(worker = w, pid = pid.as_raw(), stuck = ?d, "worker hung: killing it; its replacement gets the waiting frames");
+                    let _ = kill(pid, Signal::SIGKILL);
+                } else {
+                    error!(worker = w, pid = pid.as_raw(), stuck = ?d, "worker hung (kill_hung = false: left running)");
+                }
+            } else if recovered {
+                info!(worker = w, pid = pid.as_raw(), "worker consuming again");
+                ws.state
+                    .store(WorkerState::Running as u32, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Memory and fd counts of every process, and growth beyond what their work explains.
+    fn sample_processes(&mut self) {
+        let h = self.stats.header();
+        let me = std::process::id();
+        if let Some((rss, fds)) = watchdog::process_metrics(me) {
+            h.supervisor_rss_kb.store(rss, Ordering::Relaxed);
+            h.supervisor_fds.store(fds, Ordering::Relaxed);
+            self.note_growth(None, me, rss, fds, 0);
+        }
+        let roles: Vec<(Role, Pid)> = self
+            .slots
+            .iter()
+            .filter_map(|(r, s)| Some((*r, s.pid?)))
+            .collect();
+        for (role, pid) in roles {
+            let Some((rss, fds)) = watchdog::process_metrics(pid.as_raw() as u32) else {
+                continue;
+            };
+            let (block, conns) = match role {
+                Role::Worker(w) => (self.stats.worker(w), 0),
+                Role::Front(f) => (
+                    self.stats.front_process(f),
+                    self.stats.front(f).conns_open.load(Ordering::Relaxed),
+                ),
+            };
+            block.rss_kb.store(rss, Ordering::Relaxed);
+            block.fds.store(fds, Ordering::Relaxed);
+            self.note_growth(Some(role), pid.as_raw() as u32, rss, fds, conns);
+        }
+    }
+
+    fn note_growth(&mut self, role: Option<Role>, pid: u32, rss: u64, fds: u64, conns: u64) {
+        // A connection legitimately holds one fd and a few KiB (socket buffers are the kernel's).
+        let g = match role {
+            Some(r) => match self.slots.get_mut(&r) {
+                Some(s) => &mut s.growth,
+                None => return,
+            },
+            None => &mut self.supervisor_growth,
+        };
+        let ev = g.sample(pid, rss, fds, conns, conns * 4);
+        let h = self.stats.header();
+        let who = role.map_or("supervisor".to_owned(), |r| r.to_string());
+        if ev.fds {
+            h.fd_growth_events.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                process = who,
+                pid, fds, "open fds grew beyond the baseline: possible fd leak"
+            );
+        }
+        if ev.rss {
+            h.rss_growth_events.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                process = who,
+                pid,
+                rss_kb = rss,
+                "resident memory doubled beyond the baseline: possible leak"
+            );
         }
     }
 
@@ -497,9 +730,7 @@ fn wait_ready(ready: Option<OwnedFd>, f: usize) -> Result<()> {
     }
 }
 
-/// A listening socket for all fronts to share. One socket rather than one per front with
-/// SO_REUSEPORT: a front that dies loses no queued connection, and the port stays open while
-/// it restarts.
+/// A listening socket with SO_REUSEPORT, so that one per front can share the port.
 fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
     use nix::sys::socket::{
         bind, listen as nix_listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
@@ -512,6 +743,7 @@ fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListen
     };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     nix_listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
     // SAFETY: `fd` is a listening TCP socket we own; ownership moves into the listener.

@@ -39,6 +39,19 @@ unsafe impl<T: RingStorage + ?Sized> RingStorage for Arc<T> {
     }
 }
 
+// SAFETY: forwards to `T`, whose guarantees hold for as long as the borrow.
+unsafe impl<T: RingStorage + ?Sized> RingStorage for &T {
+    fn header(&self) -> &RingHeader {
+        (**self).header()
+    }
+    fn data(&self) -> *mut u8 {
+        (**self).data()
+    }
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+}
+
 /// A ring on the heap: for one process, for tests, and for loom.
 ///
 /// # Examples

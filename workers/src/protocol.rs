@@ -8,6 +8,7 @@
 //! | [`tag::OPEN`] | new connection | 0 | peer address, UTF-8 |
 //! | [`tag::DATA`] | connection | 0 | one or more whole wire frames (4-byte big-endian length, payload), exactly as read from the socket; length-0 frames (heartbeats) may be among them and are skipped by the SDK |
 //! | [`tag::CLOSE`] | connection | [`CloseReason`] code | empty |
+//! | [`tag::FRONT_RESET`] | front index | 0 | empty (written by the supervisor after the front died) |
 //!
 //! A record flagged [`flags::REDELIVERED`] (set by the SDK, not the front) was published before
 //! the current worker attached and may have been seen by its predecessor.
@@ -32,6 +33,11 @@ pub mod tag {
     pub const CLOSE: u16 = 3;
     /// Reply ring: frames to write to the client.
     pub const SEND: u16 = 4;
+    /// Request ring, written by the supervisor: the front died; every connection of the front
+    /// in the record's `conn` field (the front index) is gone. The SDK turns it into a CLOSE
+    /// with [`CloseReason::FrontGone`](super::CloseReason::FrontGone) for each connection of
+    /// that front it saw open.
+    pub const FRONT_RESET: u16 = 5;
 }
 
 /// Record flags.
@@ -159,6 +165,8 @@ close_reasons! {
     Rejected = 9 => "rejected",
     /// A socket error (reset by peer, ...).
     IoError = 10 => "io_error",
+    /// The front process that owned the connection died.
+    FrontGone = 11 => "front_gone",
 }
 
 impl std::fmt::Display for CloseReason {

@@ -158,6 +158,9 @@ pub struct Worker {
     /// Per front: frames ending at or below this request position were answered by the
     /// previous worker and are skipped.
     answered: Vec<u64>,
+    /// Per front: the connections this worker saw opened and not closed, so that a front's
+    /// death can be reported as a CLOSE for each of them.
+    open: Vec<std::collections::HashSet<ConnId>>,
     doorbell: Arc<EventFd>,
 }
 
@@ -192,6 +195,7 @@ impl Worker {
             reps: Vec::new(),
             redeliver_below: Vec::new(),
             answered: Vec::new(),
+            open: Vec::new(),
             doorbell,
         };
         for entry in channels.split(',').filter(|e| !e.is_empty()) {
@@ -275,6 +279,7 @@ impl Worker {
             self.reps.resize_with(front + 1, || None);
             self.redeliver_below.resize(front + 1, 0);
             self.answered.resize(front + 1, 0);
+            self.open.resize_with(front + 1, Default::default);
         }
         self.reqs[front] = Some(rx);
         self.reps[front] = Some(tx);
@@ -327,6 +332,7 @@ impl Worker {
             let corrupt = |detail: String| WorkerError::Corrupt { front, detail };
             let below = self.redeliver_below[front];
             let answered = self.answered[front];
+            let open = &mut self.open[front];
             let mut out = Out {
                 reps: &mut self.reps,
                 answering: 0,
@@ -343,6 +349,7 @@ impl Worker {
                 let redelivered = rec.position() < below || rec.flags() & flags::REDELIVERED != 0;
                 match rec.tag() {
                     tag::OPEN => {
+                        open.insert(conn);
                         handler.on_open(conn, &String::from_utf8_lossy(rec.payload()), &mut out)
                     }
                     tag::DATA => {
@@ -358,7 +365,13 @@ impl Worker {
                         out.answering = 0;
                     }
                     tag::CLOSE => {
+                        open.remove(&conn);
                         handler.on_close(conn, CloseReason::from_code(rec.aux()), &mut out)
+                    }
+                    tag::FRONT_RESET => {
+                        for conn in std::mem::take(open) {
+                            handler.on_close(conn, CloseReason::FrontGone, &mut out);
+                        }
                     }
                     other => return Err(corrupt(format!("unknown record tag {other}"))),
                 }

@@ -92,21 +92,39 @@ impl Conn {
 }
 
 /// The connection table: slots reused with a new generation, so a stale id never reaches a
-/// new connection.
-#[derive(Default)]
+/// new connection. New slots start at a generation derived from a per-process seed, so a
+/// restarted front does not reuse its predecessor's ids (replies still in flight to those are
+/// dropped as stale, not delivered to a stranger).
 pub(super) struct Slab {
     pub conns: Vec<Option<Conn>>,
     pub gens: Vec<u32>,
     free: Vec<u32>,
+    seed: u32,
 }
 
 impl Slab {
+    pub fn new(seed: u32) -> Slab {
+        Slab {
+            conns: Vec::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            seed,
+        }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
     pub fn insert(&mut self, conn: Conn) -> (u32, u32) {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
                 self.conns.push(None);
-                self.gens.push(0);
+                let n = self.conns.len() as u32;
+                self.gens
+                    .push(self.seed.wrapping_mul(n).rotate_left(13) & ConnId::GENERATION_MASK);
                 (self.conns.len() - 1) as u32
             }
         };

@@ -38,7 +38,7 @@ use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::stats::{add, FrontStats, Stats};
+use crate::stats::{add, FrontStats, Stats, WorkerState};
 use crate::timer::Wheel;
 use admission::Admission;
 use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
@@ -152,6 +152,11 @@ struct Front {
     now: u64,
     open: u64,
     draining: u64,
+    /// Open fds besides the connections' sockets: the fd self-check's baseline (0 until the
+    /// first check takes it).
+    base_fds: u64,
+    last_checks: Instant,
+    last_fd_check: Instant,
 }
 
 impl Front {
@@ -211,7 +216,8 @@ impl Front {
             paused: false,
             doorbell,
             chans,
-            slab: Slab::default(),
+            // Generations differ from any earlier incarnation of this front.
+            slab: Slab::new((shm_ring::monotonic_ns() as u32) | 1),
             ready: Vec::new(),
             next_worker: 0,
             stats,
@@ -222,6 +228,9 @@ impl Front {
             now: 0,
             open: 0,
             draining: 0,
+            base_fds: 0,
+            last_checks: Instant::now(),
+            last_fd_check: Instant::now(),
         })
     }
 
@@ -263,6 +272,15 @@ impl Front {
                 self.read_ready();
                 self.check_timers();
                 self.pause_when_overloaded();
+                if self.last_checks.elapsed() >= Duration::from_millis(100) {
+                    self.last_checks = Instant::now();
+                    self.check_workers();
+                }
+                // Listing /proc/self/fd costs O(connections): every few seconds only.
+                if self.last_fd_check.elapsed() >= Duration::from_secs(5) {
+                    self.last_fd_check = Instant::now();
+                    self.check_fds();
+                }
             }
             for ch in &mut self.chans {
                 if ch.dirty {
@@ -849,7 +867,39 @@ impl Front {
         debug!(%id, %reason, "closed");
     }
 
-    /// Stops using a worker's rings after its peer broke them; its connections are closed.
+    /// Gives up on workers the supervisor marked failed.
+    fn check_workers(&mut self) {
+        for w in 0..self.chans.len() {
+            let state = self.stats.worker(w).state.load(Ordering::Relaxed);
+            if !self.chans[w].broken && WorkerState::from_code(state) == WorkerState::Failed {
+                self.quarantine(w, "the worker crashed too often and was marked failed");
+            }
+        }
+    }
+
+    /// The connection table against the open fds: every connection holds one socket, and
+    /// nothing else should come or go. A difference is a leak (counted once per change).
+    fn check_fds(&mut self) {
+        let fds = count_fds();
+        if self.base_fds == 0 {
+            self.base_fds = fds.saturating_sub(self.slab.len() as u64);
+            return;
+        }
+        let expected = self.base_fds + self.slab.len() as u64;
+        if fds != expected {
+            let diff = fds.abs_diff(expected);
+            warn!(
+                front = self.index,
+                fds, expected, "open fds do not match the connection table"
+            );
+            add(&self.stats.header().leaked_conns, diff);
+            // Count each discrepancy once.
+            self.base_fds = fds - self.slab.len() as u64;
+        }
+    }
+
+    /// Stops using a worker's rings (its peer broke them, or it failed for good). Its
+    /// connections get an error frame and a close, never a hang.
     fn quarantine(&mut self, w: usize, detail: &str) {
         if self.chans[w].broken {
             return;
@@ -865,10 +915,22 @@ impl Front {
                     .is_some_and(|c| c.worker == w)
             })
             .collect();
+        let msg = b"shmrelay-error: worker unavailable";
+        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(msg);
         for slot in slots {
+            if let Some(c) = self.slab.conns[slot as usize].as_ref() {
+                // Best effort and non-blocking: the close follows either way.
+                let _ = (&c.stream).write(&frame);
+            }
             self.close_conn(slot, CloseReason::WorkerGone);
         }
     }
+}
+
+/// Open fds of this process.
+fn count_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64 - 1)
 }
 
 /// Writes a group of consecutive reply payloads of one connection (or counts them stale).

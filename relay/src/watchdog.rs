@@ -1,0 +1,233 @@
+//! What the supervisor watches besides exits: hung workers, and leaks (memory and fd growth,
+//! orphaned processes).
+
+use std::time::{Duration, Instant};
+
+use shm_ring::RingStorage;
+use shm_ring::ShmRing;
+
+use std::sync::atomic::Ordering;
+
+/// Resident memory (KiB) and open fds of a process, from /proc.
+pub fn process_metrics(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some((rss, fds))
+}
+
+/// Tracks one process's memory and fds against a baseline taken once it has settled, and
+/// says when either grew past its allowance (once per incident).
+#[derive(Default)]
+pub struct Growth {
+    pid: u32,
+    since: Option<Instant>,
+    base_rss: u64,
+    base_fds: u64,
+    rss_flagged: bool,
+    fds_flagged: bool,
+}
+
+/// What a sample found.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct GrowthEvents {
+    pub rss: bool,
+    pub fds: bool,
+}
+
+impl Growth {
+    /// Settling time before the baseline is taken.
+    const SETTLE: Duration = Duration::from_secs(5);
+
+    /// Feeds a sample. `expected_fds` and `expected_kb` are what the process legitimately holds
+    /// beyond its baseline now (a front's connections).
+    pub fn sample(
+        &mut self,
+        pid: u32,
+        rss_kb: u64,
+        fds: u64,
+        expected_fds: u64,
+        expected_kb: u64,
+    ) -> GrowthEvents {
+        if pid != self.pid {
+            *self = Growth {
+                pid,
+                since: Some(Instant::now()),
+                ..Growth::default()
+            };
+        }
+        let since = self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Self::SETTLE {
+            return GrowthEvents::default();
+        }
+        if self.base_rss == 0 {
+            self.base_rss = rss_kb.saturating_sub(expected_kb);
+            self.base_fds = fds.saturating_sub(expected_fds);
+            return GrowthEvents::default();
+        }
+        // Allowances: fds are exact but for a little slack; memory may double before anyone
+        // should call it a leak.
+        let fds_over = fds > self.base_fds + expected_fds + 16;
+        let rss_over = rss_kb > 2 * self.base_rss + expected_kb + 64 * 1024;
+        let ev = GrowthEvents {
+            rss: rss_over && !self.rss_flagged,
+            fds: fds_over && !self.fds_flagged,
+        };
+        self.rss_flagged = rss_over;
+        self.fds_flagged = fds_over;
+        ev
+    }
+}
+
+/// Watches one request ring for a consumer that stopped consuming while frames wait.
+#[derive(Default)]
+pub struct HangWatch {
+    last_head: u64,
+    stuck_since: Option<Instant>,
+    reported: bool,
+}
+
+/// The watch's verdict on one sample.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hang {
+    /// Consuming, or nothing to consume.
+    Fine,
+    /// Frames waited longer than the timeout without the consumer moving: report once.
+    Detected(Duration),
+    /// Still hung (already reported).
+    Ongoing,
+    /// It moved again after a reported hang.
+    Recovered,
+}
+
+impl HangWatch {
+    /// Samples the ring. An idle consumer (empty ring) is never hung, however long it sleeps.
+    pub fn sample(&mut self, ring: &ShmRing, timeout: Duration) -> Hang {
+        let h = ring.header();
+        let head = h.head.load(Ordering::Relaxed);
+        let tail = h.tail.load(Ordering::Relaxed);
+        if head != self.last_head || tail == head {
+            self.last_head = head;
+            self.stuck_since = None;
+            if std::mem::take(&mut self.reported) {
+                return Hang::Recovered;
+            }
+            return Hang::Fine;
+        }
+        let Some(since) = self.stuck_since else {
+            self.stuck_since = Some(Instant::now());
+            return Hang::Fine;
+        };
+        if since.elapsed() < timeout {
+            Hang::Fine
+        } else if self.reported {
+            Hang::Ongoing
+        } else {
+            self.reported = true;
+            Hang::Detected(since.elapsed())
+        }
+    }
+
+    /// Forgets the state (after the consumer was replaced).
+    pub fn reset(&mut self) {
+        *self = HangWatch::default();
+    }
+}
+
+/// Processes other than `me` whose environment names this instance: leftovers of a previous
+/// run whose supervisor died before they did (normally impossible: children die with the
+/// supervisor through PR_SET_PDEATHSIG).
+pub fn orphans(instance: &str, me: u32) -> Vec<u32> {
+    let needle = format!("SHMRELAY_INSTANCE={instance}");
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_is_flagged_once_per_incident() {
+        let mut g = Growth {
+            pid: 7,
+            since: Some(Instant::now() - Duration::from_secs(10)),
+            ..Growth::default()
+        };
+        assert_eq!(
+            g.sample(7, 10_000, 20, 0, 0),
+            GrowthEvents::default(),
+            "baseline"
+        );
+        assert_eq!(
+            g.sample(7, 10_000, 30, 0, 0),
+            GrowthEvents::default(),
+            "within slack"
+        );
+        assert_eq!(
+            g.sample(7, 10_000, 100, 0, 0),
+            GrowthEvents {
+                rss: false,
+                fds: true
+            }
+        );
+        assert_eq!(
+            g.sample(7, 10_000, 120, 0, 0),
+            GrowthEvents::default(),
+            "same incident"
+        );
+        assert_eq!(
+            g.sample(7, 10_000, 100, 90, 0),
+            GrowthEvents::default(),
+            "expected fds"
+        );
+        assert_eq!(
+            g.sample(7, 200_000, 20, 0, 0),
+            GrowthEvents {
+                rss: true,
+                fds: false
+            }
+        );
+    }
+
+    #[test]
+    fn idle_rings_are_never_hung() {
+        let ring = ShmRing::create_memfd("hang", 4096).unwrap();
+        let mut w = HangWatch::default();
+        assert_eq!(w.sample(&ring, Duration::ZERO), Hang::Fine);
+        let mut tx = shm_ring::Producer::new(&ring).unwrap();
+        tx.push(shm_ring::Meta::tag(1), b"x").unwrap();
+        tx.publish();
+        assert_eq!(
+            w.sample(&ring, Duration::ZERO),
+            Hang::Fine,
+            "first sight of frames starts the clock"
+        );
+        assert!(matches!(w.sample(&ring, Duration::ZERO), Hang::Detected(_)));
+        assert_eq!(w.sample(&ring, Duration::ZERO), Hang::Ongoing);
+        let mut rx = shm_ring::Consumer::new(&ring).unwrap();
+        let end = rx.records().unwrap().next().unwrap().unwrap().end();
+        rx.release(end);
+        assert_eq!(w.sample(&ring, Duration::ZERO), Hang::Recovered);
+    }
+
+    #[test]
+    fn metrics_of_this_process() {
+        let (rss, fds) = process_metrics(std::process::id()).unwrap();
+        assert!(rss > 0 && fds > 0);
+    }
+}
