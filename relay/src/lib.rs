@@ -11,7 +11,9 @@
 
 pub mod config;
 pub mod front;
+pub mod metrics;
 pub mod names;
+pub mod report;
 pub mod signals;
 pub mod stats;
 pub mod timer;

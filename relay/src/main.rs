@@ -13,6 +13,7 @@ use shmrelay::config::Config;
 use shmrelay::front::{self, inherited_fd, ChannelFds, FrontSettings};
 use shmrelay::stats::Stats;
 
+mod faults;
 mod supervisor;
 mod watchdog;
 
@@ -71,7 +72,7 @@ enum Cmd {
     /// Runs a built-in example worker (started by the supervisor).
     #[command(hide = true)]
     Worker {
-        /// `echo`, `pubsub` or `journal`.
+        /// `echo`, `pubsub`, `journal`, or `scribbler` (fault injection).
         kind: String,
     },
 }
@@ -198,6 +199,10 @@ fn run_worker(kind: &str) -> Result<()> {
         "echo" => worker.run(&mut examples::Echo)?,
         "pubsub" => worker.run(&mut examples::PubSub::default())?,
         "journal" => worker.run(&mut examples::Journal::default())?,
+        "scribbler" => {
+            let mut s = faults::Scribbler::from_env(worker.index());
+            worker.run(&mut s)?
+        }
         other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub, journal)"),
     }
     Ok(())

@@ -70,7 +70,7 @@ use crate::stats::{
 };
 
 pub mod host;
-mod prom;
+pub(crate) mod prom;
 
 pub use prom::prometheus;
 
@@ -611,14 +611,24 @@ impl InstanceReport {
         }
         for f in &self.fronts {
             if f.pid != 0 && f.liveness != Liveness::Alive {
-                p.push(format!("front {} (pid {}) is {}", f.index, f.pid, f.liveness.as_str()));
+                p.push(format!(
+                    "front {} (pid {}) is {}",
+                    f.index,
+                    f.pid,
+                    f.liveness.as_str()
+                ));
             }
         }
         for w in &self.workers {
             if w.state == "hung" || w.state == "failed" {
                 p.push(format!("worker {} is {}", w.index, w.state));
             } else if w.pid != 0 && w.liveness != Liveness::Alive {
-                p.push(format!("worker {} (pid {}) is {}", w.index, w.pid, w.liveness.as_str()));
+                p.push(format!(
+                    "worker {} (pid {}) is {}",
+                    w.index,
+                    w.pid,
+                    w.liveness.as_str()
+                ));
             }
         }
         for r in &self.rings {
@@ -883,7 +893,7 @@ pub fn fill_rates(prev: &InstanceReport, cur: &mut InstanceReport, interval: Dur
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A temp shm dir for one test; removed on drop.
@@ -934,10 +944,7 @@ mod tests {
         crate::stats::add(&stats.front(0).accepts, 3);
         crate::stats::add(&stats.front(0).bytes_in, 100);
         crate::stats::add(&stats.front(0).bytes_copied, 1);
-        crate::stats::add(
-            &stats.front(0).closes[CloseReason::ClientEof as usize],
-            2,
-        );
+        crate::stats::add(&stats.front(0).closes[CloseReason::ClientEof as usize], 2);
         let a = InstanceReport::from_stats("unit-nonexistent", &path, &stats);
         assert!(a.alive);
         assert_eq!(a.fronts.len(), 1);

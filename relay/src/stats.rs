@@ -149,6 +149,9 @@ pub struct FrontStats {
     pub retransmits: AtomicU64,
     /// 1 while the front stopped accepting because it is overloaded.
     pub paused: AtomicU64,
+    /// Bit `w` set: this front quarantined its rings with worker `w` (corrupt) and waits for
+    /// the supervisor to replace the worker and reset them; the supervisor clears the bit.
+    pub quarantined: AtomicU64,
 }
 
 /// One worker slot's state, as the supervisor sees it.

@@ -248,6 +248,7 @@ impl Instance {
             if last_watch.elapsed() >= Duration::from_millis(100) {
                 last_watch = Instant::now();
                 self.watch_hangs();
+                self.watch_quarantines();
             }
             if last_metrics.elapsed() >= Duration::from_secs(1) {
                 last_metrics = Instant::now();
@@ -458,6 +459,7 @@ impl Instance {
                     ws.pid.store(0, Ordering::Relaxed);
                     ws.state
                         .store(WorkerState::Restarting as u32, Ordering::Relaxed);
+                    self.reset_quarantined(w);
                 }
                 Role::Front(f) => {
                     self.forget_front_connections(f);
@@ -519,6 +521,50 @@ impl Instance {
                     }
                 }
             }
+        }
+    }
+
+    /// Replaces workers whose rings a front quarantined (they wrote garbage into shared
+    /// memory): kill the worker; once it is dead, reset the pair of rings and hand them back
+    /// to the front before the replacement attaches.
+    fn watch_quarantines(&mut self) {
+        for f in 0..self.cfg.fronts {
+            // Acquire: pairs with the front's Release when it set the bit after its last use.
+            let q = self.stats.front(f).quarantined.load(Ordering::Acquire);
+            for w in 0..self.cfg.workers {
+                if q & (1 << w) == 0 {
+                    continue;
+                }
+                match self.slots.get(&Role::Worker(w)).and_then(|s| s.pid) {
+                    Some(pid) => {
+                        error!(
+                            front = f,
+                            worker = w,
+                            pid = pid.as_raw(),
+                            "the front quarantined this worker's rings: replacing the worker"
+                        );
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                    None => self.reset_quarantined(w),
+                }
+            }
+        }
+    }
+
+    /// With worker `w` dead, resets every pair of rings a front quarantined with it.
+    fn reset_quarantined(&mut self, w: usize) {
+        for f in 0..self.cfg.fronts {
+            let fs = self.stats.front(f);
+            if fs.quarantined.load(Ordering::Acquire) & (1 << w) == 0 {
+                continue;
+            }
+            let (req, rep) = &self.rings[f][w];
+            req.reset();
+            rep.reset();
+            self.hangs[f][w].reset();
+            // Release: the front re-attaches once it sees the bit clear, after the reset.
+            fs.quarantined.fetch_and(!(1 << w), Ordering::Release);
+            info!(front = f, worker = w, "rings reset after quarantine");
         }
     }
 

@@ -297,3 +297,69 @@ fn stale_segments_of_a_dead_instance_are_removed_at_start() {
     assert_eq!(relay.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(relay.shm_files().is_empty());
 }
+
+#[test]
+fn worker_scribbling_on_shared_memory_is_quarantined_and_replaced() {
+    let w = format!(
+        "worker_cmd={:?}",
+        format!("{} worker scribbler", env!("CARGO_BIN_EXE_shmrelay"))
+    );
+    for (i, scribble) in [&b"scribble:tail"[..], b"scribble:record", b"scribble:head"]
+        .into_iter()
+        .enumerate()
+    {
+        let relay = Relay::start(&format!("scribble{i}"), &["--workers", "2", "--set", &w]);
+        let front_pid = relay.stats().front(0).pid.load(Ordering::Relaxed);
+        // Connections alternate between the two workers.
+        let mut clients: Vec<(Client, Vec<u8>)> = (0..6)
+            .map(|_| {
+                let mut c = relay.connect();
+                let who = c.try_roundtrip(b"whoami").unwrap();
+                (c, who)
+            })
+            .collect();
+        let (bad, good): (Vec<_>, Vec<_>) = clients.drain(..).partition(|(_, who)| who == b"0");
+        let mut bad: Vec<Client> = bad.into_iter().map(|(c, _)| c).collect();
+        let mut good: Vec<Client> = good.into_iter().map(|(c, _)| c).collect();
+        assert!(!bad.is_empty() && !good.is_empty());
+        bad[0].send(scribble);
+        // Worker 0's clients get the error and a close; worker 1's keep being served.
+        for c in &mut bad {
+            c.stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut got_error = false;
+            while let Some(f) = c.recv() {
+                if f == b"shmrelay-error: worker unavailable" {
+                    got_error = true;
+                }
+            }
+            assert!(
+                got_error,
+                "{}: no error frame before the close",
+                String::from_utf8_lossy(scribble)
+            );
+        }
+        for c in &mut good {
+            assert_eq!(c.try_roundtrip(b"fine").as_deref(), Some(&b"fine"[..]));
+        }
+        let s = relay.stats();
+        assert_eq!(s.front(0).corrupt_rings.load(Ordering::Relaxed), 1);
+        // The worker is replaced, the rings reset and handed back: new clients reach it.
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let mut c = relay.connect();
+                c.try_roundtrip(b"whoami").as_deref() == Some(&b"0"[..])
+                    && c.try_roundtrip(b"again").as_deref() == Some(&b"again"[..])
+            }),
+            "{}: worker 0 never served again",
+            String::from_utf8_lossy(scribble)
+        );
+        assert_eq!(
+            s.front(0).pid.load(Ordering::Relaxed),
+            front_pid,
+            "the front never crashed"
+        );
+        assert_eq!(s.front(0).quarantined.load(Ordering::Relaxed), 0);
+    }
+}

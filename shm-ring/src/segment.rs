@@ -195,6 +195,21 @@ impl ShmRing {
         }
     }
 
+    /// Empties the ring by moving both positions back to zero and clearing the sleep and user
+    /// words, e.g. after a peer corrupted it. Only for a ring that nobody uses at the moment:
+    /// both sides must attach afresh afterwards (a live handle would see its position jump
+    /// backwards and report the ring corrupt).
+    pub fn reset(&self) {
+        let h = self.header();
+        h.head.store(0, Ordering::Relaxed);
+        h.tail.store(0, Ordering::Relaxed);
+        h.consumer_sleep.store(0, Ordering::Relaxed);
+        h.producer_sleep.store(0, Ordering::Relaxed);
+        for w in &h.user.0 {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// The user words of the header: 16 x u64 that the ring gives no meaning to.
     pub fn user_words(&self) -> &[crate::sync::AtomicU64; 16] {
         &self.header().user.0

@@ -104,6 +104,8 @@ struct Chan {
     blocked: Vec<(u32, u32)>,
     dirty: bool,
     broken: bool,
+    /// The worker's doorbell.
+    bell: Arc<EventFd>,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -188,8 +190,9 @@ impl Front {
             let mut rep = Consumer::new(rep).map_err(attach)?;
             // Workers block on a futex or poll their eventfd: ring both.
             req.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
-            rep.set_doorbell(Doorbell::Both(ch.worker_doorbell));
+            rep.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
             chans.push(Chan {
+                bell: ch.worker_doorbell,
                 req,
                 rep,
                 backlog: VecDeque::new(),
@@ -206,6 +209,7 @@ impl Front {
         fs.conns_open.store(0, Ordering::Relaxed);
         fs.conns_draining.store(0, Ordering::Relaxed);
         fs.paused.store(0, Ordering::Relaxed);
+        fs.quarantined.store(0, Ordering::Relaxed);
         Ok(Front {
             index: s.index,
             admission: Admission::new(&s.config, s.index),
@@ -867,12 +871,33 @@ impl Front {
         debug!(%id, %reason, "closed");
     }
 
-    /// Gives up on workers the supervisor marked failed.
+    /// Gives up on workers the supervisor marked failed, and takes back rings the supervisor
+    /// has reset after a quarantine.
     fn check_workers(&mut self) {
+        // Acquire: pairs with the supervisor's Release when it clears a bit after resetting
+        // the rings, so the reset positions are visible before we attach again.
+        let quarantined = self.fs.quarantined.load(Ordering::Acquire);
         for w in 0..self.chans.len() {
-            let state = self.stats.worker(w).state.load(Ordering::Relaxed);
-            if !self.chans[w].broken && WorkerState::from_code(state) == WorkerState::Failed {
+            let state = WorkerState::from_code(self.stats.worker(w).state.load(Ordering::Relaxed));
+            let ch = &mut self.chans[w];
+            if ch.broken {
+                if quarantined & (1 << w) == 0 && state != WorkerState::Failed {
+                    if let Err(e) = rearm(ch) {
+                        error!(
+                            front = self.index,
+                            worker = w,
+                            "rings still unusable after the reset: {e}"
+                        );
+                    }
+                }
+                continue;
+            }
+            if state == WorkerState::Failed {
                 self.quarantine(w, "the worker crashed too often and was marked failed");
+            } else if let Err(e) = ch.req.check() {
+                // The worker's position, which we rarely need to read while there is room.
+                let e = e.to_string();
+                self.quarantine(w, &e);
             }
         }
     }
@@ -906,6 +931,10 @@ impl Front {
         }
         error!(front = self.index, worker = w, "ring quarantined: {detail}");
         self.chans[w].broken = true;
+        self.chans[w].blocked.clear();
+        // Release: the supervisor may reset the rings once it sees the bit; our last use of
+        // them happened before this store.
+        self.fs.quarantined.fetch_or(1 << w, Ordering::Release);
         self.chans[w].backlog.clear();
         add(&self.fs.corrupt_rings, 1);
         let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
@@ -926,6 +955,25 @@ impl Front {
             self.close_conn(slot, CloseReason::WorkerGone);
         }
     }
+}
+
+/// Attaches afresh to a pair of rings the supervisor reset (positions back to zero), without
+/// publishing anything the old handles held.
+fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
+    let req = Producer::new(ch.req.storage().clone())?;
+    let rep = Consumer::new(ch.rep.storage().clone())?;
+    let bell = ch.bell.clone();
+    let mut req = req;
+    let mut rep = rep;
+    req.set_doorbell(Doorbell::Both(bell.clone()));
+    rep.set_doorbell(Doorbell::Both(bell));
+    std::mem::replace(&mut ch.req, req).abandon();
+    drop(std::mem::replace(&mut ch.rep, rep));
+    ch.backlog.clear();
+    ch.blocked.clear();
+    ch.dirty = false;
+    ch.broken = false;
+    Ok(())
 }
 
 /// Open fds of this process.

@@ -4,12 +4,12 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use super::{claim_side, release_side, SideStats, SPIN_LIMIT};
+use super::{activity_ns, claim_side, release_side, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError};
 use crate::layout::{record_size, RecordHeader, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
-use crate::wake::{futex_wait, monotonic_ns, Doorbell};
+use crate::wake::{futex_wait, Doorbell};
 
 /// The single reader of a ring.
 ///
@@ -193,7 +193,7 @@ impl<S: RingStorage> Consumer<S> {
         self.released = to;
         self.stats.records = self.stats.records.wrapping_add(self.counted.records.take());
         self.stats.bytes = self.stats.bytes.wrapping_add(self.counted.bytes.take());
-        self.stats.active_ns = monotonic_ns();
+        self.stats.active_ns = activity_ns();
         // SeqCst fence (mirror of P2 in wake.rs): orders the head store before the load of the
         // producer's sleep word; pairs with the fence in `Producer::prepare_park_for_space`.
         fence(Ordering::SeqCst);
@@ -263,13 +263,13 @@ impl<S: RingStorage> Consumer<S> {
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
         h.consumer_sleep.store(0, Ordering::Relaxed);
-        self.stats.active_ns = monotonic_ns();
+        self.stats.active_ns = activity_ns();
         self.stats.store(&h.consumer);
     }
 
     /// Records the consumer as alive now (an idle consumer's proof of life).
     pub fn heartbeat(&mut self) {
-        self.stats.active_ns = monotonic_ns();
+        self.stats.active_ns = activity_ns();
         self.stats.store(&self.storage.header().consumer);
     }
 }
@@ -372,6 +372,9 @@ impl<'a> Records<'a> {
         self.pos
     }
 
+    // `inline`: this crate's one non-generic hot path; without it every record costs a call
+    // across the crate boundary that returns a 56-byte Result through memory.
+    #[inline]
     fn next_record(&mut self) -> Result<Option<Record<'a>>, CorruptError> {
         let mask = self.cap - 1;
         loop {
@@ -456,6 +459,7 @@ impl<'a> Records<'a> {
 impl<'a> Iterator for Records<'a> {
     type Item = Result<Record<'a>, CorruptError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
             return None;

@@ -61,6 +61,22 @@ impl Meta {
     }
 }
 
+/// The clock of the liveness words (`Side::active_ns`), read on every publish and release:
+/// `CLOCK_MONOTONIC_COARSE`, the same clock as [`monotonic_ns`](crate::monotonic_ns) at tick
+/// resolution (it lags it by at most one tick, 1-10 ms), for a fraction of the cost (13 ns
+/// against 57 ns on the 2-core VMs, where it was a quarter of a spinning round trip). Liveness
+/// is judged over hundreds of milliseconds, so the coarse value loses nothing.
+#[inline]
+pub(crate) fn activity_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// A side's counters, kept privately and stored to shared memory with plain relaxed stores
 /// (single writer: no read-modify-write needed).
 #[derive(Default)]
@@ -79,7 +95,7 @@ impl SideStats {
     /// value from a hostile peer only makes the statistics wrong).
     pub fn load(s: &Side) -> SideStats {
         SideStats {
-            active_ns: crate::wake::monotonic_ns(),
+            active_ns: activity_ns(),
             records: s.records.load(Ordering::Relaxed),
             bytes: s.bytes.load(Ordering::Relaxed),
             full_events: s.full_events.load(Ordering::Relaxed),
@@ -113,8 +129,7 @@ pub(crate) fn claim_side(side: &Side, name: &'static str) -> Result<(), AttachEr
     let n = side.attach_count.load(Ordering::Relaxed);
     side.attach_count
         .store(n.wrapping_add(1), Ordering::Relaxed);
-    side.active_ns
-        .store(crate::wake::monotonic_ns(), Ordering::Relaxed);
+    side.active_ns.store(activity_ns(), Ordering::Relaxed);
     Ok(())
 }
 

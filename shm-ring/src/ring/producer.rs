@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use super::{claim_side, release_side, Meta, SideStats, SPIN_LIMIT};
+use super::{activity_ns, claim_side, release_side, Meta, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError, ReserveError};
 use crate::layout::{self, record_size, RecordHeader, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
-use crate::wake::{futex_wait, monotonic_ns, Doorbell};
+use crate::wake::{futex_wait, Doorbell};
 
 /// The single writer of a ring.
 ///
@@ -227,7 +227,7 @@ impl<S: RingStorage> Producer<S> {
         h.tail.store(self.tail, Ordering::Release);
         self.published = self.tail;
         self.stats.high_water = self.stats.high_water.max(self.tail - self.cached_head);
-        self.stats.active_ns = monotonic_ns();
+        self.stats.active_ns = activity_ns();
         // SeqCst fence P2 of the wake protocol (wake.rs): orders the tail store before the
         // load of the sleep word; pairs with the consumer's fence C2 in `prepare_park`.
         fence(Ordering::SeqCst);
@@ -238,6 +238,17 @@ impl<S: RingStorage> Producer<S> {
             self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
         }
         self.stats.store(&h.producer);
+    }
+
+    /// Reads and validates the consumer's position now. A producer that has room rarely reads
+    /// it, so corruption of it by the peer would otherwise go unnoticed until the ring fills;
+    /// call this periodically to notice it early.
+    ///
+    /// # Errors
+    ///
+    /// [`CorruptError::HeadOutOfRange`].
+    pub fn check(&mut self) -> Result<(), CorruptError> {
+        self.refresh_head()
     }
 
     /// True if the consumer has released everything that was published.
@@ -330,14 +341,23 @@ impl<S: RingStorage> Producer<S> {
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
         h.producer_sleep.store(0, Ordering::Relaxed);
-        self.stats.active_ns = monotonic_ns();
+        self.stats.active_ns = activity_ns();
         self.stats.store(&h.producer);
     }
 
     /// Records the producer as alive now (for an idle producer; publishing does it too).
     pub fn heartbeat(&mut self) {
-        self.stats.active_ns = monotonic_ns();
+        self.stats.active_ns = activity_ns();
         self.stats.store(&self.storage.header().producer);
+    }
+
+    /// Gives up the producer side without publishing anything committed since the last
+    /// publish (for a ring about to be reset: a normal drop publishes).
+    pub fn abandon(self) -> S {
+        let this = std::mem::ManuallyDrop::new(self);
+        release_side(&this.storage.header().producer);
+        // SAFETY: `this` is never used or dropped again; the storage is moved out exactly once.
+        unsafe { std::ptr::read(&this.storage) }
     }
 
     /// Position the next committed record will start at (modulo padding).
