@@ -24,6 +24,11 @@
 //! The producer's check at P3 is one load of a line it rarely finds changed, so a producer under
 //! load makes no system call per record: only a consumer that announced it sleeps costs a wake.
 //!
+//! Every write of a sleep word is a `swap`, not a plain store. Under the memory model a store
+//! would do, but loom (0.7) keeps the modification order of a store racing an RMW partial and
+//! then reports wakeups lost that cannot be (tokio-rs/loom#282); with RMWs only, it verifies
+//! repeated park cycles too. The cost is one locked instruction on the park path only.
+//!
 //! The futex is shared (no `FUTEX_PRIVATE_FLAG`): the word lives in memory mapped by two
 //! processes, and a private futex would key on the virtual address of one of them.
 

@@ -27,9 +27,8 @@
 //! Two limits of loom 0.7 shape these models:
 //! - It reports lost wakeups that the memory model rules out when a plain store to a sleep word
 //!   races with the other side's `swap` (it keeps modification order partial; see
-//!   [`consumer_wait_across_two_park_cycles`]). Models where one side parks more than once hit
-//!   it; they are `#[ignore]`d with the explanation, and pass when the ring's sleep-word stores
-//!   are made RMWs. The models that run keep one side's sleep word checked once per run.
+//!   [`consumer_wait_across_two_park_cycles`]). The ring therefore writes its sleep words only
+//!   with RMWs (see `wake.rs`), which lets the models where one side parks more than once run.
 //! - After `yield_now` a load must return a newer store if there is one, and the consumer's
 //!   `wait` yields once (`spin_hint`) before it announces sleep, so the futex-path consumer model
 //!   cannot produce a stale tail read there. Removing any one of the four SeqCst fences of the
@@ -231,11 +230,9 @@ fn consumer_wait_never_misses_a_publish() {
 /// the `swap`'s 0. That load is forbidden: the swap read the cancel, so the re-announcement
 /// is later in the word's modification order, and the consumer's SeqCst fence precedes the
 /// producer's, so the load must see the re-announcement (or the consumer must have seen the
-/// tail). Making every write of the sleep words an RMW (`swap` instead of `store`) in the
-/// ring code makes loom agree and this test pass (checked; 1 in 10^4 of the cost of a park).
-/// Run it with `--ignored`.
+/// tail). The ring writes its sleep words only with RMWs (`swap` instead of `store`), which
+/// makes loom agree.
 #[test]
-#[ignore = "loom false positive: partial modification order of store vs. RMW (loom#282)"]
 fn consumer_wait_across_two_park_cycles() {
     const LENS: &[usize] = &[8, 40];
     model("consumer_wait_across_two_park_cycles", true, || {
@@ -291,7 +288,6 @@ fn producer_wait_for_space_never_misses_a_release() {
 /// records in `wait(None)`. Ignored for the loom false positive described at
 /// [`consumer_wait_across_two_park_cycles`]; passes (7943 executions) with RMW sleep words.
 #[test]
-#[ignore = "loom false positive: partial modification order of store vs. RMW (loom#282)"]
 fn both_sides_block() {
     model("both_sides_block", true, || {
         let (mut tx, rx) = HeapRing::channel(4096).unwrap();
@@ -344,10 +340,10 @@ fn event_loop_consumer_never_misses_a_publish() {
     });
 }
 
-/// (d) with two publishes: ignored for the loom false positive described at
-/// [`consumer_wait_across_two_park_cycles`] (here it shows as the branch limit).
+/// (d) with two publishes: the case behind the loom limitation described at
+/// [`consumer_wait_across_two_park_cycles`] (without RMW sleep words it shows as the branch
+/// limit).
 #[test]
-#[ignore = "loom false positive: partial modification order of store vs. RMW (loom#282)"]
 fn event_loop_consumer_across_two_park_cycles() {
     const LENS: &[usize] = &[16, 0];
     model("event_loop_consumer_across_two_park_cycles", true, || {

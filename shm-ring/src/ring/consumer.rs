@@ -242,7 +242,7 @@ impl<S: RingStorage> Consumer<S> {
     /// [`CorruptError`] if the producer's position is invalid.
     pub fn prepare_park(&mut self) -> Result<bool, CorruptError> {
         let h = self.storage.header();
-        h.consumer_sleep.store(1, Ordering::Relaxed);
+        h.consumer_sleep.swap(1, Ordering::Relaxed);
         // SeqCst fence C2 (wake.rs): orders the announcement before re-reading the tail; pairs
         // with fence P2 in `Producer::publish`.
         fence(Ordering::SeqCst);
@@ -252,7 +252,7 @@ impl<S: RingStorage> Consumer<S> {
             self.storage
                 .header()
                 .consumer_sleep
-                .store(0, Ordering::Relaxed);
+                .swap(0, Ordering::Relaxed);
             return Ok(false);
         }
         self.stats.parks = self.stats.parks.wrapping_add(1);
@@ -262,7 +262,7 @@ impl<S: RingStorage> Consumer<S> {
     /// Withdraws the announcement made by [`prepare_park`](Consumer::prepare_park).
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
-        h.consumer_sleep.store(0, Ordering::Relaxed);
+        h.consumer_sleep.swap(0, Ordering::Relaxed);
         self.stats.active_ns = activity_ns();
         self.stats.store(&h.consumer);
     }

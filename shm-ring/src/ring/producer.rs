@@ -321,7 +321,7 @@ impl<S: RingStorage> Producer<S> {
         self.storage
             .header()
             .producer_sleep
-            .store(1, Ordering::Relaxed);
+            .swap(1, Ordering::Relaxed);
         // SeqCst fence C2 (mirrored, see wake.rs): orders the announcement before re-reading
         // the head; pairs with the fence in `Consumer::release`.
         fence(Ordering::SeqCst);
@@ -330,7 +330,7 @@ impl<S: RingStorage> Producer<S> {
             self.storage
                 .header()
                 .producer_sleep
-                .store(0, Ordering::Relaxed);
+                .swap(0, Ordering::Relaxed);
             return Ok(false);
         }
         self.stats.parks = self.stats.parks.wrapping_add(1);
@@ -340,7 +340,7 @@ impl<S: RingStorage> Producer<S> {
     /// Withdraws the announcement made by [`prepare_park_for_space`](Producer::prepare_park_for_space).
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
-        h.producer_sleep.store(0, Ordering::Relaxed);
+        h.producer_sleep.swap(0, Ordering::Relaxed);
         self.stats.active_ns = activity_ns();
         self.stats.store(&h.producer);
     }
