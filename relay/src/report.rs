@@ -206,7 +206,7 @@ pub struct FrontReport {
     pub pid: u32,
     /// Whether that process is there (`stalled`: stopped).
     pub liveness: Liveness,
-    /// Times the supervisor started this front (1 after the first start).
+    /// Times the supervisor restarted this front (0 while its first process runs).
     pub restarts: u32,
     /// Milliseconds since the front's event loop last stamped its activity.
     pub idle_ms: u64,
@@ -307,7 +307,7 @@ pub struct WorkerReport {
     /// `stopped`, `running`, `restarting` (waiting out its backoff), `failed` (crashed too
     /// often) or `hung` (not consuming a non-empty ring).
     pub state: String,
-    /// Times the supervisor started this slot's process.
+    /// Times the supervisor restarted this slot's process (0 while its first one runs).
     pub restarts: u32,
     /// Times the process died without being asked to.
     pub crashes: u64,

@@ -349,33 +349,66 @@ fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
 }
 
+/// The identity of a file, to notice that it was replaced by another of the same name.
+fn identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// One file `gc` means to remove.
+struct Stale {
+    path: PathBuf,
+    instance: String,
+    reason: String,
+    /// For a dead instance's files: its stats segment and that segment's identity when it
+    /// was found dead. A supervisor that takes over the name first removes that segment, so
+    /// while it is still there with the same identity, the files are still the dead one's.
+    guard: Option<(PathBuf, (u64, u64))>,
+}
+
 /// Removes the files of dead instances and orphan files nobody is attached to; with
-/// `dry_run`, only says what it would remove. A live instance's files are never touched.
+/// `dry_run`, only says what it would remove. A live instance's files are never touched:
+/// before each removal the dead instance's stats segment is checked to be the same file
+/// that was found dead, so a new supervisor starting under the same name (which replaces it)
+/// stops the removal of that instance's files.
 pub fn gc(dry_run: bool) -> GcReport {
-    let mut stale: Vec<(PathBuf, String, String)> = Vec::new();
+    let mut stale: Vec<Stale> = Vec::new();
     for name in names::instances() {
         if !names::valid_instance(&name) {
             continue;
         }
+        let stats = names::stats_path(&name);
+        let Some(id) = identity(&stats) else { continue };
         let s = summary(&name);
         if s.alive {
             continue;
         }
         let reason = format!("dead supervisor pid {}", s.supervisor_pid);
         // Rings first, the stats segment last: an interrupted gc leaves the instance visible.
-        let stats = names::stats_path(&name);
         let mut files = names::instance_files(&name);
         files.sort_by_key(|f| *f == stats);
-        stale.extend(files.into_iter().map(|f| (f, name.clone(), reason.clone())));
+        stale.extend(files.into_iter().map(|path| Stale {
+            path,
+            instance: name.clone(),
+            reason: reason.clone(),
+            guard: Some((stats.clone(), id)),
+        }));
     }
     for o in orphans() {
         if o.attached_pids.is_empty() {
             let path = PathBuf::from(&o.path);
-            let name = path
+            let instance = path
                 .file_name()
                 .and_then(|n| instance_of(&n.to_string_lossy()).map(str::to_owned))
                 .unwrap_or_default();
-            stale.push((path, name, "orphan".to_owned()));
+            stale.push(Stale {
+                path,
+                instance,
+                reason: "orphan".to_owned(),
+                guard: None,
+            });
         }
     }
     let mut report = GcReport {
@@ -385,16 +418,22 @@ pub fn gc(dry_run: bool) -> GcReport {
         failed: Vec::new(),
         bytes: 0,
     };
-    for (path, instance, reason) in stale {
-        let bytes = file_size(&path);
+    for s in stale {
+        if let Some((stats, id)) = &s.guard {
+            if identity(stats) != Some(*id) {
+                // Taken over (or removed) meanwhile: leave the rest to its new owner.
+                continue;
+            }
+        }
+        let bytes = file_size(&s.path);
         if !dry_run {
-            match std::fs::remove_file(&path) {
+            match std::fs::remove_file(&s.path) {
                 Ok(()) => {}
                 // Removed meanwhile (a concurrent gc, or the owner's own cleanup).
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
                     report.failed.push(FailedRemoval {
-                        path: path.display().to_string(),
+                        path: s.path.display().to_string(),
                         error: e.to_string(),
                     });
                     continue;
@@ -403,10 +442,10 @@ pub fn gc(dry_run: bool) -> GcReport {
         }
         report.bytes += bytes;
         report.removed.push(RemovedFile {
-            path: path.display().to_string(),
+            path: s.path.display().to_string(),
             bytes,
-            instance,
-            reason,
+            instance: s.instance,
+            reason: s.reason,
         });
     }
     report

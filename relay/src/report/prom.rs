@@ -101,7 +101,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
     out.family(
         "front_restarts_total",
         "counter",
-        "Times the front was started.",
+        "Times the front was restarted.",
         per_front(&|f| f64::from(f.restarts)),
     );
     out.family(
@@ -308,7 +308,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
     out.family(
         "worker_restarts_total",
         "counter",
-        "Times the worker was started.",
+        "Times the worker was restarted.",
         per_worker(&|w| f64::from(w.restarts)),
     );
     out.family(
@@ -549,10 +549,14 @@ fn escape(s: &str) -> String {
     o
 }
 
+/// A sample as [`parse`] returns it: name, labels, value.
+#[cfg(test)]
+pub(crate) type ParsedSample = (String, Vec<(String, String)>, f64);
+
 /// Parses the text format strictly enough for tests: returns `(name, labels, value)` per
 /// sample and checks that every sample belongs to a family announced by `# TYPE`.
 #[cfg(test)]
-pub(crate) fn parse(text: &str) -> Result<Vec<(String, Vec<(String, String)>, f64)>, String> {
+pub(crate) fn parse(text: &str) -> Result<Vec<ParsedSample>, String> {
     let mut typed: Vec<String> = Vec::new();
     let mut samples = Vec::new();
     for (n, line) in text.lines().enumerate() {

@@ -1,0 +1,368 @@
+//! `relayctl`: inspect shmrelay instances on this host from read-only mappings of their shared
+//! memory, and clean up what dead instances left behind.
+//!
+//! Reading never writes to a relay's memory nor takes a lock the relay could wait on, so it
+//! works while the relay is overloaded or a worker is stopped. `--json` prints the structs of
+//! `shmrelay::report`, whose rustdoc is the schema.
+
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use shmrelay::names;
+use shmrelay::report::{self, host, InstanceReport, ReportError};
+
+mod render;
+mod term;
+
+const EXIT_STATUS: &str = "\
+ENVIRONMENT:
+    SHMRELAY_SHM_DIR    Directory of the segments (default /dev/shm), as for shmrelay.
+
+EXIT STATUS:
+    0    Success, and nothing needs attention.
+    1    Problems found: `stat` of a dead instance or of one whose report lists problems
+         (failed pool, hung or dead worker, stalled ring, leaks); `leaks` found something;
+         `top` watched an instance that is dead or went away.
+    2    An error: bad usage, no such instance (or several live ones and none named), a
+         segment that cannot be read, a file `gc` could not remove.
+
+A closed standard output (for example `relayctl top | head`) is not an error: relayctl
+stops and exits 0.";
+
+/// Inspect shmrelay instances on this host and clean up after dead ones.
+///
+/// Reads the stats segment and rings of an instance through read-only mappings under
+/// /dev/shm (or $SHMRELAY_SHM_DIR), so it never disturbs the relay's data path.
+#[derive(Parser, Debug)]
+#[command(name = "relayctl", version, after_long_help = EXIT_STATUS)]
+struct Cli {
+    /// Print JSON instead of text: one document (one per line per refresh for `top`), the
+    /// structs of `shmrelay::report`, whose rustdoc documents every field.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the instances on this host: name, supervisor pid, uptime, alive or dead.
+    List,
+    /// Show an instance's rings, fronts, workers and leak counters, with rates.
+    ///
+    /// Takes two samples `--interval` apart to compute frames/s and bytes/s.
+    Stat {
+        /// Instance name [default: the only live instance].
+        instance: Option<String>,
+        /// Seconds between the two samples the rates come from; 0 for one sample, no rates.
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+        interval: Duration,
+    },
+    /// A live view refreshing in place, busiest rings first; q or Ctrl-C quits.
+    ///
+    /// When standard output is not a terminal, prints one plain frame per interval.
+    Top {
+        /// Instance name [default: the only live instance].
+        instance: Option<String>,
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+        interval: Duration,
+        /// Stop after this many refreshes [default: until q or Ctrl-C].
+        #[arg(long, value_name = "N")]
+        iterations: Option<u64>,
+    },
+    /// Show leaks: dead instances' segments, orphan files, stale rings, leak counters.
+    ///
+    /// Dead instances and orphan files are looked for host-wide; the leak counters and stale
+    /// rings of INSTANCE only, or of every live instance without it.
+    Leaks {
+        /// Instance name [default: all].
+        instance: Option<String>,
+    },
+    /// Remove the segments of dead instances (supervisor gone) and orphan files.
+    ///
+    /// A live instance's files are never removed.
+    Gc {
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(0.0..=86400.0).contains(&v) {
+        return Err(format!("`{s}`: between 0 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("relayctl: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn code(problems: bool) -> ExitCode {
+    if problems {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let mut out = io::stdout().lock();
+    match cli.cmd {
+        Cmd::List => {
+            let l = host::list();
+            emit(&mut out, cli.json, &l, || render::list(&l))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stat { instance, interval } => {
+            let name = resolve(instance)?;
+            let r = sample(&name, interval)?;
+            emit(&mut out, cli.json, &r, || render::stat(&r))?;
+            Ok(code(!r.problems.is_empty()))
+        }
+        Cmd::Top {
+            instance,
+            interval,
+            iterations,
+        } => {
+            let name = resolve(instance)?;
+            top(&mut out, &name, interval, iterations, cli.json)
+        }
+        Cmd::Leaks { instance } => {
+            let l = host::leaks(instance.as_deref()).map_err(not_found_hint)?;
+            emit(&mut out, cli.json, &l, || render::leaks(&l))?;
+            Ok(code(!l.problems.is_empty()))
+        }
+        Cmd::Gc { dry_run } => {
+            let g = host::gc(dry_run);
+            emit(&mut out, cli.json, &g, || render::gc(&g))?;
+            if !g.failed.is_empty() {
+                eprintln!(
+                    "relayctl: {} file(s) could not be removed (permissions? run as their owner)",
+                    g.failed.len()
+                );
+                return Ok(ExitCode::from(2));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Writes `value` as one pretty JSON document, or the text `human` makes.
+fn emit<T: Serialize>(
+    out: &mut impl Write,
+    json: bool,
+    value: &T,
+    human: impl FnOnce() -> String,
+) -> Result<()> {
+    if json {
+        let s = serde_json::to_string_pretty(value).context("serialising the report")?;
+        writeln!(out, "{s}")?;
+    } else {
+        out.write_all(human().as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The instance to look at: the one named (which must exist), or the only live one.
+fn resolve(instance: Option<String>) -> Result<String> {
+    let dir = names::shm_dir();
+    if let Some(name) = instance {
+        if !names::valid_instance(&name) {
+            bail!(
+                "`{name}` is not a valid instance name (letters, digits, '-' and '_', at most 64)"
+            );
+        }
+        if !names::stats_path(&name).exists() {
+            let known = names::instances();
+            bail!(
+                "no instance `{name}` in {}{}",
+                dir.display(),
+                if known.is_empty() {
+                    String::new()
+                } else {
+                    format!("; instances here: {}", known.join(", "))
+                }
+            );
+        }
+        return Ok(name);
+    }
+    let all = host::list().instances;
+    let (live, dead): (Vec<_>, Vec<_>) = all.into_iter().partition(|i| i.alive);
+    match live.as_slice() {
+        [one] => Ok(one.name.clone()),
+        [] => {
+            let dead_note = if dead.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (dead: {}; `relayctl stat NAME` shows one, `relayctl gc` removes them)",
+                    dead.iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            bail!("no live shmrelay instance in {}{dead_note}", dir.display())
+        }
+        many => bail!(
+            "{} live instances ({}): name one, e.g. `relayctl stat {}`",
+            many.len(),
+            many.iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            many[0].name
+        ),
+    }
+}
+
+fn not_found_hint(e: ReportError) -> anyhow::Error {
+    match &e {
+        ReportError::NotFound { .. } => {
+            anyhow::Error::new(e).context("see `relayctl list` for the instances on this host")
+        }
+        _ => anyhow::Error::new(e),
+    }
+}
+
+/// A report with rates over `interval` (none if it is zero).
+fn sample(name: &str, interval: Duration) -> Result<InstanceReport> {
+    let first = InstanceReport::read(name).map_err(not_found_hint)?;
+    if interval.is_zero() || !first.alive {
+        return Ok(first);
+    }
+    let t0 = Instant::now();
+    std::thread::sleep(interval);
+    let mut second = InstanceReport::read(name)
+        .with_context(|| format!("instance `{name}` went away while sampling"))?;
+    report::fill_rates(&first, &mut second, t0.elapsed());
+    Ok(second)
+}
+
+fn top(
+    out: &mut impl Write,
+    name: &str,
+    interval: Duration,
+    iterations: Option<u64>,
+    json: bool,
+) -> Result<ExitCode> {
+    term::install_quit_handlers().context("installing signal handlers")?;
+    let stdout_fd = io::stdout().as_raw_fd();
+    let stdin_fd = io::stdin().as_raw_fd();
+    let screen = !json && term::is_tty(stdout_fd);
+    // Raw input only when someone can type at a terminal that also shows the screen.
+    let raw = if screen && term::is_tty(stdin_fd) {
+        Some(term::RawMode::enable(stdin_fd).context("switching the terminal to raw mode")?)
+    } else {
+        None
+    };
+    let input = raw.as_ref().map(|_| stdin_fd);
+    let _alt = if screen {
+        Some(term::AltScreen::enter(out)?)
+    } else {
+        None
+    };
+    let interval = interval.max(Duration::from_millis(50));
+    let mut prev: Option<(InstanceReport, Instant)> = None;
+    let mut frames = 0u64;
+    let mut problems;
+    loop {
+        let now = Instant::now();
+        let mut r = match InstanceReport::read(name) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(_alt);
+                drop(raw);
+                eprintln!("relayctl: instance `{name}` went away: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        if let Some((p, t)) = &prev {
+            report::fill_rates(p, &mut r, now.duration_since(*t));
+        }
+        problems = !r.alive;
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        } else if screen {
+            let rows = term::window_size(stdout_fd).map(|(rows, _)| rows);
+            let frame = render::top(&r, rows);
+            let mut buf = String::from("\x1b[H");
+            for line in frame.lines() {
+                buf.push_str(line);
+                buf.push_str("\x1b[K\n");
+            }
+            buf.push_str("\x1b[J");
+            out.write_all(buf.as_bytes())?;
+        } else {
+            if frames > 0 {
+                writeln!(out)?;
+            }
+            out.write_all(render::top(&r, None).as_bytes())?;
+        }
+        out.flush()?;
+        frames += 1;
+        prev = Some((r, now));
+        if iterations.is_some_and(|n| frames >= n) {
+            break;
+        }
+        if term::wait(input, interval)? == term::Wake::Quit {
+            break;
+        }
+    }
+    Ok(code(problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exit_status_is_in_the_long_help() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("EXIT STATUS"), "{help}");
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_secs("1").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_secs("0.25s").unwrap(), Duration::from_millis(250));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("x").is_err());
+    }
+}
