@@ -1,1 +1,235 @@
-fn main() { eprintln!("tokio-echo: not implemented yet"); std::process::exit(2) }
+//! `tokio-echo`: an in-process tokio echo server for the shmrelay wire protocol.
+//!
+//! Every frame (4-byte big-endian length, then that many payload bytes) is sent back byte for
+//! byte; a heartbeat (length 0) is answered with a length-0 frame. There is no second process
+//! and no ring: this is the upper-bound baseline that the relay is measured against.
+//!
+//! Efficiency: one buffered read per wake-up, the whole run of complete frames in it written
+//! back with one `write_all` (no system call per frame), the partial frame at the end kept for
+//! the next read. The read buffer starts small and grows when reads fill it (and shrinks back
+//! when the connection is quiet), so idle connections stay cheap.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Smallest read buffer of a connection (bytes).
+const MIN_BUF: usize = 8 * 1024;
+/// A buffer grows up to this size when reads keep filling it (bigger frames grow it further).
+const MAX_BATCH_BUF: usize = 256 * 1024;
+
+/// In-process tokio echo server for the length-prefixed wire protocol (baseline for shmrelay).
+#[derive(Parser, Debug)]
+#[command(name = "tokio-echo", version)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the `listening on` line shows it).
+    #[arg(long, default_value = "127.0.0.1:7879")]
+    listen: SocketAddr,
+    /// Runtime threads: 1 = current-thread runtime, N > 1 = multi-thread runtime with N workers.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Largest payload accepted (bytes); a longer length closes that connection.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_frame: u32,
+    /// Listen backlog.
+    #[arg(long, default_value_t = 4096)]
+    backlog: u32,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokio-echo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let mut builder = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.threads);
+        b
+    };
+    let rt = builder
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> Result<()> {
+    let socket = match args.listen {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .context("cannot create the listening socket")?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(args.listen)
+        .with_context(|| format!("cannot bind {}", args.listen))?;
+    let listener = socket
+        .listen(args.backlog)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "tokio-echo: listening on {local} (threads {}, max frame {} bytes)",
+            args.threads, args.max_frame
+        )?;
+        out.flush()?;
+    }
+    let max_frame = args.max_frame;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                // Latency matters more than packet count for small echoed frames.
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    // Errors (resets, a client vanishing) only end that connection.
+                    let _ = echo(stream, max_frame).await;
+                });
+            }
+            Err(e) => {
+                // EMFILE / ENFILE / ECONNABORTED: report, back off briefly, keep serving.
+                eprintln!("tokio-echo: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Outcome of scanning the buffered bytes for complete frames.
+struct Scan {
+    /// Bytes `[0, complete)` are whole frames.
+    complete: usize,
+    /// A frame header announced a length above the maximum.
+    oversized: bool,
+    /// Size (header included) of the partial frame at `complete`, when its header is known.
+    pending_frame: Option<usize>,
+}
+
+fn scan(buf: &[u8], max_frame: u32) -> Scan {
+    let mut pos = 0;
+    loop {
+        let rest = &buf[pos..];
+        if rest.len() < 4 {
+            return Scan {
+                complete: pos,
+                oversized: false,
+                pending_frame: None,
+            };
+        }
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        if len > max_frame {
+            return Scan {
+                complete: pos,
+                oversized: true,
+                pending_frame: None,
+            };
+        }
+        let frame = 4 + len as usize;
+        if rest.len() < frame {
+            return Scan {
+                complete: pos,
+                oversized: false,
+                pending_frame: Some(frame),
+            };
+        }
+        pos += frame;
+    }
+}
+
+async fn echo(mut stream: TcpStream, max_frame: u32) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MIN_BUF];
+    let mut filled = 0usize;
+    loop {
+        let n = stream.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let filled_whole_space = filled + n == buf.len();
+        filled += n;
+        let s = scan(&buf[..filled], max_frame);
+        if s.complete > 0 {
+            // One write for every complete frame of this read: the echo is the input itself.
+            stream.write_all(&buf[..s.complete]).await?;
+        }
+        if s.oversized {
+            // Protocol error: close this connection (frames before it were answered).
+            return Ok(());
+        }
+        if s.complete > 0 {
+            buf.copy_within(s.complete..filled, 0);
+            filled -= s.complete;
+        }
+        // Size the buffer for what comes next.
+        let need = s.pending_frame.unwrap_or(0);
+        if need > buf.len() {
+            buf.resize(need, 0);
+        } else if filled_whole_space && buf.len() < MAX_BATCH_BUF {
+            buf.resize((buf.len() * 2).min(MAX_BATCH_BUF).max(need), 0);
+        } else if !filled_whole_space
+            && buf.len() > MIN_BUF
+            && filled <= MIN_BUF / 2
+            && need <= MIN_BUF
+        {
+            buf.truncate(MIN_BUF);
+            buf.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scan;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn scan_finds_whole_frames_and_the_partial_one() {
+        let mut b = frame(b"abc");
+        b.extend(frame(b""));
+        let whole = b.len();
+        b.extend(&frame(b"hello")[..6]);
+        let s = scan(&b, 100);
+        assert_eq!(s.complete, whole);
+        assert!(!s.oversized);
+        assert_eq!(s.pending_frame, Some(9));
+    }
+
+    #[test]
+    fn scan_flags_oversized_frames() {
+        let mut b = frame(b"ok");
+        b.extend(frame(&[0u8; 11]));
+        let s = scan(&b, 10);
+        assert_eq!(s.complete, 6);
+        assert!(s.oversized);
+    }
+
+    #[test]
+    fn scan_of_a_short_header_is_empty() {
+        let s = scan(&[0, 0], 10);
+        assert_eq!(s.complete, 0);
+        assert_eq!(s.pending_frame, None);
+    }
+}

@@ -1,0 +1,179 @@
+//! tokio-echo and frame-client together, as real processes on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// A running tokio-echo, killed when dropped (also when a test panics).
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tokio-echo"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start tokio-echo");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no `listening on ADDR` in {line:?}"))
+            .to_string();
+        assert!(
+            !addr.ends_with(":0"),
+            "the real port must be printed: {line:?}"
+        );
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_frame-client"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start frame-client");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+#[test]
+fn frame_client_messages_and_heartbeat() {
+    let server = Server::start(&[]);
+    let out = client(
+        &["--addr", &server.addr, "--heartbeat", "hello", "wörld", ""],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "heartbeat ok\nhello\nwörld\n\n"
+    );
+}
+
+#[test]
+fn frame_client_reads_lines_from_stdin() {
+    let server = Server::start(&["--threads", "2"]);
+    let out = client(&["--addr", &server.addr], Some("one\r\ntwo\nthree"));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "one\ntwo\nthree\n");
+}
+
+#[test]
+fn frame_client_fails_clearly_without_a_server() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let out = client(&["--addr", &addr, "hi"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to"), "stderr: {err}");
+}
+
+#[test]
+fn frame_client_reports_an_early_close() {
+    // A server that accepts, reads a little and hangs up without replying.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 4];
+        let _ = s.read_exact(&mut b);
+    });
+    let out = client(&["--addr", &addr, "hello"], None);
+    t.join().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("closed the connection"), "stderr: {err}");
+}
+
+#[test]
+fn pipelined_frames_come_back_byte_for_byte() {
+    let server = Server::start(&[]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sent = Vec::new();
+    for i in 0..500u32 {
+        let len = (i * 37 % 3000) as usize; // includes length-0 heartbeats
+        let payload: Vec<u8> = (0..len).map(|j| (i as usize + j) as u8).collect();
+        sent.extend(frame(&payload));
+    }
+    sent.extend(frame(&vec![7u8; 200_000])); // bigger than the initial read buffer
+                                             // Write from another thread so neither side can block the other.
+    let mut w = s.try_clone().unwrap();
+    let to_send = sent.clone();
+    let writer = std::thread::spawn(move || {
+        for chunk in to_send.chunks(1001) {
+            w.write_all(chunk).unwrap();
+        }
+    });
+    let mut got = vec![0u8; sent.len()];
+    s.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == sent, "echo differs");
+}
+
+#[test]
+fn oversized_frame_closes_only_that_connection() {
+    let server = Server::start(&["--max-frame", "1000"]);
+    let mut bad = TcpStream::connect(&server.addr).unwrap();
+    let mut good = TcpStream::connect(&server.addr).unwrap();
+    for s in [&bad, &good] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let mut msg = frame(b"before");
+    msg.extend_from_slice(&1001u32.to_be_bytes());
+    bad.write_all(&msg).unwrap();
+    let mut rest = Vec::new();
+    bad.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        rest,
+        frame(b"before"),
+        "frames before the bad one are answered, then EOF"
+    );
+
+    good.write_all(&frame(&[1u8; 1000])).unwrap();
+    let mut back = vec![0u8; 1004];
+    good.read_exact(&mut back).unwrap();
+    assert_eq!(back, frame(&[1u8; 1000]));
+}

@@ -1,0 +1,300 @@
+//! `relaybench load` as a real process against small in-test servers on loopback: it must
+//! count echoed requests, and notice corrupted, reordered and missing replies.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Every frame back unchanged.
+    Echo,
+    /// Flips one payload byte of the `n`-th frame the server handles (all connections).
+    CorruptOne(usize),
+    /// Swaps the 20th and 21st frames of every connection.
+    SwapPair,
+    /// Answers `n` frames per connection, then closes it.
+    CloseAfter(usize),
+}
+
+struct Server {
+    addr: String,
+    peers: Arc<Mutex<HashSet<IpAddr>>>,
+}
+
+fn start_server(mode: Mode) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let peers = Arc::new(Mutex::new(HashSet::new()));
+    let seen = peers.clone();
+    let frames = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            if let Ok(p) = s.peer_addr() {
+                seen.lock().unwrap().insert(p.ip());
+            }
+            let frames = frames.clone();
+            std::thread::spawn(move || serve(s, mode, &frames));
+        }
+    });
+    Server { addr, peers }
+}
+
+/// Frame by frame (one write each: fine for a test server).
+fn serve(mut s: TcpStream, mode: Mode, frames: &AtomicUsize) {
+    let _ = s.set_nodelay(true);
+    let mut held: Option<Vec<u8>> = None;
+    for i in 0usize.. {
+        let mut head = [0u8; 4];
+        if s.read_exact(&mut head).is_err() {
+            return;
+        }
+        let mut frame = head.to_vec();
+        frame.resize(4 + u32::from_be_bytes(head) as usize, 0);
+        if s.read_exact(&mut frame[4..]).is_err() {
+            return;
+        }
+        let n = frames.fetch_add(1, Ordering::Relaxed);
+        match mode {
+            Mode::Echo => {}
+            Mode::CorruptOne(k) => {
+                if n == k && frame.len() > 4 {
+                    let last = frame.len() - 1;
+                    frame[last] ^= 0xff;
+                }
+            }
+            Mode::SwapPair => {
+                if i == 20 {
+                    held = Some(frame);
+                    continue;
+                }
+                if i == 21 {
+                    frame.extend(held.take().unwrap());
+                }
+            }
+            Mode::CloseAfter(k) => {
+                if i == k {
+                    return;
+                }
+            }
+        }
+        if s.write_all(&frame).is_err() {
+            return;
+        }
+    }
+}
+
+fn relaybench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_relaybench"))
+        .arg("load")
+        .args(args)
+        .output()
+        .expect("run relaybench")
+}
+
+/// Runs `relaybench load --json` briefly against `addr`; returns the parsed object.
+fn load_json(addr: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--addr",
+        addr,
+        "--seconds",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--drain",
+        "0.5",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = relaybench(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "relaybench failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {key} in {v}"))
+}
+
+#[test]
+fn closed_loop_against_an_echo_server() {
+    let server = start_server(Mode::Echo);
+    let v = load_json(
+        &server.addr,
+        &["--conns", "8", "--depth", "4", "--size", "100"],
+    );
+    for key in [
+        "req_per_sec",
+        "p50_us",
+        "p99_us",
+        "p999_us",
+        "errors",
+        "conns",
+        "requests",
+        "bytes_per_sec",
+        "mismatches",
+    ] {
+        assert!(v[key].is_number(), "{key} missing in {v}");
+    }
+    assert!(num(&v, "requests") > 0.0, "{v}");
+    assert!(num(&v, "req_per_sec") > 0.0, "{v}");
+    assert_eq!(num(&v, "errors"), 0.0, "{v}");
+    assert_eq!(num(&v, "mismatches"), 0.0, "{v}");
+    assert_eq!(num(&v, "conns"), 8.0);
+    assert_eq!(num(&v, "connected"), 8.0);
+    assert_eq!(v["mode"], "closed");
+    assert!(num(&v, "p50_us") <= num(&v, "p99_us") && num(&v, "p99_us") <= num(&v, "p999_us"));
+    assert_eq!(
+        num(&v, "unanswered"),
+        0.0,
+        "the drain collects every reply: {v}"
+    );
+    assert_eq!(num(&v, "sent"), num(&v, "replies"), "{v}");
+}
+
+#[test]
+fn heartbeat_frames_are_load_too() {
+    let server = start_server(Mode::Echo);
+    let v = load_json(
+        &server.addr,
+        &["--conns", "2", "--depth", "2", "--size", "0"],
+    );
+    assert!(num(&v, "requests") > 0.0, "{v}");
+    assert_eq!(num(&v, "errors") + num(&v, "mismatches"), 0.0, "{v}");
+}
+
+#[test]
+fn a_corrupted_reply_is_a_mismatch() {
+    let server = start_server(Mode::CorruptOne(50));
+    let v = load_json(
+        &server.addr,
+        &["--conns", "4", "--depth", "2", "--size", "64"],
+    );
+    assert!(num(&v, "requests") > 0.0, "{v}");
+    assert_eq!(num(&v, "mismatches"), 1.0, "{v}");
+    assert_eq!(num(&v, "errors"), 0.0, "{v}");
+}
+
+#[test]
+fn reordered_replies_are_mismatches() {
+    let server = start_server(Mode::SwapPair);
+    let v = load_json(
+        &server.addr,
+        &["--conns", "2", "--depth", "4", "--size", "16"],
+    );
+    assert_eq!(
+        num(&v, "mismatches"),
+        4.0,
+        "two swapped replies on each connection: {v}"
+    );
+}
+
+#[test]
+fn a_server_that_hangs_up_is_counted() {
+    let server = start_server(Mode::CloseAfter(10));
+    let v = load_json(&server.addr, &["--conns", "3"]);
+    assert_eq!(num(&v, "early_closes"), 3.0, "{v}");
+    assert_eq!(num(&v, "errors"), 3.0, "{v}");
+    assert!(v["first_error"].is_string(), "{v}");
+}
+
+#[test]
+fn processes_threads_and_source_addresses() {
+    let server = start_server(Mode::Echo);
+    let v = load_json(
+        &server.addr,
+        &[
+            "--conns",
+            "12",
+            "--depth",
+            "2",
+            "--procs",
+            "2",
+            "--threads",
+            "2",
+            "--src-ips",
+            "127.0.0.2-127.0.0.4",
+        ],
+    );
+    assert_eq!(num(&v, "connected"), 12.0, "{v}");
+    assert_eq!(num(&v, "procs"), 2.0);
+    assert!(num(&v, "requests") > 0.0, "{v}");
+    assert_eq!(num(&v, "errors") + num(&v, "mismatches"), 0.0, "{v}");
+    let peers = server.peers.lock().unwrap().clone();
+    let want: HashSet<IpAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(
+        peers, want,
+        "connections come from every source address and no other"
+    );
+}
+
+#[test]
+fn open_loop_keeps_to_the_rate() {
+    let server = start_server(Mode::Echo);
+    let v = load_json(&server.addr, &["--conns", "4", "--rate", "2000"]);
+    assert_eq!(v["mode"], "open");
+    let requests = num(&v, "requests");
+    // 2000 req/s over a 0.3 s window: about 600 (generous bounds for a busy machine).
+    assert!((300.0..=900.0).contains(&requests), "{v}");
+    assert_eq!(num(&v, "errors") + num(&v, "mismatches"), 0.0, "{v}");
+}
+
+#[test]
+fn no_server_means_failure() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let out = relaybench(&[
+        "--addr",
+        &addr,
+        "--conns",
+        "2",
+        "--seconds",
+        "0.1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the JSON report is still printed");
+    assert_eq!(num(&v, "connect_errors"), 2.0, "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no connection") && err.contains("refused"),
+        "stderr: {err}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    for args in [
+        &["--conns", "0"][..],
+        &["--seconds", "-1"],
+        &["--procs", "3", "--conns", "2"],
+        &["--src-ips", "x"],
+    ] {
+        let out = relaybench(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+    }
+}
