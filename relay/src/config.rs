@@ -23,7 +23,10 @@
 //! crash_window_ms = 30000    # ...within this window is marked failed (its clients get an error)
 //! hang_timeout_ms = 5000     # frames waiting this long for a worker that does not move: hung
 //! kill_hung = true           # replace a hung worker (false: only report it)
+//! # user = "shmrelay-worker" # run workers as this user (the supervisor must be root)
+//! # worker_users = ["app-a", "app-b"]  # or one user per worker index (cycled)
 //! backlog = 4096             # listen backlog
+//! # metrics = "127.0.0.1:9187"  # serve Prometheus metrics at http://ADDR/metrics (off by default)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -71,6 +74,8 @@ pub struct Config {
     pub drain_ms: u64,
     /// Listen backlog.
     pub backlog: i32,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); off when unset.
+    pub metrics: Option<String>,
     /// Crashes of one worker within `crash_window_ms` that mark it failed.
     pub crash_limit: u32,
     /// The window for `crash_limit`.
@@ -80,6 +85,12 @@ pub struct Config {
     pub hang_timeout_ms: u64,
     /// Kill and replace a hung worker (otherwise only report it).
     pub kill_hung: bool,
+    /// Run every worker as this user (needs a root supervisor). Workers get their rings as
+    /// inherited fds, so they need no access to /dev/shm; the segments stay root's, mode 0600.
+    pub user: Option<String>,
+    /// One user per worker index (cycled), overriding `user`: workers of different users cannot
+    /// read each other's rings or /proc entries.
+    pub worker_users: Vec<String>,
 }
 
 impl Default for Config {
@@ -104,10 +115,13 @@ impl Default for Config {
             ring_capacity: None,
             drain_ms: 5_000,
             backlog: 4096,
+            metrics: None,
             crash_limit: 5,
             crash_window_ms: 30_000,
             hang_timeout_ms: 5_000,
             kill_hung: true,
+            user: None,
+            worker_users: Vec::new(),
         }
     }
 }
@@ -136,6 +150,15 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// The user worker `w` runs as, if any.
+    pub fn worker_user(&self, w: usize) -> Option<&str> {
+        if self.worker_users.is_empty() {
+            self.user.as_deref()
+        } else {
+            Some(&self.worker_users[w % self.worker_users.len()])
+        }
     }
 
     /// Applies `KEY=VALUE` overrides, each value read as TOML (a bare word as a string).
@@ -230,6 +253,11 @@ impl Config {
                 "must exceed ping_max_ms, or clients are closed before they can answer a ping"
                     .into(),
             );
+        }
+        if let Some(m) = &self.metrics {
+            if m.parse::<std::net::SocketAddr>().is_err() {
+                return bad("metrics", format!("{m:?} is not an IP:port address"));
+            }
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(

@@ -59,6 +59,9 @@ struct RunArgs {
     /// Shutdown drain time in milliseconds. [default: 5000]
     #[arg(long, value_name = "MS")]
     drain_ms: Option<u64>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`). [default: off]
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Any setting of the config file, e.g. `--set ping_min_ms=500` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -136,6 +139,9 @@ fn settings(a: RunArgs) -> Result<Config> {
     }
     if let Some(v) = a.drain_ms {
         c.drain_ms = v;
+    }
+    if let Some(v) = a.metrics {
+        c.metrics = Some(v);
     }
     if !a.set.is_empty() {
         c = c.with_overrides(&a.set)?;

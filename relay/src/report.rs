@@ -319,6 +319,13 @@ pub struct WorkerReport {
     pub rss_kb: u64,
     /// Open file descriptors (0 until first measured).
     pub fds: u64,
+    /// Frames handed to this worker slot flagged redelivered (they arrived before the current
+    /// process attached), summed over its request rings, across restarts.
+    #[serde(default)]
+    pub redeliveries: u64,
+    /// Frames a replacement skipped because its predecessor had already answered them.
+    #[serde(default)]
+    pub skipped_answered: u64,
 }
 
 /// One ring (one direction between one front and one worker).
@@ -530,6 +537,18 @@ impl InstanceReport {
                     started_unix_ms: ld(&ws.started_unix_ms),
                     rss_kb: ld(&ws.rss_kb),
                     fds: ld(&ws.fds),
+                    redeliveries: request_words(
+                        name,
+                        nf,
+                        w,
+                        shmrelay_worker::protocol::REDELIVERED_WORD,
+                    ),
+                    skipped_answered: request_words(
+                        name,
+                        nf,
+                        w,
+                        shmrelay_worker::protocol::SKIPPED_WORD,
+                    ),
                 }
             })
             .collect();
@@ -731,6 +750,14 @@ fn front_report(stats: &Stats, f: usize, now_ns: u64) -> FrontReport {
 /// also holds 0) and the last bucket everything above.
 pub fn rtt_bucket_bound(i: usize) -> Option<u64> {
     (i + 1 < RTT_BUCKETS).then(|| 1u64 << (i + 1))
+}
+
+/// Sums user word `word` over worker `w`'s request rings.
+fn request_words(instance: &str, fronts: usize, w: usize, word: usize) -> u64 {
+    (0..fronts)
+        .filter_map(|f| RingView::open(&names::ring_path(instance, f, w, Dir::Request)).ok())
+        .map(|v| v.user_word(word))
+        .fold(0, u64::wrapping_add)
 }
 
 fn ring_report(instance: &str, f: usize, w: usize, d: Direction, now_ns: u64) -> RingReport {

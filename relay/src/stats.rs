@@ -103,8 +103,8 @@ impl RejectReason {
     }
 }
 
-/// Buckets of the round-trip-time histogram: bucket `i` counts samples below `2^i` microseconds
-/// (the last bucket counts the rest).
+/// Buckets of the round-trip-time histogram: bucket `i` counts samples of `2^i` up to
+/// `2^(i+1)` microseconds (bucket 0 also takes 0 and 1 us; the last bucket takes the rest).
 pub const RTT_BUCKETS: usize = 16;
 
 /// One front's counters.

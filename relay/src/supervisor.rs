@@ -222,6 +222,14 @@ impl Instance {
     }
 
     fn serve(&mut self, stop: &AtomicBool) -> Result<()> {
+        if let Some(addr) = &self.cfg.metrics {
+            let addr: SocketAddr = addr.parse()?;
+            // The thread serves until the process exits; it reads the stats read-only.
+            let (bound, _thread) = shmrelay::metrics::spawn(addr, self.cfg.instance.clone())
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            info!(%bound, "metrics on http://{bound}/metrics");
+            println!("shmrelay: metrics on http://{bound}/metrics");
+        }
         for f in 0..self.cfg.fronts {
             let ready = self.start(Role::Front(f))?;
             wait_ready(ready, f)?;
@@ -335,6 +343,13 @@ impl Instance {
                     .env(env::DOORBELL_FD, bell.to_string())
                     .env(env::RESTARTS, starts.to_string())
                     .env(env::CHANNELS, channels.join(","));
+                if let Some(name) = self.cfg.worker_user(w) {
+                    let user = nix::unistd::User::from_name(name)
+                        .with_context(|| format!("looking up user {name:?}"))?
+                        .with_context(|| format!("no user {name:?} on this host (worker {w})"))?;
+                    // std drops supplementary groups when a root parent sets the uid.
+                    cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+                }
                 let ws = self.stats.worker(w);
                 ws.restarts.store(starts, Ordering::Relaxed);
                 ws.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
@@ -351,7 +366,8 @@ impl Instance {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                // Die with the supervisor, even if it is SIGKILLed: no orphans.
+                // Die with the supervisor, even if it is SIGKILLed: no orphans. (std runs this
+                // after any uid change, which would clear the setting.)
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::getppid() != parent {
                     libc::_exit(1);

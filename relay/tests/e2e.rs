@@ -241,3 +241,35 @@ fn second_instance_with_the_same_name_is_refused() {
         Some(&b"still fine"[..])
     );
 }
+
+#[test]
+fn prometheus_metrics_are_served_over_http() {
+    let relay = Relay::start("metrics", &["--metrics", "127.0.0.1:0"]);
+    let mut c = relay.connect();
+    assert_eq!(c.roundtrip(b"count me").as_deref(), Some(&b"count me"[..]));
+    let addr = relay
+        .metrics
+        .expect("the relay printed its metrics address");
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("text/plain; version=0.0.4"));
+    let accepts = body
+        .lines()
+        .find(|l| l.starts_with("shmrelay_front_accepts_total{"))
+        .unwrap_or_else(|| panic!("no accepts metric in:\n{body}"));
+    assert!(accepts.ends_with(" 1"), "{accepts}");
+    // Every sample line is `name{labels} value` with a number.
+    let samples = body.split("\r\n\r\n").nth(1).unwrap();
+    for line in samples
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+}

@@ -281,6 +281,7 @@ fn stale_segments_of_a_dead_instance_are_removed_at_start() {
         child: out,
         addr: "127.0.0.1:1".parse().unwrap(),
         instance: instance.clone(),
+        metrics: None,
     };
     assert!(eventually(Duration::from_secs(10), || {
         shmrelay::stats::Stats::open_readonly(&stats_path)

@@ -52,6 +52,14 @@ pub mod flags {
 /// its reply ring, so a client sees no duplicate reply across a worker crash.
 pub const ANSWERED_WORD: usize = 0;
 
+/// Index of the request ring's user word in which the worker counts the frames it was handed
+/// flagged redelivered (they arrived before it attached and its predecessor may have seen them).
+pub const REDELIVERED_WORD: usize = 1;
+
+/// Index of the request ring's user word in which the worker counts the frames it skipped
+/// because its predecessor had already answered them.
+pub const SKIPPED_WORD: usize = 2;
+
 /// Bytes of the frame length prefix.
 pub const FRAME_HEADER: usize = 4;
 

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
 
-use crate::protocol::{env, flags, tag, CloseReason, ConnId, Frames, ANSWERED_WORD, FRAME_HEADER};
+use crate::protocol::{
+    env, flags, tag, CloseReason, ConnId, Frames, ANSWERED_WORD, FRAME_HEADER, REDELIVERED_WORD,
+    SKIPPED_WORD,
+};
 
 type Rx = Consumer<Arc<ShmRing>>;
 type Tx = Producer<Arc<ShmRing>>;
@@ -339,6 +342,7 @@ impl Worker {
             };
             let mut end = None;
             let mut n = 0;
+            let (mut redelivered_frames, mut skipped) = (0u64, 0u64);
             for rec in rx
                 .records()
                 .map_err(|e| corrupt(e.to_string()))?
@@ -358,8 +362,10 @@ impl Worker {
                             let (end, payload) = frame.map_err(|e| corrupt(e.to_string()))?;
                             out.answering = base + end as u64;
                             if out.answering <= answered {
+                                skipped += 1;
                                 continue; // answered by the previous worker
                             }
+                            redelivered_frames += redelivered as u64;
                             handler.on_frame(conn, payload, redelivered, &mut out);
                         }
                         out.answering = 0;
@@ -381,6 +387,16 @@ impl Worker {
             // Replies first, then the release: a request is only given up once its answer is
             // visible to the front.
             out.publish();
+            if redelivered_frames + skipped > 0 {
+                // This worker is the only writer of these words; they outlive it for `relayctl`.
+                let words = rx.storage().user_words();
+                for (i, n) in [
+                    (REDELIVERED_WORD, redelivered_frames),
+                    (SKIPPED_WORD, skipped),
+                ] {
+                    words[i].store(words[i].load(Ordering::Relaxed) + n, Ordering::Relaxed);
+                }
+            }
             if let Some(end) = end {
                 rx.release(end);
             }

@@ -18,6 +18,8 @@ pub struct Relay {
     pub child: Child,
     pub addr: SocketAddr,
     pub instance: String,
+    /// Where `--metrics` serves, if it was given.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Relay {
@@ -38,21 +40,26 @@ impl Relay {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap().to_owned();
-                    let _ = tx.send(addr);
-                }
+                let _ = tx.send(line);
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay did not print `listening on` within 30 s")
-            .parse()
-            .unwrap();
+        let mut metrics = None;
+        let addr = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("relay did not print `listening on` within 30 s");
+            if let Some(rest) = line.split("metrics on http://").nth(1) {
+                metrics = rest.split('/').next().and_then(|a| a.parse().ok());
+            }
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
         Relay {
             child,
             addr,
             instance,
+            metrics,
         }
     }
 

@@ -213,6 +213,9 @@ impl<S: RingStorage> Producer<S> {
             });
         }
         self.cached_head = head;
+        // Measured against a fresh head: with the cached one it would overstate. Heads are
+        // read when space runs short, which is when the high-water mark moves.
+        self.stats.high_water = self.stats.high_water.max(self.tail - head);
         Ok(())
     }
 
@@ -226,7 +229,6 @@ impl<S: RingStorage> Producer<S> {
         // record bytes written before this store are visible to a consumer that sees it.
         h.tail.store(self.tail, Ordering::Release);
         self.published = self.tail;
-        self.stats.high_water = self.stats.high_water.max(self.tail - self.cached_head);
         self.stats.active_ns = activity_ns();
         // SeqCst fence P2 of the wake protocol (wake.rs): orders the tail store before the
         // load of the sleep word; pairs with the consumer's fence C2 in `prepare_park`.
