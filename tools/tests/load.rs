@@ -298,3 +298,14 @@ fn bad_arguments_are_refused() {
         assert!(!out.status.success(), "{args:?} should fail");
     }
 }
+
+#[test]
+fn frames_bigger_than_the_read_buffer() {
+    let server = start_server(Mode::Echo);
+    let v = load_json(
+        &server.addr,
+        &["--conns", "2", "--depth", "3", "--size", "100000"],
+    );
+    assert!(num(&v, "requests") > 0.0, "{v}");
+    assert_eq!(num(&v, "errors") + num(&v, "mismatches"), 0.0, "{v}");
+}
