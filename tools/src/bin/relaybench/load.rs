@@ -10,7 +10,8 @@
 //!   fixed schedule; latency is measured from the *intended* send time, so a stalled server
 //!   is not hidden (corrected for coordinated omission). `--depth` then caps the frames in
 //!   flight per connection (unlimited by default); requests held back by the cap still count
-//!   from their intended time.
+//!   from their intended time. The schedule runs on tokio timers, which fire on a 1 ms grid:
+//!   open-loop latencies include up to ~1 ms of that lateness (closed loop has no timer).
 //!
 //! Scale: connections are spread over `--threads` OS threads per process (a tokio
 //! current-thread runtime each) and over `--procs` processes (this binary re-executed with a
@@ -445,6 +446,9 @@ fn hist_from_hex(s: &str) -> Result<Histogram<u64>> {
 /// Child side of `--procs`: connect, report ready, wait for "go" on stdin, run, report.
 fn run_child(plan_json: &str) -> Result<()> {
     let plan: Plan = serde_json::from_str(plan_json).context("bad --child-plan")?;
+    // Do not outlive a parent that was killed: its connections would keep loading the server.
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     let send = |m: &ChildMsg| -> Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", serde_json::to_string(m)?)?;
