@@ -10,10 +10,13 @@ use shmrelay_worker::{CloseReason, ConnId};
 use super::Chan;
 use crate::stats::{add, FrontStats};
 
-/// Largest single read into the ring.
-pub(super) const READ_CHUNK: usize = 64 * 1024;
+/// Largest single read into the ring. Large, because a read that fills its grant usually ends
+/// inside a frame, whose bytes are then copied: with 64 KiB reads and 16 pipelined 4 KiB frames
+/// per client, 6% of all bytes were copied; at 256 KiB reads mostly end where the socket ran
+/// dry, on a frame boundary (0.2%).
+pub(super) const READ_CHUNK: usize = 256 * 1024;
 /// Bytes read from one connection before others get their turn.
-const READ_BUDGET: usize = 256 * 1024;
+const READ_BUDGET: usize = 512 * 1024;
 
 /// Where a connection is in its life. Every transition is made by the front's loop:
 ///
