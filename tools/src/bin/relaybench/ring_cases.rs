@@ -30,6 +30,16 @@ const TAG_END: u16 = 3;
 const POLL: Duration = Duration::from_millis(50);
 /// Spin iterations between deadline checks.
 const SPIN_CHECK: u32 = 1 << 16;
+/// A batch (records per publish or release, frames per rtrb chunk) also ends once it holds this
+/// fraction of the ring: a producer that filled the whole ring before publishing, or a consumer
+/// that read all of it before releasing, would leave the other side idle half the time.
+const BATCH_RING_FRACTION: usize = 16;
+
+/// Frames of `frame_bytes` in one batch: `--batch`, fewer for large frames.
+fn batch_frames(cfg: &Config, frame_bytes: usize) -> usize {
+    cfg.batch
+        .min((cfg.capacity / BATCH_RING_FRACTION / frame_bytes.max(1)).max(1))
+}
 
 type ShmProducer = Producer<Arc<ShmRing>>;
 type ShmConsumer = Consumer<Arc<ShmRing>>;
@@ -145,12 +155,13 @@ fn shm_throughput(cfg: &Config, case: &Case) -> Result<Outcome> {
     let len = case.payload;
     let payload = Payload::new(len);
     let mut st = TxState::default();
+    let batch = batch_frames(cfg, shm_ring::layout::record_size(len) as usize);
     let clock = Clock::start(cfg);
     let mut marked = false;
     loop {
-        // One batch: commit `batch` records in place, then make them visible with one store.
+        // One batch: commit records in place, then make them visible with one store.
         let mut n = 0;
-        while n < cfg.batch {
+        while n < batch {
             match tx.reserve(len) {
                 Ok(mut grant) => {
                     payload.fill(&mut grant, st.seq);
@@ -326,16 +337,18 @@ fn rtrb_control(
     Ok(())
 }
 
-/// Reads every frame of one read chunk; `on_data` sees each payload.
+/// Reads the frames of one read chunk (at most about `limit` bytes, whole frames) and gives
+/// their space back; `on_frame` sees each frame.
 fn rtrb_read_chunk(
     rx: &mut rtrb::Consumer<u8>,
+    limit: usize,
     scratch: &mut Vec<u8>,
     mut on_frame: impl FnMut(Frame<'_>) -> Result<()>,
 ) -> Result<()> {
     let chunk = rx.read_chunk(rx.slots())?;
     let (a, b) = chunk.as_slices();
     let mut r = SplitReader::new(a, b);
-    while r.remaining() > 0 {
+    while r.remaining() > 0 && r.consumed() < limit {
         let len = u32::from_be_bytes(r.take(PREFIX, scratch).try_into().expect("4 bytes"));
         match len {
             LEN_MARK => on_frame(Frame::Mark)?,
@@ -343,7 +356,8 @@ fn rtrb_read_chunk(
             n => on_frame(Frame::Data(r.take(n as usize, scratch)))?,
         }
     }
-    chunk.commit_all();
+    let n = r.consumed();
+    chunk.commit(n);
     Ok(())
 }
 
@@ -353,11 +367,12 @@ fn rtrb_consume(
     dl: Deadline,
     abort: &AtomicBool,
 ) -> Result<Report> {
+    let limit = rx.buffer().capacity() / BATCH_RING_FRACTION;
     let mut st = RxState::new(len);
     let mut scratch = Vec::new();
     while !st.is_done() {
         spin_until(|| !rx.is_empty(), dl, abort)?;
-        rtrb_read_chunk(rx, &mut scratch, |f| {
+        rtrb_read_chunk(rx, limit, &mut scratch, |f| {
             match f {
                 Frame::Data(d) => st.on_data(d)?,
                 Frame::Mark => st.on_mark(),
@@ -378,13 +393,14 @@ fn rtrb_produce(
 ) -> Result<TxState> {
     let payload = Payload::new(len);
     let frame = PREFIX + len;
+    let batch = batch_frames(cfg, frame);
     let prefix = (len as u32).to_be_bytes();
     let mut st = TxState::default();
     let mut marked = false;
     loop {
         // As many whole frames as fit, up to one batch, written in place into one chunk.
-        let k = match tx.write_chunk_uninit(cfg.batch * frame) {
-            Ok(_) => cfg.batch,
+        let k = match tx.write_chunk_uninit(batch * frame) {
+            Ok(_) => batch,
             Err(rtrb::chunks::ChunkError::TooFewSlots(n)) => n / frame,
         };
         if k == 0 {
@@ -491,7 +507,7 @@ fn rtrb_rtt(cfg: &Config, case: &Case) -> Result<Outcome> {
             unsafe { chunk.commit_all() };
             spin_until(|| rep_rx.slots() >= frame, dl, abort)?;
             let mut got = 0;
-            rtrb_read_chunk(&mut rep_rx, &mut scratch, |f| match f {
+            rtrb_read_chunk(&mut rep_rx, usize::MAX, &mut scratch, |f| match f {
                 Frame::Data(d) => {
                     got += 1;
                     payload.verify(d, seq)
@@ -514,7 +530,7 @@ fn rtrb_rtt(cfg: &Config, case: &Case) -> Result<Outcome> {
         let (mut served, mut done) = (0u64, false);
         while !done {
             spin_until(|| !req_rx.is_empty(), dl, abort)?;
-            rtrb_read_chunk(&mut req_rx, &mut scratch, |f| {
+            rtrb_read_chunk(&mut req_rx, usize::MAX, &mut scratch, |f| {
                 match f {
                     Frame::Data(d) => {
                         let mut chunk = rep_tx.write_chunk_uninit(PREFIX + d.len())?;
@@ -766,9 +782,12 @@ fn shm_consumer(spec: &ChildSpec, ctl: &mut Ctl, fd: OwnedFd, dl: Deadline) -> R
     let mut rx = Consumer::new(attach(fd)?)?;
     ctl.send(&Msg::Ready)?;
     let mut st = RxState::new(spec.payload);
+    let limit = (rx.capacity() / BATCH_RING_FRACTION) as u64;
     while !st.is_done() {
-        // One batch: every published record read in place, then one release.
+        // One batch: the published records read in place (up to a sixteenth of the ring),
+        // then one release.
         let mut last = None;
+        let from = rx.position();
         for rec in rx.records()? {
             let rec = rec?;
             match rec.tag() {
@@ -778,6 +797,9 @@ fn shm_consumer(spec: &ChildSpec, ctl: &mut Ctl, fd: OwnedFd, dl: Deadline) -> R
                 t => bail!("unexpected record tag {t}"),
             }
             last = Some(rec.end());
+            if rec.end() - from >= limit {
+                break;
+            }
         }
         match last {
             Some(end) => rx.release(end),

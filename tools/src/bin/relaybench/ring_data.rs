@@ -429,6 +429,11 @@ impl<'a> SplitReader<'a> {
         self.a.len() + self.b.len() - self.pos
     }
 
+    /// Bytes taken so far.
+    pub fn consumed(&self) -> usize {
+        self.pos
+    }
+
     /// The next `n` bytes as one slice.
     #[inline]
     pub fn take<'s>(&mut self, n: usize, scratch: &'s mut Vec<u8>) -> &'s [u8]
