@@ -364,3 +364,44 @@ fn worker_scribbling_on_shared_memory_is_quarantined_and_replaced() {
         assert_eq!(s.front(0).quarantined.load(Ordering::Relaxed), 0);
     }
 }
+
+#[test]
+fn too_little_shared_memory_is_a_clear_error_at_start() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shmrelay-small-shm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    // Two workers need 4 rings of 4 MiB: far more than 2 MiB.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shmrelay"))
+        .args(["--listen", "127.0.0.1:0", "--instance", "small"])
+        .env("SHMRELAY_SHM_DIR", &dir)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir(&dir);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no space"), "not a clear error: {err}");
+    assert!(
+        leftovers.is_empty(),
+        "a failed start left segments behind: {leftovers:?}"
+    );
+}
