@@ -1,0 +1,347 @@
+#!/usr/bin/env bash
+# Side-by-side comparison (issue 6): shmrelay vs HAProxy vs nginx stream vs in-process tokio echo.
+#
+# One invocation, one load generator (`relaybench load`, closed loop), the same settings for
+# every system:
+#   shmrelay  shmrelay --workers 1 (one front + one built-in echo worker)
+#   haproxy   HAProxy, TCP mode, nbthread 1, in front of tokio-echo --threads 1
+#   nginx     nginx stream proxy, worker_processes 1, in front of tokio-echo --threads 1
+#   tokio     tokio-echo --threads 1 alone (no second process: the upper bound)
+# Cases: payload 64 B and 4 KiB x 100 and 1,000 connections, --depth 16 (change with options).
+# Every server process (proxy, echo backend, shmrelay supervisor, front and worker) is passed as
+# --server-pid, so the server CPU seconds are comparable. All four stacks are started once, on
+# free loopback ports, and stay idle while another one is measured; for each case the systems run
+# one after another (rotating the order), so a change in background load hits all of them alike.
+# Before each measurement the script waits while a `relaybench hold` runs, and records the load
+# average. Results: OUT/runs.jsonl (one line per run: the relaybench JSON plus context),
+# OUT/results.json, OUT/table.md and OUT/compare.svg (throughput and p99 per case).
+#
+# Usage: tools/bench/compare.sh [--seconds N] [--warmup N] [--quick] [--out DIR]
+#                               [--depth N] [--sizes "64 4096"] [--conns "100 1000"]
+#                               [--systems "shmrelay haproxy nginx tokio"] [--client-threads N]
+#                               [--max-load L [--max-load-wait S]] [--nice N]
+#                               [--no-build] [--no-install]
+# --nice N: run every server process and the load generator at niceness N (e.g. -10, needs
+# root), the same for every system, so that other work on a shared machine disturbs the runs
+# less. With autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1) nice only
+# ranks processes inside one session, so the script then re-runs itself in a new session
+# (setsid) and sets that session's autogroup nice to N as well.
+# --client-threads N: load generator threads (default 2, one per core here; one thread can
+# saturate before the server does).
+# --max-load: before each run, wait (at most --max-load-wait seconds, default 120) until the
+# 1-minute load average is below L; the load average is recorded next to every figure anyway.
+set -euo pipefail
+ORIG_ARGS=("$@")
+
+SECONDS_PER_RUN=5
+WARMUP=1
+QUICK=0
+OUT=""
+DEPTH=16
+SIZES="64 4096"
+CONNS="100 1000"
+SYSTEMS="shmrelay haproxy nginx tokio"
+CLIENT_THREADS=2
+BUILD=1
+INSTALL=1
+MAX_LOAD=""
+MAX_LOAD_WAIT=120
+NICE=0
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
+        --warmup) WARMUP="$2"; shift 2 ;;
+        --quick) QUICK=1; shift ;;
+        --out) OUT="$2"; shift 2 ;;
+        --depth) DEPTH="$2"; shift 2 ;;
+        --sizes) SIZES="$2"; shift 2 ;;
+        --conns) CONNS="$2"; shift 2 ;;
+        --systems) SYSTEMS="$2"; shift 2 ;;
+        --client-threads) CLIENT_THREADS="$2"; shift 2 ;;
+        --max-load) MAX_LOAD="$2"; shift 2 ;;
+        --max-load-wait) MAX_LOAD_WAIT="$2"; shift 2 ;;
+        --nice) NICE="$2"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --no-install) INSTALL=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$NICE" != 0 ] && [ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ] &&
+    [ -z "${COMPARE_AUTOGROUP:-}" ]; then
+    # A session of our own: its autogroup holds only this benchmark, and goes away with it.
+    COMPARE_AUTOGROUP=1 exec setsid -w "$0" "${ORIG_ARGS[@]}"
+fi
+
+if [ "$QUICK" = 1 ]; then
+    # Smoke test: one short run per system.
+    SECONDS_PER_RUN=1; WARMUP=0.3; SIZES="64"; CONNS="100"
+fi
+
+say() { printf '[compare] %s\n' "$*" >&2; }
+die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+[ -n "$OUT" ] || OUT="$ROOT/target/compare"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+REPORT_PY="$ROOT/tools/bench/compare_report.py"
+
+# ---------------------------------------------------------------- binaries and packages
+if [ "$BUILD" = 1 ]; then
+    say "building release binaries"
+    cargo build --release -q -p shmrelay -p shmrelay-tools -p shmrelay-examples
+fi
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+BIN="$TARGET_DIR/release"
+for b in shmrelay relayctl relaybench tokio-echo; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build --release -p shmrelay -p shmrelay-tools -p shmrelay-examples)"
+done
+
+NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
+need_pkgs=()
+case " $SYSTEMS " in *" haproxy "*) command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy) ;; esac
+case " $SYSTEMS " in *" nginx "*)
+    command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx)
+    # Debian builds the stream module as a dynamic module in its own package.
+    if ! nginx -V 2>&1 | grep -q -- '--with-stream ' && [ ! -f "$NGINX_STREAM_SO" ]; then
+        need_pkgs+=(libnginx-mod-stream)
+    fi ;;
+esac
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    [ "$INSTALL" = 1 ] || die "missing packages: ${need_pkgs[*]} (run without --no-install)"
+    say "installing ${need_pkgs[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# ---------------------------------------------------------------- start and stop
+RUN=""
+if [ "$NICE" != 0 ]; then
+    nice -n "$NICE" true 2>/dev/null && [ "$(nice -n "$NICE" nice)" = "$NICE" ] \
+        || die "cannot run at niceness $NICE (negative values need root)"
+    # exec keeps the PID: the PID we hold is the server process itself.
+    RUN="nice -n $NICE"
+    if [ -n "${COMPARE_AUTOGROUP:-}" ]; then
+        echo "$NICE" >/proc/self/autogroup || die "cannot set the autogroup nice to $NICE"
+        say "session autogroup: $(cat /proc/self/autogroup)"
+    fi
+fi
+INSTANCE="cmp-$$"
+TMP="$(mktemp -d /tmp/shmrelay-compare.XXXXXX)"
+PIDS=()          # every process this script started, killed by PID at exit
+SHM_PID=""
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+        local alive=0
+        for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -f /dev/shm/shmrelay."$INSTANCE".* 2>/dev/null || true
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Free loopback ports, asked from the kernel.
+read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX < <(python3 - <<'PY'
+import socket
+socks = []
+for _ in range(6):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+)
+
+wait_port() { # PORT PID NAME: wait until PORT accepts a connection (and PID lives)
+    local port=$1 pid=$2 name=$3
+    for _ in $(seq 200); do
+        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$name.log" >&2 || true; die "$name (pid $pid) exited at start"; }
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    cat "$TMP/$name.log" >&2 || true
+    die "$name does not listen on 127.0.0.1:$port"
+}
+
+start_echo() { # NAME PORT -> sets LAST_PID
+    $RUN "$BIN/tokio-echo" --listen "127.0.0.1:$2" --threads 1 >"$TMP/$1.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    wait_port "$2" "$LAST_PID" "$1"
+}
+
+declare -A ADDR SERVER_PIDS
+has() { case " $SYSTEMS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+if has shmrelay; then
+    rm -f /dev/shm/shmrelay."$INSTANCE".* 2>/dev/null || true
+    $RUN "$BIN/shmrelay" --listen "127.0.0.1:$P_SHM" --instance "$INSTANCE" --workers 1 --fronts 1 \
+        --drain-ms 500 >"$TMP/shmrelay.log" 2>&1 &
+    SHM_PID=$!
+    PIDS+=("$SHM_PID")
+    wait_port "$P_SHM" "$SHM_PID" shmrelay
+    ADDR[shmrelay]="127.0.0.1:$P_SHM"
+fi
+
+if has haproxy; then
+    start_echo echo-haproxy "$P_ECHO_HAP"; ECHO_HAP_PID=$LAST_PID
+    cat >"$TMP/haproxy.cfg" <<CFG
+global
+    nbthread 1
+    maxconn 8000
+    pidfile $TMP/haproxy.pid
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend fe
+    bind 127.0.0.1:$P_HAP
+    default_backend be
+backend be
+    server echo 127.0.0.1:$P_ECHO_HAP
+CFG
+    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy rejects the generated config"
+    # -db: stay in the foreground (the PID we hold is the proxy process itself).
+    $RUN haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+    HAP_PID=$!
+    PIDS+=("$HAP_PID")
+    wait_port "$P_HAP" "$HAP_PID" haproxy
+    ADDR[haproxy]="127.0.0.1:$P_HAP"
+fi
+
+if has nginx; then
+    start_echo echo-nginx "$P_ECHO_NGX"; ECHO_NGX_PID=$LAST_PID
+    mkdir -p "$TMP/nginx/logs"
+    LOAD_MODULE=""
+    if ! nginx -V 2>&1 | grep -q -- '--with-stream '; then LOAD_MODULE="load_module $NGINX_STREAM_SO;"; fi
+    cat >"$TMP/nginx/nginx.conf" <<CFG
+$LOAD_MODULE
+worker_processes 1;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/logs/error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+stream {
+    upstream echo { server 127.0.0.1:$P_ECHO_NGX; }
+    server {
+        listen 127.0.0.1:$P_NGX;
+        proxy_pass echo;
+        proxy_timeout 120s;
+    }
+}
+CFG
+    nginx -t -q -p "$TMP/nginx" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf" \
+        || die "nginx rejects the generated config"
+    $RUN nginx -p "$TMP/nginx" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx.log" 2>&1 &
+    NGX_PID=$!
+    PIDS+=("$NGX_PID")
+    wait_port "$P_NGX" "$NGX_PID" nginx
+    ADDR[nginx]="127.0.0.1:$P_NGX"
+fi
+
+if has tokio; then
+    start_echo tokio "$P_TOK"; TOK_PID=$LAST_PID
+    ADDR[tokio]="127.0.0.1:$P_TOK"
+fi
+
+# The server processes of a system right now (children looked up by parent PID).
+server_pids() {
+    case "$1" in
+        shmrelay) echo "$SHM_PID" $(pgrep -P "$SHM_PID" || true) ;;
+        haproxy) echo "$HAP_PID $ECHO_HAP_PID" ;;
+        nginx) echo "$NGX_PID" $(pgrep -P "$NGX_PID" || true) "$ECHO_NGX_PID" ;;
+        tokio) echo "$TOK_PID" ;;
+    esac
+}
+
+wait_no_hold() {
+    local waited=0
+    while pgrep -f "relaybench hold" >/dev/null 2>&1; do
+        [ "$waited" = 0 ] && say "a 'relaybench hold' is running: waiting for it to end"
+        sleep 5; waited=$((waited + 5))
+    done
+    if [ -n "$MAX_LOAD" ]; then
+        local t=0
+        while python3 -c "import sys; sys.exit(0 if float(open('/proc/loadavg').read().split()[0]) >= $MAX_LOAD else 1)" \
+            && [ "$t" -lt "$MAX_LOAD_WAIT" ]; do
+            [ "$t" = 0 ] && say "load average $(cut -d' ' -f1 /proc/loadavg) >= $MAX_LOAD: waiting up to ${MAX_LOAD_WAIT}s"
+            sleep 5; t=$((t + 5)); waited=$((waited + 5))
+        done
+    fi
+    echo "$waited"
+}
+
+shm_counters() { # prints "bytes_in bytes_out bytes_copied" of front 0
+    "$BIN/relayctl" stat --json "$INSTANCE" --interval 0 | python3 -c '
+import json, sys
+f = json.load(sys.stdin)["fronts"][0]
+print(f["bytes_in"], f["bytes_out"], f["bytes_copied"], f["copied_ratio"])'
+}
+
+# ---------------------------------------------------------------- measure
+RUNS="$OUT/runs.jsonl"
+: >"$RUNS"
+{
+    echo "nproc=$(nproc)"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "kernel=$(uname -srm)"
+    echo "haproxy=$(haproxy -v 2>/dev/null | head -1 || true)"
+    echo "nginx=$(nginx -v 2>&1 || true)"
+    echo "git=$(git rev-parse --short HEAD 2>/dev/null || true)$(git diff --quiet 2>/dev/null || echo '+dirty')"
+    echo "command=tools/bench/compare.sh --seconds $SECONDS_PER_RUN --warmup $WARMUP --depth $DEPTH --sizes '$SIZES' --conns '$CONNS' --client-threads $CLIENT_THREADS${MAX_LOAD:+ --max-load $MAX_LOAD}$([ "$NICE" != 0 ] && echo " --nice $NICE")$([ "$QUICK" = 1 ] && echo ' (--quick)')"
+    echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} >"$OUT/machine.txt"
+
+read -r -a SYS_ARR <<<"$SYSTEMS"
+nsys=${#SYS_ARR[@]}
+case_no=0
+for size in $SIZES; do
+    for conns in $CONNS; do
+        for ((k = 0; k < nsys; k++)); do
+            sys=${SYS_ARR[$(((k + case_no) % nsys))]}
+            waited=$(wait_no_hold)
+            load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+            pid_args=()
+            for p in $(server_pids "$sys"); do pid_args+=(--server-pid "$p"); done
+            [ "$sys" = shmrelay ] && read -r b_in0 b_out0 b_cp0 _ < <(shm_counters)
+            say "$sys  size=$size conns=$conns depth=$DEPTH seconds=$SECONDS_PER_RUN  (load avg $load_before)"
+            json=$($RUN "$BIN/relaybench" load --addr "${ADDR[$sys]}" --conns "$conns" --size "$size" \
+                --depth "$DEPTH" --seconds "$SECONDS_PER_RUN" --warmup "$WARMUP" \
+                --threads "$CLIENT_THREADS" --json "${pid_args[@]}") \
+                || die "relaybench load against $sys failed"
+            load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+            extra='null'
+            if [ "$sys" = shmrelay ]; then
+                read -r b_in1 b_out1 b_cp1 ratio_total < <(shm_counters)
+                extra=$(printf '{"bytes_relayed":%s,"bytes_copied":%s,"copied_ratio_cumulative":%s}' \
+                    "$(( (b_in1 - b_in0) + (b_out1 - b_out0) ))" "$((b_cp1 - b_cp0))" "$ratio_total")
+            fi
+            printf '{"system":"%s","size":%s,"conns":%s,"depth":%s,"loadavg_before":"%s","loadavg_after":"%s","hold_wait_secs":%s,"server_pids":"%s","shmrelay":%s,"load":%s}\n' \
+                "$sys" "$size" "$conns" "$DEPTH" "$load_before" "$load_after" "$waited" \
+                "$(server_pids "$sys" | xargs)" "$extra" "$json" >>"$RUNS"
+        done
+        case_no=$((case_no + 1))
+    done
+done
+
+echo "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$OUT/machine.txt"
+python3 "$REPORT_PY" "$OUT"
