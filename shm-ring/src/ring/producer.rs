@@ -125,6 +125,7 @@ impl<S: RingStorage> Producer<S> {
     /// # Errors
     ///
     /// As [`reserve`](Producer::reserve), judged on `min`.
+    #[inline]
     pub fn reserve_up_to(
         &mut self,
         min: usize,
@@ -402,6 +403,7 @@ impl<S: RingStorage> WriteGrant<'_, S> {
     ///
     /// If `len` exceeds the grant or `meta.tag` is the reserved padding tag: both are bugs in
     /// the caller, not conditions of the ring.
+    #[inline]
     pub fn commit(self, len: usize, meta: Meta) -> u64 {
         assert!(
             len <= self.len,
