@@ -117,12 +117,14 @@ fn record(h: &mut Histogram<u64>, t0: Instant) {
     h.saturating_record(t0.elapsed().as_nanos() as u64);
 }
 
+/// Futex waits per round trip on each side: 1.00 means every hop slept in the kernel (more
+/// than 1 means some waits timed out or woke spuriously and slept again).
 fn parked_note(client: u64, server: u64, round_trips: u64) -> String {
-    let pct = |n: u64| 100.0 * n as f64 / round_trips.max(1) as f64;
+    let per = |n: u64| n as f64 / round_trips.max(1) as f64;
     format!(
-        "parked: client {:.0}%, server {:.0}% of round trips",
-        pct(client),
-        pct(server)
+        "futex waits per round trip: client {:.2}, server {:.2}",
+        per(client),
+        per(server)
     )
 }
 
