@@ -41,6 +41,11 @@ pub const RECORD_ALIGN: usize = 8;
 pub const MIN_CAPACITY: usize = 4096;
 /// Largest data area a ring may have (1 TiB): keeps every position computation far from overflow.
 pub const MAX_CAPACITY: usize = 1 << 40;
+/// Largest position a side accepts when it attaches. Positions only grow from there by what is
+/// published (2^62 bytes is millennia at memory bandwidth), so no position arithmetic can come
+/// near 2^64 — which a hostile peer could otherwise arrange by writing huge positions before we
+/// attach (found by fuzzing: `fuzz/regressions/ring_consumer-position-overflow`).
+pub const MAX_POSITION: u64 = 1 << 62;
 /// Tag reserved by the ring for padding at the wrap. Applications may use any other value.
 pub const TAG_PAD: u16 = 0xFFFF;
 

@@ -297,9 +297,8 @@ fn half_close_round(relay: &Relay, round: usize) -> (Client, Vec<Vec<u8>>) {
 
 #[test]
 fn half_closed_client_is_closed_and_gets_nothing_but_its_echoes() {
-    // What holds today (see the two ignored tests below for what does not): the relay closes
-    // a half-closed connection, at the latest at the heartbeat timeout, and whatever replies
-    // came first are the echoes of its frames, in order.
+    // The relay closes a half-closed connection once its replies are out (at the latest at
+    // the heartbeat timeout), and what came first are the echoes of its frames, in order.
     let _w = Watchdog::new("half_closed", Duration::from_secs(180));
     let relay = Relay::start("halfclose", &FAST_TIMEOUT);
     for round in 0..8 {
@@ -319,9 +318,6 @@ fn half_closed_client_is_closed_and_gets_nothing_but_its_echoes() {
 }
 
 #[test]
-#[ignore = "bug: on a client's FIN the front closes the connection at once (conn.rs read_conn \
-            Ok(0) -> Close(ClientEof) -> close_conn), so replies to frames still at the worker \
-            are dropped as stale instead of being written to the half-closed socket"]
 fn half_closed_client_gets_replies_still_at_the_worker() {
     let _w = Watchdog::new("half_closed_slow_worker", Duration::from_secs(120));
     let relay = Relay::start(
@@ -354,10 +350,6 @@ fn half_closed_client_gets_replies_still_at_the_worker() {
 }
 
 #[test]
-#[ignore = "bug: a FIN that arrives together with the last data is never seen: read_conn treats a \
-            short read as 'socket drained' and waits for a new edge, which never comes for an \
-            EOF already pending, so the connection lingers until the heartbeat timeout and is \
-            counted as heartbeat_timeout instead of client_eof"]
 fn fin_arriving_with_the_data_closes_at_once() {
     let _w = Watchdog::new("fin_with_data", Duration::from_secs(120));
     // A 10 s heartbeat timeout, far from the 2 s this test allows for the close.
@@ -392,10 +384,11 @@ fn fin_arriving_with_the_data_closes_at_once() {
         "closed {waited:?} after the FIN (closes: {})",
         relay.close_summary()
     );
-    assert_eq!(
-        relay.closes(CloseReason::ClientEof),
-        eof_before + 2,
-        "{}",
+    // The harness's own readiness connection and this one, both as client_eof (the count is
+    // taken after the socket closed, so give it a moment).
+    assert!(
+        eventually(5 * SEC, || relay.closes(CloseReason::ClientEof) == 2),
+        "{} (before: {eof_before})",
         relay.close_summary()
     );
 }

@@ -18,7 +18,7 @@
 //! | tag | conn | aux | payload |
 //! |---|---|---|---|
 //! | [`tag::SEND`] | connection | request position answered (0 for a push) | one or more whole wire frames |
-//! | [`tag::CLOSE`] | connection | 0 | empty: close after sending what was queued before |
+//! | [`tag::CLOSE`] | connection | 0 | empty: close after sending what was queued before; the SDK also writes one after every `on_close`, which acknowledges the front's CLOSE (a client that half-closed its socket is closed on it, once its replies are out) |
 //!
 //! The front validates every reply record (connection id, framing) before use: a worker is
 //! another process and its memory is untrusted.

@@ -372,7 +372,11 @@ impl Worker {
                     }
                     tag::CLOSE => {
                         open.remove(&conn);
-                        handler.on_close(conn, CloseReason::from_code(rec.aux()), &mut out)
+                        handler.on_close(conn, CloseReason::from_code(rec.aux()), &mut out);
+                        // The acknowledgement: everything this worker had for the connection
+                        // is before it in the reply ring. The front closes a half-closed
+                        // connection on it (and ignores it for one already gone).
+                        let _ = out.close(conn);
                     }
                     tag::FRONT_RESET => {
                         for conn in std::mem::take(open) {

@@ -43,6 +43,10 @@ pub(super) struct Conn {
     pub readable: bool,
     /// Waiting for space in its worker's request ring.
     pub blocked: bool,
+    /// The peer's FIN (or an error) is pending: read until EOF, not just until a short read.
+    pub hup: bool,
+    /// Its worker was sent the CLOSE already (at the client's FIN, before the final close).
+    pub told_close: bool,
     pub want_write: bool,
     /// Heartbeat bookkeeping, in timer ticks.
     pub last_rx: u32,
@@ -70,6 +74,8 @@ impl Conn {
             state: ConnState::Accepted,
             readable: false,
             blocked: false,
+            hup: false,
+            told_close: false,
             want_write: false,
             last_rx: now,
             last_data: now,
@@ -254,8 +260,9 @@ pub(super) fn read_conn(
         if c.carry.is_empty() && c.carry.capacity() > 4096 {
             c.carry = Vec::new();
         }
-        if n < room {
-            // A short read emptied the socket; the next arrival raises a new edge.
+        if n < room && !c.hup {
+            // A short read emptied the socket; the next arrival raises a new edge. (Not so a
+            // FIN that came with the data: it raises no further edge, so read on to the EOF.)
             c.readable = false;
             return (ReadResult::Drained, heartbeats);
         }

@@ -326,6 +326,7 @@ impl Front {
                             && drain_deadline.is_none()
                         {
                             if let Some(c) = self.slab.get(slot, gen) {
+                                c.hup |= ev.is_read_closed() || ev.is_error();
                                 if !c.readable {
                                     c.readable = true;
                                     if c.wants_read() {
@@ -599,6 +600,7 @@ impl Front {
                     }
                     self.chans[w].blocked.push((slot, gen));
                 }
+                ReadResult::Close(CloseReason::ClientEof) => self.client_eof(slot, gen),
                 ReadResult::Close(reason) => self.close_conn(slot, reason),
                 ReadResult::TooLarge(len) => {
                     add(&self.fs.protocol_errors, 1);
@@ -741,7 +743,13 @@ impl Front {
                 Action::Close(reason) => self.close_conn(slot, reason),
                 Action::WantWrite => self.want_write(slot, gen),
                 Action::CloseAfterFlush => {
-                    self.drain_conn(slot, gen, CloseReason::WorkerRequest);
+                    // After a client's FIN this is the worker's acknowledgement of our CLOSE:
+                    // every reply it had for the connection is out, so keep its reason.
+                    let reason = match self.slab.get(slot, gen).map(|c| c.state) {
+                        Some(ConnState::Draining(r)) => r,
+                        _ => CloseReason::WorkerRequest,
+                    };
+                    self.drain_conn(slot, gen, reason);
                 }
             }
         }
@@ -815,6 +823,38 @@ impl Front {
         );
         if let ConnState::Draining(reason) = c.state {
             self.close_conn(slot, reason);
+        }
+    }
+
+    /// The client sent its FIN: it will send nothing more but may still want the replies to
+    /// what it sent. Tell the worker now (after the connection's data, in ring order); the
+    /// worker acknowledges with a CLOSE of its own once it has handled everything before it,
+    /// and the connection closes when those replies are written (or at its timeout).
+    fn client_eof(&mut self, slot: u32, gen: u32) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        if c.state == ConnState::Accepted {
+            self.close_conn(slot, CloseReason::ClientEof);
+            return;
+        }
+        let worker = c.worker;
+        c.told_close = true;
+        c.state = ConnState::Draining(CloseReason::ClientEof);
+        self.draining += 1;
+        self.fs
+            .conns_draining
+            .store(self.draining, Ordering::Relaxed);
+        let id = ConnId::new(self.index as u8, gen, slot);
+        self.chans[worker].backlog.push_back(Ctrl {
+            tag: tag::CLOSE,
+            conn: id.raw(),
+            aux: CloseReason::ClientEof as u64,
+            payload: Vec::new(),
+        });
+        self.flush_backlog(worker);
+        if self.chans[worker].broken {
+            self.close_conn(slot, CloseReason::ClientEof);
         }
     }
 
@@ -996,7 +1036,7 @@ fn deliver(
     let id = ConnId::from_raw(conn_raw);
     let (slot, gen) = (id.slot(), id.generation());
     match slab.get(slot, gen) {
-        Some(c) if id.front() == me && !matches!(c.state, ConnState::Draining(_)) => {
+        Some(c) if id.front() == me => {
             add(&fs.frames_out, group.len() as u64);
             if let Err(reason) = send_to(c, group, fs, usize::MAX) {
                 todo.push((slot, gen, Action::Close(reason)));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{activity_ns, claim_side, release_side, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError};
-use crate::layout::{record_size, RecordHeader, RECORD_HEADER_SIZE, TAG_PAD};
+use crate::layout::{record_size, RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
 use crate::wake::{futex_wait, Doorbell};
@@ -68,7 +68,8 @@ impl<S: RingStorage> Consumer<S> {
         let head = h.head.load(Ordering::Relaxed);
         // Acquire: pairs with the Release store in `Producer::publish`.
         let tail = h.tail.load(Ordering::Acquire);
-        if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap {
+        if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap || tail > MAX_POSITION
+        {
             return Err(CorruptError::HeadOutOfRange {
                 head,
                 tail,

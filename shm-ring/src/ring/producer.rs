@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::{activity_ns, claim_side, release_side, Meta, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError, ReserveError};
-use crate::layout::{self, record_size, RecordHeader, RECORD_HEADER_SIZE, TAG_PAD};
+use crate::layout::{self, record_size, RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
 use crate::wake::{futex_wait, Doorbell};
@@ -65,7 +65,8 @@ impl<S: RingStorage> Producer<S> {
         // Acquire: pairs with the Release store in `Consumer::release`, so the consumer's reads
         // of the space it released happen before we overwrite it.
         let head = h.head.load(Ordering::Acquire);
-        if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap {
+        if tail % 8 != 0 || head % 8 != 0 || head > tail || tail - head > cap || tail > MAX_POSITION
+        {
             return Err(CorruptError::TailOutOfRange {
                 tail,
                 head,
