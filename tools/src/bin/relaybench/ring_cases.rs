@@ -70,7 +70,16 @@ struct Clock {
     deadline: Deadline,
 }
 
+/// A round-trip case goes on past its time until it has this many samples (on a saturated
+/// machine a round trip can take longer than a short run), within its deadline.
+const MIN_RTT_SAMPLES: u64 = 20;
+
 impl Clock {
+    /// True when a round-trip loop that started an iteration `since` the start may stop.
+    fn rtt_done(&self, since: Duration, hist: &Histogram<u64>) -> bool {
+        since >= self.end && hist.len() >= MIN_RTT_SAMPLES
+    }
+
     fn start(cfg: &Config) -> Clock {
         let start = Instant::now();
         let end = cfg.warmup + cfg.measure;
@@ -264,7 +273,7 @@ fn shm_rtt(cfg: &Config, case: &Case) -> Result<Outcome> {
     loop {
         let t0 = Instant::now();
         let since = t0 - clock.start;
-        if since >= clock.end {
+        if clock.rtt_done(since, &hist) {
             break;
         }
         match tx.reserve(len) {
@@ -497,7 +506,7 @@ fn rtrb_rtt(cfg: &Config, case: &Case) -> Result<Outcome> {
         loop {
             let t0 = Instant::now();
             let since = t0 - clock.start;
-            if since >= clock.end {
+            if clock.rtt_done(since, &hist) {
                 break;
             }
             let mut chunk = req_tx.write_chunk_uninit(frame)?;
@@ -642,7 +651,7 @@ fn stream_client<R: Read, W: Write>(
     loop {
         let t0 = Instant::now();
         let since = t0 - clock.start;
-        if since >= clock.end {
+        if clock.rtt_done(since, &hist) {
             break;
         }
         fw.push(&payload, seq)?;
@@ -704,7 +713,7 @@ fn futex_rtt(cfg: &Config, case: &Case) -> Result<Outcome> {
     loop {
         let t0 = Instant::now();
         let since = t0 - clock.start;
-        if since >= clock.end {
+        if clock.rtt_done(since, &hist) {
             break;
         }
         ping.store(1, Ordering::Release);
