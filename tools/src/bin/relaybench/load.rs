@@ -35,7 +35,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 #[path = "load_engine.rs"]
-mod engine;
+pub(crate) mod engine;
 
 use engine::{Counters, Plan};
 
@@ -196,7 +196,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn secs_arg(v: f64, name: &str, allow_zero: bool) -> Result<f64> {
+pub(crate) fn secs_arg(v: f64, name: &str, allow_zero: bool) -> Result<f64> {
     if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) || v > 1e6 {
         bail!(
             "{name} must be a {} number of seconds, got {v}",
@@ -275,7 +275,7 @@ fn make_plan(args: &Args) -> Result<Plan> {
 }
 
 /// Parses `127.0.0.2-127.0.0.9,127.0.1.1,::1` into a list of addresses.
-fn parse_src_ips(s: &str) -> Result<Vec<IpAddr>> {
+pub(crate) fn parse_src_ips(s: &str) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         if let Some((a, b)) = item.split_once('-') {
@@ -306,7 +306,7 @@ fn parse_src_ips(s: &str) -> Result<Vec<IpAddr>> {
 }
 
 /// Raises the open-files limit to its hard cap and checks that each process's share fits.
-fn check_limits(plan: &Plan) -> Result<()> {
+pub(crate) fn check_limits(plan: &Plan) -> Result<()> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) =
         getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-files limit")?;
@@ -347,7 +347,7 @@ fn check_limits(plan: &Plan) -> Result<()> {
 }
 
 /// CPU seconds (user + system) of the given processes and all their descendants, from /proc.
-fn server_cpu_seconds(pids: &[u32]) -> Option<f64> {
+pub(crate) fn server_cpu_seconds(pids: &[u32]) -> Option<f64> {
     if pids.is_empty() {
         return None;
     }
@@ -414,7 +414,7 @@ fn run_single(plan: &Plan, server_pids: &[u32]) -> Result<RunResult> {
     ))
 }
 
-fn cpu_delta(samples: &[Option<f64>]) -> Option<f64> {
+pub(crate) fn cpu_delta(samples: &[Option<f64>]) -> Option<f64> {
     match samples {
         [Some(a), Some(b)] => Some((b - a).max(0.0)),
         _ => None,
@@ -482,9 +482,9 @@ fn run_child(plan_json: &str) -> Result<()> {
 }
 
 /// Child processes of a `--procs` run; killed if the parent gives up early.
-struct Kids {
-    children: Vec<Child>,
-    stdins: Vec<ChildStdin>,
+pub(crate) struct Kids {
+    pub(crate) children: Vec<Child>,
+    pub(crate) stdins: Vec<ChildStdin>,
 }
 
 impl Drop for Kids {

@@ -351,7 +351,7 @@ async fn connect_all(
     (conns, c)
 }
 
-async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream> {
+pub(crate) async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -437,7 +437,7 @@ fn stamp(id: usize, seq: u64) -> [u8; 8] {
 }
 
 /// splitmix64, for the per-connection phase of the open-loop schedule.
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

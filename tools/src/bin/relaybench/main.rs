@@ -3,11 +3,13 @@
 //! - `relaybench ring`: shm-ring against rtrb, a Unix socket pair, a pipe and a raw futex
 //!   ping-pong, in one run on the same payloads.
 //! - `relaybench load`: a load generator for the length-prefixed wire protocol.
+//! - `relaybench hold`: many idle long-lived connections with heartbeats, held for a while.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod hold;
 mod load;
 mod ring;
 
@@ -24,6 +26,8 @@ enum Cmd {
     Ring(ring::Args),
     /// Load generator for the length-prefixed wire protocol.
     Load(load::Args),
+    /// Idle long-lived connections with heartbeats, held and counted.
+    Hold(hold::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Ring(args) => ring::run(args),
         Cmd::Load(args) => load::run(args),
+        Cmd::Hold(args) => hold::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

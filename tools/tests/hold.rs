@@ -1,0 +1,253 @@
+//! `relaybench hold` as a real process against small in-test servers on loopback that follow
+//! the relay's heartbeat rule (a length-0 frame answers the peer's outstanding one, otherwise it
+//! asks for an answer): the client must answer pings, get its own heartbeats answered, stay
+//! connected, and count the connections a server closes.
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// What the server saw, over all connections.
+#[derive(Default)]
+struct Seen {
+    accepted: AtomicU64,
+    pings_sent: AtomicU64,
+    /// Length-0 frames that answered one of the server's pings.
+    pings_answered: AtomicU64,
+    /// Length-0 frames that asked for an answer (the client's own heartbeats), answered.
+    heartbeats_answered: AtomicU64,
+    /// Non-zero bytes received: the client sent something other than length-0 frames.
+    garbage: AtomicU64,
+    peers: Mutex<HashSet<IpAddr>>,
+}
+
+/// A server that pings every connection every `ping` and closes every `close_every`-th
+/// accepted connection (1st, (k+1)-th, ...) after `close_after`.
+fn start_server(ping: Duration, close_every: Option<(u64, Duration)>) -> (String, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = Arc::new(Seen::default());
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            let n = s2.accepted.fetch_add(1, Ordering::Relaxed);
+            if let Ok(p) = s.peer_addr() {
+                s2.peers.lock().unwrap().insert(p.ip());
+            }
+            let close = close_every.and_then(|(k, after)| (n % k == 0).then_some(after));
+            let seen = s2.clone();
+            std::thread::spawn(move || serve(s, ping, close, &seen));
+        }
+    });
+    (addr, seen)
+}
+
+fn serve(mut s: TcpStream, ping: Duration, close: Option<Duration>, seen: &Seen) {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let mut outstanding = false;
+    let mut last_ping = Instant::now();
+    // Bytes of the current 4-byte header received so far.
+    let mut partial = 0usize;
+    let mut buf = [0u8; 256];
+    loop {
+        if close.is_some_and(|after| start.elapsed() >= after) {
+            return; // dropping the stream sends the FIN
+        }
+        if !outstanding && last_ping.elapsed() >= ping {
+            if s.write_all(&[0; 4]).is_err() {
+                return;
+            }
+            outstanding = true;
+            last_ping = Instant::now();
+            seen.pings_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = match s.read(&mut buf) {
+            Ok(0) => return, // the client is gone
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        };
+        if buf[..n].iter().any(|&b| b != 0) {
+            seen.garbage.fetch_add(1, Ordering::Relaxed);
+        }
+        partial += n;
+        while partial >= 4 {
+            partial -= 4;
+            if outstanding {
+                outstanding = false;
+                seen.pings_answered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                seen.heartbeats_answered.fetch_add(1, Ordering::Relaxed);
+                if s.write_all(&[0; 4]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `relaybench hold --json` against `addr`; returns the parsed object.
+fn hold_json(addr: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["hold", "--addr", addr, "--json"];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_relaybench"))
+        .args(&args)
+        .output()
+        .expect("run relaybench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "relaybench failed: {}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no count {key} in {v}"))
+}
+
+#[test]
+fn answers_pings_sends_heartbeats_and_stays_connected() {
+    let (addr, seen) = start_server(Duration::from_millis(100), None);
+    let v = hold_json(
+        &addr,
+        &["--conns", "4", "--seconds", "1", "--heartbeat", "0.3"],
+    );
+    assert_eq!(num(&v, "opened"), 4, "{v}");
+    assert_eq!(num(&v, "connect_errors"), 0, "{v}");
+    assert_eq!(num(&v, "open_at_end"), 4, "{v}");
+    assert_eq!(num(&v, "server_closes"), 0, "{v}");
+    assert!(v["closes_by_time"].as_array().unwrap().is_empty(), "{v}");
+    // The client answered the server's pings, and the server saw those answers.
+    assert!(num(&v, "pings_answered") > 0, "{v}");
+    assert!(seen.pings_answered.load(Ordering::Relaxed) > 0);
+    // Its own heartbeats went out and came back answered (by the server's answer, or by a
+    // ping that crossed it, which the rule makes the answer on both sides).
+    assert!(num(&v, "heartbeats_sent") > 0, "{v}");
+    assert!(num(&v, "heartbeats_answered") > 0, "{v}");
+    assert!(num(&v, "heartbeats_answered") <= num(&v, "heartbeats_sent"));
+    // It never sent anything but length-0 frames, and never bounced frames back and forth: every
+    // answer it counted matches a frame the server sent.
+    assert_eq!(seen.garbage.load(Ordering::Relaxed), 0);
+    assert_eq!(num(&v, "data_frames"), 0, "{v}");
+    let server_sent =
+        seen.pings_sent.load(Ordering::Relaxed) + seen.heartbeats_answered.load(Ordering::Relaxed);
+    assert!(num(&v, "pings_answered") + num(&v, "heartbeats_answered") <= server_sent);
+    assert!(v["client_cpu_seconds"].as_f64().is_some(), "{v}");
+    assert!(num(&v, "client_rss_kb") > 0, "{v}");
+}
+
+#[test]
+fn without_own_heartbeats_it_only_answers_pings() {
+    let (addr, seen) = start_server(Duration::from_millis(100), None);
+    let v = hold_json(
+        &addr,
+        &["--conns", "2", "--seconds", "0.8", "--heartbeat", "0"],
+    );
+    assert_eq!(num(&v, "open_at_end"), 2, "{v}");
+    assert_eq!(num(&v, "heartbeats_sent"), 0, "{v}");
+    assert!(num(&v, "pings_answered") > 0, "{v}");
+    assert_eq!(seen.heartbeats_answered.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn server_closes_are_counted_with_their_time() {
+    // Every other connection is closed by the server 300 ms after it was accepted.
+    let (addr, seen) = start_server(
+        Duration::from_millis(100),
+        Some((2, Duration::from_millis(300))),
+    );
+    let v = hold_json(
+        &addr,
+        &[
+            "--conns",
+            "6",
+            "--seconds",
+            "1.2",
+            "--heartbeat",
+            "0.2",
+            "--bucket",
+            "0.5",
+        ],
+    );
+    assert_eq!(num(&v, "opened"), 6, "{v}");
+    assert_eq!(num(&v, "server_closes"), 3, "{v}");
+    assert_eq!(num(&v, "open_at_end"), 3, "{v}");
+    let buckets = v["closes_by_time"].as_array().unwrap();
+    let in_window: u64 = buckets.iter().map(|b| num(b, "closes")).sum();
+    assert_eq!(in_window + num(&v, "closes_during_ramp"), 3, "{v}");
+    for b in buckets {
+        assert!(b["to_secs"].as_f64().unwrap() - b["from_secs"].as_f64().unwrap() == 0.5);
+    }
+    assert_eq!(seen.accepted.load(Ordering::Relaxed), 6);
+}
+
+#[test]
+fn spreads_over_processes_and_source_addresses() {
+    let (addr, seen) = start_server(Duration::from_millis(100), None);
+    let v = hold_json(
+        &addr,
+        &[
+            "--conns",
+            "6",
+            "--procs",
+            "2",
+            "--src-ips",
+            "127.0.0.2-127.0.0.4",
+            "--seconds",
+            "0.5",
+            "--heartbeat",
+            "0.2",
+        ],
+    );
+    assert_eq!(num(&v, "opened"), 6, "{v}");
+    assert_eq!(num(&v, "open_at_end"), 6, "{v}");
+    assert_eq!(num(&v, "procs"), 2, "{v}");
+    let peers = seen.peers.lock().unwrap().clone();
+    let want: HashSet<IpAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(peers, want);
+}
+
+#[test]
+fn a_refused_address_is_an_error() {
+    // Bind and drop a listener: nothing listens on that port any more.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_relaybench"))
+        .args([
+            "hold",
+            "--addr",
+            &addr,
+            "--conns",
+            "2",
+            "--seconds",
+            "0.1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the summary is still printed");
+    assert_eq!(num(&v, "connect_errors"), 2, "{v}");
+    assert_eq!(num(&v, "opened"), 0, "{v}");
+}
