@@ -412,7 +412,8 @@ impl Worker {
     /// Spins briefly, then sleeps on the doorbell until a front publishes (or a timeout, to
     /// re-check the stop flag).
     fn park(&mut self) -> Result<(), WorkerError> {
-        for _ in 0..2_000 {
+        // A few microseconds, as in shm-ring's own `wait`, before paying for a park.
+        for _ in 0..256 {
             if self.reqs.iter().flatten().any(Consumer::has_new) {
                 return Ok(());
             }

@@ -141,10 +141,11 @@ impl<S: RingStorage> Producer<S> {
         }
         let max = max.clamp(min, limit);
         let need = record_size(min);
-        let mut fit = self.fit(need);
+        let want = record_size(max);
+        let mut fit = self.fit_best(need, want);
         if fit.is_none_or(|(_, room)| room < record_size(max)) {
             self.refresh_head()?;
-            fit = self.fit(need);
+            fit = self.fit_best(need, want);
         }
         let Some((pad, room)) = fit else {
             self.stats.full_events = self.stats.full_events.wrapping_add(1);
@@ -189,19 +190,25 @@ impl<S: RingStorage> Producer<S> {
     }
 
     /// Where a record of `need` bytes can start: `(padding before it, contiguous bytes there)`.
-    /// Prefers the current offset unless wrapping yields more room.
-    fn fit(&self, need: u64) -> Option<(u64, u64)> {
+    /// Stays at the current offset when `want` bytes fit there (no padding wasted); otherwise
+    /// takes whichever side has more room, so a read into the ring gets the larger piece.
+    fn fit_best(&self, need: u64, want: u64) -> Option<(u64, u64)> {
         let free = self.cap - (self.tail - self.cached_head);
         let to_end = self.cap - (self.tail & self.mask);
         let here = free.min(to_end);
         let wrapped = free.saturating_sub(to_end);
-        if here >= need && here >= wrapped {
+        if here >= want || (here >= need && here >= wrapped) {
             Some((0, here))
         } else if wrapped >= need {
             Some((to_end, wrapped))
         } else {
             None
         }
+    }
+
+    /// [`fit_best`](Producer::fit_best) for a record of exactly `need` bytes.
+    fn fit(&self, need: u64) -> Option<(u64, u64)> {
+        self.fit_best(need, need)
     }
 
     fn refresh_head(&mut self) -> Result<(), CorruptError> {
