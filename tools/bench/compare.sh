@@ -19,13 +19,15 @@
 # Usage: tools/bench/compare.sh [--seconds N] [--warmup N] [--quick] [--out DIR]
 #                               [--depth N] [--sizes "64 4096"] [--conns "100 1000"]
 #                               [--systems "shmrelay haproxy nginx tokio"] [--client-threads N]
-#                               [--max-load L [--max-load-wait S]] [--nice N]
+#                               [--max-load L [--max-load-wait S]] [--nice N] [--repeat N]
 #                               [--no-build] [--no-install]
 # --nice N: run every server process and the load generator at niceness N (e.g. -10, needs
 # root), the same for every system, so that other work on a shared machine disturbs the runs
 # less. With autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1) nice only
 # ranks processes inside one session, so the script then re-runs itself in a new session
 # (setsid) and sets that session's autogroup nice to N as well.
+# --repeat N: measure every case N times (the systems take turns within each round); the report
+# shows, per system and case, the run with the median req/s and the range over the N runs.
 # --client-threads N: load generator threads (default 2, one per core here; one thread can
 # saturate before the server does).
 # --max-load: before each run, wait (at most --max-load-wait seconds, default 120) until the
@@ -47,6 +49,7 @@ INSTALL=1
 MAX_LOAD=""
 MAX_LOAD_WAIT=120
 NICE=0
+REPEAT=1
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -64,6 +67,7 @@ while [ $# -gt 0 ]; do
         --max-load) MAX_LOAD="$2"; shift 2 ;;
         --max-load-wait) MAX_LOAD_WAIT="$2"; shift 2 ;;
         --nice) NICE="$2"; shift 2 ;;
+        --repeat) REPEAT="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --no-install) INSTALL=0; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -79,7 +83,7 @@ fi
 
 if [ "$QUICK" = 1 ]; then
     # Smoke test: one short run per system.
-    SECONDS_PER_RUN=1; WARMUP=0.3; SIZES="64"; CONNS="100"
+    SECONDS_PER_RUN=1; WARMUP=0.3; SIZES="64"; CONNS="100"; REPEAT=1
 fi
 
 say() { printf '[compare] %s\n' "$*" >&2; }
@@ -307,7 +311,7 @@ RUNS="$OUT/runs.jsonl"
     echo "haproxy=$(haproxy -v 2>/dev/null | head -1 || true)"
     echo "nginx=$(nginx -v 2>&1 || true)"
     echo "git=$(git rev-parse --short HEAD 2>/dev/null || true)$(git diff --quiet 2>/dev/null || echo '+dirty')"
-    echo "command=tools/bench/compare.sh --seconds $SECONDS_PER_RUN --warmup $WARMUP --depth $DEPTH --sizes '$SIZES' --conns '$CONNS' --client-threads $CLIENT_THREADS${MAX_LOAD:+ --max-load $MAX_LOAD}$([ "$NICE" != 0 ] && echo " --nice $NICE")$([ "$QUICK" = 1 ] && echo ' (--quick)')"
+    echo "command=tools/bench/compare.sh --seconds $SECONDS_PER_RUN --warmup $WARMUP --depth $DEPTH --sizes '$SIZES' --conns '$CONNS' --client-threads $CLIENT_THREADS$([ "$REPEAT" != 1 ] && echo " --repeat $REPEAT")${MAX_LOAD:+ --max-load $MAX_LOAD}$([ "$NICE" != 0 ] && echo " --nice $NICE")$([ "$QUICK" = 1 ] && echo ' (--quick)')"
     echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$OUT/machine.txt"
 
@@ -316,14 +320,15 @@ nsys=${#SYS_ARR[@]}
 case_no=0
 for size in $SIZES; do
     for conns in $CONNS; do
+      for ((rep = 1; rep <= REPEAT; rep++)); do
         for ((k = 0; k < nsys; k++)); do
-            sys=${SYS_ARR[$(((k + case_no) % nsys))]}
+            sys=${SYS_ARR[$(((k + case_no + rep - 1) % nsys))]}
             waited=$(wait_no_hold)
             load_before=$(cut -d' ' -f1-3 /proc/loadavg)
             pid_args=()
             for p in $(server_pids "$sys"); do pid_args+=(--server-pid "$p"); done
             [ "$sys" = shmrelay ] && read -r b_in0 b_out0 b_cp0 _ < <(shm_counters)
-            say "$sys  size=$size conns=$conns depth=$DEPTH seconds=$SECONDS_PER_RUN  (load avg $load_before)"
+            say "$sys  size=$size conns=$conns depth=$DEPTH seconds=$SECONDS_PER_RUN rep $rep/$REPEAT  (load avg $load_before)"
             json=$($RUN "$BIN/relaybench" load --addr "${ADDR[$sys]}" --conns "$conns" --size "$size" \
                 --depth "$DEPTH" --seconds "$SECONDS_PER_RUN" --warmup "$WARMUP" \
                 --threads "$CLIENT_THREADS" --json "${pid_args[@]}") \
@@ -335,10 +340,11 @@ for size in $SIZES; do
                 extra=$(printf '{"bytes_relayed":%s,"bytes_copied":%s,"copied_ratio_cumulative":%s}' \
                     "$(( (b_in1 - b_in0) + (b_out1 - b_out0) ))" "$((b_cp1 - b_cp0))" "$ratio_total")
             fi
-            printf '{"system":"%s","size":%s,"conns":%s,"depth":%s,"loadavg_before":"%s","loadavg_after":"%s","hold_wait_secs":%s,"server_pids":"%s","shmrelay":%s,"load":%s}\n' \
+            printf '{"system":"%s","rep":'"$rep"',"size":%s,"conns":%s,"depth":%s,"loadavg_before":"%s","loadavg_after":"%s","hold_wait_secs":%s,"server_pids":"%s","shmrelay":%s,"load":%s}\n' \
                 "$sys" "$size" "$conns" "$DEPTH" "$load_before" "$load_after" "$waited" \
                 "$(server_pids "$sys" | xargs)" "$extra" "$json" >>"$RUNS"
         done
+      done
         case_no=$((case_no + 1))
     done
 done

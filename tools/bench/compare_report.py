@@ -56,10 +56,19 @@ def rows_of(runs):
     cases.sort()
     rows = []
     for size, conns in cases:
-        by_sys = {r["system"]: r for r in runs if (r["size"], r["conns"]) == (size, conns)}
+        groups = {}
+        for r in runs:
+            if (r["size"], r["conns"]) == (size, conns):
+                groups.setdefault(r["system"], []).append(r)
+        # Several runs per case (--repeat): the one with the median req/s stands for the system.
+        by_sys = {}
+        for name, rs in groups.items():
+            rs = sorted(rs, key=lambda x: x["load"]["req_per_sec"])
+            by_sys[name] = rs[(len(rs) - 1) // 2]
         base = by_sys.get("shmrelay")
         for sys_name in sorted(by_sys, key=lambda s: ORDER.index(s) if s in ORDER else 99):
             r = by_sys[sys_name]
+            reps = groups[sys_name]
             ld = r["load"]
             row = {
                 "system": sys_name,
@@ -77,16 +86,21 @@ def rows_of(runs):
                 "connected": ld["connected"],
                 "loadavg_before": r["loadavg_before"],
                 "loadavg_after": r["loadavg_after"],
+                "reps": len(reps),
+                "rps_min": min(x["load"]["req_per_sec"] for x in reps),
+                "rps_max": max(x["load"]["req_per_sec"] for x in reps),
+                "p99_min_us": min(x["load"]["p99_us"] for x in reps),
+                "p99_max_us": max(x["load"]["p99_us"] for x in reps),
                 "copied_ratio": None,
                 "rps_vs_shmrelay": None,
                 "p99_vs_shmrelay": None,
                 "eff_vs_shmrelay": None,
             }
             if r.get("shmrelay"):
-                s = r["shmrelay"]
-                row["copied_ratio"] = (
-                    s["bytes_copied"] / s["bytes_relayed"] if s["bytes_relayed"] else 0.0
-                )
+                # Over all runs of the case.
+                cp = sum(x["shmrelay"]["bytes_copied"] for x in reps)
+                rl = sum(x["shmrelay"]["bytes_relayed"] for x in reps)
+                row["copied_ratio"] = cp / rl if rl else 0.0
             if base:
                 bl = base["load"]
                 if bl["req_per_sec"]:
@@ -111,6 +125,9 @@ def fmt_x(v):
 
 
 def table(rows):
+    multi = any(r["reps"] > 1 for r in rows)
+    if multi:
+        return table_multi(rows)
     lines = [
         "| system | payload | conns | req/s | p50 ms | p99 ms | server CPU s | req per server CPU-s "
         "| req/s vs shmrelay | p99 vs shmrelay | req/CPU-s vs shmrelay | copied/relayed | load avg (1/5/15 min) |",
@@ -130,6 +147,35 @@ def table(rows):
             f"| {fmt_x(r['rps_vs_shmrelay'])} | {fmt_x(r['p99_vs_shmrelay'])} | {fmt_x(r['eff_vs_shmrelay'])} "
             f"| {'' if cr is None else f'{cr * 100:.3f}%'} | {r['loadavg_before']} |"
         )
+    return "\n".join(lines)
+
+
+def table_multi(rows):
+    lines = [
+        "| system | payload | conns | req/s (median) | req/s range | p50 ms | p99 ms | p99 range ms "
+        "| server CPU s | req per server CPU-s | req/s vs shmrelay | p99 vs shmrelay | req/CPU-s vs shmrelay "
+        "| copied/relayed | load avg (1/5/15 min) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in rows:
+        cpu = r["server_cpu_seconds"]
+        eff = r["req_per_server_cpu_sec"]
+        cr = r["copied_ratio"]
+        note = ""
+        if r["errors"] or r["mismatches"] or r["connected"] != r["conns"]:
+            note = f" (errors {r['errors']}, mismatches {r['mismatches']}, connected {r['connected']})"
+        lines.append(
+            f"| {r['system']}{note} | {size_label(r['size'])} | {r['conns']} | {r['req_per_sec']:,.0f} "
+            f"| {human(r['rps_min'])}-{human(r['rps_max'])} "
+            f"| {fmt_ms(r['p50_us'])} | {fmt_ms(r['p99_us'])} | {fmt_ms(r['p99_min_us'])}-{fmt_ms(r['p99_max_us'])} "
+            f"| {'' if cpu is None else f'{cpu:.2f}'} | {'' if eff is None else f'{eff:,.0f}'} "
+            f"| {fmt_x(r['rps_vs_shmrelay'])} | {fmt_x(r['p99_vs_shmrelay'])} | {fmt_x(r['eff_vs_shmrelay'])} "
+            f"| {'' if cr is None else f'{cr * 100:.3f}%'} | {r['loadavg_before']} |"
+        )
+    reps = max(r["reps"] for r in rows)
+    lines.append("")
+    lines.append(f"Median of {reps} runs per system and case (the row shows that run's figures; "
+                 "ranges over all runs).")
     return "\n".join(lines)
 
 
@@ -255,7 +301,7 @@ def svg(runs_rows, title, subtitle=""):
         parts.append(f'<text x="{x + 20:.1f}" y="{ly + 12}">{escape(LABEL.get(s, s))}</text>')
     if nruns > 1:
         parts.append(f'<text x="{left}" y="{ly + 36}" fill="#444">Each system: one bar per run, '
-                     f'run 1 solid, later runs lighter ({nruns} runs of the same command).</text>')
+                     f'first run solid, later runs lighter ({nruns} runs of the same command).</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -280,9 +326,11 @@ def main():
         rows = [rows_of(r) for r in all_runs]
         m = machine(dirs[0])
         r0 = all_runs[0][0]
+        reps = max(x.get("rep", 1) for rs in all_runs for x in rs)
         if title is None:
             title = (f"Echo through one core's worth of server: closed loop, depth {r0['depth']}, "
-                     f"{r0['load']['seconds']:g} s per run, {len(dirs)} runs")
+                     f"{r0['load']['seconds']:g} s per measurement"
+                     + (f", median of {reps}" if reps > 1 else "") + f"; {len(dirs)} runs")
         with open(dest, "w") as f:
             f.write(svg(rows, title, subtitle_of(m, [x for rr in rows for x in rr])))
         print(f"written: {dest}")
@@ -296,7 +344,9 @@ def main():
     depth = runs[0]["depth"]
     secs = runs[0]["load"]["seconds"]
     if title is None:
-        title = f"Echo through one core's worth of server: closed loop, depth {depth}, {secs:g} s per run"
+        reps = max(x.get("rep", 1) for x in runs)
+        title = (f"Echo through one core's worth of server: closed loop, depth {depth}, {secs:g} s per measurement"
+                 + (f", median of {reps}" if reps > 1 else ""))
     tbl = table(rows)
     tg = targets(rows)
     with open(os.path.join(out, "results.json"), "w") as f:
