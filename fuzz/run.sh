@@ -11,7 +11,8 @@
 # Builds with debug assertions and overflow checks (-a), as the relay's dev profile does.
 # cargo-fuzz is installed from crates.io if missing. Target dir: $CARGO_TARGET_DIR if set
 # (cargo-fuzz passes it through), else fuzz/target. Corpora grow in fuzz/corpus/TARGET,
-# crashing inputs land in fuzz/artifacts/TARGET (both git-ignored).
+# crashing inputs land in fuzz/artifacts/TARGET (both git-ignored); inputs kept in
+# fuzz/regressions/TARGET-* are replayed first.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -32,6 +33,15 @@ cargo fuzz build "${FLAGS[@]}" || exit 2
 
 failed=()
 for t in "${TARGETS[@]}"; do
+    # Inputs that once crashed a target (regressions/TARGET-*) must keep passing.
+    regressions=(regressions/"$t"-*)
+    if [ -e "${regressions[0]}" ]; then
+        echo "== $t: replaying ${#regressions[@]} regression input(s)"
+        if ! cargo fuzz run "${FLAGS[@]}" "$t" "${regressions[@]}" >/dev/null 2>&1; then
+            failed+=("$t (regression)")
+            echo "!! $t fails a regression input: cargo fuzz run ${FLAGS[*]} $t ${regressions[*]}"
+        fi
+    fi
     echo "== $t for ${SECONDS_PER_TARGET}s"
     mkdir -p "corpus/$t"
     log="$(mktemp)"

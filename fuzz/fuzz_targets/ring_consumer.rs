@@ -15,40 +15,30 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use shm_ring::layout::{RecordHeader, TAG_PAD};
+use shm_ring::layout::{RecordHeader, MAX_POSITION, TAG_PAD};
 use shm_ring::{Consumer, HeapRing, Meta, Producer, RingStorage};
 
-/// A position: one of a few bases (0, mid-range, just below 2^64, or raw) plus an offset.
+/// A position: one of a few bases (0, mid-range, around the attach limit, just below 2^64, or
+/// raw) plus an offset.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Pos {
     Zero(u32),
     Mid(u32),
     NearMax(u16),
     Raw(u64),
-}
-
-/// Positions within a ring's capacity of 2^64 overflow the position arithmetic of the ring
-/// (`Producer::new` and `Consumer::new` accept them; the next push or read adds past 2^64:
-/// a panic with overflow checks, a silent wrap without). Until the ring rejects such
-/// positions at attach, the fuzzer keeps positions below 2^63 so that it can look for
-/// anything else; `SHMRELAY_FUZZ_NEAR_MAX=1` lets it reach them (and crash at once).
-fn near_max_allowed() -> bool {
-    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| std::env::var_os("SHMRELAY_FUZZ_NEAR_MAX").is_some_and(|v| v == "1"))
+    NearLimit(u16),
 }
 
 impl Pos {
     fn get(self) -> u64 {
-        let top = if near_max_allowed() {
-            u64::MAX
-        } else {
-            (1u64 << 63) - 1
-        };
         match self {
             Pos::Zero(o) => o as u64,
             Pos::Mid(o) => (1u64 << 40) + o as u64,
-            Pos::NearMax(o) => top - o as u64,
-            Pos::Raw(v) => v & top,
+            // Around the largest position a side accepts at attach: positions only grow from
+            // there, and must never reach 2^64 (see regressions/).
+            Pos::NearLimit(o) => MAX_POSITION + 4096 - o as u64,
+            Pos::NearMax(o) => u64::MAX - o as u64,
+            Pos::Raw(v) => v,
         }
     }
 }

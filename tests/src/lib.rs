@@ -6,8 +6,8 @@
 //!
 //! The binary lives in another package, so it is found next to the test executable
 //! (`target/<profile>/deps/<test>` -> `target/<profile>/shmrelay`), and built once with
-//! `cargo build -p shmrelay` (same profile, same target directory) when it is missing.
-//! `SHMRELAY_BIN` overrides the path.
+//! `cargo build -p shmrelay` (same profile, same target directory) when it is missing or
+//! older than its sources. `SHMRELAY_BIN` overrides the path (and skips the build).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
@@ -43,7 +43,10 @@ pub fn shmrelay_bin() -> &'static Path {
             .unwrap_or_else(|| exe.parent().expect("exe has a parent"))
             .to_path_buf();
         let bin = profile_dir.join("shmrelay");
-        if !bin.exists() {
+        // `cargo test -p shmrelay-tests` rebuilds the relay's library for the harness, never
+        // its binary: a binary older than the sources would test old code against new stats
+        // layouts, so it is rebuilt then too.
+        if !bin.exists() || older_than_sources(&bin) {
             build_shmrelay(&profile_dir);
         }
         assert!(
@@ -53,6 +56,43 @@ pub fn shmrelay_bin() -> &'static Path {
         );
         bin
     })
+}
+
+/// True if a source of the binary (relay, worker SDK, ring, workspace manifest or lock file)
+/// was modified after `bin`.
+fn older_than_sources(bin: &Path) -> bool {
+    fn newest(path: &Path, acc: &mut std::time::SystemTime) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                newest(&e.path(), acc);
+            }
+        } else if let Ok(m) = meta.modified() {
+            *acc = (*acc).max(m);
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return true;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let mut latest = std::time::UNIX_EPOCH;
+    for p in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "relay/Cargo.toml",
+        "relay/src",
+        "workers/Cargo.toml",
+        "workers/src",
+        "shm-ring/Cargo.toml",
+        "shm-ring/src",
+    ] {
+        newest(&root.join(p), &mut latest);
+    }
+    latest > built
 }
 
 /// Runs `cargo build -p shmrelay` into the target directory and profile of this test binary.
