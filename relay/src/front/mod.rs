@@ -302,6 +302,9 @@ impl Front {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
+            // The events below happened after the sleep: stamp them with the time now, or a
+            // frame that arrived would look up to a sleep older and time out early.
+            self.tick();
             if timeout != Some(Duration::ZERO) {
                 for ch in &mut self.chans {
                     ch.rep.finish_park();
