@@ -10,6 +10,7 @@
 # Options (after the mode): --conns N --seconds S --fronts F --workers W --procs P
 #   --src-ips LIST --heartbeat S --sample S --settle S --out DIR
 #   --no-build (use the release binaries already built in the target directory)
+#   --relay-set KEY=VALUE (repeatable: passed to shmrelay as --set, e.g. ping_min_ms=45000)
 #
 # It builds in release (cargo build --release -p shmrelay -p shmrelay-tools), starts shmrelay
 # on a free loopback port with its own instance name, measures the relay at idle, runs
@@ -26,6 +27,7 @@ set -euo pipefail
 MODE=scale
 CONNS=100000 SECONDS_HOLD=300 FRONTS=6 WORKERS=2 PROCS=8 SRC_IPS=127.0.0.2-127.0.0.9
 HEARTBEAT=30 SAMPLE=10 SETTLE=30 OUT="" BUILD=1
+RELAY_SETS=()
 case "${1:-}" in
 --quick)
     MODE=quick; CONNS=10000 SECONDS_HOLD=30 FRONTS=2 PROCS=2 SRC_IPS=127.0.0.2-127.0.0.3
@@ -49,6 +51,7 @@ while [ $# -gt 0 ]; do
     --settle) SETTLE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
+    --relay-set) RELAY_SETS+=(--set "$2"); shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "scale.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -192,7 +195,7 @@ kernel_slab() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
 # --- start the relay ----------------------------------------------------------------------
 log "uptime before start: $(uptime)"
 "$BIN/shmrelay" --fronts "$FRONTS" --workers "$WORKERS" --max-conns 120000 \
-    --instance "$INSTANCE" --listen 127.0.0.1:0 >"$OUT/relay.log" 2>&1 &
+    --instance "$INSTANCE" --listen 127.0.0.1:0 ${RELAY_SETS[@]+"${RELAY_SETS[@]}"} >"$OUT/relay.log" 2>&1 &
 RELAY_PID=$!
 ADDR=""
 for _ in $(seq 1 300); do
@@ -315,6 +318,7 @@ fi
     echo "## shmrelay $MODE: $CONNS connections, $FRONTS fronts, $WORKERS workers, hold ${SECONDS_HOLD} s, heartbeat ${HEARTBEAT} s"
     echo
     echo "machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), kernel $(uname -r), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+    echo "shmrelay --fronts $FRONTS --workers $WORKERS --max-conns 120000 --instance $INSTANCE --listen 127.0.0.1:0 ${RELAY_SETS[*]:-}"
     echo "relaybench ${HOLD_ARGS[*]}"
     echo
     echo "| figure | value | load avg (1 min) |"

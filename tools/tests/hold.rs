@@ -177,7 +177,7 @@ fn server_closes_are_counted_with_their_time() {
             "--conns",
             "6",
             "--seconds",
-            "1.2",
+            "2",
             "--heartbeat",
             "0.2",
             "--bucket",
