@@ -777,8 +777,21 @@ fn wait_ready(ready: Option<OwnedFd>, f: usize) -> Result<()> {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd.
-    let r = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    // A signal (SIGTERM during start-up) interrupts the poll: wait on until the deadline, so
+    // that the stop is handled by the main loop instead of failing the start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, left) };
+        let interrupted =
+            r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+        if !interrupted || left == 0 {
+            break r;
+        }
+    };
     let mut byte = [0u8; 1];
     let n = if r > 0 {
         std::fs::File::from(fd).read(&mut byte).unwrap_or(0)
