@@ -31,10 +31,9 @@
 //! fields of [`Summary`]). A progress line goes to stderr when the hold window starts.
 
 use std::cell::{Cell, RefCell};
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufRead, ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
-use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::task::Poll;
@@ -48,7 +47,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify, Semaphore};
 
 use crate::load::engine::{self, Plan};
-use crate::load::{check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds, Kids};
+use crate::load::{
+    check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds, spawn_child, Kids,
+};
 
 /// Options of `relaybench hold`.
 #[derive(clap::Args, Debug)]
@@ -799,32 +800,14 @@ fn run_procs(
             },
             ..plan.clone()
         };
-        let mut child = Command::new(&exe)
-            .arg("hold")
-            .arg("--child-plan")
-            .arg(serde_json::to_string(&child_plan)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start hold process {i}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        kids.stdins.push(child.stdin.take().expect("piped stdin"));
-        kids.children.push(child);
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(l) => {
-                        if tx.send((i, Some(l))).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-            let _ = tx.send((i, None));
-        });
+        spawn_child(
+            &exe,
+            "hold",
+            &serde_json::to_string(&child_plan)?,
+            i,
+            &mut kids,
+            &tx,
+        )?;
     }
     drop(tx);
 

@@ -482,6 +482,45 @@ fn run_child(plan_json: &str) -> Result<()> {
 }
 
 /// Child processes of a `--procs` run; killed if the parent gives up early.
+/// Starts child `i` of a multi-process run (`relaybench SUB --child-plan PLAN`) and forwards
+/// each line it prints to `tx` as `(i, Some(line))`, then `(i, None)` when it closes its output.
+pub(crate) fn spawn_child(
+    exe: &std::path::Path,
+    sub: &str,
+    plan_json: &str,
+    i: usize,
+    kids: &mut Kids,
+    tx: &mpsc::Sender<(usize, Option<String>)>,
+) -> Result<()> {
+    let mut child = Command::new(exe)
+        .arg(sub)
+        .arg("--child-plan")
+        .arg(plan_json)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {sub} process {i}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    kids.stdins.push(child.stdin.take().expect("piped stdin"));
+    kids.children.push(child);
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send((i, Some(l))).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send((i, None));
+    });
+    Ok(())
+}
+
 pub(crate) struct Kids {
     pub(crate) children: Vec<Child>,
     pub(crate) stdins: Vec<ChildStdin>,
@@ -511,32 +550,14 @@ fn run_procs(plan: &Plan, server_pids: &[u32]) -> Result<RunResult> {
             proc_index: i,
             ..plan.clone()
         };
-        let mut child = Command::new(&exe)
-            .arg("load")
-            .arg("--child-plan")
-            .arg(serde_json::to_string(&child_plan)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start load process {i}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        kids.stdins.push(child.stdin.take().expect("piped stdin"));
-        kids.children.push(child);
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(l) => {
-                        if tx.send((i, Some(l))).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-            let _ = tx.send((i, None));
-        });
+        spawn_child(
+            &exe,
+            "load",
+            &serde_json::to_string(&child_plan)?,
+            i,
+            &mut kids,
+            &tx,
+        )?;
     }
     drop(tx);
 
