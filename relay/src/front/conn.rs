@@ -53,6 +53,9 @@ pub(super) struct Conn {
     pub last_data: u32,
     pub ping_sent: u32,
     pub ping_outstanding: bool,
+    /// The client sends heartbeats of its own: they prove it alive, so it is pinged only after
+    /// the longest ping interval of silence (pinging it as well doubles the idle traffic).
+    pub client_beats: bool,
     /// The tick of this connection's live timer entry.
     pub timer_at: u64,
     /// Smoothed RTT from TCP_INFO, microseconds (0 until sampled).
@@ -81,6 +84,7 @@ impl Conn {
             last_data: now,
             ping_sent: 0,
             ping_outstanding: false,
+            client_beats: false,
             timer_at: 0,
             rtt_us: 0,
             addr_slot,
@@ -228,6 +232,7 @@ pub(super) fn read_conn(
                 if c.ping_outstanding {
                     c.ping_outstanding = false;
                 } else {
+                    c.client_beats = true;
                     heartbeats += 1;
                 }
             } else {

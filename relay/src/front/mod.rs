@@ -50,8 +50,10 @@ const DOORBELL: Token = Token(usize::MAX - 2);
 const REPLY_BATCH: usize = 1024;
 /// Slices per writev.
 const MAX_IOV: usize = 64;
-/// Longest sleep of an idle loop (stop flag, liveness).
+/// Longest sleep of an idle loop (stop flag, worker checks).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Shortest sleep for timers alone: how late a ping or timeout may fire on an idle front.
+const TIMER_SLACK: Duration = Duration::from_millis(50);
 
 /// Settings of one front process.
 #[derive(Clone, Debug)]
@@ -280,7 +282,6 @@ impl Front {
                     self.last_checks = Instant::now();
                     self.check_workers();
                 }
-                // Listing /proc/self/fd costs O(connections): every few seconds only.
                 if self.last_fd_check.elapsed() >= Duration::from_secs(5) {
                     self.last_fd_check = Instant::now();
                     self.check_fds();
@@ -392,12 +393,15 @@ impl Front {
                 }
             }
         }
-        // Wake for the next timer tick only while there are timers at all.
-        if self.wheel.is_empty() {
-            Some(MAX_SLEEP)
-        } else {
-            Some(Duration::from_millis(TICK_MS * 2))
-        }
+        // Sleep until the next deadline, but never less than TIMER_SLACK: liveness deadlines
+        // are seconds apart per connection yet spread over every tick across many connections,
+        // and waking each tick for them costs more than the precision is worth. Network events
+        // wake the loop anyway, and each wakeup processes whatever timers are due.
+        let Some(next) = self.wheel.next_due() else {
+            return Some(MAX_SLEEP);
+        };
+        let ms = next.saturating_sub(self.now) * TICK_MS;
+        Some(Duration::from_millis(ms).clamp(TIMER_SLACK, MAX_SLEEP))
     }
 
     fn accept(&mut self) {
@@ -587,8 +591,17 @@ impl Front {
             let id = ConnId::new(self.index as u8, gen, slot);
             let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
             if heartbeats > 0 {
-                let zeros = vec![0u8; FRAME_HEADER * heartbeats];
-                if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&zeros)]) {
+                // One answer per heartbeat read (a client may send several at once).
+                static ZEROS: [u8; FRAME_HEADER * 64] = [0; FRAME_HEADER * 64];
+                let many;
+                let zeros = match ZEROS.get(..FRAME_HEADER * heartbeats) {
+                    Some(z) => z,
+                    None => {
+                        many = vec![0u8; FRAME_HEADER * heartbeats];
+                        &many[..]
+                    }
+                };
+                if let Err(reason) = self.send(slot, gen, &[IoSlice::new(zeros)]) {
                     self.close_conn(slot, reason);
                     continue;
                 }
@@ -644,7 +657,16 @@ impl Front {
                 add(&self.fs.rtt_hist[liveness::rtt_bucket(rtt)], 1);
                 add(&self.fs.retransmits, retrans as u64);
             }
-            let next = match self.liveness.check(c, now, self.now) {
+            let mut verdict = self.liveness.check(c, now, self.now);
+            if matches!(verdict, Verdict::Close(CloseReason::HeartbeatTimeout))
+                && (c.blocked || liveness::unread_bytes(&c.stream) > 0)
+            {
+                // Its bytes wait unread (its worker's ring is full, or its edge comes later in
+                // this loop): the peer spoke, it is not silent.
+                c.last_rx = now;
+                verdict = self.liveness.check(c, now, self.now);
+            }
+            let next = match verdict {
                 Verdict::Close(reason) => {
                     self.close_conn(slot, reason);
                     continue;
@@ -1021,7 +1043,7 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
 
 /// Open fds of this process.
 fn count_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64 - 1)
+    crate::procfs::open_fds(None).unwrap_or(0)
 }
 
 /// Writes a group of consecutive reply payloads of one connection (or counts them stale).
