@@ -56,6 +56,9 @@ pub(super) struct Conn {
     /// The client sends heartbeats of its own: they prove it alive, so it is pinged only after
     /// the longest ping interval of silence (pinging it as well doubles the idle traffic).
     pub client_beats: bool,
+    /// The oversized length this connection announced (0: none): the error frame to send
+    /// once the replies to the frames before it are out.
+    pub too_large: u32,
     /// The tick of this connection's live timer entry.
     pub timer_at: u64,
     /// Smoothed RTT from TCP_INFO, microseconds (0 until sampled).
@@ -85,6 +88,7 @@ impl Conn {
             ping_sent: 0,
             ping_outstanding: false,
             client_beats: false,
+            too_large: 0,
             timer_at: 0,
             rtt_us: 0,
             addr_slot,
@@ -218,9 +222,12 @@ pub(super) fn read_conn(
         let mut pos = 0;
         let mut frames = 0u64;
         let mut beats = 0u64;
+        let mut too_large = None;
         while let Some(len) = frame_len(&grant[pos..filled]) {
             if len > max_frame as usize {
-                return (ReadResult::TooLarge(len as u32), heartbeats);
+                // The whole frames before it still go to the worker: nothing valid is lost.
+                too_large = Some(len as u32);
+                break;
             }
             if filled - pos - FRAME_HEADER < len {
                 break;
@@ -248,6 +255,16 @@ pub(super) fn read_conn(
         }
         if beats > 0 {
             add(&fs.heartbeats, beats);
+        }
+        if let Some(len) = too_large {
+            if frames > 0 {
+                grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
+                ch.dirty = true;
+                add(&fs.frames_in, frames);
+            }
+            add(&fs.bytes_in, n as u64);
+            c.carry.clear();
+            return (ReadResult::TooLarge(len), heartbeats);
         }
         // The carried bytes were copied in; the new partial tail is copied out.
         let copied = carry + (filled - pos);

@@ -620,17 +620,18 @@ impl Front {
                 ReadResult::Close(reason) => self.close_conn(slot, reason),
                 ReadResult::TooLarge(len) => {
                     add(&self.fs.protocol_errors, 1);
-                    let msg = format!(
-                        "shmrelay-error: frame of {len} bytes exceeds the maximum of {max_frame}"
-                    );
-                    let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-                    frame.extend_from_slice(msg.as_bytes());
-                    if let Some(c) = self.slab.get(slot, gen) {
-                        // Best effort, and never blocking: the connection closes either way.
-                        let _ = (&c.stream).write(&frame);
-                        let _ = c.stream.shutdown(Shutdown::Write);
+                    let Some(c) = self.slab.get(slot, gen) else {
+                        continue;
+                    };
+                    c.too_large = len;
+                    if c.state == ConnState::Open && !self.chans[w].broken {
+                        // The whole frames before the bad header went to the worker: their
+                        // replies come first, then the error frame (at the worker's CLOSE ack).
+                        self.close_after_worker(slot, gen, CloseReason::ProtocolError);
+                    } else {
+                        self.send_error_frame(slot, gen);
+                        self.close_conn(slot, CloseReason::ProtocolError);
                     }
-                    self.close_conn(slot, CloseReason::ProtocolError);
                 }
                 ReadResult::Corrupt(e) => {
                     self.quarantine(w, &e.to_string());
@@ -774,6 +775,7 @@ impl Front {
                         Some(ConnState::Draining(r)) => r,
                         _ => CloseReason::WorkerRequest,
                     };
+                    self.send_error_frame(slot, gen);
                     self.drain_conn(slot, gen, reason);
                 }
             }
@@ -856,16 +858,22 @@ impl Front {
     /// worker acknowledges with a CLOSE of its own once it has handled everything before it,
     /// and the connection closes when those replies are written (or at its timeout).
     fn client_eof(&mut self, slot: u32, gen: u32) {
+        self.close_after_worker(slot, gen, CloseReason::ClientEof);
+    }
+
+    /// Stops reading a connection and tells its worker; the connection closes when the worker
+    /// acknowledges (its last replies are then out), with `reason`.
+    fn close_after_worker(&mut self, slot: u32, gen: u32, reason: CloseReason) {
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
         if c.state == ConnState::Accepted {
-            self.close_conn(slot, CloseReason::ClientEof);
+            self.close_conn(slot, reason);
             return;
         }
         let worker = c.worker;
         c.told_close = true;
-        c.state = ConnState::Draining(CloseReason::ClientEof);
+        c.state = ConnState::Draining(reason);
         self.draining += 1;
         self.fs
             .conns_draining
@@ -874,12 +882,37 @@ impl Front {
         self.chans[worker].backlog.push_back(Ctrl {
             tag: tag::CLOSE,
             conn: id.raw(),
-            aux: CloseReason::ClientEof as u64,
+            aux: reason as u64,
             payload: Vec::new(),
         });
         self.flush_backlog(worker);
         if self.chans[worker].broken {
-            self.close_conn(slot, CloseReason::ClientEof);
+            self.send_error_frame(slot, gen);
+            self.close_conn(slot, reason);
+        }
+    }
+
+    /// After an oversized length: the documented error frame. Best effort and never blocking,
+    /// as the connection closes either way; the FIN follows it.
+    fn send_error_frame(&mut self, slot: u32, gen: u32) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        if c.too_large == 0 {
+            return;
+        }
+        let msg = format!(
+            "shmrelay-error: frame of {} bytes exceeds the maximum of {}",
+            c.too_large, self.cfg.max_frame
+        );
+        c.too_large = 0;
+        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(msg.as_bytes());
+        if c.pending() == 0 {
+            let _ = (&c.stream).write(&frame);
+            let _ = c.stream.shutdown(Shutdown::Write);
+        } else if c.pending() + frame.len() <= self.cfg.max_pending {
+            c.out.extend_from_slice(&frame);
         }
     }
 
