@@ -54,7 +54,7 @@ pub(super) struct Conn {
     pub ping_sent: u32,
     pub ping_outstanding: bool,
     /// The client sends heartbeats of its own: they prove it alive, so it is pinged only after
-    /// the longest ping interval of silence (pinging it as well doubles the idle traffic).
+    /// 1.25x the longest ping interval of silence (pinging it too doubles the idle traffic).
     pub client_beats: bool,
     /// The oversized length this connection announced (0: none): the error frame to send
     /// once the replies to the frames before it are out.

@@ -66,12 +66,16 @@ impl Liveness {
 
     /// What to do with `c` at tick `now` (ticks are u32 and compared with wrapping arithmetic).
     pub fn check(&self, c: &Conn, now: u32, now64: u64) -> Verdict {
-        let interval = if c.client_beats {
-            self.ping_max
+        let (interval, timeout) = if c.client_beats {
+            // Its own beats prove it alive: ping it only once it is late by a quarter of the
+            // longest interval, so a client beating every `ping_max` (jitter and all) is never
+            // pinged, and one that stopped still gets a ping before its timeout.
+            let late = self.ping_max + self.ping_max / 4;
+            (late, self.timeout(self.ping_max))
         } else {
-            self.interval(c.rtt_us)
+            let interval = self.interval(c.rtt_us);
+            (interval, self.timeout(interval))
         };
-        let timeout = self.timeout(interval);
         let since_rx = now.wrapping_sub(c.last_rx);
         let since_data = now.wrapping_sub(c.last_data);
         if self.idle > 0 && since_data >= self.idle {
