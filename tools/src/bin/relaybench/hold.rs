@@ -32,7 +32,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, ErrorKind, Write};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::mpsc;
@@ -44,9 +44,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify};
 
-use crate::load::engine::{self, Plan};
+use crate::load::engine::{self, sleep_until, Connector, Plan};
 use crate::load::{
     check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds, spawn_child, Kids,
 };
@@ -464,13 +464,6 @@ fn run_process(
     })
 }
 
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        std::thread::sleep(t - now);
-    }
-}
-
 /// State of one thread, shared by its connection tasks (current-thread runtime: no locks).
 struct ThreadState {
     counters: RefCell<Counters>,
@@ -545,24 +538,11 @@ fn thread_main(
         jitter: plan.jitter,
         bucket: plan.bucket,
     });
-    let base = &plan.base;
     rt.block_on(local.run_until(async {
-        let sem = Rc::new(Semaphore::new(concurrency));
-        let ramp_end = tokio::time::Instant::now() + Duration::from_secs_f64(base.ramp_limit);
-        let per_connect = Duration::from_secs_f64(base.connect_timeout);
+        let connector = Rc::new(Connector::new(&plan.base, concurrency));
         let tasks: Vec<_> = ids
             .iter()
-            .map(|&id| {
-                let src = (!base.src_ips.is_empty()).then(|| base.src_ips[id % base.src_ips.len()]);
-                let link = Link {
-                    addr: base.addr,
-                    src,
-                    sem: sem.clone(),
-                    ramp_end,
-                    per_connect,
-                };
-                tokio::task::spawn_local(conn_task(id, link, st.clone()))
-            })
+            .map(|&id| tokio::task::spawn_local(conn_task(id, connector.clone(), st.clone())))
             .collect();
         if !ids.is_empty() {
             st.attempts_done.notified().await;
@@ -584,34 +564,10 @@ fn thread_main(
     Ok(c)
 }
 
-/// How to open one connection.
-struct Link {
-    addr: SocketAddr,
-    src: Option<IpAddr>,
-    sem: Rc<Semaphore>,
-    ramp_end: tokio::time::Instant,
-    per_connect: Duration,
-}
-
-async fn connect(link: Link) -> Result<TcpStream> {
-    let attempt = async {
-        let _permit = link.sem.acquire().await.map_err(|e| anyhow!("{e}"))?;
-        let deadline = (tokio::time::Instant::now() + link.per_connect).min(link.ramp_end);
-        match tokio::time::timeout_at(deadline, engine::connect_one(link.addr, link.src)).await {
-            Ok(r) => r,
-            Err(_) => Err(anyhow!("connect to {} timed out", link.addr)),
-        }
-    };
-    match tokio::time::timeout_at(link.ramp_end, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(anyhow!("connection not open within --ramp-limit")),
-    }
-}
-
 /// One connection: open it, then hold it until the server closes it or the task is aborted.
-async fn conn_task(id: usize, link: Link, st: Rc<ThreadState>) {
+async fn conn_task(id: usize, connector: Rc<Connector>, st: Rc<ThreadState>) {
     // Boxed so that the connect machinery is freed once open instead of sizing the task.
-    let opened = Box::pin(connect(link)).await;
+    let opened = Box::pin(async move { connector.connect(id).await }).await;
     let stream = match opened {
         Ok(s) => {
             st.open.set(st.open.get() + 1);

@@ -253,7 +253,7 @@ pub fn run_process(
     })
 }
 
-fn sleep_until(t: Instant) {
+pub(crate) fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
         std::thread::sleep(t - now);
@@ -305,29 +305,12 @@ async fn connect_all(
     ids: &[usize],
     concurrency: usize,
 ) -> (Vec<(usize, TcpStream)>, Counters) {
-    let sem = Rc::new(Semaphore::new(concurrency));
-    let ramp_end = tokio::time::Instant::now() + Duration::from_secs_f64(plan.ramp_limit);
-    let per_connect = Duration::from_secs_f64(plan.connect_timeout);
-    let addr = plan.addr;
+    let connector = Rc::new(Connector::new(plan, concurrency));
     let tasks: Vec<_> = ids
         .iter()
         .map(|&id| {
-            let src = (!plan.src_ips.is_empty()).then(|| plan.src_ips[id % plan.src_ips.len()]);
-            let sem = sem.clone();
-            tokio::task::spawn_local(async move {
-                let attempt = async {
-                    let _permit = sem.acquire().await.map_err(|e| anyhow!("{e}"))?;
-                    let deadline = (tokio::time::Instant::now() + per_connect).min(ramp_end);
-                    match tokio::time::timeout_at(deadline, connect_one(addr, src)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(anyhow!("connect to {addr} timed out")),
-                    }
-                };
-                match tokio::time::timeout_at(ramp_end, attempt).await {
-                    Ok(r) => r,
-                    Err(_) => Err(anyhow!("connection not open within --ramp-limit")),
-                }
-            })
+            let connector = connector.clone();
+            tokio::task::spawn_local(async move { connector.connect(id).await })
         })
         .collect();
     let mut conns = Vec::with_capacity(ids.len());
@@ -351,7 +334,53 @@ async fn connect_all(
     (conns, c)
 }
 
-pub(crate) async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream> {
+/// The connect phase of one thread: its limits, shared by its connection attempts.
+pub(crate) struct Connector {
+    addr: SocketAddr,
+    /// Source addresses, used round robin by global connection index (empty: any).
+    src_ips: Vec<IpAddr>,
+    /// Attempts in flight at once.
+    sem: Semaphore,
+    /// End of the connect phase (`--ramp-limit` after the connector was made).
+    ramp_end: tokio::time::Instant,
+    /// Time one attempt may take (`--connect-timeout`).
+    per_connect: Duration,
+}
+
+impl Connector {
+    /// Starts the connect phase: `concurrency` attempts at a time, all done within
+    /// `plan.ramp_limit` from now.
+    pub(crate) fn new(plan: &Plan, concurrency: usize) -> Connector {
+        Connector {
+            addr: plan.addr,
+            src_ips: plan.src_ips.clone(),
+            sem: Semaphore::new(concurrency),
+            ramp_end: tokio::time::Instant::now() + Duration::from_secs_f64(plan.ramp_limit),
+            per_connect: Duration::from_secs_f64(plan.connect_timeout),
+        }
+    }
+
+    /// Opens connection `id` (global index) once an attempt slot is free, from its source
+    /// address if there are any.
+    pub(crate) async fn connect(&self, id: usize) -> Result<TcpStream> {
+        let addr = self.addr;
+        let src = (!self.src_ips.is_empty()).then(|| self.src_ips[id % self.src_ips.len()]);
+        let attempt = async {
+            let _permit = self.sem.acquire().await.map_err(|e| anyhow!("{e}"))?;
+            let deadline = (tokio::time::Instant::now() + self.per_connect).min(self.ramp_end);
+            match tokio::time::timeout_at(deadline, connect_one(addr, src)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!("connect to {addr} timed out")),
+            }
+        };
+        match tokio::time::timeout_at(self.ramp_end, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!("connection not open within --ramp-limit")),
+        }
+    }
+}
+
+async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
