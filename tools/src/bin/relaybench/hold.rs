@@ -31,7 +31,7 @@
 //! fields of [`Summary`]). A progress line goes to stderr when the hold window starts.
 
 use std::cell::{Cell, RefCell};
-use std::io::{BufRead, ErrorKind, Write};
+use std::io::ErrorKind;
 use std::net::ToSocketAddrs;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -47,9 +47,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
 use crate::load::engine::{self, sleep_until, Connector, Plan};
-use crate::load::{
-    check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds, spawn_child, Kids,
-};
+use crate::load::{check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds};
+use crate::procs::{self, Children};
 
 /// Options of `relaybench hold`.
 #[derive(clap::Args, Debug)]
@@ -232,24 +231,8 @@ pub struct Summary {
     pub first_error: Option<String>,
 }
 
-/// Lines a child process writes on stdout (one JSON object each).
+/// What one process measured (what a child process reports at the end of a `--procs` run).
 #[derive(Serialize, Deserialize)]
-#[serde(tag = "msg", rename_all = "snake_case")]
-enum ChildMsg {
-    Ready {
-        counters: Counters,
-    },
-    Report {
-        counters: Counters,
-        cpu_seconds: f64,
-        rss_kb: u64,
-    },
-    Failed {
-        error: String,
-    },
-}
-
-/// What one process measured.
 struct ProcReport {
     counters: Counters,
     cpu_seconds: f64,
@@ -700,40 +683,9 @@ async fn hold(id: usize, stream: &mut TcpStream, st: &ThreadState) -> std::io::R
 
 /// Child side of `--procs`: connect, report ready, wait for "go" on stdin, hold, report.
 fn run_child(plan_json: &str) -> Result<()> {
-    let plan: HoldPlan = serde_json::from_str(plan_json).context("bad --child-plan")?;
-    // Do not outlive a parent that was killed: its connections would stay open on the server.
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    let send = |m: &ChildMsg| -> Result<()> {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::to_string(m)?)?;
-        out.flush()?;
-        Ok(())
-    };
-    let gate = |c: &Counters| -> Result<()> {
-        send(&ChildMsg::Ready {
-            counters: c.clone(),
-        })?;
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line)?;
-        if line.trim() != "go" {
-            bail!("the parent relaybench went away before the start");
-        }
-        Ok(())
-    };
-    match run_process(&plan, gate, |_| {}) {
-        Ok(r) => send(&ChildMsg::Report {
-            counters: r.counters,
-            cpu_seconds: r.cpu_seconds,
-            rss_kb: r.rss_kb,
-        }),
-        Err(e) => {
-            let _ = send(&ChildMsg::Failed {
-                error: format!("{e:#}"),
-            });
-            Err(e)
-        }
-    }
+    procs::run_child(plan_json, |plan: HoldPlan, gate| {
+        run_process(&plan, gate, |_| {})
+    })
 }
 
 fn run_procs(
@@ -741,70 +693,24 @@ fn run_procs(
     server_pids: &[u32],
     on_start: &mut dyn FnMut(&Counters),
 ) -> Result<(ProcReport, Option<f64>)> {
-    let exe = std::env::current_exe().context("cannot find the relaybench executable to re-run")?;
-    let procs = plan.base.procs;
-    let mut kids = Kids {
-        children: Vec::new(),
-        stdins: Vec::new(),
-    };
-    let (tx, rx) = mpsc::channel::<(usize, Option<String>)>();
-    for i in 0..procs {
-        let child_plan = HoldPlan {
-            base: Plan {
-                proc_index: i,
-                ..plan.base.clone()
-            },
-            ..plan.clone()
-        };
-        spawn_child(
-            &exe,
-            "hold",
-            &serde_json::to_string(&child_plan)?,
-            i,
-            &mut kids,
-            &tx,
-        )?;
-    }
-    drop(tx);
-
-    let recv = |deadline: Instant, what: &str| -> Result<(usize, Option<ChildMsg>)> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (i, line) = rx
-            .recv_timeout(left)
-            .map_err(|_| anyhow!("hold processes did not {what} in time"))?;
-        let Some(line) = line else {
-            return Ok((i, None));
-        };
-        let msg: ChildMsg = serde_json::from_str(&line)
-            .with_context(|| format!("hold process {i} wrote an unexpected line: {line:?}"))?;
-        if let ChildMsg::Failed { error } = msg {
-            bail!("hold process {i} failed: {error}");
-        }
-        Ok((i, Some(msg)))
-    };
-
+    let plans = (0..plan.base.procs).map(|i| HoldPlan {
+        base: Plan {
+            proc_index: i,
+            ..plan.base.clone()
+        },
+        ..plan.clone()
+    });
+    let mut children = Children::<Counters, ProcReport>::spawn("hold", plans)?;
     // 1. Every child connects (and from then on answers pings); wait for all of them.
     let ready_deadline =
         Instant::now() + Duration::from_secs_f64(plan.base.ramp_limit) + Duration::from_secs(30);
-    let mut ready = vec![false; procs];
     let mut connect = Counters::default();
-    while ready.iter().any(|r| !r) {
-        match recv(ready_deadline, "connect")? {
-            (i, Some(ChildMsg::Ready { counters })) => {
-                connect.add(&counters);
-                ready[i] = true;
-            }
-            (i, None) => bail!("hold process {i} exited before it was ready"),
-            (i, Some(_)) => bail!("hold process {i} reported out of order"),
-        }
+    for c in children.wait_ready(ready_deadline)? {
+        connect.add(&c);
     }
     on_start(&connect);
     // 2. Go; sample the server over the same window as the children.
-    for (i, s) in kids.stdins.iter_mut().enumerate() {
-        writeln!(s, "go")
-            .and_then(|_| s.flush())
-            .with_context(|| format!("cannot start hold process {i}"))?;
-    }
+    children.go()?;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(plan.base.seconds);
     let mut samples = vec![server_cpu_seconds(server_pids)];
@@ -817,34 +723,13 @@ fn run_procs(
         cpu_seconds: 0.0,
         rss_kb: 0,
     };
-    let mut reported = vec![false; procs];
-    while reported.iter().any(|r| !r) {
-        match recv(report_deadline, "report")? {
-            (
-                i,
-                Some(ChildMsg::Report {
-                    counters,
-                    cpu_seconds,
-                    rss_kb,
-                }),
-            ) => {
-                total.counters.add(&counters);
-                total.cpu_seconds += cpu_seconds;
-                total.rss_kb += rss_kb;
-                reported[i] = true;
-            }
-            (i, None) if reported[i] => {}
-            (i, None) => bail!("hold process {i} exited before it could report"),
-            (i, Some(_)) => bail!("hold process {i} reported out of order"),
-        }
-    }
-    kids.stdins.clear();
-    for (i, c) in kids.children.iter_mut().enumerate() {
-        let status = c.wait()?;
-        if !status.success() {
-            bail!("hold process {i} exited with {status}");
-        }
-    }
+    children.collect_reports(report_deadline, |r| {
+        total.counters.add(&r.counters);
+        total.cpu_seconds += r.cpu_seconds;
+        total.rss_kb += r.rss_kb;
+        Ok(())
+    })?;
+    children.finish()?;
     Ok((total, cpu_delta(&samples)))
 }
 
