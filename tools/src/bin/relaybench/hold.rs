@@ -46,7 +46,7 @@ use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
-use crate::load::engine::{self, sleep_until, Connector, Plan};
+use crate::load::engine::{self, sleep_until, Connector, Plan, Threads};
 use crate::load::{check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds};
 use crate::procs::{self, Children};
 
@@ -362,54 +362,30 @@ fn run_process(
     gate: impl FnOnce(&Counters) -> Result<()>,
     mut at_window: impl FnMut(bool),
 ) -> Result<ProcReport> {
-    let ids = plan.base.conn_ids();
-    let threads = plan.base.threads.clamp(1, ids.len().max(1));
-    let per_thread_concurrency = plan.base.connect_concurrency.div_ceil(threads).max(1);
-    let (ready_tx, ready_rx) = mpsc::channel::<Counters>();
     let mut go_txs = Vec::new();
     let mut stop_txs = Vec::new();
-    let mut handles = Vec::new();
-    for t in 0..threads {
-        let my_ids: Vec<usize> = ids.iter().skip(t).step_by(threads).copied().collect();
+    let threads = Threads::spawn("hold", &plan.base, |share| {
         let (go_tx, go_rx) = oneshot::channel::<Instant>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         go_txs.push(go_tx);
         stop_txs.push(stop_tx);
-        let ready_tx = ready_tx.clone();
         let plan = plan.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("hold-{t}"))
-            .spawn(move || {
-                thread_main(
-                    &plan,
-                    my_ids,
-                    per_thread_concurrency,
-                    ready_tx,
-                    go_rx,
-                    stop_rx,
-                )
-            })
-            .context("cannot start a hold thread")?;
-        handles.push(h);
-    }
-    drop(ready_tx);
-
+        move || {
+            thread_main(
+                &plan,
+                share.ids,
+                share.concurrency,
+                share.ready_tx,
+                go_rx,
+                stop_rx,
+            )
+        }
+    })?;
     let mut connect = Counters::default();
-    let mut failure = None;
-    for _ in 0..threads {
-        match ready_rx.recv() {
-            Ok(c) => connect.add(&c),
-            Err(_) => {
-                failure = Some(anyhow!("a hold thread failed while connecting"));
-                break;
-            }
-        }
-    }
-    if failure.is_none() {
-        if let Err(e) = gate(&connect) {
-            failure = Some(e);
-        }
-    }
+    let failure = threads
+        .wait_ready(|c| connect.add(&c))
+        .and_then(|()| gate(&connect))
+        .err();
     let mut cpu_seconds = 0.0;
     let mut rss_kb = 0;
     if failure.is_none() {
@@ -430,16 +406,10 @@ fn run_process(
         let _ = tx.send(());
     }
     let mut counters = Counters::default();
-    for h in handles {
-        match h.join() {
-            Ok(Ok(c)) => counters.add(&c),
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(_) => failure = failure.or(Some(anyhow!("a hold thread panicked"))),
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    threads.join(failure, |c| {
+        counters.add(&c);
+        Ok(())
+    })?;
     Ok(ProcReport {
         counters,
         cpu_seconds,
