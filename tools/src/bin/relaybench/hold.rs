@@ -32,14 +32,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::ErrorKind;
-use std::net::ToSocketAddrs;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::ReadHalf;
@@ -47,7 +46,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
 use crate::load::engine::{self, sleep_until, Connector, Plan, Threads};
-use crate::load::{check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds};
+use crate::load::{
+    check_addr_and_split, check_limits, cpu_delta, secs_arg, server_cpu_seconds, src_ips_for,
+};
 use crate::procs::{self, Children};
 
 /// Options of `relaybench hold`.
@@ -288,34 +289,14 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn make_plan(args: &Args) -> Result<HoldPlan> {
-    let addr = args
-        .addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad --addr {:?} (expected HOST:PORT)", args.addr))?
-        .next()
-        .ok_or_else(|| anyhow!("--addr {:?} resolves to no address", args.addr))?;
-    if args.conns == 0 {
-        bail!("--conns must be at least 1");
-    }
-    if args.threads == 0 || args.procs == 0 {
-        bail!("--threads and --procs must be at least 1");
-    }
-    if args.procs > args.conns {
-        bail!("--procs {} is more than --conns {}", args.procs, args.conns);
-    }
+    let addr = check_addr_and_split(&args.addr, args.conns, args.threads, args.procs)?;
     if args.connect_concurrency == 0 {
         bail!("--connect-concurrency must be at least 1");
     }
     if !(0.0..1.0).contains(&args.jitter) {
         bail!("--jitter must be at least 0 and below 1");
     }
-    let src_ips = match &args.src_ips {
-        Some(s) => parse_src_ips(s)?,
-        None => Vec::new(),
-    };
-    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-        bail!("source address {ip} is not of the same family as {addr}");
-    }
+    let src_ips = src_ips_for(addr, args.src_ips.as_deref())?;
     let base = Plan {
         addr,
         src_ips,

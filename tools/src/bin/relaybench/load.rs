@@ -23,7 +23,7 @@
 //! Output: a short human summary, or with `--json` exactly one JSON object on stdout (fields
 //! listed on [`Summary`]).
 
-use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -201,21 +201,7 @@ pub(crate) fn secs_arg(v: f64, name: &str, allow_zero: bool) -> Result<f64> {
 }
 
 fn make_plan(args: &Args) -> Result<Plan> {
-    let addr = args
-        .addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad --addr {:?} (expected HOST:PORT)", args.addr))?
-        .next()
-        .ok_or_else(|| anyhow!("--addr {:?} resolves to no address", args.addr))?;
-    if args.conns == 0 {
-        bail!("--conns must be at least 1");
-    }
-    if args.threads == 0 || args.procs == 0 {
-        bail!("--threads and --procs must be at least 1");
-    }
-    if args.procs > args.conns {
-        bail!("--procs {} is more than --conns {}", args.procs, args.conns);
-    }
+    let addr = check_addr_and_split(&args.addr, args.conns, args.threads, args.procs)?;
     if args.size > args.max_frame {
         bail!(
             "--size {} is above --max-frame {}",
@@ -237,13 +223,7 @@ fn make_plan(args: &Args) -> Result<Plan> {
         (None, None) => 1,
         (None, Some(_)) => usize::MAX,
     };
-    let src_ips = match &args.src_ips {
-        Some(s) => parse_src_ips(s)?,
-        None => Vec::new(),
-    };
-    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-        bail!("source address {ip} is not of the same family as {addr}");
-    }
+    let src_ips = src_ips_for(addr, args.src_ips.as_deref())?;
     Ok(Plan {
         addr,
         src_ips,
@@ -262,6 +242,42 @@ fn make_plan(args: &Args) -> Result<Plan> {
         ramp_limit: secs_arg(args.ramp_limit, "--ramp-limit", false)?,
         max_frame: args.max_frame,
     })
+}
+
+/// Resolves `--addr` and checks `--conns`, `--threads` and `--procs` (for `load` and `hold`).
+pub(crate) fn check_addr_and_split(
+    addr: &str,
+    conns: usize,
+    threads: usize,
+    procs: usize,
+) -> Result<SocketAddr> {
+    let addr = addr
+        .to_socket_addrs()
+        .with_context(|| format!("bad --addr {addr:?} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| anyhow!("--addr {addr:?} resolves to no address"))?;
+    if conns == 0 {
+        bail!("--conns must be at least 1");
+    }
+    if threads == 0 || procs == 0 {
+        bail!("--threads and --procs must be at least 1");
+    }
+    if procs > conns {
+        bail!("--procs {procs} is more than --conns {conns}");
+    }
+    Ok(addr)
+}
+
+/// The addresses of `--src-ips` (none given: empty), which must be of `addr`'s family.
+pub(crate) fn src_ips_for(addr: SocketAddr, src_ips: Option<&str>) -> Result<Vec<IpAddr>> {
+    let src_ips = match src_ips {
+        Some(s) => parse_src_ips(s)?,
+        None => Vec::new(),
+    };
+    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
+        bail!("source address {ip} is not of the same family as {addr}");
+    }
+    Ok(src_ips)
 }
 
 /// Parses `127.0.0.2-127.0.0.9,127.0.1.1,::1` into a list of addresses.
