@@ -567,10 +567,10 @@ impl Front {
     }
 
     fn read_ready(&mut self) {
-        let ready = std::mem::take(&mut self.ready);
+        let mut ready = std::mem::take(&mut self.ready);
         let now = self.now as u32;
         let max_frame = self.cfg.max_frame;
-        for (slot, gen) in ready {
+        for (slot, gen) in ready.drain(..) {
             let Some(c) = self.slab.get(slot, gen) else {
                 continue;
             };
@@ -637,6 +637,10 @@ impl Front {
                     self.quarantine(w, &e.to_string());
                 }
             }
+        }
+        // Keep the list's allocation for the next turn (it was taken, empty, each turn).
+        if self.ready.is_empty() {
+            self.ready = ready;
         }
     }
 
