@@ -594,7 +594,10 @@ mod tests {
     fn resp_frames_and_errors() {
         let cmd = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n\r\n*0\r\n";
         let got: Vec<_> = Codec::Resp.frames(cmd).map(|f| f.unwrap().1).collect();
-        assert_eq!(got, vec![&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"[..], b"PING\r\n"]);
+        assert_eq!(
+            got,
+            vec![&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"[..], b"PING\r\n"]
+        );
         for (bad, msg) in [
             (&b"*x\r\n"[..], "invalid multibulk length"),
             (b"*1\r\n+3\r\n", "expected '$'"),
@@ -626,7 +629,13 @@ mod tests {
         ] {
             assert!(Codec::Resp.is_valid_reply(ok), "{ok:?}");
         }
-        for bad in [&b""[..], b"+OK", b"$2\r\nabc\r\n", b"*2\r\n:1\r\n", b"x\r\n"] {
+        for bad in [
+            &b""[..],
+            b"+OK",
+            b"$2\r\nabc\r\n",
+            b"*2\r\n:1\r\n",
+            b"x\r\n",
+        ] {
             assert!(!Codec::Resp.is_valid_reply(bad), "{bad:?}");
         }
     }

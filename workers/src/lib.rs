@@ -33,6 +33,7 @@
 
 pub mod codec;
 pub mod examples;
+pub mod kv;
 pub mod protocol;
 mod worker;
 

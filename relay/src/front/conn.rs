@@ -4,8 +4,9 @@ use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
 use mio::net::TcpStream;
 use shm_ring::{Meta, ReserveError};
-use shmrelay_worker::protocol::{frame_len, tag, FRAME_HEADER};
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::codec::{FrameKind, ProtocolError, Scan};
+use shmrelay_worker::protocol::tag;
+use shmrelay_worker::{CloseReason, Codec, ConnId};
 
 use super::Chan;
 use crate::stats::{add, FrontStats};
@@ -38,6 +39,8 @@ pub(super) enum ConnState {
 pub(super) struct Conn {
     pub stream: TcpStream,
     pub worker: usize,
+    /// Its listener's codec.
+    pub codec: Codec,
     pub state: ConnState,
     /// An edge was seen and the socket not yet read dry.
     pub readable: bool,
@@ -67,10 +70,11 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, worker: usize, addr_slot: u16, now: u32) -> Conn {
+    pub fn new(stream: TcpStream, worker: usize, codec: Codec, addr_slot: u16, now: u32) -> Conn {
         Conn {
             stream,
             worker,
+            codec,
             state: ConnState::Accepted,
             readable: false,
             blocked: false,
@@ -165,7 +169,8 @@ pub(super) enum ReadResult {
     /// The worker's ring is full.
     Blocked,
     Close(CloseReason),
-    TooLarge(u32),
+    /// Malformed or oversized input: reply with the codec's error, then close.
+    Protocol(ProtocolError),
     Corrupt(ReserveError),
 }
 
@@ -186,9 +191,13 @@ pub(super) fn read_conn(
         let carry = c.carry.len();
         // A partial frame of known size needs room for all of it, so it is carried at most
         // once more; otherwise any room beyond the carry will do.
-        let min = match frame_len(&c.carry) {
-            Some(len) => FRAME_HEADER + len,
-            None => carry + 1,
+        let min = if carry == 0 {
+            1
+        } else {
+            match c.codec.scan(&c.carry, max_frame as usize) {
+                Ok(Scan::NeedMore { need }) => need,
+                _ => carry + 1,
+            }
         }
         .min(limit);
         let max = (carry + READ_CHUNK).max(min);
@@ -214,14 +223,13 @@ pub(super) fn read_conn(
         let mut pos = 0;
         let mut frames = 0u64;
         let mut beats = 0u64;
-        while let Some(len) = frame_len(&grant[pos..filled]) {
-            if len > max_frame as usize {
-                return (ReadResult::TooLarge(len as u32), heartbeats);
-            }
-            if filled - pos - FRAME_HEADER < len {
-                break;
-            }
-            if len == 0 {
+        while pos < filled {
+            let (len, kind) = match c.codec.scan(&grant[pos..filled], max_frame as usize) {
+                Ok(Scan::Frame { len, kind }) => (len, kind),
+                Ok(Scan::NeedMore { .. }) => break,
+                Err(e) => return (ReadResult::Protocol(e), heartbeats),
+            };
+            if kind == FrameKind::Heartbeat {
                 // A length-0 frame answers our outstanding ping if there is one, and otherwise
                 // asks for an answer: so pings and heartbeats never bounce back and forth.
                 beats += 1;
@@ -230,10 +238,10 @@ pub(super) fn read_conn(
                 } else {
                     heartbeats += 1;
                 }
-            } else {
+            } else if kind == FrameKind::Data {
                 frames += 1;
             }
-            pos += FRAME_HEADER + len;
+            pos += len;
         }
         if frames + beats > 0 {
             c.last_rx = now;
@@ -249,6 +257,8 @@ pub(super) fn read_conn(
         c.carry.clear();
         c.carry.extend_from_slice(&grant[pos..filled]);
         if frames > 0 {
+            // Heartbeats and ignored empty frames between data frames ride along (the SDK
+            // skips them); a read of nothing but those commits nothing.
             grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
             ch.dirty = true;
             add(&fs.frames_in, frames);

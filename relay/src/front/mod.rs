@@ -33,8 +33,8 @@ use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
-use shmrelay_worker::protocol::{is_whole_frames, tag, ANSWERED_WORD, FRAME_HEADER};
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::protocol::{tag, ANSWERED_WORD, FRAME_HEADER};
+use shmrelay_worker::{CloseReason, Codec, ConnId};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
@@ -44,7 +44,10 @@ use admission::Admission;
 use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
 use liveness::{Liveness, Verdict, TICK_MS};
 
-const LISTENER: Token = Token(usize::MAX - 1);
+/// Listener `l` has token `LISTENER_BASE - l`.
+const LISTENER_BASE: usize = usize::MAX - 16;
+/// Most listeners per relay.
+pub const MAX_LISTENERS: usize = 64;
 const DOORBELL: Token = Token(usize::MAX - 2);
 /// Reply records handled per ring per loop turn.
 const REPLY_BATCH: usize = 1024;
@@ -88,6 +91,17 @@ pub enum FrontError {
     },
 }
 
+/// One listening socket of this front, its codec and the workers of its pool.
+struct Listener {
+    /// `None` once draining.
+    sock: Option<TcpListener>,
+    codec: Codec,
+    /// Global worker indices.
+    pool: Vec<usize>,
+    /// Round-robin position in `pool`.
+    next: usize,
+}
+
 /// A control record waiting for ring space (kept in order, ahead of any data).
 struct Ctrl {
     tag: u16,
@@ -115,14 +129,14 @@ struct Chan {
 /// Only setup errors; everything after setup is handled per connection.
 pub fn run(
     settings: FrontSettings,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     doorbell: Arc<EventFd>,
     channels: Vec<ChannelFds>,
     stats: Stats,
     ready: Option<OwnedFd>,
 ) -> Result<(), FrontError> {
     crate::signals::install();
-    let mut front = Front::new(settings, listener, doorbell, channels, stats)?;
+    let mut front = Front::new(settings, listeners, doorbell, channels, stats)?;
     if let Some(fd) = ready {
         // Tell the supervisor we are accepting; closing the pipe is the signal.
         let mut f = std::fs::File::from(fd);
@@ -135,14 +149,16 @@ struct Front {
     index: usize,
     cfg: Config,
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// One per configured listener, in order.
+    listeners: Vec<Listener>,
+    /// The codec of each worker's listener (replies are validated with it).
+    worker_codecs: Vec<Codec>,
     /// Not accepting because every request ring is full.
     paused: bool,
     doorbell: Arc<EventFd>,
     chans: Vec<Chan>,
     slab: Slab,
     ready: Vec<(u32, u32)>,
-    next_worker: usize,
     stats: &'static Stats,
     fs: &'static FrontStats,
     admission: Admission,
@@ -164,16 +180,38 @@ struct Front {
 impl Front {
     fn new(
         s: FrontSettings,
-        listener: std::net::TcpListener,
+        sockets: Vec<std::net::TcpListener>,
         doorbell: Arc<EventFd>,
         channels: Vec<ChannelFds>,
         stats: Stats,
     ) -> Result<Front, FrontError> {
         let poll = Poll::new()?;
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let specs = s.config.listeners();
+        if specs.len() != sockets.len() || specs.len() > MAX_LISTENERS {
+            return Err(FrontError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} listening sockets for {} configured listeners (at most {MAX_LISTENERS})",
+                    sockets.len(),
+                    specs.len()
+                ),
+            )));
+        }
+        let owner = s.config.worker_listeners();
+        let mut listeners = Vec::new();
+        for (l, (sock, spec)) in sockets.into_iter().zip(&specs).enumerate() {
+            sock.set_nonblocking(true)?;
+            let mut sock = TcpListener::from_std(sock);
+            poll.registry()
+                .register(&mut sock, Token(LISTENER_BASE - l), Interest::READABLE)?;
+            listeners.push(Listener {
+                sock: Some(sock),
+                codec: spec.codec(),
+                pool: (0..owner.len()).filter(|&w| owner[w] == l).collect(),
+                next: 0,
+            });
+        }
+        let worker_codecs = owner.iter().map(|&l| specs[l].codec()).collect();
         poll.registry().register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*doorbell)),
             DOORBELL,
@@ -216,14 +254,14 @@ impl Front {
             liveness: Liveness::new(&s.config),
             cfg: s.config,
             poll,
-            listener: Some(listener),
+            listeners,
+            worker_codecs,
             paused: false,
             doorbell,
             chans,
             // Generations differ from any earlier incarnation of this front.
             slab: Slab::new((shm_ring::monotonic_ns() as u32) | 1),
             ready: Vec::new(),
-            next_worker: 0,
             stats,
             fs,
             wheel: Wheel::new(4096, 0),
@@ -256,8 +294,10 @@ impl Front {
             if crate::signals::stop_requested() && drain_deadline.is_none() {
                 info!(front = self.index, conns = self.open, "draining");
                 drain_deadline = Some(Instant::now() + Duration::from_millis(self.cfg.drain_ms));
-                if let Some(mut l) = self.listener.take() {
-                    let _ = self.poll.registry().deregister(&mut l);
+                for l in &mut self.listeners {
+                    if let Some(mut sock) = l.sock.take() {
+                        let _ = self.poll.registry().deregister(&mut sock);
+                    }
                 }
                 self.ready.clear();
             }
@@ -313,7 +353,9 @@ impl Front {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    Token(t) if t <= LISTENER_BASE && t > LISTENER_BASE - MAX_LISTENERS => {
+                        self.accept(LISTENER_BASE - t)
+                    }
                     DOORBELL => {
                         self.doorbell.drain();
                     }
@@ -400,9 +442,9 @@ impl Front {
         }
     }
 
-    fn accept(&mut self) {
+    fn accept(&mut self, l: usize) {
         loop {
-            let Some(listener) = self.listener.as_ref() else {
+            let Some(listener) = self.listeners[l].sock.as_ref() else {
                 return;
             };
             let (stream, peer) = match listener.accept() {
@@ -415,8 +457,11 @@ impl Front {
                     return;
                 }
             };
-            let workers: Vec<usize> = (0..self.chans.len())
-                .filter(|&w| !self.chans[w].broken)
+            let workers: Vec<usize> = self.listeners[l]
+                .pool
+                .iter()
+                .copied()
+                .filter(|&w| w < self.chans.len() && !self.chans[w].broken)
                 .collect();
             let admitted = if workers.is_empty() {
                 Err(crate::stats::RejectReason::NoWorker)
@@ -440,10 +485,14 @@ impl Front {
                 &stream,
                 self.liveness.timeout(self.liveness.interval(0)) as u64 * TICK_MS,
             );
-            let worker = workers[self.next_worker % workers.len()];
-            self.next_worker = self.next_worker.wrapping_add(1);
-            let (slot, gen) = self.slab.insert(Conn::new(stream, worker, addr_slot, now));
-            let first = self.liveness.first(now);
+            let lst = &mut self.listeners[l];
+            let worker = workers[lst.next % workers.len()];
+            lst.next = lst.next.wrapping_add(1);
+            let codec = lst.codec;
+            let (slot, gen) = self
+                .slab
+                .insert(Conn::new(stream, worker, codec, addr_slot, now));
+            let first = self.liveness.first(codec, now);
             let at = self.wheel.schedule((slot, gen), first);
             let c = self.slab.conns[slot as usize]
                 .as_mut()
@@ -482,22 +531,30 @@ impl Front {
         }
         let overloaded = self.chans.iter().all(|c| c.broken || !c.blocked.is_empty());
         if overloaded != self.paused {
-            let Some(l) = self.listener.as_mut() else {
-                return;
-            };
-            let r = if overloaded {
-                self.poll.registry().deregister(l)
-            } else {
-                self.poll
-                    .registry()
-                    .register(l, LISTENER, Interest::READABLE)
-            };
-            if r.is_ok() {
+            let mut any = false;
+            for (i, l) in self.listeners.iter_mut().enumerate() {
+                let Some(sock) = l.sock.as_mut() else {
+                    continue;
+                };
+                let r = if overloaded {
+                    self.poll.registry().deregister(sock)
+                } else {
+                    self.poll.registry().register(
+                        sock,
+                        Token(LISTENER_BASE - i),
+                        Interest::READABLE,
+                    )
+                };
+                any |= r.is_ok();
+            }
+            if any {
                 self.paused = overloaded;
                 self.fs.paused.store(overloaded as u64, Ordering::Relaxed);
                 if !overloaded {
                     // Connections may have queued while paused: there is no new edge for them.
-                    self.accept();
+                    for l in 0..self.listeners.len() {
+                        self.accept(l);
+                    }
                 }
             }
         }
@@ -605,14 +662,10 @@ impl Front {
                 }
                 ReadResult::Close(CloseReason::ClientEof) => self.client_eof(slot, gen),
                 ReadResult::Close(reason) => self.close_conn(slot, reason),
-                ReadResult::TooLarge(len) => {
+                ReadResult::Protocol(e) => {
                     add(&self.fs.protocol_errors, 1);
-                    let msg = format!(
-                        "shmrelay-error: frame of {len} bytes exceeds the maximum of {max_frame}"
-                    );
-                    let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-                    frame.extend_from_slice(msg.as_bytes());
                     if let Some(c) = self.slab.get(slot, gen) {
+                        let frame = c.codec.protocol_error_reply(&e);
                         // Best effort, and never blocking: the connection closes either way.
                         let _ = (&c.stream).write(&frame);
                         let _ = c.stream.shutdown(Shutdown::Write);
@@ -672,6 +725,7 @@ impl Front {
 
     fn pump_replies(&mut self, w: usize) -> usize {
         let me = self.index;
+        let codec = self.worker_codecs.get(w).copied().unwrap_or_default();
         let ch = &mut self.chans[w];
         if ch.broken {
             return 0;
@@ -703,7 +757,7 @@ impl Front {
                     }
                 };
                 match rec.tag() {
-                    tag::SEND if is_whole_frames(rec.payload()) => {
+                    tag::SEND if codec.is_valid_reply(rec.payload()) => {
                         if rec.conn() != group_conn || group.len() >= MAX_IOV {
                             deliver(slab, fs, me, group_conn, &mut group, &mut todo);
                             group_conn = rec.conn();
@@ -987,13 +1041,10 @@ impl Front {
                     .is_some_and(|c| c.worker == w)
             })
             .collect();
-        let msg = b"shmrelay-error: worker unavailable";
-        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(msg);
         for slot in slots {
             if let Some(c) = self.slab.conns[slot as usize].as_ref() {
                 // Best effort and non-blocking: the close follows either way.
-                let _ = (&c.stream).write(&frame);
+                let _ = (&c.stream).write(&c.codec.error_reply("worker unavailable"));
             }
             self.close_conn(slot, CloseReason::WorkerGone);
         }
