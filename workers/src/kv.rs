@@ -426,9 +426,10 @@ impl Handler for Kv {
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
         let mut reply = std::mem::take(&mut self.reply);
         reply.clear();
-        let keep = match resp::args(frame) {
-            Some(args) if !args.is_empty() => self.execute(&args, &mut reply),
-            Some(_) => true,
+        let keep = match resp::with_args(frame, |args| {
+            args.is_empty() || self.execute(args, &mut reply)
+        }) {
+            Some(keep) => keep,
             None => {
                 resp::error(&mut reply, "ERR Protocol error: malformed command");
                 false
