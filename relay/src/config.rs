@@ -43,7 +43,7 @@
 //! [[listener]]
 //! listen = "127.0.0.1:6380"
 //! codec = "resp"
-//! workers = 1                # kv: one worker per pool (keys are not routed across workers)
+//! workers = 2                # resp with several workers: commands are routed by key
 //! worker_cmd = "/usr/local/bin/kv-worker"
 //! ```
 //!

@@ -334,3 +334,311 @@ fn nc_and_socat_talk_to_the_line_codec() {
         println!("NOTE: neither socat nor nc is installed; the line codec was not tried with them");
     }
 }
+
+/// A `resp` listener with two kv workers: frames are routed by key.
+fn routed_kv_relay(name: &str) -> Relay {
+    let kv = format!("{} worker kv", env!("CARGO_BIN_EXE_shmrelay"));
+    Relay::start_config(
+        name,
+        &format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"resp\"\nworkers = 2\nworker_cmd = \"{kv}\"\n"
+        ),
+        1,
+        &[],
+    )
+    .0
+}
+
+fn resp_cmd(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    v
+}
+
+fn bulk(s: &str) -> String {
+    format!("${}\r\n{s}\r\n", s.len())
+}
+
+/// Keys of the home worker of a connection, from its INFO (INFO names no key: it goes home).
+fn home_keys(s: &mut TcpStream) -> u64 {
+    s.write_all(&resp_cmd(&["INFO"])).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("db0:keys=") || !got.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("INFO reply");
+        assert!(n > 0, "closed during INFO");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    let n = text.split("db0:keys=").nth(1).unwrap();
+    n.trim_end().parse().unwrap()
+}
+
+#[test]
+fn keys_are_routed_by_hash_across_kv_workers_and_replies_keep_request_order() {
+    let relay = routed_kv_relay("route");
+    const KEYS: usize = 600;
+    // Writers and readers on different connections (so with different home workers): a key set
+    // on one is found on the other. Values differ per key, so a reply out of order shows.
+    let mut writer = connect(relay.addr);
+    let mut all = Vec::new();
+    let mut want = String::new();
+    for i in 0..KEYS {
+        all.extend(resp_cmd(&[
+            "SET",
+            &format!("key:{i}"),
+            &format!("value-{i}"),
+        ]));
+        want.push_str("+OK\r\n");
+        // Keyless commands in between go to the home worker, still in order.
+        if i % 50 == 0 {
+            all.extend(resp_cmd(&["PING"]));
+            want.push_str("+PONG\r\n");
+        }
+    }
+    writer.write_all(&all).unwrap();
+    assert_eq!(
+        String::from_utf8(read_n(&mut writer, want.len())).unwrap(),
+        want
+    );
+
+    let mut readers: Vec<TcpStream> = (0..3).map(|_| connect(relay.addr)).collect();
+    for r in &mut readers {
+        let mut cmds = Vec::new();
+        let mut want = String::new();
+        // Pipelined GETs and a missing key, in a scrambled order, written in pieces.
+        for j in 0..KEYS {
+            let i = (j * 7919) % KEYS;
+            cmds.extend(resp_cmd(&["GET", &format!("key:{i}")]));
+            want.push_str(&bulk(&format!("value-{i}")));
+            if j % 97 == 0 {
+                cmds.extend(resp_cmd(&["GET", "no-such-key"]));
+                want.push_str("$-1\r\n");
+            }
+        }
+        for piece in cmds.chunks(1000) {
+            r.write_all(piece).unwrap();
+        }
+        let got = String::from_utf8(read_n(r, want.len())).unwrap();
+        assert!(got == want, "replies out of order or keys not found");
+    }
+
+    // One counter, incremented from several connections at once: it lives on one worker.
+    let mut incrs: Vec<TcpStream> = (0..4).map(|_| connect(relay.addr)).collect();
+    let batch: Vec<u8> = (0..250)
+        .flat_map(|_| resp_cmd(&["INCR", "shared-counter"]))
+        .collect();
+    for s in &mut incrs {
+        s.write_all(&batch).unwrap();
+    }
+    for s in &mut incrs {
+        let got = read_n(s, 1);
+        let mut got = got;
+        // 250 integer replies, each `:N\r\n`.
+        while got.iter().filter(|&&b| b == b'\n').count() < 250 {
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b":"));
+    }
+    let mut c = connect(relay.addr);
+    c.write_all(&resp_cmd(&["GET", "shared-counter"])).unwrap();
+    assert_eq!(read_n(&mut c, 10), b"$4\r\n1000\r\n");
+
+    // Both workers hold keys, and together exactly the ones set (the INFO of two
+    // connections, whose home workers differ: accepts take turns over the pool).
+    let mut a = connect(relay.addr);
+    let mut b = connect(relay.addr);
+    let (ka, kb) = (home_keys(&mut a), home_keys(&mut b));
+    assert!(ka > 0 && kb > 0, "keys on both workers: {ka} and {kb}");
+    assert_eq!(ka + kb, KEYS as u64 + 1, "{ka} + {kb}: every key once");
+
+    // A client that half-closes still gets every reply (each worker acknowledges the CLOSE
+    // after its replies), then the close.
+    let mut h = connect(relay.addr);
+    let mut cmds = Vec::new();
+    let mut want = String::new();
+    for i in 0..200 {
+        cmds.extend(resp_cmd(&["GET", &format!("key:{i}")]));
+        want.push_str(&bulk(&format!("value-{i}")));
+    }
+    h.write_all(&cmds).unwrap();
+    h.shutdown(std::net::Shutdown::Write).unwrap();
+    let (got, closed) = read_to_close(&mut h);
+    assert!(closed, "closed after the replies");
+    assert!(
+        String::from_utf8(got).unwrap() == want,
+        "every reply before the close"
+    );
+
+    // QUIT amid pipelined commands: the replies before it, +OK, then the close.
+    let mut q = connect(relay.addr);
+    let mut cmds = resp_cmd(&["GET", "key:1"]);
+    cmds.extend(resp_cmd(&["GET", "key:2"]));
+    cmds.extend(resp_cmd(&["QUIT"]));
+    q.write_all(&cmds).unwrap();
+    let (got, closed) = read_to_close(&mut q);
+    assert!(closed);
+    assert_eq!(
+        String::from_utf8(got).unwrap(),
+        format!("{}{}+OK\r\n", bulk("value-1"), bulk("value-2"))
+    );
+
+    // Nothing was copied beyond the routed reads and early replies, and none went stale.
+    let stats = relay.stats();
+    assert_eq!(stats.front(0).protocol_errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn routed_connections_survive_a_kv_worker_restart() {
+    let relay = routed_kv_relay("routekill");
+    let mut c = connect(relay.addr);
+    let mut cmds = Vec::new();
+    for i in 0..100 {
+        cmds.extend(resp_cmd(&["SET", &format!("k{i}"), "v"]));
+    }
+    c.write_all(&cmds).unwrap();
+    assert_eq!(read_n(&mut c, 500), "+OK\r\n".repeat(100).as_bytes());
+    let pid = relay.worker_pid(1);
+    // SAFETY: a worker process of our relay.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(eventually(Duration::from_secs(10), || {
+        let p = relay.worker_pid(1);
+        p != 0 && p != pid
+    }));
+    // The connection stays; keys of the restarted worker are gone (kv keeps them in memory),
+    // the others are still there, and replies still come in order.
+    let mut cmds = Vec::new();
+    for i in 0..100 {
+        cmds.extend(resp_cmd(&["SET", &format!("k{i}"), &format!("w{i}")]));
+        cmds.extend(resp_cmd(&["GET", &format!("k{i}")]));
+    }
+    c.write_all(&cmds).unwrap();
+    let want: String = (0..100)
+        .map(|i| format!("+OK\r\n{}", bulk(&format!("w{i}"))))
+        .collect();
+    assert_eq!(String::from_utf8(read_n(&mut c, want.len())).unwrap(), want);
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let (rest, closed) = read_to_close(&mut c);
+    assert!(closed && rest.is_empty(), "closed after the half-close");
+}
+
+#[test]
+fn redis_benchmark_random_keys_through_two_kv_workers() {
+    if !have("redis-benchmark") {
+        return;
+    }
+    let relay = routed_kv_relay("routebench");
+    let port = relay.addr.port().to_string();
+    let bench = |test: &str| {
+        let out = Command::new("timeout")
+            .args(["120", "redis-benchmark", "-h", "127.0.0.1", "-p", &port])
+            .args([
+                "-t", test, "-n", "20000", "-r", "500", "-P", "16", "-c", "20", "-q",
+            ])
+            .output()
+            .expect("run redis-benchmark");
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "redis-benchmark: {text}\n{stderr}");
+        assert!(
+            !text.contains("ERR") && !stderr.contains("ERR"),
+            "{text}\n{stderr}"
+        );
+        assert!(text.contains("requests per second"), "{text}");
+    };
+    bench("set");
+    bench("get");
+    // Every key the benchmark set (`key:` and 12 digits below 500) reads back its value from
+    // any connection, in order.
+    let mut c = connect(relay.addr);
+    let mut cmds = Vec::new();
+    for i in 0..500 {
+        cmds.extend(resp_cmd(&["GET", &format!("key:{i:012}")]));
+    }
+    c.write_all(&cmds).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    // Each reply is a 3-byte value (`$3\r\nVXK\r\n` from redis-benchmark 7: the key was
+    // set) or `$-1\r\n` (never drawn), and nothing else.
+    let (mut pos, mut hits, mut misses) = (0, 0, 0);
+    while hits + misses < 500 {
+        let rest = &got[pos..];
+        if rest.starts_with(b"$-1\r\n") {
+            misses += 1;
+            pos += 5;
+        } else if rest.len() >= 9 && rest.starts_with(b"$3\r\n") && &rest[7..9] == b"\r\n" {
+            hits += 1;
+            pos += 9;
+        } else if rest.len() >= 9 {
+            panic!("unexpected reply {:?}", String::from_utf8_lossy(rest));
+        } else {
+            let n = c.read(&mut buf).unwrap_or_else(|e| {
+                panic!("{e} after {} replies", hits + misses);
+            });
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert_eq!(pos, got.len(), "nothing after the 500 replies");
+    let found = hits;
+    // 20,000 SETs over 500 random keys leave next to none unset.
+    assert!(found > 450, "{found} of 500 keys set");
+    let mut a = connect(relay.addr);
+    let mut b = connect(relay.addr);
+    assert_eq!(
+        home_keys(&mut a) + home_keys(&mut b),
+        found as u64,
+        "each key on one worker"
+    );
+}
+
+#[test]
+fn concurrent_pipelines_over_two_kv_workers_see_their_own_writes_in_order() {
+    let relay = routed_kv_relay("routemany");
+    let addr = relay.addr;
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut s = connect(addr);
+                // Each thread owns its keys; the replies it expects follow from its own writes,
+                // so any reply out of order (or from the wrong worker) shows as a mismatch.
+                let mut last: Vec<Option<String>> = vec![None; 40];
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                for round in 0..60 {
+                    let mut cmds = Vec::new();
+                    let mut want = String::new();
+                    for i in 0..32 {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        let k = (seed % 40) as usize;
+                        let key = format!("t{t}:k{k}");
+                        if seed % 3 == 0 {
+                            let v = format!("v{round}.{i}");
+                            cmds.extend(resp_cmd(&["SET", &key, &v]));
+                            want.push_str("+OK\r\n");
+                            last[k] = Some(v);
+                        } else {
+                            cmds.extend(resp_cmd(&["GET", &key]));
+                            match &last[k] {
+                                Some(v) => want.push_str(&bulk(v)),
+                                None => want.push_str("$-1\r\n"),
+                            }
+                        }
+                    }
+                    s.write_all(&cmds).unwrap();
+                    let got = String::from_utf8(read_n(&mut s, want.len())).unwrap();
+                    assert_eq!(got, want, "thread {t} round {round}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client saw replies out of order");
+    }
+}

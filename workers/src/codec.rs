@@ -478,6 +478,62 @@ pub mod resp {
         }
     }
 
+    /// The key a command works on, for routing it to the worker that owns the key: its
+    /// second argument, or `None` for commands that name no key (`PING`, `ECHO`, `COMMAND`,
+    /// `CONFIG`, `INFO`, `CLIENT`, `SELECT`, `DBSIZE`, `FLUSHALL`, `FLUSHDB`, `QUIT`, `HELLO`,
+    /// `AUTH`, and any command given without a second argument) or a malformed frame. A key
+    /// with a non-empty `{tag}` routes by the tag alone, as in Redis Cluster, so that keys
+    /// meant to live together can.
+    ///
+    /// ```
+    /// use shmrelay_worker::codec::resp::routing_key;
+    /// assert_eq!(routing_key(b"*2\r\n$3\r\nGET\r\n$3\r\nabc\r\n"), Some(&b"abc"[..]));
+    /// assert_eq!(routing_key(b"SET {user1}.name x\r\n"), Some(&b"user1"[..]));
+    /// assert_eq!(routing_key(b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$4\r\nsave\r\n"), None);
+    /// ```
+    pub fn routing_key(frame: &[u8]) -> Option<&[u8]> {
+        let mut first: &[u8] = &[];
+        let mut key = None;
+        let mut i = 0;
+        for_each_arg(frame, |a| {
+            if i == 0 {
+                first = a;
+            } else {
+                key = Some(a);
+            }
+            i += 1;
+            i < 2
+        })?;
+        const KEYLESS: [&[u8]; 13] = [
+            b"PING",
+            b"ECHO",
+            b"COMMAND",
+            b"CONFIG",
+            b"INFO",
+            b"CLIENT",
+            b"SELECT",
+            b"DBSIZE",
+            b"FLUSHALL",
+            b"FLUSHDB",
+            b"QUIT",
+            b"HELLO",
+            b"AUTH",
+        ];
+        if KEYLESS.iter().any(|k| k.eq_ignore_ascii_case(first)) {
+            return None;
+        }
+        let key = key?;
+        // `{tag}`: the part between the first `{` and the next `}`, when not empty.
+        if let Some(open) = key.iter().position(|&b| b == b'{') {
+            if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
+                if len > 0 {
+                    return Some(&key[open + 1..open + 1 + len]);
+                }
+            }
+        }
+        Some(key)
+    }
+
     /// Feeds each argument to `push` until it returns false. `Some(true)`: all were fed;
     /// `Some(false)`: `push` stopped early; `None`: malformed.
     fn for_each_arg<'a>(frame: &'a [u8], mut push: impl FnMut(&'a [u8]) -> bool) -> Option<bool> {

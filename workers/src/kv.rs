@@ -8,10 +8,11 @@
 //! answer as a server without persistence; anything else is an empty list), COMMAND (an empty
 //! list), CLIENT (OK), INFO (a minimal text), QUIT.
 //!
-//! Keys live in the worker process: one listener's kv pool should have **one worker** (keys are
-//! not routed by hash across workers, so with several each would hold its own part of the data,
-//! by connection). Data is lost when the worker restarts. Expired keys are removed when they
-//! are accessed, and by a small sweep every 1,024 commands.
+//! Keys live in the worker process. With several kv workers on one listener the front routes
+//! each command by its key ([`resp::routing_key`]), so each worker holds its share of the keys
+//! and a key lives on one worker; keyless commands (`DBSIZE`, `INFO`, `FLUSHALL`) go to the
+//! connection's home worker and see its share only. Data is lost when the worker restarts.
+//! Expired keys are removed when they are accessed, and by a small sweep every 1,024 commands.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};

@@ -8,6 +8,7 @@ use shmrelay_worker::codec::{FrameKind, ProtocolError, Scan};
 use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, Codec, ConnId};
 
+use super::route::Route;
 use super::Chan;
 use crate::stats::{add, FrontStats};
 
@@ -67,6 +68,9 @@ pub(super) struct Conn {
     /// Reply bytes the socket did not take yet.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// Per-frame key routing (a `resp` listener with several workers); `worker` is then the
+    /// home worker, which gets the commands that name no key.
+    pub route: Option<Box<Route>>,
 }
 
 impl Conn {
@@ -91,11 +95,28 @@ impl Conn {
             carry: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
+            route: None,
         }
     }
 
     pub fn pending(&self) -> usize {
         self.out.len() - self.out_pos
+    }
+
+    /// True when a draining connection may close: its queue is written and, if routed, every
+    /// request it sent was answered and written.
+    pub fn flushed(&self) -> bool {
+        self.pending() == 0 && self.route.as_ref().is_none_or(|r| r.idle())
+    }
+
+    /// False while a routed connection half-closed by its client still waits for a worker's
+    /// acknowledgement of the CLOSE (each worker's comes after all its replies).
+    pub fn acks_in(&self) -> bool {
+        !self.told_close
+            || self
+                .route
+                .as_ref()
+                .is_none_or(|r| r.close_acked & r.close_sent == r.close_sent)
     }
 
     /// True if the loop should read this connection now.
@@ -172,6 +193,8 @@ pub(super) enum ReadResult {
     /// Malformed or oversized input: reply with the codec's error, then close.
     Protocol(ProtocolError),
     Corrupt(ReserveError),
+    /// A frame's worker is quarantined or failed: `worker unavailable`, then close.
+    Unavailable,
 }
 
 /// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the

@@ -16,12 +16,17 @@
 //!
 //! Liveness: a timing wheel visits each connection only at its own deadline, to ping it when
 //! idle and to close it when nothing arrived within its heartbeat timeout.
+//!
+//! Key routing: on a `resp` listener with several workers, frames are spread over the pool by
+//! key and replies put back in request order (see `route.rs`).
 
 mod admission;
 mod conn;
 mod liveness;
+mod route;
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::net::Shutdown;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -43,6 +48,7 @@ use crate::timer::Wheel;
 use admission::Admission;
 use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
 use liveness::{Liveness, Verdict, TICK_MS};
+use route::{read_routed, Route, Scratch};
 
 /// Listener `l` has token `LISTENER_BASE - l`.
 const LISTENER_BASE: usize = usize::MAX - 16;
@@ -100,6 +106,8 @@ struct Listener {
     pool: Vec<usize>,
     /// Round-robin position in `pool`.
     next: usize,
+    /// Frames are routed by key across the pool (`resp` with more than one worker).
+    routed: bool,
 }
 
 /// A control record waiting for ring space (kept in order, ahead of any data).
@@ -120,6 +128,12 @@ struct Chan {
     broken: bool,
     /// The worker's doorbell.
     bell: Arc<EventFd>,
+    /// Key routing: every reply to a request frame ending at or below this request-ring
+    /// position has been read from the reply ring.
+    completed: u64,
+    /// Key routing: routed connections whose oldest request is on this worker, by that
+    /// request's position: (position, slot, generation). Stale entries are skipped.
+    waiting: BinaryHeap<Reverse<(u64, u32, u32)>>,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -153,6 +167,9 @@ struct Front {
     listeners: Vec<Listener>,
     /// The codec of each worker's listener (replies are validated with it).
     worker_codecs: Vec<Codec>,
+    /// Workers of a key-routed pool (their replies are put in request order).
+    routed_workers: Vec<bool>,
+    scratch: Scratch,
     /// Not accepting because every request ring is full.
     paused: bool,
     doorbell: Arc<EventFd>,
@@ -204,14 +221,18 @@ impl Front {
             let mut sock = TcpListener::from_std(sock);
             poll.registry()
                 .register(&mut sock, Token(LISTENER_BASE - l), Interest::READABLE)?;
+            let pool: Vec<usize> = (0..owner.len()).filter(|&w| owner[w] == l).collect();
+            let routed = spec.codec() == Codec::Resp && pool.len() > 1;
             listeners.push(Listener {
                 sock: Some(sock),
                 codec: spec.codec(),
-                pool: (0..owner.len()).filter(|&w| owner[w] == l).collect(),
+                pool,
                 next: 0,
+                routed,
             });
         }
         let worker_codecs = owner.iter().map(|&l| specs[l].codec()).collect();
+        let routed_workers = owner.iter().map(|&l| listeners[l].routed).collect();
         poll.registry().register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*doorbell)),
             DOORBELL,
@@ -237,6 +258,8 @@ impl Front {
                 blocked: Vec::new(),
                 dirty: false,
                 broken: false,
+                completed: 0,
+                waiting: BinaryHeap::new(),
             });
         }
         // The stats block lives as long as the process; leaking the mapping gives the hot
@@ -256,6 +279,8 @@ impl Front {
             poll,
             listeners,
             worker_codecs,
+            routed_workers,
+            scratch: Scratch::default(),
             paused: false,
             doorbell,
             chans,
@@ -401,7 +426,7 @@ impl Front {
                 return false;
             }
         }
-        self.slab.conns.iter().flatten().all(|c| c.pending() == 0)
+        self.slab.conns.iter().flatten().all(|c| c.flushed())
     }
 
     fn shutdown(&mut self) {
@@ -420,6 +445,19 @@ impl Front {
 
     /// Announces sleep on every ring this front waits on; returns the poll timeout.
     fn prepare_park(&mut self) -> Option<Duration> {
+        // Key routing: a worker releases its requests just after it publishes their replies,
+        // and a release alone wakes nobody. A release not yet seen is work now; one that may
+        // come while asleep is seen within a millisecond.
+        let mut routed_wait = false;
+        for ch in &mut self.chans {
+            if ch.broken || ch.waiting.is_empty() {
+                continue;
+            }
+            if ch.req.released().is_ok_and(|p| p > ch.completed) {
+                return Some(Duration::ZERO);
+            }
+            routed_wait = true;
+        }
         for ch in &mut self.chans {
             if ch.broken {
                 continue;
@@ -435,7 +473,9 @@ impl Front {
             }
         }
         // Wake for the next timer tick only while there are timers at all.
-        if self.wheel.is_empty() {
+        if routed_wait {
+            Some(Duration::from_millis(1))
+        } else if self.wheel.is_empty() {
             Some(MAX_SLEEP)
         } else {
             Some(Duration::from_millis(TICK_MS * 2))
@@ -489,9 +529,11 @@ impl Front {
             let worker = workers[lst.next % workers.len()];
             lst.next = lst.next.wrapping_add(1);
             let codec = lst.codec;
-            let (slot, gen) = self
-                .slab
-                .insert(Conn::new(stream, worker, codec, addr_slot, now));
+            let mut conn = Conn::new(stream, worker, codec, addr_slot, now);
+            if lst.routed {
+                conn.route = Some(Box::new(Route::new(l)));
+            }
+            let (slot, gen) = self.slab.insert(conn);
             let first = self.liveness.first(codec, now);
             let at = self.wheel.schedule((slot, gen), first);
             let c = self.slab.conns[slot as usize]
@@ -509,17 +551,28 @@ impl Front {
                 continue;
             }
             let id = ConnId::new(self.index as u8, gen, slot);
-            self.chans[worker].backlog.push_back(Ctrl {
-                tag: tag::OPEN,
-                conn: id.raw(),
-                aux: 0,
-                payload: peer.to_string().into_bytes(),
-            });
+            // A routed connection may send frames to any worker of the pool: each hears of it
+            // (and of its close), so none keeps state for a connection it was never told of.
+            let told = if self.listeners[l].routed {
+                workers.clone()
+            } else {
+                vec![worker]
+            };
+            for &w in &told {
+                self.chans[w].backlog.push_back(Ctrl {
+                    tag: tag::OPEN,
+                    conn: id.raw(),
+                    aux: 0,
+                    payload: peer.to_string().into_bytes(),
+                });
+            }
             self.open += 1;
             add(&self.fs.accepts, 1);
             self.fs.conns_open.store(self.open, Ordering::Relaxed);
             debug!(%id, %peer, worker, "accepted");
-            self.flush_backlog(worker);
+            for w in told {
+                self.flush_backlog(w);
+            }
         }
     }
 
@@ -630,19 +683,38 @@ impl Front {
             if !c.wants_read() {
                 continue;
             }
-            let w = c.worker;
-            let ch = &mut self.chans[w];
-            if ch.broken {
-                self.close_conn(slot, CloseReason::WorkerGone);
-                continue;
-            }
-            if !ch.backlog.is_empty() {
-                c.blocked = true;
-                ch.blocked.push((slot, gen));
-                continue;
-            }
             let id = ConnId::new(self.index as u8, gen, slot);
-            let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
+            let (result, heartbeats, w) = if let Some(l) = c.route.as_ref().map(|r| r.listener) {
+                let pool = &self.listeners[l].pool;
+                let routed = read_routed(
+                    &mut self.chans,
+                    pool,
+                    c,
+                    &mut self.scratch,
+                    self.fs,
+                    id,
+                    max_frame,
+                    now,
+                );
+                if let Some((w, p)) = routed.new_head {
+                    self.chans[w].waiting.push(Reverse((p, slot, gen)));
+                }
+                (routed.result, 0, routed.worker)
+            } else {
+                let w = c.worker;
+                let ch = &mut self.chans[w];
+                if ch.broken {
+                    self.close_conn(slot, CloseReason::WorkerGone);
+                    continue;
+                }
+                if !ch.backlog.is_empty() {
+                    c.blocked = true;
+                    ch.blocked.push((slot, gen));
+                    continue;
+                }
+                let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
+                (result, heartbeats, w)
+            };
             if heartbeats > 0 {
                 let zeros = vec![0u8; FRAME_HEADER * heartbeats];
                 if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&zeros)]) {
@@ -674,6 +746,13 @@ impl Front {
                 }
                 ReadResult::Corrupt(e) => {
                     self.quarantine(w, &e.to_string());
+                }
+                ReadResult::Unavailable => {
+                    if let Some(c) = self.slab.get(slot, gen) {
+                        // Best effort and non-blocking: the close follows either way.
+                        let _ = (&c.stream).write(&c.codec.error_reply("worker unavailable"));
+                    }
+                    self.close_conn(slot, CloseReason::WorkerGone);
                 }
             }
         }
@@ -726,10 +805,26 @@ impl Front {
     fn pump_replies(&mut self, w: usize) -> usize {
         let me = self.index;
         let codec = self.worker_codecs.get(w).copied().unwrap_or_default();
-        let ch = &mut self.chans[w];
-        if ch.broken {
+        let routed = self.routed_workers.get(w).copied().unwrap_or(false);
+        let max_pending = self.cfg.max_pending;
+        if self.chans[w].broken {
             return 0;
         }
+        // Key routing: how far the worker had released its requests before the replies below
+        // were read (see route.rs on when a request is answered in full).
+        let released_before = if routed {
+            match self.chans[w].req.released() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let e = e.to_string();
+                    self.quarantine(w, &e);
+                    return 0;
+                }
+            }
+        } else {
+            None
+        };
+        let ch = &mut self.chans[w];
         let mut todo: Vec<(u32, u32, Action)> = Vec::new();
         let mut n = 0;
         let mut corrupt = None;
@@ -758,18 +853,22 @@ impl Front {
                 };
                 match rec.tag() {
                     tag::SEND if codec.is_valid_reply(rec.payload()) => {
-                        if rec.conn() != group_conn || group.len() >= MAX_IOV {
-                            deliver(slab, fs, me, group_conn, &mut group, &mut todo);
-                            group_conn = rec.conn();
-                        }
-                        group.push(IoSlice::new(rec.payload()));
                         answered = answered.max(rec.aux());
+                        if routed && !routed_reply(slab, fs, me, w, &rec, max_pending, &mut todo) {
+                            // Held for its turn.
+                        } else {
+                            if rec.conn() != group_conn || group.len() >= MAX_IOV {
+                                deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+                                group_conn = rec.conn();
+                            }
+                            group.push(IoSlice::new(rec.payload()));
+                        }
                     }
                     tag::CLOSE => {
                         deliver(slab, fs, me, group_conn, &mut group, &mut todo);
                         let id = ConnId::from_raw(rec.conn());
                         if id.front() == me {
-                            todo.push((id.slot(), id.generation(), Action::CloseAfterFlush));
+                            todo.push((id.slot(), id.generation(), Action::CloseAfterFlush(w)));
                         }
                     }
                     t => {
@@ -794,20 +893,34 @@ impl Front {
                 }
                 ch.rep.release(end);
             }
+            // Every reply published before the worker released up to `released_before` has
+            // been read if this pass read the ring to its end. Reading the release again and
+            // finding the ring still empty extends that to the newer release.
+            if let (Some(before), None, true) = (released_before, &corrupt, n < REPLY_BATCH) {
+                let mut upto = before;
+                if let Ok(after) = ch.req.released() {
+                    if ch.rep.is_empty().unwrap_or(false) {
+                        upto = after;
+                    }
+                }
+                if upto > ch.completed {
+                    ch.completed = upto;
+                    while let Some(&Reverse((p, slot, gen))) = ch.waiting.peek() {
+                        if p > upto {
+                            break;
+                        }
+                        ch.waiting.pop();
+                        todo.push((slot, gen, Action::Advance));
+                    }
+                }
+            }
         }
         for (slot, gen, action) in todo {
             match action {
                 Action::Close(reason) => self.close_conn(slot, reason),
                 Action::WantWrite => self.want_write(slot, gen),
-                Action::CloseAfterFlush => {
-                    // After a client's FIN this is the worker's acknowledgement of our CLOSE:
-                    // every reply it had for the connection is out, so keep its reason.
-                    let reason = match self.slab.get(slot, gen).map(|c| c.state) {
-                        Some(ConnState::Draining(r)) => r,
-                        _ => CloseReason::WorkerRequest,
-                    };
-                    self.drain_conn(slot, gen, reason);
-                }
+                Action::CloseAfterFlush(from) => self.worker_closed(slot, gen, from),
+                Action::Advance => self.advance(slot, gen),
             }
         }
         if let Some(detail) = corrupt {
@@ -879,7 +992,9 @@ impl Front {
             Interest::READABLE,
         );
         if let ConnState::Draining(reason) = c.state {
-            self.close_conn(slot, reason);
+            if c.flushed() && c.acks_in() {
+                self.close_conn(slot, reason);
+            }
         }
     }
 
@@ -898,20 +1013,108 @@ impl Front {
         let worker = c.worker;
         c.told_close = true;
         c.state = ConnState::Draining(CloseReason::ClientEof);
+        // A routed connection's frames went to any worker of its pool: each acknowledges.
+        let workers = match c.route.as_ref() {
+            Some(r) => self.listeners[r.listener].pool.clone(),
+            None => vec![worker],
+        };
         self.draining += 1;
         self.fs
             .conns_draining
             .store(self.draining, Ordering::Relaxed);
         let id = ConnId::new(self.index as u8, gen, slot);
-        self.chans[worker].backlog.push_back(Ctrl {
-            tag: tag::CLOSE,
-            conn: id.raw(),
-            aux: CloseReason::ClientEof as u64,
-            payload: Vec::new(),
-        });
-        self.flush_backlog(worker);
-        if self.chans[worker].broken {
+        let mut sent = 0u64;
+        for &w in &workers {
+            if self.chans[w].broken {
+                continue;
+            }
+            sent |= 1 << w;
+            self.chans[w].backlog.push_back(Ctrl {
+                tag: tag::CLOSE,
+                conn: id.raw(),
+                aux: CloseReason::ClientEof as u64,
+                payload: Vec::new(),
+            });
+            self.flush_backlog(w);
+        }
+        if let Some(r) = self.slab.get(slot, gen).and_then(|c| c.route.as_mut()) {
+            r.close_sent = sent;
+        }
+        if workers.iter().any(|&w| self.chans[w].broken) {
             self.close_conn(slot, CloseReason::ClientEof);
+        }
+    }
+
+    /// A CLOSE record from worker `w`: after the client's FIN, its acknowledgement of ours
+    /// (every reply it had for the connection is before it); otherwise the worker asks to
+    /// close once what it queued is written.
+    fn worker_closed(&mut self, slot: u32, gen: u32, w: usize) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        // After a client's FIN keep its reason.
+        let reason = match c.state {
+            ConnState::Draining(r) => r,
+            _ => CloseReason::WorkerRequest,
+        };
+        if let Some(r) = c.route.as_mut() {
+            r.close_acked |= 1 << w;
+        }
+        self.drain_conn(slot, gen, reason);
+    }
+
+    /// Key routing: pops the connection's requests that are answered in full, writing the
+    /// replies held for each new oldest one (in one writev), and waits on the worker of the
+    /// first that is not. A request is answered in full when its worker is known to be past
+    /// it: its ring was read after the worker released the request, or a reply of the worker
+    /// to a later request of the connection came.
+    fn advance(&mut self, slot: u32, gen: u32) {
+        let fs = self.fs;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        // Taken out while the connection is written to, put back below.
+        let Some(mut r) = c.route.take() else {
+            return;
+        };
+        let mut early: Vec<Vec<u8>> = Vec::new();
+        let mut wait = None;
+        while let Some(&(hw, hp)) = r.order.front() {
+            let mut i = 0;
+            while i < r.held.len() {
+                if (r.held[i].0, r.held[i].1) == (hw, hp) {
+                    let (_, _, bytes) = r.held.remove(i).expect("index checked");
+                    r.held_bytes -= bytes.len();
+                    early.push(bytes);
+                } else {
+                    i += 1;
+                }
+            }
+            let later = r.held.iter().any(|&(w, p, _)| w == hw && p > hp);
+            if later || self.chans[hw].completed >= hp {
+                r.order.pop_front();
+                continue;
+            }
+            wait = Some((hw, hp));
+            break;
+        }
+        c.route = Some(r);
+        if !early.is_empty() {
+            let iov: Vec<IoSlice<'_>> = early.iter().map(|b| IoSlice::new(b)).collect();
+            if let Err(reason) = send_to(c, &iov, fs, usize::MAX) {
+                self.close_conn(slot, reason);
+                return;
+            }
+        }
+        if let Some((hw, hp)) = wait {
+            self.chans[hw].waiting.push(Reverse((hp, slot, gen)));
+        }
+        if c.pending() > 0 {
+            self.want_write(slot, gen);
+        } else if let ConnState::Draining(reason) = c.state {
+            if c.flushed() && c.acks_in() {
+                self.close_conn(slot, reason);
+            }
         }
     }
 
@@ -920,7 +1123,7 @@ impl Front {
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
-        if c.pending() == 0 {
+        if c.flushed() && c.acks_in() {
             self.close_conn(slot, reason);
         } else if !matches!(c.state, ConnState::Draining(_)) {
             c.state = ConnState::Draining(reason);
@@ -941,9 +1144,32 @@ impl Front {
         drop(c.stream);
         self.admission.release(self.stats, c.addr_slot);
         let id = ConnId::new(self.index as u8, gen_before, slot);
-        // A connection whose OPEN never reached the worker needs no CLOSE either.
-        let told = c.state != ConnState::Accepted;
-        if !told {
+        if let Some(r) = c.route.as_ref() {
+            // Every worker of the pool was sent the OPEN: a worker whose OPEN is still queued
+            // loses it, the others get the CLOSE.
+            for w in self.listeners[r.listener].pool.clone() {
+                let ch = &mut self.chans[w];
+                if ch.broken {
+                    continue;
+                }
+                let queued = ch
+                    .backlog
+                    .iter()
+                    .any(|ctrl| ctrl.conn == id.raw() && ctrl.tag == tag::OPEN);
+                if queued {
+                    ch.backlog.retain(|ctrl| ctrl.conn != id.raw());
+                } else {
+                    ch.backlog.push_back(Ctrl {
+                        tag: tag::CLOSE,
+                        conn: id.raw(),
+                        aux: reason as u64,
+                        payload: Vec::new(),
+                    });
+                    self.flush_backlog(w);
+                }
+            }
+        } else if c.state == ConnState::Accepted {
+            // A connection whose OPEN never reached the worker needs no CLOSE either.
             self.chans[c.worker]
                 .backlog
                 .retain(|ctrl| ctrl.conn != id.raw());
@@ -1033,12 +1259,18 @@ impl Front {
         // them happened before this store.
         self.fs.quarantined.fetch_or(1 << w, Ordering::Release);
         self.chans[w].backlog.clear();
+        self.chans[w].waiting.clear();
         add(&self.fs.corrupt_rings, 1);
+        // Its connections, and every routed connection whose keys it shares.
+        let listeners = &self.listeners;
         let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
             .filter(|&s| {
-                self.slab.conns[s as usize]
-                    .as_ref()
-                    .is_some_and(|c| c.worker == w)
+                self.slab.conns[s as usize].as_ref().is_some_and(|c| {
+                    c.worker == w
+                        || c.route
+                            .as_ref()
+                            .is_some_and(|r| listeners[r.listener].pool.contains(&w))
+                })
             })
             .collect();
         for slot in slots {
@@ -1067,6 +1299,9 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     ch.blocked.clear();
     ch.dirty = false;
     ch.broken = false;
+    // Positions start again at zero.
+    ch.completed = 0;
+    ch.waiting.clear();
     Ok(())
 }
 
@@ -1106,7 +1341,68 @@ fn deliver(
 enum Action {
     Close(CloseReason),
     WantWrite,
-    CloseAfterFlush,
+    /// A CLOSE record from this worker.
+    CloseAfterFlush(usize),
+    /// Key routing: the connection's oldest request may be answered in full now.
+    Advance,
+}
+
+/// Key routing: true if a reply record goes out now with the records around it (it answers
+/// the connection's oldest request, or no request: a push); false if it was held for its turn,
+/// copied and counted (or belongs to no live connection: `deliver` counts those).
+fn routed_reply(
+    slab: &mut Slab,
+    fs: &FrontStats,
+    me: usize,
+    w: usize,
+    rec: &shm_ring::Record<'_>,
+    max_pending: usize,
+    todo: &mut Vec<(u32, u32, Action)>,
+) -> bool {
+    let id = ConnId::from_raw(rec.conn());
+    let (slot, gen) = (id.slot(), id.generation());
+    let Some(c) = slab.get(slot, gen).filter(|_| id.front() == me) else {
+        return true;
+    };
+    let pending = c.pending();
+    let Some(r) = c.route.as_mut() else {
+        return true;
+    };
+    let key = (w, rec.aux());
+    // A request's replies go out in the order they came: once one is held, so are the rest
+    // until the held ones are written (`advance`, queued when it became the oldest).
+    let direct =
+        |r: &Route| r.order.front() == Some(&key) && !r.held.iter().any(|h| (h.0, h.1) == key);
+    if direct(r) || !r.order.contains(&key) {
+        return true;
+    }
+    // The worker serves its frames in ring order, and its replies to a frame come before its
+    // replies to later ones: so its requests ahead of this one are answered in full. (Their
+    // held replies, if any, go first: stop at one that has some.)
+    let mut moved = false;
+    while let Some(&(hw, hp)) = r.order.front() {
+        if hw != w || hp >= key.1 || r.held.iter().any(|h| (h.0, h.1) == (hw, hp)) {
+            break;
+        }
+        r.order.pop_front();
+        moved = true;
+    }
+    if moved {
+        // Wait on (or move past) whatever is oldest now, and write what it holds.
+        todo.push((slot, gen, Action::Advance));
+    }
+    if direct(r) {
+        return true;
+    }
+    let payload = rec.payload();
+    r.held.push_back((w, rec.aux(), payload.to_vec()));
+    r.held_bytes += payload.len();
+    add(&fs.bytes_copied, payload.len() as u64);
+    add(&fs.frames_out, 1);
+    if pending + r.held_bytes > max_pending {
+        todo.push((slot, gen, Action::Close(CloseReason::SlowConsumer)));
+    }
+    false
 }
 
 /// Takes an inherited fd named in the environment.
