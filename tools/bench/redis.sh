@@ -13,7 +13,9 @@
 #
 # Installs redis-server and redis-tools with apt-get when they are missing (Debian). Nothing is
 # persisted: redis-server runs with --save "" --appendonly no in a temporary directory.
-# Prints the commands, the load average before and after, and a markdown table.
+# Prints the commands, the load average before and after, and a markdown table: req/s of each,
+# their ratio, and the CPU time each server spent per request (user + system from /proc, all
+# of shmrelay's processes: supervisor, front, kv worker).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=4000000
@@ -83,9 +85,25 @@ done
 redis-cli -p "$REDIS_PORT" ping >/dev/null || { cat "$TMP/redis.log" >&2; exit 1; }
 redis-cli -p "$RELAY_PORT" ping >/dev/null || { cat "$TMP/relay.log" >&2; exit 1; }
 
-run() { # port conns test -> requests per second
-  redis-benchmark -h 127.0.0.1 -p "$1" -c "$2" -n "$N" -P 16 -t "$3" -q 2>"$TMP/bench.err" \
-    | tr '\r' '\n' | awk -F': ' '/requests per second/ {split($2, a, " "); v=a[1]} END {print v}'
+# CPU time (user + system, clock ticks) of a process and its children that are alive: the
+# server's cost of a run, less sensitive than req/s to what else the shared machine runs.
+HZ=$(getconf CLK_TCK)
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1"); do
+    [[ -r /proc/$p/stat ]] || continue
+    total=$((total + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$total"
+}
+run() { # port conns test server-pid -> "req/s CPU-us-per-request"
+  local before after rps
+  before=$(ticks "$4")
+  rps=$(redis-benchmark -h 127.0.0.1 -p "$1" -c "$2" -n "$N" -P 16 -t "$3" -q 2>"$TMP/bench.err" \
+    | tr '\r' '\n' | awk -F': ' '/requests per second/ {split($2, a, " "); v=a[1]} END {print v}')
+  after=$(ticks "$4")
+  awk -v r="$rps" -v t=$((after - before)) -v hz="$HZ" -v n="$N" \
+    'BEGIN { printf "%s %.2f\n", r, t / hz * 1e6 / n }'
 }
 
 echo "# $(date -u '+%F %T') UTC, shmrelay $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(redis-server --version | awk '{print $3}'), $(nproc) cores"
@@ -94,34 +112,38 @@ echo "# redis-benchmark -h 127.0.0.1 -p PORT -c CONNS -n $N -P 16 -t TEST -q"
 echo
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {printf "%.0f\n", (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
-echo "| test | conns | redis-server req/s | shmrelay + kv req/s | shmrelay / redis-server |"
-echo "|---|---|---|---|---|"
+HEAD_ROW="| test | conns | redis-server req/s | shmrelay + kv req/s | shmrelay / redis-server | redis-server CPU us/req | shmrelay CPU us/req (all processes) |"
+HEAD_SEP="|---|---|---|---|---|---|---|"
+echo "$HEAD_ROW"
+echo "$HEAD_SEP"
 SUMMARY=()
 for c in 50 1000; do
   for t in set get; do
-    rs=""; ss=""
+    rs=""; ss=""; rcs=""; scs=""
     for k in $(seq "$REPEAT"); do
       # Alternate who goes first, so neither always runs on the warmer machine.
       if (( k % 2 == 1 )); then
-        r=$(run "$REDIS_PORT" "$c" "$t")
-        s=$(run "$RELAY_PORT" "$c" "$t")
+        read -r r rc < <(run "$REDIS_PORT" "$c" "$t" "$RS")
+        read -r s sc < <(run "$RELAY_PORT" "$c" "$t" "$RL")
       else
-        s=$(run "$RELAY_PORT" "$c" "$t")
-        r=$(run "$REDIS_PORT" "$c" "$t")
+        read -r s sc < <(run "$RELAY_PORT" "$c" "$t" "$RL")
+        read -r r rc < <(run "$REDIS_PORT" "$c" "$t" "$RS")
       fi
-      rs+=" $r"; ss+=" $s"
-      echo "| ${t^^} | $c | $r | $s | $(ratio "$s" "$r") |"
+      rs+=" $r"; ss+=" $s"; rcs+=" $rc"; scs+=" $sc"
+      echo "| ${t^^} | $c | $r | $s | $(ratio "$s" "$r") | $rc | $sc |"
     done
     mr=$(echo "$rs" | median); ms=$(echo "$ss" | median)
-    SUMMARY+=("| ${t^^} | $c | $mr | $ms | $(ratio "$ms" "$mr") |")
+    mrc=$(echo "$rcs" | tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {printf "%.2f", (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}')
+    msc=$(echo "$scs" | tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {printf "%.2f", (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}')
+    SUMMARY+=("| ${t^^} | $c | $mr | $ms | $(ratio "$ms" "$mr") | $mrc | $msc |")
   done
 done
 if (( REPEAT > 1 )); then
   echo
   echo "Medians of $REPEAT:"
   echo
-  echo "| test | conns | redis-server req/s | shmrelay + kv req/s | shmrelay / redis-server |"
-  echo "|---|---|---|---|---|"
+  echo "$HEAD_ROW"
+  echo "$HEAD_SEP"
   printf '%s\n' "${SUMMARY[@]}"
 fi
 echo
