@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# redis-benchmark against redis-server and against shmrelay (one front, one kv worker on a
-# `resp` listener), in the same run, on loopback: SET and GET, pipelined 16 deep, at 50 and
-# 1,000 connections. The two servers take turns case by case, so a change in the machine's
-# load hits both alike.
+# redis-benchmark against redis-server and against shmrelay (one front, one kv worker by
+# default, on a `resp` listener), in the same run, on loopback: SET and GET, pipelined 16 deep,
+# at 50 and 1,000 connections. The two servers take turns case by case, so a change in the
+# machine's load hits both alike.
 #
-#   tools/bench/redis.sh [-n REQUESTS] [--repeat K] [--no-build]
+#   tools/bench/redis.sh [-n REQUESTS] [--repeat K] [--kv-workers W] [--random-keys R] [--no-build]
 #
-#   -n REQUESTS   requests per redis-benchmark run (default 4000000: 5-10 s per run on this 2-core VM)
-#   --repeat K    run every case K times, alternating who goes first, and print the medians
-#                 (default 1)
-#   --no-build    use the release binary as it is
+#   -n REQUESTS         requests per redis-benchmark run (default 4000000: 5-10 s per run on a
+#                       2-core VM)
+#   --repeat K          run every case K times, alternating who goes first, and print the
+#                       medians (default 1)
+#   --kv-workers W      kv workers behind the listener (default 1; more: commands routed by key)
+#   --random-keys R     redis-benchmark -r R for both servers (default: one key, as plain -t)
+#   --no-build          use the release binary as it is
 #
 # Installs redis-server and redis-tools with apt-get when they are missing (Debian). Nothing is
 # persisted: redis-server runs with --save "" --appendonly no in a temporary directory.
@@ -21,12 +24,16 @@ cd "$(dirname "$0")/../.."
 N=4000000
 REPEAT=1
 BUILD=1
+KV_WORKERS=1
+RANDOM_KEYS=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) N=$2; shift 2 ;;
     --repeat) REPEAT=$2; shift 2 ;;
+    --kv-workers) KV_WORKERS=$2; shift 2 ;;
+    --random-keys) RANDOM_KEYS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    *) echo "usage: $0 [-n REQUESTS] [--repeat K] [--no-build]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-n REQUESTS] [--repeat K] [--kv-workers W] [--random-keys R] [--no-build]" >&2; exit 2 ;;
   esac
 done
 REDIS_PORT=${REDIS_PORT:-16379}
@@ -70,7 +77,7 @@ fronts = 1
 [[listener]]
 listen = "127.0.0.1:$RELAY_PORT"
 codec = "resp"
-workers = 1
+workers = $KV_WORKERS
 worker_cmd = "$(realpath "$BIN") worker kv"
 CONF
 RUST_LOG=warn "$BIN" --config "$TMP/relay.toml" >"$TMP/relay.out" 2>"$TMP/relay.log" &
@@ -99,7 +106,7 @@ ticks() {
 run() { # port conns test server-pid -> "req/s CPU-us-per-request"
   local before after rps
   before=$(ticks "$4")
-  rps=$(redis-benchmark -h 127.0.0.1 -p "$1" -c "$2" -n "$N" -P 16 -t "$3" -q 2>"$TMP/bench.err" \
+  rps=$(redis-benchmark -h 127.0.0.1 -p "$1" -c "$2" -n "$N" -P 16 -t "$3" ${RANDOM_KEYS:+-r "$RANDOM_KEYS"} -q 2>"$TMP/bench.err" \
     | tr '\r' '\n' | awk -F': ' '/requests per second/ {split($2, a, " "); v=a[1]} END {print v}')
   after=$(ticks "$4")
   awk -v r="$rps" -v t=$((after - before)) -v hz="$HZ" -v n="$N" \
@@ -108,7 +115,8 @@ run() { # port conns test server-pid -> "req/s CPU-us-per-request"
 
 echo "# $(date -u '+%F %T') UTC, shmrelay $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(redis-server --version | awk '{print $3}'), $(nproc) cores"
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# redis-benchmark -h 127.0.0.1 -p PORT -c CONNS -n $N -P 16 -t TEST -q"
+echo "# redis-benchmark -h 127.0.0.1 -p PORT -c CONNS -n $N -P 16 -t TEST ${RANDOM_KEYS:+-r $RANDOM_KEYS }-q"
+echo "# shmrelay: 1 front, $KV_WORKERS kv worker(s) on a resp listener"
 echo
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {printf "%.0f\n", (NR % 2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
