@@ -13,6 +13,7 @@ pub mod config;
 pub mod front;
 pub mod metrics;
 pub mod names;
+pub mod procfs;
 pub mod report;
 pub mod signals;
 pub mod stats;

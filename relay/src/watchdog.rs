@@ -16,7 +16,7 @@ pub fn process_metrics(pid: u32) -> Option<(u64, u64)> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    let fds = shmrelay::procfs::open_fds(Some(pid))?;
     Some((rss, fds))
 }
 

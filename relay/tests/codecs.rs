@@ -107,14 +107,16 @@ fn line_and_resp_listeners_beside_the_default_one() {
     let want = b"+OK\r\n:42\r\n+PONG\r\n$2\r\n42\r\n";
     assert_eq!(read_n(&mut r, want.len()), want);
 
-    // RESP protocol error: the error reply, then a close, counted.
+    // RESP protocol error: the commands before it are still served, then the error reply,
+    // then a close, counted.
     let mut bad = connect(resp);
-    bad.write_all(b"*1\r\n$3\r\nGET\r\n*x\r\n").unwrap();
+    bad.write_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*x\r\n")
+        .unwrap();
     let (got, closed) = read_to_close(&mut bad);
     assert!(closed, "closed after a protocol error");
     assert_eq!(
         String::from_utf8_lossy(&got),
-        "-ERR Protocol error: invalid multibulk length\r\n"
+        "$2\r\n42\r\n-ERR Protocol error: invalid multibulk length\r\n"
     );
 
     // Line protocol error (a line longer than max_frame): `ERR ...`, then a close.
@@ -488,9 +490,26 @@ fn keys_are_routed_by_hash_across_kv_workers_and_replies_keep_request_order() {
         format!("{}{}+OK\r\n", bulk("value-1"), bulk("value-2"))
     );
 
-    // Nothing was copied beyond the routed reads and early replies, and none went stale.
+    // A protocol error amid pipelined commands: the commands before it are served by their
+    // workers and answered in order, then the error reply, then the close.
+    let mut e = connect(relay.addr);
+    let mut cmds = Vec::new();
+    let mut want = String::new();
+    for i in 0..40 {
+        cmds.extend(resp_cmd(&["GET", &format!("key:{i}")]));
+        want.push_str(&bulk(&format!("value-{i}")));
+    }
+    cmds.extend_from_slice(b"*1\r\n$x\r\n");
+    want.push_str("-ERR Protocol error: invalid bulk length\r\n");
+    e.write_all(&cmds).unwrap();
+    let (got, closed) = read_to_close(&mut e);
+    assert!(closed);
+    assert!(
+        String::from_utf8(got).unwrap() == want,
+        "replies, then the error"
+    );
     let stats = relay.stats();
-    assert_eq!(stats.front(0).protocol_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.front(0).protocol_errors.load(Ordering::Relaxed), 1);
 }
 
 #[test]

@@ -192,6 +192,34 @@ fn silent_client_is_closed_and_worker_told_why_while_a_ponging_client_stays() {
 }
 
 #[test]
+fn client_that_sends_its_own_heartbeats_is_not_pinged() {
+    // Pings after 100 ms of silence; this client beats every 150 ms. Its beats prove it alive,
+    // so the relay waits the longest interval (200 ms) before pinging it: never, here.
+    let relay = Relay::start("ownbeats", &FAST_PINGS);
+    let mut c = relay.connect();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let t0 = Instant::now();
+    let mut beats = 0;
+    while t0.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            c.try_roundtrip(b"").as_deref(),
+            Some(&b""[..]),
+            "beat answered"
+        );
+        beats += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(beats >= 8);
+    let f = relay.stats();
+    assert_eq!(f.front(0).pings_sent.load(Ordering::Relaxed), 0);
+    assert!(f.front(0).heartbeats.load(Ordering::Relaxed) >= beats);
+    assert_eq!(c.try_roundtrip(b"alive").as_deref(), Some(&b"alive"[..]));
+    assert_eq!(closes(&relay, CloseReason::HeartbeatTimeout), 0);
+}
+
+#[test]
 fn slowloris_is_closed_at_its_timeout() {
     let relay = Relay::start("slowloris", &FAST_PINGS);
     let mut c = relay.connect();

@@ -129,16 +129,11 @@ fn push_reaches_another_connection_and_vanished_client_gets_a_close() {
         "the worker never saw the CLOSE of the vanished client"
     );
     // The front counts the close when it handles the worker's acknowledgement, which may be
-    // just after it wrote the publisher's reply (the same batch of reply records): the reply
-    // does not wait for the counter, so poll it.
+    // just after it wrote the publisher's reply from the same batch.
     let s = relay.stats();
-    assert!(
-        eventually(Duration::from_secs(5), || s.front(0).closes
-            [CloseReason::ClientEof as usize]
-            .load(Ordering::Relaxed)
-            == 1),
-        "the vanished client's close was not counted as client_eof"
-    );
+    let eof = || s.front(0).closes[CloseReason::ClientEof as usize].load(Ordering::Relaxed);
+    assert!(eventually(Duration::from_secs(5), || eof() >= 1));
+    assert_eq!(eof(), 1);
 }
 
 #[test]

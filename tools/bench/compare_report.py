@@ -125,13 +125,18 @@ def fmt_x(v):
 
 
 def table(rows):
+    """Markdown table of the rows; with several runs per case (--repeat) also the ranges."""
     multi = any(r["reps"] > 1 for r in rows)
+    head = ["system", "payload", "conns"]
     if multi:
-        return table_multi(rows)
+        head += ["req/s (median)", "req/s range", "p50 ms", "p99 ms", "p99 range ms"]
+    else:
+        head += ["req/s", "p50 ms", "p99 ms"]
+    head += ["server CPU s", "req per server CPU-s", "req/s vs shmrelay", "p99 vs shmrelay",
+             "req/CPU-s vs shmrelay", "copied/relayed", "load avg (1/5/15 min)"]
     lines = [
-        "| system | payload | conns | req/s | p50 ms | p99 ms | server CPU s | req per server CPU-s "
-        "| req/s vs shmrelay | p99 vs shmrelay | req/CPU-s vs shmrelay | copied/relayed | load avg (1/5/15 min) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "--:|" * (len(head) - 3) + "---|",
     ]
     for r in rows:
         cpu = r["server_cpu_seconds"]
@@ -140,42 +145,27 @@ def table(rows):
         note = ""
         if r["errors"] or r["mismatches"] or r["connected"] != r["conns"]:
             note = f" (errors {r['errors']}, mismatches {r['mismatches']}, connected {r['connected']})"
-        lines.append(
-            f"| {r['system']}{note} | {size_label(r['size'])} | {r['conns']} | {r['req_per_sec']:,.0f} "
-            f"| {fmt_ms(r['p50_us'])} | {fmt_ms(r['p99_us'])} "
-            f"| {'' if cpu is None else f'{cpu:.2f}'} | {'' if eff is None else f'{eff:,.0f}'} "
-            f"| {fmt_x(r['rps_vs_shmrelay'])} | {fmt_x(r['p99_vs_shmrelay'])} | {fmt_x(r['eff_vs_shmrelay'])} "
-            f"| {'' if cr is None else f'{cr * 100:.3f}%'} | {r['loadavg_before']} |"
-        )
-    return "\n".join(lines)
-
-
-def table_multi(rows):
-    lines = [
-        "| system | payload | conns | req/s (median) | req/s range | p50 ms | p99 ms | p99 range ms "
-        "| server CPU s | req per server CPU-s | req/s vs shmrelay | p99 vs shmrelay | req/CPU-s vs shmrelay "
-        "| copied/relayed | load avg (1/5/15 min) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for r in rows:
-        cpu = r["server_cpu_seconds"]
-        eff = r["req_per_server_cpu_sec"]
-        cr = r["copied_ratio"]
-        note = ""
-        if r["errors"] or r["mismatches"] or r["connected"] != r["conns"]:
-            note = f" (errors {r['errors']}, mismatches {r['mismatches']}, connected {r['connected']})"
-        lines.append(
-            f"| {r['system']}{note} | {size_label(r['size'])} | {r['conns']} | {r['req_per_sec']:,.0f} "
-            f"| {human(r['rps_min'])}-{human(r['rps_max'])} "
-            f"| {fmt_ms(r['p50_us'])} | {fmt_ms(r['p99_us'])} | {fmt_ms(r['p99_min_us'])}-{fmt_ms(r['p99_max_us'])} "
-            f"| {'' if cpu is None else f'{cpu:.2f}'} | {'' if eff is None else f'{eff:,.0f}'} "
-            f"| {fmt_x(r['rps_vs_shmrelay'])} | {fmt_x(r['p99_vs_shmrelay'])} | {fmt_x(r['eff_vs_shmrelay'])} "
-            f"| {'' if cr is None else f'{cr * 100:.3f}%'} | {r['loadavg_before']} |"
-        )
-    reps = max(r["reps"] for r in rows)
-    lines.append("")
-    lines.append(f"Median of {reps} runs per system and case (the row shows that run's figures; "
-                 "ranges over all runs).")
+        cells = [f"{r['system']}{note}", size_label(r["size"]), f"{r['conns']}", f"{r['req_per_sec']:,.0f}"]
+        if multi:
+            cells.append(f"{human(r['rps_min'])}-{human(r['rps_max'])}")
+        cells += [fmt_ms(r["p50_us"]), fmt_ms(r["p99_us"])]
+        if multi:
+            cells.append(f"{fmt_ms(r['p99_min_us'])}-{fmt_ms(r['p99_max_us'])}")
+        cells += [
+            "" if cpu is None else f"{cpu:.2f}",
+            "" if eff is None else f"{eff:,.0f}",
+            fmt_x(r["rps_vs_shmrelay"]),
+            fmt_x(r["p99_vs_shmrelay"]),
+            fmt_x(r["eff_vs_shmrelay"]),
+            "" if cr is None else f"{cr * 100:.3f}%",
+            r["loadavg_before"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if multi:
+        reps = max(r["reps"] for r in rows)
+        lines.append("")
+        lines.append(f"Median of {reps} runs per system and case (the row shows that run's figures; "
+                     "ranges over all runs).")
     return "\n".join(lines)
 
 

@@ -3,15 +3,16 @@
 //! asks for an answer): the client must answer pings, get its own heartbeats answered, stay
 //! connected, and count the connections a server closes.
 
-use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
-use std::process::Command;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+use common::{refused_addr, relaybench, relaybench_json, src_ip_set, start_server, Server};
 
 /// What the server saw, over all connections.
 #[derive(Default)]
@@ -24,29 +25,19 @@ struct Seen {
     heartbeats_answered: AtomicU64,
     /// Non-zero bytes received: the client sent something other than length-0 frames.
     garbage: AtomicU64,
-    peers: Mutex<HashSet<IpAddr>>,
 }
 
 /// A server that pings every connection every `ping` and closes every `close_every`-th
 /// accepted connection (1st, (k+1)-th, ...) after `close_after`.
-fn start_server(ping: Duration, close_every: Option<(u64, Duration)>) -> (String, Arc<Seen>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+fn start_pinger(ping: Duration, close_every: Option<(u64, Duration)>) -> (Server, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let s2 = seen.clone();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { continue };
-            let n = s2.accepted.fetch_add(1, Ordering::Relaxed);
-            if let Ok(p) = s.peer_addr() {
-                s2.peers.lock().unwrap().insert(p.ip());
-            }
-            let close = close_every.and_then(|(k, after)| (n % k == 0).then_some(after));
-            let seen = s2.clone();
-            std::thread::spawn(move || serve(s, ping, close, &seen));
-        }
+    let server = start_server(move |n, s| {
+        s2.accepted.fetch_add(1, Ordering::Relaxed);
+        let close = close_every.and_then(|(k, after)| (n % k == 0).then_some(after));
+        serve(s, ping, close, &s2);
     });
-    (addr, seen)
+    (server, seen)
 }
 
 fn serve(mut s: TcpStream, ping: Duration, close: Option<Duration>, seen: &Seen) {
@@ -96,22 +87,9 @@ fn serve(mut s: TcpStream, ping: Duration, close: Option<Duration>, seen: &Seen)
 
 /// Runs `relaybench hold --json` against `addr`; returns the parsed object.
 fn hold_json(addr: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["hold", "--addr", addr, "--json"];
+    let mut args = vec!["--addr", addr, "--json"];
     args.extend_from_slice(extra);
-    let out = Command::new(env!("CARGO_BIN_EXE_relaybench"))
-        .args(&args)
-        .output()
-        .expect("run relaybench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "relaybench failed: {}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout}");
-    serde_json::from_str(lines[0]).expect("valid JSON")
+    relaybench_json("hold", &args)
 }
 
 fn num(v: &Value, key: &str) -> u64 {
@@ -122,9 +100,9 @@ fn num(v: &Value, key: &str) -> u64 {
 
 #[test]
 fn answers_pings_sends_heartbeats_and_stays_connected() {
-    let (addr, seen) = start_server(Duration::from_millis(100), None);
+    let (server, seen) = start_pinger(Duration::from_millis(100), None);
     let v = hold_json(
-        &addr,
+        &server.addr,
         &["--conns", "4", "--seconds", "1", "--heartbeat", "0.3"],
     );
     assert_eq!(num(&v, "opened"), 4, "{v}");
@@ -153,9 +131,9 @@ fn answers_pings_sends_heartbeats_and_stays_connected() {
 
 #[test]
 fn without_own_heartbeats_it_only_answers_pings() {
-    let (addr, seen) = start_server(Duration::from_millis(100), None);
+    let (server, seen) = start_pinger(Duration::from_millis(100), None);
     let v = hold_json(
-        &addr,
+        &server.addr,
         &["--conns", "2", "--seconds", "0.8", "--heartbeat", "0"],
     );
     assert_eq!(num(&v, "open_at_end"), 2, "{v}");
@@ -167,12 +145,12 @@ fn without_own_heartbeats_it_only_answers_pings() {
 #[test]
 fn server_closes_are_counted_with_their_time() {
     // Every other connection is closed by the server 300 ms after it was accepted.
-    let (addr, seen) = start_server(
+    let (server, seen) = start_pinger(
         Duration::from_millis(100),
         Some((2, Duration::from_millis(300))),
     );
     let v = hold_json(
-        &addr,
+        &server.addr,
         &[
             "--conns",
             "6",
@@ -198,16 +176,16 @@ fn server_closes_are_counted_with_their_time() {
 
 #[test]
 fn spreads_over_processes_and_source_addresses() {
-    let (addr, seen) = start_server(Duration::from_millis(100), None);
+    let (server, _) = start_pinger(Duration::from_millis(100), None);
     let v = hold_json(
-        &addr,
+        &server.addr,
         &[
             "--conns",
             "6",
             "--procs",
             "2",
             "--src-ips",
-            "127.0.0.2-127.0.0.4",
+            common::SRC_IPS,
             "--seconds",
             "0.5",
             "--heartbeat",
@@ -217,25 +195,15 @@ fn spreads_over_processes_and_source_addresses() {
     assert_eq!(num(&v, "opened"), 6, "{v}");
     assert_eq!(num(&v, "open_at_end"), 6, "{v}");
     assert_eq!(num(&v, "procs"), 2, "{v}");
-    let peers = seen.peers.lock().unwrap().clone();
-    let want: HashSet<IpAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    assert_eq!(peers, want);
+    assert_eq!(*server.peers.lock().unwrap(), src_ip_set());
 }
 
 #[test]
 fn a_refused_address_is_an_error() {
-    // Bind and drop a listener: nothing listens on that port any more.
-    let addr = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_relaybench"))
-        .args([
-            "hold",
+    let addr = refused_addr();
+    let out = relaybench(
+        "hold",
+        &[
             "--addr",
             &addr,
             "--conns",
@@ -243,9 +211,8 @@ fn a_refused_address_is_an_error() {
             "--seconds",
             "0.1",
             "--json",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
     let v: Value = serde_json::from_slice(&out.stdout).expect("the summary is still printed");
     assert_eq!(num(&v, "connect_errors"), 2, "{v}");

@@ -1,14 +1,15 @@
 //! `relaybench load` as a real process against small in-test servers on loopback: it must
 //! count echoed requests, and notice corrupted, reordered and missing replies.
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
-use std::process::{Command, Output};
+use std::net::TcpStream;
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
+
+mod common;
+use common::{refused_addr, relaybench_json, src_ip_set, start_server, Server};
 
 #[derive(Clone, Copy)]
 enum Mode {
@@ -22,28 +23,10 @@ enum Mode {
     CloseAfter(usize),
 }
 
-struct Server {
-    addr: String,
-    peers: Arc<Mutex<HashSet<IpAddr>>>,
-}
-
-fn start_server(mode: Mode) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let peers = Arc::new(Mutex::new(HashSet::new()));
-    let seen = peers.clone();
-    let frames = Arc::new(AtomicUsize::new(0));
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(s) = s else { continue };
-            if let Ok(p) = s.peer_addr() {
-                seen.lock().unwrap().insert(p.ip());
-            }
-            let frames = frames.clone();
-            std::thread::spawn(move || serve(s, mode, &frames));
-        }
-    });
-    Server { addr, peers }
+fn start_echo(mode: Mode) -> Server {
+    // Frames handled, over all connections.
+    let frames = AtomicUsize::new(0);
+    start_server(move |_, s| serve(s, mode, &frames))
 }
 
 /// Frame by frame (one write each: fine for a test server).
@@ -91,11 +74,7 @@ fn serve(mut s: TcpStream, mode: Mode, frames: &AtomicUsize) {
 }
 
 fn relaybench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_relaybench"))
-        .arg("load")
-        .args(args)
-        .output()
-        .expect("run relaybench")
+    common::relaybench("load", args)
 }
 
 /// Runs `relaybench load --json` briefly against `addr`; returns the parsed object.
@@ -112,17 +91,7 @@ fn load_json(addr: &str, extra: &[&str]) -> Value {
         "--json",
     ];
     args.extend_from_slice(extra);
-    let out = relaybench(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "relaybench failed: {}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout}");
-    serde_json::from_str(lines[0]).expect("valid JSON")
+    relaybench_json("load", &args)
 }
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -133,7 +102,7 @@ fn num(v: &Value, key: &str) -> f64 {
 
 #[test]
 fn closed_loop_against_an_echo_server() {
-    let server = start_server(Mode::Echo);
+    let server = start_echo(Mode::Echo);
     let v = load_json(
         &server.addr,
         &["--conns", "8", "--depth", "4", "--size", "100"],
@@ -169,7 +138,7 @@ fn closed_loop_against_an_echo_server() {
 
 #[test]
 fn heartbeat_frames_are_load_too() {
-    let server = start_server(Mode::Echo);
+    let server = start_echo(Mode::Echo);
     let v = load_json(
         &server.addr,
         &["--conns", "2", "--depth", "2", "--size", "0"],
@@ -180,7 +149,7 @@ fn heartbeat_frames_are_load_too() {
 
 #[test]
 fn a_corrupted_reply_is_a_mismatch() {
-    let server = start_server(Mode::CorruptOne(50));
+    let server = start_echo(Mode::CorruptOne(50));
     let v = load_json(
         &server.addr,
         &["--conns", "4", "--depth", "2", "--size", "64"],
@@ -192,7 +161,7 @@ fn a_corrupted_reply_is_a_mismatch() {
 
 #[test]
 fn reordered_replies_are_mismatches() {
-    let server = start_server(Mode::SwapPair);
+    let server = start_echo(Mode::SwapPair);
     let v = load_json(
         &server.addr,
         &["--conns", "2", "--depth", "4", "--size", "16"],
@@ -206,7 +175,7 @@ fn reordered_replies_are_mismatches() {
 
 #[test]
 fn a_server_that_hangs_up_is_counted() {
-    let server = start_server(Mode::CloseAfter(10));
+    let server = start_echo(Mode::CloseAfter(10));
     let v = load_json(&server.addr, &["--conns", "3"]);
     assert_eq!(num(&v, "early_closes"), 3.0, "{v}");
     assert_eq!(num(&v, "errors"), 3.0, "{v}");
@@ -215,7 +184,7 @@ fn a_server_that_hangs_up_is_counted() {
 
 #[test]
 fn processes_threads_and_source_addresses() {
-    let server = start_server(Mode::Echo);
+    let server = start_echo(Mode::Echo);
     let v = load_json(
         &server.addr,
         &[
@@ -228,27 +197,23 @@ fn processes_threads_and_source_addresses() {
             "--threads",
             "2",
             "--src-ips",
-            "127.0.0.2-127.0.0.4",
+            common::SRC_IPS,
         ],
     );
     assert_eq!(num(&v, "connected"), 12.0, "{v}");
     assert_eq!(num(&v, "procs"), 2.0);
     assert!(num(&v, "requests") > 0.0, "{v}");
     assert_eq!(num(&v, "errors") + num(&v, "mismatches"), 0.0, "{v}");
-    let peers = server.peers.lock().unwrap().clone();
-    let want: HashSet<IpAddr> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
     assert_eq!(
-        peers, want,
+        *server.peers.lock().unwrap(),
+        src_ip_set(),
         "connections come from every source address and no other"
     );
 }
 
 #[test]
 fn open_loop_keeps_to_the_rate() {
-    let server = start_server(Mode::Echo);
+    let server = start_echo(Mode::Echo);
     let v = load_json(&server.addr, &["--conns", "4", "--rate", "2000"]);
     assert_eq!(v["mode"], "open");
     let requests = num(&v, "requests");
@@ -259,12 +224,7 @@ fn open_loop_keeps_to_the_rate() {
 
 #[test]
 fn no_server_means_failure() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = refused_addr();
     let out = relaybench(&[
         "--addr",
         &addr,
@@ -301,7 +261,7 @@ fn bad_arguments_are_refused() {
 
 #[test]
 fn frames_bigger_than_the_read_buffer() {
-    let server = start_server(Mode::Echo);
+    let server = start_echo(Mode::Echo);
     let v = load_json(
         &server.addr,
         &["--conns", "2", "--depth", "3", "--size", "100000"],

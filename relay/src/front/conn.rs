@@ -57,6 +57,12 @@ pub(super) struct Conn {
     pub last_data: u32,
     pub ping_sent: u32,
     pub ping_outstanding: bool,
+    /// The client sends heartbeats of its own: they prove it alive, so it is pinged only after
+    /// 1.25x the longest ping interval of silence (pinging it too doubles the idle traffic).
+    pub client_beats: bool,
+    /// The protocol error this connection made (malformed or oversized input): the codec's
+    /// error reply is written at its close, after the replies to the frames before it.
+    pub protocol_error: Option<Box<ProtocolError>>,
     /// The tick of this connection's live timer entry.
     pub timer_at: u64,
     /// Smoothed RTT from TCP_INFO, microseconds (0 until sampled).
@@ -89,6 +95,8 @@ impl Conn {
             last_data: now,
             ping_sent: 0,
             ping_outstanding: false,
+            client_beats: false,
+            protocol_error: None,
             timer_at: 0,
             rtt_us: 0,
             addr_slot,
@@ -190,7 +198,8 @@ pub(super) enum ReadResult {
     /// The worker's ring is full.
     Blocked,
     Close(CloseReason),
-    /// Malformed or oversized input: reply with the codec's error, then close.
+    /// Malformed or oversized input: the whole frames before it went to the worker; the
+    /// codec's error reply follows their replies, then the close.
     Protocol(ProtocolError),
     Corrupt(ReserveError),
     /// A frame's worker is quarantined or failed: `worker unavailable`, then close.
@@ -246,11 +255,16 @@ pub(super) fn read_conn(
         let mut pos = 0;
         let mut frames = 0u64;
         let mut beats = 0u64;
+        let mut bad = None;
         while pos < filled {
             let (len, kind) = match c.codec.scan(&grant[pos..filled], max_frame as usize) {
                 Ok(Scan::Frame { len, kind }) => (len, kind),
                 Ok(Scan::NeedMore { .. }) => break,
-                Err(e) => return (ReadResult::Protocol(e), heartbeats),
+                Err(e) => {
+                    // The whole frames before it still go to the worker: nothing valid is lost.
+                    bad = Some(e);
+                    break;
+                }
             };
             if kind == FrameKind::Heartbeat {
                 // A length-0 frame answers our outstanding ping if there is one, and otherwise
@@ -259,6 +273,7 @@ pub(super) fn read_conn(
                 if c.ping_outstanding {
                     c.ping_outstanding = false;
                 } else {
+                    c.client_beats = true;
                     heartbeats += 1;
                 }
             } else if kind == FrameKind::Data {
@@ -274,6 +289,16 @@ pub(super) fn read_conn(
         }
         if beats > 0 {
             add(&fs.heartbeats, beats);
+        }
+        if let Some(e) = bad {
+            if frames > 0 {
+                grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
+                ch.dirty = true;
+                add(&fs.frames_in, frames);
+            }
+            add(&fs.bytes_in, n as u64);
+            c.carry.clear();
+            return (ReadResult::Protocol(e), heartbeats);
         }
         // The carried bytes were copied in; the new partial tail is copied out.
         let copied = carry + (filled - pos);

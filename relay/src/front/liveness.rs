@@ -69,8 +69,16 @@ impl Liveness {
 
     /// What to do with `c` at tick `now` (ticks are u32 and compared with wrapping arithmetic).
     pub fn check(&self, c: &Conn, now: u32, now64: u64) -> Verdict {
-        let interval = self.interval(c.rtt_us);
-        let timeout = self.timeout(interval);
+        let (interval, timeout) = if c.client_beats {
+            // Its own beats prove it alive: ping it only once it is late by a quarter of the
+            // longest interval, so a client beating every `ping_max` (jitter and all) is never
+            // pinged, and one that stopped still gets a ping before its timeout.
+            let late = self.ping_max + self.ping_max / 4;
+            (late, self.timeout(self.ping_max))
+        } else {
+            let interval = self.interval(c.rtt_us);
+            (interval, self.timeout(interval))
+        };
         let since_rx = now.wrapping_sub(c.last_rx);
         let since_data = now.wrapping_sub(c.last_data);
         if self.idle > 0 && since_data >= self.idle {
@@ -147,6 +155,18 @@ pub(super) fn tcp_info(stream: &mio::net::TcpStream) -> Option<(u32, u32)> {
         )
     };
     (r == 0).then_some((info.tcpi_rtt, info.tcpi_total_retrans))
+}
+
+/// Bytes received by the kernel and not yet read.
+pub(super) fn unread_bytes(stream: &mio::net::TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: a valid socket fd; FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
 }
 
 /// The histogram bucket of an RTT: `floor(log2(us))`, clamped.

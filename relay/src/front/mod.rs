@@ -59,8 +59,10 @@ const DOORBELL: Token = Token(usize::MAX - 2);
 const REPLY_BATCH: usize = 1024;
 /// Slices per writev.
 const MAX_IOV: usize = 64;
-/// Longest sleep of an idle loop (stop flag, liveness).
+/// Longest sleep of an idle loop (stop flag, worker checks).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Shortest sleep for timers alone: how late a ping or timeout may fire on an idle front.
+const TIMER_SLACK: Duration = Duration::from_millis(50);
 
 /// Settings of one front process.
 #[derive(Clone, Debug)]
@@ -345,7 +347,6 @@ impl Front {
                     self.last_checks = Instant::now();
                     self.check_workers();
                 }
-                // Listing /proc/self/fd costs O(connections): every few seconds only.
                 if self.last_fd_check.elapsed() >= Duration::from_secs(5) {
                     self.last_fd_check = Instant::now();
                     self.check_fds();
@@ -472,14 +473,18 @@ impl Front {
                 }
             }
         }
-        // Wake for the next timer tick only while there are timers at all.
         if routed_wait {
-            Some(Duration::from_millis(1))
-        } else if self.wheel.is_empty() {
-            Some(MAX_SLEEP)
-        } else {
-            Some(Duration::from_millis(TICK_MS * 2))
+            return Some(Duration::from_millis(1));
         }
+        // Sleep until the next deadline, but never less than TIMER_SLACK: liveness deadlines
+        // are seconds apart per connection yet spread over every tick across many connections,
+        // and waking each tick for them costs more than the precision is worth. Network events
+        // wake the loop anyway, and each wakeup processes whatever timers are due.
+        let Some(next) = self.wheel.next_due() else {
+            return Some(MAX_SLEEP);
+        };
+        let ms = next.saturating_sub(self.now) * TICK_MS;
+        Some(Duration::from_millis(ms).clamp(TIMER_SLACK, MAX_SLEEP))
     }
 
     fn accept(&mut self, l: usize) {
@@ -716,8 +721,17 @@ impl Front {
                 (result, heartbeats, w)
             };
             if heartbeats > 0 {
-                let zeros = vec![0u8; FRAME_HEADER * heartbeats];
-                if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&zeros)]) {
+                // One answer per heartbeat read (a client may send several at once).
+                static ZEROS: [u8; FRAME_HEADER * 64] = [0; FRAME_HEADER * 64];
+                let many;
+                let zeros = match ZEROS.get(..FRAME_HEADER * heartbeats) {
+                    Some(z) => z,
+                    None => {
+                        many = vec![0u8; FRAME_HEADER * heartbeats];
+                        &many[..]
+                    }
+                };
+                if let Err(reason) = self.send(slot, gen, &[IoSlice::new(zeros)]) {
                     self.close_conn(slot, reason);
                     continue;
                 }
@@ -736,13 +750,18 @@ impl Front {
                 ReadResult::Close(reason) => self.close_conn(slot, reason),
                 ReadResult::Protocol(e) => {
                     add(&self.fs.protocol_errors, 1);
-                    if let Some(c) = self.slab.get(slot, gen) {
-                        let frame = c.codec.protocol_error_reply(&e);
-                        // Best effort, and never blocking: the connection closes either way.
-                        let _ = (&c.stream).write(&frame);
-                        let _ = c.stream.shutdown(Shutdown::Write);
+                    let Some(c) = self.slab.get(slot, gen) else {
+                        continue;
+                    };
+                    // Written by `close_conn`, after everything queued before it.
+                    c.protocol_error = Some(Box::new(e));
+                    if c.state == ConnState::Open {
+                        // The whole frames before the bad input went to the worker(s): their
+                        // replies come first, then the error reply (after the CLOSE acks).
+                        self.close_after_worker(slot, gen, CloseReason::ProtocolError);
+                    } else {
+                        self.close_conn(slot, CloseReason::ProtocolError);
                     }
-                    self.close_conn(slot, CloseReason::ProtocolError);
                 }
                 ReadResult::Corrupt(e) => {
                     self.quarantine(w, &e.to_string());
@@ -776,7 +795,16 @@ impl Front {
                 add(&self.fs.rtt_hist[liveness::rtt_bucket(rtt)], 1);
                 add(&self.fs.retransmits, retrans as u64);
             }
-            let next = match self.liveness.check(c, now, self.now) {
+            let mut verdict = self.liveness.check(c, now, self.now);
+            if matches!(verdict, Verdict::Close(CloseReason::HeartbeatTimeout))
+                && (c.blocked || liveness::unread_bytes(&c.stream) > 0)
+            {
+                // Its bytes wait unread (its worker's ring is full, or its edge comes later in
+                // this loop): the peer spoke, it is not silent.
+                c.last_rx = now;
+                verdict = self.liveness.check(c, now, self.now);
+            }
+            let next = match verdict {
                 Verdict::Close(reason) => {
                     self.close_conn(slot, reason);
                     continue;
@@ -1003,16 +1031,22 @@ impl Front {
     /// worker acknowledges with a CLOSE of its own once it has handled everything before it,
     /// and the connection closes when those replies are written (or at its timeout).
     fn client_eof(&mut self, slot: u32, gen: u32) {
+        self.close_after_worker(slot, gen, CloseReason::ClientEof);
+    }
+
+    /// Stops reading a connection and tells its worker; the connection closes when the worker
+    /// acknowledges (its last replies are then out), with `reason`.
+    fn close_after_worker(&mut self, slot: u32, gen: u32, reason: CloseReason) {
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
         if c.state == ConnState::Accepted {
-            self.close_conn(slot, CloseReason::ClientEof);
+            self.close_conn(slot, reason);
             return;
         }
         let worker = c.worker;
         c.told_close = true;
-        c.state = ConnState::Draining(CloseReason::ClientEof);
+        c.state = ConnState::Draining(reason);
         // A routed connection's frames went to any worker of its pool: each acknowledges.
         let workers = match c.route.as_ref() {
             Some(r) => self.listeners[r.listener].pool.clone(),
@@ -1032,7 +1066,7 @@ impl Front {
             self.chans[w].backlog.push_back(Ctrl {
                 tag: tag::CLOSE,
                 conn: id.raw(),
-                aux: CloseReason::ClientEof as u64,
+                aux: reason as u64,
                 payload: Vec::new(),
             });
             self.flush_backlog(w);
@@ -1041,7 +1075,7 @@ impl Front {
             r.close_sent = sent;
         }
         if workers.iter().any(|&w| self.chans[w].broken) {
-            self.close_conn(slot, CloseReason::ClientEof);
+            self.close_conn(slot, reason);
         }
     }
 
@@ -1139,6 +1173,14 @@ impl Front {
         let Some(mut c) = self.slab.remove(slot) else {
             return;
         };
+        if let Some(e) = c.protocol_error.take() {
+            if c.pending() == 0 {
+                // The error reply it is owed, after its replies. Best effort and never
+                // blocking: the connection closes either way, and the FIN follows it.
+                let _ = (&c.stream).write(&c.codec.protocol_error_reply(&e));
+                let _ = c.stream.shutdown(Shutdown::Write);
+            }
+        }
         let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
         let _ = self.poll.registry().deregister(&mut c.stream);
         drop(c.stream);
@@ -1307,7 +1349,7 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
 
 /// Open fds of this process.
 fn count_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64 - 1)
+    crate::procfs::open_fds(None).unwrap_or(0)
 }
 
 /// Writes a group of consecutive reply payloads of one connection (or counts them stale).

@@ -187,11 +187,16 @@ pub(super) fn read_routed(
             s.per_worker[w].0 = 0;
         }
         let mut pos = 0;
+        let mut bad = None;
         while pos < filled {
             let (len, kind) = match c.codec.scan(&s.buf[pos..filled], max_frame as usize) {
                 Ok(Scan::Frame { len, kind }) => (len, kind),
                 Ok(Scan::NeedMore { .. }) => break,
-                Err(e) => return done(ReadResult::Protocol(e), home, new_head),
+                Err(e) => {
+                    // The whole frames before it are still served (their replies come first).
+                    bad = Some(e);
+                    break;
+                }
             };
             if kind == FrameKind::Data {
                 let w = target(pool, home, &s.buf[pos..pos + len]);
@@ -239,6 +244,11 @@ pub(super) fn read_routed(
             add(&fs.frames_in, s.frames.len() as u64);
         }
         add(&fs.bytes_in, n as u64);
+        if let Some(e) = bad {
+            add(&fs.bytes_copied, (carry + pos) as u64);
+            c.carry.clear();
+            return done(ReadResult::Protocol(e), home, new_head);
+        }
         // The carry in, every frame into its ring, and the new partial frame out.
         add(&fs.bytes_copied, (carry + filled) as u64);
         c.carry.clear();

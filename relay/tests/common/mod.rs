@@ -222,11 +222,16 @@ impl Client {
         let mut buf = (payload.len() as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(payload);
         self.stream.write_all(&buf).ok()?;
-        let mut h = [0u8; 4];
-        self.stream.read_exact(&mut h).ok()?;
-        let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
-        self.stream.read_exact(&mut p).ok()?;
-        Some(p)
+        loop {
+            let mut h = [0u8; 4];
+            self.stream.read_exact(&mut h).ok()?;
+            let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
+            self.stream.read_exact(&mut p).ok()?;
+            // A ping (or the answer to a heartbeat) may come first: the wire allows it anywhere.
+            if !p.is_empty() || payload.is_empty() {
+                return Some(p);
+            }
+        }
     }
 
     /// True if the server closed the connection (EOF or reset) within `limit`.

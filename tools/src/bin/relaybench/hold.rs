@@ -31,25 +31,25 @@
 //! fields of [`Summary`]). A progress line goes to stderr when the hold window starts.
 
 use std::cell::{Cell, RefCell};
-use std::io::{BufRead, ErrorKind, Write};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::io::ErrorKind;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify};
 
-use crate::load::engine::{self, Plan};
+use crate::load::engine::{self, sleep_until, Connector, Plan, Threads};
 use crate::load::{
-    check_limits, cpu_delta, parse_src_ips, secs_arg, server_cpu_seconds, spawn_child, Kids,
+    check_addr_and_split, check_limits, cpu_delta, secs_arg, server_cpu_seconds, src_ips_for,
 };
+use crate::procs::{self, Children};
 
 /// Options of `relaybench hold`.
 #[derive(clap::Args, Debug)]
@@ -232,24 +232,8 @@ pub struct Summary {
     pub first_error: Option<String>,
 }
 
-/// Lines a child process writes on stdout (one JSON object each).
+/// What one process measured (what a child process reports at the end of a `--procs` run).
 #[derive(Serialize, Deserialize)]
-#[serde(tag = "msg", rename_all = "snake_case")]
-enum ChildMsg {
-    Ready {
-        counters: Counters,
-    },
-    Report {
-        counters: Counters,
-        cpu_seconds: f64,
-        rss_kb: u64,
-    },
-    Failed {
-        error: String,
-    },
-}
-
-/// What one process measured.
 struct ProcReport {
     counters: Counters,
     cpu_seconds: f64,
@@ -305,34 +289,14 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn make_plan(args: &Args) -> Result<HoldPlan> {
-    let addr = args
-        .addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad --addr {:?} (expected HOST:PORT)", args.addr))?
-        .next()
-        .ok_or_else(|| anyhow!("--addr {:?} resolves to no address", args.addr))?;
-    if args.conns == 0 {
-        bail!("--conns must be at least 1");
-    }
-    if args.threads == 0 || args.procs == 0 {
-        bail!("--threads and --procs must be at least 1");
-    }
-    if args.procs > args.conns {
-        bail!("--procs {} is more than --conns {}", args.procs, args.conns);
-    }
+    let addr = check_addr_and_split(&args.addr, args.conns, args.threads, args.procs)?;
     if args.connect_concurrency == 0 {
         bail!("--connect-concurrency must be at least 1");
     }
     if !(0.0..1.0).contains(&args.jitter) {
         bail!("--jitter must be at least 0 and below 1");
     }
-    let src_ips = match &args.src_ips {
-        Some(s) => parse_src_ips(s)?,
-        None => Vec::new(),
-    };
-    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-        bail!("source address {ip} is not of the same family as {addr}");
-    }
+    let src_ips = src_ips_for(addr, args.src_ips.as_deref())?;
     let base = Plan {
         addr,
         src_ips,
@@ -379,54 +343,30 @@ fn run_process(
     gate: impl FnOnce(&Counters) -> Result<()>,
     mut at_window: impl FnMut(bool),
 ) -> Result<ProcReport> {
-    let ids = plan.base.conn_ids();
-    let threads = plan.base.threads.clamp(1, ids.len().max(1));
-    let per_thread_concurrency = plan.base.connect_concurrency.div_ceil(threads).max(1);
-    let (ready_tx, ready_rx) = mpsc::channel::<Counters>();
     let mut go_txs = Vec::new();
     let mut stop_txs = Vec::new();
-    let mut handles = Vec::new();
-    for t in 0..threads {
-        let my_ids: Vec<usize> = ids.iter().skip(t).step_by(threads).copied().collect();
+    let threads = Threads::spawn("hold", &plan.base, |share| {
         let (go_tx, go_rx) = oneshot::channel::<Instant>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         go_txs.push(go_tx);
         stop_txs.push(stop_tx);
-        let ready_tx = ready_tx.clone();
         let plan = plan.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("hold-{t}"))
-            .spawn(move || {
-                thread_main(
-                    &plan,
-                    my_ids,
-                    per_thread_concurrency,
-                    ready_tx,
-                    go_rx,
-                    stop_rx,
-                )
-            })
-            .context("cannot start a hold thread")?;
-        handles.push(h);
-    }
-    drop(ready_tx);
-
+        move || {
+            thread_main(
+                &plan,
+                share.ids,
+                share.concurrency,
+                share.ready_tx,
+                go_rx,
+                stop_rx,
+            )
+        }
+    })?;
     let mut connect = Counters::default();
-    let mut failure = None;
-    for _ in 0..threads {
-        match ready_rx.recv() {
-            Ok(c) => connect.add(&c),
-            Err(_) => {
-                failure = Some(anyhow!("a hold thread failed while connecting"));
-                break;
-            }
-        }
-    }
-    if failure.is_none() {
-        if let Err(e) = gate(&connect) {
-            failure = Some(e);
-        }
-    }
+    let failure = threads
+        .wait_ready(|c| connect.add(&c))
+        .and_then(|()| gate(&connect))
+        .err();
     let mut cpu_seconds = 0.0;
     let mut rss_kb = 0;
     if failure.is_none() {
@@ -447,28 +387,15 @@ fn run_process(
         let _ = tx.send(());
     }
     let mut counters = Counters::default();
-    for h in handles {
-        match h.join() {
-            Ok(Ok(c)) => counters.add(&c),
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(_) => failure = failure.or(Some(anyhow!("a hold thread panicked"))),
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    threads.join(failure, |c| {
+        counters.add(&c);
+        Ok(())
+    })?;
     Ok(ProcReport {
         counters,
         cpu_seconds,
         rss_kb,
     })
-}
-
-fn sleep_until(t: Instant) {
-    let now = Instant::now();
-    if t > now {
-        std::thread::sleep(t - now);
-    }
 }
 
 /// State of one thread, shared by its connection tasks (current-thread runtime: no locks).
@@ -545,24 +472,11 @@ fn thread_main(
         jitter: plan.jitter,
         bucket: plan.bucket,
     });
-    let base = &plan.base;
     rt.block_on(local.run_until(async {
-        let sem = Rc::new(Semaphore::new(concurrency));
-        let ramp_end = tokio::time::Instant::now() + Duration::from_secs_f64(base.ramp_limit);
-        let per_connect = Duration::from_secs_f64(base.connect_timeout);
+        let connector = Rc::new(Connector::new(&plan.base, concurrency));
         let tasks: Vec<_> = ids
             .iter()
-            .map(|&id| {
-                let src = (!base.src_ips.is_empty()).then(|| base.src_ips[id % base.src_ips.len()]);
-                let link = Link {
-                    addr: base.addr,
-                    src,
-                    sem: sem.clone(),
-                    ramp_end,
-                    per_connect,
-                };
-                tokio::task::spawn_local(conn_task(id, link, st.clone()))
-            })
+            .map(|&id| tokio::task::spawn_local(conn_task(id, connector.clone(), st.clone())))
             .collect();
         if !ids.is_empty() {
             st.attempts_done.notified().await;
@@ -584,34 +498,10 @@ fn thread_main(
     Ok(c)
 }
 
-/// How to open one connection.
-struct Link {
-    addr: SocketAddr,
-    src: Option<IpAddr>,
-    sem: Rc<Semaphore>,
-    ramp_end: tokio::time::Instant,
-    per_connect: Duration,
-}
-
-async fn connect(link: Link) -> Result<TcpStream> {
-    let attempt = async {
-        let _permit = link.sem.acquire().await.map_err(|e| anyhow!("{e}"))?;
-        let deadline = (tokio::time::Instant::now() + link.per_connect).min(link.ramp_end);
-        match tokio::time::timeout_at(deadline, engine::connect_one(link.addr, link.src)).await {
-            Ok(r) => r,
-            Err(_) => Err(anyhow!("connect to {} timed out", link.addr)),
-        }
-    };
-    match tokio::time::timeout_at(link.ramp_end, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(anyhow!("connection not open within --ramp-limit")),
-    }
-}
-
 /// One connection: open it, then hold it until the server closes it or the task is aborted.
-async fn conn_task(id: usize, link: Link, st: Rc<ThreadState>) {
+async fn conn_task(id: usize, connector: Rc<Connector>, st: Rc<ThreadState>) {
     // Boxed so that the connect machinery is freed once open instead of sizing the task.
-    let opened = Box::pin(connect(link)).await;
+    let opened = Box::pin(async move { connector.connect(id).await }).await;
     let stream = match opened {
         Ok(s) => {
             st.open.set(st.open.get() + 1);
@@ -744,40 +634,9 @@ async fn hold(id: usize, stream: &mut TcpStream, st: &ThreadState) -> std::io::R
 
 /// Child side of `--procs`: connect, report ready, wait for "go" on stdin, hold, report.
 fn run_child(plan_json: &str) -> Result<()> {
-    let plan: HoldPlan = serde_json::from_str(plan_json).context("bad --child-plan")?;
-    // Do not outlive a parent that was killed: its connections would stay open on the server.
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    let send = |m: &ChildMsg| -> Result<()> {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::to_string(m)?)?;
-        out.flush()?;
-        Ok(())
-    };
-    let gate = |c: &Counters| -> Result<()> {
-        send(&ChildMsg::Ready {
-            counters: c.clone(),
-        })?;
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line)?;
-        if line.trim() != "go" {
-            bail!("the parent relaybench went away before the start");
-        }
-        Ok(())
-    };
-    match run_process(&plan, gate, |_| {}) {
-        Ok(r) => send(&ChildMsg::Report {
-            counters: r.counters,
-            cpu_seconds: r.cpu_seconds,
-            rss_kb: r.rss_kb,
-        }),
-        Err(e) => {
-            let _ = send(&ChildMsg::Failed {
-                error: format!("{e:#}"),
-            });
-            Err(e)
-        }
-    }
+    procs::run_child(plan_json, |plan: HoldPlan, gate| {
+        run_process(&plan, gate, |_| {})
+    })
 }
 
 fn run_procs(
@@ -785,70 +644,24 @@ fn run_procs(
     server_pids: &[u32],
     on_start: &mut dyn FnMut(&Counters),
 ) -> Result<(ProcReport, Option<f64>)> {
-    let exe = std::env::current_exe().context("cannot find the relaybench executable to re-run")?;
-    let procs = plan.base.procs;
-    let mut kids = Kids {
-        children: Vec::new(),
-        stdins: Vec::new(),
-    };
-    let (tx, rx) = mpsc::channel::<(usize, Option<String>)>();
-    for i in 0..procs {
-        let child_plan = HoldPlan {
-            base: Plan {
-                proc_index: i,
-                ..plan.base.clone()
-            },
-            ..plan.clone()
-        };
-        spawn_child(
-            &exe,
-            "hold",
-            &serde_json::to_string(&child_plan)?,
-            i,
-            &mut kids,
-            &tx,
-        )?;
-    }
-    drop(tx);
-
-    let recv = |deadline: Instant, what: &str| -> Result<(usize, Option<ChildMsg>)> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (i, line) = rx
-            .recv_timeout(left)
-            .map_err(|_| anyhow!("hold processes did not {what} in time"))?;
-        let Some(line) = line else {
-            return Ok((i, None));
-        };
-        let msg: ChildMsg = serde_json::from_str(&line)
-            .with_context(|| format!("hold process {i} wrote an unexpected line: {line:?}"))?;
-        if let ChildMsg::Failed { error } = msg {
-            bail!("hold process {i} failed: {error}");
-        }
-        Ok((i, Some(msg)))
-    };
-
+    let plans = (0..plan.base.procs).map(|i| HoldPlan {
+        base: Plan {
+            proc_index: i,
+            ..plan.base.clone()
+        },
+        ..plan.clone()
+    });
+    let mut children = Children::<Counters, ProcReport>::spawn("hold", plans)?;
     // 1. Every child connects (and from then on answers pings); wait for all of them.
     let ready_deadline =
         Instant::now() + Duration::from_secs_f64(plan.base.ramp_limit) + Duration::from_secs(30);
-    let mut ready = vec![false; procs];
     let mut connect = Counters::default();
-    while ready.iter().any(|r| !r) {
-        match recv(ready_deadline, "connect")? {
-            (i, Some(ChildMsg::Ready { counters })) => {
-                connect.add(&counters);
-                ready[i] = true;
-            }
-            (i, None) => bail!("hold process {i} exited before it was ready"),
-            (i, Some(_)) => bail!("hold process {i} reported out of order"),
-        }
+    for c in children.wait_ready(ready_deadline)? {
+        connect.add(&c);
     }
     on_start(&connect);
     // 2. Go; sample the server over the same window as the children.
-    for (i, s) in kids.stdins.iter_mut().enumerate() {
-        writeln!(s, "go")
-            .and_then(|_| s.flush())
-            .with_context(|| format!("cannot start hold process {i}"))?;
-    }
+    children.go()?;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(plan.base.seconds);
     let mut samples = vec![server_cpu_seconds(server_pids)];
@@ -861,34 +674,13 @@ fn run_procs(
         cpu_seconds: 0.0,
         rss_kb: 0,
     };
-    let mut reported = vec![false; procs];
-    while reported.iter().any(|r| !r) {
-        match recv(report_deadline, "report")? {
-            (
-                i,
-                Some(ChildMsg::Report {
-                    counters,
-                    cpu_seconds,
-                    rss_kb,
-                }),
-            ) => {
-                total.counters.add(&counters);
-                total.cpu_seconds += cpu_seconds;
-                total.rss_kb += rss_kb;
-                reported[i] = true;
-            }
-            (i, None) if reported[i] => {}
-            (i, None) => bail!("hold process {i} exited before it could report"),
-            (i, Some(_)) => bail!("hold process {i} reported out of order"),
-        }
-    }
-    kids.stdins.clear();
-    for (i, c) in kids.children.iter_mut().enumerate() {
-        let status = c.wait()?;
-        if !status.success() {
-            bail!("hold process {i} exited with {status}");
-        }
-    }
+    children.collect_reports(report_deadline, |r| {
+        total.counters.add(&r.counters);
+        total.cpu_seconds += r.cpu_seconds;
+        total.rss_kb += r.rss_kb;
+        Ok(())
+    })?;
+    children.finish()?;
     Ok((total, cpu_delta(&samples)))
 }
 

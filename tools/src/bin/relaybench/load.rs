@@ -23,10 +23,7 @@
 //! Output: a short human summary, or with `--json` exactly one JSON object on stdout (fields
 //! listed on [`Summary`]).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -37,6 +34,7 @@ use serde::{Deserialize, Serialize};
 #[path = "load_engine.rs"]
 pub(crate) mod engine;
 
+use crate::procs::{self, Children};
 use engine::{Counters, Plan};
 
 /// Options of `relaybench load`.
@@ -152,21 +150,13 @@ pub struct Summary {
     pub first_error: Option<String>,
 }
 
-/// Lines a child process writes on stdout (one JSON object each).
+/// What a child process reports at the end of a `--procs` run.
 #[derive(Serialize, Deserialize)]
-#[serde(tag = "msg", rename_all = "snake_case")]
-enum ChildMsg {
-    Ready {
-        counters: Counters,
-    },
-    Report {
-        counters: Counters,
-        hist: String,
-        cpu_seconds: f64,
-    },
-    Failed {
-        error: String,
-    },
+struct ChildReport {
+    counters: Counters,
+    /// The latency histogram, V2-serialized, in hex.
+    hist: String,
+    cpu_seconds: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -211,21 +201,7 @@ pub(crate) fn secs_arg(v: f64, name: &str, allow_zero: bool) -> Result<f64> {
 }
 
 fn make_plan(args: &Args) -> Result<Plan> {
-    let addr = args
-        .addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad --addr {:?} (expected HOST:PORT)", args.addr))?
-        .next()
-        .ok_or_else(|| anyhow!("--addr {:?} resolves to no address", args.addr))?;
-    if args.conns == 0 {
-        bail!("--conns must be at least 1");
-    }
-    if args.threads == 0 || args.procs == 0 {
-        bail!("--threads and --procs must be at least 1");
-    }
-    if args.procs > args.conns {
-        bail!("--procs {} is more than --conns {}", args.procs, args.conns);
-    }
+    let addr = check_addr_and_split(&args.addr, args.conns, args.threads, args.procs)?;
     if args.size > args.max_frame {
         bail!(
             "--size {} is above --max-frame {}",
@@ -247,13 +223,7 @@ fn make_plan(args: &Args) -> Result<Plan> {
         (None, None) => 1,
         (None, Some(_)) => usize::MAX,
     };
-    let src_ips = match &args.src_ips {
-        Some(s) => parse_src_ips(s)?,
-        None => Vec::new(),
-    };
-    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-        bail!("source address {ip} is not of the same family as {addr}");
-    }
+    let src_ips = src_ips_for(addr, args.src_ips.as_deref())?;
     Ok(Plan {
         addr,
         src_ips,
@@ -272,6 +242,42 @@ fn make_plan(args: &Args) -> Result<Plan> {
         ramp_limit: secs_arg(args.ramp_limit, "--ramp-limit", false)?,
         max_frame: args.max_frame,
     })
+}
+
+/// Resolves `--addr` and checks `--conns`, `--threads` and `--procs` (for `load` and `hold`).
+pub(crate) fn check_addr_and_split(
+    addr: &str,
+    conns: usize,
+    threads: usize,
+    procs: usize,
+) -> Result<SocketAddr> {
+    let addr = addr
+        .to_socket_addrs()
+        .with_context(|| format!("bad --addr {addr:?} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| anyhow!("--addr {addr:?} resolves to no address"))?;
+    if conns == 0 {
+        bail!("--conns must be at least 1");
+    }
+    if threads == 0 || procs == 0 {
+        bail!("--threads and --procs must be at least 1");
+    }
+    if procs > conns {
+        bail!("--procs {procs} is more than --conns {conns}");
+    }
+    Ok(addr)
+}
+
+/// The addresses of `--src-ips` (none given: empty), which must be of `addr`'s family.
+pub(crate) fn src_ips_for(addr: SocketAddr, src_ips: Option<&str>) -> Result<Vec<IpAddr>> {
+    let src_ips = match src_ips {
+        Some(s) => parse_src_ips(s)?,
+        None => Vec::new(),
+    };
+    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
+        bail!("source address {ip} is not of the same family as {addr}");
+    }
+    Ok(src_ips)
 }
 
 /// Parses `127.0.0.2-127.0.0.9,127.0.1.1,::1` into a list of addresses.
@@ -445,156 +451,28 @@ fn hist_from_hex(s: &str) -> Result<Histogram<u64>> {
 
 /// Child side of `--procs`: connect, report ready, wait for "go" on stdin, run, report.
 fn run_child(plan_json: &str) -> Result<()> {
-    let plan: Plan = serde_json::from_str(plan_json).context("bad --child-plan")?;
-    // Do not outlive a parent that was killed: its connections would keep loading the server.
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    let send = |m: &ChildMsg| -> Result<()> {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::to_string(m)?)?;
-        out.flush()?;
-        Ok(())
-    };
-    let gate = |c: &Counters| -> Result<()> {
-        send(&ChildMsg::Ready {
-            counters: c.clone(),
-        })?;
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line)?;
-        if line.trim() != "go" {
-            bail!("the parent relaybench went away before the start");
-        }
-        Ok(())
-    };
-    match engine::run_process(&plan, gate, |_| {}) {
-        Ok(r) => send(&ChildMsg::Report {
+    procs::run_child(plan_json, |plan: Plan, gate| {
+        let r = engine::run_process(&plan, gate, |_| {})?;
+        Ok(ChildReport {
             counters: r.counters,
             hist: hist_to_hex(&r.hist)?,
             cpu_seconds: r.cpu_seconds,
-        }),
-        Err(e) => {
-            let _ = send(&ChildMsg::Failed {
-                error: format!("{e:#}"),
-            });
-            Err(e)
-        }
-    }
-}
-
-/// Child processes of a `--procs` run; killed if the parent gives up early.
-/// Starts child `i` of a multi-process run (`relaybench SUB --child-plan PLAN`) and forwards
-/// each line it prints to `tx` as `(i, Some(line))`, then `(i, None)` when it closes its output.
-pub(crate) fn spawn_child(
-    exe: &std::path::Path,
-    sub: &str,
-    plan_json: &str,
-    i: usize,
-    kids: &mut Kids,
-    tx: &mpsc::Sender<(usize, Option<String>)>,
-) -> Result<()> {
-    let mut child = Command::new(exe)
-        .arg(sub)
-        .arg("--child-plan")
-        .arg(plan_json)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {sub} process {i}"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    kids.stdins.push(child.stdin.take().expect("piped stdin"));
-    kids.children.push(child);
-    let tx = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send((i, Some(l))).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = tx.send((i, None));
-    });
-    Ok(())
-}
-
-pub(crate) struct Kids {
-    pub(crate) children: Vec<Child>,
-    pub(crate) stdins: Vec<ChildStdin>,
-}
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        self.stdins.clear();
-        for c in &mut self.children {
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
+        })
+    })
 }
 
 fn run_procs(plan: &Plan, server_pids: &[u32]) -> Result<RunResult> {
-    let exe = std::env::current_exe().context("cannot find the relaybench executable to re-run")?;
-    let mut kids = Kids {
-        children: Vec::new(),
-        stdins: Vec::new(),
-    };
-    let (tx, rx) = mpsc::channel::<(usize, Option<String>)>();
-    for i in 0..plan.procs {
-        let child_plan = Plan {
-            proc_index: i,
-            ..plan.clone()
-        };
-        spawn_child(
-            &exe,
-            "load",
-            &serde_json::to_string(&child_plan)?,
-            i,
-            &mut kids,
-            &tx,
-        )?;
-    }
-    drop(tx);
-
-    // Next message of any child; `None` when that child closed its stdout (exited).
-    let recv = |deadline: Instant, what: &str| -> Result<(usize, Option<ChildMsg>)> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (i, line) = rx
-            .recv_timeout(left)
-            .map_err(|_| anyhow!("load processes did not {what} in time"))?;
-        let Some(line) = line else {
-            return Ok((i, None));
-        };
-        let msg: ChildMsg = serde_json::from_str(&line)
-            .with_context(|| format!("load process {i} wrote an unexpected line: {line:?}"))?;
-        if let ChildMsg::Failed { error } = msg {
-            bail!("load process {i} failed: {error}");
-        }
-        Ok((i, Some(msg)))
-    };
-
+    let plans = (0..plan.procs).map(|i| Plan {
+        proc_index: i,
+        ..plan.clone()
+    });
+    let mut children = Children::<Counters, ChildReport>::spawn("load", plans)?;
     // 1. Every child connects; wait for all of them.
     let ready_deadline =
         Instant::now() + Duration::from_secs_f64(plan.ramp_limit) + Duration::from_secs(30);
-    let mut ready = vec![false; plan.procs];
-    while ready.iter().any(|r| !r) {
-        match recv(ready_deadline, "connect")? {
-            (i, Some(ChildMsg::Ready { .. })) => ready[i] = true,
-            (i, None) => bail!("load process {i} exited before it was ready"),
-            (i, Some(_)) => bail!("load process {i} reported out of order"),
-        }
-    }
+    children.wait_ready(ready_deadline)?;
     // 2. Go, all at once; sample the server over the same window as the children.
-    for (i, s) in kids.stdins.iter_mut().enumerate() {
-        writeln!(s, "go")
-            .and_then(|_| s.flush())
-            .with_context(|| format!("cannot start load process {i}"))?;
-    }
+    children.go()?;
     let start = Instant::now();
     let measure_start = start + Duration::from_secs_f64(plan.warmup);
     let measure_end = measure_start + Duration::from_secs_f64(plan.seconds);
@@ -611,35 +489,14 @@ fn run_procs(plan: &Plan, server_pids: &[u32]) -> Result<RunResult> {
     let mut counters = Counters::default();
     let mut hist = engine::new_histogram();
     let mut cpu = 0.0;
-    let mut reported = vec![false; plan.procs];
-    while reported.iter().any(|r| !r) {
-        match recv(report_deadline, "report")? {
-            (
-                i,
-                Some(ChildMsg::Report {
-                    counters: c,
-                    hist: h,
-                    cpu_seconds,
-                }),
-            ) => {
-                counters.add(&c);
-                hist.add(hist_from_hex(&h)?)
-                    .map_err(|e| anyhow!("cannot merge histograms: {e:?}"))?;
-                cpu += cpu_seconds;
-                reported[i] = true;
-            }
-            (i, None) if reported[i] => {} // exited after its report, as it should
-            (i, None) => bail!("load process {i} exited before it could report"),
-            (i, Some(_)) => bail!("load process {i} reported out of order"),
-        }
-    }
-    kids.stdins.clear();
-    for (i, c) in kids.children.iter_mut().enumerate() {
-        let status = c.wait()?;
-        if !status.success() {
-            bail!("load process {i} exited with {status}");
-        }
-    }
+    children.collect_reports(report_deadline, |r| {
+        counters.add(&r.counters);
+        hist.add(hist_from_hex(&r.hist)?)
+            .map_err(|e| anyhow!("cannot merge histograms: {e:?}"))?;
+        cpu += r.cpu_seconds;
+        Ok(())
+    })?;
+    children.finish()?;
     Ok((counters, hist, cpu, cpu_delta(&samples)))
 }
 

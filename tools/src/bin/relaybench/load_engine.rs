@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -170,6 +170,94 @@ pub fn self_cpu_seconds() -> f64 {
     }
 }
 
+/// The OS threads of one process: thread `t` of `n` takes the process's connections
+/// `t, t + n, ...` and its share of the connect concurrency, and reports its connect counters
+/// (`C`) once its connection attempts are done; it ends with a `T`.
+pub(crate) struct Threads<C, T> {
+    /// For thread names and messages: "load" or "hold".
+    kind: &'static str,
+    handles: Vec<std::thread::JoinHandle<Result<T>>>,
+    ready_rx: mpsc::Receiver<C>,
+}
+
+/// What one thread of [`Threads`] is given.
+pub(crate) struct ThreadShare<C> {
+    /// Global indices of its connections.
+    pub ids: Vec<usize>,
+    /// Its connection attempts in flight at once.
+    pub concurrency: usize,
+    /// Where it sends its connect counters once every attempt is done.
+    pub ready_tx: mpsc::Sender<C>,
+}
+
+impl<C, T: Send + 'static> Threads<C, T> {
+    /// Starts `plan.threads` threads (no more than there are connections); `make` turns each
+    /// thread's share into the function the thread runs.
+    pub(crate) fn spawn<F>(
+        kind: &'static str,
+        plan: &Plan,
+        mut make: impl FnMut(ThreadShare<C>) -> F,
+    ) -> Result<Self>
+    where
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        let ids = plan.conn_ids();
+        let threads = plan.threads.clamp(1, ids.len().max(1));
+        let concurrency = plan.connect_concurrency.div_ceil(threads).max(1);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::new();
+        for t in 0..threads {
+            let body = make(ThreadShare {
+                ids: ids.iter().skip(t).step_by(threads).copied().collect(),
+                concurrency,
+                ready_tx: ready_tx.clone(),
+            });
+            let h = std::thread::Builder::new()
+                .name(format!("{kind}-{t}"))
+                .spawn(body)
+                .with_context(|| format!("cannot start a {kind} thread"))?;
+            handles.push(h);
+        }
+        Ok(Threads {
+            kind,
+            handles,
+            ready_rx,
+        })
+    }
+
+    /// Waits for every thread's connect counters, handing them to `each`; an error if a thread
+    /// ended before it sent them.
+    pub(crate) fn wait_ready(&self, mut each: impl FnMut(C)) -> Result<()> {
+        for _ in 0..self.handles.len() {
+            match self.ready_rx.recv() {
+                Ok(c) => each(c),
+                Err(_) => bail!("a {} thread failed while connecting", self.kind),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every thread to end and hands its result to `merge`. The error is `failure`
+    /// (what went wrong before) if any, else the first error of a thread or of `merge`.
+    pub(crate) fn join(
+        self,
+        mut failure: Option<anyhow::Error>,
+        mut merge: impl FnMut(T) -> Result<()>,
+    ) -> Result<()> {
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(r)) => merge(r)?,
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(_) => failure = failure.or(Some(anyhow!("a {} thread panicked", self.kind))),
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Runs this process's share of the plan. `gate` is called once every connection attempt has
 /// finished, with the connect counters, and returns when the run may start (a child process
 /// reports to its parent and waits for the go there). `at_window` is called at the start and
@@ -179,42 +267,18 @@ pub fn run_process(
     gate: impl FnOnce(&Counters) -> Result<()>,
     mut at_window: impl FnMut(bool),
 ) -> Result<ProcReport> {
-    let ids = plan.conn_ids();
-    let threads = plan.threads.clamp(1, ids.len().max(1));
-    let per_thread_concurrency = plan.connect_concurrency.div_ceil(threads).max(1);
-    let (ready_tx, ready_rx) = mpsc::channel::<Counters>();
     let mut go_txs = Vec::new();
-    let mut handles = Vec::new();
-    for t in 0..threads {
-        let my_ids: Vec<usize> = ids.iter().skip(t).step_by(threads).copied().collect();
+    let threads = Threads::spawn("load", plan, |share| {
         let (go_tx, go_rx) = mpsc::channel::<Option<Instant>>();
         go_txs.push(go_tx);
-        let ready_tx = ready_tx.clone();
         let plan = plan.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("load-{t}"))
-            .spawn(move || thread_main(&plan, my_ids, per_thread_concurrency, ready_tx, go_rx))
-            .context("cannot start a load thread")?;
-        handles.push(h);
-    }
-    drop(ready_tx);
-
+        move || thread_main(&plan, share.ids, share.concurrency, share.ready_tx, go_rx)
+    })?;
     let mut connect = Counters::default();
-    let mut failure = None;
-    for _ in 0..threads {
-        match ready_rx.recv() {
-            Ok(c) => connect.add(&c),
-            Err(_) => {
-                failure = Some(anyhow!("a load thread failed while connecting"));
-                break;
-            }
-        }
-    }
-    if failure.is_none() {
-        if let Err(e) = gate(&connect) {
-            failure = Some(e);
-        }
-    }
+    let failure = threads
+        .wait_ready(|c| connect.add(&c))
+        .and_then(|()| gate(&connect))
+        .err();
     let start = Instant::now();
     for tx in &go_txs {
         let _ = tx.send(if failure.is_some() { None } else { Some(start) });
@@ -232,20 +296,11 @@ pub fn run_process(
 
     let mut counters = Counters::default();
     let mut hist = new_histogram();
-    for h in handles {
-        match h.join() {
-            Ok(Ok((c, th))) => {
-                counters.add(&c);
-                hist.add(&th)
-                    .map_err(|e| anyhow!("cannot merge histograms: {e:?}"))?;
-            }
-            Ok(Err(e)) => failure = failure.or(Some(e)),
-            Err(_) => failure = failure.or(Some(anyhow!("a load thread panicked"))),
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    threads.join(failure, |(c, th)| {
+        counters.add(&c);
+        hist.add(&th)
+            .map_err(|e| anyhow!("cannot merge histograms: {e:?}"))
+    })?;
     Ok(ProcReport {
         counters,
         hist,
@@ -253,7 +308,7 @@ pub fn run_process(
     })
 }
 
-fn sleep_until(t: Instant) {
+pub(crate) fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
         std::thread::sleep(t - now);
@@ -305,29 +360,12 @@ async fn connect_all(
     ids: &[usize],
     concurrency: usize,
 ) -> (Vec<(usize, TcpStream)>, Counters) {
-    let sem = Rc::new(Semaphore::new(concurrency));
-    let ramp_end = tokio::time::Instant::now() + Duration::from_secs_f64(plan.ramp_limit);
-    let per_connect = Duration::from_secs_f64(plan.connect_timeout);
-    let addr = plan.addr;
+    let connector = Rc::new(Connector::new(plan, concurrency));
     let tasks: Vec<_> = ids
         .iter()
         .map(|&id| {
-            let src = (!plan.src_ips.is_empty()).then(|| plan.src_ips[id % plan.src_ips.len()]);
-            let sem = sem.clone();
-            tokio::task::spawn_local(async move {
-                let attempt = async {
-                    let _permit = sem.acquire().await.map_err(|e| anyhow!("{e}"))?;
-                    let deadline = (tokio::time::Instant::now() + per_connect).min(ramp_end);
-                    match tokio::time::timeout_at(deadline, connect_one(addr, src)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(anyhow!("connect to {addr} timed out")),
-                    }
-                };
-                match tokio::time::timeout_at(ramp_end, attempt).await {
-                    Ok(r) => r,
-                    Err(_) => Err(anyhow!("connection not open within --ramp-limit")),
-                }
-            })
+            let connector = connector.clone();
+            tokio::task::spawn_local(async move { connector.connect(id).await })
         })
         .collect();
     let mut conns = Vec::with_capacity(ids.len());
@@ -351,7 +389,53 @@ async fn connect_all(
     (conns, c)
 }
 
-pub(crate) async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream> {
+/// The connect phase of one thread: its limits, shared by its connection attempts.
+pub(crate) struct Connector {
+    addr: SocketAddr,
+    /// Source addresses, used round robin by global connection index (empty: any).
+    src_ips: Vec<IpAddr>,
+    /// Attempts in flight at once.
+    sem: Semaphore,
+    /// End of the connect phase (`--ramp-limit` after the connector was made).
+    ramp_end: tokio::time::Instant,
+    /// Time one attempt may take (`--connect-timeout`).
+    per_connect: Duration,
+}
+
+impl Connector {
+    /// Starts the connect phase: `concurrency` attempts at a time, all done within
+    /// `plan.ramp_limit` from now.
+    pub(crate) fn new(plan: &Plan, concurrency: usize) -> Connector {
+        Connector {
+            addr: plan.addr,
+            src_ips: plan.src_ips.clone(),
+            sem: Semaphore::new(concurrency),
+            ramp_end: tokio::time::Instant::now() + Duration::from_secs_f64(plan.ramp_limit),
+            per_connect: Duration::from_secs_f64(plan.connect_timeout),
+        }
+    }
+
+    /// Opens connection `id` (global index) once an attempt slot is free, from its source
+    /// address if there are any.
+    pub(crate) async fn connect(&self, id: usize) -> Result<TcpStream> {
+        let addr = self.addr;
+        let src = (!self.src_ips.is_empty()).then(|| self.src_ips[id % self.src_ips.len()]);
+        let attempt = async {
+            let _permit = self.sem.acquire().await.map_err(|e| anyhow!("{e}"))?;
+            let deadline = (tokio::time::Instant::now() + self.per_connect).min(self.ramp_end);
+            match tokio::time::timeout_at(deadline, connect_one(addr, src)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!("connect to {addr} timed out")),
+            }
+        };
+        match tokio::time::timeout_at(self.ramp_end, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!("connection not open within --ramp-limit")),
+        }
+    }
+}
+
+async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {

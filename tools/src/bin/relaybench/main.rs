@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod hold;
 mod load;
+mod procs;
 mod ring;
 
 #[derive(Parser)]

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# What answering one heartbeat costs the server (issue 4): shmrelay (one front) against the
+# in-process tokio echo server (examples/tokio-echo, one thread: it answers a length-0 frame
+# with a length-0 frame, the least any server can do), the same connections and beat rate, in
+# the same run, alternating, so the ratio holds on a shared, noisy machine.
+#
+# Usage: tools/bench/heartbeat_floor.sh [--conns N] [--seconds S] [--heartbeat S] [--rounds R]
+#                                       [--no-build]
+# Defaults: 10,000 connections beating every 3 s (3,333 beats/s, the rate of 100,000
+# connections beating every 30 s) for 40 s, 2 rounds.
+#
+# Server CPU is `relaybench hold --server-pid` (user + system time of the server's processes
+# over the hold window, descendants included), divided by the heartbeats answered.
+set -euo pipefail
+CONNS=10000 SECS=40 HEARTBEAT=3 ROUNDS=2 BUILD=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --conns) CONNS=$2; shift 2 ;;
+    --seconds) SECS=$2; shift 2 ;;
+    --heartbeat) HEARTBEAT=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "heartbeat_floor.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+cd "$(dirname "$0")/../.."
+if [ "$BUILD" = 1 ]; then
+    cargo build --release -q -p shmrelay -p shmrelay-tools -p shmrelay-examples
+fi
+TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')}
+BIN="$TARGET_DIR/release"
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/shmrelay-hbfloor.XXXXXX")
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+
+# Starts a server; sets SERVER_PID and PORT.
+start() {
+    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    case "$1" in
+    tokio) "$BIN/tokio-echo" --listen "127.0.0.1:$PORT" --threads 1 >"$TMP/tokio.log" 2>&1 & ;;
+    shmrelay) "$BIN/shmrelay" --fronts 1 --workers 1 --max-conns $((CONNS * 2)) \
+        --instance "hbfloor-$$" --listen "127.0.0.1:$PORT" >"$TMP/relay.log" 2>&1 & ;;
+    esac
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1',$PORT),1).close()" 2>/dev/null && return
+        sleep 0.1
+    done
+    echo "heartbeat_floor.sh: $1 did not start (see $TMP)" >&2
+    exit 1
+}
+
+# One hold against the running server; prints "cpu_percent beats_per_s us_per_beat closes".
+hold() {
+    "$BIN/relaybench" hold --addr "127.0.0.1:$PORT" --conns "$CONNS" --procs 1 \
+        --src-ips 127.0.0.2-127.0.0.3 --seconds "$SECS" --heartbeat "$HEARTBEAT" \
+        --server-pid "$SERVER_PID" --json >"$TMP/hold.json" 2>"$TMP/hold.log"
+    python3 - "$TMP/hold.json" "$SECS" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); secs = float(sys.argv[2])
+beats = d["heartbeats_answered"]
+cpu = d["server_cpu_seconds"] or 0.0
+print(f'{d["server_cpu_percent"]:.2f} {beats / secs:.0f} {cpu * 1e6 / max(beats, 1):.1f} {d["server_closes"]}')
+PY
+}
+
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "| round | server | CPU % of one core | beats answered/s | CPU µs per beat | closed by server | load |"
+echo "|---|---|---|---|---|---|---|"
+declare -A SUM
+for r in $(seq 1 "$ROUNDS"); do
+    for s in tokio shmrelay; do
+        start "$s"
+        sleep 1
+        read -r cpu bps us closes < <(hold)
+        cleanup
+        SERVER_PID=""
+        echo "| $r | $s | $cpu | $bps | $us | $closes | $(cut -d' ' -f1 /proc/loadavg) |"
+        SUM[$s]=$(python3 -c "print(${SUM[$s]:-0} + $us)")
+    done
+done
+python3 -c "print(f'\nshmrelay / tokio-echo CPU per heartbeat (mean of rounds): {${SUM[shmrelay]} / ${SUM[tokio]}:.2f}x')"
+echo "raw data: $TMP"
