@@ -661,3 +661,45 @@ fn concurrent_pipelines_over_two_kv_workers_see_their_own_writes_in_order() {
         t.join().expect("a client saw replies out of order");
     }
 }
+
+#[test]
+fn a_half_closed_connection_is_closed_once_for_its_worker() {
+    let journal = format!("{} worker journal", env!("CARGO_BIN_EXE_shmrelay"));
+    let (relay, _) = Relay::start_config(
+        "closeonce",
+        &format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"line\"\nworker_cmd = \"{journal}\"\n"
+        ),
+        1,
+        &[],
+    );
+    let mut s = connect(relay.addr);
+    let me = s.local_addr().unwrap().to_string();
+    s.write_all(b"hello\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (got, closed) = read_to_close(&mut s);
+    assert!(closed && got == b"hello\n");
+    // Once the front has closed it (any second CLOSE would be in the ring by then, ahead of
+    // the question below), the worker's journal: opened once, closed once, as client_eof.
+    let stats = relay.stats();
+    assert!(eventually(Duration::from_secs(5), || {
+        stats.front(0).closes[shmrelay_worker::CloseReason::ClientEof as usize]
+            .load(Ordering::Relaxed)
+            == 1
+    }));
+    let mut ask = connect(relay.addr);
+    ask.write_all(b"journal?\n").unwrap();
+    let mut buf = [0u8; 65536];
+    let n = ask.read(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("open ")?.strip_suffix(&format!(" {me}")))
+        .unwrap_or_else(|| panic!("no open for {me} in {text}"))
+        .to_owned();
+    let closes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("close {id} ")))
+        .collect();
+    assert_eq!(closes, [format!("close {id} client_eof")], "{text}");
+}

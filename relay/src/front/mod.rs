@@ -1188,10 +1188,11 @@ impl Front {
         let id = ConnId::new(self.index as u8, gen_before, slot);
         if let Some(r) = c.route.as_ref() {
             // Every worker of the pool was sent the OPEN: a worker whose OPEN is still queued
-            // loses it, the others get the CLOSE.
+            // loses it, the others get the CLOSE unless they had it already (at the FIN).
+            let told = if c.told_close { r.close_sent } else { 0 };
             for w in self.listeners[r.listener].pool.clone() {
                 let ch = &mut self.chans[w];
-                if ch.broken {
+                if ch.broken || told & (1 << w) != 0 {
                     continue;
                 }
                 let queued = ch
@@ -1215,6 +1216,9 @@ impl Front {
             self.chans[c.worker]
                 .backlog
                 .retain(|ctrl| ctrl.conn != id.raw());
+        } else if c.told_close {
+            // The worker got its CLOSE at the client's FIN (or protocol error): one is enough,
+            // or its `on_close` would run twice.
         } else {
             self.chans[c.worker].backlog.push_back(Ctrl {
                 tag: tag::CLOSE,
