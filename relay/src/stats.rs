@@ -145,7 +145,7 @@ pub struct FrontStats {
     pub closes: [AtomicU64; REASONS],
     /// TCP_INFO round-trip-time samples, log2 microsecond buckets.
     pub rtt_hist: [AtomicU64; RTT_BUCKETS],
-    /// TCP_INFO retransmissions summed over samples.
+    /// TCP retransmissions of the connections closed so far (TCP_INFO at close).
     pub retransmits: AtomicU64,
     /// 1 while the front stopped accepting because it is overloaded.
     pub paused: AtomicU64,

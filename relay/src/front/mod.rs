@@ -678,10 +678,10 @@ impl Front {
     }
 
     fn read_ready(&mut self) {
-        let ready = std::mem::take(&mut self.ready);
+        let mut ready = std::mem::take(&mut self.ready);
         let now = self.now as u32;
         let max_frame = self.cfg.max_frame;
-        for (slot, gen) in ready {
+        for (slot, gen) in ready.drain(..) {
             let Some(c) = self.slab.get(slot, gen) else {
                 continue;
             };
@@ -775,6 +775,10 @@ impl Front {
                 }
             }
         }
+        // Keep the list's allocation for the next turn (it was taken, empty, each turn).
+        if self.ready.is_empty() {
+            self.ready = ready;
+        }
     }
 
     /// Visits the connections whose deadline came: ping the idle, close the silent.
@@ -789,11 +793,13 @@ impl Front {
             if c.timer_at != at {
                 continue; // superseded entry
             }
-            // A cheap kernel sample, once per check rather than per frame.
-            if let Some((rtt, retrans)) = liveness::tcp_info(&c.stream) {
-                c.rtt_us = rtt;
-                add(&self.fs.rtt_hist[liveness::rtt_bucket(rtt)], 1);
-                add(&self.fs.retransmits, retrans as u64);
+            // A cheap kernel sample, once per check rather than per frame, and only where the
+            // ping interval needs it: a client that beats on its own sets its own pace.
+            if c.rtt_us == 0 || !c.client_beats {
+                if let Some((rtt, _)) = liveness::tcp_info(&c.stream) {
+                    c.rtt_us = rtt;
+                    add(&self.fs.rtt_hist[liveness::rtt_bucket(rtt)], 1);
+                }
             }
             let mut verdict = self.liveness.check(c, now, self.now);
             if matches!(verdict, Verdict::Close(CloseReason::HeartbeatTimeout))
@@ -1183,6 +1189,10 @@ impl Front {
         }
         let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
         let _ = self.poll.registry().deregister(&mut c.stream);
+        // The socket's retransmissions over its whole life, counted once.
+        if let Some((_, retrans)) = liveness::tcp_info(&c.stream) {
+            add(&self.fs.retransmits, retrans as u64);
+        }
         drop(c.stream);
         self.admission.release(self.stats, c.addr_slot);
         let id = ConnId::new(self.index as u8, gen_before, slot);

@@ -216,7 +216,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
     out.family(
         "front_tcp_retransmits_total",
         "counter",
-        "TCP retransmissions summed over TCP_INFO samples.",
+        "TCP retransmissions of closed connections (TCP_INFO at close).",
         per_front(&|f| f.retransmits as f64),
     );
     out.family(
