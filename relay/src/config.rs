@@ -27,9 +27,64 @@
 //! # worker_users = ["app-a", "app-b"]  # or one user per worker index (cycled)
 //! backlog = 4096             # listen backlog
 //! # metrics = "127.0.0.1:9187"  # serve Prometheus metrics at http://ADDR/metrics (off by default)
+//! codec = "length-prefixed"  # wire codec of the default listener: length-prefixed, line, resp
 //! ```
+//!
+//! Several listeners, each with its codec and its own worker pool (when any `[[listener]]`
+//! is given, the top-level `listen`, `codec`, `workers` and `worker_cmd` are not used):
+//!
+//! ```toml
+//! [[listener]]
+//! listen = "127.0.0.1:7878"
+//! codec = "length-prefixed"  # the default
+//! workers = 2                # the default is 1
+//! # worker_cmd = "..."       # default: the built-in echo worker
+//!
+//! [[listener]]
+//! listen = "127.0.0.1:6380"
+//! codec = "resp"
+//! workers = 2                # resp with several workers: commands are routed by key
+//! worker_cmd = "/usr/local/bin/kv-worker"
+//! ```
+//!
+//! Workers are indexed globally, in listener order. With `line` and `resp` there are no
+//! heartbeats, so no pings and no heartbeat timeout: only `idle_timeout_ms` (if set) and TCP
+//! keepalive close a silent connection.
 
 use serde::{Deserialize, Serialize};
+use shmrelay_worker::Codec;
+
+/// One `[[listener]]` table.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to listen on (`host:port`; port 0 picks one).
+    pub listen: String,
+    /// `length-prefixed` (default), `line` or `resp`.
+    #[serde(default = "default_codec")]
+    pub codec: String,
+    /// Workers of this listener's pool (default 1).
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// Worker command line; `None` runs the built-in echo worker.
+    #[serde(default)]
+    pub worker_cmd: Option<String>,
+}
+
+fn default_codec() -> String {
+    Codec::LengthPrefixed.name().into()
+}
+
+fn one() -> usize {
+    1
+}
+
+impl ListenerConfig {
+    /// The codec (validated by [`Config::validate`]; unknown names fall back to the default).
+    pub fn codec(&self) -> Codec {
+        self.codec.parse().unwrap_or_default()
+    }
+}
 
 /// Every setting, with its default.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -91,6 +146,12 @@ pub struct Config {
     /// One user per worker index (cycled), overriding `user`: workers of different users cannot
     /// read each other's rings or /proc entries.
     pub worker_users: Vec<String>,
+    /// Codec of the default listener (`length-prefixed`, `line`, `resp`).
+    pub codec: String,
+    /// `[[listener]]` tables; when empty, `listen`, `codec`, `workers` and `worker_cmd` make the
+    /// single default listener.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
 }
 
 impl Default for Config {
@@ -122,6 +183,8 @@ impl Default for Config {
             kill_hung: true,
             user: None,
             worker_users: Vec::new(),
+            codec: default_codec(),
+            listeners: Vec::new(),
         }
     }
 }
@@ -150,6 +213,34 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// The listeners in effect: the `[[listener]]` tables, or the default one.
+    pub fn listeners(&self) -> Vec<ListenerConfig> {
+        if self.listeners.is_empty() {
+            vec![ListenerConfig {
+                listen: self.listen.clone(),
+                codec: self.codec.clone(),
+                workers: self.workers,
+                worker_cmd: self.worker_cmd.clone(),
+            }]
+        } else {
+            self.listeners.clone()
+        }
+    }
+
+    /// Workers across every listener's pool.
+    pub fn total_workers(&self) -> usize {
+        self.listeners().iter().map(|l| l.workers).sum()
+    }
+
+    /// For each worker (global index), the index of its listener.
+    pub fn worker_listeners(&self) -> Vec<usize> {
+        self.listeners()
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| std::iter::repeat_n(i, l.workers))
+            .collect()
     }
 
     /// The user worker `w` runs as, if any.
@@ -265,6 +356,33 @@ impl Config {
                 format!("{:?} is not an IP:port address", self.listen),
             );
         }
+        if let Err(e) = self.codec.parse::<Codec>() {
+            return bad("codec", e.to_string());
+        }
+        for l in &self.listeners {
+            if l.listen.parse::<std::net::SocketAddr>().is_err() {
+                return bad(
+                    "listener.listen",
+                    format!("{:?} is not an IP:port address", l.listen),
+                );
+            }
+            if let Err(e) = l.codec.parse::<Codec>() {
+                return bad("listener.codec", e.to_string());
+            }
+            if l.workers == 0 {
+                return bad("listener.workers", format!("{:?} has no workers", l.listen));
+            }
+        }
+        let total = self.total_workers();
+        if total > crate::stats::MAX_WORKERS {
+            return bad(
+                "workers",
+                format!(
+                    "{total} workers in all exceed {}",
+                    crate::stats::MAX_WORKERS
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -283,6 +401,35 @@ mod tests {
         assert_eq!(c.ring_capacity(), 8 << 20);
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn listener_tables() {
+        let c: Config = toml::from_str(
+            "fronts = 2\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"resp\"\nworkers = 3\nworker_cmd = \"/bin/kv\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.total_workers(), 4);
+        assert_eq!(c.worker_listeners(), [0, 1, 1, 1]);
+        let ls = c.listeners();
+        assert_eq!(ls[0].codec(), Codec::LengthPrefixed);
+        assert_eq!(ls[1].codec(), Codec::Resp);
+        // Round trip through the text handed to fronts.
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        // The default listener.
+        let d = Config::default();
+        assert_eq!(d.listeners().len(), 1);
+        assert_eq!(d.total_workers(), 2);
+        let bad: Config =
+            toml::from_str("[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"xml\"\n").unwrap();
+        assert!(bad.validate().is_err());
+        assert!(Config::default()
+            .with_overrides(&["codec=resp".into()])
+            .unwrap()
+            .validate()
+            .is_ok());
     }
 
     #[test]

@@ -75,7 +75,7 @@ enum Cmd {
     /// Runs a built-in example worker (started by the supervisor).
     #[command(hide = true)]
     Worker {
-        /// `echo`, `pubsub`, `journal`, or `scribbler` (fault injection).
+        /// `echo`, `pubsub`, `journal`, `kv`, or `scribbler` (fault injection).
         kind: String,
     },
 }
@@ -161,7 +161,18 @@ fn env_fd(var: &str) -> Result<std::os::fd::OwnedFd> {
 }
 
 fn run_front(a: FrontArgs) -> Result<()> {
-    let listener = TcpListener::from(env_fd("SHMRELAY_LISTEN_FD")?);
+    // One listening socket per configured listener, comma separated, in order.
+    let fds = std::env::var("SHMRELAY_LISTEN_FD")
+        .context("SHMRELAY_LISTEN_FD is not set: fronts are started by the shmrelay supervisor")?;
+    let mut listeners = Vec::new();
+    for v in fds.split(',') {
+        let fd: i32 = v
+            .parse()
+            .with_context(|| format!("SHMRELAY_LISTEN_FD entry {v:?} is not an fd number"))?;
+        // SAFETY: the supervisor passes each fd number once, for this process to own.
+        let fd = unsafe { inherited_fd(fd) }.with_context(|| format!("SHMRELAY_LISTEN_FD={fd}"))?;
+        listeners.push(TcpListener::from(fd));
+    }
     let doorbell = Arc::new(EventFd::from_owned(env_fd("SHMRELAY_DOORBELL_FD")?));
     let stats =
         Stats::from_fd(env_fd("SHMRELAY_STATS_FD")?).context("mapping the stats segment")?;
@@ -194,7 +205,7 @@ fn run_front(a: FrontArgs) -> Result<()> {
         index: a.index,
         config,
     };
-    front::run(settings, listener, doorbell, channels, stats, Some(ready))?;
+    front::run(settings, listeners, doorbell, channels, stats, Some(ready))?;
     Ok(())
 }
 
@@ -205,11 +216,12 @@ fn run_worker(kind: &str) -> Result<()> {
         "echo" => worker.run(&mut examples::Echo)?,
         "pubsub" => worker.run(&mut examples::PubSub::default())?,
         "journal" => worker.run(&mut examples::Journal::default())?,
+        "kv" => worker.run(&mut shmrelay_worker::kv::Kv::default())?,
         "scribbler" => {
             let mut s = faults::Scribbler::from_env(worker.index());
             worker.run(&mut s)?
         }
-        other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub, journal)"),
+        other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub, journal, kv)"),
     }
     Ok(())
 }

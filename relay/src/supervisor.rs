@@ -67,7 +67,11 @@ struct Instance {
     /// One listening socket per front, all bound to the port with SO_REUSEPORT: the kernel
     /// spreads new connections over them, and a dead front's socket (held here) keeps its
     /// queue until the front's replacement accepts from it.
-    listeners: Vec<std::net::TcpListener>,
+    /// `listeners[f][l]`: front `f`'s socket of listener `l`.
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    /// Workers in all (the pools of every listener), and each one's listener.
+    workers: usize,
+    worker_listener: Vec<usize>,
     /// rings[f][w] = (request, reply)
     rings: Vec<Vec<(ShmRing, ShmRing)>>,
     front_bells: Vec<Arc<EventFd>>,
@@ -157,7 +161,8 @@ fn remove_files(instance: &str, files: &[PathBuf]) {
 impl Instance {
     fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Instance> {
         let exe = std::env::current_exe().context("locating the shmrelay binary")?;
-        let stats = Stats::create(&names::stats_path(&cfg.instance), cfg.fronts, cfg.workers)
+        let nworkers = cfg.total_workers();
+        let stats = Stats::create(&names::stats_path(&cfg.instance), cfg.fronts, nworkers)
             .with_context(|| {
                 format!(
                     "creating the stats segment {}",
@@ -172,7 +177,7 @@ impl Instance {
         let mut rings = Vec::new();
         for f in 0..cfg.fronts {
             let mut row = Vec::new();
-            for w in 0..cfg.workers {
+            for w in 0..nworkers {
                 let req =
                     ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Request), cap)?;
                 let rep =
@@ -185,27 +190,34 @@ impl Instance {
         let front_bells = (0..cfg.fronts)
             .map(|_| bell())
             .collect::<Result<Vec<_>>>()?;
-        let worker_bells = (0..cfg.workers)
-            .map(|_| bell())
-            .collect::<Result<Vec<_>>>()?;
-        let addr: SocketAddr = cfg.listen.parse()?;
-        let first = listen(addr, cfg.backlog).with_context(|| format!("listening on {addr}"))?;
-        // Port 0 resolves on the first bind; the others join that port.
-        let bound = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..cfg.fronts {
-            listeners
-                .push(listen(bound, cfg.backlog).with_context(|| format!("listening on {bound}"))?);
+        let worker_bells = (0..nworkers).map(|_| bell()).collect::<Result<Vec<_>>>()?;
+        let mut listeners: Vec<Vec<std::net::TcpListener>> =
+            (0..cfg.fronts).map(|_| Vec::new()).collect();
+        for spec in cfg.listeners() {
+            let addr: SocketAddr = spec.listen.parse()?;
+            let first =
+                listen(addr, cfg.backlog).with_context(|| format!("listening on {addr}"))?;
+            // Port 0 resolves on the first bind; the other fronts join that port.
+            let bound = first.local_addr()?;
+            listeners[0].push(first);
+            for row in listeners.iter_mut().skip(1) {
+                row.push(
+                    listen(bound, cfg.backlog).with_context(|| format!("listening on {bound}"))?,
+                );
+            }
         }
         info!(
             instance = cfg.instance,
             fronts = cfg.fronts,
-            workers = cfg.workers,
+            workers = nworkers,
             ring_capacity = cap,
             "segments created"
         );
-        let (fronts, workers) = (cfg.fronts, cfg.workers);
+        let (fronts, workers) = (cfg.fronts, nworkers);
+        let worker_listener = cfg.worker_listeners();
         Ok(Instance {
+            workers,
+            worker_listener,
             cfg,
             exe,
             stats,
@@ -234,15 +246,18 @@ impl Instance {
             let ready = self.start(Role::Front(f))?;
             wait_ready(ready, f)?;
         }
-        let addr = self.listeners[0].local_addr()?;
-        for w in 0..self.cfg.workers {
+        for w in 0..self.workers {
             self.start(Role::Worker(w))?;
         }
-        info!(%addr, "listening on {addr}");
-        println!(
-            "shmrelay: listening on {addr} (instance {})",
-            self.cfg.instance
-        );
+        // One line per listener, in configuration order (the first is the default listener's).
+        for (l, spec) in self.cfg.listeners().iter().enumerate() {
+            let addr = self.listeners[0][l].local_addr()?;
+            info!(%addr, codec = spec.codec, "listening on {addr}");
+            println!(
+                "shmrelay: listening on {addr} (instance {}, codec {})",
+                self.cfg.instance, spec.codec
+            );
+        }
         let _ = std::io::stdout().flush();
         let mut last_watch = Instant::now();
         let mut last_metrics = Instant::now();
@@ -279,7 +294,7 @@ impl Instance {
                 cmd.arg("front")
                     .args(["--index", &f.to_string()])
                     .env("SHMRELAY_CONFIG", toml::to_string(&self.cfg)?);
-                let channels: Vec<String> = (0..self.cfg.workers)
+                let channels: Vec<String> = (0..self.workers)
                     .map(|w| {
                         let (req, rep) = &self.rings[f][w];
                         let fds = [
@@ -291,14 +306,15 @@ impl Instance {
                         format!("{w}:{}:{}:{}", fds[0], fds[1], fds[2])
                     })
                     .collect();
-                let (listen_fd, bell, stats_fd) = (
-                    self.listeners[f].as_raw_fd(),
-                    self.front_bells[f].as_raw_fd(),
-                    self.stats.fd().as_raw_fd(),
-                );
-                keep.extend([listen_fd, bell, stats_fd, ready_w.as_raw_fd()]);
+                let listen_fds: Vec<RawFd> =
+                    self.listeners[f].iter().map(|l| l.as_raw_fd()).collect();
+                let (bell, stats_fd) =
+                    (self.front_bells[f].as_raw_fd(), self.stats.fd().as_raw_fd());
+                keep.extend(&listen_fds);
+                keep.extend([bell, stats_fd, ready_w.as_raw_fd()]);
+                let listen_fds: Vec<String> = listen_fds.iter().map(|fd| fd.to_string()).collect();
                 cmd.env(env::INSTANCE, &self.cfg.instance)
-                    .env("SHMRELAY_LISTEN_FD", listen_fd.to_string())
+                    .env("SHMRELAY_LISTEN_FD", listen_fds.join(","))
                     .env("SHMRELAY_DOORBELL_FD", bell.to_string())
                     .env("SHMRELAY_STATS_FD", stats_fd.to_string())
                     .env("SHMRELAY_READY_FD", ready_w.as_raw_fd().to_string())
@@ -310,7 +326,8 @@ impl Instance {
                 (cmd, Some((ready_r, ready_w)))
             }
             Role::Worker(w) => {
-                let mut cmd = match &self.cfg.worker_cmd {
+                let spec = &self.cfg.listeners()[self.worker_listener[w]];
+                let mut cmd = match &spec.worker_cmd {
                     Some(line) => {
                         let mut parts = line.split_whitespace();
                         let prog = parts.next().context("worker_cmd is empty")?;
@@ -342,6 +359,7 @@ impl Instance {
                     .env(env::WORKER_INDEX, w.to_string())
                     .env(env::DOORBELL_FD, bell.to_string())
                     .env(env::RESTARTS, starts.to_string())
+                    .env(env::CODEC, spec.codec().name())
                     .env(env::CHANNELS, channels.join(","));
                 if let Some(name) = self.cfg.worker_user(w) {
                     let user = nix::unistd::User::from_name(name)
@@ -448,7 +466,7 @@ impl Instance {
                     ws.state
                         .store(WorkerState::Failed as u32, Ordering::Relaxed);
                     error!(%role, crashes, ?window, "crashed too often: marked failed, its clients get an error");
-                    let all_failed = (0..self.cfg.workers)
+                    let all_failed = (0..self.workers)
                         .all(|i| self.slots.get(&Role::Worker(i)).is_some_and(|s| s.failed));
                     if all_failed {
                         self.stats.header().pool_failed.store(1, Ordering::Relaxed);
@@ -506,7 +524,7 @@ impl Instance {
     /// for every connection of that front. Replies still in the reply rings are dropped by the
     /// new front as stale (its connection ids start at new generations).
     fn reset_front_rings(&mut self, f: usize) {
-        for w in 0..self.cfg.workers {
+        for w in 0..self.workers {
             let ring = &self.rings[f][w].0;
             let mut tx = match shm_ring::Producer::new(ring) {
                 Ok(tx) => tx,
@@ -547,7 +565,7 @@ impl Instance {
         for f in 0..self.cfg.fronts {
             // Acquire: pairs with the front's Release when it set the bit after its last use.
             let q = self.stats.front(f).quarantined.load(Ordering::Acquire);
-            for w in 0..self.cfg.workers {
+            for w in 0..self.workers {
                 if q & (1 << w) == 0 {
                     continue;
                 }
@@ -588,7 +606,7 @@ impl Instance {
     /// the worker (the reaper restarts it, and its replacement gets the waiting frames).
     fn watch_hangs(&mut self) {
         let timeout = Duration::from_millis(self.cfg.hang_timeout_ms);
-        for w in 0..self.cfg.workers {
+        for w in 0..self.workers {
             let Some(pid) = self.slots.get(&Role::Worker(w)).and_then(|s| s.pid) else {
                 continue;
             };

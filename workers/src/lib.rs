@@ -31,9 +31,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod codec;
 pub mod examples;
+pub mod kv;
 pub mod protocol;
 mod worker;
 
+pub use codec::Codec;
 pub use protocol::{CloseReason, ConnId};
 pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError};

@@ -274,6 +274,9 @@ pub mod env {
     pub const CHANNELS: &str = "SHMRELAY_CHANNELS";
     /// How many times this worker slot was started before (0 on the first start).
     pub const RESTARTS: &str = "SHMRELAY_RESTARTS";
+    /// The codec of the worker's listener (`length-prefixed`, `line`, `resp`; see
+    /// [`Codec`](crate::Codec)); unset means `length-prefixed`.
+    pub const CODEC: &str = "SHMRELAY_CODEC";
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
 
+use crate::codec::Codec;
 use crate::protocol::{
-    env, flags, tag, CloseReason, ConnId, Frames, ANSWERED_WORD, FRAME_HEADER, REDELIVERED_WORD,
-    SKIPPED_WORD,
+    env, flags, tag, CloseReason, ConnId, ANSWERED_WORD, REDELIVERED_WORD, SKIPPED_WORD,
 };
 
 type Rx = Consumer<Arc<ShmRing>>;
@@ -70,12 +70,15 @@ pub trait Handler {
 /// Writes replies into the reply rings, in place.
 pub struct Out<'w> {
     reps: &'w mut [Option<Tx>],
+    codec: Codec,
     /// Request position being answered; carried in reply records (aux).
     answering: u64,
 }
 
 impl Out<'_> {
-    /// Queues one frame to `conn` (a reply, or a push to any live connection).
+    /// Queues one frame to `conn` (a reply, or a push to any live connection), encoded by the
+    /// listener's codec: a length prefix (`length-prefixed`), a newline after it (`line`), or
+    /// nothing (`resp`: `payload` is raw RESP, one or more whole values).
     ///
     /// # Errors
     ///
@@ -97,13 +100,21 @@ impl Out<'_> {
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), SendError> {
         let aux = self.answering;
+        let (header, hlen) = self.codec.reply_header(len);
+        let trailer = self.codec.reply_trailer();
         let rep = self.ring(conn)?;
-        let total = FRAME_HEADER + len;
+        let total = hlen + len + trailer.len();
         let mut grant = reserve_blocking(rep, total)?;
-        grant[..FRAME_HEADER].copy_from_slice(&(len as u32).to_be_bytes());
-        fill(&mut grant[FRAME_HEADER..total]);
+        grant[..hlen].copy_from_slice(&header[..hlen]);
+        fill(&mut grant[hlen..hlen + len]);
+        grant[hlen + len..total].copy_from_slice(trailer);
         grant.commit(total, Meta::tag(tag::SEND).conn(conn.raw()).aux(aux));
         Ok(())
+    }
+
+    /// The codec of this worker's listener.
+    pub fn codec(&self) -> Codec {
+        self.codec
     }
 
     /// Asks the front to close `conn` once what was queued before is written.
@@ -165,6 +176,7 @@ pub struct Worker {
     /// death can be reported as a CLOSE for each of them.
     open: Vec<std::collections::HashSet<ConnId>>,
     doorbell: Arc<EventFd>,
+    codec: Codec,
 }
 
 impl Worker {
@@ -192,7 +204,17 @@ impl Worker {
         let doorbell = Arc::new(EventFd::from_owned(unsafe {
             take_fd(doorbell_fd, env::DOORBELL_FD)?
         }));
+        let codec = match std::env::var(env::CODEC) {
+            Ok(v) => v
+                .parse()
+                .map_err(|e: crate::codec::UnknownCodec| WorkerError::Env {
+                    var: env::CODEC,
+                    problem: e.to_string(),
+                })?,
+            Err(_) => Codec::default(),
+        };
         let mut worker = Worker {
+            codec,
             index,
             reqs: Vec::new(),
             reps: Vec::new(),
@@ -291,9 +313,20 @@ impl Worker {
         Ok(())
     }
 
-    /// This worker's index in its pool.
+    /// This worker's index (global across the relay's listeners).
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// The codec of this worker's listener (from `SHMRELAY_CODEC`): how frames arrive and how
+    /// [`Out::send`] encodes replies.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Sets the codec (for tests and custom launchers).
+    pub fn set_codec(&mut self, codec: Codec) {
+        self.codec = codec;
     }
 
     /// The eventfd fronts ring when there is work: poll it from your own event loop, then call
@@ -336,7 +369,9 @@ impl Worker {
             let below = self.redeliver_below[front];
             let answered = self.answered[front];
             let open = &mut self.open[front];
+            let codec = self.codec;
             let mut out = Out {
+                codec,
                 reps: &mut self.reps,
                 answering: 0,
             };
@@ -358,7 +393,7 @@ impl Worker {
                     }
                     tag::DATA => {
                         let base = rec.payload_position();
-                        for frame in Frames::new(rec.payload()) {
+                        for frame in codec.frames(rec.payload()) {
                             let (end, payload) = frame.map_err(|e| corrupt(e.to_string()))?;
                             out.answering = base + end as u64;
                             if out.answering <= answered {

@@ -4,9 +4,11 @@ use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
 use mio::net::TcpStream;
 use shm_ring::{Meta, ReserveError};
-use shmrelay_worker::protocol::{frame_len, tag, FRAME_HEADER};
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::codec::{FrameKind, ProtocolError, Scan};
+use shmrelay_worker::protocol::tag;
+use shmrelay_worker::{CloseReason, Codec, ConnId};
 
+use super::route::Route;
 use super::Chan;
 use crate::stats::{add, FrontStats};
 
@@ -38,6 +40,8 @@ pub(super) enum ConnState {
 pub(super) struct Conn {
     pub stream: TcpStream,
     pub worker: usize,
+    /// Its listener's codec.
+    pub codec: Codec,
     pub state: ConnState,
     /// An edge was seen and the socket not yet read dry.
     pub readable: bool,
@@ -56,9 +60,9 @@ pub(super) struct Conn {
     /// The client sends heartbeats of its own: they prove it alive, so it is pinged only after
     /// 1.25x the longest ping interval of silence (pinging it too doubles the idle traffic).
     pub client_beats: bool,
-    /// The oversized length this connection announced (0: none): the error frame to send
-    /// once the replies to the frames before it are out.
-    pub too_large: u32,
+    /// The protocol error this connection made (malformed or oversized input): the codec's
+    /// error reply is written at its close, after the replies to the frames before it.
+    pub protocol_error: Option<Box<ProtocolError>>,
     /// The tick of this connection's live timer entry.
     pub timer_at: u64,
     /// Smoothed RTT from TCP_INFO, microseconds (0 until sampled).
@@ -70,13 +74,17 @@ pub(super) struct Conn {
     /// Reply bytes the socket did not take yet.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// Per-frame key routing (a `resp` listener with several workers); `worker` is then the
+    /// home worker, which gets the commands that name no key.
+    pub route: Option<Box<Route>>,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, worker: usize, addr_slot: u16, now: u32) -> Conn {
+    pub fn new(stream: TcpStream, worker: usize, codec: Codec, addr_slot: u16, now: u32) -> Conn {
         Conn {
             stream,
             worker,
+            codec,
             state: ConnState::Accepted,
             readable: false,
             blocked: false,
@@ -88,18 +96,35 @@ impl Conn {
             ping_sent: 0,
             ping_outstanding: false,
             client_beats: false,
-            too_large: 0,
+            protocol_error: None,
             timer_at: 0,
             rtt_us: 0,
             addr_slot,
             carry: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
+            route: None,
         }
     }
 
     pub fn pending(&self) -> usize {
         self.out.len() - self.out_pos
+    }
+
+    /// True when a draining connection may close: its queue is written and, if routed, every
+    /// request it sent was answered and written.
+    pub fn flushed(&self) -> bool {
+        self.pending() == 0 && self.route.as_ref().is_none_or(|r| r.idle())
+    }
+
+    /// False while a routed connection half-closed by its client still waits for a worker's
+    /// acknowledgement of the CLOSE (each worker's comes after all its replies).
+    pub fn acks_in(&self) -> bool {
+        !self.told_close
+            || self
+                .route
+                .as_ref()
+                .is_none_or(|r| r.close_acked & r.close_sent == r.close_sent)
     }
 
     /// True if the loop should read this connection now.
@@ -173,8 +198,12 @@ pub(super) enum ReadResult {
     /// The worker's ring is full.
     Blocked,
     Close(CloseReason),
-    TooLarge(u32),
+    /// Malformed or oversized input: the whole frames before it went to the worker; the
+    /// codec's error reply follows their replies, then the close.
+    Protocol(ProtocolError),
     Corrupt(ReserveError),
+    /// A frame's worker is quarantined or failed: `worker unavailable`, then close.
+    Unavailable,
 }
 
 /// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the
@@ -194,9 +223,13 @@ pub(super) fn read_conn(
         let carry = c.carry.len();
         // A partial frame of known size needs room for all of it, so it is carried at most
         // once more; otherwise any room beyond the carry will do.
-        let min = match frame_len(&c.carry) {
-            Some(len) => FRAME_HEADER + len,
-            None => carry + 1,
+        let min = if carry == 0 {
+            1
+        } else {
+            match c.codec.scan(&c.carry, max_frame as usize) {
+                Ok(Scan::NeedMore { need }) => need,
+                _ => carry + 1,
+            }
         }
         .min(limit);
         let max = (carry + READ_CHUNK).max(min);
@@ -222,17 +255,18 @@ pub(super) fn read_conn(
         let mut pos = 0;
         let mut frames = 0u64;
         let mut beats = 0u64;
-        let mut too_large = None;
-        while let Some(len) = frame_len(&grant[pos..filled]) {
-            if len > max_frame as usize {
-                // The whole frames before it still go to the worker: nothing valid is lost.
-                too_large = Some(len as u32);
-                break;
-            }
-            if filled - pos - FRAME_HEADER < len {
-                break;
-            }
-            if len == 0 {
+        let mut bad = None;
+        while pos < filled {
+            let (len, kind) = match c.codec.scan(&grant[pos..filled], max_frame as usize) {
+                Ok(Scan::Frame { len, kind }) => (len, kind),
+                Ok(Scan::NeedMore { .. }) => break,
+                Err(e) => {
+                    // The whole frames before it still go to the worker: nothing valid is lost.
+                    bad = Some(e);
+                    break;
+                }
+            };
+            if kind == FrameKind::Heartbeat {
                 // A length-0 frame answers our outstanding ping if there is one, and otherwise
                 // asks for an answer: so pings and heartbeats never bounce back and forth.
                 beats += 1;
@@ -242,10 +276,10 @@ pub(super) fn read_conn(
                     c.client_beats = true;
                     heartbeats += 1;
                 }
-            } else {
+            } else if kind == FrameKind::Data {
                 frames += 1;
             }
-            pos += FRAME_HEADER + len;
+            pos += len;
         }
         if frames + beats > 0 {
             c.last_rx = now;
@@ -256,7 +290,7 @@ pub(super) fn read_conn(
         if beats > 0 {
             add(&fs.heartbeats, beats);
         }
-        if let Some(len) = too_large {
+        if let Some(e) = bad {
             if frames > 0 {
                 grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
                 ch.dirty = true;
@@ -264,13 +298,15 @@ pub(super) fn read_conn(
             }
             add(&fs.bytes_in, n as u64);
             c.carry.clear();
-            return (ReadResult::TooLarge(len), heartbeats);
+            return (ReadResult::Protocol(e), heartbeats);
         }
         // The carried bytes were copied in; the new partial tail is copied out.
         let copied = carry + (filled - pos);
         c.carry.clear();
         c.carry.extend_from_slice(&grant[pos..filled]);
         if frames > 0 {
+            // Heartbeats and ignored empty frames between data frames ride along (the SDK
+            // skips them); a read of nothing but those commits nothing.
             grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
             ch.dirty = true;
             add(&fs.frames_in, frames);

@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 
-use shmrelay_worker::CloseReason;
+use shmrelay_worker::{CloseReason, Codec};
 
 use super::conn::{Conn, ConnState};
 use crate::config::Config;
@@ -55,8 +55,11 @@ impl Liveness {
     }
 
     /// The first check of a new connection.
-    pub fn first(&self, now: u32) -> u64 {
+    pub fn first(&self, codec: Codec, now: u32) -> u64 {
         let next = now as u64 + self.interval(0) as u64;
+        if !codec.has_heartbeats() && self.idle > 0 {
+            return now as u64 + self.idle as u64;
+        }
         if self.idle > 0 {
             next.min(now as u64 + self.idle as u64)
         } else {
@@ -80,6 +83,16 @@ impl Liveness {
         let since_data = now.wrapping_sub(c.last_data);
         if self.idle > 0 && since_data >= self.idle {
             return Verdict::Close(CloseReason::IdleTimeout);
+        }
+        if !c.codec.has_heartbeats() {
+            // No heartbeats in the protocol: no pings and no heartbeat timeout. Come back for
+            // the idle timeout if there is one, else now and then for the RTT sample.
+            let wait = if self.idle > 0 {
+                self.idle - since_data
+            } else {
+                interval
+            };
+            return Verdict::Wait(now64 + wait as u64);
         }
         if since_rx >= timeout {
             return Verdict::Close(CloseReason::HeartbeatTimeout);

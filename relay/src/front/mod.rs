@@ -16,12 +16,17 @@
 //!
 //! Liveness: a timing wheel visits each connection only at its own deadline, to ping it when
 //! idle and to close it when nothing arrived within its heartbeat timeout.
+//!
+//! Key routing: on a `resp` listener with several workers, frames are spread over the pool by
+//! key and replies put back in request order (see `route.rs`).
 
 mod admission;
 mod conn;
 mod liveness;
+mod route;
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::net::Shutdown;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -33,8 +38,8 @@ use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
-use shmrelay_worker::protocol::{is_whole_frames, tag, ANSWERED_WORD, FRAME_HEADER};
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::protocol::{tag, ANSWERED_WORD, FRAME_HEADER};
+use shmrelay_worker::{CloseReason, Codec, ConnId};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
@@ -43,8 +48,12 @@ use crate::timer::Wheel;
 use admission::Admission;
 use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
 use liveness::{Liveness, Verdict, TICK_MS};
+use route::{read_routed, Route, Scratch};
 
-const LISTENER: Token = Token(usize::MAX - 1);
+/// Listener `l` has token `LISTENER_BASE - l`.
+const LISTENER_BASE: usize = usize::MAX - 16;
+/// Most listeners per relay.
+pub const MAX_LISTENERS: usize = 64;
 const DOORBELL: Token = Token(usize::MAX - 2);
 /// Reply records handled per ring per loop turn.
 const REPLY_BATCH: usize = 1024;
@@ -90,6 +99,19 @@ pub enum FrontError {
     },
 }
 
+/// One listening socket of this front, its codec and the workers of its pool.
+struct Listener {
+    /// `None` once draining.
+    sock: Option<TcpListener>,
+    codec: Codec,
+    /// Global worker indices.
+    pool: Vec<usize>,
+    /// Round-robin position in `pool`.
+    next: usize,
+    /// Frames are routed by key across the pool (`resp` with more than one worker).
+    routed: bool,
+}
+
 /// A control record waiting for ring space (kept in order, ahead of any data).
 struct Ctrl {
     tag: u16,
@@ -108,6 +130,12 @@ struct Chan {
     broken: bool,
     /// The worker's doorbell.
     bell: Arc<EventFd>,
+    /// Key routing: every reply to a request frame ending at or below this request-ring
+    /// position has been read from the reply ring.
+    completed: u64,
+    /// Key routing: routed connections whose oldest request is on this worker, by that
+    /// request's position: (position, slot, generation). Stale entries are skipped.
+    waiting: BinaryHeap<Reverse<(u64, u32, u32)>>,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -117,14 +145,14 @@ struct Chan {
 /// Only setup errors; everything after setup is handled per connection.
 pub fn run(
     settings: FrontSettings,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     doorbell: Arc<EventFd>,
     channels: Vec<ChannelFds>,
     stats: Stats,
     ready: Option<OwnedFd>,
 ) -> Result<(), FrontError> {
     crate::signals::install();
-    let mut front = Front::new(settings, listener, doorbell, channels, stats)?;
+    let mut front = Front::new(settings, listeners, doorbell, channels, stats)?;
     if let Some(fd) = ready {
         // Tell the supervisor we are accepting; closing the pipe is the signal.
         let mut f = std::fs::File::from(fd);
@@ -137,14 +165,19 @@ struct Front {
     index: usize,
     cfg: Config,
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// One per configured listener, in order.
+    listeners: Vec<Listener>,
+    /// The codec of each worker's listener (replies are validated with it).
+    worker_codecs: Vec<Codec>,
+    /// Workers of a key-routed pool (their replies are put in request order).
+    routed_workers: Vec<bool>,
+    scratch: Scratch,
     /// Not accepting because every request ring is full.
     paused: bool,
     doorbell: Arc<EventFd>,
     chans: Vec<Chan>,
     slab: Slab,
     ready: Vec<(u32, u32)>,
-    next_worker: usize,
     stats: &'static Stats,
     fs: &'static FrontStats,
     admission: Admission,
@@ -166,16 +199,42 @@ struct Front {
 impl Front {
     fn new(
         s: FrontSettings,
-        listener: std::net::TcpListener,
+        sockets: Vec<std::net::TcpListener>,
         doorbell: Arc<EventFd>,
         channels: Vec<ChannelFds>,
         stats: Stats,
     ) -> Result<Front, FrontError> {
         let poll = Poll::new()?;
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let specs = s.config.listeners();
+        if specs.len() != sockets.len() || specs.len() > MAX_LISTENERS {
+            return Err(FrontError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} listening sockets for {} configured listeners (at most {MAX_LISTENERS})",
+                    sockets.len(),
+                    specs.len()
+                ),
+            )));
+        }
+        let owner = s.config.worker_listeners();
+        let mut listeners = Vec::new();
+        for (l, (sock, spec)) in sockets.into_iter().zip(&specs).enumerate() {
+            sock.set_nonblocking(true)?;
+            let mut sock = TcpListener::from_std(sock);
+            poll.registry()
+                .register(&mut sock, Token(LISTENER_BASE - l), Interest::READABLE)?;
+            let pool: Vec<usize> = (0..owner.len()).filter(|&w| owner[w] == l).collect();
+            let routed = spec.codec() == Codec::Resp && pool.len() > 1;
+            listeners.push(Listener {
+                sock: Some(sock),
+                codec: spec.codec(),
+                pool,
+                next: 0,
+                routed,
+            });
+        }
+        let worker_codecs = owner.iter().map(|&l| specs[l].codec()).collect();
+        let routed_workers = owner.iter().map(|&l| listeners[l].routed).collect();
         poll.registry().register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*doorbell)),
             DOORBELL,
@@ -201,6 +260,8 @@ impl Front {
                 blocked: Vec::new(),
                 dirty: false,
                 broken: false,
+                completed: 0,
+                waiting: BinaryHeap::new(),
             });
         }
         // The stats block lives as long as the process; leaking the mapping gives the hot
@@ -218,14 +279,16 @@ impl Front {
             liveness: Liveness::new(&s.config),
             cfg: s.config,
             poll,
-            listener: Some(listener),
+            listeners,
+            worker_codecs,
+            routed_workers,
+            scratch: Scratch::default(),
             paused: false,
             doorbell,
             chans,
             // Generations differ from any earlier incarnation of this front.
             slab: Slab::new((shm_ring::monotonic_ns() as u32) | 1),
             ready: Vec::new(),
-            next_worker: 0,
             stats,
             fs,
             wheel: Wheel::new(4096, 0),
@@ -258,8 +321,10 @@ impl Front {
             if crate::signals::stop_requested() && drain_deadline.is_none() {
                 info!(front = self.index, conns = self.open, "draining");
                 drain_deadline = Some(Instant::now() + Duration::from_millis(self.cfg.drain_ms));
-                if let Some(mut l) = self.listener.take() {
-                    let _ = self.poll.registry().deregister(&mut l);
+                for l in &mut self.listeners {
+                    if let Some(mut sock) = l.sock.take() {
+                        let _ = self.poll.registry().deregister(&mut sock);
+                    }
                 }
                 self.ready.clear();
             }
@@ -314,7 +379,9 @@ impl Front {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    Token(t) if t <= LISTENER_BASE && t > LISTENER_BASE - MAX_LISTENERS => {
+                        self.accept(LISTENER_BASE - t)
+                    }
                     DOORBELL => {
                         self.doorbell.drain();
                     }
@@ -360,7 +427,7 @@ impl Front {
                 return false;
             }
         }
-        self.slab.conns.iter().flatten().all(|c| c.pending() == 0)
+        self.slab.conns.iter().flatten().all(|c| c.flushed())
     }
 
     fn shutdown(&mut self) {
@@ -379,6 +446,19 @@ impl Front {
 
     /// Announces sleep on every ring this front waits on; returns the poll timeout.
     fn prepare_park(&mut self) -> Option<Duration> {
+        // Key routing: a worker releases its requests just after it publishes their replies,
+        // and a release alone wakes nobody. A release not yet seen is work now; one that may
+        // come while asleep is seen within a millisecond.
+        let mut routed_wait = false;
+        for ch in &mut self.chans {
+            if ch.broken || ch.waiting.is_empty() {
+                continue;
+            }
+            if ch.req.released().is_ok_and(|p| p > ch.completed) {
+                return Some(Duration::ZERO);
+            }
+            routed_wait = true;
+        }
         for ch in &mut self.chans {
             if ch.broken {
                 continue;
@@ -393,6 +473,9 @@ impl Front {
                 }
             }
         }
+        if routed_wait {
+            return Some(Duration::from_millis(1));
+        }
         // Sleep until the next deadline, but never less than TIMER_SLACK: liveness deadlines
         // are seconds apart per connection yet spread over every tick across many connections,
         // and waking each tick for them costs more than the precision is worth. Network events
@@ -404,9 +487,9 @@ impl Front {
         Some(Duration::from_millis(ms).clamp(TIMER_SLACK, MAX_SLEEP))
     }
 
-    fn accept(&mut self) {
+    fn accept(&mut self, l: usize) {
         loop {
-            let Some(listener) = self.listener.as_ref() else {
+            let Some(listener) = self.listeners[l].sock.as_ref() else {
                 return;
             };
             let (stream, peer) = match listener.accept() {
@@ -419,8 +502,11 @@ impl Front {
                     return;
                 }
             };
-            let workers: Vec<usize> = (0..self.chans.len())
-                .filter(|&w| !self.chans[w].broken)
+            let workers: Vec<usize> = self.listeners[l]
+                .pool
+                .iter()
+                .copied()
+                .filter(|&w| w < self.chans.len() && !self.chans[w].broken)
                 .collect();
             let admitted = if workers.is_empty() {
                 Err(crate::stats::RejectReason::NoWorker)
@@ -444,10 +530,16 @@ impl Front {
                 &stream,
                 self.liveness.timeout(self.liveness.interval(0)) as u64 * TICK_MS,
             );
-            let worker = workers[self.next_worker % workers.len()];
-            self.next_worker = self.next_worker.wrapping_add(1);
-            let (slot, gen) = self.slab.insert(Conn::new(stream, worker, addr_slot, now));
-            let first = self.liveness.first(now);
+            let lst = &mut self.listeners[l];
+            let worker = workers[lst.next % workers.len()];
+            lst.next = lst.next.wrapping_add(1);
+            let codec = lst.codec;
+            let mut conn = Conn::new(stream, worker, codec, addr_slot, now);
+            if lst.routed {
+                conn.route = Some(Box::new(Route::new(l)));
+            }
+            let (slot, gen) = self.slab.insert(conn);
+            let first = self.liveness.first(codec, now);
             let at = self.wheel.schedule((slot, gen), first);
             let c = self.slab.conns[slot as usize]
                 .as_mut()
@@ -464,17 +556,28 @@ impl Front {
                 continue;
             }
             let id = ConnId::new(self.index as u8, gen, slot);
-            self.chans[worker].backlog.push_back(Ctrl {
-                tag: tag::OPEN,
-                conn: id.raw(),
-                aux: 0,
-                payload: peer.to_string().into_bytes(),
-            });
+            // A routed connection may send frames to any worker of the pool: each hears of it
+            // (and of its close), so none keeps state for a connection it was never told of.
+            let told = if self.listeners[l].routed {
+                workers.clone()
+            } else {
+                vec![worker]
+            };
+            for &w in &told {
+                self.chans[w].backlog.push_back(Ctrl {
+                    tag: tag::OPEN,
+                    conn: id.raw(),
+                    aux: 0,
+                    payload: peer.to_string().into_bytes(),
+                });
+            }
             self.open += 1;
             add(&self.fs.accepts, 1);
             self.fs.conns_open.store(self.open, Ordering::Relaxed);
             debug!(%id, %peer, worker, "accepted");
-            self.flush_backlog(worker);
+            for w in told {
+                self.flush_backlog(w);
+            }
         }
     }
 
@@ -486,22 +589,30 @@ impl Front {
         }
         let overloaded = self.chans.iter().all(|c| c.broken || !c.blocked.is_empty());
         if overloaded != self.paused {
-            let Some(l) = self.listener.as_mut() else {
-                return;
-            };
-            let r = if overloaded {
-                self.poll.registry().deregister(l)
-            } else {
-                self.poll
-                    .registry()
-                    .register(l, LISTENER, Interest::READABLE)
-            };
-            if r.is_ok() {
+            let mut any = false;
+            for (i, l) in self.listeners.iter_mut().enumerate() {
+                let Some(sock) = l.sock.as_mut() else {
+                    continue;
+                };
+                let r = if overloaded {
+                    self.poll.registry().deregister(sock)
+                } else {
+                    self.poll.registry().register(
+                        sock,
+                        Token(LISTENER_BASE - i),
+                        Interest::READABLE,
+                    )
+                };
+                any |= r.is_ok();
+            }
+            if any {
                 self.paused = overloaded;
                 self.fs.paused.store(overloaded as u64, Ordering::Relaxed);
                 if !overloaded {
                     // Connections may have queued while paused: there is no new edge for them.
-                    self.accept();
+                    for l in 0..self.listeners.len() {
+                        self.accept(l);
+                    }
                 }
             }
         }
@@ -577,19 +688,38 @@ impl Front {
             if !c.wants_read() {
                 continue;
             }
-            let w = c.worker;
-            let ch = &mut self.chans[w];
-            if ch.broken {
-                self.close_conn(slot, CloseReason::WorkerGone);
-                continue;
-            }
-            if !ch.backlog.is_empty() {
-                c.blocked = true;
-                ch.blocked.push((slot, gen));
-                continue;
-            }
             let id = ConnId::new(self.index as u8, gen, slot);
-            let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
+            let (result, heartbeats, w) = if let Some(l) = c.route.as_ref().map(|r| r.listener) {
+                let pool = &self.listeners[l].pool;
+                let routed = read_routed(
+                    &mut self.chans,
+                    pool,
+                    c,
+                    &mut self.scratch,
+                    self.fs,
+                    id,
+                    max_frame,
+                    now,
+                );
+                if let Some((w, p)) = routed.new_head {
+                    self.chans[w].waiting.push(Reverse((p, slot, gen)));
+                }
+                (routed.result, 0, routed.worker)
+            } else {
+                let w = c.worker;
+                let ch = &mut self.chans[w];
+                if ch.broken {
+                    self.close_conn(slot, CloseReason::WorkerGone);
+                    continue;
+                }
+                if !ch.backlog.is_empty() {
+                    c.blocked = true;
+                    ch.blocked.push((slot, gen));
+                    continue;
+                }
+                let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
+                (result, heartbeats, w)
+            };
             if heartbeats > 0 {
                 // One answer per heartbeat read (a client may send several at once).
                 static ZEROS: [u8; FRAME_HEADER * 64] = [0; FRAME_HEADER * 64];
@@ -618,23 +748,30 @@ impl Front {
                 }
                 ReadResult::Close(CloseReason::ClientEof) => self.client_eof(slot, gen),
                 ReadResult::Close(reason) => self.close_conn(slot, reason),
-                ReadResult::TooLarge(len) => {
+                ReadResult::Protocol(e) => {
                     add(&self.fs.protocol_errors, 1);
                     let Some(c) = self.slab.get(slot, gen) else {
                         continue;
                     };
-                    c.too_large = len;
-                    if c.state == ConnState::Open && !self.chans[w].broken {
-                        // The whole frames before the bad header went to the worker: their
-                        // replies come first, then the error frame (at the worker's CLOSE ack).
+                    // Written by `close_conn`, after everything queued before it.
+                    c.protocol_error = Some(Box::new(e));
+                    if c.state == ConnState::Open {
+                        // The whole frames before the bad input went to the worker(s): their
+                        // replies come first, then the error reply (after the CLOSE acks).
                         self.close_after_worker(slot, gen, CloseReason::ProtocolError);
                     } else {
-                        self.send_error_frame(slot, gen);
                         self.close_conn(slot, CloseReason::ProtocolError);
                     }
                 }
                 ReadResult::Corrupt(e) => {
                     self.quarantine(w, &e.to_string());
+                }
+                ReadResult::Unavailable => {
+                    if let Some(c) = self.slab.get(slot, gen) {
+                        // Best effort and non-blocking: the close follows either way.
+                        let _ = (&c.stream).write(&c.codec.error_reply("worker unavailable"));
+                    }
+                    self.close_conn(slot, CloseReason::WorkerGone);
                 }
             }
         }
@@ -701,10 +838,27 @@ impl Front {
 
     fn pump_replies(&mut self, w: usize) -> usize {
         let me = self.index;
-        let ch = &mut self.chans[w];
-        if ch.broken {
+        let codec = self.worker_codecs.get(w).copied().unwrap_or_default();
+        let routed = self.routed_workers.get(w).copied().unwrap_or(false);
+        let max_pending = self.cfg.max_pending;
+        if self.chans[w].broken {
             return 0;
         }
+        // Key routing: how far the worker had released its requests before the replies below
+        // were read (see route.rs on when a request is answered in full).
+        let released_before = if routed {
+            match self.chans[w].req.released() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let e = e.to_string();
+                    self.quarantine(w, &e);
+                    return 0;
+                }
+            }
+        } else {
+            None
+        };
+        let ch = &mut self.chans[w];
         let mut todo: Vec<(u32, u32, Action)> = Vec::new();
         let mut n = 0;
         let mut corrupt = None;
@@ -732,19 +886,23 @@ impl Front {
                     }
                 };
                 match rec.tag() {
-                    tag::SEND if is_whole_frames(rec.payload()) => {
-                        if rec.conn() != group_conn || group.len() >= MAX_IOV {
-                            deliver(slab, fs, me, group_conn, &mut group, &mut todo);
-                            group_conn = rec.conn();
-                        }
-                        group.push(IoSlice::new(rec.payload()));
+                    tag::SEND if codec.is_valid_reply(rec.payload()) => {
                         answered = answered.max(rec.aux());
+                        if routed && !routed_reply(slab, fs, me, w, &rec, max_pending, &mut todo) {
+                            // Held for its turn.
+                        } else {
+                            if rec.conn() != group_conn || group.len() >= MAX_IOV {
+                                deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+                                group_conn = rec.conn();
+                            }
+                            group.push(IoSlice::new(rec.payload()));
+                        }
                     }
                     tag::CLOSE => {
                         deliver(slab, fs, me, group_conn, &mut group, &mut todo);
                         let id = ConnId::from_raw(rec.conn());
                         if id.front() == me {
-                            todo.push((id.slot(), id.generation(), Action::CloseAfterFlush));
+                            todo.push((id.slot(), id.generation(), Action::CloseAfterFlush(w)));
                         }
                     }
                     t => {
@@ -769,21 +927,34 @@ impl Front {
                 }
                 ch.rep.release(end);
             }
+            // Every reply published before the worker released up to `released_before` has
+            // been read if this pass read the ring to its end. Reading the release again and
+            // finding the ring still empty extends that to the newer release.
+            if let (Some(before), None, true) = (released_before, &corrupt, n < REPLY_BATCH) {
+                let mut upto = before;
+                if let Ok(after) = ch.req.released() {
+                    if ch.rep.is_empty().unwrap_or(false) {
+                        upto = after;
+                    }
+                }
+                if upto > ch.completed {
+                    ch.completed = upto;
+                    while let Some(&Reverse((p, slot, gen))) = ch.waiting.peek() {
+                        if p > upto {
+                            break;
+                        }
+                        ch.waiting.pop();
+                        todo.push((slot, gen, Action::Advance));
+                    }
+                }
+            }
         }
         for (slot, gen, action) in todo {
             match action {
                 Action::Close(reason) => self.close_conn(slot, reason),
                 Action::WantWrite => self.want_write(slot, gen),
-                Action::CloseAfterFlush => {
-                    // After a client's FIN this is the worker's acknowledgement of our CLOSE:
-                    // every reply it had for the connection is out, so keep its reason.
-                    let reason = match self.slab.get(slot, gen).map(|c| c.state) {
-                        Some(ConnState::Draining(r)) => r,
-                        _ => CloseReason::WorkerRequest,
-                    };
-                    self.send_error_frame(slot, gen);
-                    self.drain_conn(slot, gen, reason);
-                }
+                Action::CloseAfterFlush(from) => self.worker_closed(slot, gen, from),
+                Action::Advance => self.advance(slot, gen),
             }
         }
         if let Some(detail) = corrupt {
@@ -855,7 +1026,9 @@ impl Front {
             Interest::READABLE,
         );
         if let ConnState::Draining(reason) = c.state {
-            self.close_conn(slot, reason);
+            if c.flushed() && c.acks_in() {
+                self.close_conn(slot, reason);
+            }
         }
     }
 
@@ -880,45 +1053,108 @@ impl Front {
         let worker = c.worker;
         c.told_close = true;
         c.state = ConnState::Draining(reason);
+        // A routed connection's frames went to any worker of its pool: each acknowledges.
+        let workers = match c.route.as_ref() {
+            Some(r) => self.listeners[r.listener].pool.clone(),
+            None => vec![worker],
+        };
         self.draining += 1;
         self.fs
             .conns_draining
             .store(self.draining, Ordering::Relaxed);
         let id = ConnId::new(self.index as u8, gen, slot);
-        self.chans[worker].backlog.push_back(Ctrl {
-            tag: tag::CLOSE,
-            conn: id.raw(),
-            aux: reason as u64,
-            payload: Vec::new(),
-        });
-        self.flush_backlog(worker);
-        if self.chans[worker].broken {
-            self.send_error_frame(slot, gen);
+        let mut sent = 0u64;
+        for &w in &workers {
+            if self.chans[w].broken {
+                continue;
+            }
+            sent |= 1 << w;
+            self.chans[w].backlog.push_back(Ctrl {
+                tag: tag::CLOSE,
+                conn: id.raw(),
+                aux: reason as u64,
+                payload: Vec::new(),
+            });
+            self.flush_backlog(w);
+        }
+        if let Some(r) = self.slab.get(slot, gen).and_then(|c| c.route.as_mut()) {
+            r.close_sent = sent;
+        }
+        if workers.iter().any(|&w| self.chans[w].broken) {
             self.close_conn(slot, reason);
         }
     }
 
-    /// After an oversized length: the documented error frame. Best effort and never blocking,
-    /// as the connection closes either way; the FIN follows it.
-    fn send_error_frame(&mut self, slot: u32, gen: u32) {
+    /// A CLOSE record from worker `w`: after the client's FIN, its acknowledgement of ours
+    /// (every reply it had for the connection is before it); otherwise the worker asks to
+    /// close once what it queued is written.
+    fn worker_closed(&mut self, slot: u32, gen: u32, w: usize) {
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
-        if c.too_large == 0 {
-            return;
+        // After a client's FIN keep its reason.
+        let reason = match c.state {
+            ConnState::Draining(r) => r,
+            _ => CloseReason::WorkerRequest,
+        };
+        if let Some(r) = c.route.as_mut() {
+            r.close_acked |= 1 << w;
         }
-        let msg = format!(
-            "shmrelay-error: frame of {} bytes exceeds the maximum of {}",
-            c.too_large, self.cfg.max_frame
-        );
-        c.too_large = 0;
-        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(msg.as_bytes());
-        if c.pending() == 0 {
-            let _ = (&c.stream).write(&frame);
-            let _ = c.stream.shutdown(Shutdown::Write);
-        } else if c.pending() + frame.len() <= self.cfg.max_pending {
-            c.out.extend_from_slice(&frame);
+        self.drain_conn(slot, gen, reason);
+    }
+
+    /// Key routing: pops the connection's requests that are answered in full, writing the
+    /// replies held for each new oldest one (in one writev), and waits on the worker of the
+    /// first that is not. A request is answered in full when its worker is known to be past
+    /// it: its ring was read after the worker released the request, or a reply of the worker
+    /// to a later request of the connection came.
+    fn advance(&mut self, slot: u32, gen: u32) {
+        let fs = self.fs;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        // Taken out while the connection is written to, put back below.
+        let Some(mut r) = c.route.take() else {
+            return;
+        };
+        let mut early: Vec<Vec<u8>> = Vec::new();
+        let mut wait = None;
+        while let Some(&(hw, hp)) = r.order.front() {
+            let mut i = 0;
+            while i < r.held.len() {
+                if (r.held[i].0, r.held[i].1) == (hw, hp) {
+                    let (_, _, bytes) = r.held.remove(i).expect("index checked");
+                    r.held_bytes -= bytes.len();
+                    early.push(bytes);
+                } else {
+                    i += 1;
+                }
+            }
+            let later = r.held.iter().any(|&(w, p, _)| w == hw && p > hp);
+            if later || self.chans[hw].completed >= hp {
+                r.order.pop_front();
+                continue;
+            }
+            wait = Some((hw, hp));
+            break;
+        }
+        c.route = Some(r);
+        if !early.is_empty() {
+            let iov: Vec<IoSlice<'_>> = early.iter().map(|b| IoSlice::new(b)).collect();
+            if let Err(reason) = send_to(c, &iov, fs, usize::MAX) {
+                self.close_conn(slot, reason);
+                return;
+            }
+        }
+        if let Some((hw, hp)) = wait {
+            self.chans[hw].waiting.push(Reverse((hp, slot, gen)));
+        }
+        if c.pending() > 0 {
+            self.want_write(slot, gen);
+        } else if let ConnState::Draining(reason) = c.state {
+            if c.flushed() && c.acks_in() {
+                self.close_conn(slot, reason);
+            }
         }
     }
 
@@ -927,7 +1163,7 @@ impl Front {
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
-        if c.pending() == 0 {
+        if c.flushed() && c.acks_in() {
             self.close_conn(slot, reason);
         } else if !matches!(c.state, ConnState::Draining(_)) {
             c.state = ConnState::Draining(reason);
@@ -943,6 +1179,14 @@ impl Front {
         let Some(mut c) = self.slab.remove(slot) else {
             return;
         };
+        if let Some(e) = c.protocol_error.take() {
+            if c.pending() == 0 {
+                // The error reply it is owed, after its replies. Best effort and never
+                // blocking: the connection closes either way, and the FIN follows it.
+                let _ = (&c.stream).write(&c.codec.protocol_error_reply(&e));
+                let _ = c.stream.shutdown(Shutdown::Write);
+            }
+        }
         let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
         let _ = self.poll.registry().deregister(&mut c.stream);
         // The socket's retransmissions over its whole life, counted once.
@@ -952,12 +1196,39 @@ impl Front {
         drop(c.stream);
         self.admission.release(self.stats, c.addr_slot);
         let id = ConnId::new(self.index as u8, gen_before, slot);
-        // A connection whose OPEN never reached the worker needs no CLOSE either.
-        let told = c.state != ConnState::Accepted;
-        if !told {
+        if let Some(r) = c.route.as_ref() {
+            // Every worker of the pool was sent the OPEN: a worker whose OPEN is still queued
+            // loses it, the others get the CLOSE unless they had it already (at the FIN).
+            let told = if c.told_close { r.close_sent } else { 0 };
+            for w in self.listeners[r.listener].pool.clone() {
+                let ch = &mut self.chans[w];
+                if ch.broken || told & (1 << w) != 0 {
+                    continue;
+                }
+                let queued = ch
+                    .backlog
+                    .iter()
+                    .any(|ctrl| ctrl.conn == id.raw() && ctrl.tag == tag::OPEN);
+                if queued {
+                    ch.backlog.retain(|ctrl| ctrl.conn != id.raw());
+                } else {
+                    ch.backlog.push_back(Ctrl {
+                        tag: tag::CLOSE,
+                        conn: id.raw(),
+                        aux: reason as u64,
+                        payload: Vec::new(),
+                    });
+                    self.flush_backlog(w);
+                }
+            }
+        } else if c.state == ConnState::Accepted {
+            // A connection whose OPEN never reached the worker needs no CLOSE either.
             self.chans[c.worker]
                 .backlog
                 .retain(|ctrl| ctrl.conn != id.raw());
+        } else if c.told_close {
+            // The worker got its CLOSE at the client's FIN (or protocol error): one is enough,
+            // or its `on_close` would run twice.
         } else {
             self.chans[c.worker].backlog.push_back(Ctrl {
                 tag: tag::CLOSE,
@@ -1044,21 +1315,24 @@ impl Front {
         // them happened before this store.
         self.fs.quarantined.fetch_or(1 << w, Ordering::Release);
         self.chans[w].backlog.clear();
+        self.chans[w].waiting.clear();
         add(&self.fs.corrupt_rings, 1);
+        // Its connections, and every routed connection whose keys it shares.
+        let listeners = &self.listeners;
         let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
             .filter(|&s| {
-                self.slab.conns[s as usize]
-                    .as_ref()
-                    .is_some_and(|c| c.worker == w)
+                self.slab.conns[s as usize].as_ref().is_some_and(|c| {
+                    c.worker == w
+                        || c.route
+                            .as_ref()
+                            .is_some_and(|r| listeners[r.listener].pool.contains(&w))
+                })
             })
             .collect();
-        let msg = b"shmrelay-error: worker unavailable";
-        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(msg);
         for slot in slots {
             if let Some(c) = self.slab.conns[slot as usize].as_ref() {
                 // Best effort and non-blocking: the close follows either way.
-                let _ = (&c.stream).write(&frame);
+                let _ = (&c.stream).write(&c.codec.error_reply("worker unavailable"));
             }
             self.close_conn(slot, CloseReason::WorkerGone);
         }
@@ -1081,6 +1355,9 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     ch.blocked.clear();
     ch.dirty = false;
     ch.broken = false;
+    // Positions start again at zero.
+    ch.completed = 0;
+    ch.waiting.clear();
     Ok(())
 }
 
@@ -1120,7 +1397,68 @@ fn deliver(
 enum Action {
     Close(CloseReason),
     WantWrite,
-    CloseAfterFlush,
+    /// A CLOSE record from this worker.
+    CloseAfterFlush(usize),
+    /// Key routing: the connection's oldest request may be answered in full now.
+    Advance,
+}
+
+/// Key routing: true if a reply record goes out now with the records around it (it answers
+/// the connection's oldest request, or no request: a push); false if it was held for its turn,
+/// copied and counted (or belongs to no live connection: `deliver` counts those).
+fn routed_reply(
+    slab: &mut Slab,
+    fs: &FrontStats,
+    me: usize,
+    w: usize,
+    rec: &shm_ring::Record<'_>,
+    max_pending: usize,
+    todo: &mut Vec<(u32, u32, Action)>,
+) -> bool {
+    let id = ConnId::from_raw(rec.conn());
+    let (slot, gen) = (id.slot(), id.generation());
+    let Some(c) = slab.get(slot, gen).filter(|_| id.front() == me) else {
+        return true;
+    };
+    let pending = c.pending();
+    let Some(r) = c.route.as_mut() else {
+        return true;
+    };
+    let key = (w, rec.aux());
+    // A request's replies go out in the order they came: once one is held, so are the rest
+    // until the held ones are written (`advance`, queued when it became the oldest).
+    let direct =
+        |r: &Route| r.order.front() == Some(&key) && !r.held.iter().any(|h| (h.0, h.1) == key);
+    if direct(r) || !r.order.contains(&key) {
+        return true;
+    }
+    // The worker serves its frames in ring order, and its replies to a frame come before its
+    // replies to later ones: so its requests ahead of this one are answered in full. (Their
+    // held replies, if any, go first: stop at one that has some.)
+    let mut moved = false;
+    while let Some(&(hw, hp)) = r.order.front() {
+        if hw != w || hp >= key.1 || r.held.iter().any(|h| (h.0, h.1) == (hw, hp)) {
+            break;
+        }
+        r.order.pop_front();
+        moved = true;
+    }
+    if moved {
+        // Wait on (or move past) whatever is oldest now, and write what it holds.
+        todo.push((slot, gen, Action::Advance));
+    }
+    if direct(r) {
+        return true;
+    }
+    let payload = rec.payload();
+    r.held.push_back((w, rec.aux(), payload.to_vec()));
+    r.held_bytes += payload.len();
+    add(&fs.bytes_copied, payload.len() as u64);
+    add(&fs.frames_out, 1);
+    if pending + r.held_bytes > max_pending {
+        todo.push((slot, gen, Action::Close(CloseReason::SlowConsumer)));
+    }
+    false
 }
 
 /// Takes an inherited fd named in the environment.

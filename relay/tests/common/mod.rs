@@ -25,6 +25,29 @@ pub struct Relay {
 impl Relay {
     /// Starts `shmrelay` with `args` on 127.0.0.1:0 under a unique instance name.
     pub fn start(name: &str, args: &[&str]) -> Relay {
+        Relay::start_n(name, args, 1).0
+    }
+
+    /// Starts `shmrelay` with a config file holding `toml` (e.g. `[[listener]]` tables) and
+    /// waits for `listeners` listening lines; returns every listener's address, in order.
+    pub fn start_config(
+        name: &str,
+        toml: &str,
+        listeners: usize,
+        args: &[&str],
+    ) -> (Relay, Vec<SocketAddr>) {
+        let path =
+            std::env::temp_dir().join(format!("shmrelay-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).expect("write config");
+        let mut all = vec!["--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let r = Relay::start_n(name, &all, listeners);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    /// Starts `shmrelay` and waits for `n` listening lines.
+    pub fn start_n(name: &str, args: &[&str], n: usize) -> (Relay, Vec<SocketAddr>) {
         let instance = format!("t-{name}-{}", std::process::id());
         let mut child = Command::new(env!("CARGO_BIN_EXE_shmrelay"))
             .args(["--listen", "127.0.0.1:0", "--instance", &instance])
@@ -44,7 +67,8 @@ impl Relay {
             }
         });
         let mut metrics = None;
-        let addr = loop {
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        while addrs.len() < n {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("relay did not print `listening on` within 30 s");
@@ -52,15 +76,16 @@ impl Relay {
                 metrics = rest.split('/').next().and_then(|a| a.parse().ok());
             }
             if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
+                addrs.push(rest.split_whitespace().next().unwrap().parse().unwrap());
             }
-        };
-        Relay {
+        }
+        let relay = Relay {
             child,
-            addr,
+            addr: addrs[0],
             instance,
             metrics,
-        }
+        };
+        (relay, addrs)
     }
 
     pub fn connect(&self) -> Client {

@@ -262,6 +262,16 @@ impl<S: RingStorage> Producer<S> {
         self.refresh_head()
     }
 
+    /// The consumer's position, read now: every record before it was released.
+    ///
+    /// # Errors
+    ///
+    /// [`CorruptError::HeadOutOfRange`] if the consumer's position is invalid.
+    pub fn released(&mut self) -> Result<u64, CorruptError> {
+        self.refresh_head()?;
+        Ok(self.cached_head)
+    }
+
     /// True if the consumer has released everything that was published.
     pub fn is_drained(&mut self) -> Result<bool, CorruptError> {
         self.refresh_head()?;

@@ -1,0 +1,299 @@
+//! Key routing for `resp` listeners with more than one worker: each frame goes to the worker
+//! that owns its key, so a key lives on one worker whichever connection names it.
+//!
+//! Reading: one read lands in a front-local buffer (not in a ring: which ring a frame belongs
+//! to is known only once it is scanned); the frames of the read are then copied into one DATA
+//! record per worker, each worker's frames in the client's order. These bytes are counted as
+//! copied. Before a read, every worker of the pool must have room for the whole read, so the
+//! bytes taken from the socket always fit.
+//!
+//! Ordering: the connection keeps the requests it sent, oldest first, as (worker, end position
+//! of the frame in that worker's request ring). The worker SDK stamps every reply with the end
+//! position of the frame it answers (`aux`), so a reply is matched to its request. A reply for
+//! the oldest request is written straight from the reply ring (zero-copy); one for a later
+//! request is copied to the connection's held queue (counted as copied, bounded by
+//! `max_pending` with the out queue) and written when its turn comes. A record that answers no
+//! outstanding request (a push) is written as it comes, as on a listener without routing.
+//!
+//! When is a request answered in full? A worker may send any number of records for a frame, so
+//! a reply alone does not say. The SDK publishes a batch's replies before it releases the
+//! batch's requests, so once the front has seen a worker release past a frame and then read
+//! that worker's reply ring empty, every reply to the frame has been seen (`Chan::completed`).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut, Read};
+
+use shm_ring::layout::RECORD_HEADER_SIZE;
+use shm_ring::Meta;
+use shmrelay_worker::codec::{resp, FrameKind, Scan};
+use shmrelay_worker::protocol::tag;
+use shmrelay_worker::{CloseReason, ConnId};
+
+use super::conn::{Conn, ReadResult};
+use super::Chan;
+use crate::stats::{add, FrontStats};
+
+/// Largest read of a routed connection: every worker of the pool must have this much room
+/// before the read (the frames of one read may all belong to one worker).
+pub(super) const ROUTED_CHUNK: usize = 64 * 1024;
+/// Bytes read from one routed connection before others get their turn.
+const ROUTED_BUDGET: usize = 256 * 1024;
+
+/// A routed connection's state (boxed in its `Conn`, so connections of other listeners pay
+/// one pointer for it).
+#[derive(Default)]
+pub(super) struct Route {
+    /// Its listener, whose pool the keys are spread over.
+    pub listener: usize,
+    /// Requests not yet answered in full, oldest first: (worker, end position of the frame in
+    /// that worker's request ring).
+    pub order: VecDeque<(usize, u64)>,
+    /// Replies that came before their turn, in arrival order: (worker, aux, bytes).
+    pub held: VecDeque<(usize, u64, Vec<u8>)>,
+    pub held_bytes: usize,
+    /// Workers (bit = global index) sent the CLOSE at the client's FIN, and those that
+    /// acknowledged it.
+    pub close_sent: u64,
+    pub close_acked: u64,
+}
+
+impl Route {
+    pub fn new(listener: usize) -> Route {
+        Route {
+            listener,
+            ..Route::default()
+        }
+    }
+
+    /// Nothing outstanding: every request answered and every reply written or queued.
+    pub fn idle(&self) -> bool {
+        self.order.is_empty() && self.held.is_empty()
+    }
+}
+
+/// The pool member that owns a frame's key; keyless commands go to `home`.
+pub(super) fn target(pool: &[usize], home: usize, frame: &[u8]) -> usize {
+    match resp::routing_key(frame) {
+        // FNV-1a: cheap, and stable across processes and restarts (keys must not move).
+        Some(key) => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for &b in key {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            pool[(h % pool.len() as u64) as usize]
+        }
+        None => home,
+    }
+}
+
+/// Scratch space of the front for routed reads, reused across connections.
+#[derive(Default)]
+pub(super) struct Scratch {
+    buf: Vec<u8>,
+    /// Per frame of the read: (start, len, worker, end offset in that worker's record).
+    frames: Vec<(usize, usize, usize, usize)>,
+    /// Per worker (global index): bytes of this read for it, and its record's payload position.
+    per_worker: Vec<(usize, u64)>,
+}
+
+/// What a routed read asks the loop to do besides its result.
+pub(super) struct Routed {
+    pub result: ReadResult,
+    /// The worker the result concerns (a full or corrupt ring), else the home worker.
+    pub worker: usize,
+    /// The connection's oldest request, if this read sent its first outstanding one:
+    /// (worker, position) for the loop to wait on.
+    pub new_head: Option<(usize, u64)>,
+}
+
+/// Reads a routed connection until the socket is empty, the budget is spent or a worker of the
+/// pool has no room, and spreads its frames over the pool by key.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn read_routed(
+    chans: &mut [Chan],
+    pool: &[usize],
+    c: &mut Conn,
+    s: &mut Scratch,
+    fs: &FrontStats,
+    id: ConnId,
+    max_frame: u32,
+    now: u32,
+) -> Routed {
+    let home = c.worker;
+    let done = |result, worker, new_head| Routed {
+        result,
+        worker,
+        new_head,
+    };
+    let mut new_head = None;
+    let mut budget = ROUTED_BUDGET;
+    if s.per_worker.len() < chans.len() {
+        s.per_worker.resize(chans.len(), (0, 0));
+    }
+    loop {
+        let carry = c.carry.len();
+        // Room in every ring of the pool for all of this read, and nothing queued ahead of it
+        // (an OPEN must reach each worker before the connection's data).
+        let mut want = usize::MAX;
+        for &w in pool {
+            let ch = &mut chans[w];
+            if ch.broken {
+                return done(ReadResult::Unavailable, w, new_head);
+            }
+            if !ch.backlog.is_empty() {
+                return done(ReadResult::Blocked, w, new_head);
+            }
+            want = want.min(ch.req.max_payload());
+        }
+        let want = want.min(carry + ROUTED_CHUNK);
+        if want <= carry {
+            // A partial frame as large as a ring record can be: it can never be delivered.
+            return done(
+                ReadResult::Protocol(shmrelay_worker::codec::ProtocolError::TooLarge {
+                    len: carry,
+                    max: max_frame as usize,
+                }),
+                home,
+                new_head,
+            );
+        }
+        for &w in pool {
+            match chans[w].req.has_space(want) {
+                Ok(true) => {}
+                Ok(false) => return done(ReadResult::Blocked, w, new_head),
+                Err(e) => return done(ReadResult::Corrupt(e), w, new_head),
+            }
+        }
+        if s.buf.len() < want {
+            s.buf.resize(want, 0);
+        }
+        s.buf[..carry].copy_from_slice(&c.carry);
+        let room = want - carry;
+        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut s.buf[carry..want])]) {
+            Ok(0) => return done(ReadResult::Close(CloseReason::ClientEof), home, new_head),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                c.readable = false;
+                return done(ReadResult::Drained, home, new_head);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return done(ReadResult::Close(CloseReason::IoError), home, new_head),
+        };
+        let filled = carry + n;
+        // Walk the frames and pick each one's worker.
+        s.frames.clear();
+        for &w in pool {
+            s.per_worker[w].0 = 0;
+        }
+        let mut pos = 0;
+        let mut bad = None;
+        while pos < filled {
+            let (len, kind) = match c.codec.scan(&s.buf[pos..filled], max_frame as usize) {
+                Ok(Scan::Frame { len, kind }) => (len, kind),
+                Ok(Scan::NeedMore { .. }) => break,
+                Err(e) => {
+                    // The whole frames before it are still served (their replies come first).
+                    bad = Some(e);
+                    break;
+                }
+            };
+            if kind == FrameKind::Data {
+                let w = target(pool, home, &s.buf[pos..pos + len]);
+                let acc = &mut s.per_worker[w].0;
+                *acc += len;
+                s.frames.push((pos, len, w, *acc));
+            }
+            pos += len;
+        }
+        // One DATA record per worker, its frames in the client's order. Every ring had room
+        // for `want` >= `filled` bytes, and nothing was written to them since.
+        for &w in pool {
+            let total = s.per_worker[w].0;
+            if total == 0 {
+                continue;
+            }
+            let ch = &mut chans[w];
+            let mut grant = match ch.req.reserve(total) {
+                Ok(g) => g,
+                Err(e) => return done(ReadResult::Corrupt(e), w, new_head),
+            };
+            let mut at = 0;
+            for &(start, len, fw, _) in &s.frames {
+                if fw == w {
+                    grant[at..at + len].copy_from_slice(&s.buf[start..start + len]);
+                    at += len;
+                }
+            }
+            let base = grant.position() + RECORD_HEADER_SIZE as u64;
+            grant.commit(total, Meta::tag(tag::DATA).conn(id.raw()));
+            s.per_worker[w].1 = base;
+            ch.dirty = true;
+        }
+        let route = c.route.as_mut().expect("a routed connection has its route");
+        for &(_, _, w, end) in &s.frames {
+            let p = s.per_worker[w].1 + end as u64;
+            if route.order.is_empty() {
+                new_head = new_head.or(Some((w, p)));
+            }
+            route.order.push_back((w, p));
+        }
+        if !s.frames.is_empty() {
+            c.last_rx = now;
+            c.last_data = now;
+            add(&fs.frames_in, s.frames.len() as u64);
+        }
+        add(&fs.bytes_in, n as u64);
+        if let Some(e) = bad {
+            add(&fs.bytes_copied, (carry + pos) as u64);
+            c.carry.clear();
+            return done(ReadResult::Protocol(e), home, new_head);
+        }
+        // The carry in, every frame into its ring, and the new partial frame out.
+        add(&fs.bytes_copied, (carry + filled) as u64);
+        c.carry.clear();
+        c.carry.extend_from_slice(&s.buf[pos..filled]);
+        if c.carry.is_empty() && c.carry.capacity() > 4096 {
+            c.carry = Vec::new();
+        }
+        if n < room && !c.hup {
+            c.readable = false;
+            return done(ReadResult::Drained, home, new_head);
+        }
+        budget = budget.saturating_sub(n);
+        if budget == 0 {
+            return done(ReadResult::Budget, home, new_head);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_on_one_worker_and_keyless_commands_go_home() {
+        let pool = [3, 4, 5];
+        let get = |k: &str| format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len());
+        let set = |k: &str| format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n$1\r\nv\r\n", k.len());
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100 {
+            let k = format!("key:{i}");
+            let w = target(&pool, 3, get(&k).as_bytes());
+            assert_eq!(w, target(&pool, 4, set(&k).as_bytes()), "{k}");
+            assert_eq!(w, target(&pool, 5, format!("GET {k}\r\n").as_bytes()));
+            seen.insert(w);
+        }
+        assert_eq!(seen.len(), 3, "100 keys use every worker");
+        assert_eq!(target(&pool, 4, b"*1\r\n$4\r\nPING\r\n"), 4);
+        assert_eq!(target(&pool, 5, b"PING hello\r\n"), 5);
+        assert_eq!(
+            target(&pool, 5, b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n"),
+            5,
+            "SELECT's argument is no key"
+        );
+        // Hash tags keep related keys together.
+        let a = target(&pool, 3, b"GET {u7}.name\r\n");
+        assert_eq!(a, target(&pool, 4, b"GET {u7}.mail\r\n"));
+    }
+}

@@ -1,0 +1,20 @@
+//! `kv-worker`: the in-memory key-value store speaking RESP (see `shmrelay_worker::kv`), for a
+//! `resp` listener: `[[listener]] codec = "resp", workers = 1, worker_cmd = "/path/to/kv-worker"`.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match shmrelay_worker::Worker::from_env() {
+        Ok(mut worker) => match worker.run(&mut shmrelay_worker::kv::Kv::default()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kv-worker: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!("kv-worker: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
