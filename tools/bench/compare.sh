@@ -163,32 +163,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Free loopback ports, asked from the kernel.
-read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX < <(python3 - <<'PY'
-import socket
-socks = []
-for _ in range(6):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PY
-)
-
-wait_port() { # PORT PID NAME: wait until PORT accepts a connection (and PID lives)
-    local port=$1 pid=$2 name=$3
-    for _ in $(seq 200); do
-        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$name.log" >&2 || true; die "$name (pid $pid) exited at start"; }
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    cat "$TMP/$name.log" >&2 || true
-    die "$name does not listen on 127.0.0.1:$port"
-}
+# shellcheck source=tools/bench/lib.sh
+. "$ROOT/tools/bench/lib.sh"
+read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX < <(free_ports 6)
 
 start_echo() { # NAME PORT -> sets LAST_PID
     $RUN "$BIN/tokio-echo" --listen "127.0.0.1:$2" --threads 1 >"$TMP/$1.log" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
-    wait_port "$2" "$LAST_PID" "$1"
+    wait_port "$2" "$LAST_PID" "$1" "$TMP/$1.log"
 }
 
 declare -A ADDR SERVER_PIDS
@@ -200,7 +183,7 @@ if has shmrelay; then
         --drain-ms 500 >"$TMP/shmrelay.log" 2>&1 &
     SHM_PID=$!
     PIDS+=("$SHM_PID")
-    wait_port "$P_SHM" "$SHM_PID" shmrelay
+    wait_port "$P_SHM" "$SHM_PID" shmrelay "$TMP/shmrelay.log"
     ADDR[shmrelay]="127.0.0.1:$P_SHM"
 fi
 
@@ -227,7 +210,7 @@ CFG
     $RUN haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
     HAP_PID=$!
     PIDS+=("$HAP_PID")
-    wait_port "$P_HAP" "$HAP_PID" haproxy
+    wait_port "$P_HAP" "$HAP_PID" haproxy "$TMP/haproxy.log"
     ADDR[haproxy]="127.0.0.1:$P_HAP"
 fi
 
@@ -258,7 +241,7 @@ CFG
     $RUN nginx -p "$TMP/nginx" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx.log" 2>&1 &
     NGX_PID=$!
     PIDS+=("$NGX_PID")
-    wait_port "$P_NGX" "$NGX_PID" nginx
+    wait_port "$P_NGX" "$NGX_PID" nginx "$TMP/nginx.log"
     ADDR[nginx]="127.0.0.1:$P_NGX"
 fi
 

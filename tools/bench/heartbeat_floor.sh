@@ -24,6 +24,9 @@ while [ $# -gt 0 ]; do
     *) echo "heartbeat_floor.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+die() { echo "heartbeat_floor.sh: $*" >&2; exit 1; }
+# shellcheck source=tools/bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/../.."
 if [ "$BUILD" = 1 ]; then
     cargo build --release -q -p shmrelay -p shmrelay-tools -p shmrelay-examples
@@ -40,19 +43,14 @@ trap cleanup EXIT
 
 # Starts a server; sets SERVER_PID and PORT.
 start() {
-    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    PORT=$(free_ports 1)
     case "$1" in
-    tokio) "$BIN/tokio-echo" --listen "127.0.0.1:$PORT" --threads 1 >"$TMP/tokio.log" 2>&1 & ;;
+    tokio) "$BIN/tokio-echo" --listen "127.0.0.1:$PORT" --threads 1 >"$TMP/$1.log" 2>&1 & ;;
     shmrelay) "$BIN/shmrelay" --fronts 1 --workers 1 --max-conns $((CONNS * 2)) \
-        --instance "hbfloor-$$" --listen "127.0.0.1:$PORT" >"$TMP/relay.log" 2>&1 & ;;
+        --instance "hbfloor-$$" --listen "127.0.0.1:$PORT" >"$TMP/$1.log" 2>&1 & ;;
     esac
     SERVER_PID=$!
-    for _ in $(seq 1 100); do
-        python3 -c "import socket; socket.create_connection(('127.0.0.1',$PORT),1).close()" 2>/dev/null && return
-        sleep 0.1
-    done
-    echo "heartbeat_floor.sh: $1 did not start (see $TMP)" >&2
-    exit 1
+    wait_port "$PORT" "$SERVER_PID" "$1" "$TMP/$1.log"
 }
 
 # One hold against the running server; prints "cpu_percent beats_per_s us_per_beat closes".

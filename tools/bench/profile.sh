@@ -67,15 +67,9 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-wait_port() {
-    for _ in $(seq 400); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
-        kill -0 "$1" 2>/dev/null || { cat "$TMP/server.log" >&2; die "the server exited"; }
-        sleep 0.05
-    done
-    die "nothing listens on 127.0.0.1:$PORT"
-}
+# shellcheck source=tools/bench/lib.sh
+. "$ROOT/tools/bench/lib.sh"
+PORT=$(free_ports 1)
 
 TAG="$SYSTEM-$SIZE-$CONNS"
 VG=()
@@ -88,7 +82,7 @@ else
     "${VG[@]}" "$BIN/tokio-echo" --listen "127.0.0.1:$PORT" --threads 1 >"$TMP/server.log" 2>&1 &
 fi
 SP=$!; PIDS+=("$SP")
-wait_port "$SP"
+wait_port "$PORT" "$SP" "$SYSTEM" "$TMP/server.log"
 TARGETS="$SP"
 if [ "$SYSTEM" = shmrelay ]; then
     # The front and the worker (the supervisor listens before it has started them).
