@@ -20,7 +20,10 @@
 #                               [--depth N] [--sizes "64 4096"] [--conns "100 1000"]
 #                               [--systems "shmrelay haproxy nginx tokio"] [--client-threads N]
 #                               [--max-load L [--max-load-wait S]] [--nice N] [--repeat N]
-#                               [--no-build] [--no-install]
+#                               [--no-build] [--no-install] [--baseline-bin PATH]
+# --baseline-bin PATH: also measure system `shmrelay-base`, another build of the shmrelay binary
+# (e.g. an older commit: `git worktree add /tmp/base COMMIT && cargo build --release` there), run
+# exactly like `shmrelay`, so a change is measured against its baseline in the same run.
 # --nice N: run every server process and the load generator at niceness N (e.g. -10, needs
 # root), the same for every system, so that other work on a shared machine disturbs the runs
 # less. With autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1) nice only
@@ -50,6 +53,7 @@ MAX_LOAD=""
 MAX_LOAD_WAIT=120
 NICE=0
 REPEAT=1
+BASE_BIN=""
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -70,6 +74,7 @@ while [ $# -gt 0 ]; do
         --repeat) REPEAT="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --no-install) INSTALL=0; shift ;;
+        --baseline-bin) BASE_BIN="$2"; SYSTEMS="$SYSTEMS shmrelay-base"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -141,6 +146,7 @@ INSTANCE="cmp-$$"
 TMP="$(mktemp -d /tmp/shmrelay-compare.XXXXXX)"
 PIDS=()          # every process this script started, killed by PID at exit
 SHM_PID=""
+BASE_PID=""
 
 cleanup() {
     local rc=$?
@@ -155,7 +161,7 @@ cleanup() {
     done
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -f /dev/shm/shmrelay."$INSTANCE".* 2>/dev/null || true
+    rm -f /dev/shm/shmrelay."$INSTANCE".* /dev/shm/shmrelay."$INSTANCE-base".* 2>/dev/null || true
     rm -rf "$TMP"
     exit "$rc"
 }
@@ -165,7 +171,7 @@ trap 'exit 143' TERM
 
 # shellcheck source=tools/bench/lib.sh
 . "$ROOT/tools/bench/lib.sh"
-read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX < <(free_ports 6)
+read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX P_BASE < <(free_ports 7)
 
 start_echo() { # NAME PORT -> sets LAST_PID
     $RUN "$BIN/tokio-echo" --listen "127.0.0.1:$2" --threads 1 >"$TMP/$1.log" 2>&1 &
@@ -185,6 +191,17 @@ if has shmrelay; then
     PIDS+=("$SHM_PID")
     wait_port "$P_SHM" "$SHM_PID" shmrelay "$TMP/shmrelay.log"
     ADDR[shmrelay]="127.0.0.1:$P_SHM"
+fi
+
+if has shmrelay-base; then
+    [ -x "$BASE_BIN" ] || die "--baseline-bin $BASE_BIN is not an executable"
+    rm -f /dev/shm/shmrelay."$INSTANCE-base".* 2>/dev/null || true
+    $RUN "$BASE_BIN" --listen "127.0.0.1:$P_BASE" --instance "$INSTANCE-base" --workers 1 \
+        --fronts 1 --drain-ms 500 >"$TMP/shmrelay-base.log" 2>&1 &
+    BASE_PID=$!
+    PIDS+=("$BASE_PID")
+    wait_port "$P_BASE" "$BASE_PID" shmrelay-base "$TMP/shmrelay-base.log"
+    ADDR[shmrelay-base]="127.0.0.1:$P_BASE"
 fi
 
 if has haproxy; then
@@ -254,6 +271,7 @@ fi
 server_pids() {
     case "$1" in
         shmrelay) echo "$SHM_PID" $(pgrep -P "$SHM_PID" || true) ;;
+        shmrelay-base) echo "$BASE_PID" $(pgrep -P "$BASE_PID" || true) ;;
         haproxy) echo "$HAP_PID $ECHO_HAP_PID" ;;
         nginx) echo "$NGX_PID" $(pgrep -P "$NGX_PID" || true) "$ECHO_NGX_PID" ;;
         tokio) echo "$TOK_PID" ;;
@@ -294,7 +312,7 @@ RUNS="$OUT/runs.jsonl"
     echo "haproxy=$(haproxy -v 2>/dev/null | head -1 || true)"
     echo "nginx=$(nginx -v 2>&1 || true)"
     echo "git=$(git rev-parse --short HEAD 2>/dev/null || true)$(git diff --quiet 2>/dev/null || echo '+dirty')"
-    echo "command=tools/bench/compare.sh --seconds $SECONDS_PER_RUN --warmup $WARMUP --depth $DEPTH --sizes '$SIZES' --conns '$CONNS' --client-threads $CLIENT_THREADS$([ "$REPEAT" != 1 ] && echo " --repeat $REPEAT")${MAX_LOAD:+ --max-load $MAX_LOAD}$([ "$NICE" != 0 ] && echo " --nice $NICE")$([ "$QUICK" = 1 ] && echo ' (--quick)')"
+    echo "command=tools/bench/compare.sh --seconds $SECONDS_PER_RUN --warmup $WARMUP --depth $DEPTH --sizes '$SIZES' --conns '$CONNS' --client-threads $CLIENT_THREADS${BASE_BIN:+ --baseline-bin $BASE_BIN}$([ "$REPEAT" != 1 ] && echo " --repeat $REPEAT")${MAX_LOAD:+ --max-load $MAX_LOAD}$([ "$NICE" != 0 ] && echo " --nice $NICE")$([ "$QUICK" = 1 ] && echo ' (--quick)')"
     echo "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$OUT/machine.txt"
 

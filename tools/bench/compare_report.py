@@ -12,14 +12,15 @@ import os
 import sys
 from xml.sax.saxutils import escape
 
-ORDER = ["shmrelay", "haproxy", "nginx", "tokio"]
+ORDER = ["shmrelay", "shmrelay-base", "haproxy", "nginx", "tokio"]
 LABEL = {
     "shmrelay": "shmrelay (1 front + 1 worker)",
+    "shmrelay-base": "shmrelay baseline build (--baseline-bin)",
     "haproxy": "HAProxy + tokio-echo",
     "nginx": "nginx stream + tokio-echo",
     "tokio": "tokio-echo alone",
 }
-COLOR = {"shmrelay": "#d95f02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888"}
+COLOR = {"shmrelay": "#d95f02", "shmrelay-base": "#e6ab02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888"}
 
 
 def size_label(size):
@@ -189,6 +190,14 @@ def targets(rows):
             f"- 64 B, 1,000 conns: shmrelay / tokio-echo req/s = {ratio:.2f}x (target >= 0.7x: "
             f"{'met' if ratio >= 0.7 else 'MISSED'})"
         )
+    for (sys_name, size, conns), r in sorted(get.items()):
+        b = get.get(("shmrelay-base", size, conns))
+        if sys_name == "shmrelay" and b:
+            ratio = r["req_per_sec"] / b["req_per_sec"]
+            out.append(
+                f"- {size_label(size)}, {conns} conns: shmrelay / baseline build req/s = "
+                f"{ratio:.3f}x (target within 5%: {'met' if ratio >= 0.95 else 'MISSED'})"
+            )
     for r in rows:
         if r["system"] == "shmrelay" and r["size"] >= 4096 and r["copied_ratio"] is not None:
             out.append(
