@@ -28,6 +28,10 @@
 //! backlog = 4096             # listen backlog
 //! # metrics = "127.0.0.1:9187"  # serve Prometheus metrics at http://ADDR/metrics (off by default)
 //! codec = "length-prefixed"  # wire codec of the default listener: length-prefixed, line, resp
+//! pending_budget = 268435456 # reply bytes queued for slow clients in one front, all together
+//! partial_budget = 134217728 # bytes of partial frames held by one front, all together
+//! frame_timeout_ms = 30000   # a frame must be complete this long after its first byte (0: never)
+//! push_scope = "listener"    # a worker writes only to its own listener's connections ("relay": any)
 //! ```
 //!
 //! Several listeners, each with its codec and its own worker pool (when any `[[listener]]`
@@ -152,6 +156,33 @@ pub struct Config {
     /// single default listener.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    // --- Per-front budgets and push scope (issue 12, items 5, 6, 11) ---
+    /// Reply bytes queued for clients that do not read, across all connections of one front:
+    /// past it the connections with the largest queues are closed (`slow_consumer`) until the
+    /// total is back under it. The per-connection bound is `max_pending`.
+    pub pending_budget: usize,
+    /// Bytes of partial frames (frames split across reads) held by one front, across all its
+    /// connections: past it the connections holding the largest partials are closed with the
+    /// codec's protocol error (`protocol_error`, counted in `partial_budget_closes`).
+    pub partial_budget: usize,
+    /// A frame must be complete this long after its first byte arrived, with every codec;
+    /// otherwise its connection is closed with the codec's protocol error. 0: never.
+    pub frame_timeout_ms: u64,
+    /// Which connections a worker may write to (replies, pushes, closes): `listener` (the
+    /// default: connections of its own listener) or `relay` (any connection of the relay).
+    /// A record outside the scope is dropped and counted (`push_out_of_scope`).
+    pub push_scope: PushScope,
+}
+
+/// Which connections a worker may write to.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PushScope {
+    /// Connections accepted on the worker's own listener.
+    #[default]
+    Listener,
+    /// Any connection of the relay.
+    Relay,
 }
 
 impl Default for Config {
@@ -185,6 +216,10 @@ impl Default for Config {
             worker_users: Vec::new(),
             codec: default_codec(),
             listeners: Vec::new(),
+            pending_budget: 256 << 20,
+            partial_budget: 128 << 20,
+            frame_timeout_ms: 30_000,
+            push_scope: PushScope::Listener,
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - `scribble:record`: publishes a reply record whose length runs past the end of the ring.
 //! - `scribble:head`: writes an impossible head into the request ring from this client's front
 //!   (50 ms later, after the worker's own release).
+//! - `push:F.S.G:BYTES`: pushes `BYTES` to connection `F.S.G` (front.slot.generation, as
+//!   `ConnId` prints it), whichever listener it belongs to, and answers `pushed`.
 
 use std::os::fd::{BorrowedFd, RawFd};
 
@@ -78,6 +80,16 @@ impl Handler for Scribbler {
                 let cap = size.saturating_sub(1024).max(1);
                 let at = 1024 + (tail & (cap - 1)) as i64;
                 self.poke(rep, at, &(1u32 << 30).to_ne_bytes());
+            }
+            _ if frame.starts_with(b"push:") => {
+                // A push to a connection named by the client (maybe another listener's).
+                let text = String::from_utf8_lossy(&frame[5..]).into_owned();
+                let (target, bytes) = text.split_once(':').unwrap_or((&text, ""));
+                let n: Vec<u64> = target.split('.').filter_map(|x| x.parse().ok()).collect();
+                if let [f, s, g] = n[..] {
+                    let _ = out.send(ConnId::new(f as u8, g as u32, s as u32), bytes.as_bytes());
+                }
+                let _ = out.send(conn, b"pushed");
             }
             _ => {
                 let _ = out.send(conn, frame);

@@ -24,6 +24,7 @@ mod admission;
 mod conn;
 mod liveness;
 mod route;
+mod scope;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -49,6 +50,7 @@ use admission::Admission;
 use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
 use liveness::{Liveness, Verdict, TICK_MS};
 use route::{read_routed, Route, Scratch};
+use scope::Scope;
 
 /// Listener `l` has token `LISTENER_BASE - l`.
 const LISTENER_BASE: usize = usize::MAX - 16;
@@ -194,6 +196,8 @@ struct Front {
     base_fds: u64,
     last_checks: Instant,
     last_fd_check: Instant,
+    /// Which connections each worker may write to.
+    scope: Scope,
 }
 
 impl Front {
@@ -273,6 +277,7 @@ impl Front {
         fs.conns_draining.store(0, Ordering::Relaxed);
         fs.paused.store(0, Ordering::Relaxed);
         fs.quarantined.store(0, Ordering::Relaxed);
+        let scope = Scope::new(&s.config);
         Ok(Front {
             index: s.index,
             admission: Admission::new(&s.config, s.index),
@@ -300,6 +305,7 @@ impl Front {
             base_fds: 0,
             last_checks: Instant::now(),
             last_fd_check: Instant::now(),
+            scope,
         })
     }
 
@@ -862,6 +868,7 @@ impl Front {
         let mut todo: Vec<(u32, u32, Action)> = Vec::new();
         let mut n = 0;
         let mut corrupt = None;
+        let mut out_of_scope = 0u64;
         {
             let records = match ch.rep.records() {
                 Ok(r) => r,
@@ -877,6 +884,7 @@ impl Front {
             let mut end = None;
             let slab = &mut self.slab;
             let fs = self.fs;
+            let scope = &self.scope;
             for rec in records.take(REPLY_BATCH) {
                 let rec = match rec {
                     Ok(r) => r,
@@ -886,6 +894,10 @@ impl Front {
                     }
                 };
                 match rec.tag() {
+                    tag::SEND | tag::CLOSE if !scope.allows(slab, me, w, rec.conn()) => {
+                        // Another listener's connection (push_scope): dropped, counted below.
+                        out_of_scope += 1;
+                    }
                     tag::SEND if codec.is_valid_reply(rec.payload()) => {
                         answered = answered.max(rec.aux());
                         if routed && !routed_reply(slab, fs, me, w, &rec, max_pending, &mut todo) {
@@ -956,6 +968,10 @@ impl Front {
                 Action::CloseAfterFlush(from) => self.worker_closed(slot, gen, from),
                 Action::Advance => self.advance(slot, gen),
             }
+        }
+        if out_of_scope > 0 {
+            add(&self.fs.push_out_of_scope, out_of_scope);
+            self.scope.note(self.index, w, out_of_scope);
         }
         if let Some(detail) = corrupt {
             self.quarantine(w, &detail);
