@@ -74,6 +74,9 @@ pub(super) struct Conn {
     /// Reply bytes the socket did not take yet.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// The part of `pending()` counted in the front's total of queued reply bytes (brought up
+    /// to date by `want_write`, `flush_out` and `close_conn`).
+    pub queued: usize,
     /// Per-frame key routing (a `resp` listener with several workers); `worker` is then the
     /// home worker, which gets the commands that name no key.
     pub route: Option<Box<Route>>,
@@ -103,6 +106,7 @@ impl Conn {
             carry: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
+            queued: 0,
             route: None,
         }
     }

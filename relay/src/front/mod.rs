@@ -198,6 +198,9 @@ struct Front {
     last_fd_check: Instant,
     /// Which connections each worker may write to.
     scope: Scope,
+    /// Reply bytes queued in every connection's out queue (the sum of their `queued`), held
+    /// under `pending_budget`.
+    queued_total: usize,
 }
 
 impl Front {
@@ -306,6 +309,7 @@ impl Front {
             last_checks: Instant::now(),
             last_fd_check: Instant::now(),
             scope,
+            queued_total: 0,
         })
     }
 
@@ -1001,6 +1005,20 @@ impl Front {
             self.close_conn(slot, CloseReason::SlowConsumer);
             return;
         }
+        // Every path that queues reply bytes ends here: count them in the front's total.
+        let pending = c.pending();
+        self.queued_total = self.queued_total - c.queued + pending;
+        c.queued = pending;
+        if self.queued_total > self.cfg.pending_budget {
+            self.shed_queues();
+            if self.slab.get(slot, gen).is_none() {
+                return;
+            }
+        }
+        self.publish_queued();
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
         if !c.want_write {
             c.want_write = true;
             let _ = self.poll.registry().reregister(
@@ -1018,13 +1036,22 @@ impl Front {
         if !c.want_write {
             return;
         }
+        let before = c.pending();
         while c.pending() > 0 {
             match (&c.stream).write(&c.out[c.out_pos..]) {
                 Ok(n) => {
                     c.out_pos += n;
                     add(&self.fs.bytes_out, n as u64);
+                    let gone = c.queued.min(n);
+                    c.queued -= gone;
+                    self.queued_total -= gone;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if c.pending() < before {
+                        self.publish_queued();
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.close_conn(slot, CloseReason::IoError);
@@ -1035,6 +1062,7 @@ impl Front {
         c.out.clear();
         c.out_pos = 0;
         c.out.shrink_to(4096);
+        self.queued_total -= std::mem::take(&mut c.queued);
         c.want_write = false;
         let _ = self.poll.registry().reregister(
             &mut c.stream,
@@ -1045,6 +1073,48 @@ impl Front {
             if c.flushed() && c.acks_in() {
                 self.close_conn(slot, reason);
             }
+        }
+    }
+
+    /// Past `pending_budget`, closes the connections with the largest reply queues
+    /// (`slow_consumer`) until the front's total is back within it.
+    fn shed_queues(&mut self) {
+        let budget = self.cfg.pending_budget;
+        let mut big: Vec<(usize, u32)> = self
+            .slab
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(s, c)| {
+                c.as_ref()
+                    .filter(|c| c.queued > 0)
+                    .map(|c| (c.queued, s as u32))
+            })
+            .collect();
+        big.sort_unstable_by(|a, b| b.cmp(a));
+        for (queued, slot) in big {
+            if self.queued_total <= budget {
+                break;
+            }
+            warn!(
+                front = self.index,
+                queued,
+                total = self.queued_total,
+                budget,
+                "queued replies over pending_budget: closing the largest queue"
+            );
+            add(&self.fs.pending_budget_closes, 1);
+            self.close_conn(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// Publishes the queued reply bytes for operators: the gauge, and the high-water mark
+    /// (taken after the budget was applied; the total only grows in `want_write`).
+    fn publish_queued(&self) {
+        let q = self.queued_total as u64;
+        self.fs.queued_bytes.store(q, Ordering::Relaxed);
+        if q > self.fs.queued_peak.load(Ordering::Relaxed) {
+            self.fs.queued_peak.store(q, Ordering::Relaxed);
         }
     }
 
@@ -1195,6 +1265,12 @@ impl Front {
         let Some(mut c) = self.slab.remove(slot) else {
             return;
         };
+        if c.queued > 0 {
+            self.queued_total -= c.queued;
+            self.fs
+                .queued_bytes
+                .store(self.queued_total as u64, Ordering::Relaxed);
+        }
         if let Some(e) = c.protocol_error.take() {
             if c.pending() == 0 {
                 // The error reply it is owed, after its replies. Best effort and never
