@@ -39,6 +39,7 @@ use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
+use shmrelay_worker::codec::ProtocolError;
 use shmrelay_worker::protocol::{tag, ANSWERED_WORD, FRAME_HEADER};
 use shmrelay_worker::{CloseReason, Codec, ConnId};
 use tracing::{debug, error, info, warn};
@@ -63,6 +64,13 @@ const REPLY_BATCH: usize = 1024;
 const MAX_IOV: usize = 64;
 /// Longest sleep of an idle loop (stop flag, worker checks).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// The error of a connection whose partial frame outlived `frame_timeout_ms`.
+const FRAME_TIMEOUT: ProtocolError =
+    ProtocolError::Invalid("frame not complete within frame_timeout_ms");
+/// The error of a connection closed because the front's partial frames passed
+/// `partial_budget` and it held the largest.
+const OVER_BUDGET: ProtocolError =
+    ProtocolError::Invalid("partial frame over the front's memory budget");
 /// Shortest sleep for timers alone: how late a ping or timeout may fire on an idle front.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
 
@@ -201,6 +209,11 @@ struct Front {
     /// Reply bytes queued in every connection's out queue (the sum of their `queued`), held
     /// under `pending_budget`.
     queued_total: usize,
+    /// Bytes of partial-frame buffers (the sum of the connections' `partial`), held under
+    /// `partial_budget`.
+    partial_total: usize,
+    /// `frame_timeout_ms` in ticks (0: never).
+    frame_ticks: u32,
 }
 
 impl Front {
@@ -281,6 +294,10 @@ impl Front {
         fs.paused.store(0, Ordering::Relaxed);
         fs.quarantined.store(0, Ordering::Relaxed);
         let scope = Scope::new(&s.config);
+        let s_frame_ticks = match s.config.frame_timeout_ms {
+            0 => 0,
+            ms => (ms / TICK_MS).clamp(1, u32::MAX as u64 / 4) as u32,
+        };
         Ok(Front {
             index: s.index,
             admission: Admission::new(&s.config, s.index),
@@ -310,6 +327,8 @@ impl Front {
             last_fd_check: Instant::now(),
             scope,
             queued_total: 0,
+            partial_total: 0,
+            frame_ticks: s_frame_ticks,
         })
     }
 
@@ -784,6 +803,7 @@ impl Front {
                     self.close_conn(slot, CloseReason::WorkerGone);
                 }
             }
+            self.account_partial(slot, gen);
         }
         // Keep the list's allocation for the next turn (it was taken, empty, each turn).
         if self.ready.is_empty() {
@@ -802,6 +822,17 @@ impl Front {
             };
             if c.timer_at != at {
                 continue; // superseded entry
+            }
+            // A partial frame not complete within frame_timeout_ms (any codec).
+            let partial_deadline = (self.frame_ticks > 0 && !c.carry.is_empty()).then(|| {
+                (self.now + self.frame_ticks as u64)
+                    .saturating_sub(now.wrapping_sub(c.partial_since) as u64)
+            });
+            if partial_deadline.is_some_and(|d| d <= self.now) && c.state == ConnState::Open {
+                add(&self.fs.frame_timeouts, 1);
+                debug!(slot, "frame not complete within frame_timeout_ms");
+                self.fail_conn(slot, gen, FRAME_TIMEOUT);
+                continue;
             }
             // A cheap kernel sample, once per check rather than per frame, and only where the
             // ping interval needs it: a client that beats on its own sets its own pace.
@@ -838,6 +869,7 @@ impl Front {
                 }
                 Verdict::Wait(next) => next,
             };
+            let next = partial_deadline.map_or(next, |d| next.min(d));
             let at = self.wheel.schedule((slot, gen), next);
             if let Some(c) = self.slab.get(slot, gen) {
                 c.timer_at = at;
@@ -1076,6 +1108,82 @@ impl Front {
         }
     }
 
+    /// Brings a connection's partial-frame memory into the front's total after a read,
+    /// applies `partial_budget`, and makes sure its timer comes at its frame deadline.
+    fn account_partial(&mut self, slot: u32, gen: u32) {
+        let now = self.now;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        let cap = c.carry.capacity();
+        if cap == c.partial {
+            return;
+        }
+        self.partial_total = self.partial_total - c.partial + cap;
+        c.partial = cap;
+        if self.frame_ticks > 0 && !c.carry.is_empty() {
+            let since = (now as u32).wrapping_sub(c.partial_since) as u64;
+            let deadline = (now + self.frame_ticks as u64).saturating_sub(since);
+            if deadline < c.timer_at {
+                c.timer_at = self.wheel.schedule((slot, gen), deadline);
+            }
+        }
+        if self.partial_total > self.cfg.partial_budget {
+            self.shed_partials();
+        }
+        let p = self.partial_total as u64;
+        self.fs.partial_bytes.store(p, Ordering::Relaxed);
+        if p > self.fs.partial_peak.load(Ordering::Relaxed) {
+            self.fs.partial_peak.store(p, Ordering::Relaxed);
+        }
+    }
+
+    /// Past `partial_budget`, closes the connections holding the largest partial frames
+    /// with the codec's protocol error until the total is back within it.
+    fn shed_partials(&mut self) {
+        let budget = self.cfg.partial_budget;
+        let mut big: Vec<(usize, u32, u32)> = (0..self.slab.conns.len())
+            .filter_map(|s| {
+                let c = self.slab.conns[s].as_ref()?;
+                (c.partial > 0).then(|| (c.partial, s as u32, self.slab.gens[s]))
+            })
+            .collect();
+        big.sort_unstable_by(|a, b| b.cmp(a));
+        for (partial, slot, gen) in big {
+            if self.partial_total <= budget {
+                break;
+            }
+            warn!(
+                front = self.index,
+                partial,
+                total = self.partial_total,
+                budget,
+                "partial frames over partial_budget: closing the largest"
+            );
+            add(&self.fs.partial_budget_closes, 1);
+            self.fail_conn(slot, gen, OVER_BUDGET);
+        }
+    }
+
+    /// Closes a connection for malformed or abusive input with the codec's error reply
+    /// (after the replies to its whole frames), freeing its partial frame at once.
+    fn fail_conn(&mut self, slot: u32, gen: u32, e: ProtocolError) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        self.partial_total -= c.partial;
+        c.partial = 0;
+        c.carry = Vec::new();
+        c.protocol_error = Some(Box::new(e));
+        let open = c.state == ConnState::Open;
+        add(&self.fs.protocol_errors, 1);
+        if open {
+            self.close_after_worker(slot, gen, CloseReason::ProtocolError);
+        } else {
+            self.close_conn(slot, CloseReason::ProtocolError);
+        }
+    }
+
     /// Past `pending_budget`, closes the connections with the largest reply queues
     /// (`slow_consumer`) until the front's total is back within it.
     fn shed_queues(&mut self) {
@@ -1265,6 +1373,12 @@ impl Front {
         let Some(mut c) = self.slab.remove(slot) else {
             return;
         };
+        if c.partial > 0 {
+            self.partial_total -= c.partial;
+            self.fs
+                .partial_bytes
+                .store(self.partial_total as u64, Ordering::Relaxed);
+        }
         if c.queued > 0 {
             self.queued_total -= c.queued;
             self.fs

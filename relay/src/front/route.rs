@@ -253,6 +253,10 @@ pub(super) fn read_routed(
         add(&fs.bytes_copied, (carry + filled) as u64);
         c.carry.clear();
         c.carry.extend_from_slice(&s.buf[pos..filled]);
+        if pos > 0 || carry == 0 {
+            // A new partial frame started (frame_timeout_ms runs from here).
+            c.partial_since = now;
+        }
         if c.carry.is_empty() && c.carry.capacity() > 4096 {
             c.carry = Vec::new();
         }

@@ -1,0 +1,86 @@
+//! Issue 12.5: a partial frame must be complete within `frame_timeout_ms` with every codec
+//! (`line` and `resp` have no heartbeats, so before this nothing ever closed a connection that
+//! sent half a command and went quiet).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::Relay;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// Sends `bytes` on a new connection; returns how long until the relay closed it and what it
+/// wrote before.
+fn closed_after(addr: SocketAddr, bytes: &[u8]) -> (Duration, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(30 * SEC)).unwrap();
+    let t = Instant::now();
+    s.write_all(bytes).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no close after {:?}: {e}; got {got:?}", t.elapsed()),
+        }
+    }
+    (t.elapsed(), got)
+}
+
+#[test]
+fn line_and_resp_partial_frames_are_closed_at_frame_timeout_ms() {
+    let toml = r#"
+frame_timeout_ms = 1000
+
+[[listener]]
+listen = "127.0.0.1:0"
+codec = "line"
+
+[[listener]]
+listen = "127.0.0.1:0"
+codec = "resp"
+"#;
+    let (relay, addrs) = Relay::start_config("ftimeout", toml, 2, &[]);
+    let cases: [(&str, &[u8], &[u8], &[u8]); 2] = [
+        (
+            "line",
+            b"hello\nno newline yet",
+            b"hello\n",
+            b"ERR protocol error: frame not complete within frame_timeout_ms\n",
+        ),
+        (
+            "resp",
+            b"*2\r\n$4\r\nECHO\r\n$5\r\nhello\r\n*2\r\n$4\r\nECHO\r\n$5\r\nhel",
+            b"*2\r\n$4\r\nECHO\r\n$5\r\nhello\r\n",
+            b"-ERR Protocol error: frame not complete within frame_timeout_ms\r\n",
+        ),
+    ];
+    for (i, (codec, sent, reply, error)) in cases.into_iter().enumerate() {
+        // A whole frame, then part of one: the echo, then the codec's error at the timeout.
+        let (after, got) = closed_after(addrs[i], sent);
+        let mut want = reply.to_vec();
+        want.extend_from_slice(error);
+        eprintln!("{codec}: closed after {after:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{codec}: the echo, then the codec's error"
+        );
+        assert!(
+            after >= Duration::from_millis(850) && after < 10 * SEC,
+            "{codec}: closed after {after:?}, frame_timeout_ms is 1000"
+        );
+        let f = relay.stats();
+        assert_eq!(
+            f.front(0).frame_timeouts.load(Ordering::Relaxed),
+            i as u64 + 1,
+            "{codec}"
+        );
+    }
+}
