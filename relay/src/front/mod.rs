@@ -64,6 +64,8 @@ const REPLY_BATCH: usize = 1024;
 const MAX_IOV: usize = 64;
 /// Longest sleep of an idle loop (stop flag, worker checks).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// How often the backlog is retried while accepting fails (EMFILE) and no connection closes.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The error of a connection whose partial frame outlived `frame_timeout_ms`.
 const FRAME_TIMEOUT: ProtocolError =
     ProtocolError::Invalid("frame not complete within frame_timeout_ms");
@@ -214,6 +216,11 @@ struct Front {
     partial_total: usize,
     /// `frame_timeout_ms` in ticks (0: never).
     frame_ticks: u32,
+    /// Accepting failed (EMFILE, ENFILE, ...) with connections left in the backlog: since
+    /// when, and whether a connection closed since (an fd came free).
+    accept_stall: Option<Instant>,
+    fd_freed: bool,
+    accept_retrying: bool,
 }
 
 impl Front {
@@ -329,6 +336,9 @@ impl Front {
             queued_total: 0,
             partial_total: 0,
             frame_ticks: s_frame_ticks,
+            accept_stall: None,
+            fd_freed: false,
+            accept_retrying: false,
         })
     }
 
@@ -526,8 +536,9 @@ impl Front {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the rest in the backlog for the next turn.
-                    warn!(front = self.index, "accept: {e}");
+                    // EMFILE and friends: the rest stays in the backlog, and no new edge comes
+                    // for it: retried at the next close or within ACCEPT_RETRY.
+                    self.accept_stalled(&e);
                     return;
                 }
             };
@@ -811,8 +822,44 @@ impl Front {
         }
     }
 
+    /// Accepting stopped at an error (EMFILE: out of fds): remembered so that the backlog is
+    /// retried when an fd comes free, since no new edge comes for the connections in it.
+    fn accept_stalled(&mut self, e: &io::Error) {
+        if self.accept_stall.is_none() && !self.accept_retrying {
+            warn!(
+                front = self.index,
+                "accept: {e}; the backlog is retried when a connection closes"
+            );
+            add(&self.fs.accept_emfile, 1);
+        }
+        self.accept_stall = Some(Instant::now());
+        self.fd_freed = false;
+    }
+
+    /// Retries the backlog after an accept error, once a connection closed (its fd is free)
+    /// or ACCEPT_RETRY passed (fds may come free elsewhere).
+    fn retry_accept(&mut self) {
+        let Some(at) = self.accept_stall else {
+            return;
+        };
+        if !self.fd_freed && at.elapsed() < ACCEPT_RETRY {
+            return;
+        }
+        self.accept_stall = None;
+        add(&self.fs.accept_retries, 1);
+        self.accept_retrying = true;
+        for l in 0..self.listeners.len() {
+            self.accept(l);
+        }
+        self.accept_retrying = false;
+        if self.accept_stall.is_none() {
+            info!(front = self.index, "accepting again");
+        }
+    }
+
     /// Visits the connections whose deadline came: ping the idle, close the silent.
     fn check_timers(&mut self) {
+        self.retry_accept();
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(self.now, &mut due);
         let now = self.now as u32;
@@ -1400,6 +1447,7 @@ impl Front {
             add(&self.fs.retransmits, retrans as u64);
         }
         drop(c.stream);
+        self.fd_freed = true;
         self.admission.release(self.stats, c.addr_slot);
         let id = ConnId::new(self.index as u8, gen_before, slot);
         if let Some(r) = c.route.as_ref() {
