@@ -64,6 +64,10 @@ const REPLY_BATCH: usize = 1024;
 const MAX_IOV: usize = 64;
 /// Longest sleep of an idle loop (stop flag, worker checks).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Doorbell wakes in a row with no work before the doorbell is left unwatched for a moment.
+const BELL_EMPTY_LIMIT: u32 = 16;
+/// How long the doorbell is left unwatched after too many wakes with no work.
+const BELL_PAUSE: Duration = Duration::from_millis(10);
 /// How often the backlog is retried while accepting fails (EMFILE) and no connection closes.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The error of a connection whose partial frame outlived `frame_timeout_ms`.
@@ -221,6 +225,11 @@ struct Front {
     accept_stall: Option<Instant>,
     fd_freed: bool,
     accept_retrying: bool,
+    /// Doorbell wakes in a row that found no work, and until when the doorbell is not
+    /// watched after too many (a worker ringing it in a loop).
+    bell_empty: u32,
+    bell_off_until: Option<Instant>,
+    bell_logged: bool,
 }
 
 impl Front {
@@ -339,6 +348,9 @@ impl Front {
             accept_stall: None,
             fd_freed: false,
             accept_retrying: false,
+            bell_empty: 0,
+            bell_off_until: None,
+            bell_logged: false,
         })
     }
 
@@ -402,6 +414,7 @@ impl Front {
             } else {
                 self.prepare_park()
             };
+            let timeout = self.doorbell_rearm(timeout);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -421,9 +434,7 @@ impl Front {
                     Token(t) if t <= LISTENER_BASE && t > LISTENER_BASE - MAX_LISTENERS => {
                         self.accept(LISTENER_BASE - t)
                     }
-                    DOORBELL => {
-                        self.doorbell.drain();
-                    }
+                    DOORBELL => self.doorbell_rang(),
                     Token(t) => {
                         let slot = t as u32;
                         let Some(gen) = self.slab.gens.get(t).copied() else {
@@ -820,6 +831,70 @@ impl Front {
         if self.ready.is_empty() {
             self.ready = ready;
         }
+    }
+
+    /// The doorbell woke the loop. Workers ring it only when this front announced sleep and
+    /// they published something; a worker that rings it in a loop (hostile or broken) would
+    /// cost the front a core. So after BELL_EMPTY_LIMIT wakes in a row that found no work,
+    /// the doorbell is not watched for BELL_PAUSE: the loop then sleeps at most that long and
+    /// looks at its rings anyway, so a real reply waits at most BELL_PAUSE, never forever. The
+    /// first wake after a pause that finds no work starts another pause at once.
+    fn doorbell_rang(&mut self) {
+        self.doorbell.drain();
+        let work = self.chans.iter_mut().any(|ch| {
+            !ch.broken
+                && (!ch.rep.is_empty().unwrap_or(true)
+                    || !ch.blocked.is_empty()
+                    || !ch.backlog.is_empty())
+        });
+        if work {
+            self.bell_empty = 0;
+            return;
+        }
+        self.bell_empty = self.bell_empty.saturating_add(1);
+        if self.bell_empty < BELL_EMPTY_LIMIT {
+            return;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.doorbell);
+        if self.poll.registry().deregister(&mut SourceFd(&fd)).is_ok() {
+            self.bell_off_until = Some(Instant::now() + BELL_PAUSE);
+            add(&self.fs.doorbell_throttled, 1);
+            if !std::mem::replace(&mut self.bell_logged, true) {
+                warn!(
+                    front = self.index,
+                    "doorbell rung {} times in a row with no work: a worker rings it in a \
+                     loop; watched again after a pause (counted in doorbell_throttled)",
+                    self.bell_empty
+                );
+            }
+            // One more empty wake after the pause starts the next one.
+            self.bell_empty = BELL_EMPTY_LIMIT - 1;
+        }
+    }
+
+    /// Watches the doorbell again once its pause is over; until then the loop sleeps no
+    /// longer than the pause's end.
+    fn doorbell_rearm(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let Some(until) = self.bell_off_until else {
+            return timeout;
+        };
+        let now = Instant::now();
+        if now >= until {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.doorbell);
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), DOORBELL, Interest::READABLE)
+                .is_ok()
+            {
+                self.bell_off_until = None;
+            }
+            // A ring that came while it was not watched: its count is still in the eventfd,
+            // and registering it raises the event; the rings are looked at this turn anyway.
+            return timeout;
+        }
+        let left = until - now;
+        Some(timeout.map_or(left, |t| t.min(left)))
     }
 
     /// Accepting stopped at an error (EMFILE: out of fds): remembered so that the backlog is
