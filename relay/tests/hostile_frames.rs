@@ -33,6 +33,9 @@ fn closed_after(addr: SocketAddr, bytes: &[u8]) -> (Duration, Vec<u8>) {
     (t.elapsed(), got)
 }
 
+/// (codec, bytes sent, the reply to the whole frame, the error at the timeout)
+type Case = (&'static str, &'static [u8], &'static [u8], &'static [u8]);
+
 #[test]
 fn line_and_resp_partial_frames_are_closed_at_frame_timeout_ms() {
     let toml = r#"
@@ -47,7 +50,7 @@ listen = "127.0.0.1:0"
 codec = "resp"
 "#;
     let (relay, addrs) = Relay::start_config("ftimeout", toml, 2, &[]);
-    let cases: [(&str, &[u8], &[u8], &[u8]); 2] = [
+    let cases: [Case; 2] = [
         (
             "line",
             b"hello\nno newline yet",
