@@ -248,21 +248,7 @@ pub(super) fn read_conn(
             }
         }
         if !c.carry.is_empty() {
-            let len = c.carry.len();
-            let need = match c.codec.scan(&c.carry, max_frame as usize) {
-                Ok(Scan::NeedMore { need }) => need,
-                // flush_carry leaves only a partial frame behind.
-                _ => len + 1,
-            };
-            // Exactly the rest when the codec knows the frame's size (nothing of the next
-            // frame lands here, so it stays zero-copy); a chunk when it does not (a line).
-            let want = if need > len + 1 {
-                c.carry.reserve_exact(need - len);
-                need - len
-            } else {
-                c.carry.reserve(CARRY_CHUNK);
-                CARRY_CHUNK
-            };
+            let want = carry_want(c, max_frame);
             let n = match read_into_carry(c, want) {
                 Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
                 Ok(n) => n,
@@ -348,8 +334,27 @@ pub(super) fn read_conn(
     }
 }
 
+/// How much of the partial frame in the connection's buffer to read next (room reserved):
+/// exactly the rest when the codec knows the frame's size (nothing of the next frame lands
+/// there, so it stays zero-copy); a chunk when it does not (a line).
+pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
+    let len = c.carry.len();
+    let need = match c.codec.scan(&c.carry, max_frame as usize) {
+        Ok(Scan::NeedMore { need }) => need,
+        // Only a partial frame is left behind.
+        _ => len + 1,
+    };
+    if need > len + 1 {
+        c.carry.reserve_exact(need - len);
+        need - len
+    } else {
+        c.carry.reserve(CARRY_CHUNK);
+        CARRY_CHUNK
+    }
+}
+
 /// Bytes read at a time into a partial frame whose size the codec cannot tell yet (a line).
-const CARRY_CHUNK: usize = 64 * 1024;
+pub(super) const CARRY_CHUNK: usize = 64 * 1024;
 
 /// What the start of a buffer holds, frame by frame.
 struct Walk {
@@ -468,7 +473,7 @@ fn flush_carry(
 /// Reads up to `want` bytes into the spare capacity of the connection's buffer (reserved by
 /// the caller), without initialising it first (a trickled frame would otherwise cost a
 /// memset of the rest of the frame per read).
-fn read_into_carry(c: &mut Conn, want: usize) -> io::Result<usize> {
+pub(super) fn read_into_carry(c: &mut Conn, want: usize) -> io::Result<usize> {
     let len = c.carry.len();
     let spare = c.carry.spare_capacity_mut();
     let want = want.min(spare.len());
