@@ -408,6 +408,24 @@ impl Config {
                 return bad("listener.workers", format!("{:?} has no workers", l.listen));
             }
         }
+        if self.partial_budget < self.max_frame as usize + 4 {
+            return bad(
+                "partial_budget",
+                format!(
+                    "{} is below one frame of max_frame ({}): no split frame could be read",
+                    self.partial_budget, self.max_frame
+                ),
+            );
+        }
+        if self.pending_budget < self.max_pending.min(self.max_frame as usize + 4) {
+            return bad(
+                "pending_budget",
+                format!(
+                    "{} cannot hold one reply of max_frame ({}) for a slow client",
+                    self.pending_budget, self.max_frame
+                ),
+            );
+        }
         let total = self.total_workers();
         if total > crate::stats::MAX_WORKERS {
             return bad(
@@ -519,5 +537,30 @@ mod tests {
             c.validate(),
             Err(ConfigError::Invalid { name: "listen", .. })
         ));
+        let c = Config {
+            partial_budget: 1000,
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                name: "partial_budget",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn budgets_and_push_scope_from_toml() {
+        let c: Config = toml::from_str(
+            "push_scope = \"relay\"\npending_budget = 8388608\npartial_budget = 4194304\nframe_timeout_ms = 0\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.push_scope, PushScope::Relay);
+        assert_eq!((c.pending_budget, c.partial_budget), (8 << 20, 4 << 20));
+        assert_eq!(c.frame_timeout_ms, 0);
+        assert_eq!(Config::default().push_scope, PushScope::Listener);
+        assert!(toml::from_str::<Config>("push_scope = \"anywhere\"").is_err());
     }
 }
