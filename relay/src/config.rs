@@ -28,6 +28,10 @@
 //! backlog = 4096             # listen backlog
 //! # metrics = "127.0.0.1:9187"  # serve Prometheus metrics at http://ADDR/metrics (off by default)
 //! codec = "length-prefixed"  # wire codec of the default listener: length-prefixed, line, resp
+//! pending_budget = 268435456 # reply bytes queued for slow clients in one front, all together
+//! partial_budget = 134217728 # bytes of partial frames held by one front, all together
+//! frame_timeout_ms = 30000   # a frame must be complete this long after its first byte (0: never)
+//! push_scope = "listener"    # a worker writes only to its own listener's connections ("relay": any)
 //! ```
 //!
 //! Several listeners, each with its codec and its own worker pool (when any `[[listener]]`
@@ -152,6 +156,33 @@ pub struct Config {
     /// single default listener.
     #[serde(rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    // --- Per-front budgets and push scope (issue 12, items 5, 6, 11) ---
+    /// Reply bytes queued for clients that do not read, across all connections of one front:
+    /// past it the connections with the largest queues are closed (`slow_consumer`) until the
+    /// total is back under it. The per-connection bound is `max_pending`.
+    pub pending_budget: usize,
+    /// Bytes of partial frames (frames split across reads) held by one front, across all its
+    /// connections: past it the connections holding the largest partials are closed with the
+    /// codec's protocol error (`protocol_error`, counted in `partial_budget_closes`).
+    pub partial_budget: usize,
+    /// A frame must be complete this long after its first byte arrived, with every codec;
+    /// otherwise its connection is closed with the codec's protocol error. 0: never.
+    pub frame_timeout_ms: u64,
+    /// Which connections a worker may write to (replies, pushes, closes): `listener` (the
+    /// default: connections of its own listener) or `relay` (any connection of the relay).
+    /// A record outside the scope is dropped and counted (`push_out_of_scope`).
+    pub push_scope: PushScope,
+}
+
+/// Which connections a worker may write to.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PushScope {
+    /// Connections accepted on the worker's own listener.
+    #[default]
+    Listener,
+    /// Any connection of the relay.
+    Relay,
 }
 
 impl Default for Config {
@@ -185,6 +216,10 @@ impl Default for Config {
             worker_users: Vec::new(),
             codec: default_codec(),
             listeners: Vec::new(),
+            pending_budget: 256 << 20,
+            partial_budget: 128 << 20,
+            frame_timeout_ms: 30_000,
+            push_scope: PushScope::Listener,
         }
     }
 }
@@ -373,6 +408,24 @@ impl Config {
                 return bad("listener.workers", format!("{:?} has no workers", l.listen));
             }
         }
+        if self.partial_budget < self.max_frame as usize + 4 {
+            return bad(
+                "partial_budget",
+                format!(
+                    "{} is below one frame of max_frame ({}): no split frame could be read",
+                    self.partial_budget, self.max_frame
+                ),
+            );
+        }
+        if self.pending_budget < self.max_pending.min(self.max_frame as usize + 4) {
+            return bad(
+                "pending_budget",
+                format!(
+                    "{} cannot hold one reply of max_frame ({}) for a slow client",
+                    self.pending_budget, self.max_frame
+                ),
+            );
+        }
         let total = self.total_workers();
         if total > crate::stats::MAX_WORKERS {
             return bad(
@@ -484,5 +537,30 @@ mod tests {
             c.validate(),
             Err(ConfigError::Invalid { name: "listen", .. })
         ));
+        let c = Config {
+            partial_budget: 1000,
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                name: "partial_budget",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn budgets_and_push_scope_from_toml() {
+        let c: Config = toml::from_str(
+            "push_scope = \"relay\"\npending_budget = 8388608\npartial_budget = 4194304\nframe_timeout_ms = 0\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.push_scope, PushScope::Relay);
+        assert_eq!((c.pending_budget, c.partial_budget), (8 << 20, 4 << 20));
+        assert_eq!(c.frame_timeout_ms, 0);
+        assert_eq!(Config::default().push_scope, PushScope::Listener);
+        assert!(toml::from_str::<Config>("push_scope = \"anywhere\"").is_err());
     }
 }

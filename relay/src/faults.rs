@@ -7,6 +7,10 @@
 //! - `scribble:record`: publishes a reply record whose length runs past the end of the ring.
 //! - `scribble:head`: writes an impossible head into the request ring from this client's front
 //!   (50 ms later, after the worker's own release).
+//! - `ring:doorbell`: starts a thread that writes the eventfd doorbell of this client's front
+//!   in a loop, forever (a wake with no work each time), and answers `ringing`.
+//! - `push:F.S.G:BYTES`: pushes `BYTES` to connection `F.S.G` (front.slot.generation, as
+//!   `ConnId` prints it), whichever listener it belongs to, and answers `pushed`.
 
 use std::os::fd::{BorrowedFd, RawFd};
 
@@ -17,6 +21,8 @@ pub struct Scribbler {
     index: usize,
     /// (request fd, reply fd) per front.
     fds: Vec<(RawFd, RawFd)>,
+    /// The doorbell eventfd of each front.
+    bells: Vec<RawFd>,
 }
 
 impl Scribbler {
@@ -24,17 +30,20 @@ impl Scribbler {
     /// only writes through them).
     pub fn from_env(index: usize) -> Scribbler {
         let mut fds = Vec::new();
+        let mut bells = Vec::new();
         for entry in std::env::var(env::CHANNELS).unwrap_or_default().split(',') {
             let n: Vec<i32> = entry.split(':').filter_map(|x| x.parse().ok()).collect();
-            if let [f, req, rep, _] = n[..] {
+            if let [f, req, rep, bell] = n[..] {
                 let f = f as usize;
                 if fds.len() <= f {
                     fds.resize(f + 1, (-1, -1));
+                    bells.resize(f + 1, -1);
                 }
                 fds[f] = (req, rep);
+                bells[f] = bell;
             }
         }
-        Scribbler { index, fds }
+        Scribbler { index, fds, bells }
     }
 
     fn poke(&self, fd: RawFd, offset: i64, bytes: &[u8]) {
@@ -78,6 +87,27 @@ impl Handler for Scribbler {
                 let cap = size.saturating_sub(1024).max(1);
                 let at = 1024 + (tail & (cap - 1)) as i64;
                 self.poke(rep, at, &(1u32 << 30).to_ne_bytes());
+            }
+            b"ring:doorbell" => {
+                let bell = self.bells.get(conn.front()).copied().unwrap_or(-1);
+                std::thread::spawn(move || loop {
+                    // SAFETY: as in `poke`; an eventfd takes 8-byte writes.
+                    let fd = unsafe { BorrowedFd::borrow_raw(bell) };
+                    if nix::unistd::write(fd, &1u64.to_ne_bytes()).is_err() {
+                        std::thread::yield_now();
+                    }
+                });
+                let _ = out.send(conn, b"ringing");
+            }
+            _ if frame.starts_with(b"push:") => {
+                // A push to a connection named by the client (maybe another listener's).
+                let text = String::from_utf8_lossy(&frame[5..]).into_owned();
+                let (target, bytes) = text.split_once(':').unwrap_or((&text, ""));
+                let n: Vec<u64> = target.split('.').filter_map(|x| x.parse().ok()).collect();
+                if let [f, s, g] = n[..] {
+                    let _ = out.send(ConnId::new(f as u8, g as u32, s as u32), bytes.as_bytes());
+                }
+                let _ = out.send(conn, b"pushed");
             }
             _ => {
                 let _ = out.send(conn, frame);

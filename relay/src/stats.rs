@@ -19,7 +19,7 @@ use shmrelay_worker::CloseReason;
 /// `b"SHMRSTAT"` as a little-endian u64.
 pub const STATS_MAGIC: u64 = u64::from_le_bytes(*b"SHMRSTAT");
 /// Bumped on any layout change.
-pub const STATS_VERSION: u32 = 1;
+pub const STATS_VERSION: u32 = 2;
 /// Fronts one instance can have.
 pub const MAX_FRONTS: usize = 64;
 /// Workers one instance can have.
@@ -152,6 +152,30 @@ pub struct FrontStats {
     /// Bit `w` set: this front quarantined its rings with worker `w` (corrupt) and waits for
     /// the supervisor to replace the worker and reset them; the supervisor clears the bit.
     pub quarantined: AtomicU64,
+    // --- Per-front budgets and push scope (issue 12, items 5, 6, 10, 11) ---
+    /// Reply bytes queued for clients right now (gauge), and its high-water mark as seen
+    /// after each event was handled (the budget `pending_budget` applied).
+    pub queued_bytes: AtomicU64,
+    pub queued_peak: AtomicU64,
+    /// Connections closed because the front's queued replies passed `pending_budget`.
+    pub pending_budget_closes: AtomicU64,
+    /// Bytes held in partial-frame buffers right now (gauge), and its high-water mark.
+    pub partial_bytes: AtomicU64,
+    pub partial_peak: AtomicU64,
+    /// Connections closed because the front's partial frames passed `partial_budget`.
+    pub partial_budget_closes: AtomicU64,
+    /// Connections closed because a frame was not complete within `frame_timeout_ms`.
+    pub frame_timeouts: AtomicU64,
+    /// Reply records (replies, pushes, closes) a worker addressed to a connection outside its
+    /// `push_scope`: dropped.
+    pub push_out_of_scope: AtomicU64,
+    /// Doorbell wakes that found no work and were throttled (the doorbell left unwatched for
+    /// a moment).
+    pub doorbell_throttled: AtomicU64,
+    /// Times accepting stopped at EMFILE/ENFILE with connections left in the backlog, and
+    /// retries of the backlog after fds were freed (a close or the retry timer).
+    pub accept_emfile: AtomicU64,
+    pub accept_retries: AtomicU64,
 }
 
 /// One worker slot's state, as the supervisor sees it.
@@ -227,7 +251,8 @@ pub const STATS_SIZE: usize = ADDRS_AT + MAX_FRONTS * ADDR_SLOTS * 4;
 
 const _: () = {
     assert!(HEADER_BYTES == 256);
-    assert!(FRONT_BYTES == 512);
+    // 512 until issue 12 (budgets, push scope, doorbell and EMFILE counters): 640.
+    assert!(FRONT_BYTES == 640);
     assert!(WORKER_BYTES == 128);
     assert!(CloseReason::ALL.len() <= REASONS);
 };

@@ -1,6 +1,7 @@
 //! One connection's state, the connection table, and the read and write paths.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::AsRawFd;
 
 use mio::net::TcpStream;
 use shm_ring::{Meta, ReserveError};
@@ -71,9 +72,18 @@ pub(super) struct Conn {
     pub addr_slot: u16,
     /// The partial frame at the end of the last read.
     pub carry: Vec<u8>,
+    /// The tick the partial frame in `carry` started (meaningful while `carry` is not empty):
+    /// it must be complete within `frame_timeout_ms`.
+    pub partial_since: u32,
+    /// The part of `carry`'s capacity counted in the front's total of partial-frame memory
+    /// (brought up to date after each read and at the close).
+    pub partial: usize,
     /// Reply bytes the socket did not take yet.
     pub out: Vec<u8>,
     pub out_pos: usize,
+    /// The part of `pending()` counted in the front's total of queued reply bytes (brought up
+    /// to date by `want_write`, `flush_out` and `close_conn`).
+    pub queued: usize,
     /// Per-frame key routing (a `resp` listener with several workers); `worker` is then the
     /// home worker, which gets the commands that name no key.
     pub route: Option<Box<Route>>,
@@ -101,8 +111,11 @@ impl Conn {
             rtt_us: 0,
             addr_slot,
             carry: Vec::new(),
+            partial_since: 0,
+            partial: 0,
             out: Vec::new(),
             out_pos: 0,
+            queued: 0,
             route: None,
         }
     }
@@ -208,6 +221,15 @@ pub(super) enum ReadResult {
 
 /// Reads `c` into `ch`'s request ring until the socket is empty, the budget is spent or the
 /// ring is full. Returns the outcome and the number of heartbeats to answer.
+///
+/// Copies: a read lands in ring space and its whole frames are committed in place (no copy).
+/// A frame split across reads is assembled in the connection's private buffer (`carry`): the
+/// start of it (the end of a read into the ring) is copied there once, the rest is read
+/// straight into the buffer, and the complete frame is copied into the ring once. So the bytes
+/// of a split frame are copied at most twice whatever the number of reads it took (never once
+/// per read, as when the partial frame went back and forth between the ring and the buffer:
+/// quadratic for a trickled frame), and whole frames are not copied at all. Every copy is
+/// counted in `bytes_copied`.
 pub(super) fn read_conn(
     ch: &mut Chan,
     c: &mut Conn,
@@ -218,29 +240,46 @@ pub(super) fn read_conn(
 ) -> (ReadResult, usize) {
     let mut budget = READ_BUDGET;
     let mut heartbeats = 0;
-    let limit = ch.req.max_payload();
     loop {
-        let carry = c.carry.len();
-        // A partial frame of known size needs room for all of it, so it is carried at most
-        // once more; otherwise any room beyond the carry will do.
-        let min = if carry == 0 {
-            1
-        } else {
-            match c.codec.scan(&c.carry, max_frame as usize) {
-                Ok(Scan::NeedMore { need }) => need,
-                _ => carry + 1,
+        if !c.carry.is_empty() {
+            // The rest of a partial frame: into the buffer, then the frame to the ring.
+            if let Err(r) = flush_carry(ch, c, fs, id, max_frame, now, &mut heartbeats) {
+                return (r, heartbeats);
             }
         }
-        .min(limit);
-        let max = (carry + READ_CHUNK).max(min);
-        let mut grant = match ch.req.reserve_up_to(min, max) {
+        if !c.carry.is_empty() {
+            let want = carry_want(c, max_frame);
+            let n = match read_into_carry(c, want) {
+                Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    return (ReadResult::Drained, heartbeats);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
+            };
+            add(&fs.bytes_in, n as u64);
+            if let Err(r) = flush_carry(ch, c, fs, id, max_frame, now, &mut heartbeats) {
+                return (r, heartbeats);
+            }
+            if n < want && !c.hup {
+                c.readable = false;
+                return (ReadResult::Drained, heartbeats);
+            }
+            budget = budget.saturating_sub(n);
+            if budget == 0 {
+                return (ReadResult::Budget, heartbeats);
+            }
+            continue;
+        }
+        let mut grant = match ch.req.reserve_up_to(1, READ_CHUNK) {
             Ok(g) => g,
             Err(ReserveError::Full) => return (ReadResult::Blocked, heartbeats),
             Err(e) => return (ReadResult::Corrupt(e), heartbeats),
         };
-        grant[..carry].copy_from_slice(&c.carry);
-        let room = grant.len() - carry;
-        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[carry..])]) {
+        let room = grant.len();
+        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[..])]) {
             Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -250,73 +289,37 @@ pub(super) fn read_conn(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
         };
-        let filled = carry + n;
         // Walk the frames of this read.
-        let mut pos = 0;
-        let mut frames = 0u64;
-        let mut beats = 0u64;
-        let mut bad = None;
-        while pos < filled {
-            let (len, kind) = match c.codec.scan(&grant[pos..filled], max_frame as usize) {
-                Ok(Scan::Frame { len, kind }) => (len, kind),
-                Ok(Scan::NeedMore { .. }) => break,
-                Err(e) => {
-                    // The whole frames before it still go to the worker: nothing valid is lost.
-                    bad = Some(e);
-                    break;
-                }
-            };
-            if kind == FrameKind::Heartbeat {
-                // A length-0 frame answers our outstanding ping if there is one, and otherwise
-                // asks for an answer: so pings and heartbeats never bounce back and forth.
-                beats += 1;
-                if c.ping_outstanding {
-                    c.ping_outstanding = false;
-                } else {
-                    c.client_beats = true;
-                    heartbeats += 1;
-                }
-            } else if kind == FrameKind::Data {
-                frames += 1;
-            }
-            pos += len;
-        }
-        if frames + beats > 0 {
-            c.last_rx = now;
-        }
-        if frames > 0 {
-            c.last_data = now;
-        }
-        if beats > 0 {
-            add(&fs.heartbeats, beats);
-        }
-        if let Some(e) = bad {
-            if frames > 0 {
-                grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
+        let w = walk(c, &grant[..n], max_frame);
+        apply(c, fs, &w, now, &mut heartbeats);
+        add(&fs.bytes_in, n as u64);
+        if let Some(e) = w.bad {
+            if w.frames > 0 {
+                grant.commit(w.pos, Meta::tag(tag::DATA).conn(id.raw()));
                 ch.dirty = true;
-                add(&fs.frames_in, frames);
+                add(&fs.frames_in, w.frames);
             }
-            add(&fs.bytes_in, n as u64);
-            c.carry.clear();
             return (ReadResult::Protocol(e), heartbeats);
         }
-        // The carried bytes were copied in; the new partial tail is copied out.
-        let copied = carry + (filled - pos);
-        c.carry.clear();
-        c.carry.extend_from_slice(&grant[pos..filled]);
-        if frames > 0 {
+        if w.pos < n {
+            // A partial frame at the end: copied once to the connection's buffer, with room
+            // for all of it when its size is known.
+            let tail = n - w.pos;
+            c.carry.reserve_exact(if w.need > tail + 1 {
+                w.need
+            } else {
+                tail + CARRY_CHUNK
+            });
+            c.carry.extend_from_slice(&grant[w.pos..n]);
+            c.partial_since = now;
+            add(&fs.bytes_copied, (n - w.pos) as u64);
+        }
+        if w.frames > 0 {
             // Heartbeats and ignored empty frames between data frames ride along (the SDK
             // skips them); a read of nothing but those commits nothing.
-            grant.commit(pos, Meta::tag(tag::DATA).conn(id.raw()));
+            grant.commit(w.pos, Meta::tag(tag::DATA).conn(id.raw()));
             ch.dirty = true;
-            add(&fs.frames_in, frames);
-        }
-        add(&fs.bytes_in, n as u64);
-        if copied > 0 {
-            add(&fs.bytes_copied, copied as u64);
-        }
-        if c.carry.is_empty() && c.carry.capacity() > 4096 {
-            c.carry = Vec::new();
+            add(&fs.frames_in, w.frames);
         }
         if n < room && !c.hup {
             // A short read emptied the socket; the next arrival raises a new edge. (Not so a
@@ -329,6 +332,161 @@ pub(super) fn read_conn(
             return (ReadResult::Budget, heartbeats);
         }
     }
+}
+
+/// How much of the partial frame in the connection's buffer to read next (room reserved):
+/// exactly the rest when the codec knows the frame's size (nothing of the next frame lands
+/// there, so it stays zero-copy); a chunk when it does not (a line).
+pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
+    let len = c.carry.len();
+    let need = match c.codec.scan(&c.carry, max_frame as usize) {
+        Ok(Scan::NeedMore { need }) => need,
+        // Only a partial frame is left behind.
+        _ => len + 1,
+    };
+    if need > len + 1 {
+        c.carry.reserve_exact(need - len);
+        need - len
+    } else {
+        c.carry.reserve(CARRY_CHUNK);
+        CARRY_CHUNK
+    }
+}
+
+/// Bytes read at a time into a partial frame whose size the codec cannot tell yet (a line).
+pub(super) const CARRY_CHUNK: usize = 64 * 1024;
+
+/// What the start of a buffer holds, frame by frame.
+struct Walk {
+    /// End of the whole frames.
+    pos: usize,
+    frames: u64,
+    beats: u64,
+    /// Malformed input after the whole frames.
+    bad: Option<ProtocolError>,
+    /// Bytes the partial frame after `pos` needs in all (when there is one).
+    need: usize,
+}
+
+fn walk(c: &Conn, buf: &[u8], max_frame: u32) -> Walk {
+    let mut w = Walk {
+        pos: 0,
+        frames: 0,
+        beats: 0,
+        bad: None,
+        need: 0,
+    };
+    while w.pos < buf.len() {
+        match c.codec.scan(&buf[w.pos..], max_frame as usize) {
+            Ok(Scan::Frame { len, kind }) => {
+                match kind {
+                    FrameKind::Heartbeat => w.beats += 1,
+                    FrameKind::Data => w.frames += 1,
+                    _ => {}
+                }
+                w.pos += len;
+            }
+            Ok(Scan::NeedMore { need }) => {
+                w.need = need;
+                break;
+            }
+            Err(e) => {
+                // The whole frames before it still go to the worker: nothing valid is lost.
+                w.bad = Some(e);
+                break;
+            }
+        }
+    }
+    w
+}
+
+/// Liveness and heartbeat bookkeeping for the whole frames of a walk.
+fn apply(c: &mut Conn, fs: &FrontStats, w: &Walk, now: u32, heartbeats: &mut usize) {
+    if w.beats > 0 {
+        // A length-0 frame answers our outstanding ping if there is one, and otherwise asks
+        // for an answer: so pings and heartbeats never bounce back and forth.
+        let mut ask = w.beats as usize;
+        if c.ping_outstanding {
+            c.ping_outstanding = false;
+            ask -= 1;
+        }
+        if ask > 0 {
+            c.client_beats = true;
+            *heartbeats += ask;
+        }
+        add(&fs.heartbeats, w.beats);
+    }
+    if w.frames + w.beats > 0 {
+        c.last_rx = now;
+    }
+    if w.frames > 0 {
+        c.last_data = now;
+    }
+}
+
+/// Hands the whole frames at the start of the connection's buffer to the ring (one copy,
+/// counted) and keeps what follows them. Errs with the outcome when the ring is full (the
+/// buffer is kept as it was), broken, or the input malformed.
+fn flush_carry(
+    ch: &mut Chan,
+    c: &mut Conn,
+    fs: &FrontStats,
+    id: ConnId,
+    max_frame: u32,
+    now: u32,
+    heartbeats: &mut usize,
+) -> Result<(), ReadResult> {
+    let w = walk(c, &c.carry, max_frame);
+    if w.pos == 0 && w.bad.is_none() {
+        return Ok(());
+    }
+    if w.frames > 0 {
+        let mut grant = match ch.req.reserve(w.pos) {
+            Ok(g) => g,
+            Err(ReserveError::Full) => return Err(ReadResult::Blocked),
+            Err(e) => return Err(ReadResult::Corrupt(e)),
+        };
+        grant[..w.pos].copy_from_slice(&c.carry[..w.pos]);
+        grant.commit(w.pos, Meta::tag(tag::DATA).conn(id.raw()));
+        ch.dirty = true;
+        add(&fs.frames_in, w.frames);
+        add(&fs.bytes_copied, w.pos as u64);
+    }
+    apply(c, fs, &w, now, heartbeats);
+    if let Some(e) = w.bad {
+        c.carry = Vec::new();
+        return Err(ReadResult::Protocol(e));
+    }
+    if w.pos == c.carry.len() {
+        // Back to reading straight into the ring; the buffer's memory goes back too.
+        c.carry = Vec::new();
+    } else {
+        // A new partial frame read along with the end of the last one (a codec that cannot
+        // tell frame sizes): moved to the front, counted.
+        c.carry.drain(..w.pos);
+        c.partial_since = now;
+        add(&fs.bytes_copied, c.carry.len() as u64);
+    }
+    Ok(())
+}
+
+/// Reads up to `want` bytes into the spare capacity of the connection's buffer (reserved by
+/// the caller), without initialising it first (a trickled frame would otherwise cost a
+/// memset of the rest of the frame per read).
+pub(super) fn read_into_carry(c: &mut Conn, want: usize) -> io::Result<usize> {
+    let len = c.carry.len();
+    let spare = c.carry.spare_capacity_mut();
+    let want = want.min(spare.len());
+    // SAFETY: `spare` is at least `want` bytes of the buffer's allocation past its length,
+    // owned by us and not aliased; read(2) writes at most `want` bytes into it.
+    let r = unsafe { libc::read(c.stream.as_raw_fd(), spare.as_mut_ptr().cast(), want) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = r as usize;
+    // SAFETY: the kernel initialised the first `n` (<= `want`) bytes past the length.
+    unsafe { c.carry.set_len(len + n) };
+    Ok(n)
 }
 
 /// Writes `iov` to the connection unless it already has queued bytes (order), and queues the

@@ -24,6 +24,7 @@ mod admission;
 mod conn;
 mod liveness;
 mod route;
+mod scope;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -38,6 +39,7 @@ use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
+use shmrelay_worker::codec::ProtocolError;
 use shmrelay_worker::protocol::{tag, ANSWERED_WORD, FRAME_HEADER};
 use shmrelay_worker::{CloseReason, Codec, ConnId};
 use tracing::{debug, error, info, warn};
@@ -49,6 +51,7 @@ use admission::Admission;
 use conn::{read_conn, send_to, Conn, ConnState, ReadResult, Slab, READ_CHUNK};
 use liveness::{Liveness, Verdict, TICK_MS};
 use route::{read_routed, Route, Scratch};
+use scope::Scope;
 
 /// Listener `l` has token `LISTENER_BASE - l`.
 const LISTENER_BASE: usize = usize::MAX - 16;
@@ -61,6 +64,19 @@ const REPLY_BATCH: usize = 1024;
 const MAX_IOV: usize = 64;
 /// Longest sleep of an idle loop (stop flag, worker checks).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Doorbell wakes in a row with no work before the doorbell is left unwatched for a moment.
+const BELL_EMPTY_LIMIT: u32 = 16;
+/// How long the doorbell is left unwatched after too many wakes with no work.
+const BELL_PAUSE: Duration = Duration::from_millis(10);
+/// How often the backlog is retried while accepting fails (EMFILE) and no connection closes.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// The error of a connection whose partial frame outlived `frame_timeout_ms`.
+const FRAME_TIMEOUT: ProtocolError =
+    ProtocolError::Invalid("frame not complete within frame_timeout_ms");
+/// The error of a connection closed because the front's partial frames passed
+/// `partial_budget` and it held the largest.
+const OVER_BUDGET: ProtocolError =
+    ProtocolError::Invalid("partial frame over the front's memory budget");
 /// Shortest sleep for timers alone: how late a ping or timeout may fire on an idle front.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
 
@@ -194,6 +210,26 @@ struct Front {
     base_fds: u64,
     last_checks: Instant,
     last_fd_check: Instant,
+    /// Which connections each worker may write to.
+    scope: Scope,
+    /// Reply bytes queued in every connection's out queue (the sum of their `queued`), held
+    /// under `pending_budget`.
+    queued_total: usize,
+    /// Bytes of partial-frame buffers (the sum of the connections' `partial`), held under
+    /// `partial_budget`.
+    partial_total: usize,
+    /// `frame_timeout_ms` in ticks (0: never).
+    frame_ticks: u32,
+    /// Accepting failed (EMFILE, ENFILE, ...) with connections left in the backlog: since
+    /// when, and whether a connection closed since (an fd came free).
+    accept_stall: Option<Instant>,
+    fd_freed: bool,
+    accept_retrying: bool,
+    /// Doorbell wakes in a row that found no work, and until when the doorbell is not
+    /// watched after too many (a worker ringing it in a loop).
+    bell_empty: u32,
+    bell_off_until: Option<Instant>,
+    bell_logged: bool,
 }
 
 impl Front {
@@ -273,6 +309,11 @@ impl Front {
         fs.conns_draining.store(0, Ordering::Relaxed);
         fs.paused.store(0, Ordering::Relaxed);
         fs.quarantined.store(0, Ordering::Relaxed);
+        let scope = Scope::new(&s.config);
+        let s_frame_ticks = match s.config.frame_timeout_ms {
+            0 => 0,
+            ms => (ms / TICK_MS).clamp(1, u32::MAX as u64 / 4) as u32,
+        };
         Ok(Front {
             index: s.index,
             admission: Admission::new(&s.config, s.index),
@@ -300,6 +341,16 @@ impl Front {
             base_fds: 0,
             last_checks: Instant::now(),
             last_fd_check: Instant::now(),
+            scope,
+            queued_total: 0,
+            partial_total: 0,
+            frame_ticks: s_frame_ticks,
+            accept_stall: None,
+            fd_freed: false,
+            accept_retrying: false,
+            bell_empty: 0,
+            bell_off_until: None,
+            bell_logged: false,
         })
     }
 
@@ -363,6 +414,7 @@ impl Front {
             } else {
                 self.prepare_park()
             };
+            let timeout = self.doorbell_rearm(timeout);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -382,9 +434,7 @@ impl Front {
                     Token(t) if t <= LISTENER_BASE && t > LISTENER_BASE - MAX_LISTENERS => {
                         self.accept(LISTENER_BASE - t)
                     }
-                    DOORBELL => {
-                        self.doorbell.drain();
-                    }
+                    DOORBELL => self.doorbell_rang(),
                     Token(t) => {
                         let slot = t as u32;
                         let Some(gen) = self.slab.gens.get(t).copied() else {
@@ -497,8 +547,9 @@ impl Front {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: leave the rest in the backlog for the next turn.
-                    warn!(front = self.index, "accept: {e}");
+                    // EMFILE and friends: the rest stays in the backlog, and no new edge comes
+                    // for it: retried at the next close or within ACCEPT_RETRY.
+                    self.accept_stalled(&e);
                     return;
                 }
             };
@@ -774,6 +825,7 @@ impl Front {
                     self.close_conn(slot, CloseReason::WorkerGone);
                 }
             }
+            self.account_partial(slot, gen);
         }
         // Keep the list's allocation for the next turn (it was taken, empty, each turn).
         if self.ready.is_empty() {
@@ -781,8 +833,108 @@ impl Front {
         }
     }
 
+    /// The doorbell woke the loop. Workers ring it only when this front announced sleep and
+    /// they published something; a worker that rings it in a loop (hostile or broken) would
+    /// cost the front a core. So after BELL_EMPTY_LIMIT wakes in a row that found no work,
+    /// the doorbell is not watched for BELL_PAUSE: the loop then sleeps at most that long and
+    /// looks at its rings anyway, so a real reply waits at most BELL_PAUSE, never forever. The
+    /// first wake after a pause that finds no work starts another pause at once.
+    fn doorbell_rang(&mut self) {
+        self.doorbell.drain();
+        let work = self.chans.iter_mut().any(|ch| {
+            !ch.broken
+                && (!ch.rep.is_empty().unwrap_or(true)
+                    || !ch.blocked.is_empty()
+                    || !ch.backlog.is_empty())
+        });
+        if work {
+            self.bell_empty = 0;
+            return;
+        }
+        self.bell_empty = self.bell_empty.saturating_add(1);
+        if self.bell_empty < BELL_EMPTY_LIMIT {
+            return;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.doorbell);
+        if self.poll.registry().deregister(&mut SourceFd(&fd)).is_ok() {
+            self.bell_off_until = Some(Instant::now() + BELL_PAUSE);
+            add(&self.fs.doorbell_throttled, 1);
+            if !std::mem::replace(&mut self.bell_logged, true) {
+                warn!(
+                    front = self.index,
+                    "doorbell rung {} times in a row with no work: a worker rings it in a \
+                     loop; watched again after a pause (counted in doorbell_throttled)",
+                    self.bell_empty
+                );
+            }
+            // One more empty wake after the pause starts the next one.
+            self.bell_empty = BELL_EMPTY_LIMIT - 1;
+        }
+    }
+
+    /// Watches the doorbell again once its pause is over; until then the loop sleeps no
+    /// longer than the pause's end.
+    fn doorbell_rearm(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let Some(until) = self.bell_off_until else {
+            return timeout;
+        };
+        let now = Instant::now();
+        if now >= until {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*self.doorbell);
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), DOORBELL, Interest::READABLE)
+                .is_ok()
+            {
+                self.bell_off_until = None;
+            }
+            // A ring that came while it was not watched: its count is still in the eventfd,
+            // and registering it raises the event; the rings are looked at this turn anyway.
+            return timeout;
+        }
+        let left = until - now;
+        Some(timeout.map_or(left, |t| t.min(left)))
+    }
+
+    /// Accepting stopped at an error (EMFILE: out of fds): remembered so that the backlog is
+    /// retried when an fd comes free, since no new edge comes for the connections in it.
+    fn accept_stalled(&mut self, e: &io::Error) {
+        if self.accept_stall.is_none() && !self.accept_retrying {
+            warn!(
+                front = self.index,
+                "accept: {e}; the backlog is retried when a connection closes"
+            );
+            add(&self.fs.accept_emfile, 1);
+        }
+        self.accept_stall = Some(Instant::now());
+        self.fd_freed = false;
+    }
+
+    /// Retries the backlog after an accept error, once a connection closed (its fd is free)
+    /// or ACCEPT_RETRY passed (fds may come free elsewhere).
+    fn retry_accept(&mut self) {
+        let Some(at) = self.accept_stall else {
+            return;
+        };
+        if !self.fd_freed && at.elapsed() < ACCEPT_RETRY {
+            return;
+        }
+        self.accept_stall = None;
+        add(&self.fs.accept_retries, 1);
+        self.accept_retrying = true;
+        for l in 0..self.listeners.len() {
+            self.accept(l);
+        }
+        self.accept_retrying = false;
+        if self.accept_stall.is_none() {
+            info!(front = self.index, "accepting again");
+        }
+    }
+
     /// Visits the connections whose deadline came: ping the idle, close the silent.
     fn check_timers(&mut self) {
+        self.retry_accept();
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(self.now, &mut due);
         let now = self.now as u32;
@@ -792,6 +944,17 @@ impl Front {
             };
             if c.timer_at != at {
                 continue; // superseded entry
+            }
+            // A partial frame not complete within frame_timeout_ms (any codec).
+            let partial_deadline = (self.frame_ticks > 0 && !c.carry.is_empty()).then(|| {
+                (self.now + self.frame_ticks as u64)
+                    .saturating_sub(now.wrapping_sub(c.partial_since) as u64)
+            });
+            if partial_deadline.is_some_and(|d| d <= self.now) && c.state == ConnState::Open {
+                add(&self.fs.frame_timeouts, 1);
+                debug!(slot, "frame not complete within frame_timeout_ms");
+                self.fail_conn(slot, gen, FRAME_TIMEOUT);
+                continue;
             }
             // A cheap kernel sample, once per check rather than per frame, and only where the
             // ping interval needs it: a client that beats on its own sets its own pace.
@@ -828,6 +991,7 @@ impl Front {
                 }
                 Verdict::Wait(next) => next,
             };
+            let next = partial_deadline.map_or(next, |d| next.min(d));
             let at = self.wheel.schedule((slot, gen), next);
             if let Some(c) = self.slab.get(slot, gen) {
                 c.timer_at = at;
@@ -862,6 +1026,7 @@ impl Front {
         let mut todo: Vec<(u32, u32, Action)> = Vec::new();
         let mut n = 0;
         let mut corrupt = None;
+        let mut out_of_scope = 0u64;
         {
             let records = match ch.rep.records() {
                 Ok(r) => r,
@@ -877,6 +1042,7 @@ impl Front {
             let mut end = None;
             let slab = &mut self.slab;
             let fs = self.fs;
+            let scope = &self.scope;
             for rec in records.take(REPLY_BATCH) {
                 let rec = match rec {
                     Ok(r) => r,
@@ -886,6 +1052,10 @@ impl Front {
                     }
                 };
                 match rec.tag() {
+                    tag::SEND | tag::CLOSE if !scope.allows(slab, me, w, rec.conn()) => {
+                        // Another listener's connection (push_scope): dropped, counted below.
+                        out_of_scope += 1;
+                    }
                     tag::SEND if codec.is_valid_reply(rec.payload()) => {
                         answered = answered.max(rec.aux());
                         if routed && !routed_reply(slab, fs, me, w, &rec, max_pending, &mut todo) {
@@ -957,6 +1127,10 @@ impl Front {
                 Action::Advance => self.advance(slot, gen),
             }
         }
+        if out_of_scope > 0 {
+            add(&self.fs.push_out_of_scope, out_of_scope);
+            self.scope.note(self.index, w, out_of_scope);
+        }
         if let Some(detail) = corrupt {
             self.quarantine(w, &detail);
         }
@@ -985,6 +1159,20 @@ impl Front {
             self.close_conn(slot, CloseReason::SlowConsumer);
             return;
         }
+        // Every path that queues reply bytes ends here: count them in the front's total.
+        let pending = c.pending();
+        self.queued_total = self.queued_total - c.queued + pending;
+        c.queued = pending;
+        if self.queued_total > self.cfg.pending_budget {
+            self.shed_queues();
+            if self.slab.get(slot, gen).is_none() {
+                return;
+            }
+        }
+        self.publish_queued();
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
         if !c.want_write {
             c.want_write = true;
             let _ = self.poll.registry().reregister(
@@ -1002,13 +1190,22 @@ impl Front {
         if !c.want_write {
             return;
         }
+        let before = c.pending();
         while c.pending() > 0 {
             match (&c.stream).write(&c.out[c.out_pos..]) {
                 Ok(n) => {
                     c.out_pos += n;
                     add(&self.fs.bytes_out, n as u64);
+                    let gone = c.queued.min(n);
+                    c.queued -= gone;
+                    self.queued_total -= gone;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if c.pending() < before {
+                        self.publish_queued();
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.close_conn(slot, CloseReason::IoError);
@@ -1019,6 +1216,7 @@ impl Front {
         c.out.clear();
         c.out_pos = 0;
         c.out.shrink_to(4096);
+        self.queued_total -= std::mem::take(&mut c.queued);
         c.want_write = false;
         let _ = self.poll.registry().reregister(
             &mut c.stream,
@@ -1029,6 +1227,124 @@ impl Front {
             if c.flushed() && c.acks_in() {
                 self.close_conn(slot, reason);
             }
+        }
+    }
+
+    /// Brings a connection's partial-frame memory into the front's total after a read,
+    /// applies `partial_budget`, and makes sure its timer comes at its frame deadline.
+    fn account_partial(&mut self, slot: u32, gen: u32) {
+        let now = self.now;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        let cap = c.carry.capacity();
+        if cap == c.partial {
+            return;
+        }
+        self.partial_total = self.partial_total - c.partial + cap;
+        c.partial = cap;
+        if self.frame_ticks > 0 && !c.carry.is_empty() {
+            let since = (now as u32).wrapping_sub(c.partial_since) as u64;
+            let deadline = (now + self.frame_ticks as u64).saturating_sub(since);
+            if deadline < c.timer_at {
+                c.timer_at = self.wheel.schedule((slot, gen), deadline);
+            }
+        }
+        if self.partial_total > self.cfg.partial_budget {
+            self.shed_partials();
+        }
+        let p = self.partial_total as u64;
+        self.fs.partial_bytes.store(p, Ordering::Relaxed);
+        if p > self.fs.partial_peak.load(Ordering::Relaxed) {
+            self.fs.partial_peak.store(p, Ordering::Relaxed);
+        }
+    }
+
+    /// Past `partial_budget`, closes the connections holding the largest partial frames
+    /// with the codec's protocol error until the total is back within it.
+    fn shed_partials(&mut self) {
+        let budget = self.cfg.partial_budget;
+        let mut big: Vec<(usize, u32, u32)> = (0..self.slab.conns.len())
+            .filter_map(|s| {
+                let c = self.slab.conns[s].as_ref()?;
+                (c.partial > 0).then(|| (c.partial, s as u32, self.slab.gens[s]))
+            })
+            .collect();
+        big.sort_unstable_by(|a, b| b.cmp(a));
+        for (partial, slot, gen) in big {
+            if self.partial_total <= budget {
+                break;
+            }
+            warn!(
+                front = self.index,
+                partial,
+                total = self.partial_total,
+                budget,
+                "partial frames over partial_budget: closing the largest"
+            );
+            add(&self.fs.partial_budget_closes, 1);
+            self.fail_conn(slot, gen, OVER_BUDGET);
+        }
+    }
+
+    /// Closes a connection for malformed or abusive input with the codec's error reply
+    /// (after the replies to its whole frames), freeing its partial frame at once.
+    fn fail_conn(&mut self, slot: u32, gen: u32, e: ProtocolError) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        self.partial_total -= c.partial;
+        c.partial = 0;
+        c.carry = Vec::new();
+        c.protocol_error = Some(Box::new(e));
+        let open = c.state == ConnState::Open;
+        add(&self.fs.protocol_errors, 1);
+        if open {
+            self.close_after_worker(slot, gen, CloseReason::ProtocolError);
+        } else {
+            self.close_conn(slot, CloseReason::ProtocolError);
+        }
+    }
+
+    /// Past `pending_budget`, closes the connections with the largest reply queues
+    /// (`slow_consumer`) until the front's total is back within it.
+    fn shed_queues(&mut self) {
+        let budget = self.cfg.pending_budget;
+        let mut big: Vec<(usize, u32)> = self
+            .slab
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(s, c)| {
+                c.as_ref()
+                    .filter(|c| c.queued > 0)
+                    .map(|c| (c.queued, s as u32))
+            })
+            .collect();
+        big.sort_unstable_by(|a, b| b.cmp(a));
+        for (queued, slot) in big {
+            if self.queued_total <= budget {
+                break;
+            }
+            warn!(
+                front = self.index,
+                queued,
+                total = self.queued_total,
+                budget,
+                "queued replies over pending_budget: closing the largest queue"
+            );
+            add(&self.fs.pending_budget_closes, 1);
+            self.close_conn(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// Publishes the queued reply bytes for operators: the gauge, and the high-water mark
+    /// (taken after the budget was applied; the total only grows in `want_write`).
+    fn publish_queued(&self) {
+        let q = self.queued_total as u64;
+        self.fs.queued_bytes.store(q, Ordering::Relaxed);
+        if q > self.fs.queued_peak.load(Ordering::Relaxed) {
+            self.fs.queued_peak.store(q, Ordering::Relaxed);
         }
     }
 
@@ -1179,6 +1495,18 @@ impl Front {
         let Some(mut c) = self.slab.remove(slot) else {
             return;
         };
+        if c.partial > 0 {
+            self.partial_total -= c.partial;
+            self.fs
+                .partial_bytes
+                .store(self.partial_total as u64, Ordering::Relaxed);
+        }
+        if c.queued > 0 {
+            self.queued_total -= c.queued;
+            self.fs
+                .queued_bytes
+                .store(self.queued_total as u64, Ordering::Relaxed);
+        }
         if let Some(e) = c.protocol_error.take() {
             if c.pending() == 0 {
                 // The error reply it is owed, after its replies. Best effort and never
@@ -1194,6 +1522,7 @@ impl Front {
             add(&self.fs.retransmits, retrans as u64);
         }
         drop(c.stream);
+        self.fd_freed = true;
         self.admission.release(self.stats, c.addr_slot);
         let id = ConnId::new(self.index as u8, gen_before, slot);
         if let Some(r) = c.route.as_ref() {

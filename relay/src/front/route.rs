@@ -5,7 +5,9 @@
 //! to is known only once it is scanned); the frames of the read are then copied into one DATA
 //! record per worker, each worker's frames in the client's order. These bytes are counted as
 //! copied. Before a read, every worker of the pool must have room for the whole read, so the
-//! bytes taken from the socket always fit.
+//! bytes taken from the socket always fit. A frame split across reads is assembled in the
+//! connection's own buffer (the rest read straight into it), which is then spread over the
+//! pool the same way: never copied back and forth once per read.
 //!
 //! Ordering: the connection keeps the requests it sent, oldest first, as (worker, end position
 //! of the frame in that worker's request ring). The worker SDK stamps every reply with the end
@@ -29,7 +31,7 @@ use shmrelay_worker::codec::{resp, FrameKind, Scan};
 use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 
-use super::conn::{Conn, ReadResult};
+use super::conn::{carry_want, read_into_carry, Conn, ReadResult};
 use super::Chan;
 use crate::stats::{add, FrontStats};
 
@@ -132,7 +134,7 @@ pub(super) fn read_routed(
         s.per_worker.resize(chans.len(), (0, 0));
     }
     loop {
-        let carry = c.carry.len();
+        let mut carry = c.carry.len();
         // Room in every ring of the pool for all of this read, and nothing queued ahead of it
         // (an OPEN must reach each worker before the connection's data).
         let mut want = usize::MAX;
@@ -146,41 +148,102 @@ pub(super) fn read_routed(
             }
             want = want.min(ch.req.max_payload());
         }
-        let want = want.min(carry + ROUTED_CHUNK);
-        if want <= carry {
-            // A partial frame as large as a ring record can be: it can never be delivered.
-            return done(
-                ReadResult::Protocol(shmrelay_worker::codec::ProtocolError::TooLarge {
-                    len: carry,
-                    max: max_frame as usize,
-                }),
-                home,
-                new_head,
-            );
-        }
-        for &w in pool {
-            match chans[w].req.has_space(want) {
-                Ok(true) => {}
-                Ok(false) => return done(ReadResult::Blocked, w, new_head),
-                Err(e) => return done(ReadResult::Corrupt(e), w, new_head),
+        // A partial frame: the rest of it is read straight into the connection's buffer, and
+        // once it holds whole frames the buffer itself is spread over the pool (each byte
+        // copied once into its ring), instead of copying the partial frame into the scratch
+        // buffer and back on every read (quadratic for a trickled frame).
+        let (n, filled, room) = if carry > 0 {
+            let complete = |c: &Conn| {
+                let mut pos = 0;
+                while pos < c.carry.len() {
+                    match c.codec.scan(&c.carry[pos..], max_frame as usize) {
+                        Ok(Scan::Frame { len, .. }) => pos += len,
+                        _ => break,
+                    }
+                }
+                // An error after the whole frames is handled like one: spread them, then fail.
+                let bad = pos < c.carry.len()
+                    && c.codec.scan(&c.carry[pos..], max_frame as usize).is_err();
+                (pos, bad)
+            };
+            let (mut pos, mut bad) = complete(c);
+            if pos == 0 && !bad {
+                let more = carry_want(c, max_frame);
+                let n = match read_into_carry(c, more) {
+                    Ok(0) => {
+                        return done(ReadResult::Close(CloseReason::ClientEof), home, new_head)
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        c.readable = false;
+                        return done(ReadResult::Drained, home, new_head);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return done(ReadResult::Close(CloseReason::IoError), home, new_head),
+                };
+                add(&fs.bytes_in, n as u64);
+                (pos, bad) = complete(c);
+                let short = n < more && !c.hup;
+                if pos == 0 && !bad {
+                    if short {
+                        c.readable = false;
+                        return done(ReadResult::Drained, home, new_head);
+                    }
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        return done(ReadResult::Budget, home, new_head);
+                    }
+                    continue;
+                }
             }
-        }
-        if s.buf.len() < want {
-            s.buf.resize(want, 0);
-        }
-        s.buf[..carry].copy_from_slice(&c.carry);
-        let room = want - carry;
-        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut s.buf[carry..want])]) {
-            Ok(0) => return done(ReadResult::Close(CloseReason::ClientEof), home, new_head),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                c.readable = false;
-                return done(ReadResult::Drained, home, new_head);
+            if pos > want {
+                return done(
+                    ReadResult::Protocol(shmrelay_worker::codec::ProtocolError::TooLarge {
+                        len: pos,
+                        max: max_frame as usize,
+                    }),
+                    home,
+                    new_head,
+                );
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return done(ReadResult::Close(CloseReason::IoError), home, new_head),
+            for &w in pool {
+                match chans[w].req.has_space(pos) {
+                    Ok(true) => {}
+                    Ok(false) => return done(ReadResult::Blocked, w, new_head),
+                    Err(e) => return done(ReadResult::Corrupt(e), w, new_head),
+                }
+            }
+            // The buffer becomes the scratch for this pass (no copy); what follows its whole
+            // frames goes back to the connection below.
+            std::mem::swap(&mut s.buf, &mut c.carry);
+            c.carry.clear();
+            carry = 0;
+            (0, s.buf.len(), 0)
+        } else {
+            let want = want.min(ROUTED_CHUNK);
+            for &w in pool {
+                match chans[w].req.has_space(want) {
+                    Ok(true) => {}
+                    Ok(false) => return done(ReadResult::Blocked, w, new_head),
+                    Err(e) => return done(ReadResult::Corrupt(e), w, new_head),
+                }
+            }
+            if s.buf.len() < want {
+                s.buf.resize(want, 0);
+            }
+            let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut s.buf[..want])]) {
+                Ok(0) => return done(ReadResult::Close(CloseReason::ClientEof), home, new_head),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    return done(ReadResult::Drained, home, new_head);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return done(ReadResult::Close(CloseReason::IoError), home, new_head),
+            };
+            add(&fs.bytes_in, n as u64);
+            (n, n, want)
         };
-        let filled = carry + n;
         // Walk the frames and pick each one's worker.
         s.frames.clear();
         for &w in pool {
@@ -243,7 +306,6 @@ pub(super) fn read_routed(
             c.last_data = now;
             add(&fs.frames_in, s.frames.len() as u64);
         }
-        add(&fs.bytes_in, n as u64);
         if let Some(e) = bad {
             add(&fs.bytes_copied, (carry + pos) as u64);
             c.carry.clear();
@@ -253,6 +315,10 @@ pub(super) fn read_routed(
         add(&fs.bytes_copied, (carry + filled) as u64);
         c.carry.clear();
         c.carry.extend_from_slice(&s.buf[pos..filled]);
+        if pos > 0 || carry == 0 {
+            // A new partial frame started (frame_timeout_ms runs from here).
+            c.partial_since = now;
+        }
         if c.carry.is_empty() && c.carry.capacity() > 4096 {
             c.carry = Vec::new();
         }
