@@ -1098,10 +1098,28 @@ impl Instance {
     }
 }
 
-/// Kills the process group a worker led (it and whatever it started that stayed in it).
+/// Kills the process group a worker led (it and whatever it started that stayed in it), and
+/// waits (up to a second) until no member is left, reaping those that are our children, so
+/// that no process of the old group still runs when a replacement starts.
 fn kill_group(leader: Pid) {
+    let group = Pid::from_raw(-leader.as_raw());
     // A group id is not reused while any member lives; with none left this is ESRCH.
-    let _ = kill(Pid::from_raw(-leader.as_raw()), Signal::SIGKILL);
+    let _ = kill(group, Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        // Members whose parent died were reparented here (subreaper): reap them.
+        while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+            waitpid(group, Some(WaitPidFlag::WNOHANG))
+        {}
+        if kill(group, None) == Err(nix::errno::Errno::ESRCH) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    warn!(
+        group = leader.as_raw(),
+        "processes of a dead worker's group still there after SIGKILL"
+    );
 }
 
 /// How many times consumers attached to worker `w`'s request rings, summed over fronts.
