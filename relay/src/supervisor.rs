@@ -104,6 +104,9 @@ struct Instance {
     ever_attached: bool,
     /// Every worker failed before any attached: the relay cannot serve and exits.
     startup_failure: Option<String>,
+    /// Children this process had before it started any (a wrapper's, from before an exec):
+    /// not strays.
+    inherited_children: Vec<u32>,
 }
 
 /// Runs the relay until SIGINT or SIGTERM.
@@ -278,6 +281,10 @@ impl Instance {
             front_seen: vec![(0, Instant::now()); fronts],
             ever_attached: false,
             startup_failure: None,
+            inherited_children: watchdog::children(std::process::id())
+                .into_iter()
+                .map(|(pid, _)| pid)
+                .collect(),
         })
     }
 
@@ -700,12 +707,13 @@ impl Instance {
         let me = std::process::id();
         let mut killed = std::collections::HashSet::new();
         for _ in 0..100 {
-            let known: Vec<u32> = self
+            let mut known: Vec<u32> = self
                 .slots
                 .values()
                 .filter_map(|s| s.pid)
                 .map(|p| p.as_raw() as u32)
                 .collect();
+            known.extend(&self.inherited_children);
             let strays: Vec<(u32, bool)> = watchdog::children(me)
                 .into_iter()
                 .filter(|(pid, _)| !known.contains(pid))
