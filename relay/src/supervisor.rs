@@ -681,6 +681,14 @@ impl Instance {
         ws.dead_letter_unix_ms.store(unix_ms(), Ordering::Relaxed);
         match conn {
             Some(conn) => {
+                // One connection at a time: a front takes it within its 100 ms check (a rare
+                // wait, on a crash path); if it does not, this one replaces the older.
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while ws.dead_letter_pending.load(Ordering::Relaxed) != 0
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 // Release: pairs with the front's Acquire load of the mailbox.
                 ws.dead_letter_pending.store(conn, Ordering::Release);
                 error!(
