@@ -808,13 +808,28 @@ impl Instance {
             if seen.1.elapsed() < timeout || s.started.elapsed() < timeout {
                 continue;
             }
-            error!(front = f, pid = pid.as_raw(), stalled = ?seen.1.elapsed(), "front stalled (no loop activity): killing it; it is replaced");
+            let stalled = seen.1.elapsed();
             seen.1 = Instant::now();
             self.stats
                 .front_process(f)
                 .hangs
                 .fetch_add(1, Ordering::Relaxed);
-            let _ = kill(pid, Signal::SIGKILL);
+            if self.cfg.kill_hung {
+                error!(
+                    front = f,
+                    pid = pid.as_raw(),
+                    ?stalled,
+                    "front stalled (no loop activity): killing it; it is replaced"
+                );
+                let _ = kill(pid, Signal::SIGKILL);
+            } else {
+                error!(
+                    front = f,
+                    pid = pid.as_raw(),
+                    ?stalled,
+                    "front stalled (no loop activity) (kill_hung = false: left running)"
+                );
+            }
         }
     }
 
