@@ -23,6 +23,8 @@
 //! crash_window_ms = 30000    # ...within this window is marked failed (its clients get an error)
 //! hang_timeout_ms = 5000     # frames waiting this long for a worker that does not move: hung
 //! kill_hung = true           # replace a hung worker (false: only report it)
+//! dead_letter_after = 2      # a frame that crashed this many redelivered generations is dead-lettered (0: never)
+//! failed_retry_max_ms = 60000  # a failed worker is retried after 1 s, doubling up to this
 //! # user = "shmrelay-worker" # run workers as this user (the supervisor must be root)
 //! # worker_users = ["app-a", "app-b"]  # or one user per worker index (cycled)
 //! backlog = 4096             # listen backlog
@@ -144,6 +146,14 @@ pub struct Config {
     pub hang_timeout_ms: u64,
     /// Kill and replace a hung worker (otherwise only report it).
     pub kill_hung: bool,
+    /// A frame that was in flight when the worker crashed, and again when each of this many
+    /// replacements it was redelivered to crashed, is dead-lettered: its connection gets the
+    /// codec's error and is closed, the next replacement skips it, and the crashes it caused
+    /// no longer count towards `crash_limit`. 0 turns dead-lettering off.
+    pub dead_letter_after: u32,
+    /// A worker marked failed is retried after 1 s, then after twice as long each time it
+    /// fails again, up to this (SIGUSR1 to the supervisor retries every failed worker now).
+    pub failed_retry_max_ms: u64,
     /// Run every worker as this user (needs a root supervisor). Workers get their rings as
     /// inherited fds, so they need no access to /dev/shm; the segments stay root's, mode 0600.
     pub user: Option<String>,
@@ -212,6 +222,8 @@ impl Default for Config {
             crash_window_ms: 30_000,
             hang_timeout_ms: 5_000,
             kill_hung: true,
+            dead_letter_after: 2,
+            failed_retry_max_ms: 60_000,
             user: None,
             worker_users: Vec::new(),
             codec: default_codec(),

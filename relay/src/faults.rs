@@ -11,6 +11,10 @@
 //!   in a loop, forever (a wake with no work each time), and answers `ringing`.
 //! - `push:F.S.G:BYTES`: pushes `BYTES` to connection `F.S.G` (front.slot.generation, as
 //!   `ConnId` prints it), whichever listener it belongs to, and answers `pushed`.
+//! - `poison`: panics (the worker crashes on this frame, and on each redelivery of it).
+//!
+//! `shmrelay worker liar` (see [`liar`]) answers its first frame claiming an impossible
+//! request position, then exits; its replacements echo.
 
 use std::os::fd::{BorrowedFd, RawFd};
 
@@ -57,6 +61,7 @@ impl Handler for Scribbler {
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
         let (req, rep) = self.fds.get(conn.front()).copied().unwrap_or((-1, -1));
         match frame {
+            b"poison" => panic!("poison frame (fault injection)"),
             b"whoami" => {
                 let _ = out.send(conn, self.index.to_string().as_bytes());
             }
@@ -114,4 +119,59 @@ impl Handler for Scribbler {
             }
         }
     }
+}
+
+/// The `liar` fault worker: in its first generation it answers the first frame it gets with a
+/// reply record whose `aux` (the request position it answers) is 2^62, far beyond anything
+/// the front published, then exits 1. A front that believed it would make every replacement
+/// skip every frame. Later generations (`SHMRELAY_RESTARTS` > 0) are plain echo workers.
+pub fn liar() -> anyhow::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+    use shm_ring::{Consumer, Meta, Producer, ShmRing};
+    use shmrelay_worker::protocol::tag;
+
+    let restarts: u32 = std::env::var(env::RESTARTS)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if restarts > 0 {
+        let mut worker = shmrelay_worker::Worker::from_env()?;
+        worker.run(&mut shmrelay_worker::examples::Echo)?;
+        return Ok(());
+    }
+    let channels = std::env::var(env::CHANNELS).context("SHMRELAY_CHANNELS")?;
+    let first = channels.split(',').next().context("no channel")?;
+    let n: Vec<i32> = first.split(':').filter_map(|x| x.parse().ok()).collect();
+    let [_, req, rep, _] = n[..] else {
+        anyhow::bail!("bad channel {first:?}")
+    };
+    // SAFETY: inherited fds the supervisor named for this process; nothing else owns them.
+    let (req, rep) = unsafe { (OwnedFd::from_raw_fd(req), OwnedFd::from_raw_fd(rep)) };
+    let t = Duration::from_secs(5);
+    let mut rx = Consumer::new(Arc::new(ShmRing::open_fd(req, t)?))?;
+    let mut tx = Producer::new(Arc::new(ShmRing::open_fd(rep, t)?))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let mut target = None;
+        for rec in rx.records()? {
+            let rec = rec?;
+            if rec.tag() == tag::DATA {
+                target = Some((rec.conn(), rec.end()));
+                break;
+            }
+        }
+        if let Some((conn, _end)) = target {
+            let reply = [&3u32.to_be_bytes()[..], b"lie"].concat();
+            tx.push(Meta::tag(tag::SEND).conn(conn).aux(1 << 62), &reply)?;
+            tx.publish();
+            // Exit without releasing: the frame stays for the replacement.
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }

@@ -75,7 +75,7 @@ enum Cmd {
     /// Runs a built-in example worker (started by the supervisor).
     #[command(hide = true)]
     Worker {
-        /// `echo`, `pubsub`, `journal`, `kv`, or `scribbler` (fault injection).
+        /// `echo`, `pubsub`, `journal`, `kv`, or `scribbler` and `liar` (fault injection).
         kind: String,
     },
 }
@@ -211,6 +211,9 @@ fn run_front(a: FrontArgs) -> Result<()> {
 
 fn run_worker(kind: &str) -> Result<()> {
     use shmrelay_worker::{examples, Worker};
+    if kind == "liar" {
+        return faults::liar();
+    }
     let mut worker = Worker::from_env()?;
     match kind {
         "echo" => worker.run(&mut examples::Echo)?,
@@ -221,7 +224,9 @@ fn run_worker(kind: &str) -> Result<()> {
             let mut s = faults::Scribbler::from_env(worker.index());
             worker.run(&mut s)?
         }
-        other => anyhow::bail!("unknown built-in worker {other:?} (echo, pubsub, journal, kv)"),
+        other => anyhow::bail!(
+            "unknown built-in worker {other:?} (echo, pubsub, journal, kv, scribbler, liar)"
+        ),
     }
     Ok(())
 }

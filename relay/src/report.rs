@@ -326,6 +326,26 @@ pub struct WorkerReport {
     /// Frames a replacement skipped because its predecessor had already answered them.
     #[serde(default)]
     pub skipped_answered: u64,
+    /// Frames dead-lettered: each crashed this worker at its first delivery and at
+    /// `dead_letter_after` redeliveries; its connection got an error and was closed.
+    #[serde(default)]
+    pub dead_letters: u64,
+    /// The last dead-lettered frame, if any.
+    #[serde(default)]
+    pub last_dead_letter: Option<DeadLetter>,
+}
+
+/// A dead-lettered frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Its connection, `FRONT.GENERATION.SLOT` (empty if it could not be found in the ring).
+    pub conn: String,
+    /// The front of that connection.
+    pub front: usize,
+    /// The frame's end in the request ring from that front (a request position).
+    pub position: u64,
+    /// When it was dead-lettered, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
 }
 
 /// One ring (one direction between one front and one worker).
@@ -549,6 +569,21 @@ impl InstanceReport {
                         w,
                         shmrelay_worker::protocol::SKIPPED_WORD,
                     ),
+                    dead_letters: ld(&ws.dead_letters),
+                    last_dead_letter: (ld(&ws.dead_letters) > 0).then(|| {
+                        let raw = ld(&ws.dead_letter_conn);
+                        let id = shmrelay_worker::ConnId::from_raw(raw);
+                        DeadLetter {
+                            conn: if raw == 0 {
+                                String::new()
+                            } else {
+                                id.to_string()
+                            },
+                            front: id.front(),
+                            position: ld(&ws.dead_letter_pos),
+                            unix_ms: ld(&ws.dead_letter_unix_ms),
+                        }
+                    }),
                 }
             })
             .collect();

@@ -230,6 +230,18 @@ pub struct WorkerStats {
     pub hangs: AtomicU64,
     pub rss_kb: AtomicU64,
     pub fds: AtomicU64,
+    /// Frames dead-lettered: each crashed `dead_letter_after` redelivered generations of this
+    /// worker; its connection got an error and was closed, the replacement skipped it.
+    pub dead_letters: AtomicU64,
+    /// The last dead-lettered frame: its connection id, ...
+    pub dead_letter_conn: AtomicU64,
+    /// ... its request position (frame end) in the request ring of the connection's front, ...
+    pub dead_letter_pos: AtomicU64,
+    /// ... and when (Unix ms).
+    pub dead_letter_unix_ms: AtomicU64,
+    /// Mailbox from the supervisor to the front named in the id: a connection to close for a
+    /// dead-lettered frame (0 when empty; the front takes it).
+    pub dead_letter_pending: AtomicU64,
 }
 
 /// Same layout as [`WorkerStats`], for fronts' process metrics (written by the supervisor).

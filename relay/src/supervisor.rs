@@ -16,11 +16,11 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use shm_ring::{Doorbell, EventFd, Meta, ShmRing};
+use shm_ring::{Doorbell, EventFd, Meta, RingStorage, ShmRing};
 use shmrelay::config::Config;
 use shmrelay::names::{self, Dir};
 use shmrelay::stats::{unix_ms, Stats, WorkerState};
-use shmrelay_worker::protocol::{env, tag};
+use shmrelay_worker::protocol::{env, tag, DEAD_LETTER_WORDS, INFLIGHT_WORD};
 
 use crate::watchdog::{self, Growth, Hang, HangWatch};
 use tracing::{error, info, warn};
@@ -30,6 +30,16 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A process that ran this long is considered healthy again.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// First retry of a worker marked failed; doubles per further failure, up to
+/// `failed_retry_max_ms`.
+const FAILED_RETRY_START: Duration = Duration::from_secs(1);
+
+/// Set by SIGUSR1: retry every failed worker now.
+static REVIVE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_revive(_: libc::c_int) {
+    REVIVE.store(true, Ordering::Relaxed);
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Role {
@@ -54,8 +64,13 @@ struct Slot {
     restart_at: Option<Instant>,
     /// Recent crash times, for the crash limit.
     crashes: VecDeque<Instant>,
-    /// Crashed too often: not restarted.
+    /// Crashed too often: retried only after a backoff (or at SIGUSR1).
     failed: bool,
+    /// Times marked failed since it last ran stably: sets the retry backoff.
+    fail_count: u32,
+    /// The consumer attach counts of the worker's request rings when it was started: a
+    /// higher count means it attached.
+    attach_base: u32,
     growth: Growth,
 }
 
@@ -80,6 +95,18 @@ struct Instance {
     /// hangs[f][w] watches request ring (f, w).
     hangs: Vec<Vec<HangWatch>>,
     supervisor_growth: Growth,
+    /// suspects[f][w]: the request position a crash of worker `w` left in flight in ring
+    /// (f, w), and how many crashes in a row left it there (dead-lettering).
+    suspects: Vec<Vec<(u64, u32)>>,
+    /// Per front: its last published activity stamp and when it last changed (stall watch).
+    front_seen: Vec<(u64, Instant)>,
+    /// Some worker attached to its rings at least once.
+    ever_attached: bool,
+    /// Every worker failed before any attached: the relay cannot serve and exits.
+    startup_failure: Option<String>,
+    /// Children this process had before it started any (a wrapper's, from before an exec):
+    /// not strays.
+    inherited_children: Vec<u32>,
 }
 
 /// Runs the relay until SIGINT or SIGTERM.
@@ -91,6 +118,7 @@ pub fn run(cfg: Config) -> Result<()> {
         ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed))
             .context("installing the SIGINT/SIGTERM handler")?;
     }
+    own_descendants()?;
     let stale = claim_instance(&cfg.instance)?;
     let orphans = kill_orphans(&cfg.instance);
     let instance = cfg.instance.clone();
@@ -105,6 +133,25 @@ pub fn run(cfg: Config) -> Result<()> {
     let result = inst.serve(&stop);
     inst.shutdown();
     result
+}
+
+/// Makes this process the reaper of every process its children start (orphans of a dead
+/// worker are reparented here, not to init, so they can be found and killed), and installs
+/// SIGUSR1 (retry failed workers now).
+fn own_descendants() -> Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("PR_SET_CHILD_SUBREAPER");
+    }
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(
+        SigHandler::Handler(on_revive),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe { sigaction(Signal::SIGUSR1, &action) }.context("installing the SIGUSR1 handler")?;
+    Ok(())
 }
 
 /// Kills processes left from a dead run of this instance; returns how many.
@@ -230,6 +277,14 @@ impl Instance {
                 .map(|_| (0..workers).map(|_| HangWatch::default()).collect())
                 .collect(),
             supervisor_growth: Growth::default(),
+            suspects: vec![vec![(0, 0); workers]; fronts],
+            front_seen: vec![(0, Instant::now()); fronts],
+            ever_attached: false,
+            startup_failure: None,
+            inherited_children: watchdog::children(std::process::id())
+                .into_iter()
+                .map(|(pid, _)| pid)
+                .collect(),
         })
     }
 
@@ -268,14 +323,24 @@ impl Instance {
                 .header()
                 .supervisor_active_ns
                 .store(shm_ring::monotonic_ns(), Ordering::Relaxed);
+            if let Some(reason) = self.startup_failure.take() {
+                error!("{reason}");
+                bail!("{reason}");
+            }
+            if REVIVE.swap(false, Ordering::Relaxed) {
+                self.revive();
+            }
             if last_watch.elapsed() >= Duration::from_millis(100) {
                 last_watch = Instant::now();
                 self.watch_hangs();
                 self.watch_quarantines();
+                self.watch_fronts();
+                self.watch_lifecycles();
             }
             if last_metrics.elapsed() >= Duration::from_secs(1) {
                 last_metrics = Instant::now();
                 self.sample_processes();
+                self.kill_strays();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -375,10 +440,16 @@ impl Instance {
             }
         };
         let parent = std::process::id() as libc::pid_t;
+        // A worker leads a process group of its own: whatever it starts is in it (unless it
+        // leaves with setsid/setpgid), and dies with it (`kill_group`).
+        let own_group = matches!(role, Role::Worker(_));
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (fcntl, prctl, getppid, _exit) on plain integers it owns.
+        // functions (setpgid, fcntl, prctl, getppid, _exit) on plain integers it owns.
         unsafe {
             cmd.pre_exec(move || {
+                if own_group && libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for &fd in &keep {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -393,6 +464,10 @@ impl Instance {
                 Ok(())
             });
         }
+        let attach_base = match role {
+            Role::Worker(w) => worker_attaches(&self.rings, w),
+            Role::Front(_) => 0,
+        };
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {role} ({:?})", cmd.get_program()))?;
@@ -411,6 +486,10 @@ impl Instance {
                 }
             }
             Role::Front(f) => {
+                self.front_seen[f] = (
+                    self.stats.front(f).active_ns.load(Ordering::Relaxed),
+                    Instant::now(),
+                );
                 let fp = self.stats.front_process(f);
                 fp.pid.store(pid.as_raw() as u32, Ordering::Relaxed);
                 fp.restarts.store(starts, Ordering::Relaxed);
@@ -425,8 +504,11 @@ impl Instance {
             restart_at: None,
             crashes: VecDeque::new(),
             failed: false,
+            fail_count: 0,
+            attach_base: 0,
             growth: Growth::default(),
         });
+        slot.attach_base = attach_base;
         slot.pid = Some(pid);
         slot.started = Instant::now();
         slot.starts += 1;
@@ -439,38 +521,70 @@ impl Instance {
 
     /// Reaps exited children and schedules their restarts.
     fn reap(&mut self) {
+        let mut worker_died = false;
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(s) => s,
             };
             let Some(pid) = status.pid() else { continue };
-            let Some((&role, slot)) = self.slots.iter_mut().find(|(_, s)| s.pid == Some(pid))
+            // Anything else reaped here is a stray (a worker's orphan): nothing to restart.
+            let Some(role) = self
+                .slots
+                .iter()
+                .find(|(_, s)| s.pid == Some(pid))
+                .map(|(&r, _)| r)
             else {
                 continue;
             };
+            let mut forgiven = 0;
+            if let Role::Worker(w) = role {
+                worker_died = true;
+                // Whatever it started in its process group dies with it.
+                kill_group(pid);
+                let base = self.slots[&role].attach_base;
+                if worker_attaches(&self.rings, w) != base {
+                    self.ever_attached = true;
+                }
+                forgiven = self.note_crash_frames(w);
+            }
+            let slot = self.slots.get_mut(&role).expect("found above");
             slot.pid = None;
             let lived = slot.started.elapsed();
             let window = Duration::from_millis(self.cfg.crash_window_ms);
             slot.crashes.push_back(Instant::now());
+            // The crashes a dead-lettered frame caused are counted against the frame.
+            for _ in 0..forgiven {
+                slot.crashes.pop_back();
+            }
             while slot.crashes.front().is_some_and(|t| t.elapsed() > window) {
                 slot.crashes.pop_front();
             }
             if let Role::Worker(w) = role {
                 if slot.crashes.len() as u32 >= self.cfg.crash_limit {
                     slot.failed = true;
+                    slot.fail_count += 1;
+                    let retry = FAILED_RETRY_START
+                        .saturating_mul(2u32.saturating_pow(slot.fail_count - 1))
+                        .min(Duration::from_millis(self.cfg.failed_retry_max_ms));
+                    slot.restart_at = Some(Instant::now() + retry);
                     let crashes = slot.crashes.len();
                     let ws = self.stats.worker(w);
                     ws.crashes.fetch_add(1, Ordering::Relaxed);
                     ws.pid.store(0, Ordering::Relaxed);
                     ws.state
                         .store(WorkerState::Failed as u32, Ordering::Relaxed);
-                    error!(%role, crashes, ?window, "crashed too often: marked failed, its clients get an error");
+                    error!(%role, crashes, ?window, retry_in = ?retry, "crashed too often: marked failed, its clients get an error (retried after the backoff, or now at SIGUSR1)");
                     let all_failed = (0..self.workers)
                         .all(|i| self.slots.get(&Role::Worker(i)).is_some_and(|s| s.failed));
                     if all_failed {
                         self.stats.header().pool_failed.store(1, Ordering::Relaxed);
                         error!("every worker failed: new connections are refused");
+                        if !self.ever_attached {
+                            self.startup_failure = Some(format!(
+                                "every worker failed during start-up (none attached to its rings; last: {role} {status:?}, {crashes} crashes in {window:?})"
+                            ));
+                        }
                     }
                     continue;
                 }
@@ -501,6 +615,221 @@ impl Instance {
                 }
             }
             warn!(%role, pid = pid.as_raw(), ?status, ?lived, restart_in = ?delay, "process exited; restarting");
+        }
+        if worker_died {
+            self.kill_strays();
+        }
+    }
+
+    /// After a crash of worker `w`: which frame was it in? The same frame in flight at more
+    /// than `dead_letter_after` crashes in a row (the first delivery and each redelivery) is
+    /// dead-lettered. Returns how many crashes that frame caused (they are forgiven).
+    fn note_crash_frames(&mut self, w: usize) -> u32 {
+        let mut forgiven = 0;
+        for f in 0..self.cfg.fronts {
+            let ring = &self.rings[f][w].0;
+            let h = ring.header();
+            let head = h.head.load(Ordering::Relaxed);
+            // Acquire: pairs with the front's Release store of the tail; the records up to it
+            // are read below.
+            let tail = h.tail.load(Ordering::Acquire);
+            // Written by the dead worker: believed only within what it had not released of
+            // what the front published. Cleared, so that a replacement that dies before it
+            // reaches any frame does not look as if it died on this one again.
+            let at = ring.user_words()[INFLIGHT_WORD].swap(0, Ordering::Relaxed);
+            let suspect = &mut self.suspects[f][w];
+            if self.cfg.dead_letter_after == 0 || !(head < at && at <= tail) {
+                *suspect = (0, 0);
+                continue;
+            }
+            if suspect.0 == at {
+                suspect.1 += 1;
+            } else {
+                *suspect = (at, 1);
+            }
+            if suspect.1 <= self.cfg.dead_letter_after {
+                continue;
+            }
+            forgiven = forgiven.max(suspect.1);
+            *suspect = (0, 0);
+            self.dead_letter(f, w, at);
+        }
+        forgiven
+    }
+
+    /// Dead-letters the frame ending at request position `at` of ring (f, w), with its worker
+    /// dead: the replacement skips it, its connection is closed with an error by the front.
+    fn dead_letter(&mut self, f: usize, w: usize, at: u64) {
+        let codec = self.cfg.listeners()[self.worker_listener[w]].codec();
+        let ring = &self.rings[f][w].0;
+        let words = ring.user_words();
+        // Two slots, so that two poison frames in one redelivered batch do not take turns;
+        // the older (lower) position is overwritten.
+        let [a, b] = DEAD_LETTER_WORDS;
+        let slot = if words[a].load(Ordering::Relaxed) <= words[b].load(Ordering::Relaxed) {
+            a
+        } else {
+            b
+        };
+        words[slot].store(at, Ordering::Relaxed);
+        let conn = frame_conn(ring, codec, at);
+        let ws = self.stats.worker(w);
+        ws.dead_letters.fetch_add(1, Ordering::Relaxed);
+        ws.dead_letter_conn
+            .store(conn.unwrap_or(0), Ordering::Relaxed);
+        ws.dead_letter_pos.store(at, Ordering::Relaxed);
+        ws.dead_letter_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        match conn {
+            Some(conn) => {
+                // One connection at a time: a front takes it within its 100 ms check (a rare
+                // wait, on a crash path); if it does not, this one replaces the older.
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while ws.dead_letter_pending.load(Ordering::Relaxed) != 0
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Release: pairs with the front's Acquire load of the mailbox.
+                ws.dead_letter_pending.store(conn, Ordering::Release);
+                error!(
+                    front = f,
+                    worker = w,
+                    position = at,
+                    conn = %shmrelay_worker::ConnId::from_raw(conn),
+                    "a frame crashed its worker {} times in a row: dead-lettered (skipped by the replacement; its connection gets an error and is closed)",
+                    self.cfg.dead_letter_after + 1
+                );
+            }
+            None => error!(
+                front = f,
+                worker = w,
+                position = at,
+                "a frame crashed its worker repeatedly: dead-lettered, but its connection was not found in the ring"
+            ),
+        }
+    }
+
+    /// Kills the unknown children of this process (orphans of workers, reparented here as
+    /// the subreaper) until none is left; returns how many were killed.
+    fn kill_strays(&mut self) -> usize {
+        let me = std::process::id();
+        let mut killed = std::collections::HashSet::new();
+        for _ in 0..100 {
+            let mut known: Vec<u32> = self
+                .slots
+                .values()
+                .filter_map(|s| s.pid)
+                .map(|p| p.as_raw() as u32)
+                .collect();
+            known.extend(&self.inherited_children);
+            let strays: Vec<(u32, bool)> = watchdog::children(me)
+                .into_iter()
+                .filter(|(pid, _)| !known.contains(pid))
+                .collect();
+            if strays.is_empty() {
+                break;
+            }
+            for (pid, zombie) in strays {
+                if !zombie && killed.insert(pid) {
+                    warn!(pid, "killing a process a worker left behind");
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if !killed.is_empty() {
+            self.stats
+                .header()
+                .orphans_killed
+                .fetch_add(killed.len() as u64, Ordering::Relaxed);
+        }
+        killed.len()
+    }
+
+    /// SIGUSR1: every failed worker is retried now, with a clean crash record.
+    fn revive(&mut self) {
+        let now = Instant::now();
+        for (role, s) in self.slots.iter_mut() {
+            if s.failed && s.pid.is_none() {
+                info!(%role, "revived by SIGUSR1: retrying now");
+                s.crashes.clear();
+                s.fail_count = 0;
+                s.restart_at = Some(now);
+            }
+        }
+    }
+
+    /// Workers that attached, and failed workers whose retry has run long enough to count
+    /// as healthy again.
+    fn watch_lifecycles(&mut self) {
+        let mut recovered = false;
+        for w in 0..self.workers {
+            let Some(s) = self.slots.get_mut(&Role::Worker(w)) else {
+                continue;
+            };
+            if s.pid.is_none() {
+                continue;
+            }
+            if !self.ever_attached && worker_attaches(&self.rings, w) != s.attach_base {
+                self.ever_attached = true;
+            }
+            if s.failed && s.started.elapsed() >= STABLE_AFTER {
+                info!(
+                    worker = w,
+                    "failed worker ran stably after its retry: healthy again"
+                );
+                s.failed = false;
+                s.fail_count = 0;
+                recovered = true;
+            }
+        }
+        if recovered {
+            self.stats.header().pool_failed.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A front whose loop stopped publishing activity (SIGSTOP, stuck) for `hang_timeout_ms`
+    /// is killed and replaced, like a hung worker: its clients are disconnected and can
+    /// reconnect at once to the others (or to its replacement).
+    fn watch_fronts(&mut self) {
+        let timeout = Duration::from_millis(self.cfg.hang_timeout_ms);
+        for f in 0..self.cfg.fronts {
+            let Some(s) = self.slots.get(&Role::Front(f)) else {
+                continue;
+            };
+            let Some(pid) = s.pid else { continue };
+            let active = self.stats.front(f).active_ns.load(Ordering::Relaxed);
+            let seen = &mut self.front_seen[f];
+            if active != seen.0 {
+                *seen = (active, Instant::now());
+                continue;
+            }
+            if seen.1.elapsed() < timeout || s.started.elapsed() < timeout {
+                continue;
+            }
+            let stalled = seen.1.elapsed();
+            seen.1 = Instant::now();
+            self.stats
+                .front_process(f)
+                .hangs
+                .fetch_add(1, Ordering::Relaxed);
+            if self.cfg.kill_hung {
+                error!(
+                    front = f,
+                    pid = pid.as_raw(),
+                    ?stalled,
+                    "front stalled (no loop activity): killing it; it is replaced"
+                );
+                let _ = kill(pid, Signal::SIGKILL);
+            } else {
+                error!(
+                    front = f,
+                    pid = pid.as_raw(),
+                    ?stalled,
+                    "front stalled (no loop activity) (kill_hung = false: left running)"
+                );
+            }
         }
     }
 
@@ -596,6 +925,7 @@ impl Instance {
             req.reset();
             rep.reset();
             self.hangs[f][w].reset();
+            self.suspects[f][w] = (0, 0);
             // Release: the front re-attaches once it sees the bit clear, after the reset.
             fs.quarantined.fetch_and(!(1 << w), Ordering::Release);
             info!(front = f, worker = w, "rings reset after quarantine");
@@ -739,7 +1069,19 @@ impl Instance {
             |r| matches!(r, Role::Front(_)),
             drain + Duration::from_secs(2),
         );
+        let workers: Vec<Pid> = self
+            .slots
+            .iter()
+            .filter(|(r, _)| matches!(r, Role::Worker(_)))
+            .filter_map(|(_, s)| s.pid)
+            .collect();
         self.stop_role(|r| matches!(r, Role::Worker(_)), Duration::from_secs(3));
+        // Nothing a worker started outlives the relay: its process group, then anything that
+        // left the group and was reparented here.
+        for pid in workers {
+            kill_group(pid);
+        }
+        self.kill_strays();
         remove_files(&self.cfg.instance, &[]);
         info!("stopped; segments removed");
     }
@@ -785,6 +1127,67 @@ impl Instance {
             }
         }
     }
+}
+
+/// Kills the process group a worker led (it and whatever it started that stayed in it), and
+/// waits (up to a second) until no member is left, reaping those that are our children, so
+/// that no process of the old group still runs when a replacement starts.
+fn kill_group(leader: Pid) {
+    let group = Pid::from_raw(-leader.as_raw());
+    // A group id is not reused while any member lives; with none left this is ESRCH.
+    let _ = kill(group, Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        // Members whose parent died were reparented here (subreaper): reap them.
+        while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+            waitpid(group, Some(WaitPidFlag::WNOHANG))
+        {}
+        if kill(group, None) == Err(nix::errno::Errno::ESRCH) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    warn!(
+        group = leader.as_raw(),
+        "processes of a dead worker's group still there after SIGKILL"
+    );
+}
+
+/// How many times consumers attached to worker `w`'s request rings, summed over fronts.
+fn worker_attaches(rings: &[Vec<(ShmRing, ShmRing)>], w: usize) -> u32 {
+    rings
+        .iter()
+        .map(|row| {
+            row[w]
+                .0
+                .header()
+                .consumer
+                .attach_count
+                .load(Ordering::Relaxed)
+        })
+        .fold(0u32, u32::wrapping_add)
+}
+
+/// The connection whose frame ends at request position `at` in `ring` (its consumer dead):
+/// read from the records between the released position and the tail.
+fn frame_conn(ring: &ShmRing, codec: shmrelay_worker::Codec, at: u64) -> Option<u64> {
+    let mut rx = shm_ring::Consumer::new(ring).ok()?;
+    let records = rx.records().ok()?;
+    for rec in records {
+        let rec = rec.ok()?;
+        if rec.tag() != tag::DATA || rec.end() < at {
+            continue;
+        }
+        let base = rec.payload_position();
+        for frame in codec.frames(rec.payload()) {
+            let (end, _) = frame.ok()?;
+            if base + end as u64 == at {
+                return Some(rec.conn());
+            }
+        }
+        return None;
+    }
+    None
 }
 
 /// Waits until front `f` says it is accepting (or died trying).

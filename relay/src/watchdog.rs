@@ -157,6 +157,25 @@ pub fn orphans(instance: &str, me: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The children of `parent` (from /proc), each with whether it is a zombie (exited, not yet
+/// reaped).
+pub fn children(parent: u32) -> Vec<(u32, bool)> {
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = rest.next()?;
+            let ppid: u32 = rest.next()?.parse().ok()?;
+            (ppid == parent).then_some((pid, state == "Z"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

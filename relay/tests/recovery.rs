@@ -224,18 +224,38 @@ fn hung_worker_is_replaced_and_its_frames_are_served() {
 
 #[test]
 fn worker_that_keeps_crashing_is_failed_and_clients_get_an_error_not_a_hang() {
+    // A worker that serves, then crashes at every start once MARK exists (one that never
+    // starts at all makes the relay exit: `hostile_lifecycle.rs`).
+    let dir = std::env::temp_dir().join(format!("shmrelay-failed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mark = dir.join("MARK");
+    let _ = std::fs::remove_file(&mark);
+    let script = dir.join("worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "[ -e {} ] && exit 1\nexec {} worker echo\n",
+            mark.display(),
+            env!("CARGO_BIN_EXE_shmrelay")
+        ),
+    )
+    .unwrap();
+    let cmd = format!("/bin/sh {}", script.display());
     let relay = Relay::start(
         "failed",
         &[
             "--workers",
             "1",
             "--worker-cmd",
-            "/bin/false",
+            &cmd,
             "--set",
             "crash_limit=3",
         ],
     );
     let mut c = relay.connect();
+    assert_eq!(c.try_roundtrip(b"up").as_deref(), Some(&b"up"[..]));
+    std::fs::write(&mark, b"").unwrap();
+    kill(relay.worker_pid(0), libc::SIGKILL);
     c.stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

@@ -60,6 +60,19 @@ pub const REDELIVERED_WORD: usize = 1;
 /// because its predecessor had already answered them.
 pub const SKIPPED_WORD: usize = 2;
 
+/// Index of the request ring's user word in which the worker SDK records the request position
+/// (frame end) it is handing to `on_frame`, before the call: after a crash the supervisor
+/// reads it to learn which frame the worker died on (dead-lettering, see
+/// [`DEAD_LETTER_WORDS`]). Written by the worker, so the supervisor bounds it by the positions
+/// the front published before it believes it.
+pub const INFLIGHT_WORD: usize = 3;
+
+/// Indices of the request ring's user words in which the supervisor, while no worker is
+/// attached, records the request positions (frame ends) of dead-lettered frames: frames that
+/// crashed `dead_letter_after` redelivered generations. A replacement worker skips a frame
+/// ending at one of them (its connection is closed with an error by the front).
+pub const DEAD_LETTER_WORDS: [usize; 2] = [4, 5];
+
 /// Bytes of the frame length prefix.
 pub const FRAME_HEADER: usize = 4;
 

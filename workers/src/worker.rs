@@ -10,7 +10,8 @@ use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRin
 
 use crate::codec::Codec;
 use crate::protocol::{
-    env, flags, tag, CloseReason, ConnId, ANSWERED_WORD, REDELIVERED_WORD, SKIPPED_WORD,
+    env, flags, tag, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS, INFLIGHT_WORD,
+    REDELIVERED_WORD, SKIPPED_WORD,
 };
 
 type Rx = Consumer<Arc<ShmRing>>;
@@ -172,6 +173,9 @@ pub struct Worker {
     /// Per front: frames ending at or below this request position were answered by the
     /// previous worker and are skipped.
     answered: Vec<u64>,
+    /// Per front: frames ending at these request positions were dead-lettered by the
+    /// supervisor (a previous worker crashed on them) and are skipped; 0 is none.
+    dead_letters: Vec<[u64; 2]>,
     /// Per front: the connections this worker saw opened and not closed, so that a front's
     /// death can be reported as a CLOSE for each of them.
     open: Vec<std::collections::HashSet<ConnId>>,
@@ -220,6 +224,7 @@ impl Worker {
             reps: Vec::new(),
             redeliver_below: Vec::new(),
             answered: Vec::new(),
+            dead_letters: Vec::new(),
             open: Vec::new(),
             doorbell,
         };
@@ -283,33 +288,44 @@ impl Worker {
             front,
             detail: e.to_string(),
         };
-        let (below, answered) = if restarted {
+        let (below, answered, dead) = if restarted {
             rx.is_empty().map_err(corrupt)?;
+            // Every value below decides which frames are skipped, and comes from memory a
+            // previous worker could write: one beyond the front's published tail is a lie (or
+            // corruption) and is ignored, so a frame the front published is never skipped
+            // because of it (at worst an answered frame is delivered again).
+            let tail = rx.seen_tail();
+            let bounded = |v: u64| if v <= tail { v } else { 0 };
+            let words = rx.storage().user_words();
             // Producer::new loaded the reply ring's head with Acquire, and the front stores the
             // answered word before it releases reply records (Release): so every answer is
             // either covered by the word or still readable in the reply ring.
-            let mut answered = rx.storage().user_words()[ANSWERED_WORD].load(Ordering::Acquire);
+            let mut answered = bounded(words[ANSWERED_WORD].load(Ordering::Acquire));
+            // Relaxed: the supervisor wrote these before it started this process.
+            let dead = DEAD_LETTER_WORDS.map(|i| bounded(words[i].load(Ordering::Relaxed)));
             for rec in tx.unreleased().map_err(corrupt)? {
                 let rec = rec.map_err(corrupt)?;
                 if rec.tag() == tag::SEND {
-                    answered = answered.max(rec.aux());
+                    answered = answered.max(bounded(rec.aux()));
                 }
             }
-            (rx.seen_tail(), answered)
+            (rx.seen_tail(), answered, dead)
         } else {
-            (0, 0)
+            (0, 0, [0; 2])
         };
         if self.reqs.len() <= front {
             self.reqs.resize_with(front + 1, || None);
             self.reps.resize_with(front + 1, || None);
             self.redeliver_below.resize(front + 1, 0);
             self.answered.resize(front + 1, 0);
+            self.dead_letters.resize(front + 1, [0; 2]);
             self.open.resize_with(front + 1, Default::default);
         }
         self.reqs[front] = Some(rx);
         self.reps[front] = Some(tx);
         self.redeliver_below[front] = below;
         self.answered[front] = answered;
+        self.dead_letters[front] = dead;
         Ok(())
     }
 
@@ -368,6 +384,10 @@ impl Worker {
             let corrupt = |detail: String| WorkerError::Corrupt { front, detail };
             let below = self.redeliver_below[front];
             let answered = self.answered[front];
+            let dead = self.dead_letters[front];
+            // The ring's user words outlive this borrow of `rx` by the record iterator.
+            let ring = rx.storage().clone();
+            let inflight = &ring.user_words()[INFLIGHT_WORD];
             let open = &mut self.open[front];
             let codec = self.codec;
             let mut out = Out {
@@ -396,10 +416,13 @@ impl Worker {
                         for frame in codec.frames(rec.payload()) {
                             let (end, payload) = frame.map_err(|e| corrupt(e.to_string()))?;
                             out.answering = base + end as u64;
-                            if out.answering <= answered {
+                            if out.answering <= answered || dead.contains(&out.answering) {
                                 skipped += 1;
-                                continue; // answered by the previous worker
+                                continue; // answered by the previous worker, or dead-lettered
                             }
+                            // Which frame this process is in, should it die in it (read by
+                            // the supervisor only after this process is gone).
+                            inflight.store(out.answering, Ordering::Relaxed);
                             redelivered_frames += redelivered as u64;
                             handler.on_frame(conn, payload, redelivered, &mut out);
                         }

@@ -111,6 +111,25 @@ impl Liveness {
     }
 }
 
+/// A gap between two turns of the front's loop longer than this means the front itself was
+/// late (SIGSTOP, starved of CPU): an idle loop wakes at least every 100 ms.
+pub(super) const STALL_MS: u64 = 500;
+
+/// The ticks a loop gap of `gap_ns` took from the front's clients beyond a normal turn, if
+/// the front was late.
+pub(super) fn stall_ticks(gap_ns: u64) -> Option<u32> {
+    let ms = gap_ns / 1_000_000;
+    (ms > STALL_MS).then(|| ((ms - 100) / TICK_MS).min(u32::MAX as u64 / 4) as u32)
+}
+
+/// Never blame a client for the front's own lateness: moves its liveness clocks forward by
+/// the ticks the front lost, as if the stall had not happened.
+pub(super) fn forgive(c: &mut Conn, ticks: u32) {
+    c.last_rx = c.last_rx.wrapping_add(ticks);
+    c.last_data = c.last_data.wrapping_add(ticks);
+    c.ping_sent = c.ping_sent.wrapping_add(ticks);
+}
+
 /// Turns on keepalive and TCP_USER_TIMEOUT, the kernel's backstops for a peer that vanished
 /// without a FIN (our own heartbeats normally notice first).
 pub(super) fn configure_socket(stream: &mio::net::TcpStream, timeout_ms: u64) {

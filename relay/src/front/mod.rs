@@ -152,6 +152,9 @@ struct Chan {
     /// Key routing: routed connections whose oldest request is on this worker, by that
     /// request's position: (position, slot, generation). Stale entries are skipped.
     waiting: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// The highest request position answered by a reply record read from this worker, each
+    /// checked against what this front published: the front's own copy of the answered word.
+    answered: u64,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -201,6 +204,8 @@ struct Front {
     wheel: Wheel,
     due: Vec<((u32, u32), u64)>,
     start_ns: u64,
+    /// When `tick` last ran (CLOCK_MONOTONIC ns): a long gap means this process was late.
+    last_tick_ns: u64,
     /// Current tick (TICK_MS each) since the front started.
     now: u64,
     open: u64,
@@ -288,7 +293,15 @@ impl Front {
             // Workers block on a futex or poll their eventfd: ring both.
             req.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
             rep.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
+            // A previous front's answered word, if it is within what was published.
+            let answered = req.storage().user_words()[ANSWERED_WORD].load(Ordering::Relaxed);
+            let answered = if answered <= req.position() {
+                answered
+            } else {
+                0
+            };
             chans.push(Chan {
+                answered,
                 bell: ch.worker_doorbell,
                 req,
                 rep,
@@ -335,6 +348,7 @@ impl Front {
             wheel: Wheel::new(4096, 0),
             due: Vec::new(),
             start_ns: shm_ring::monotonic_ns(),
+            last_tick_ns: shm_ring::monotonic_ns(),
             now: 0,
             open: 0,
             draining: 0,
@@ -357,6 +371,20 @@ impl Front {
     fn tick(&mut self) {
         let ns = shm_ring::monotonic_ns();
         self.now = (ns - self.start_ns) / (TICK_MS * 1_000_000);
+        let gap = ns.saturating_sub(self.last_tick_ns);
+        self.last_tick_ns = ns;
+        if let Some(ticks) = liveness::stall_ticks(gap) {
+            // This process was stopped or starved: its clients could not be heard meanwhile,
+            // so the time does not count against them.
+            warn!(
+                front = self.index,
+                late_ms = gap / 1_000_000,
+                "front loop was late: extending every connection's deadlines"
+            );
+            for c in self.slab.conns.iter_mut().flatten() {
+                liveness::forgive(c, ticks);
+            }
+        }
         self.fs.active_ns.store(ns, Ordering::Relaxed);
     }
 
@@ -571,6 +599,11 @@ impl Front {
                     add(&self.fs.rejects[reason as usize], 1);
                     add(&self.fs.closes[CloseReason::Rejected as usize], 1);
                     debug!(%peer, reason = reason.as_str(), "rejected");
+                    if reason == crate::stats::RejectReason::NoWorker {
+                        // Best effort and non-blocking: the client learns why before the close.
+                        let codec = self.listeners[l].codec;
+                        let _ = (&stream).write(&codec.error_reply("worker unavailable"));
+                    }
                     drop(stream);
                     continue;
                 }
@@ -638,7 +671,11 @@ impl Front {
         if !self.cfg.pause_accept_when_overloaded {
             return;
         }
-        let overloaded = self.chans.iter().all(|c| c.broken || !c.blocked.is_empty());
+        // With no usable worker at all there is nothing to wait for: accepting goes on, and
+        // each new client is refused at once with an error (`no_worker`), never left in the
+        // backlog.
+        let usable = self.chans.iter().any(|c| !c.broken);
+        let overloaded = usable && self.chans.iter().all(|c| c.broken || !c.blocked.is_empty());
         if overloaded != self.paused {
             let mut any = false;
             for (i, l) in self.listeners.iter_mut().enumerate() {
@@ -1023,6 +1060,8 @@ impl Front {
             None
         };
         let ch = &mut self.chans[w];
+        // A reply answers a request this front wrote: no position beyond what it committed.
+        let answerable = ch.req.position();
         let mut todo: Vec<(u32, u32, Action)> = Vec::new();
         let mut n = 0;
         let mut corrupt = None;
@@ -1052,6 +1091,16 @@ impl Front {
                     }
                 };
                 match rec.tag() {
+                    tag::SEND if rec.aux() > answerable => {
+                        // It would make a replacement skip frames it was never shown.
+                        corrupt = Some(format!(
+                            "reply record at {} answers request position {}, beyond the {} this front wrote",
+                            rec.position(),
+                            rec.aux(),
+                            answerable
+                        ));
+                        break;
+                    }
                     tag::SEND | tag::CLOSE if !scope.allows(slab, me, w, rec.conn()) => {
                         // Another listener's connection (push_scope): dropped, counted below.
                         out_of_scope += 1;
@@ -1091,9 +1140,12 @@ impl Front {
             if let Some(end) = end {
                 // The answered word first, then the release (Release store of the head): a
                 // replacement worker that sees the release sees the word (see the worker SDK).
-                let word = &ch.req.storage().user_words()[ANSWERED_WORD];
-                if answered > word.load(Ordering::Relaxed) {
-                    word.store(answered, Ordering::Relaxed);
+                // Stored from the front's own copy: whatever a worker wrote into the word is
+                // overwritten, never built upon.
+                if answered > ch.answered {
+                    ch.answered = answered;
+                    ch.req.storage().user_words()[ANSWERED_WORD]
+                        .store(ch.answered, Ordering::Relaxed);
                 }
                 ch.rep.release(end);
             }
@@ -1586,6 +1638,7 @@ impl Front {
         // the rings, so the reset positions are visible before we attach again.
         let quarantined = self.fs.quarantined.load(Ordering::Acquire);
         for w in 0..self.chans.len() {
+            self.take_dead_letter(w);
             let state = WorkerState::from_code(self.stats.worker(w).state.load(Ordering::Relaxed));
             let ch = &mut self.chans[w];
             if ch.broken {
@@ -1608,6 +1661,40 @@ impl Front {
                 self.quarantine(w, &e);
             }
         }
+    }
+
+    /// A frame of one of our connections that crashed worker `w` repeatedly was dead-lettered
+    /// by the supervisor (the replacement skips it): its connection gets the codec's error
+    /// and is closed, the worker's other clients carry on.
+    fn take_dead_letter(&mut self, w: usize) {
+        let mailbox = &self.stats.worker(w).dead_letter_pending;
+        // Acquire: pairs with the supervisor's Release store of the connection id.
+        let raw = mailbox.load(Ordering::Acquire);
+        if raw == 0 || ConnId::from_raw(raw).front() != self.index {
+            return;
+        }
+        if mailbox
+            .compare_exchange(raw, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let id = ConnId::from_raw(raw);
+        let listeners = &self.listeners;
+        // The id came from a ring the worker could write: only a connection served by that
+        // worker is closed (a worker can close its own clients anyway).
+        let Some(c) = self.slab.get(id.slot(), id.generation()).filter(|c| {
+            c.worker == w
+                || c.route
+                    .as_ref()
+                    .is_some_and(|r| listeners[r.listener].pool.contains(&w))
+        }) else {
+            return;
+        };
+        warn!(front = self.index, worker = w, %id, "a frame of this connection crashed its worker repeatedly: dead-lettered, closing the connection");
+        // Best effort and non-blocking: the close follows either way.
+        let _ = (&c.stream).write(&c.codec.error_reply("frame dead-lettered"));
+        self.close_conn(id.slot(), CloseReason::WorkerGone);
     }
 
     /// The connection table against the open fds: every connection holds one socket, and
@@ -1686,6 +1773,7 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     ch.broken = false;
     // Positions start again at zero.
     ch.completed = 0;
+    ch.answered = 0;
     ch.waiting.clear();
     Ok(())
 }

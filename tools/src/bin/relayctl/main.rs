@@ -76,6 +76,13 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         iterations: Option<u64>,
     },
+    /// List dead-lettered frames: per worker, how many, and the last one (its connection,
+    /// request position and time). A frame is dead-lettered when it crashed its worker at its
+    /// first delivery and at each of `dead_letter_after` redeliveries.
+    DeadLetters {
+        /// Instance name [default: the only live instance].
+        instance: Option<String>,
+    },
     /// Show leaks: dead instances' segments, orphan files, stale rings, leak counters.
     ///
     /// Dead instances and orphan files are looked for host-wide; the leak counters and stale
@@ -156,6 +163,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let name = resolve(instance)?;
             top(&mut out, &name, interval, iterations, cli.json)
         }
+        Cmd::DeadLetters { instance } => {
+            let name = resolve(instance)?;
+            dead_letters(&mut out, &name, cli.json)
+        }
         Cmd::Leaks { instance } => {
             let l = host::leaks(instance.as_deref()).map_err(not_found_hint)?;
             emit(&mut out, cli.json, &l, || render::leaks(&l))?;
@@ -174,6 +185,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `relayctl dead-letters`: the workers' dead-letter counts and last dead letters, from one
+/// sample of the instance report (JSON: the `WorkerReport`s that have any).
+fn dead_letters(out: &mut impl Write, name: &str, json: bool) -> Result<ExitCode> {
+    let r = sample(name, Duration::ZERO)?;
+    let workers: Vec<&report::WorkerReport> =
+        r.workers.iter().filter(|w| w.dead_letters > 0).collect();
+    emit(out, json, &workers, || {
+        if workers.is_empty() {
+            return format!("{name}: no dead-lettered frames\n");
+        }
+        let mut s = String::from("worker  dead_letters  last_conn  front  position  unix_ms\n");
+        for w in &workers {
+            let last = w.last_dead_letter.as_ref();
+            s += &format!(
+                "{:<7} {:<13} {:<10} {:<6} {:<9} {}\n",
+                w.index,
+                w.dead_letters,
+                last.map_or("-", |d| d.conn.as_str()),
+                last.map_or(0, |d| d.front),
+                last.map_or(0, |d| d.position),
+                last.map_or(0, |d| d.unix_ms)
+            );
+        }
+        s
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes `value` as one pretty JSON document, or the text `human` makes.
