@@ -8,6 +8,10 @@
 //! answer as a server without persistence; anything else is an empty list), COMMAND (an empty
 //! list), CLIENT (OK), INFO (a minimal text), QUIT.
 //!
+//! `DEBUG SLEEP <seconds>` (the worker sleeps, then answers OK; for tests of slow workers) is
+//! refused unless the worker's environment has `SHMRELAY_KV_DEBUG=1`, as Redis refuses DEBUG
+//! unless `enable-debug-command` is set: any client could otherwise stall the worker.
+//!
 //! Keys live in the worker process. With several kv workers on one listener the front routes
 //! each command by its key ([`resp::routing_key`]), so each worker holds its share of the keys
 //! and a key lives on one worker; keyless commands (`DBSIZE`, `INFO`, `FLUSHALL`) go to the
@@ -74,6 +78,8 @@ pub struct Kv {
 const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 const NOT_INT: &str = "ERR value is not an integer or out of range";
 const SYNTAX: &str = "ERR syntax error";
+/// The environment variable that allows `DEBUG SLEEP`.
+pub const DEBUG_ENV: &str = "SHMRELAY_KV_DEBUG";
 
 fn parse_i64(s: &[u8]) -> Option<i64> {
     std::str::from_utf8(s).ok()?.parse().ok()
@@ -252,6 +258,23 @@ impl Kv {
                     }
                 } else {
                     resp::simple(out, "OK")
+                }
+            }
+            b"DEBUG" if argc == 3 && args[1].eq_ignore_ascii_case(b"SLEEP") => {
+                if std::env::var_os(DEBUG_ENV).is_none_or(|v| v != "1") {
+                    resp::error(out, &format!("ERR DEBUG command not allowed ({DEBUG_ENV} is not 1)"));
+                    return true;
+                }
+                let secs = std::str::from_utf8(args[2])
+                    .ok()
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .filter(|t| t.is_finite() && (0.0..=60.0).contains(t));
+                match secs {
+                    Some(t) => {
+                        std::thread::sleep(Duration::from_secs_f64(t));
+                        resp::simple(out, "OK")
+                    }
+                    None => resp::error(out, "ERR DEBUG SLEEP takes 0 to 60 seconds"),
                 }
             }
             b"COMMAND" => resp::array(out, 0),
@@ -570,6 +593,9 @@ mod tests {
         assert!(run(&mut kv, "NOPE x").starts_with("-ERR unknown command 'NOPE'"));
         assert!(run(&mut kv, "GET").starts_with("-ERR wrong number of arguments"));
         assert!(crate::Codec::Resp.is_valid_reply(run(&mut kv, "INFO").as_bytes()));
+        if std::env::var_os(DEBUG_ENV).is_none() {
+            assert!(run(&mut kv, "DEBUG SLEEP 0").starts_with("-ERR DEBUG command not allowed"));
+        }
     }
 
     /// Keys of the map with an expiry, counted the slow way.
