@@ -355,9 +355,9 @@ pub(super) fn read_routed(
     loop {
         // The replies it waits on, its requests and its queued output count against its
         // bound: past it, leave its bytes in the socket.
-        let pending = c.pending();
+        let used = c.pending() + c.route.as_ref().map_or(0, |r| r.state_bytes());
         let route = c.route.as_mut().expect("a routed connection has its route");
-        if route.state_bytes() + pending >= max_pending {
+        if used > 0 && used >= max_pending {
             route.stalled = true;
             return done(ReadResult::Drained, home, new_head);
         }
