@@ -1443,9 +1443,10 @@ fn routed_reply(
     }
     add(&fs.bytes_copied, payload.len() as u64);
     add(&fs.frames_out, 1);
-    // The client is not read past `max_pending` (route.rs): held replies beyond twice that
-    // answer requests already in the rings with more than the bound allows.
-    if pending + r.held_bytes() > max_pending.saturating_mul(2) {
+    // The client is not read past `max_pending` (route.rs); held replies past it answer
+    // requests already in the rings with more than the bound allows (they would go to the out
+    // queue, which has the same bound).
+    if pending + r.held_bytes() > max_pending {
         todo.push((slot, gen, Action::Close(CloseReason::SlowConsumer)));
     }
     false

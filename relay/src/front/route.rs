@@ -25,8 +25,10 @@
 //! Bound: the connection's route state (its outstanding requests and held replies,
 //! [`Route::state_bytes`]) and its out queue together count against `max_pending`. Past it the
 //! front stops reading the client ([`Route::stalled`]; TCP pushes back) until they are below
-//! half of it again. Held reply bytes plus the out queue past twice `max_pending` (the requests
-//! already in the rings answered with more than that) close the connection as a slow consumer.
+//! half of it again. Held reply bytes plus the out queue past `max_pending` itself (the
+//! requests already in the rings when it stopped were answered with more than that: large
+//! replies) still close the connection as a slow consumer, as the out queue alone does: the
+//! held bytes go to the out queue when their turn comes.
 //!
 //! When is a request answered in full? A worker may send any number of records for a frame, so
 //! a reply alone does not say. The SDK publishes a batch's replies before it releases the
