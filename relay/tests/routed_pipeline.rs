@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 
 use common::Relay;
 
+/// The tests of this file run one at a time: each loads the machine (a long pipeline), and one
+/// of them measures another client's latency.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A `resp` listener with two kv workers that accept `DEBUG SLEEP`, and `extra` settings.
 fn relay(name: &str, extra: &str) -> Relay {
     let kv = format!(
@@ -185,6 +193,7 @@ fn slow_then_pipeline_on(s: &mut TcpStream, key: &str, secs: &str, n: usize) -> 
 
 #[test]
 fn a_long_pipeline_behind_a_slow_worker_does_not_stall_other_clients() {
+    let _one = one_at_a_time();
     // ROUTED_PIPELINE_N=25000 (etc.) to measure other lengths.
     let n: usize = std::env::var("ROUTED_PIPELINE_N")
         .ok()
@@ -220,6 +229,7 @@ fn a_long_pipeline_behind_a_slow_worker_does_not_stall_other_clients() {
 
 #[test]
 fn a_pipeline_past_the_pending_bound_stalls_its_client_instead_of_closing_it() {
+    let _one = one_at_a_time();
     // 64 KiB of state per connection: the replies held for 50K GETs (350 KB) and their
     // requests do not fit, so the front must stop reading the client until the slow reply is
     // written, then go on.
@@ -256,6 +266,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// 14 MiB after; the bound leaves room for allocator noise.
 #[test]
 fn idle_connections_give_back_the_memory_of_a_big_pipeline() {
+    let _one = one_at_a_time();
     const CONNS: usize = 60;
     let relay = relay("routedmem", "");
     let pid = front_pid(&relay);
