@@ -75,8 +75,11 @@ struct Lane {
     reqs: VecDeque<(u64, u64)>,
 }
 
-/// Queues keep at least this many slots when they shrink.
+/// Queues keep at least this many slots when they shrink while in use.
 const KEEP: usize = 16;
+/// An empty queue keeps its allocation only up to this many slots (a request-response client
+/// reuses it without allocating; a drained pipeline's is freed).
+const IDLE_KEEP: usize = 4;
 
 /// What to do with a reply record (from [`Route::on_reply`]).
 #[derive(Debug, PartialEq, Eq)]
@@ -277,10 +280,14 @@ impl Route {
 
     /// Shrinks queues far larger than what they hold (after a long pipeline drained), to
     /// twice that: each shrink moves at most a quarter of the capacity it frees, so this is
-    /// O(1) amortised.
+    /// O(1) amortised. An empty queue larger than a request-response client needs is freed.
     fn give_back(&mut self) {
         fn shrink<T>(q: &mut VecDeque<T>) {
-            if q.capacity() > 4 * KEEP && q.len() * 4 < q.capacity() {
+            if q.is_empty() {
+                if q.capacity() > IDLE_KEEP {
+                    *q = VecDeque::new();
+                }
+            } else if q.capacity() > 4 * KEEP && q.len() * 4 < q.capacity() {
                 q.shrink_to((2 * q.len()).max(KEEP));
             }
         }
@@ -745,20 +752,43 @@ mod tests {
         f.out.clear();
     }
 
+    /// `n` requests of which nine tenths are answered and popped: the queues hold about
+    /// twice what is left at most (they shrink while requests are still outstanding).
+    fn long_pipeline_mostly_drained(f: &mut Front, n: usize) {
+        let fast = f.completed[4];
+        for i in 1..=n as u64 {
+            f.push(4, fast + i);
+        }
+        let grown = f.route.reqs.capacity();
+        let left = n / 10;
+        f.complete(4, fast + (n - left) as u64);
+        assert_eq!(f.route.reqs.len(), left);
+        assert!(
+            f.route.reqs.capacity() <= 4 * left && f.route.reqs.capacity() < grown,
+            "{} slots for {left} requests (grown to {grown})",
+            f.route.reqs.capacity()
+        );
+        f.complete(4, fast + n as u64);
+        assert!(f.route.idle());
+        assert!(f.route.capacity() <= 3 * IDLE_KEEP);
+    }
+
     #[test]
     fn a_drained_pipeline_gives_its_memory_back() {
         let mut f = Front::new();
         long_pipeline(&mut f, 100_000);
         // 2 lanes and the request queue, each back to a few slots.
         assert!(
-            f.route.capacity() <= 3 * 4 * KEEP,
+            f.route.capacity() <= 3 * IDLE_KEEP,
             "{} request slots kept by an idle connection",
             f.route.capacity()
         );
         assert_eq!(f.route.state_bytes(), 0);
         // And it works again after shrinking.
         long_pipeline(&mut f, 1000);
-        assert!(f.route.capacity() <= 3 * 4 * KEEP);
+        assert!(f.route.capacity() <= 3 * IDLE_KEEP);
+        // While a pipeline drains, the queues follow it down.
+        long_pipeline_mostly_drained(&mut f, 100_000);
     }
 
     #[test]
