@@ -128,6 +128,9 @@ pub struct Config {
     /// Close a connection that sent no data frame for this long; 0 for never.
     pub idle_timeout_ms: u64,
     /// Reply bytes queued per client before it is disconnected as a slow consumer.
+    /// On a routed pool a connection's outstanding requests and held replies count too: past
+    /// it the client is not read until they drop below half (held reply bytes and queue past
+    /// it: slow consumer).
     pub max_pending: usize,
     /// Ring data bytes (a power of two); default: enough for two maximum frames, at least 4 MiB.
     pub ring_capacity: Option<usize>,

@@ -769,6 +769,7 @@ impl Front {
         let mut ready = std::mem::take(&mut self.ready);
         let now = self.now as u32;
         let max_frame = self.cfg.max_frame;
+        let max_pending = self.cfg.max_pending;
         for (slot, gen) in ready.drain(..) {
             let Some(c) = self.slab.get(slot, gen) else {
                 continue;
@@ -787,6 +788,7 @@ impl Front {
                     self.fs,
                     id,
                     max_frame,
+                    max_pending,
                     now,
                 );
                 if let Some((w, p)) = routed.new_head {
@@ -1278,8 +1280,10 @@ impl Front {
         if let ConnState::Draining(reason) = c.state {
             if c.flushed() && c.acks_in() {
                 self.close_conn(slot, reason);
+                return;
             }
         }
+        self.resume_routed(slot, gen);
     }
 
     /// Brings a connection's partial-frame memory into the front's total after a read,
@@ -1472,43 +1476,24 @@ impl Front {
     }
 
     /// Key routing: pops the connection's requests that are answered in full, writing the
-    /// replies held for each new oldest one (in one writev), and waits on the worker of the
-    /// first that is not. A request is answered in full when its worker is known to be past
-    /// it: its ring was read after the worker released the request, or a reply of the worker
-    /// to a later request of the connection came.
+    /// replies held for each new oldest one, and waits on the worker of the first that is not.
+    /// A request is answered in full when its worker is known to be past it: its ring was read
+    /// after the worker released the request, or a reply of the worker to a later request of
+    /// the connection came. O(1) amortised per request (see route.rs).
     fn advance(&mut self, slot: u32, gen: u32) {
         let fs = self.fs;
+        let chans = &self.chans;
         let Some(c) = self.slab.get(slot, gen) else {
             return;
         };
-        // Taken out while the connection is written to, put back below.
-        let Some(mut r) = c.route.take() else {
+        let Some(r) = c.route.as_mut() else {
             return;
         };
         let mut early: Vec<Vec<u8>> = Vec::new();
-        let mut wait = None;
-        while let Some(&(hw, hp)) = r.order.front() {
-            let mut i = 0;
-            while i < r.held.len() {
-                if (r.held[i].0, r.held[i].1) == (hw, hp) {
-                    let (_, _, bytes) = r.held.remove(i).expect("index checked");
-                    r.held_bytes -= bytes.len();
-                    early.push(bytes);
-                } else {
-                    i += 1;
-                }
-            }
-            let later = r.held.iter().any(|&(w, p, _)| w == hw && p > hp);
-            if later || self.chans[hw].completed >= hp {
-                r.order.pop_front();
-                continue;
-            }
-            wait = Some((hw, hp));
-            break;
-        }
-        c.route = Some(r);
-        if !early.is_empty() {
-            let iov: Vec<IoSlice<'_>> = early.iter().map(|b| IoSlice::new(b)).collect();
+        let wait = r.pop_answered(|w| chans.get(w).map_or(0, |ch| ch.completed), &mut early);
+        // Written in slices of MAX_IOV; what the socket does not take is queued (and counted).
+        for chunk in early.chunks(MAX_IOV) {
+            let iov: Vec<IoSlice<'_>> = chunk.iter().map(|b| IoSlice::new(b)).collect();
             if let Err(reason) = send_to(c, &iov, fs, usize::MAX) {
                 self.close_conn(slot, reason);
                 return;
@@ -1522,7 +1507,29 @@ impl Front {
         } else if let ConnState::Draining(reason) = c.state {
             if c.flushed() && c.acks_in() {
                 self.close_conn(slot, reason);
+                return;
             }
+        }
+        self.resume_routed(slot, gen);
+    }
+
+    /// Key routing: reads a connection again that was stalled at its pending bound, once its
+    /// route state and out queue are below half of it.
+    fn resume_routed(&mut self, slot: u32, gen: u32) {
+        let max = self.cfg.max_pending;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        let pending = c.pending();
+        let Some(r) = c.route.as_mut() else {
+            return;
+        };
+        if !r.stalled || r.state_bytes() + pending > max / 2 {
+            return;
+        }
+        r.stalled = false;
+        if c.wants_read() {
+            self.ready.push((slot, gen));
         }
     }
 
@@ -1822,7 +1829,8 @@ enum Action {
 
 /// Key routing: true if a reply record goes out now with the records around it (it answers
 /// the connection's oldest request, or no request: a push); false if it was held for its turn,
-/// copied and counted (or belongs to no live connection: `deliver` counts those).
+/// copied and counted (or belongs to no live connection: `deliver` counts those). O(1)
+/// amortised (see route.rs).
 fn routed_reply(
     slab: &mut Slab,
     fs: &FrontStats,
@@ -1841,38 +1849,21 @@ fn routed_reply(
     let Some(r) = c.route.as_mut() else {
         return true;
     };
-    let key = (w, rec.aux());
-    // A request's replies go out in the order they came: once one is held, so are the rest
-    // until the held ones are written (`advance`, queued when it became the oldest).
-    let direct =
-        |r: &Route| r.order.front() == Some(&key) && !r.held.iter().any(|h| (h.0, h.1) == key);
-    if direct(r) || !r.order.contains(&key) {
-        return true;
-    }
-    // The worker serves its frames in ring order, and its replies to a frame come before its
-    // replies to later ones: so its requests ahead of this one are answered in full. (Their
-    // held replies, if any, go first: stop at one that has some.)
-    let mut moved = false;
-    while let Some(&(hw, hp)) = r.order.front() {
-        if hw != w || hp >= key.1 || r.held.iter().any(|h| (h.0, h.1) == (hw, hp)) {
-            break;
-        }
-        r.order.pop_front();
-        moved = true;
-    }
-    if moved {
+    let payload = rec.payload();
+    let verdict = r.on_reply(w, rec.aux(), payload);
+    if verdict.advance {
         // Wait on (or move past) whatever is oldest now, and write what it holds.
         todo.push((slot, gen, Action::Advance));
     }
-    if direct(r) {
+    if verdict.direct {
         return true;
     }
-    let payload = rec.payload();
-    r.held.push_back((w, rec.aux(), payload.to_vec()));
-    r.held_bytes += payload.len();
     add(&fs.bytes_copied, payload.len() as u64);
     add(&fs.frames_out, 1);
-    if pending + r.held_bytes > max_pending {
+    // The client is not read past `max_pending` (route.rs); held replies past it answer
+    // requests already in the rings with more than the bound allows (they would go to the out
+    // queue, which has the same bound).
+    if pending + r.held_bytes() > max_pending {
         todo.push((slot, gen, Action::Close(CloseReason::SlowConsumer)));
     }
     false
