@@ -23,6 +23,7 @@
 mod admission;
 mod conn;
 mod liveness;
+mod reply;
 mod route;
 
 use std::cmp::Reverse;
@@ -136,6 +137,8 @@ struct Chan {
     /// Key routing: routed connections whose oldest request is on this worker, by that
     /// request's position: (position, slot, generation). Stale entries are skipped.
     waiting: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// A long reply whose pieces are being read from `rep` (see reply.rs).
+    split: Option<reply::Split>,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -246,7 +249,8 @@ impl Front {
             let attach = |source| FrontError::Attach { worker, source };
             let t = Duration::from_secs(5);
             let req = Arc::new(ShmRing::open_fd(ch.req, t).map_err(attach)?);
-            let rep = Arc::new(ShmRing::open_fd(ch.rep, t).map_err(attach)?);
+            // Reply data read-only: the front only consumes it (header page writable).
+            let rep = Arc::new(ShmRing::open_fd_reader(ch.rep, t).map_err(attach)?);
             let mut req = Producer::new(req).map_err(attach)?;
             let mut rep = Consumer::new(rep).map_err(attach)?;
             // Workers block on a futex or poll their eventfd: ring both.
@@ -262,6 +266,7 @@ impl Front {
                 broken: false,
                 completed: 0,
                 waiting: BinaryHeap::new(),
+                split: None,
             });
         }
         // The stats block lives as long as the process; leaking the mapping gives the hot
@@ -871,12 +876,12 @@ impl Front {
                     return 0;
                 }
             };
-            let mut group: Vec<IoSlice<'_>> = Vec::new();
-            let mut group_conn = 0u64;
+            let mut group = reply::Group::new();
             let mut answered = 0u64;
             let mut end = None;
             let slab = &mut self.slab;
             let fs = self.fs;
+            let split = &mut ch.split;
             for rec in records.take(REPLY_BATCH) {
                 let rec = match rec {
                     Ok(r) => r,
@@ -885,38 +890,70 @@ impl Front {
                         break;
                     }
                 };
+                // A long reply in progress takes only its own next piece: anything else
+                // means it broke off, and its connection, part of a frame written, closes.
+                if let Some(sp) = split.as_ref() {
+                    if rec.tag() != tag::SEND || rec.conn() != sp.conn {
+                        let broken = sp.conn;
+                        *split = None;
+                        close_broken(slab, fs, me, broken, &mut group, &mut todo);
+                    }
+                }
                 match rec.tag() {
-                    tag::SEND if codec.is_valid_reply(rec.payload()) => {
-                        answered = answered.max(rec.aux());
-                        if routed && !routed_reply(slab, fs, me, w, &rec, max_pending, &mut todo) {
-                            // Held for its turn.
-                        } else {
-                            if rec.conn() != group_conn || group.len() >= MAX_IOV {
-                                deliver(slab, fs, me, group_conn, &mut group, &mut todo);
-                                group_conn = rec.conn();
-                            }
-                            group.push(IoSlice::new(rec.payload()));
+                    tag::SEND => {
+                        let conn = rec.conn();
+                        if conn != group.conn || group.is_full() {
+                            deliver(slab, fs, me, &mut group, &mut todo);
+                            group.conn = conn;
                         }
+                        let piece = reply::piece(codec, split, &rec, max_pending, fs);
+                        match piece {
+                            reply::Piece::Invalid => {
+                                corrupt = Some(format!(
+                                    "reply record at {} has broken framing",
+                                    rec.position()
+                                ));
+                                break;
+                            }
+                            reply::Piece::Broken(why) => {
+                                debug!(front = me, worker = w, "reply broke off: {why}");
+                                close_broken(slab, fs, me, conn, &mut group, &mut todo);
+                            }
+                            reply::Piece::Copy(bytes) if routed => {
+                                if routed_reply(
+                                    slab,
+                                    fs,
+                                    me,
+                                    w,
+                                    (conn, rec.aux()),
+                                    &bytes,
+                                    max_pending,
+                                    &mut todo,
+                                ) {
+                                    group.push(reply::Piece::Copy(bytes));
+                                }
+                                // Otherwise held for its turn.
+                            }
+                            piece => group.push(piece),
+                        }
+                        answered = answered.max(rec.aux());
                     }
                     tag::CLOSE => {
-                        deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+                        deliver(slab, fs, me, &mut group, &mut todo);
                         let id = ConnId::from_raw(rec.conn());
                         if id.front() == me {
                             todo.push((id.slot(), id.generation(), Action::CloseAfterFlush(w)));
                         }
                     }
                     t => {
-                        corrupt = Some(format!(
-                            "reply record at {} has tag {t} or broken framing",
-                            rec.position()
-                        ));
+                        corrupt = Some(format!("reply record at {} has tag {t}", rec.position()));
                         break;
                     }
                 }
                 end = Some(rec.end());
                 n += 1;
             }
-            deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+            deliver(slab, fs, me, &mut group, &mut todo);
             drop(group);
             if let Some(end) = end {
                 // The answered word first, then the release (Release store of the head): a
@@ -1358,6 +1395,7 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     // Positions start again at zero.
     ch.completed = 0;
     ch.waiting.clear();
+    ch.split = None;
     Ok(())
 }
 
@@ -1366,32 +1404,56 @@ fn count_fds() -> u64 {
     crate::procfs::open_fds(None).unwrap_or(0)
 }
 
-/// Writes a group of consecutive reply payloads of one connection (or counts them stale).
+/// Writes a group of consecutive reply pieces of one connection (or counts them stale).
 fn deliver(
     slab: &mut Slab,
     fs: &FrontStats,
     me: usize,
-    conn_raw: u64,
-    group: &mut Vec<IoSlice<'_>>,
+    group: &mut reply::Group,
     todo: &mut Vec<(u32, u32, Action)>,
 ) {
     if group.is_empty() {
+        group.clear();
         return;
     }
-    let id = ConnId::from_raw(conn_raw);
+    let id = ConnId::from_raw(group.conn);
     let (slot, gen) = (id.slot(), id.generation());
     match slab.get(slot, gen) {
         Some(c) if id.front() == me => {
-            add(&fs.frames_out, group.len() as u64);
-            if let Err(reason) = send_to(c, group, fs, usize::MAX) {
+            add(&fs.frames_out, group.messages);
+            if let Err(reason) = reply::write_group(c, group, fs) {
                 todo.push((slot, gen, Action::Close(reason)));
             } else if c.pending() > 0 {
                 todo.push((slot, gen, Action::WantWrite));
             }
         }
-        _ => add(&fs.stale_replies, group.len() as u64),
+        _ => add(&fs.stale_replies, group.messages.max(1)),
     }
     group.clear();
+}
+
+/// A long reply to `conn` broke off after part of it may have been written: what came before
+/// goes out, then the connection closes (its client sees a close, never a shifted stream).
+fn close_broken(
+    slab: &mut Slab,
+    fs: &FrontStats,
+    me: usize,
+    conn: u64,
+    group: &mut reply::Group,
+    todo: &mut Vec<(u32, u32, Action)>,
+) {
+    if group.conn == conn {
+        deliver(slab, fs, me, group, todo);
+    }
+    let id = ConnId::from_raw(conn);
+    if id.front() == me && slab.get(id.slot(), id.generation()).is_some() {
+        add(&fs.protocol_errors, 1);
+        todo.push((
+            id.slot(),
+            id.generation(),
+            Action::Close(CloseReason::ProtocolError),
+        ));
+    }
 }
 
 enum Action {
@@ -1406,16 +1468,18 @@ enum Action {
 /// Key routing: true if a reply record goes out now with the records around it (it answers
 /// the connection's oldest request, or no request: a push); false if it was held for its turn,
 /// copied and counted (or belongs to no live connection: `deliver` counts those).
+#[allow(clippy::too_many_arguments)]
 fn routed_reply(
     slab: &mut Slab,
     fs: &FrontStats,
     me: usize,
     w: usize,
-    rec: &shm_ring::Record<'_>,
+    (conn, aux): (u64, u64),
+    payload: &[u8],
     max_pending: usize,
     todo: &mut Vec<(u32, u32, Action)>,
 ) -> bool {
-    let id = ConnId::from_raw(rec.conn());
+    let id = ConnId::from_raw(conn);
     let (slot, gen) = (id.slot(), id.generation());
     let Some(c) = slab.get(slot, gen).filter(|_| id.front() == me) else {
         return true;
@@ -1424,7 +1488,7 @@ fn routed_reply(
     let Some(r) = c.route.as_mut() else {
         return true;
     };
-    let key = (w, rec.aux());
+    let key = (w, aux);
     // A request's replies go out in the order they came: once one is held, so are the rest
     // until the held ones are written (`advance`, queued when it became the oldest).
     let direct =
@@ -1450,8 +1514,8 @@ fn routed_reply(
     if direct(r) {
         return true;
     }
-    let payload = rec.payload();
-    r.held.push_back((w, rec.aux(), payload.to_vec()));
+    // `payload` is the front's validated private copy (resp replies are always copied).
+    r.held.push_back((w, aux, payload.to_vec()));
     r.held_bytes += payload.len();
     add(&fs.bytes_copied, payload.len() as u64);
     add(&fs.frames_out, 1);

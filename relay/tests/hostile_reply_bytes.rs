@@ -1,0 +1,142 @@
+//! Issue 12.4: a worker that rewrites the bytes of replies it already published (after the
+//! front validated them, before or while the front writes them) cannot unframe its clients'
+//! streams: the front frames what it writes from its own copy of the lengths.
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::Relay;
+
+const LEN: usize = 64;
+const PIPE: usize = 32;
+
+fn payload() -> Vec<u8> {
+    let mut p = b"ABCD".to_vec();
+    p.extend(common::pattern(1, 2, LEN - 4));
+    p
+}
+
+/// What one connection saw.
+#[derive(Default, Debug)]
+struct Seen {
+    frames: usize,
+    flipped: usize,
+    closed: bool,
+}
+
+/// Reads one frame; panics on a header no correct framing can produce.
+fn read_frame(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).ok()?;
+    let len = u32::from_be_bytes(h) as usize;
+    let error = b"shmrelay-error: worker unavailable".len();
+    assert!(
+        len == LEN || len == 4 || len == error,
+        "unframed reply: header {h:02x?} (length {len:#x}) where a {LEN}-byte frame was due"
+    );
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+fn one_connection(relay: &Relay, seen: &mut Seen) {
+    let mut c = relay.connect();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    c.send(b"flip");
+    match read_frame(&mut c.stream) {
+        Some(b) if b.len() == 4 => {}
+        _ => {
+            seen.closed = true;
+            return;
+        }
+    }
+    let want = payload();
+    for _ in 0..40 {
+        for _ in 0..PIPE {
+            c.send(&want);
+        }
+        for _ in 0..PIPE {
+            let Some(body) = read_frame(&mut c.stream) else {
+                seen.closed = true;
+                return;
+            };
+            if body.len() != LEN {
+                // The relay's error frame before a close (quarantine).
+                assert!(body.starts_with(b"shmrelay-error"), "{body:?}");
+                seen.closed = true;
+                return;
+            }
+            // Only the first four payload bytes are rewritten by the worker; the rest of the
+            // frame, and the framing, are intact.
+            assert_eq!(&body[4..], &want[4..], "payload beyond the rewritten bytes");
+            let head: [u8; 4] = body[..4].try_into().unwrap();
+            assert!(
+                [*b"ABCD", *b"flip", [0x7f, 0xff, 0xff, 0xff]].contains(&head),
+                "{head:02x?}"
+            );
+            seen.frames += 1;
+            seen.flipped += (head == [0x7f, 0xff, 0xff, 0xff]) as usize;
+        }
+    }
+}
+
+#[test]
+fn worker_rewriting_published_replies_never_unframes_the_stream() {
+    let w = format!(
+        "worker_cmd={:?}",
+        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
+    );
+    let relay = Relay::start("flip", &["--workers", "1", "--set", &w]);
+    let mut seen = Seen::default();
+    let mut closes = 0;
+    let end = Instant::now() + Duration::from_secs(20);
+    while seen.frames < 10_000 && Instant::now() < end {
+        seen.closed = false;
+        one_connection(&relay, &mut seen);
+        if seen.closed {
+            closes += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!("{seen:?}, {closes} connections closed");
+    assert!(seen.frames >= 2_000, "too few replies: {seen:?}");
+    // The worker really raced the front: some payloads went out with its rewritten bytes...
+    assert!(
+        seen.flipped > 0,
+        "the worker never got to rewrite a reply: {seen:?}"
+    );
+    // ...and that cost it nothing but its own payload bytes: no quarantine, no close.
+    assert_eq!(closes, 0, "connections closed: {seen:?}");
+}
+
+/// Issue 12.9 on a length-prefixed listener: a reply longer than a ring record (the default
+/// ring holds records of up to 2 MiB) reaches the client as one frame, and the next reply
+/// follows it in step.
+#[test]
+fn a_reply_longer_than_a_ring_record_is_one_frame() {
+    let w = format!(
+        "worker_cmd={:?}",
+        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
+    );
+    let relay = Relay::start("bigframe", &["--workers", "1", "--set", &w]);
+    let mut c = relay.connect();
+    for n in [5_000_000usize, 2 << 20, 100] {
+        c.send(format!("big:{n}").as_bytes());
+        c.send(b"after");
+        let got = c.recv().expect("the long reply");
+        assert_eq!(got.len(), n);
+        assert!(
+            got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+            "reply of {n} bytes differs"
+        );
+        assert_eq!(
+            c.recv().as_deref(),
+            Some(&b"after"[..]),
+            "the stream shifted"
+        );
+    }
+}
