@@ -90,6 +90,7 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
     // SAFETY (all reads and writes below): offsets are reduced modulo `cap` and bounded by the
     // record header size, so they stay inside the mapping; volatile because the front and the
     // SDK use the same memory concurrently.
+    // SAFETY: `off` is 128 or 256, inside the header of the mapping.
     let rd64 = |off: usize| unsafe { base.add(off).cast::<u64>().read_volatile() };
     let head = rd64(256);
     let tail = rd64(128);
@@ -110,7 +111,9 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
             continue;
         }
         let rec = 1024 + off as usize;
+        // SAFETY: `rec` + 24 <= 1024 + cap (checked above): a record header in the mapping.
         let len = unsafe { base.add(rec).cast::<u32>().read_volatile() } as u64;
+        // SAFETY: as above.
         let tg = unsafe { base.add(rec + 4).cast::<u16>().read_volatile() };
         if tg == 0xFFFF {
             pos += cap - off;
@@ -124,7 +127,10 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
             break;
         }
         if tg == tag::SEND && len >= 4 {
+            // SAFETY: `size <= cap - off` and `len >= 4`: the payload's first 4 bytes are in
+            // the mapping.
             let p = unsafe { base.add(rec + 24) }.cast::<[u8; 4]>();
+            // SAFETY: as above (volatile: the SDK and the front use the bytes concurrently).
             let orig = unsafe { p.read_volatile() };
             if orig != FLIPPED {
                 recs.push((p, orig));
@@ -134,10 +140,12 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
     }
     for _ in 0..16 {
         for &(p, _) in &recs {
+            // SAFETY: in the mapping (collected above); the mapping lives on.
             unsafe { p.write_volatile(FLIPPED) };
         }
         spin(50);
         for &(p, orig) in &recs {
+            // SAFETY: as above.
             unsafe { p.write_volatile(orig) };
         }
         spin(50);

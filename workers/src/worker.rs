@@ -41,7 +41,7 @@ pub enum WorkerError {
 }
 
 /// Why a reply could not be queued.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     /// The connection id names a front this worker has no ring to.
     #[error("no ring to front {0}")]
@@ -52,8 +52,8 @@ pub enum SendError {
     TooLarge { len: usize, max: usize },
     /// A long reply failed after its first pieces were in the ring (the front closes the
     /// connection rather than let the stream shift).
-    #[error("long reply broken off: {0}")]
-    Partial(Box<SendError>),
+    #[error("long reply broken off after {sent} of {len} bytes (the worker is stopping or the ring is corrupt)")]
+    Partial { sent: usize, len: usize },
     /// The worker is stopping (SIGTERM) while waiting for ring space.
     #[error("worker stopping")]
     Stopping,
@@ -185,7 +185,12 @@ impl Out<'_> {
             let mut grant = match reserve_blocking(rep, lead + n) {
                 Ok(g) => g,
                 // Part of the message is in the ring already: the front must close.
-                Err(e) if at > 0 => return Err(SendError::Partial(Box::new(e))),
+                Err(_) if at > 0 => {
+                    return Err(SendError::Partial {
+                        sent: at,
+                        len: payload.len(),
+                    })
+                }
                 Err(e) => return Err(e),
             };
             if lead > 0 {
@@ -206,7 +211,7 @@ impl Out<'_> {
     fn note(&mut self, conn: ConnId, r: Result<(), SendError>) -> Result<(), SendError> {
         if let Err(e) = &r {
             if self.answering_conn == Some(conn) && self.failure.is_none() {
-                self.failure = Some((e.clone(), matches!(e, SendError::Partial(_))));
+                self.failure = Some((*e, matches!(e, SendError::Partial { .. })));
             }
         }
         r

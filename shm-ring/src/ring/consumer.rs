@@ -297,6 +297,13 @@ pub struct Record<'a> {
     _borrow: PhantomData<&'a [u8]>,
 }
 
+// SAFETY: a Record is a private header copy plus a pointer into a mapping that outlives 'a;
+// it only reads through the pointer (raw copies), which is as thread-safe as the `&'a [u8]` it
+// replaced.
+unsafe impl Send for Record<'_> {}
+// SAFETY: as for Send: `&Record` gives nothing but reads.
+unsafe impl Sync for Record<'_> {}
+
 impl<'a> Record<'a> {
     /// The application's tag.
     pub fn tag(&self) -> u16 {
