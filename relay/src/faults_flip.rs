@@ -1,5 +1,6 @@
 //! A fault-injection worker (`shmrelay worker flipper`) for tests: it echoes like the echo
-//! worker (`big:N` is answered with N bytes, to test replies longer than a ring record), but
+//! worker (`big:N` is answered with N bytes, to test replies longer than a ring record;
+//! `bigdie:N` likewise, but the worker exits once the first piece is published), but
 //! the first frame `flip` on a connection starts a thread that keeps rewriting the
 //! first four payload bytes of every reply record it has published and the front has not
 //! released yet, alternating `7f ff ff ff` with the original bytes. Under the old reply format
@@ -36,6 +37,27 @@ impl Flipper {
             }
         }
         Flipper { reps }
+    }
+
+    /// Exits the process once the reply ring to front 0 publishes anything new.
+    fn die_after_next_publish(&self) {
+        let Some(&fd) = self.reps.first() else {
+            return;
+        };
+        let mut tail = [0u8; 8];
+        // SAFETY: the fd stays open for the life of the process (the SDK owns it).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = nix::sys::uio::pread(fd, &mut tail, 128);
+        let before = u64::from_ne_bytes(tail);
+        let fd = fd.try_clone_to_owned().expect("dup");
+        std::thread::spawn(move || loop {
+            let mut t = [0u8; 8];
+            let _ = nix::sys::uio::pread(&fd, &mut t, 128);
+            if u64::from_ne_bytes(t) != before {
+                std::process::exit(3);
+            }
+            std::hint::spin_loop();
+        });
     }
 
     fn start(&self) {
@@ -156,6 +178,18 @@ impl Handler for Flipper {
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
         if frame == b"flip" {
             self.start();
+        }
+        // `bigdie:N`: a reply of N bytes, but the process exits as soon as its first piece is
+        // published (a worker crashing in the middle of a long reply).
+        if let Some(n) = frame.strip_prefix(b"bigdie:") {
+            let n: usize = std::str::from_utf8(n)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            self.die_after_next_publish();
+            let _ = out.send(conn, &body);
+            return;
         }
         // `big:N`: a reply of N bytes (i % 251), longer than a ring record for a large N.
         if let Some(n) = frame.strip_prefix(b"big:") {

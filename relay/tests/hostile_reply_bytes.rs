@@ -187,3 +187,52 @@ fn four_kib_replies_stay_zero_copy() {
         ratio * 100.0
     );
 }
+
+/// A worker that dies in the middle of a long reply (after its first piece went out) leaves no
+/// client waiting on the rest of a frame: once its replacement is up, the connection is
+/// closed (`protocol_error`), and new connections are served by the replacement.
+#[test]
+fn a_long_reply_broken_off_by_a_crash_closes_its_connection() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = format!(
+        "worker_cmd={:?}",
+        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
+    );
+    let relay = Relay::start("bigdie", &["--workers", "1", "--set", &w]);
+    let mut c = relay.connect();
+    assert_eq!(c.roundtrip(b"hello").as_deref(), Some(&b"hello"[..]));
+    let n = 6_000_000usize;
+    c.send(format!("bigdie:{n}").as_bytes());
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut h = [0u8; 4];
+    c.stream.read_exact(&mut h).expect("the reply's header");
+    assert_eq!(
+        u32::from_be_bytes(h) as usize,
+        n,
+        "header from the whole length"
+    );
+    // Part of the body, then the close: never a hang, never more than announced.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let start = Instant::now();
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no close after {got} bytes in {:?}: {e}", start.elapsed()),
+        }
+    }
+    assert!(
+        got < n,
+        "{got} of {n} bytes: the worker was meant to die mid-reply"
+    );
+    assert!(
+        relay.stats().front(0).protocol_errors.load(Relaxed) >= 1,
+        "counted as protocol_error"
+    );
+    let mut again = relay.connect();
+    assert_eq!(again.roundtrip(b"after").as_deref(), Some(&b"after"[..]));
+}

@@ -351,6 +351,7 @@ impl Front {
                 if self.last_checks.elapsed() >= Duration::from_millis(100) {
                     self.last_checks = Instant::now();
                     self.check_workers();
+                    self.check_splits();
                 }
                 if self.last_fd_check.elapsed() >= Duration::from_secs(5) {
                     self.last_fd_check = Instant::now();
@@ -868,6 +869,9 @@ impl Front {
         let mut n = 0;
         let mut corrupt = None;
         {
+            // Read before the records: a replacement attaching meanwhile can only make a split
+            // it starts look older (closed at the next check), never an old one look current.
+            let attach = reply::producer_attach(ch.rep.storage());
             let records = match ch.rep.records() {
                 Ok(r) => r,
                 Err(e) => {
@@ -906,7 +910,7 @@ impl Front {
                             deliver(slab, fs, me, &mut group, &mut todo);
                             group.conn = conn;
                         }
-                        let piece = reply::piece(codec, split, &rec, max_pending, fs);
+                        let piece = reply::piece(codec, split, &rec, max_pending, attach, fs);
                         match piece {
                             reply::Piece::Invalid => {
                                 corrupt = Some(format!(
@@ -999,6 +1003,32 @@ impl Front {
         }
         // Slow-consumer bound, checked once per batch.
         n
+    }
+
+    /// A long reply whose worker was replaced before it finished (a crash mid-reply) will
+    /// never be finished: its connection, part of a frame written, is closed instead of left
+    /// waiting.
+    fn check_splits(&mut self) {
+        for w in 0..self.chans.len() {
+            let ch = &mut self.chans[w];
+            let Some(sp) = ch.split.as_ref() else {
+                continue;
+            };
+            if ch.broken || reply::producer_attach(ch.rep.storage()) == sp.attach {
+                continue;
+            }
+            let id = ConnId::from_raw(sp.conn);
+            ch.split = None;
+            if id.front() == self.index && self.slab.get(id.slot(), id.generation()).is_some() {
+                debug!(
+                    front = self.index,
+                    worker = w,
+                    "a long reply broke off: worker replaced"
+                );
+                add(&self.fs.protocol_errors, 1);
+                self.close_conn(id.slot(), CloseReason::ProtocolError);
+            }
+        }
     }
 
     /// Writes to a connection, queueing what the socket does not take.

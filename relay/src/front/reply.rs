@@ -31,6 +31,9 @@ use crate::stats::{add, FrontStats};
 /// A long reply in progress on one reply ring (its pieces are consecutive records).
 pub(super) struct Split {
     pub conn: u64,
+    /// The reply ring's producer attach count when the split began: a replacement worker
+    /// (after a crash mid-reply) will never finish it.
+    pub attach: u32,
     /// Payload bytes still to come, from the whole length the first piece announced.
     remaining: u64,
     /// `resp`: the pieces so far, copied.
@@ -67,6 +70,7 @@ pub(super) fn piece(
     split: &mut Option<Split>,
     rec: &Record<'_>,
     max_copy: usize,
+    attach: u32,
     fs: &FrontStats,
 ) -> Piece {
     let len = rec.len();
@@ -136,6 +140,7 @@ pub(super) fn piece(
         let resp = copy.is_some();
         *split = Some(Split {
             conn: rec.conn(),
+            attach,
             remaining: total - body_len as u64,
             copy,
         });
@@ -174,6 +179,16 @@ pub(super) fn piece(
         tail: codec.reply_trailer(),
         whole: true,
     }
+}
+
+/// The reply ring's producer attach count (a hint the worker could fake, which would only
+/// close its own connection).
+pub(super) fn producer_attach(ring: &shm_ring::ShmRing) -> u32 {
+    use shm_ring::RingStorage;
+    ring.header()
+        .producer
+        .attach_count
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Clone, Copy)]
