@@ -897,7 +897,7 @@ impl Front {
                 // A long reply in progress takes only its own next piece: anything else
                 // means it broke off, and its connection, part of a frame written, closes.
                 if let Some(sp) = split.as_ref() {
-                    if rec.tag() != tag::SEND || rec.conn() != sp.conn {
+                    if rec.tag() != tag::SEND || rec.conn() != sp.conn || sp.attach != attach {
                         let broken = sp.conn;
                         *split = None;
                         close_broken(slab, fs, me, broken, &mut group, &mut todo);
