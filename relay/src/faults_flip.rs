@@ -1,6 +1,6 @@
 //! A fault-injection worker (`shmrelay worker flipper`) for tests: it echoes like the echo
 //! worker (`big:N` is answered with N bytes, to test replies longer than a ring record;
-//! `bigdie:N` likewise, but the worker exits once the first piece is published), but
+//! `bigdie:N` publishes the first piece of such a reply by hand and exits), but
 //! the first frame `flip` on a connection starts a thread that keeps rewriting the
 //! first four payload bytes of every reply record it has published and the front has not
 //! released yet, alternating `7f ff ff ff` with the original bytes. Under the old reply format
@@ -21,6 +21,8 @@ pub const FLIPPED: [u8; 4] = [0x7f, 0xff, 0xff, 0xff];
 pub struct Flipper {
     /// Reply ring fd per front.
     reps: Vec<RawFd>,
+    /// The front's doorbell (eventfd) per front.
+    bells: Vec<RawFd>,
 }
 
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -29,35 +31,56 @@ impl Flipper {
     /// Reads the reply ring fds from the environment the supervisor set (the SDK owns them;
     /// this only maps them a second time).
     pub fn from_env() -> Flipper {
-        let mut reps = Vec::new();
+        let (mut reps, mut bells) = (Vec::new(), Vec::new());
         for entry in std::env::var(env::CHANNELS).unwrap_or_default().split(',') {
             let n: Vec<i32> = entry.split(':').filter_map(|x| x.parse().ok()).collect();
-            if let [_, _, rep, _] = n[..] {
-                reps.push(rep);
+            if let [f, _, rep, bell] = n[..] {
+                let f = f as usize;
+                if reps.len() <= f {
+                    reps.resize(f + 1, -1);
+                    bells.resize(f + 1, -1);
+                }
+                reps[f] = rep;
+                bells[f] = bell;
             }
         }
-        Flipper { reps }
+        Flipper { reps, bells }
     }
 
-    /// Exits the process once the reply ring to front 0 publishes anything new.
-    fn die_after_next_publish(&self) {
-        let Some(&fd) = self.reps.first() else {
-            return;
+    /// Publishes the first 1,000-byte piece of a split reply of `total` bytes to `conn` by
+    /// hand (the SDK has published everything it committed: this runs alone in the batch),
+    /// wakes the front and exits.
+    fn first_piece_then_exit(&self, conn: ConnId, total: u64) -> ! {
+        use std::os::fd::BorrowedFd;
+        let (Some(&rep), Some(&bell)) = (self.reps.get(conn.front()), self.bells.get(conn.front()))
+        else {
+            std::process::exit(3)
         };
-        let mut tail = [0u8; 8];
-        // SAFETY: the fd stays open for the life of the process (the SDK owns it).
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = nix::sys::uio::pread(fd, &mut tail, 128);
-        let before = u64::from_ne_bytes(tail);
-        let fd = fd.try_clone_to_owned().expect("dup");
-        std::thread::spawn(move || loop {
-            let mut t = [0u8; 8];
-            let _ = nix::sys::uio::pread(&fd, &mut t, 128);
-            if u64::from_ne_bytes(t) != before {
-                std::process::exit(3);
-            }
-            std::hint::spin_loop();
-        });
+        // SAFETY: fds the SDK keeps open for the life of the process.
+        let (rep, bell) = unsafe { (BorrowedFd::borrow_raw(rep), BorrowedFd::borrow_raw(bell)) };
+        let size = nix::sys::stat::fstat(rep).map_or(0, |st| st.st_size as u64);
+        let cap = size.saturating_sub(1024);
+        let mut t = [0u8; 8];
+        let _ = nix::sys::uio::pread(rep, &mut t, 128);
+        let tail = u64::from_ne_bytes(t);
+        const PIECE: usize = 1000;
+        let len = (8 + PIECE) as u32;
+        let rec_size = (24 + len as u64 + 7) & !7;
+        if cap.is_power_of_two() && cap - (tail & (cap - 1)) >= rec_size {
+            let mut rec = Vec::with_capacity(rec_size as usize);
+            rec.extend_from_slice(&len.to_ne_bytes());
+            rec.extend_from_slice(&tag::SEND.to_ne_bytes());
+            rec.extend_from_slice(&shmrelay_worker::protocol::flags::MORE.to_ne_bytes());
+            rec.extend_from_slice(&conn.raw().to_ne_bytes());
+            rec.extend_from_slice(&0u64.to_ne_bytes());
+            rec.extend_from_slice(&total.to_le_bytes());
+            rec.extend((0..PIECE).map(|i| (i % 251) as u8));
+            let at = 1024 + (tail & (cap - 1));
+            let _ = nix::sys::uio::pwrite(rep, &rec, at as i64);
+            let _ = nix::sys::uio::pwrite(rep, &(tail + rec_size).to_ne_bytes(), 128);
+            let _ = nix::unistd::write(bell, &1u64.to_ne_bytes());
+        }
+        std::process::exit(3)
     }
 
     fn start(&self) {
@@ -65,7 +88,7 @@ impl Flipper {
             return;
         }
         let mut maps = Vec::new();
-        for &fd in &self.reps {
+        for &fd in self.reps.iter().filter(|&&fd| fd >= 0) {
             // SAFETY: fstat on an fd the process owns (the SDK keeps it open).
             let size = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
                 .map_or(0, |st| st.st_size as usize);
@@ -179,16 +202,31 @@ impl Handler for Flipper {
         if frame == b"flip" {
             self.start();
         }
-        // `bigdie:N`: a reply of N bytes, but the process exits as soon as its first piece is
-        // published (a worker crashing in the middle of a long reply).
+        // `bigdie:N`: the first piece of a split reply announcing N bytes, written into the
+        // reply ring by hand and published, then the process exits (a worker crashing in the
+        // middle of a long reply, deterministically).
         if let Some(n) = frame.strip_prefix(b"bigdie:") {
-            let n: usize = std::str::from_utf8(n)
+            let n: u64 = std::str::from_utf8(n)
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
-            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-            self.die_after_next_publish();
-            let _ = out.send(conn, &body);
+            // Once per relay instance: the frame is redelivered to the replacement (the
+            // hand-made piece answers no request position), which must not die again.
+            let marker = std::env::temp_dir().join(format!(
+                "shmrelay-bigdie-{}",
+                std::env::var(env::INSTANCE).unwrap_or_default()
+            ));
+            if std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+                .is_ok()
+            {
+                self.first_piece_then_exit(conn, n);
+            }
+            // Silent: nothing else on the ring may break the split off, only the front's
+            // noticing that the worker was replaced.
+            let _ = std::fs::remove_file(&marker);
             return;
         }
         // `big:N`: a reply of N bytes (i % 251), longer than a ring record for a large N.
