@@ -185,8 +185,15 @@ impl ShmRing {
             let map = map_rw(&file, HEADER_SIZE)?;
             // SAFETY: a read-only shared mapping of a segment that is never resized (sealed
             // memfd, or a file the supervisor owns); its bytes are only reached through raw
-            // pointers (`RingStorage::data`), never held as references.
-            let ro = unsafe { MmapOptions::new().len(file_len as usize).map(&file)? };
+            // pointers (`RingStorage::data`), never held as references. Pre-faulted like the
+            // read-write mapping, so resident memory does not creep up as the ring is first
+            // traversed (the soak test watches it).
+            let ro = unsafe {
+                MmapOptions::new()
+                    .len(file_len as usize)
+                    .populate()
+                    .map(&file)?
+            };
             (map, Some(ro))
         } else {
             (map_rw(&file, file_len as usize)?, None)
