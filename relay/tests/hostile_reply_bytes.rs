@@ -236,3 +236,42 @@ fn a_long_reply_broken_off_by_a_crash_closes_its_connection() {
     let mut again = relay.connect();
     assert_eq!(again.roundtrip(b"after").as_deref(), Some(&b"after"[..]));
 }
+
+/// Every ring a process only reads is mapped read-only in it (the header page aside): the
+/// front's view of its reply rings, the worker's view of its request rings. Mappings are told
+/// apart by size (a 4 MiB ring is a 4 MiB + 4 KiB mapping) and permissions, whatever the
+/// segments are named.
+#[test]
+fn rings_a_process_only_reads_are_mapped_read_only() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let relay = Relay::start("romaps", &["--workers", "2"]);
+    let mut c = relay.connect();
+    assert_eq!(c.roundtrip(b"x").as_deref(), Some(&b"x"[..]));
+    let ring_len = (4 << 20) + 4096;
+    let count = |pid: u32, perms: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let mut f = l.split_whitespace();
+                let (Some(range), Some(p)) = (f.next(), f.next()) else {
+                    return false;
+                };
+                let (a, b) = range.split_once('-').unwrap();
+                let len =
+                    usize::from_str_radix(b, 16).unwrap() - usize::from_str_radix(a, 16).unwrap();
+                len == ring_len && p == perms
+            })
+            .count()
+    };
+    let front = relay.stats().front(0).pid.load(Relaxed);
+    // Two workers: two reply rings read-only, two request rings read-write.
+    assert_eq!(count(front, "r--s"), 2, "front's reply rings");
+    assert_eq!(count(front, "rw-s"), 2, "front's request rings");
+    for w in 0..2 {
+        let pid = relay.worker_pid(w);
+        // One front: its request ring read-only, its reply ring read-write.
+        assert_eq!(count(pid, "r--s"), 1, "worker {w}'s request ring");
+        assert_eq!(count(pid, "rw-s"), 1, "worker {w}'s reply ring");
+    }
+}
