@@ -14,6 +14,7 @@ use shmrelay::front::{self, inherited_fd, ChannelFds, FrontSettings};
 use shmrelay::stats::Stats;
 
 mod faults;
+mod faults_flip;
 mod supervisor;
 mod watchdog;
 
@@ -220,6 +221,7 @@ fn run_worker(kind: &str) -> Result<()> {
         "pubsub" => worker.run(&mut examples::PubSub::default())?,
         "journal" => worker.run(&mut examples::Journal::default())?,
         "kv" => worker.run(&mut shmrelay_worker::kv::Kv::default())?,
+        "flipper" => worker.run(&mut faults_flip::Flipper::from_env())?,
         "scribbler" => {
             let mut s = faults::Scribbler::from_env(worker.index());
             worker.run(&mut s)?

@@ -84,6 +84,9 @@ pub enum AttachError {
     /// The positions in the header are already inconsistent.
     #[error(transparent)]
     Corrupt(#[from] CorruptError),
+    /// A producer on a ring whose data area this process mapped read-only.
+    #[error("the ring's data area is mapped read-only here: it can only be consumed")]
+    ReadOnly,
     /// Opening or mapping the segment failed.
     #[error("attaching to ring segment: {0}")]
     Io(#[from] io::Error),

@@ -47,7 +47,11 @@ use crate::sync::Ordering;
 /// assert_eq!(rx.records().unwrap().next().unwrap().unwrap().payload(), b"across processes");
 /// ```
 pub struct ShmRing {
+    /// Read-write: the whole segment, or only the header page for a reader (`ro` set).
     map: MmapRaw,
+    /// A reader's read-only view of the whole segment, through which it reaches the data
+    /// area: a write to the data through it faults instead of corrupting the peer's records.
+    ro: Option<Mmap>,
     file: File,
     path: Option<PathBuf>,
     capacity: usize,
@@ -120,6 +124,7 @@ impl ShmRing {
         let map = map_rw(&file, size).map_err(|source| CreateError::Io { name, source })?;
         let ring = ShmRing {
             map,
+            ro: None,
             file,
             path,
             capacity,
@@ -137,7 +142,20 @@ impl ShmRing {
     /// The [`AttachError`] that names what is wrong: not initialised, bad magic, version or
     /// size mismatch, or an I/O error.
     pub fn open_fd(fd: OwnedFd, timeout: Duration) -> Result<ShmRing, AttachError> {
-        Self::attach(File::from(fd), None, timeout)
+        Self::attach(File::from(fd), None, timeout, false)
+    }
+
+    /// Attaches as the ring's **reader**: the header (positions, sleep words, user words)
+    /// is mapped read-write, the data area read-only (`PROT_READ`), so this process can
+    /// never write a record, by mistake or otherwise. Only a [`Consumer`](crate::Consumer)
+    /// (and [`RingView`]-like reads) can use such a ring; [`Producer::new`](crate::Producer::new)
+    /// refuses it with [`AttachError::ReadOnly`].
+    ///
+    /// # Errors
+    ///
+    /// As [`open_fd`](ShmRing::open_fd).
+    pub fn open_fd_reader(fd: OwnedFd, timeout: Duration) -> Result<ShmRing, AttachError> {
+        Self::attach(File::from(fd), None, timeout, true)
     }
 
     /// Attaches to the ring in the file at `path`; see [`open_fd`](ShmRing::open_fd).
@@ -151,26 +169,51 @@ impl ShmRing {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
-        Self::attach(file, Some(path.to_owned()), timeout)
+        Self::attach(file, Some(path.to_owned()), timeout, false)
     }
 
     fn attach(
         file: File,
         path: Option<PathBuf>,
         timeout: Duration,
+        reader: bool,
     ) -> Result<ShmRing, AttachError> {
         let file_len = wait_initialised(&file, timeout)?;
-        let map = map_rw(&file, file_len as usize)?;
+        let (map, ro) = if reader {
+            // The header alone read-write (the kernel rounds it to a page, which also covers
+            // the first data bytes: no pointer to them is ever derived from this mapping).
+            let map = map_rw(&file, HEADER_SIZE)?;
+            // SAFETY: a read-only shared mapping of a segment that is never resized (sealed
+            // memfd, or a file the supervisor owns); its bytes are only reached through raw
+            // pointers (`RingStorage::data`), never held as references. Pre-faulted like the
+            // read-write mapping, so resident memory does not creep up as the ring is first
+            // traversed (the soak test watches it).
+            let ro = unsafe {
+                MmapOptions::new()
+                    .len(file_len as usize)
+                    .populate()
+                    .map(&file)?
+            };
+            (map, Some(ro))
+        } else {
+            (map_rw(&file, file_len as usize)?, None)
+        };
         // SAFETY: the mapping is at least HEADER_SIZE bytes (checked by wait_initialised) and
         // page-aligned; every bit pattern is a valid RingHeader (all fields are atomics).
         let header = unsafe { &*(map.as_ptr() as *const RingHeader) };
         let capacity = check_identity(header, file_len)?;
         Ok(ShmRing {
             map,
+            ro,
             file,
             path,
             capacity,
         })
+    }
+
+    /// True if this process mapped the data area read-only ([`open_fd_reader`](ShmRing::open_fd_reader)).
+    pub fn is_reader(&self) -> bool {
+        self.ro.is_some()
     }
 
     /// The segment's fd, to pass to a child process or over a Unix socket.
@@ -226,11 +269,20 @@ unsafe impl RingStorage for ShmRing {
         unsafe { &*(self.map.as_ptr() as *const RingHeader) }
     }
     fn data(&self) -> *mut u8 {
-        // SAFETY: HEADER_SIZE + capacity == mapping length (checked at create and attach).
-        unsafe { self.map.as_mut_ptr().add(HEADER_SIZE) }
+        match &self.ro {
+            // SAFETY: HEADER_SIZE + capacity == mapping length (checked at attach). The
+            // pointer is to read-only memory: `data_writable` says so, and the only writer of
+            // a data area, `Producer`, refuses such a storage.
+            Some(ro) => unsafe { ro.as_ptr().add(HEADER_SIZE) as *mut u8 },
+            // SAFETY: HEADER_SIZE + capacity == mapping length (checked at create and attach).
+            None => unsafe { self.map.as_mut_ptr().add(HEADER_SIZE) },
+        }
     }
     fn capacity(&self) -> usize {
         self.capacity
+    }
+    fn data_writable(&self) -> bool {
+        self.ro.is_none()
     }
 }
 

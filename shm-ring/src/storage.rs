@@ -24,6 +24,12 @@ pub unsafe trait RingStorage {
     fn data(&self) -> *mut u8;
     /// Bytes in the data area.
     fn capacity(&self) -> usize;
+    /// False if the data area is mapped read-only in this process (a reader's view, see
+    /// [`ShmRing::open_fd_reader`](crate::ShmRing::open_fd_reader)): only a consumer may use
+    /// it.
+    fn data_writable(&self) -> bool {
+        true
+    }
 }
 
 // SAFETY: forwards to `T`, whose guarantees hold while the Arc keeps it alive.
@@ -37,6 +43,9 @@ unsafe impl<T: RingStorage + ?Sized> RingStorage for Arc<T> {
     fn capacity(&self) -> usize {
         (**self).capacity()
     }
+    fn data_writable(&self) -> bool {
+        (**self).data_writable()
+    }
 }
 
 // SAFETY: forwards to `T`, whose guarantees hold for as long as the borrow.
@@ -49,6 +58,9 @@ unsafe impl<T: RingStorage + ?Sized> RingStorage for &T {
     }
     fn capacity(&self) -> usize {
         (**self).capacity()
+    }
+    fn data_writable(&self) -> bool {
+        (**self).data_writable()
     }
 }
 

@@ -171,7 +171,8 @@ impl Codec {
         }
     }
 
-    /// Bytes written before a reply payload.
+    /// Bytes written before a reply payload (by the front, from its own copy of the length:
+    /// the reply record holds the payload alone).
     pub fn reply_header(self, len: usize) -> ([u8; 4], usize) {
         match self {
             Codec::LengthPrefixed => ((len as u32).to_be_bytes(), FRAME_HEADER),
@@ -179,7 +180,7 @@ impl Codec {
         }
     }
 
-    /// Bytes written after a reply payload.
+    /// Bytes written after a reply payload (by the front, as for [`reply_header`](Codec::reply_header)).
     pub fn reply_trailer(self) -> &'static [u8] {
         match self {
             Codec::Line => b"\n",
@@ -187,7 +188,9 @@ impl Codec {
         }
     }
 
-    /// Encodes one reply (what [`Out::send`](crate::Out::send) writes to the reply ring).
+    /// Encodes one reply as the client receives it: header, payload, trailer (the front
+    /// writes the header and trailer around what [`Out::send`](crate::Out::send) puts in the
+    /// reply ring).
     pub fn encode(self, payload: &[u8]) -> Vec<u8> {
         let (h, n) = self.reply_header(payload.len());
         let mut v = Vec::with_capacity(n + payload.len() + 1);
@@ -228,9 +231,15 @@ impl Codec {
 
     /// An error the relay itself reports (e.g. `worker unavailable`), in the codec's form.
     pub fn error_reply(self, msg: &str) -> Vec<u8> {
+        self.encode(&self.error_body(msg))
+    }
+
+    /// The payload of [`error_reply`](Codec::error_reply): what a worker sends (the front adds
+    /// the header or trailer). `msg` should hold no line breaks.
+    pub fn error_body(self, msg: &str) -> Vec<u8> {
         match self {
-            Codec::LengthPrefixed => self.encode(format!("shmrelay-error: {msg}").as_bytes()),
-            Codec::Line => format!("ERR {msg}\n").into_bytes(),
+            Codec::LengthPrefixed => format!("shmrelay-error: {msg}").into_bytes(),
+            Codec::Line => format!("ERR {msg}").into_bytes(),
             Codec::Resp => format!("-ERR {msg}\r\n").into_bytes(),
         }
     }

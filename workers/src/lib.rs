@@ -15,7 +15,9 @@
 //!
 //! impl Handler for Echo {
 //!     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
-//!         let _ = out.send(conn, frame); // fails only while stopping or on a corrupt ring
+//!         // Fails only while stopping or on a corrupt ring; the SDK then answers the frame
+//!         // with the codec's error reply itself.
+//!         let _ = out.send(conn, frame);
 //!     }
 //! }
 //!
@@ -39,4 +41,4 @@ mod worker;
 
 pub use codec::Codec;
 pub use protocol::{CloseReason, ConnId};
-pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError};
+pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError, DEFAULT_MAX_REPLY};

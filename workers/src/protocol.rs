@@ -17,11 +17,28 @@
 //!
 //! | tag | conn | aux | payload |
 //! |---|---|---|---|
-//! | [`tag::SEND`] | connection | request position answered (0 for a push) | one or more whole wire frames |
+//! | [`tag::SEND`] | connection | request position answered (0 for a push) | one reply message's bytes, without the codec's framing (see below) |
 //! | [`tag::CLOSE`] | connection | 0 | empty: close after sending what was queued before; the SDK also writes one after every `on_close`, which acknowledges the front's CLOSE (a client that half-closed its socket is closed on it, once its replies are out) |
 //!
-//! The front validates every reply record (connection id, framing) before use: a worker is
+//! **The front frames replies itself.** A SEND record carries the message body only; the front
+//! writes the codec's header (`length-prefixed`: the 4-byte length) and trailer (`line`: the
+//! newline) from the record length it copied out of the ring and validated, and takes only the
+//! body from the ring. A worker that rewrites a record after publishing it can change bytes of
+//! its own reply, never the framing a client sees. `resp` has no separate header: the front
+//! validates a private copy of the reply (whole RESP values) and writes that copy.
+//!
+//! **Long replies** (more than one record can hold, see [`Producer::max_payload`]) are split
+//! over consecutive SEND records of the same connection: every record but the last has
+//! [`flags::MORE`], and the first starts with [`SPLIT_HEADER`] bytes holding the whole
+//! message's length (u64, little-endian), which the front reads once and holds every piece
+//! to. Nothing else may come between the pieces in the ring; a split that breaks off (another
+//! record comes first, or the lengths disagree) closes its connection: the client gets a
+//! close, never a shifted stream.
+//!
+//! The front validates every reply record (connection id, lengths) before use: a worker is
 //! another process and its memory is untrusted.
+//!
+//! [`Producer::max_payload`]: shm_ring::Producer::max_payload
 
 /// Record tags.
 pub mod tag {
@@ -44,7 +61,14 @@ pub mod tag {
 pub mod flags {
     /// The record may have been delivered to a previous worker that died.
     pub const REDELIVERED: u16 = 1;
+    /// Reply ring, SEND: the message continues in the next record (a long reply split over
+    /// several records; see the module documentation).
+    pub const MORE: u16 = 2;
 }
+
+/// Bytes at the start of the first record of a split reply that hold the whole message's
+/// length (u64, little-endian); see [`flags::MORE`].
+pub const SPLIT_HEADER: usize = 8;
 
 /// Index of the request ring's user word in which the front records the highest request
 /// position answered by the reply records it has consumed (see [`tag::SEND`]'s aux). A

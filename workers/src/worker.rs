@@ -11,7 +11,7 @@ use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRin
 use crate::codec::Codec;
 use crate::protocol::{
     env, flags, tag, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS, INFLIGHT_WORD,
-    REDELIVERED_WORD, SKIPPED_WORD,
+    REDELIVERED_WORD, SKIPPED_WORD, SPLIT_HEADER,
 };
 
 type Rx = Consumer<Arc<ShmRing>>;
@@ -46,9 +46,14 @@ pub enum SendError {
     /// The connection id names a front this worker has no ring to.
     #[error("no ring to front {0}")]
     UnknownFront(usize),
-    /// The frame is larger than a reply record can be.
-    #[error("reply of {len} bytes exceeds the ring's maximum of {max}")]
+    /// The reply is larger than the worker's reply limit (see [`Worker::set_max_reply`]; for
+    /// `length-prefixed` also at most `u32::MAX`).
+    #[error("reply of {len} bytes exceeds the maximum of {max}")]
     TooLarge { len: usize, max: usize },
+    /// A long reply failed after its first pieces were in the ring (the front closes the
+    /// connection rather than let the stream shift).
+    #[error("long reply broken off after {sent} of {len} bytes (the worker is stopping or the ring is corrupt)")]
+    Partial { sent: usize, len: usize },
     /// The worker is stopping (SIGTERM) while waiting for ring space.
     #[error("worker stopping")]
     Stopping,
@@ -74,43 +79,158 @@ pub struct Out<'w> {
     codec: Codec,
     /// Request position being answered; carried in reply records (aux).
     answering: u64,
+    /// The connection whose frame is being handled, if any.
+    answering_conn: Option<ConnId>,
+    /// The first send to `answering_conn` that failed, and whether part of a split reply
+    /// was already in the ring when it failed.
+    failure: Option<(SendError, bool)>,
+    max_reply: usize,
 }
 
+/// The largest reply message [`Out::send`] accepts by default (see
+/// [`Worker::set_max_reply`]). Longer than a ring record is fine: it is split over records.
+pub const DEFAULT_MAX_REPLY: usize = 256 << 20;
+
 impl Out<'_> {
-    /// Queues one frame to `conn` (a reply, or a push to any live connection), encoded by the
-    /// listener's codec: a length prefix (`length-prefixed`), a newline after it (`line`), or
-    /// nothing (`resp`: `payload` is raw RESP, one or more whole values).
+    /// Queues one frame to `conn` (a reply, or a push to any live connection). The reply ring
+    /// holds `payload` as it is; the front frames it for the listener's codec: a length prefix
+    /// (`length-prefixed`), a newline after it (`line`), or nothing (`resp`: `payload` is raw
+    /// RESP, one or more whole values). A payload larger than one ring record is split over
+    /// several records, which the front writes out as one reply.
+    ///
+    /// A failed reply to the frame being handled is not lost silently: after the handler
+    /// returns, the SDK answers that frame with the codec's error reply (or, if part of a
+    /// long reply had gone out, closes the connection), so the client's stream of replies
+    /// never shifts.
     ///
     /// # Errors
     ///
     /// See [`SendError`].
+    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
     pub fn send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        self.send_with(conn, payload.len(), |buf| buf.copy_from_slice(payload))
+        let r = self.try_send(conn, payload);
+        self.note(conn, r)
     }
 
-    /// Queues one frame of `len` bytes that `fill` writes directly into the reply ring.
+    /// Queues one frame of `len` bytes that `fill` writes directly into the reply ring (or,
+    /// for a payload larger than one record, into a buffer that is then split over records).
     /// Blocks (publishing first) while the ring is full.
     ///
     /// # Errors
     ///
     /// See [`SendError`].
+    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
     pub fn send_with(
         &mut self,
         conn: ConnId,
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), SendError> {
+        let r = self.try_send_with(conn, len, fill);
+        self.note(conn, r)
+    }
+
+    fn try_send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+        self.check_len(payload.len())?;
+        let max = self.ring(conn)?.max_payload();
+        if payload.len() <= max {
+            return self.try_send_with(conn, payload.len(), |b| b.copy_from_slice(payload));
+        }
+        self.send_split(conn, payload)
+    }
+
+    fn try_send_with(
+        &mut self,
+        conn: ConnId,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), SendError> {
+        self.check_len(len)?;
         let aux = self.answering;
-        let (header, hlen) = self.codec.reply_header(len);
-        let trailer = self.codec.reply_trailer();
         let rep = self.ring(conn)?;
-        let total = hlen + len + trailer.len();
-        let mut grant = reserve_blocking(rep, total)?;
-        grant[..hlen].copy_from_slice(&header[..hlen]);
-        fill(&mut grant[hlen..hlen + len]);
-        grant[hlen + len..total].copy_from_slice(trailer);
-        grant.commit(total, Meta::tag(tag::SEND).conn(conn.raw()).aux(aux));
+        if len > rep.max_payload() {
+            let mut buf = vec![0u8; len];
+            fill(&mut buf);
+            return self.send_split(conn, &buf);
+        }
+        let mut grant = reserve_blocking(rep, len)?;
+        fill(&mut grant[..len]);
+        grant.commit(len, Meta::tag(tag::SEND).conn(conn.raw()).aux(aux));
         Ok(())
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), SendError> {
+        let mut max = self.max_reply;
+        if self.codec == Codec::LengthPrefixed {
+            max = max.min(u32::MAX as usize);
+        }
+        if len > max {
+            return Err(SendError::TooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    /// A reply longer than one record: consecutive SEND records, all but the last flagged
+    /// MORE, the first led by the whole length (see the protocol module).
+    fn send_split(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+        self.check_len(payload.len())?;
+        let aux = self.answering;
+        let rep = self.ring(conn)?;
+        let piece = rep.max_payload() - SPLIT_HEADER;
+        let mut at = 0;
+        while at < payload.len() {
+            let lead = if at == 0 { SPLIT_HEADER } else { 0 };
+            let n = piece.min(payload.len() - at);
+            let last = at + n == payload.len();
+            let mut grant = match reserve_blocking(rep, lead + n) {
+                Ok(g) => g,
+                // Part of the message is in the ring already: the front must close.
+                Err(_) if at > 0 => {
+                    return Err(SendError::Partial {
+                        sent: at,
+                        len: payload.len(),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            if lead > 0 {
+                grant[..lead].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+            }
+            grant[lead..lead + n].copy_from_slice(&payload[at..at + n]);
+            let flags = if last { 0 } else { flags::MORE };
+            grant.commit(
+                lead + n,
+                Meta::tag(tag::SEND).conn(conn.raw()).aux(aux).flags(flags),
+            );
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Remembers the first failed send to the connection whose frame is being handled.
+    fn note(&mut self, conn: ConnId, r: Result<(), SendError>) -> Result<(), SendError> {
+        if let Err(e) = &r {
+            if self.answering_conn == Some(conn) && self.failure.is_none() {
+                self.failure = Some((*e, matches!(e, SendError::Partial { .. })));
+            }
+        }
+        r
+    }
+
+    /// After a handler returned for a frame of `conn`: if a reply to it failed, answer it with
+    /// the codec's error reply, or close the connection if part of a reply went out.
+    fn settle(&mut self, conn: ConnId) {
+        self.answering_conn = None;
+        let Some((e, partial)) = self.failure.take() else {
+            return;
+        };
+        if !partial {
+            let body = self.codec.error_body(&format!("reply failed: {e}"));
+            if self.try_send(conn, &body).is_ok() {
+                return;
+            }
+        }
+        let _ = self.close(conn);
     }
 
     /// The codec of this worker's listener.
@@ -123,6 +243,7 @@ impl Out<'_> {
     /// # Errors
     ///
     /// See [`SendError`].
+    #[must_use = "a close that could not be queued is lost: handle the SendError"]
     pub fn close(&mut self, conn: ConnId) -> Result<(), SendError> {
         let rep = self.ring(conn)?;
         let grant = reserve_blocking(rep, 0)?;
@@ -181,6 +302,7 @@ pub struct Worker {
     open: Vec<std::collections::HashSet<ConnId>>,
     doorbell: Arc<EventFd>,
     codec: Codec,
+    max_reply: usize,
 }
 
 impl Worker {
@@ -217,17 +339,7 @@ impl Worker {
                 })?,
             Err(_) => Codec::default(),
         };
-        let mut worker = Worker {
-            codec,
-            index,
-            reqs: Vec::new(),
-            reps: Vec::new(),
-            redeliver_below: Vec::new(),
-            answered: Vec::new(),
-            dead_letters: Vec::new(),
-            open: Vec::new(),
-            doorbell,
-        };
+        let mut worker = Worker::new(index, doorbell, codec);
         for entry in channels.split(',').filter(|e| !e.is_empty()) {
             let bad = |problem: &str| WorkerError::Env {
                 var: env::CHANNELS,
@@ -262,6 +374,23 @@ impl Worker {
         Ok(worker)
     }
 
+    /// A worker with no rings yet, for tests and custom launchers: add them with
+    /// [`attach`](Worker::attach). (Does not install the stop handler.)
+    pub fn new(index: usize, doorbell: Arc<EventFd>, codec: Codec) -> Worker {
+        Worker {
+            codec,
+            max_reply: DEFAULT_MAX_REPLY,
+            index,
+            reqs: Vec::new(),
+            reps: Vec::new(),
+            redeliver_below: Vec::new(),
+            answered: Vec::new(),
+            dead_letters: Vec::new(),
+            open: Vec::new(),
+            doorbell,
+        }
+    }
+
     /// Attaches to one front's pair of rings (for tests and custom launchers).
     ///
     /// # Errors
@@ -277,7 +406,8 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let attach_err = |source| WorkerError::Attach { front, source };
         let timeout = Duration::from_secs(5);
-        let req = Arc::new(ShmRing::open_fd(req, timeout).map_err(attach_err)?);
+        // Request data read-only: this process only consumes it (header page writable).
+        let req = Arc::new(ShmRing::open_fd_reader(req, timeout).map_err(attach_err)?);
         let rep = Arc::new(ShmRing::open_fd(rep, timeout).map_err(attach_err)?);
         let mut rx = Consumer::new(req).map_err(attach_err)?;
         let mut tx = Producer::new(rep).map_err(attach_err)?;
@@ -345,6 +475,13 @@ impl Worker {
         self.codec = codec;
     }
 
+    /// The largest reply message [`Out::send`] accepts (default [`DEFAULT_MAX_REPLY`]);
+    /// a longer one fails with [`SendError::TooLarge`] and the frame is answered with the
+    /// codec's error reply.
+    pub fn set_max_reply(&mut self, max: usize) {
+        self.max_reply = max;
+    }
+
     /// The eventfd fronts ring when there is work: poll it from your own event loop, then call
     /// [`poll_once`](Worker::poll_once).
     pub fn doorbell(&self) -> &EventFd {
@@ -394,6 +531,9 @@ impl Worker {
                 codec,
                 reps: &mut self.reps,
                 answering: 0,
+                answering_conn: None,
+                failure: None,
+                max_reply: self.max_reply,
             };
             let mut end = None;
             let mut n = 0;
@@ -424,7 +564,9 @@ impl Worker {
                             // the supervisor only after this process is gone).
                             inflight.store(out.answering, Ordering::Relaxed);
                             redelivered_frames += redelivered as u64;
+                            out.answering_conn = Some(conn);
                             handler.on_frame(conn, payload, redelivered, &mut out);
+                            out.settle(conn);
                         }
                         out.answering = 0;
                     }

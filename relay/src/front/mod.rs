@@ -23,6 +23,7 @@
 mod admission;
 mod conn;
 mod liveness;
+mod reply;
 mod route;
 mod scope;
 
@@ -155,6 +156,8 @@ struct Chan {
     /// The highest request position answered by a reply record read from this worker, each
     /// checked against what this front published: the front's own copy of the answered word.
     answered: u64,
+    /// A long reply whose pieces are being read from `rep` (see reply.rs).
+    split: Option<reply::Split>,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -287,7 +290,8 @@ impl Front {
             let attach = |source| FrontError::Attach { worker, source };
             let t = Duration::from_secs(5);
             let req = Arc::new(ShmRing::open_fd(ch.req, t).map_err(attach)?);
-            let rep = Arc::new(ShmRing::open_fd(ch.rep, t).map_err(attach)?);
+            // Reply data read-only: the front only consumes it (header page writable).
+            let rep = Arc::new(ShmRing::open_fd_reader(ch.rep, t).map_err(attach)?);
             let mut req = Producer::new(req).map_err(attach)?;
             let mut rep = Consumer::new(rep).map_err(attach)?;
             // Workers block on a futex or poll their eventfd: ring both.
@@ -311,6 +315,7 @@ impl Front {
                 broken: false,
                 completed: 0,
                 waiting: BinaryHeap::new(),
+                split: None,
             });
         }
         // The stats block lives as long as the process; leaking the mapping gives the hot
@@ -425,6 +430,7 @@ impl Front {
                 if self.last_checks.elapsed() >= Duration::from_millis(100) {
                     self.last_checks = Instant::now();
                     self.check_workers();
+                    self.check_splits();
                 }
                 if self.last_fd_check.elapsed() >= Duration::from_secs(5) {
                     self.last_fd_check = Instant::now();
@@ -1069,6 +1075,9 @@ impl Front {
         let mut corrupt = None;
         let mut out_of_scope = 0u64;
         {
+            // Read before the records: a replacement attaching meanwhile can only make a split
+            // it starts look older (closed at the next check), never an old one look current.
+            let attach = reply::producer_attach(ch.rep.storage());
             let records = match ch.rep.records() {
                 Ok(r) => r,
                 Err(e) => {
@@ -1077,13 +1086,13 @@ impl Front {
                     return 0;
                 }
             };
-            let mut group: Vec<IoSlice<'_>> = Vec::new();
-            let mut group_conn = 0u64;
+            let mut group = reply::Group::new();
             let mut answered = 0u64;
             let mut end = None;
             let slab = &mut self.slab;
             let fs = self.fs;
             let scope = &self.scope;
+            let split = &mut ch.split;
             for rec in records.take(REPLY_BATCH) {
                 let rec = match rec {
                     Ok(r) => r,
@@ -1092,6 +1101,15 @@ impl Front {
                         break;
                     }
                 };
+                // A long reply in progress takes only its own next piece: anything else
+                // means it broke off, and its connection, part of a frame written, closes.
+                if let Some(sp) = split.as_ref() {
+                    if rec.tag() != tag::SEND || rec.conn() != sp.conn || sp.attach != attach {
+                        let broken = sp.conn;
+                        *split = None;
+                        close_broken(slab, fs, me, broken, &mut group, &mut todo);
+                    }
+                }
                 match rec.tag() {
                     tag::SEND if rec.aux() > answerable => {
                         // It would make a replacement skip frames it was never shown.
@@ -1107,37 +1125,60 @@ impl Front {
                         // Another listener's connection (push_scope): dropped, counted below.
                         out_of_scope += 1;
                     }
-                    tag::SEND if codec.is_valid_reply(rec.payload()) => {
-                        answered = answered.max(rec.aux());
-                        if routed && !routed_reply(slab, fs, me, w, &rec, max_pending, &mut todo) {
-                            // Held for its turn.
-                        } else {
-                            if rec.conn() != group_conn || group.len() >= MAX_IOV {
-                                deliver(slab, fs, me, group_conn, &mut group, &mut todo);
-                                group_conn = rec.conn();
-                            }
-                            group.push(IoSlice::new(rec.payload()));
+                    tag::SEND => {
+                        let conn = rec.conn();
+                        if conn != group.conn || group.is_full() {
+                            deliver(slab, fs, me, &mut group, &mut todo);
+                            group.conn = conn;
                         }
+                        let piece = reply::piece(codec, split, &rec, max_pending, attach, fs);
+                        match piece {
+                            reply::Piece::Invalid => {
+                                corrupt = Some(format!(
+                                    "reply record at {} has broken framing",
+                                    rec.position()
+                                ));
+                                break;
+                            }
+                            reply::Piece::Broken(why) => {
+                                debug!(front = me, worker = w, "reply broke off: {why}");
+                                close_broken(slab, fs, me, conn, &mut group, &mut todo);
+                            }
+                            reply::Piece::Copy(bytes) if routed => {
+                                if routed_reply(
+                                    slab,
+                                    fs,
+                                    me,
+                                    w,
+                                    (conn, rec.aux()),
+                                    &bytes,
+                                    max_pending,
+                                    &mut todo,
+                                ) {
+                                    group.push(reply::Piece::Copy(bytes));
+                                }
+                                // Otherwise held for its turn.
+                            }
+                            piece => group.push(piece),
+                        }
+                        answered = answered.max(rec.aux());
                     }
                     tag::CLOSE => {
-                        deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+                        deliver(slab, fs, me, &mut group, &mut todo);
                         let id = ConnId::from_raw(rec.conn());
                         if id.front() == me {
                             todo.push((id.slot(), id.generation(), Action::CloseAfterFlush(w)));
                         }
                     }
                     t => {
-                        corrupt = Some(format!(
-                            "reply record at {} has tag {t} or broken framing",
-                            rec.position()
-                        ));
+                        corrupt = Some(format!("reply record at {} has tag {t}", rec.position()));
                         break;
                     }
                 }
                 end = Some(rec.end());
                 n += 1;
             }
-            deliver(slab, fs, me, group_conn, &mut group, &mut todo);
+            deliver(slab, fs, me, &mut group, &mut todo);
             drop(group);
             if let Some(end) = end {
                 // The answered word first, then the release (Release store of the head): a
@@ -1190,6 +1231,32 @@ impl Front {
         }
         // Slow-consumer bound, checked once per batch.
         n
+    }
+
+    /// A long reply whose worker was replaced before it finished (a crash mid-reply) will
+    /// never be finished: its connection, part of a frame written, is closed instead of left
+    /// waiting.
+    fn check_splits(&mut self) {
+        for w in 0..self.chans.len() {
+            let ch = &mut self.chans[w];
+            let Some(sp) = ch.split.as_ref() else {
+                continue;
+            };
+            if ch.broken || reply::producer_attach(ch.rep.storage()) == sp.attach {
+                continue;
+            }
+            let id = ConnId::from_raw(sp.conn);
+            ch.split = None;
+            if id.front() == self.index && self.slab.get(id.slot(), id.generation()).is_some() {
+                debug!(
+                    front = self.index,
+                    worker = w,
+                    "a long reply broke off: worker replaced"
+                );
+                add(&self.fs.protocol_errors, 1);
+                self.close_conn(id.slot(), CloseReason::ProtocolError);
+            }
+        }
     }
 
     /// Writes to a connection, queueing what the socket does not take.
@@ -1782,6 +1849,7 @@ fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     ch.completed = 0;
     ch.answered = 0;
     ch.waiting.clear();
+    ch.split = None;
     Ok(())
 }
 
@@ -1790,32 +1858,56 @@ fn count_fds() -> u64 {
     crate::procfs::open_fds(None).unwrap_or(0)
 }
 
-/// Writes a group of consecutive reply payloads of one connection (or counts them stale).
+/// Writes a group of consecutive reply pieces of one connection (or counts them stale).
 fn deliver(
     slab: &mut Slab,
     fs: &FrontStats,
     me: usize,
-    conn_raw: u64,
-    group: &mut Vec<IoSlice<'_>>,
+    group: &mut reply::Group,
     todo: &mut Vec<(u32, u32, Action)>,
 ) {
     if group.is_empty() {
+        group.clear();
         return;
     }
-    let id = ConnId::from_raw(conn_raw);
+    let id = ConnId::from_raw(group.conn);
     let (slot, gen) = (id.slot(), id.generation());
     match slab.get(slot, gen) {
         Some(c) if id.front() == me => {
-            add(&fs.frames_out, group.len() as u64);
-            if let Err(reason) = send_to(c, group, fs, usize::MAX) {
+            add(&fs.frames_out, group.messages);
+            if let Err(reason) = reply::write_group(c, group, fs) {
                 todo.push((slot, gen, Action::Close(reason)));
             } else if c.pending() > 0 {
                 todo.push((slot, gen, Action::WantWrite));
             }
         }
-        _ => add(&fs.stale_replies, group.len() as u64),
+        _ => add(&fs.stale_replies, group.messages.max(1)),
     }
     group.clear();
+}
+
+/// A long reply to `conn` broke off after part of it may have been written: what came before
+/// goes out, then the connection closes (its client sees a close, never a shifted stream).
+fn close_broken(
+    slab: &mut Slab,
+    fs: &FrontStats,
+    me: usize,
+    conn: u64,
+    group: &mut reply::Group,
+    todo: &mut Vec<(u32, u32, Action)>,
+) {
+    if group.conn == conn {
+        deliver(slab, fs, me, group, todo);
+    }
+    let id = ConnId::from_raw(conn);
+    if id.front() == me && slab.get(id.slot(), id.generation()).is_some() {
+        add(&fs.protocol_errors, 1);
+        todo.push((
+            id.slot(),
+            id.generation(),
+            Action::Close(CloseReason::ProtocolError),
+        ));
+    }
 }
 
 enum Action {
@@ -1831,16 +1923,18 @@ enum Action {
 /// the connection's oldest request, or no request: a push); false if it was held for its turn,
 /// copied and counted (or belongs to no live connection: `deliver` counts those). O(1)
 /// amortised (see route.rs).
+#[allow(clippy::too_many_arguments)]
 fn routed_reply(
     slab: &mut Slab,
     fs: &FrontStats,
     me: usize,
     w: usize,
-    rec: &shm_ring::Record<'_>,
+    (conn, aux): (u64, u64),
+    payload: &[u8],
     max_pending: usize,
     todo: &mut Vec<(u32, u32, Action)>,
 ) -> bool {
-    let id = ConnId::from_raw(rec.conn());
+    let id = ConnId::from_raw(conn);
     let (slot, gen) = (id.slot(), id.generation());
     let Some(c) = slab.get(slot, gen).filter(|_| id.front() == me) else {
         return true;
@@ -1849,8 +1943,7 @@ fn routed_reply(
     let Some(r) = c.route.as_mut() else {
         return true;
     };
-    let payload = rec.payload();
-    let verdict = r.on_reply(w, rec.aux(), payload);
+    let verdict = r.on_reply(w, aux, payload);
     if verdict.advance {
         // Wait on (or move past) whatever is oldest now, and write what it holds.
         todo.push((slot, gen, Action::Advance));

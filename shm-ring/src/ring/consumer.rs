@@ -282,12 +282,27 @@ impl<S: RingStorage> Drop for Consumer<S> {
 }
 
 /// One record, read in place.
+///
+/// Its header fields were copied out of shared memory once and validated from that copy: they
+/// cannot change. Its payload stays in shared memory, which a hostile producer may rewrite at
+/// any time: a reader that does not trust the producer reaches it only through
+/// [`payload_ptr`](Record::payload_ptr) and [`copy_payload`](Record::copy_payload) (raw
+/// pointers and copies the compiler cannot assume stable), never through
+/// [`payload`](Record::payload).
 #[derive(Clone, Copy, Debug)]
 pub struct Record<'a> {
     header: RecordHeader,
-    payload: &'a [u8],
+    payload: *const u8,
     pos: u64,
+    _borrow: PhantomData<&'a [u8]>,
 }
+
+// SAFETY: a Record is a private header copy plus a pointer into a mapping that outlives 'a;
+// it only reads through the pointer (raw copies), which is as thread-safe as the `&'a [u8]` it
+// replaced.
+unsafe impl Send for Record<'_> {}
+// SAFETY: as for Send: `&Record` gives nothing but reads.
+unsafe impl Sync for Record<'_> {}
 
 impl<'a> Record<'a> {
     /// The application's tag.
@@ -306,10 +321,60 @@ impl<'a> Record<'a> {
     pub fn aux(&self) -> u64 {
         self.header.aux
     }
-    /// The payload, borrowed from the ring. From a hostile producer its bytes may change while
-    /// you read them; its bounds never do (they were validated once, from a private copy).
+    /// Payload length, from the private copy of the header (validated against the ring).
+    pub fn len(&self) -> usize {
+        self.header.len as usize
+    }
+    /// True for an empty payload.
+    pub fn is_empty(&self) -> bool {
+        self.header.len == 0
+    }
+    /// The payload as a slice borrowed from the ring, for a consumer whose producer is trusted
+    /// not to write a record once published (the relay's worker SDK reading what a front
+    /// wrote). Its bounds are fixed; but a producer that does write published bytes makes a
+    /// reference over them unsound to hold: readers facing an untrusted producer use
+    /// [`payload_ptr`](Record::payload_ptr) or [`copy_payload`](Record::copy_payload).
     pub fn payload(&self) -> &'a [u8] {
+        // SAFETY: `len` bytes inside the data area, before the published tail and not yet
+        // released (see `Records::new`); stable as long as the producer keeps the protocol,
+        // which is this method's documented precondition.
+        unsafe { std::slice::from_raw_parts(self.payload, self.header.len as usize) }
+    }
+    /// The payload's first byte in shared memory; [`len`](Record::len) bytes are readable
+    /// from it (they stay mapped while the record's borrow of the consumer lives) but may
+    /// change at any time if the producer is hostile. Hand it to the kernel (`writev`) or
+    /// copy from it; never make a reference of it.
+    pub fn payload_ptr(&self) -> *const u8 {
         self.payload
+    }
+    /// Copies `dst.len()` payload bytes starting at `offset` into private memory (a copy the
+    /// producer cannot change afterwards).
+    ///
+    /// # Panics
+    ///
+    /// If `offset + dst.len()` exceeds [`len`](Record::len).
+    pub fn copy_payload(&self, offset: usize, dst: &mut [u8]) {
+        assert!(
+            offset
+                .checked_add(dst.len())
+                .is_some_and(|e| e <= self.len()),
+            "copy of {}..+{} from a payload of {}",
+            offset,
+            dst.len(),
+            self.len()
+        );
+        // SAFETY: in bounds (checked above against the private length); `dst` is private
+        // memory that cannot overlap the shared data area. A raw copy rather than a reference:
+        // bytes the producer changes meanwhile only make the copy's content arbitrary.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.payload.add(offset), dst.as_mut_ptr(), dst.len())
+        }
+    }
+    /// The whole payload, copied out (see [`copy_payload`](Record::copy_payload)).
+    pub fn payload_to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len()];
+        self.copy_payload(0, &mut v);
+        v
     }
     /// Ring position of the record.
     pub fn position(&self) -> u64 {
@@ -321,7 +386,7 @@ impl<'a> Record<'a> {
     }
     /// Position just past the record: pass it to [`Consumer::release`].
     pub fn end(&self) -> u64 {
-        self.pos + record_size(self.payload.len())
+        self.pos + record_size(self.header.len as usize)
     }
 }
 
@@ -432,17 +497,13 @@ impl<'a> Records<'a> {
                 });
             }
             // SAFETY: the payload lies inside the data area (checked above against the private
-            // copy of its length) and before `end`, which nobody writes during 'a (see `new`).
-            let payload = unsafe {
-                std::slice::from_raw_parts(
-                    self.data.add(off as usize + RECORD_HEADER_SIZE),
-                    hdr.len as usize,
-                )
-            };
+            // copy of its length), which stays mapped for 'a; only a pointer is kept.
+            let payload = unsafe { self.data.add(off as usize + RECORD_HEADER_SIZE) };
             let rec = Record {
                 header: hdr,
                 payload,
                 pos: self.pos,
+                _borrow: PhantomData,
             };
             self.pos += size;
             if let Some(c) = self.counted {

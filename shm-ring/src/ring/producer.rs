@@ -57,8 +57,12 @@ impl<S: RingStorage> Producer<S> {
     /// # Errors
     ///
     /// [`AttachError::InUse`] if another live process is the producer;
-    /// [`AttachError::Corrupt`] if the positions in shared memory are inconsistent.
+    /// [`AttachError::Corrupt`] if the positions in shared memory are inconsistent;
+    /// [`AttachError::ReadOnly`] if the data area is mapped read-only in this process.
     pub fn new(storage: S) -> Result<Self, AttachError> {
+        if !storage.data_writable() {
+            return Err(AttachError::ReadOnly);
+        }
         let h = storage.header();
         let cap = storage.capacity() as u64;
         let tail = h.tail.load(Ordering::Relaxed);
