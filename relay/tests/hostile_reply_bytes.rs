@@ -170,6 +170,11 @@ fn four_kib_replies_stay_zero_copy() {
     }
     let stats = relay.stats();
     let f = stats.front(0);
+    // The counters are published after the writes the clients already read: wait for them.
+    let want_out = 20 * 30 * 16 * 4100;
+    common::eventually(Duration::from_secs(5), || {
+        f.bytes_out.load(Relaxed) >= want_out
+    });
     let (inb, out, copied) = (
         f.bytes_in.load(Relaxed),
         f.bytes_out.load(Relaxed),
@@ -180,7 +185,7 @@ fn four_kib_replies_stay_zero_copy() {
         "bytes in {inb}, out {out}, copied {copied}: {:.3}%",
         ratio * 100.0
     );
-    assert!(out >= 20 * 30 * 16 * 4100, "bytes out {out}");
+    assert!(out >= want_out, "bytes out {out}");
     assert!(
         ratio < 0.01,
         "copied {:.3}% of the relayed bytes",
@@ -270,7 +275,11 @@ fn rings_a_process_only_reads_are_mapped_read_only() {
     assert_eq!(count(front, "rw-s"), 2, "front's request rings");
     for w in 0..2 {
         let pid = relay.worker_pid(w);
-        // One front: its request ring read-only, its reply ring read-write.
+        // One front: its request ring read-only, its reply ring read-write (once attached: the
+        // round trip above went to one worker only).
+        common::eventually(Duration::from_secs(5), || {
+            count(pid, "r--s") == 1 && count(pid, "rw-s") == 1
+        });
         assert_eq!(count(pid, "r--s"), 1, "worker {w}'s request ring");
         assert_eq!(count(pid, "rw-s"), 1, "worker {w}'s reply ring");
     }
