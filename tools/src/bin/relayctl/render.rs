@@ -567,6 +567,9 @@ pub fn gc(g: &GcReport) -> String {
     for f in &g.failed {
         let _ = writeln!(out, "could not remove {}: {}", f.path, f.error);
     }
+    for f in &g.untrusted {
+        let _ = writeln!(out, "left alone (not trusted): {}", f.error);
+    }
     if g.removed.is_empty() && g.failed.is_empty() {
         let _ = writeln!(out, "nothing to remove in {}", g.shm_dir);
     } else if g.dry_run {
