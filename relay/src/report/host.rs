@@ -472,6 +472,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn list_leaks_and_gc_read_the_directory_once() {
+        // Whatever the directory holds (it is this process's shm dir), one read each.
+        let before = names::dir_scans();
+        let _ = list();
+        assert_eq!(names::dir_scans() - before, 1, "list");
+        let before = names::dir_scans();
+        let _ = gc(true);
+        assert_eq!(names::dir_scans() - before, 1, "gc --dry-run");
+        let before = names::dir_scans();
+        let _ = leaks(None);
+        assert_eq!(names::dir_scans() - before, 1, "leaks");
+    }
+
+    #[test]
     fn instance_of_file_names() {
         assert_eq!(instance_of("shmrelay.edge.stats"), Some("edge"));
         assert_eq!(instance_of("shmrelay.edge-2.f0.w1.req"), Some("edge-2"));
