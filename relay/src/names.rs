@@ -63,6 +63,9 @@ pub fn valid_instance(name: &str) -> bool {
 pub struct Listing {
     /// Instance name to its files (sorted), for every `shmrelay.NAME.*` name with a valid NAME.
     pub by_instance: std::collections::BTreeMap<String, Vec<PathBuf>>,
+    /// Hidden `.shmrelay-new.*` files: stats views being created (or left by a supervisor that
+    /// died in the instant between creating and publishing one).
+    pub pending: Vec<PathBuf>,
 }
 
 thread_local! {
@@ -86,6 +89,10 @@ impl Listing {
         for e in entries.flatten() {
             let n = e.file_name();
             let Some(n) = n.to_str() else { continue };
+            if n.starts_with(".shmrelay-new.") {
+                l.pending.push(dir.join(n));
+                continue;
+            }
             let Some(rest) = n.strip_prefix("shmrelay.") else {
                 continue;
             };

@@ -243,6 +243,10 @@ fn worker_that_keeps_crashing_is_failed_and_clients_get_an_error_not_a_hang() {
     let err = c.recv().expect("an error frame, not silence");
     assert_eq!(err, b"shmrelay-error: worker unavailable");
     assert_eq!(c.recv(), None, "then a close");
+    // New connections are refused at once. (Checked before reading the stats view, which
+    // waits for the supervisor's next publishes.)
+    let mut late = relay.connect();
+    assert!(late.closed_within(Duration::from_secs(2)));
     let s = relay.stats();
     assert_eq!(
         WorkerState::from_code(s.worker(0).state.load(Ordering::Relaxed)),
@@ -253,9 +257,6 @@ fn worker_that_keeps_crashing_is_failed_and_clients_get_an_error_not_a_hang() {
         [CloseReason::WorkerGone as usize]
         .load(Ordering::Relaxed)
         >= 1));
-    // New connections are refused at once.
-    let mut late = relay.connect();
-    assert!(late.closed_within(Duration::from_secs(2)));
 }
 
 #[test]

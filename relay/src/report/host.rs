@@ -454,6 +454,21 @@ pub fn gc(dry_run: bool) -> GcReport {
             }),
         }
     }
+    // A view being created is locked by its creator; an unlocked one older than a few seconds
+    // was left by a supervisor that died between creating and publishing it.
+    for p in &listing.pending {
+        let stale = names::open_checked(p, false).is_ok_and(|f| {
+            !view::locked(&f).unwrap_or(true)
+                && f.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(10))
+        });
+        if stale {
+            remove(&mut report, p, "", "unpublished view of a dead supervisor");
+        }
+    }
     for o in orphans(&listing) {
         if o.attached_pids.is_empty() {
             let path = PathBuf::from(&o.path);
