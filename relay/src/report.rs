@@ -1026,4 +1026,50 @@ pub(crate) mod tests {
         let back: InstanceReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
     }
+
+    /// A view full of garbage (valid magic and version, everything else random), read the way
+    /// relayctl and the metrics endpoint read it: a report, rates between two of them, the
+    /// Prometheus text. Nothing may panic (this runs with overflow checks).
+    #[test]
+    fn garbage_in_the_view_never_panics_a_reader() {
+        use crate::stats::{STATS_MAGIC, STATS_SIZE, STATS_VERSION};
+        use crate::view::{published_size, VIEW_MAGIC, VIEW_VERSION};
+        let tmp = TempShm::new("garbage");
+        let path = tmp.0.join("shmrelay.g.stats");
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut reports = Vec::new();
+        for seed in 0..6 {
+            let mut bytes = vec![0u8; published_size(64 * 2)];
+            for chunk in bytes.chunks_mut(8) {
+                let v = match seed % 3 {
+                    0 => next(),
+                    1 => u64::MAX - (next() % 4),
+                    _ => next() % 1000,
+                };
+                chunk.copy_from_slice(&v.to_ne_bytes()[..chunk.len()]);
+            }
+            bytes[0..8].copy_from_slice(&STATS_MAGIC.to_ne_bytes());
+            bytes[8..12].copy_from_slice(&STATS_VERSION.to_ne_bytes());
+            bytes[STATS_SIZE..STATS_SIZE + 8].copy_from_slice(&VIEW_MAGIC.to_ne_bytes());
+            bytes[STATS_SIZE + 8..STATS_SIZE + 12].copy_from_slice(&VIEW_VERSION.to_ne_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            let view = View::read(&path).unwrap();
+            let r = InstanceReport::build("g", &path, &view.stats, Some(&view), true);
+            let text = prometheus(&r);
+            assert!(text.contains("shmrelay_up"));
+            let _ = serde_json::to_string(&r).unwrap();
+            reports.push(r);
+        }
+        for pair in reports.windows(2) {
+            let mut b = pair[1].clone();
+            fill_rates(&pair[0], &mut b, Duration::from_millis(1));
+            let _ = prometheus(&b);
+        }
+    }
 }

@@ -393,3 +393,64 @@ fn relayctl_list_and_gc_on_a_crowded_directory_finish() {
     eprintln!("{FILES} stats files: list {list_time:?}, gc {gc_time:?}");
     assert_eq!(relay.echo(b"x").as_deref(), Some(&b"x"[..]));
 }
+
+/// Fills `path` with a view of random content (valid magic and version) in one of three
+/// flavours: random, near `u64::MAX`, small numbers.
+fn garbage_view(path: &Path, seed: u64) {
+    use shmrelay::stats::{STATS_MAGIC, STATS_SIZE, STATS_VERSION};
+    use shmrelay::view::{published_size, VIEW_MAGIC, VIEW_VERSION};
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut bytes = vec![0u8; published_size(64 * 2)];
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = match seed % 3 {
+            0 => x,
+            1 => u64::MAX - x % 4,
+            _ => x % 1000,
+        };
+        chunk.copy_from_slice(&v.to_ne_bytes()[..chunk.len()]);
+    }
+    bytes[0..8].copy_from_slice(&STATS_MAGIC.to_ne_bytes());
+    bytes[8..12].copy_from_slice(&STATS_VERSION.to_ne_bytes());
+    bytes[STATS_SIZE..STATS_SIZE + 8].copy_from_slice(&VIEW_MAGIC.to_ne_bytes());
+    bytes[STATS_SIZE + 8..STATS_SIZE + 12].copy_from_slice(&VIEW_VERSION.to_ne_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn garbage_in_a_live_stats_view_crashes_no_relayctl_command() {
+    let tmp = TempShm::new("garbage");
+    let dir = tmp.0.as_path();
+    let path = dir.join("shmrelay.junk.stats");
+    for seed in 0..3 {
+        garbage_view(&path, seed);
+        // Held locked by this process: relayctl takes it for a live instance and reads it all.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(shmrelay::view::try_lock(&f).unwrap());
+        for args in [
+            &["list"][..],
+            &["list", "--json"],
+            &["stat", "junk", "--interval", "0.1"],
+            &["stat", "junk", "--json", "--interval", "0.1"],
+            &["top", "junk", "--iterations", "2", "--interval", "0.1"],
+            &["leaks"],
+            &["leaks", "--json"],
+            &["gc", "--dry-run"],
+        ] {
+            let o = relayctl(dir, args);
+            // 0, 1 (problems found) or 2 (an error) are answers; a panic is 101.
+            assert!(
+                matches!(o.status.code(), Some(0..=2)),
+                "seed {seed}, relayctl {args:?}: {}",
+                show(&o)
+            );
+        }
+        drop(f);
+    }
+}

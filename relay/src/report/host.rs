@@ -170,7 +170,10 @@ pub fn summary(name: &str) -> InstanceSummary {
 /// A summary of instance `name` from a listing: only its stats view's header is read.
 pub fn summary_in(listing: &Listing, name: &str) -> InstanceSummary {
     let files = listing.files(name);
-    let bytes = files.iter().map(|f| file_size(f)).sum();
+    let bytes = files
+        .iter()
+        .map(|f| file_size(f))
+        .fold(0u64, u64::saturating_add);
     let mut s = InstanceSummary {
         name: name.to_owned(),
         supervisor_pid: 0,
