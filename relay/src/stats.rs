@@ -381,16 +381,18 @@ impl Stats {
         Ok(stats)
     }
 
-    /// Maps the segment at `path` read-only (tools).
+    /// Maps the segment at `path` read-only (tests; tools read a private copy with
+    /// [`crate::view::View::read`], which nobody can shrink under them). Opened with
+    /// [`crate::names::open_checked`].
     ///
     /// # Errors
     ///
     /// Opening or mapping failed, or the segment is not a valid stats segment.
     pub fn open_readonly(path: &Path) -> io::Result<Stats> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
+        let file = crate::names::open_checked(path, false).map_err(|e| {
+            let kind = e.kind();
+            io::Error::new(kind, e.to_string())
+        })?;
         check_len(&file)?;
         // SAFETY: read-only shared mapping of a file of exactly STATS_SIZE bytes (checked) that
         // its owner never shrinks; we only ever load through it.
