@@ -331,18 +331,31 @@ impl Stats {
         }
     }
 
-    /// Copies the first `len` bytes of the segment (clamped to [`STATS_SIZE`]) into `out`, one
-    /// relaxed 8-byte load at a time (the segment is atomics written by other processes).
-    pub fn copy_prefix(&self, len: usize, out: &mut Vec<u8>) {
-        let words = len.min(STATS_SIZE) / 8;
+    /// Copies the first `len` bytes of the segment (clamped to [`STATS_SIZE`]) into `out`.
+    ///
+    /// A mapped segment is copied by the kernel with `pread` from its fd, not through the
+    /// mapping: other processes update it concurrently with atomics of several sizes, which a
+    /// copy in Rust could only read with (mixed-size) racing loads. Values may be torn for
+    /// display; readers bound what they use.
+    ///
+    /// # Errors
+    ///
+    /// The `pread` error.
+    pub fn copy_prefix(&self, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let len = len.min(STATS_SIZE);
         out.clear();
-        out.reserve(words * 8);
-        let base = self.base() as *const AtomicU64;
-        for i in 0..words {
-            // SAFETY: `i * 8 < STATS_SIZE`, inside the mapping, 8-aligned; any bits are a
-            // valid AtomicU64.
-            let v = unsafe { &*base.add(i) }.load(Ordering::Relaxed);
-            out.extend_from_slice(&v.to_ne_bytes());
+        out.resize(len, 0);
+        match (&self.file, &self.map) {
+            (_, Map::Owned(b)) => {
+                // SAFETY: the private copy is STATS_SIZE bytes nobody else can write; `len` is
+                // at most that; `out` holds `len` bytes and does not overlap it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.as_ptr() as *const u8, out.as_mut_ptr(), len);
+                }
+                Ok(())
+            }
+            (Some(f), _) => std::os::unix::fs::FileExt::read_exact_at(f, out, 0),
+            (None, _) => Err(io::Error::other("a stats segment without an fd")),
         }
     }
 

@@ -607,7 +607,7 @@ impl Publisher {
         control: &Stats,
         rings: &[Vec<(ShmRing, ShmRing)>],
     ) -> io::Result<()> {
-        control.copy_prefix(COUNTERS_BYTES, &mut self.buf);
+        control.copy_prefix(COUNTERS_BYTES, &mut self.buf)?;
         self.file.write_all_at(&self.buf, 0)?;
         self.seq += 1;
         self.buf.clear();
