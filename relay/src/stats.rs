@@ -563,4 +563,29 @@ mod tests {
         assert!(Stats::open_readonly(&path).is_err());
         std::fs::remove_file(&path).unwrap();
     }
+
+    #[test]
+    fn counters_that_go_down_saturate_at_zero() {
+        let c = AtomicU64::new(1);
+        sub_saturating(&c, 1);
+        assert_eq!(c.load(Ordering::Relaxed), 0);
+        // Zeroed behind the front's back, then a close: 0, never 2^64 - 1.
+        sub_saturating(&c, 1);
+        assert_eq!(c.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn control_segment_is_a_sealed_memfd() {
+        let s = Stats::create_memfd(1, 1).unwrap();
+        let f = s.file.as_ref().unwrap();
+        let e = f.set_len(0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "shrinking is sealed");
+        assert_eq!(s.header().magic.load(Ordering::Relaxed), STATS_MAGIC);
+        let mut copy = Vec::new();
+        add(&s.front(0).accepts, 9);
+        s.copy_prefix(COUNTERS_BYTES, &mut copy).unwrap();
+        let back = Stats::from_bytes(&copy);
+        back.check().unwrap();
+        assert_eq!(back.front(0).accepts.load(Ordering::Relaxed), 9);
+    }
 }
