@@ -18,3 +18,4 @@ pub mod report;
 pub mod signals;
 pub mod stats;
 pub mod timer;
+pub mod view;

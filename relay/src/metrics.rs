@@ -253,9 +253,13 @@ mod tests {
             return;
         }
         let instance = "metrics-test";
-        let stats = Stats::create(&crate::names::stats_path(instance), 1, 1).unwrap();
+        // A control segment and the view a supervisor publishes from it (and locks: up).
+        let stats = Stats::create_memfd(1, 1).unwrap();
         add(&stats.front(0).accepts, 11);
         add(&stats.front(0).bytes_in, 4096);
+        let path = crate::names::stats_path(instance);
+        let mut view = crate::view::Publisher::create(&path, 1, &stats, 1, 1).unwrap();
+        view.publish(&stats, &[]).unwrap();
         let (addr, _thread) = spawn("127.0.0.1:0".parse().unwrap(), instance.into()).unwrap();
 
         let (status, head, body) = get(
@@ -292,8 +296,8 @@ mod tests {
         assert_eq!(get(addr, b"GET /metrics?x=1 HTTP/1.1\r\n\r\n").0, 200);
 
         // The segment goes away: 503, not a crash.
+        assert!(view.remove());
         drop(stats);
-        std::fs::remove_file(crate::names::stats_path(instance)).unwrap();
         assert_eq!(get(addr, b"GET /metrics HTTP/1.1\r\n\r\n").0, 503);
     }
 }

@@ -2,8 +2,9 @@
 //! mappings, for `relayctl` and the Prometheus endpoint.
 //!
 //! Reading a report never writes to the relay's memory and takes no lock the relay could wait
-//! on: it maps the stats segment ([`Stats::open_readonly`]) and each ring ([`RingView::open`])
-//! and copies the counters out. Every value is a relaxed load of a counter another process is
+//! on: it copies the operators' view the supervisor publishes ([`View::read`]: the counters
+//! and a snapshot of every ring; see [`crate::view`]) into private memory, opened without
+//! blocking or trusting it, and bounds every value it uses. Every value is a relaxed load of a counter another process is
 //! updating, so a report is consistent enough for display, not an atomic snapshot: for example
 //! `records_out` of a ring can briefly exceed what `used` suggests.
 //!
@@ -61,13 +62,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use shm_ring::{RingSnapshot, RingView, SideSnapshot};
+use shm_ring::{RingSnapshot, SideSnapshot};
 use shmrelay_worker::CloseReason;
 
 use crate::names::{self, Dir};
 use crate::stats::{
     unix_ms, FrontStats, RejectReason, Stats, WorkerState, MAX_FRONTS, MAX_WORKERS, RTT_BUCKETS,
 };
+use crate::view::View;
 
 pub mod host;
 pub(crate) mod prom;
@@ -357,7 +359,9 @@ pub struct RingReport {
     pub worker: usize,
     /// `request` (front -> worker) or `reply` (worker -> front).
     pub direction: Direction,
-    /// Path of the ring segment.
+    /// Where the ring lives: rings are sealed memfds with no path, so this is
+    /// `memfd:shmrelay.NAME.fF.wW.req|rep` (the name shown in `/proc/PID/fd`); the numbers are
+    /// the supervisor's last published snapshot of it.
     pub path: String,
     /// Why the ring could not be read (missing, corrupt header); every number below is then 0.
     pub error: Option<String>,
@@ -511,8 +515,8 @@ impl InstanceReport {
     /// [`RingReport::error`], not as an error.
     pub fn read(name: &str) -> Result<InstanceReport, ReportError> {
         let path = names::stats_path(name);
-        let stats = Stats::open_readonly(&path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
+        let view = View::read(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
                 ReportError::NotFound {
                     name: name.to_owned(),
                     path: path.clone(),
@@ -520,15 +524,34 @@ impl InstanceReport {
             } else {
                 ReportError::Stats {
                     path: path.clone(),
-                    source,
+                    source: e.into_io(),
                 }
             }
         })?;
-        Ok(InstanceReport::from_stats(name, &path, &stats))
+        Ok(InstanceReport::build(
+            name,
+            &path,
+            &view.stats,
+            Some(&view),
+            view.live,
+        ))
     }
 
-    /// Builds the report from an already mapped stats segment; the rings are opened by name.
+    /// Builds the report from a stats segment without ring snapshots (every ring is reported
+    /// with an error); alive while the recorded supervisor pid exists.
     pub fn from_stats(name: &str, stats_path: &Path, stats: &Stats) -> InstanceReport {
+        let pid = stats.header().supervisor_pid.load(Ordering::Relaxed);
+        let alive = pid != 0 && process_liveness(pid) != Liveness::Dead;
+        InstanceReport::build(name, stats_path, stats, None, alive)
+    }
+
+    fn build(
+        name: &str,
+        stats_path: &Path,
+        stats: &Stats,
+        view: Option<&View>,
+        alive: bool,
+    ) -> InstanceReport {
         let now_ns = shm_ring::monotonic_ns();
         let now_ms = unix_ms();
         let h = stats.header();
@@ -558,13 +581,13 @@ impl InstanceReport {
                     rss_kb: ld(&ws.rss_kb),
                     fds: ld(&ws.fds),
                     redeliveries: request_words(
-                        name,
+                        view,
                         nf,
                         w,
                         shmrelay_worker::protocol::REDELIVERED_WORD,
                     ),
                     skipped_answered: request_words(
-                        name,
+                        view,
                         nf,
                         w,
                         shmrelay_worker::protocol::SKIPPED_WORD,
@@ -591,7 +614,7 @@ impl InstanceReport {
         for f in 0..nf {
             for w in 0..nw {
                 for d in [Direction::Request, Direction::Reply] {
-                    rings.push(ring_report(name, f, w, d, now_ns));
+                    rings.push(ring_report(name, view, f, w, d, now_ns));
                 }
             }
         }
@@ -618,7 +641,6 @@ impl InstanceReport {
             orphans_killed: ld(&h.orphans_killed),
             stale_rings,
         };
-        let alive = process_liveness(supervisor_pid) != Liveness::Dead && supervisor_pid != 0;
         let mut report = InstanceReport {
             name: name.to_owned(),
             stats_path: stats_path.display().to_string(),
@@ -648,8 +670,8 @@ impl InstanceReport {
         let mut p = Vec::new();
         if !self.alive {
             p.push(format!(
-                "instance `{}` is dead: supervisor pid {} is gone; its segments are stale \
-                 (remove them with `relayctl gc`)",
+                "instance `{}` is dead: no supervisor holds its lock (last pid {}); its \
+                 segments are stale (remove them with `relayctl gc`)",
                 self.name, self.supervisor_pid
             ));
             return p;
@@ -788,20 +810,32 @@ pub fn rtt_bucket_bound(i: usize) -> Option<u64> {
 }
 
 /// Sums user word `word` over worker `w`'s request rings.
-fn request_words(instance: &str, fronts: usize, w: usize, word: usize) -> u64 {
+fn request_words(view: Option<&View>, fronts: usize, w: usize, word: usize) -> u64 {
+    let Some(view) = view else { return 0 };
     (0..fronts)
-        .filter_map(|f| RingView::open(&names::ring_path(instance, f, w, Dir::Request)).ok())
-        .map(|v| v.user_word(word))
-        .fold(0, u64::wrapping_add)
+        .filter_map(|f| view.ring(f, w, Dir::Request))
+        .map(|r| r.user.get(word).copied().unwrap_or(0))
+        .fold(0, u64::saturating_add)
 }
 
-fn ring_report(instance: &str, f: usize, w: usize, d: Direction, now_ns: u64) -> RingReport {
+fn ring_report(
+    instance: &str,
+    view: Option<&View>,
+    f: usize,
+    w: usize,
+    d: Direction,
+    now_ns: u64,
+) -> RingReport {
     let path = names::ring_path(instance, f, w, d.dir());
+    let path = format!(
+        "memfd:{}",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
     let mut r = RingReport {
         front: f,
         worker: w,
         direction: d,
-        path: path.display().to_string(),
+        path,
         error: None,
         capacity: 0,
         used: 0,
@@ -820,14 +854,11 @@ fn ring_report(instance: &str, f: usize, w: usize, d: Direction, now_ns: u64) ->
         consumer: SideReport::none(),
         rates: None,
     };
-    let view = match RingView::open(&path) {
-        Ok(v) => v,
-        Err(e) => {
-            r.error = Some(e.to_string());
-            return r;
-        }
+    let Some(snap) = view.and_then(|v| v.ring(f, w, d.dir())) else {
+        r.error = Some("not in the published view".to_owned());
+        return r;
     };
-    let s: RingSnapshot = view.snapshot();
+    let s: RingSnapshot = snap.snapshot;
     // Positions come from another process: a torn or corrupt pair must not produce nonsense.
     let used = s.tail.saturating_sub(s.head).min(s.capacity);
     r.capacity = s.capacity;
@@ -850,7 +881,10 @@ fn ring_report(instance: &str, f: usize, w: usize, d: Direction, now_ns: u64) ->
     r.parks = s.producer.parks.saturating_add(s.consumer.parks);
     r.consumer_sleeping = s.consumer_sleeping;
     if d == Direction::Request {
-        r.answered_position = Some(view.user_word(shmrelay_worker::protocol::ANSWERED_WORD));
+        r.answered_position = snap
+            .user
+            .get(shmrelay_worker::protocol::ANSWERED_WORD)
+            .copied();
     }
     r.producer = side_report(&s.producer, false, used, now_ns);
     r.consumer = side_report(&s.consumer, true, used, now_ns);
@@ -1026,5 +1060,51 @@ pub(crate) mod tests {
         let json = serde_json::to_string(&b).unwrap();
         let back: InstanceReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
+    }
+
+    /// A view full of garbage (valid magic and version, everything else random), read the way
+    /// relayctl and the metrics endpoint read it: a report, rates between two of them, the
+    /// Prometheus text. Nothing may panic (this runs with overflow checks).
+    #[test]
+    fn garbage_in_the_view_never_panics_a_reader() {
+        use crate::stats::{STATS_MAGIC, STATS_SIZE, STATS_VERSION};
+        use crate::view::{published_size, VIEW_MAGIC, VIEW_VERSION};
+        let tmp = TempShm::new("garbage");
+        let path = tmp.0.join("shmrelay.g.stats");
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut reports = Vec::new();
+        for seed in 0..6 {
+            let mut bytes = vec![0u8; published_size(64 * 2)];
+            for chunk in bytes.chunks_mut(8) {
+                let v = match seed % 3 {
+                    0 => next(),
+                    1 => u64::MAX - (next() % 4),
+                    _ => next() % 1000,
+                };
+                chunk.copy_from_slice(&v.to_ne_bytes()[..chunk.len()]);
+            }
+            bytes[0..8].copy_from_slice(&STATS_MAGIC.to_ne_bytes());
+            bytes[8..12].copy_from_slice(&STATS_VERSION.to_ne_bytes());
+            bytes[STATS_SIZE..STATS_SIZE + 8].copy_from_slice(&VIEW_MAGIC.to_ne_bytes());
+            bytes[STATS_SIZE + 8..STATS_SIZE + 12].copy_from_slice(&VIEW_VERSION.to_ne_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            let view = View::read(&path).unwrap();
+            let r = InstanceReport::build("g", &path, &view.stats, Some(&view), true);
+            let text = prometheus(&r);
+            assert!(text.contains("shmrelay_up"));
+            let _ = serde_json::to_string(&r).unwrap();
+            reports.push(r);
+        }
+        for pair in reports.windows(2) {
+            let mut b = pair[1].clone();
+            fill_rates(&pair[0], &mut b, Duration::from_millis(1));
+            let _ = prometheus(&b);
+        }
     }
 }

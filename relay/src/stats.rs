@@ -258,6 +258,9 @@ const FRONTS_AT: usize = HEADER_BYTES;
 const WORKERS_AT: usize = FRONTS_AT + MAX_FRONTS * FRONT_BYTES;
 const FRONT_PROCS_AT: usize = WORKERS_AT + MAX_WORKERS * WORKER_BYTES;
 const ADDRS_AT: usize = FRONT_PROCS_AT + MAX_FRONTS * WORKER_BYTES;
+/// Bytes at the start of the segment that hold counters (everything before the per-address
+/// connection slots, which only the fronts' admission uses): what the operators' view copies.
+pub const COUNTERS_BYTES: usize = ADDRS_AT;
 /// Total bytes of the segment.
 pub const STATS_SIZE: usize = ADDRS_AT + MAX_FRONTS * ADDR_SLOTS * 4;
 
@@ -272,12 +275,21 @@ const _: () = {
 enum Map {
     Rw(MmapRaw),
     Ro(Mmap),
+    /// A private copy (a snapshot read from the operators' view): nobody else can write it.
+    Owned(Box<[Block]>),
 }
 
-/// A mapped stats segment.
+/// Unit of a private copy: 128-aligned like the blocks of the layout.
+#[derive(Clone, Copy)]
+#[repr(C, align(128))]
+struct Block([u8; 128]);
+
+const _: () = assert!(STATS_SIZE % 128 == 0);
+
+/// A mapped stats segment, or a private copy of one.
 pub struct Stats {
     map: Map,
-    file: File,
+    file: Option<File>,
 }
 
 // SAFETY: the mapping holds only atomics; any thread may use them.
@@ -307,7 +319,94 @@ impl Stats {
             STATS_SIZE as i64,
         )?;
         let stats = Stats::map_rw(file)?;
-        let h = stats.header();
+        stats.init(fronts, workers);
+        Ok(stats)
+    }
+
+    /// Creates and initialises the control segment in an anonymous memfd, sealed against
+    /// resizing: only processes it is handed to (the fronts) can map it, nobody can open it by
+    /// name, and nobody can shrink it under a mapping (SIGBUS).
+    ///
+    /// # Errors
+    ///
+    /// Creating, sizing, sealing or mapping it failed.
+    pub fn create_memfd(fronts: usize, workers: usize) -> io::Result<Stats> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(
+            "shmrelay-control",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let file = File::from(fd);
+        file.set_len(STATS_SIZE as u64)?;
+        nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            STATS_SIZE as i64,
+        )?;
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
+        let stats = Stats::map_rw(file)?;
+        stats.init(fronts, workers);
+        Ok(stats)
+    }
+
+    /// A private, zeroed copy of the layout, filled from `bytes` (the first `bytes.len()`
+    /// bytes of a segment, at most [`STATS_SIZE`]). Nothing it reads can change under it.
+    pub fn from_bytes(bytes: &[u8]) -> Stats {
+        let mut blocks = vec![Block([0; 128]); STATS_SIZE / 128].into_boxed_slice();
+        let n = bytes.len().min(STATS_SIZE);
+        // SAFETY: `blocks` is STATS_SIZE contiguous bytes we own exclusively; `n` is at most
+        // that and at most `bytes.len()`; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, n);
+        }
+        Stats {
+            map: Map::Owned(blocks),
+            file: None,
+        }
+    }
+
+    /// Copies the first `len` bytes of the segment (clamped to [`STATS_SIZE`]) into `out`.
+    ///
+    /// A mapped segment is copied by the kernel with `pread` from its fd, not through the
+    /// mapping: other processes update it concurrently with atomics of several sizes, which a
+    /// copy in Rust could only read with (mixed-size) racing loads. Values may be torn for
+    /// display; readers bound what they use.
+    ///
+    /// # Errors
+    ///
+    /// The `pread` error.
+    pub fn copy_prefix(&self, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let len = len.min(STATS_SIZE);
+        out.clear();
+        out.resize(len, 0);
+        match (&self.file, &self.map) {
+            (_, Map::Owned(b)) => {
+                // SAFETY: the private copy is STATS_SIZE bytes nobody else can write; `len` is
+                // at most that; `out` holds `len` bytes and does not overlap it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.as_ptr() as *const u8, out.as_mut_ptr(), len);
+                }
+                Ok(())
+            }
+            (Some(f), _) => std::os::unix::fs::FileExt::read_exact_at(f, out, 0),
+            (None, _) => Err(io::Error::other("a stats segment without an fd")),
+        }
+    }
+
+    /// Validates a copy made with [`from_bytes`](Stats::from_bytes) (magic and version).
+    ///
+    /// # Errors
+    ///
+    /// Not a stats segment of this layout.
+    pub fn check(&self) -> io::Result<()> {
+        self.validate()
+    }
+
+    fn init(&self, fronts: usize, workers: usize) {
+        let h = self.header();
         h.version.store(STATS_VERSION, Ordering::Relaxed);
         h.fronts.store(fronts as u32, Ordering::Relaxed);
         h.workers.store(workers as u32, Ordering::Relaxed);
@@ -319,7 +418,6 @@ impl Stats {
         // Release: pairs with the Acquire load in `validate`; the fields above are visible to
         // anyone who sees the magic.
         h.magic.store(STATS_MAGIC, Ordering::Release);
-        Ok(stats)
     }
 
     /// Maps an inherited segment read-write (fronts).
@@ -333,23 +431,25 @@ impl Stats {
         Ok(stats)
     }
 
-    /// Maps the segment at `path` read-only (tools).
+    /// Maps the segment at `path` read-only (tests; tools read a private copy with
+    /// [`crate::view::View::read`], which nobody can shrink under them). Opened with
+    /// [`crate::names::open_checked`].
     ///
     /// # Errors
     ///
     /// Opening or mapping failed, or the segment is not a valid stats segment.
     pub fn open_readonly(path: &Path) -> io::Result<Stats> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
+        let file = crate::names::open_checked(path, false).map_err(|e| {
+            let kind = e.kind();
+            io::Error::new(kind, e.to_string())
+        })?;
         check_len(&file)?;
         // SAFETY: read-only shared mapping of a file of exactly STATS_SIZE bytes (checked) that
         // its owner never shrinks; we only ever load through it.
         let map = unsafe { MmapOptions::new().len(STATS_SIZE).map(&file)? };
         let stats = Stats {
             map: Map::Ro(map),
-            file,
+            file: Some(file),
         };
         stats.validate()?;
         Ok(stats)
@@ -360,7 +460,7 @@ impl Stats {
         let map = MmapOptions::new().len(STATS_SIZE).map_raw(&file)?;
         Ok(Stats {
             map: Map::Rw(map),
-            file,
+            file: Some(file),
         })
     }
 
@@ -384,12 +484,20 @@ impl Stats {
         match &self.map {
             Map::Rw(m) => m.as_ptr(),
             Map::Ro(m) => m.as_ptr(),
+            Map::Owned(b) => b.as_ptr() as *const u8,
         }
     }
 
     /// The fd, to hand to a front.
+    ///
+    /// # Panics
+    ///
+    /// On a private copy ([`from_bytes`](Stats::from_bytes)), which has no fd.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.file
+            .as_ref()
+            .expect("a private stats copy has no fd")
+            .as_fd()
     }
 
     /// Instance header.
@@ -439,7 +547,8 @@ impl Stats {
 
 fn check_len(file: &File) -> io::Result<()> {
     let len = file.metadata()?.len();
-    if len != STATS_SIZE as u64 {
+    // The operators' view (see `crate::view`) is the layout followed by its own tail.
+    if len != STATS_SIZE as u64 && len < crate::view::PUBLISHED_MIN as u64 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("stats segment is {len} bytes, expected {STATS_SIZE}"),
@@ -453,6 +562,16 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Takes `n` from a counter that only goes down by what was added before, saturating at 0: a
+/// counter that somehow reads lower than it should (a lost update, a front's slots zeroed at
+/// its death) can never wrap to 2^64 - 1.
+#[inline]
+pub fn sub_saturating(c: &AtomicU64, n: u64) {
+    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
 }
 
 /// Adds to a counter (single writer per block, so the add never contends).
@@ -480,5 +599,30 @@ mod tests {
         std::fs::write(&path, b"short").unwrap();
         assert!(Stats::open_readonly(&path).is_err());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn counters_that_go_down_saturate_at_zero() {
+        let c = AtomicU64::new(1);
+        sub_saturating(&c, 1);
+        assert_eq!(c.load(Ordering::Relaxed), 0);
+        // Zeroed behind the front's back, then a close: 0, never 2^64 - 1.
+        sub_saturating(&c, 1);
+        assert_eq!(c.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn control_segment_is_a_sealed_memfd() {
+        let s = Stats::create_memfd(1, 1).unwrap();
+        let f = s.file.as_ref().unwrap();
+        let e = f.set_len(0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "shrinking is sealed");
+        assert_eq!(s.header().magic.load(Ordering::Relaxed), STATS_MAGIC);
+        let mut copy = Vec::new();
+        add(&s.front(0).accepts, 9);
+        s.copy_prefix(COUNTERS_BYTES, &mut copy).unwrap();
+        let back = Stats::from_bytes(&copy);
+        back.check().unwrap();
+        assert_eq!(back.front(0).accepts.load(Ordering::Relaxed), 9);
     }
 }

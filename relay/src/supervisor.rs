@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -20,6 +20,7 @@ use shm_ring::{Doorbell, EventFd, Meta, RingStorage, ShmRing};
 use shmrelay::config::Config;
 use shmrelay::names::{self, Dir};
 use shmrelay::stats::{unix_ms, Stats, WorkerState};
+use shmrelay::view::{self, Publisher};
 use shmrelay_worker::protocol::{env, tag, DEAD_LETTER_WORDS, INFLIGHT_WORD};
 
 use crate::watchdog::{self, Growth, Hang, HangWatch};
@@ -78,7 +79,10 @@ struct Slot {
 struct Instance {
     cfg: Config,
     exe: PathBuf,
+    /// The control segment (a sealed memfd only the fronts are handed).
     stats: Stats,
+    /// The operators' view (`shmrelay.NAME.stats`), its lock and the run's token.
+    publisher: Publisher,
     /// One listening socket per front, all bound to the port with SO_REUSEPORT: the kernel
     /// spreads new connections over them, and a dead front's socket (held here) keeps its
     /// queue until the front's replacement accepts from it.
@@ -119,17 +123,11 @@ pub fn run(cfg: Config) -> Result<()> {
             .context("installing the SIGINT/SIGTERM handler")?;
     }
     own_descendants()?;
-    let stale = claim_instance(&cfg.instance)?;
-    let orphans = kill_orphans(&cfg.instance);
-    let instance = cfg.instance.clone();
-    let mut inst = match Instance::create(cfg, stale, orphans) {
-        Ok(i) => i,
-        Err(e) => {
-            // Nothing runs yet: remove whatever part of the instance was created.
-            remove_files(&instance, &[]);
-            return Err(e);
-        }
-    };
+    let (stale, dead_run) = claim_instance(&cfg.instance)?;
+    let orphans = kill_orphans(&cfg.instance, dead_run);
+    // Nothing named exists until the very end of `create` (the view, renamed into place):
+    // a failed start leaves nothing behind.
+    let mut inst = Instance::create(cfg, stale, orphans)?;
     let result = inst.serve(&stop);
     inst.shutdown();
     result
@@ -154,9 +152,10 @@ fn own_descendants() -> Result<()> {
     Ok(())
 }
 
-/// Kills processes left from a dead run of this instance; returns how many.
-fn kill_orphans(instance: &str) -> usize {
-    let orphans = watchdog::orphans(instance, std::process::id());
+/// Kills processes left from the dead run `token` of this instance (those whose environment
+/// carries that run's token, never those that merely name the instance); returns how many.
+fn kill_orphans(instance: &str, token: u64) -> usize {
+    let orphans = view::processes_of_run(token, std::process::id());
     for &pid in &orphans {
         warn!(
             pid,
@@ -167,55 +166,61 @@ fn kill_orphans(instance: &str) -> usize {
     orphans.len()
 }
 
-/// Refuses to start over a live instance of the same name; removes a dead one's segments
-/// and returns how many there were.
-fn claim_instance(instance: &str) -> Result<usize> {
-    let stats_path = names::stats_path(instance);
-    if stats_path.exists() {
-        let live = Stats::open_readonly(&stats_path)
-            .ok()
-            .map(|s| s.header().supervisor_pid.load(Ordering::Relaxed))
-            .filter(|&pid| pid != std::process::id() && shm_ring::process_alive(pid));
-        if let Some(pid) = live {
-            bail!("instance {instance:?} is already running (supervisor pid {pid}); stop it or pick another --instance");
+/// Refuses to start over a live instance of the same name (its supervisor holds the lock on
+/// its view), or over a file at the name this user must not trust; removes a dead run's files
+/// (its view, claimed under the lock, and its other files owned by this user) and returns
+/// how many there were and the dead run's token.
+fn claim_instance(instance: &str) -> Result<(usize, u64)> {
+    let path = names::stats_path(instance);
+    let claimed = view::claim_stale(&path, Duration::from_millis(500))
+        .map_err(|e| anyhow!("instance {instance:?}: {e}"))?;
+    let Some(claimed) = claimed else {
+        return Ok((0, 0));
+    };
+    let token = claimed.peek.map_or(0, |p| p.token);
+    let mut removed = 0;
+    for f in names::instance_files(instance) {
+        if f == path || !names::is_own_regular(&f) {
+            continue;
+        }
+        match std::fs::remove_file(&f) {
+            Ok(()) => removed += 1,
+            Err(e) => warn!("removing {}: {e}", f.display()),
         }
     }
-    let stale = names::instance_files(instance);
-    if !stale.is_empty() {
+    match claimed.remove() {
+        Ok(true) => removed += 1,
+        Ok(false) => {}
+        Err(e) => warn!("removing {}: {e}", path.display()),
+    }
+    if removed > 0 {
         warn!(
             instance,
-            count = stale.len(),
-            "removing segments left by a dead instance"
+            count = removed,
+            "removed segments left by a dead run of this instance"
         );
-        remove_files(instance, &stale);
     }
-    Ok(stale.len())
+    Ok((removed, token))
 }
 
-fn remove_files(instance: &str, files: &[PathBuf]) {
-    let files = if files.is_empty() {
-        names::instance_files(instance)
-    } else {
-        files.to_vec()
-    };
-    for f in files {
-        if let Err(e) = std::fs::remove_file(&f) {
-            warn!("removing {}: {e}", f.display());
-        }
-    }
+/// A ring in a new memfd, sealed against shrinking and growing: a worker that truncates its
+/// fd gets EPERM instead of SIGBUSing the front and the supervisor.
+fn new_ring(instance: &str, f: usize, w: usize, dir: Dir, cap: usize) -> Result<ShmRing> {
+    let name = names::ring_path(instance, f, w, dir);
+    let name = name.file_name().map_or_else(
+        || "shmrelay-ring".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    ShmRing::create_memfd(&name, cap).with_context(|| format!("creating ring {name}"))
 }
 
 impl Instance {
     fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Instance> {
         let exe = std::env::current_exe().context("locating the shmrelay binary")?;
         let nworkers = cfg.total_workers();
-        let stats = Stats::create(&names::stats_path(&cfg.instance), cfg.fronts, nworkers)
-            .with_context(|| {
-                format!(
-                    "creating the stats segment {}",
-                    names::stats_path(&cfg.instance).display()
-                )
-            })?;
+        // The control segment: only the fronts are handed it.
+        let stats = Stats::create_memfd(cfg.fronts, nworkers)
+            .context("creating the control segment (memfd)")?;
         let h = stats.header();
         h.stale_segments_removed
             .store(stale as u64, Ordering::Relaxed);
@@ -225,10 +230,8 @@ impl Instance {
         for f in 0..cfg.fronts {
             let mut row = Vec::new();
             for w in 0..nworkers {
-                let req =
-                    ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Request), cap)?;
-                let rep =
-                    ShmRing::create_at(&names::ring_path(&cfg.instance, f, w, Dir::Reply), cap)?;
+                let req = new_ring(&cfg.instance, f, w, Dir::Request, cap)?;
+                let rep = new_ring(&cfg.instance, f, w, Dir::Reply, cap)?;
                 row.push((req, rep));
             }
             rings.push(row);
@@ -262,12 +265,19 @@ impl Instance {
         );
         let (fronts, workers) = (cfg.fronts, nworkers);
         let worker_listener = cfg.worker_listeners();
+        // Last: the operators' view appears under its name locked and filled in.
+        let view_path = names::stats_path(&cfg.instance);
+        let mut publisher =
+            Publisher::create(&view_path, view::new_token(), &stats, fronts, workers)
+                .map_err(|e| anyhow!("instance {:?}: {e}", cfg.instance))?;
+        let _ = publisher.publish(&stats, &rings);
         Ok(Instance {
             workers,
             worker_listener,
             cfg,
             exe,
             stats,
+            publisher,
             listeners,
             rings,
             front_bells,
@@ -313,7 +323,9 @@ impl Instance {
                 self.cfg.instance, spec.codec
             );
         }
+        self.publish();
         let _ = std::io::stdout().flush();
+        let mut last_publish = Instant::now();
         let mut last_watch = Instant::now();
         let mut last_metrics = Instant::now();
         while !stop.load(Ordering::Relaxed) {
@@ -341,6 +353,10 @@ impl Instance {
                 last_metrics = Instant::now();
                 self.sample_processes();
                 self.kill_strays();
+            }
+            if last_publish.elapsed() >= view::PUBLISH_EVERY {
+                last_publish = Instant::now();
+                self.publish();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -379,6 +395,7 @@ impl Instance {
                 keep.extend([bell, stats_fd, ready_w.as_raw_fd()]);
                 let listen_fds: Vec<String> = listen_fds.iter().map(|fd| fd.to_string()).collect();
                 cmd.env(env::INSTANCE, &self.cfg.instance)
+                    .env(view::RUN_ENV, format!("{:016x}", self.publisher.token()))
                     .env("SHMRELAY_LISTEN_FD", listen_fds.join(","))
                     .env("SHMRELAY_DOORBELL_FD", bell.to_string())
                     .env("SHMRELAY_STATS_FD", stats_fd.to_string())
@@ -421,6 +438,7 @@ impl Instance {
                 let bell = self.worker_bells[w].as_raw_fd();
                 keep.push(bell);
                 cmd.env(env::INSTANCE, &self.cfg.instance)
+                    .env(view::RUN_ENV, format!("{:016x}", self.publisher.token()))
                     .env(env::WORKER_INDEX, w.to_string())
                     .env(env::DOORBELL_FD, bell.to_string())
                     .env(env::RESTARTS, starts.to_string())
@@ -1057,6 +1075,13 @@ impl Instance {
         Ok(())
     }
 
+    /// Copies the counters and ring snapshots into the operators' view.
+    fn publish(&mut self) {
+        if let Err(e) = self.publisher.publish(&self.stats, &self.rings) {
+            warn!("publishing the stats view: {e}");
+        }
+    }
+
     /// Drains fronts first (they stop accepting and wait for in-flight replies, which the
     /// workers are still there to produce), then stops the workers, then removes every segment.
     fn shutdown(&mut self) {
@@ -1082,7 +1107,9 @@ impl Instance {
             kill_group(pid);
         }
         self.kill_strays();
-        remove_files(&self.cfg.instance, &[]);
+        self.publish();
+        // Only this run's own file: never a file another run put at the name.
+        self.publisher.remove();
         info!("stopped; segments removed");
     }
 

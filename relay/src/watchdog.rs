@@ -138,25 +138,6 @@ impl HangWatch {
     }
 }
 
-/// Processes other than `me` whose environment names this instance: leftovers of a previous
-/// run whose supervisor died before they did (normally impossible: children die with the
-/// supervisor through PR_SET_PDEATHSIG).
-pub fn orphans(instance: &str, me: u32) -> Vec<u32> {
-    let needle = format!("SHMRELAY_INSTANCE={instance}");
-    let Ok(proc) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    proc.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 /// The children of `parent` (from /proc), each with whether it is a zombie (exited, not yet
 /// reaped).
 pub fn children(parent: u32) -> Vec<(u32, bool)> {

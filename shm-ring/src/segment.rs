@@ -326,9 +326,11 @@ impl RingView {
     ///
     /// As [`ShmRing::open_path`] (without waiting for initialisation).
     pub fn open(path: &Path) -> Result<RingView, AttachError> {
+        // Never blocks (a FIFO at the name opens at once and fails the size check) and never
+        // follows a link: tools open names in a directory every user can write.
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOFOLLOW)
             .open(path)?;
         let file_len = wait_initialised(&file, Duration::ZERO)?;
         // SAFETY: a read-only shared mapping of a file that is never shrunk while the relay

@@ -39,18 +39,18 @@ impl Admission {
         let h = stats.header();
         // The cap is exact: the add reserves a place, and is undone if over.
         if h.conns_total.fetch_add(1, Ordering::Relaxed) >= self.max_conns {
-            h.conns_total.fetch_sub(1, Ordering::Relaxed);
+            crate::stats::sub_saturating(&h.conns_total, 1);
             return Err(RejectReason::ConnLimit);
         }
         let slot = addr_slot(ip);
         // Per address: each front counts its own; two fronts admitting the same address at the
         // same instant can overshoot the cap by at most fronts - 1.
         if self.per_addr > 0 && stats.addr_count(self.fronts, slot) >= self.per_addr {
-            h.conns_total.fetch_sub(1, Ordering::Relaxed);
+            crate::stats::sub_saturating(&h.conns_total, 1);
             return Err(RejectReason::PerAddress);
         }
         if self.rate > 0 && !take_token(&h.accept_bucket, self.rate, self.burst, now_ms()) {
-            h.conns_total.fetch_sub(1, Ordering::Relaxed);
+            crate::stats::sub_saturating(&h.conns_total, 1);
             return Err(RejectReason::Rate);
         }
         stats
@@ -61,7 +61,7 @@ impl Admission {
 
     /// Gives back what [`admit`](Admission::admit) took.
     pub fn release(&self, stats: &Stats, slot: u16) {
-        stats.header().conns_total.fetch_sub(1, Ordering::Relaxed);
+        crate::stats::sub_saturating(&stats.header().conns_total, 1);
         stats
             .addr_slot(self.index, slot as usize)
             .fetch_sub(1, Ordering::Relaxed);

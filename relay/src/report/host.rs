@@ -1,33 +1,27 @@
 //! Host-wide views of the shm directory: the instances in it ([`list`]), what is left over by
 //! dead instances ([`leaks`]) and removing it ([`gc`]).
 //!
-//! An instance is *dead* when the supervisor pid recorded in its stats segment no longer
-//! exists. Its files (`shmrelay.NAME.*`) are then stale: nothing will ever unlink them. A file
-//! with the `shmrelay.` prefix whose instance has no stats segment at all is an *orphan*; it is
-//! stale unless a live process is still attached to it as a ring side.
+//! An instance is *live* while its supervisor holds the lock on its stats view (see
+//! [`crate::view`]), and *dead* otherwise, whatever pid the file records and whatever PID
+//! namespace this runs in. A dead instance's files (`shmrelay.NAME.*`) are stale: nothing will
+//! ever unlink them. A file with the `shmrelay.` prefix whose instance has no stats view at
+//! all is an *orphan*; it is stale unless a live process is still attached to it as a ring
+//! side (rings of older versions were files).
 //!
-//! The owner of a stats segment is read from its first bytes with a plain `read`, without
-//! mapping or validating the segment, so segments of another layout version or half-created
-//! ones are still attributed to their owner: a live relay of another version is never taken
-//! for a dead one.
+//! Every file is opened without blocking and without following links, and trusted only if
+//! it is a regular file of this user ([`names::open_checked`]): a FIFO or another user's file
+//! at an instance's name is reported (`error`), never waited on, trusted or removed. The
+//! directory is read once per command ([`names::Listing`]), however many files it holds.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use shm_ring::RingView;
 
 use super::{process_liveness, InstanceReport, LeakReport, Liveness, ReportError};
-use crate::names;
-use crate::stats::{unix_ms, STATS_MAGIC};
-
-/// Byte offset of the supervisor pid in the stats header (after magic u64, version, fronts
-/// and workers u32).
-const PID_OFFSET: usize = 20;
-/// Byte offset of the start time (u64, after the pid).
-const STARTED_OFFSET: usize = 24;
-/// A stats segment with no owner written yet is taken for one being created this long.
-const CREATE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+use crate::names::{self, Listing};
+use crate::stats::unix_ms;
+use crate::view;
 
 /// `relayctl list --json`: every instance with a stats segment in the shm directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,9 +37,10 @@ pub struct ListReport {
 pub struct InstanceSummary {
     /// Instance name.
     pub name: String,
-    /// Supervisor pid from the stats segment (0 if unreadable).
+    /// Supervisor pid from the stats segment (0 if unreadable). Informational: liveness does
+    /// not rest on it (a pid means nothing in another PID namespace).
     pub supervisor_pid: u32,
-    /// True while that process exists.
+    /// True while a supervisor holds the lock on the instance's stats view.
     pub alive: bool,
     /// Seconds since the supervisor started (0 if unreadable).
     pub uptime_secs: f64,
@@ -61,7 +56,8 @@ pub struct InstanceSummary {
     pub files: Vec<String>,
     /// Their total size, bytes.
     pub bytes: u64,
-    /// Why the stats segment could not be fully read (another layout version, truncated...).
+    /// Why the stats segment could not be fully read or is not trusted (another layout
+    /// version, truncated, a FIFO, another user's file...).
     pub error: Option<String>,
 }
 
@@ -115,6 +111,10 @@ pub struct GcReport {
     pub removed: Vec<RemovedFile>,
     /// Files that could not be removed.
     pub failed: Vec<FailedRemoval>,
+    /// Files at instance names that are not trusted (not a regular file of this user) and
+    /// were therefore neither read nor removed; `error` says what is wrong.
+    #[serde(default)]
+    pub untrusted: Vec<FailedRemoval>,
     /// Total size of `removed`, bytes.
     pub bytes: u64,
 }
@@ -149,22 +149,31 @@ pub fn instance_of(file_name: &str) -> Option<&str> {
     (names::valid_instance(name) && !tail.is_empty()).then_some(name)
 }
 
-/// Every instance in the shm directory, by name.
+/// Every instance in the shm directory, by name (one read of the directory).
 pub fn list() -> ListReport {
+    let listing = Listing::scan();
     ListReport {
         shm_dir: names::shm_dir().display().to_string(),
-        instances: names::instances()
+        instances: listing
+            .instances()
             .iter()
-            .filter(|n| names::valid_instance(n))
-            .map(|n| summary(n))
+            .map(|n| summary_in(&listing, n))
             .collect(),
     }
 }
 
-/// A summary of instance `name`, even when its stats segment cannot be mapped.
+/// A summary of instance `name`, even when its stats segment cannot be read.
 pub fn summary(name: &str) -> InstanceSummary {
-    let files = names::instance_files(name);
-    let bytes = files.iter().map(|f| file_size(f)).sum();
+    summary_in(&Listing::scan(), name)
+}
+
+/// A summary of instance `name` from a listing: only its stats view's header is read.
+pub fn summary_in(listing: &Listing, name: &str) -> InstanceSummary {
+    let files = listing.files(name);
+    let bytes = files
+        .iter()
+        .map(|f| file_size(f))
+        .fold(0u64, u64::saturating_add);
     let mut s = InstanceSummary {
         name: name.to_owned(),
         supervisor_pid: 0,
@@ -178,61 +187,36 @@ pub fn summary(name: &str) -> InstanceSummary {
         bytes,
         error: None,
     };
-    let owner = peek_owner(&names::stats_path(name));
-    if let Some(o) = &owner {
-        s.supervisor_pid = o.pid;
-        s.alive = if o.pid == 0 {
-            // Nothing written yet: a supervisor may be creating it right now. Give it time
-            // before calling it dead.
-            let age = std::fs::metadata(names::stats_path(name))
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            age.is_none_or(|a| a < CREATE_GRACE)
-        } else {
-            process_liveness(o.pid) != Liveness::Dead
-        };
-        s.started_unix_ms = o.started_unix_ms;
-        s.uptime_secs = unix_ms().saturating_sub(o.started_unix_ms) as f64 / 1000.0;
-    }
-    match InstanceReport::read(name) {
-        Ok(r) => {
-            s.fronts = r.fronts.len();
-            s.workers = r.workers.len();
-            s.connections = r.connections;
+    match view::peek(&names::stats_path(name)) {
+        Ok(p) => {
+            s.alive = p.live;
+            s.supervisor_pid = p.pid;
+            s.started_unix_ms = p.started_unix_ms;
+            s.uptime_secs = unix_ms().saturating_sub(p.started_unix_ms) as f64 / 1000.0;
+            s.fronts = p.fronts;
+            s.workers = p.workers;
+            s.connections = p.connections;
+            if p.len < view::PUBLISHED_MIN as u64 && p.len != crate::stats::STATS_SIZE as u64 {
+                s.error = Some(format!("stats segment is {} bytes", p.len));
+            }
         }
-        Err(ReportError::Stats { source, .. }) => s.error = Some(source.to_string()),
-        Err(e) => s.error = Some(e.to_string()),
+        Err(e) => {
+            // Liveness still counts for a view of another layout: the lock says it all.
+            s.alive = names::open_checked(&names::stats_path(name), false)
+                .ok()
+                .and_then(|f| view::locked(&f).ok())
+                .unwrap_or(false);
+            s.error = Some(e.to_string());
+        }
     }
     s
 }
 
-struct Owner {
-    pid: u32,
-    started_unix_ms: u64,
-}
-
-/// Reads the owner fields of a stats segment without mapping it. `None` if the file cannot
-/// be read or is too short. The magic is not required: a supervisor that died while creating
-/// the segment has written its pid before the magic.
-fn peek_owner(path: &Path) -> Option<Owner> {
-    let mut head = [0u8; 32];
-    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
-    let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap_or_default());
-    let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap_or_default());
-    let magic_ok = u64_at(0) == STATS_MAGIC;
-    let pid = u32_at(PID_OFFSET);
-    if !magic_ok && pid == 0 {
-        // Nothing written: a creator that died right after creating the file, or not ours.
-        return Some(Owner {
-            pid: 0,
-            started_unix_ms: 0,
-        });
-    }
-    Some(Owner {
-        pid,
-        started_unix_ms: u64_at(STARTED_OFFSET),
-    })
+/// Whether the stats file of `name` is one this user can trust (regular, owned).
+fn trusted(name: &str) -> Result<(), String> {
+    names::open_checked(&names::stats_path(name), false)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// What is left over on this host. With `only`, live instances other than that one are not
@@ -242,30 +226,32 @@ fn peek_owner(path: &Path) -> Option<Owner> {
 ///
 /// `only` names an instance that does not exist.
 pub fn leaks(only: Option<&str>) -> Result<LeaksReport, ReportError> {
+    let listing = Listing::scan();
     if let Some(name) = only {
-        let path = names::stats_path(name);
-        if !path.exists() && names::instance_files(name).is_empty() {
+        if listing.files(name).is_empty() {
             return Err(ReportError::NotFound {
                 name: name.to_owned(),
-                path,
+                path: names::stats_path(name),
             });
         }
     }
     let mut report = LeaksReport {
         shm_dir: names::shm_dir().display().to_string(),
         dead_instances: Vec::new(),
-        orphan_files: orphans(),
+        orphan_files: orphans(&listing),
         instances: Vec::new(),
         problems: Vec::new(),
     };
-    for name in names::instances() {
-        if !names::valid_instance(&name) {
+    for name in listing.instances() {
+        if let Err(e) = trusted(&name) {
+            report.problems.push(format!("instance `{name}`: {e}"));
             continue;
         }
-        let s = summary(&name);
+        let s = summary_in(&listing, &name);
         if !s.alive {
             report.problems.push(format!(
-                "instance `{}` is dead (supervisor pid {} gone) and left {} file(s), {} bytes",
+                "instance `{}` is dead (no supervisor holds its lock; last pid {}) and left {} \
+                 file(s), {} bytes",
                 s.name,
                 s.supervisor_pid,
                 s.files.len(),
@@ -308,33 +294,32 @@ pub fn leaks(only: Option<&str>) -> Result<LeaksReport, ReportError> {
 }
 
 /// Files with the `shmrelay.` prefix whose instance has no stats segment.
-fn orphans() -> Vec<OrphanFile> {
-    let dir = names::shm_dir();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<OrphanFile> = entries
-        .flatten()
-        .filter_map(|e| {
-            let file_name = e.file_name().to_string_lossy().into_owned();
-            let name = instance_of(&file_name)?;
-            if names::stats_path(name).exists() {
-                return None;
-            }
-            let path = e.path();
-            Some(OrphanFile {
-                bytes: file_size(&path),
-                attached_pids: attached_pids(&path),
+fn orphans(listing: &Listing) -> Vec<OrphanFile> {
+    let mut out: Vec<OrphanFile> = Vec::new();
+    for (name, files) in &listing.by_instance {
+        let stats = names::stats_path(name);
+        if files.contains(&stats) {
+            continue;
+        }
+        for path in files {
+            out.push(OrphanFile {
+                bytes: file_size(path),
+                attached_pids: attached_pids(path),
                 path: path.display().to_string(),
-            })
-        })
-        .collect();
+            });
+        }
+    }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
 }
 
-/// Live pids attached to the ring at `path` (none if it is not a readable ring).
+/// Live pids attached to the ring at `path` (none if it is not a readable ring of this user).
 fn attached_pids(path: &Path) -> Vec<u32> {
+    // Checked first (never blocks on a FIFO, never follows a link, only this user's files);
+    // in a sticky directory nobody else can then swap the name for another file.
+    if names::open_checked(path, false).is_err() {
+        return Vec::new();
+    }
     let Ok(view) = RingView::open(path) else {
         return Vec::new();
     };
@@ -346,107 +331,156 @@ fn attached_pids(path: &Path) -> Vec<u32> {
 }
 
 fn file_size(p: &Path) -> u64 {
-    std::fs::metadata(p).map_or(0, |m| m.len())
-}
-
-/// The identity of a file, to notice that it was replaced by another of the same name.
-fn identity(p: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(p)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
-/// One file `gc` means to remove.
-struct Stale {
-    path: PathBuf,
-    instance: String,
-    reason: String,
-    /// For a dead instance's files: its stats segment and that segment's identity when it
-    /// was found dead. A supervisor that takes over the name first removes that segment, so
-    /// while it is still there with the same identity, the files are still the dead one's.
-    guard: Option<(PathBuf, (u64, u64))>,
+    std::fs::symlink_metadata(p).map_or(0, |m| m.len())
 }
 
 /// Removes the files of dead instances and orphan files nobody is attached to; with
 /// `dry_run`, only says what it would remove. A live instance's files are never touched:
-/// before each removal the dead instance's stats segment is checked to be the same file
-/// that was found dead, so a new supervisor starting under the same name (which replaces it)
-/// stops the removal of that instance's files.
+/// a dead instance's view is claimed first (its lock taken, so no supervisor can hold it, and
+/// its name checked to still lead to the file found dead), and only then are its files
+/// removed, the view last. Only regular files of this user are removed; others are listed in
+/// `untrusted`.
 pub fn gc(dry_run: bool) -> GcReport {
-    let mut stale: Vec<Stale> = Vec::new();
-    for name in names::instances() {
-        if !names::valid_instance(&name) {
-            continue;
+    let listing = Listing::scan();
+    let mut report = GcReport {
+        shm_dir: names::shm_dir().display().to_string(),
+        dry_run,
+        removed: Vec::new(),
+        failed: Vec::new(),
+        untrusted: Vec::new(),
+        bytes: 0,
+    };
+    let remove = |report: &mut GcReport, path: &Path, instance: &str, reason: &str| {
+        if !names::is_own_regular(path) {
+            report.untrusted.push(FailedRemoval {
+                path: path.display().to_string(),
+                error: names::open_checked(path, false).err().map_or_else(
+                    || "not a regular file of this user".to_owned(),
+                    |e| e.to_string(),
+                ),
+            });
+            return;
         }
+        let bytes = file_size(path);
+        if !dry_run {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                // Removed meanwhile (a concurrent gc, or the owner's own cleanup).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) => {
+                    report.failed.push(FailedRemoval {
+                        path: path.display().to_string(),
+                        error: e.to_string(),
+                    });
+                    return;
+                }
+            }
+        }
+        report.bytes += bytes;
+        report.removed.push(RemovedFile {
+            path: path.display().to_string(),
+            bytes,
+            instance: instance.to_owned(),
+            reason: reason.to_owned(),
+        });
+    };
+    for name in listing.instances() {
         let stats = names::stats_path(&name);
-        let Some(id) = identity(&stats) else { continue };
-        let s = summary(&name);
-        if s.alive {
+        let peek = match view::peek(&stats) {
+            Ok(p) => p,
+            Err(view::ViewError::Untrusted(e)) => {
+                report.untrusted.push(FailedRemoval {
+                    path: stats.display().to_string(),
+                    error: e.to_string(),
+                });
+                continue;
+            }
+            // Ours but unreadable (short, another version): dead only if unlocked.
+            Err(_) => {
+                let live = names::open_checked(&stats, false)
+                    .ok()
+                    .and_then(|f| view::locked(&f).ok())
+                    .unwrap_or(true);
+                if live {
+                    continue;
+                }
+                view::Peek::default()
+            }
+        };
+        if peek.live {
             continue;
         }
-        let reason = format!("dead supervisor pid {}", s.supervisor_pid);
-        // Rings first, the stats segment last: an interrupted gc leaves the instance visible.
-        let mut files = names::instance_files(&name);
-        files.sort_by_key(|f| *f == stats);
-        stale.extend(files.into_iter().map(|path| Stale {
-            path,
-            instance: name.clone(),
-            reason: reason.clone(),
-            guard: Some((stats.clone(), id)),
-        }));
+        let reason = format!("dead supervisor pid {}", peek.pid);
+        let rest: Vec<&PathBuf> = listing
+            .files(&name)
+            .iter()
+            .filter(|f| **f != stats)
+            .collect();
+        if dry_run {
+            for f in rest {
+                remove(&mut report, f, &name, &reason);
+            }
+            remove(&mut report, &stats, &name, &reason);
+            continue;
+        }
+        // Claim it: from here on no supervisor can take the name until it is gone.
+        let claimed = match view::claim_stale(&stats, std::time::Duration::ZERO) {
+            Ok(Some(c)) => c,
+            // Gone meanwhile, or taken by a new supervisor: leave it to its owner.
+            Ok(None) | Err(view::ViewError::Live { .. }) => continue,
+            Err(e) => {
+                report.failed.push(FailedRemoval {
+                    path: stats.display().to_string(),
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for f in rest {
+            remove(&mut report, f, &name, &reason);
+        }
+        let bytes = file_size(&stats);
+        match claimed.remove() {
+            Ok(true) => {
+                report.bytes += bytes;
+                report.removed.push(RemovedFile {
+                    path: stats.display().to_string(),
+                    bytes,
+                    instance: name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            Ok(false) => {}
+            Err(e) => report.failed.push(FailedRemoval {
+                path: stats.display().to_string(),
+                error: e.to_string(),
+            }),
+        }
     }
-    for o in orphans() {
+    // A view being created is locked by its creator; an unlocked one older than a few seconds
+    // was left by a supervisor that died between creating and publishing it.
+    for p in &listing.pending {
+        let stale = names::open_checked(p, false).is_ok_and(|f| {
+            !view::locked(&f).unwrap_or(true)
+                && f.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(10))
+        });
+        if stale {
+            remove(&mut report, p, "", "unpublished view of a dead supervisor");
+        }
+    }
+    for o in orphans(&listing) {
         if o.attached_pids.is_empty() {
             let path = PathBuf::from(&o.path);
             let instance = path
                 .file_name()
                 .and_then(|n| instance_of(&n.to_string_lossy()).map(str::to_owned))
                 .unwrap_or_default();
-            stale.push(Stale {
-                path,
-                instance,
-                reason: "orphan".to_owned(),
-                guard: None,
-            });
+            remove(&mut report, &path, &instance, "orphan");
         }
-    }
-    let mut report = GcReport {
-        shm_dir: names::shm_dir().display().to_string(),
-        dry_run,
-        removed: Vec::new(),
-        failed: Vec::new(),
-        bytes: 0,
-    };
-    for s in stale {
-        if let Some((stats, id)) = &s.guard {
-            if identity(stats) != Some(*id) {
-                // Taken over (or removed) meanwhile: leave the rest to its new owner.
-                continue;
-            }
-        }
-        let bytes = file_size(&s.path);
-        if !dry_run {
-            match std::fs::remove_file(&s.path) {
-                Ok(()) => {}
-                // Removed meanwhile (a concurrent gc, or the owner's own cleanup).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    report.failed.push(FailedRemoval {
-                        path: s.path.display().to_string(),
-                        error: e.to_string(),
-                    });
-                    continue;
-                }
-            }
-        }
-        report.bytes += bytes;
-        report.removed.push(RemovedFile {
-            path: s.path.display().to_string(),
-            bytes,
-            instance: s.instance,
-            reason: s.reason,
-        });
     }
     report
 }
@@ -454,6 +488,20 @@ pub fn gc(dry_run: bool) -> GcReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_leaks_and_gc_read_the_directory_once() {
+        // Whatever the directory holds (it is this process's shm dir), one read each.
+        let before = names::dir_scans();
+        let _ = list();
+        assert_eq!(names::dir_scans() - before, 1, "list");
+        let before = names::dir_scans();
+        let _ = gc(true);
+        assert_eq!(names::dir_scans() - before, 1, "gc --dry-run");
+        let before = names::dir_scans();
+        let _ = leaks(None);
+        assert_eq!(names::dir_scans() - before, 1, "leaks");
+    }
 
     #[test]
     fn instance_of_file_names() {

@@ -71,7 +71,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
         "supervisor_resident_memory_bytes",
         "gauge",
         "Resident memory of the supervisor.",
-        [(String::new(), (r.supervisor_rss_kb * 1024) as f64)],
+        [(String::new(), r.supervisor_rss_kb as f64 * 1024.0)],
     );
     out.family(
         "supervisor_open_fds",
@@ -229,7 +229,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
         "front_resident_memory_bytes",
         "gauge",
         "Resident memory of the front process.",
-        per_front(&|f| (f.rss_kb * 1024) as f64),
+        per_front(&|f| f.rss_kb as f64 * 1024.0),
     );
     out.family(
         "front_open_fds",
@@ -247,7 +247,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
                 .rtt_histogram
                 .iter()
                 .map(|bk| {
-                    cumulative += bk.count;
+                    cumulative = cumulative.saturating_add(bk.count);
                     let le = bk
                         .below_us
                         .map_or_else(|| "+Inf".to_owned(), |b| (b - 1).to_string());
@@ -327,7 +327,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
         "worker_resident_memory_bytes",
         "gauge",
         "Resident memory of the worker process.",
-        per_worker(&|w| (w.rss_kb * 1024) as f64),
+        per_worker(&|w| w.rss_kb as f64 * 1024.0),
     );
     out.family(
         "worker_open_fds",

@@ -92,8 +92,12 @@ impl Relay {
         Client::connect(self.addr)
     }
 
+    /// The operators' view, once it shows everything that happened before this call (the
+    /// supervisor publishes it every 50 ms).
     pub fn stats(&self) -> Stats {
-        Stats::open_readonly(&names::stats_path(&self.instance)).expect("stats segment")
+        let path = names::stats_path(&self.instance);
+        shmrelay::view::wait_published(&path, Duration::from_secs(5));
+        Stats::open_readonly(&path).expect("stats segment")
     }
 
     /// Pids of the fronts and workers (from the stats segment).

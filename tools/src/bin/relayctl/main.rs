@@ -1,8 +1,11 @@
-//! `relayctl`: inspect shmrelay instances on this host from read-only mappings of their shared
-//! memory, and clean up what dead instances left behind.
+//! `relayctl`: inspect shmrelay instances on this host from the stats views their supervisors
+//! publish, and clean up what dead instances left behind.
 //!
-//! Reading never writes to a relay's memory nor takes a lock the relay could wait on, so it
-//! works while the relay is overloaded or a worker is stopped. `--json` prints the structs of
+//! Reading copies a view into private memory (never a mapping another process could shrink),
+//! never writes to a relay's memory nor takes a lock the relay could wait on, so it works while
+//! the relay is overloaded or a worker is stopped. Liveness is the lock the live supervisor
+//! holds on its view; files that are not regular files of this user are reported, never read
+//! or removed (see `shmrelay::view` and `shmrelay::names::open_checked`). `--json` prints the structs of
 //! `shmrelay::report`, whose rustdoc is the schema.
 
 use std::io::{self, Write};
@@ -36,8 +39,8 @@ stops and exits 0.";
 
 /// Inspect shmrelay instances on this host and clean up after dead ones.
 ///
-/// Reads the stats segment and rings of an instance through read-only mappings under
-/// /dev/shm (or $SHMRELAY_SHM_DIR), so it never disturbs the relay's data path.
+/// Reads the stats view an instance's supervisor publishes under /dev/shm (or
+/// $SHMRELAY_SHM_DIR): counters and ring snapshots, so it never disturbs the relay's data path.
 #[derive(Parser, Debug)]
 #[command(name = "relayctl", version, after_long_help = EXIT_STATUS)]
 struct Cli {
@@ -51,7 +54,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List the instances on this host: name, supervisor pid, uptime, alive or dead.
+    /// List the instances on this host: name, supervisor pid, uptime, alive (its supervisor
+    /// holds the lock on its view) or dead.
     List,
     /// Show an instance's rings, fronts, workers and leak counters, with rates.
     ///
@@ -93,7 +97,8 @@ enum Cmd {
     },
     /// Remove the segments of dead instances (supervisor gone) and orphan files.
     ///
-    /// A live instance's files are never removed.
+    /// A live instance's files are never removed (its lock is held), nor any file that is not
+    /// a regular file of this user (listed as untrusted).
     Gc {
         /// Show what would be removed, remove nothing.
         #[arg(long)]

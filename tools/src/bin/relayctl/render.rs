@@ -211,7 +211,7 @@ fn header(r: &InstanceReport, out: &mut String) {
         "  draining {}  pool {}  supervisor rss {}B  fds {}  {}",
         if r.draining { "yes" } else { "no" },
         if r.pool_failed { "FAILED" } else { "ok" },
-        bytes(r.supervisor_rss_kb * 1024),
+        bytes(r.supervisor_rss_kb.saturating_mul(1024)),
         r.supervisor_fds,
         r.rates_interval_secs.map_or_else(
             || "no rates (one sample)".to_owned(),
@@ -252,13 +252,13 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             f.connections.open.to_string(),
             f.connections.draining.to_string(),
             count(f.accepts as f64),
-            count(f.rejects.values().sum::<u64>() as f64),
-            count(f.closes.values().sum::<u64>() as f64),
+            count(f.rejects.values().fold(0u64, |a, b| a.saturating_add(*b)) as f64),
+            count(f.closes.values().fold(0u64, |a, b| a.saturating_add(*b)) as f64),
             count(f.heartbeats as f64),
             count(f.pings_sent as f64),
             count(f.protocol_errors as f64),
             f.restarts.to_string(),
-            format!("{}B", bytes(f.rss_kb * 1024)),
+            format!("{}B", bytes(f.rss_kb.saturating_mul(1024))),
             f.fds.to_string(),
         ]);
     }
@@ -352,7 +352,7 @@ fn workers(r: &InstanceReport, out: &mut String) {
             w.restarts.to_string(),
             w.crashes.to_string(),
             w.hangs.to_string(),
-            format!("{}B", bytes(w.rss_kb * 1024)),
+            format!("{}B", bytes(w.rss_kb.saturating_mul(1024))),
             w.fds.to_string(),
         ]);
     }
@@ -566,6 +566,9 @@ pub fn gc(g: &GcReport) -> String {
     }
     for f in &g.failed {
         let _ = writeln!(out, "could not remove {}: {}", f.path, f.error);
+    }
+    for f in &g.untrusted {
+        let _ = writeln!(out, "left alone (not trusted): {}", f.error);
     }
     if g.removed.is_empty() && g.failed.is_empty() {
         let _ = writeln!(out, "nothing to remove in {}", g.shm_dir);

@@ -1,0 +1,456 @@
+//! `relayctl` and `shmrelay` against a hostile shared-memory directory (issue 20 items 1, 2
+//! and 6): FIFOs and other users' files squatting instance names, `relayctl gc` run in another
+//! PID namespace, and a directory with thousands of files.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use shmrelay::report::host::{GcReport, LeaksReport, ListReport};
+use shmrelay::stats::Stats;
+
+/// Longest any command may take before the test calls it hung.
+const WATCHDOG: Duration = Duration::from_secs(60);
+/// uid of `nobody`, the other local user of these tests.
+const NOBODY: u32 = 65534;
+
+/// The `shmrelay` binary next to this test's profile directory (built if missing).
+fn relay_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary is not under <target>/<profile>/deps")
+            .to_path_buf();
+        let bin = profile_dir.join("shmrelay");
+        if !bin.exists() {
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "-p", "shmrelay", "--bin", "shmrelay"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo build -p shmrelay");
+            assert!(status.success() && bin.exists());
+        }
+        bin
+    })
+}
+
+/// Runs `cmd` with a watchdog: panics if it outlives [`WATCHDOG`].
+fn run(mut cmd: Command, what: &str) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut o = Vec::new();
+        let _ = out.read_to_end(&mut o);
+        o
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut e = Vec::new();
+        let _ = err.read_to_end(&mut e);
+        e
+    });
+    let end = Instant::now() + WATCHDOG;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("{what} hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+fn relayctl(dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayctl"));
+    cmd.args(args).env("SHMRELAY_SHM_DIR", dir);
+    run(cmd, &format!("relayctl {args:?}"))
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A private shm directory, mode 1777 like /dev/shm.
+struct TempShm(PathBuf);
+
+impl TempShm {
+    fn new(tag: &str) -> TempShm {
+        let d = std::env::temp_dir().join(format!("relayctl-hn-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        TempShm(d)
+    }
+}
+
+impl Drop for TempShm {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A relay in shm directory `dir`; stopped on drop.
+struct Relay {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Relay {
+    fn start(dir: &Path, name: &str) -> Relay {
+        let mut child = Command::new(relay_bin())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--instance",
+                name,
+                "--workers",
+                "1",
+            ])
+            .env("SHMRELAY_SHM_DIR", dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start shmrelay");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("relay did not start")
+            .parse()
+            .unwrap();
+        Relay { child, addr }
+    }
+
+    fn echo(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(self.addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let mut wire = (payload.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(payload);
+        s.write_all(&wire).ok()?;
+        let mut h = [0u8; 4];
+        s.read_exact(&mut h).ok()?;
+        let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
+        s.read_exact(&mut p).ok()?;
+        Some(p)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn fifos_of_another_user_at_instance_names_hang_nothing_and_are_reported() {
+    if !root() {
+        eprintln!("skipped: needs root to create files as another user");
+        return;
+    }
+    let tmp = TempShm::new("fifo");
+    let dir = tmp.0.as_path();
+    let stats_fifo = dir.join("shmrelay.squat.stats");
+    let ring_fifo = dir.join("shmrelay.ringsquat.f0.w0.req");
+    for f in [&stats_fifo, &ring_fifo] {
+        mkfifo(f);
+        std::os::unix::fs::chown(f, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+
+    let o = relayctl(dir, &["list", "--json"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let l: ListReport = serde_json::from_slice(&o.stdout).unwrap();
+    let squat = l
+        .instances
+        .iter()
+        .find(|i| i.name == "squat")
+        .expect("listed");
+    assert!(!squat.alive);
+    let e = squat.error.as_deref().unwrap_or("");
+    assert!(e.contains("FIFO") && e.contains("65534"), "{e}");
+
+    let o = relayctl(dir, &["stat", "squat"]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("FIFO"),
+        "{}",
+        show(&o)
+    );
+
+    let o = relayctl(dir, &["leaks", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let lk: LeaksReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        lk.problems
+            .iter()
+            .any(|p| p.contains("squat") && p.contains("FIFO")),
+        "{lk:?}"
+    );
+
+    for args in [&["gc", "--dry-run", "--json"][..], &["gc", "--json"]] {
+        let o = relayctl(dir, args);
+        assert!(o.status.success(), "{}", show(&o));
+        let g: GcReport = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(g.removed.is_empty(), "{g:?}");
+        assert!(
+            g.untrusted
+                .iter()
+                .any(|u| u.path.ends_with("shmrelay.squat.stats")),
+            "{g:?}"
+        );
+        assert!(stats_fifo.exists() && ring_fifo.exists());
+    }
+
+    // The relay reports what is wrong instead of hanging.
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--instance", "squat"])
+        .env("SHMRELAY_SHM_DIR", dir)
+        .env("RUST_LOG", "error");
+    let o = run(cmd, "shmrelay --instance squat");
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("FIFO") && err.contains("65534"), "{err}");
+}
+
+#[test]
+fn a_file_of_another_user_claiming_pid_1_is_not_trusted() {
+    if !root() {
+        eprintln!("skipped: needs root to create files as another user");
+        return;
+    }
+    let tmp = TempShm::new("claim");
+    let dir = tmp.0.as_path();
+    let path = dir.join("shmrelay.claim.stats");
+    let s = Stats::create(&path, 1, 1).unwrap();
+    s.header()
+        .supervisor_pid
+        .store(1, std::sync::atomic::Ordering::Relaxed);
+    drop(s);
+    std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let o = relayctl(dir, &["list", "--json"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let l: ListReport = serde_json::from_slice(&o.stdout).unwrap();
+    let c = l
+        .instances
+        .iter()
+        .find(|i| i.name == "claim")
+        .expect("listed");
+    assert!(!c.alive, "pid 1 proves nothing: {c:?}");
+    assert!(
+        c.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("owned by uid 65534"),
+        "{c:?}"
+    );
+
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--instance", "claim"])
+        .env("SHMRELAY_SHM_DIR", dir)
+        .env("RUST_LOG", "error");
+    let o = run(cmd, "shmrelay --instance claim");
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("owned by uid 65534") && !err.contains("already running"),
+        "{err}"
+    );
+    let o = relayctl(dir, &["gc"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(path.exists(), "gc removed another user's file");
+}
+
+#[test]
+fn gc_in_another_pid_namespace_never_removes_a_live_relays_files() {
+    let probe = Command::new("unshare")
+        .args(["-pf", "--mount-proc", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: unshare -pf --mount-proc is not permitted here");
+        return;
+    }
+    let tmp = TempShm::new("pidns");
+    let dir = tmp.0.as_path();
+    let relay = Relay::start(dir, "nsrelay");
+    let view = dir.join("shmrelay.nsrelay.stats");
+    assert!(view.exists());
+    for args in [&["list", "--json"][..], &["gc", "--json"]] {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-pf", "--mount-proc", env!("CARGO_BIN_EXE_relayctl")])
+            .args(args)
+            .env("SHMRELAY_SHM_DIR", dir);
+        let o = run(cmd, &format!("unshare relayctl {args:?}"));
+        assert!(o.status.success(), "{}", show(&o));
+        if args[0] == "list" {
+            let l: ListReport = serde_json::from_slice(&o.stdout).unwrap();
+            let me = l
+                .instances
+                .iter()
+                .find(|i| i.name == "nsrelay")
+                .expect("listed");
+            assert!(
+                me.alive,
+                "another PID namespace saw a live relay as dead: {me:?}"
+            );
+        } else {
+            let g: GcReport = serde_json::from_slice(&o.stdout).unwrap();
+            assert!(
+                g.removed.is_empty(),
+                "gc removed a live relay's files: {g:?}"
+            );
+        }
+    }
+    assert!(view.exists(), "the live relay's view is gone");
+    assert_eq!(relay.echo(b"alive").as_deref(), Some(&b"alive"[..]));
+    // A second start of the same name in the same directory is refused (the lock is held).
+    let mut cmd = Command::new(relay_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--instance", "nsrelay"])
+        .env("SHMRELAY_SHM_DIR", dir)
+        .env("RUST_LOG", "error");
+    let o = run(cmd, "second shmrelay");
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already running"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(relay.echo(b"still").as_deref(), Some(&b"still"[..]));
+}
+
+#[test]
+fn relayctl_list_and_gc_on_a_crowded_directory_finish() {
+    const FILES: usize = 3000;
+    let tmp = TempShm::new("crowd");
+    let dir = tmp.0.as_path();
+    for i in 0..FILES {
+        std::fs::write(dir.join(format!("shmrelay.i{i}.stats")), b"").unwrap();
+    }
+    let relay = Relay::start(dir, "crowdlive");
+    let t = Instant::now();
+    let o = relayctl(dir, &["list", "--json"]);
+    let list_time = t.elapsed();
+    assert!(o.status.success(), "{}", show(&o));
+    let l: ListReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(l.instances.len(), FILES + 1);
+    assert!(l.instances.iter().any(|i| i.name == "crowdlive" && i.alive));
+    let t = Instant::now();
+    let o = relayctl(dir, &["gc", "--json"]);
+    let gc_time = t.elapsed();
+    assert!(o.status.success(), "{}", show(&o));
+    let g: GcReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(g.removed.len(), FILES, "every dead file, nothing else");
+    assert!(dir.join("shmrelay.crowdlive.stats").exists());
+    eprintln!("{FILES} stats files: list {list_time:?}, gc {gc_time:?}");
+    assert_eq!(relay.echo(b"x").as_deref(), Some(&b"x"[..]));
+}
+
+/// Fills `path` with a view of random content (valid magic and version) in one of three
+/// flavours: random, near `u64::MAX`, small numbers.
+fn garbage_view(path: &Path, seed: u64) {
+    use shmrelay::stats::{STATS_MAGIC, STATS_SIZE, STATS_VERSION};
+    use shmrelay::view::{published_size, VIEW_MAGIC, VIEW_VERSION};
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut bytes = vec![0u8; published_size(64 * 2)];
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = match seed % 3 {
+            0 => x,
+            1 => u64::MAX - x % 4,
+            _ => x % 1000,
+        };
+        chunk.copy_from_slice(&v.to_ne_bytes()[..chunk.len()]);
+    }
+    bytes[0..8].copy_from_slice(&STATS_MAGIC.to_ne_bytes());
+    bytes[8..12].copy_from_slice(&STATS_VERSION.to_ne_bytes());
+    bytes[STATS_SIZE..STATS_SIZE + 8].copy_from_slice(&VIEW_MAGIC.to_ne_bytes());
+    bytes[STATS_SIZE + 8..STATS_SIZE + 12].copy_from_slice(&VIEW_VERSION.to_ne_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn garbage_in_a_live_stats_view_crashes_no_relayctl_command() {
+    let tmp = TempShm::new("garbage");
+    let dir = tmp.0.as_path();
+    let path = dir.join("shmrelay.junk.stats");
+    for seed in 0..3 {
+        garbage_view(&path, seed);
+        // Held locked by this process: relayctl takes it for a live instance and reads it all.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(shmrelay::view::try_lock(&f).unwrap());
+        for args in [
+            &["list"][..],
+            &["list", "--json"],
+            &["stat", "junk", "--interval", "0.1"],
+            &["stat", "junk", "--json", "--interval", "0.1"],
+            &["top", "junk", "--iterations", "2", "--interval", "0.1"],
+            &["leaks"],
+            &["leaks", "--json"],
+            &["gc", "--dry-run"],
+        ] {
+            let o = relayctl(dir, args);
+            // 0, 1 (problems found) or 2 (an error) are answers; a panic is 101.
+            assert!(
+                matches!(o.status.code(), Some(0..=2)),
+                "seed {seed}, relayctl {args:?}: {}",
+                show(&o)
+            );
+        }
+        drop(f);
+    }
+}
