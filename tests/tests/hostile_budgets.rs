@@ -2,6 +2,7 @@
 //! hold together in one front (queued replies, partial frames) is bounded, the largest holders
 //! are closed first, and a normal client keeps being served.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shmrelay_tests::{
@@ -12,8 +13,13 @@ const SEC: Duration = Duration::from_secs(1);
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
+/// Polled in tight loops: the view as it is (at most 50 ms behind), not after a new publish.
 fn queued(relay: &Relay) -> usize {
-    relay.front(0, |f| &f.queued_bytes) as usize
+    relay
+        .stats_now()
+        .front(0)
+        .queued_bytes
+        .load(Ordering::Relaxed) as usize
 }
 
 /// A client with a 4 KiB receive buffer that never reads: its echoes back up in the front.

@@ -75,13 +75,21 @@ fn dead_letters_lists_the_poison_frame_and_its_connection() {
         "{got:?}"
     );
 
-    let out = relayctl(&["dead-letters", &instance, "--json"]);
-    let listed: Vec<WorkerReport> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "relayctl dead-letters --json: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    // relayctl reads the stats view, which the supervisor publishes every 50 ms: poll.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let listed = loop {
+        let out = relayctl(&["dead-letters", &instance, "--json"]);
+        let listed: Vec<WorkerReport> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "relayctl dead-letters --json: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        if !listed.is_empty() || std::time::Instant::now() > deadline {
+            break listed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].index, 0);
     assert_eq!(listed[0].dead_letters, 1);
