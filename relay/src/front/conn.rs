@@ -247,7 +247,7 @@ pub(super) fn read_conn(
                 return (r, heartbeats);
             }
         }
-        if !c.carry.is_empty() {
+        if !c.carry.is_empty() && !rest_is_waiting(c, max_frame, ch.req.max_payload()) {
             let want = carry_want(c, max_frame);
             let n = match read_into_carry(c, want) {
                 Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
@@ -273,26 +273,40 @@ pub(super) fn read_conn(
             }
             continue;
         }
-        let mut grant = match ch.req.reserve_up_to(1, READ_CHUNK) {
+        // A partial frame whose rest is already in the socket goes into the ring ahead of
+        // this read (its start copied once more), and the rest lands there with no copy.
+        let carried = c.carry.len();
+        let min = match c.carry.is_empty() {
+            true => 1,
+            false => carry_need(c, max_frame),
+        };
+        let mut grant = match ch.req.reserve_up_to(min, (carried + READ_CHUNK).max(min)) {
             Ok(g) => g,
             Err(ReserveError::Full) => return (ReadResult::Blocked, heartbeats),
             Err(e) => return (ReadResult::Corrupt(e), heartbeats),
         };
-        let room = grant.len();
-        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[..])]) {
+        grant[..carried].copy_from_slice(&c.carry);
+        let room = grant.len() - carried;
+        let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[carried..])]) {
             Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The partial frame is still in `carry`: nothing was lost.
                 c.readable = false;
                 return (ReadResult::Drained, heartbeats);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
         };
+        if carried > 0 {
+            add(&fs.bytes_copied, carried as u64);
+            c.carry = Vec::new();
+        }
+        add(&fs.bytes_in, n as u64);
+        let (read, n) = (n, carried + n);
         // Walk the frames of this read.
         let w = walk(c, &grant[..n], max_frame);
         apply(c, fs, &w, now, &mut heartbeats);
-        add(&fs.bytes_in, n as u64);
         if let Some(e) = w.bad {
             if w.frames > 0 {
                 grant.commit(w.pos, Meta::tag(tag::DATA).conn(id.raw()));
@@ -321,13 +335,13 @@ pub(super) fn read_conn(
             ch.dirty = true;
             add(&fs.frames_in, w.frames);
         }
-        if n < room && !c.hup {
+        if read < room && !c.hup {
             // A short read emptied the socket; the next arrival raises a new edge. (Not so a
             // FIN that came with the data: it raises no further edge, so read on to the EOF.)
             c.readable = false;
             return (ReadResult::Drained, heartbeats);
         }
-        budget = budget.saturating_sub(n);
+        budget = budget.saturating_sub(read);
         if budget == 0 {
             return (ReadResult::Budget, heartbeats);
         }
@@ -351,6 +365,29 @@ pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
         c.carry.reserve(CARRY_CHUNK);
         CARRY_CHUNK
     }
+}
+
+/// The size of the partial frame in `carry`, whole (at least one byte more than it holds).
+fn carry_need(c: &Conn, max_frame: u32) -> usize {
+    match c.codec.scan(&c.carry, max_frame as usize) {
+        Ok(Scan::NeedMore { need }) => need.max(c.carry.len() + 1),
+        _ => c.carry.len() + 1,
+    }
+}
+
+/// True if the socket already holds the rest of the partial frame in `carry` (its size known,
+/// and small enough for one ring record): the next read can then go into the ring with the
+/// partial frame ahead of it, completing it there, so the rest is never copied and the frame
+/// is never carried again. Otherwise (a trickle, a line) the rest is assembled in `carry`.
+fn rest_is_waiting(c: &Conn, max_frame: u32, max_payload: usize) -> bool {
+    let need = carry_need(c, max_frame);
+    if need <= c.carry.len() + 1 || need > max_payload {
+        return false;
+    }
+    let mut ready: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int, the bytes waiting in the socket, to `ready`.
+    let r = unsafe { libc::ioctl(c.stream.as_raw_fd(), libc::FIONREAD, &mut ready) };
+    r == 0 && ready as usize >= need - c.carry.len()
 }
 
 /// Bytes read at a time into a partial frame whose size the codec cannot tell yet (a line).
