@@ -1,36 +1,15 @@
 //! `relayctl dead-letters` against a real relay whose worker crashes on a poison frame
 //! (issue 12.7): the dead-lettered frame is listed with its connection.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use shmrelay::report::WorkerReport;
 
-/// The `shmrelay` binary next to this test's profile directory (built if missing).
-fn relay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary is not under <target>/<profile>/deps")
-        .to_path_buf();
-    let bin = profile_dir.join("shmrelay");
-    if !bin.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "shmrelay", "--bin", "shmrelay"])
-            .env(
-                "CARGO_TARGET_DIR",
-                profile_dir.parent().expect("target dir"),
-            )
-            .status()
-            .expect("cargo build");
-        assert!(status.success());
-    }
-    bin
-}
+mod real_relay;
+use real_relay::{relay_bin, Relay};
 
 #[test]
 fn dead_letters_lists_the_poison_frame_and_its_connection() {
@@ -40,20 +19,9 @@ fn dead_letters_lists_the_poison_frame_and_its_connection() {
         "worker_cmd={:?}",
         format!("{} worker scribbler", bin.display())
     );
-    let mut relay = Command::new(&bin)
-        .args(["--listen", "127.0.0.1:0", "--instance", &instance])
-        .args(["--workers", "1", "--set", &worker])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start shmrelay");
-    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
-    let addr: SocketAddr = loop {
-        let line = lines.next().expect("relay exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    // Stopped on drop, also when an assertion below fails.
+    let relay = Relay::start(&instance, &["--workers", "1", "--set", &worker], None);
+    let addr = relay.addr;
     let relayctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_relayctl"))
             .args(args)
@@ -97,8 +65,4 @@ fn dead_letters_lists_the_poison_frame_and_its_connection() {
     assert!(!last.conn.is_empty() && last.position > 0 && last.unix_ms > 0);
     let text = relayctl(&["dead-letters", &instance]);
     assert!(String::from_utf8_lossy(&text.stdout).contains(&last.conn));
-
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(relay.id() as i32, libc::SIGTERM) };
-    let _ = relay.wait();
 }

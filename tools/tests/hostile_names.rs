@@ -2,44 +2,22 @@
 //! and 6): FIFOs and other users' files squatting instance names, `relayctl gc` run in another
 //! PID namespace, and a directory with thousands of files.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use shmrelay::report::host::{GcReport, LeaksReport, ListReport};
 use shmrelay::stats::Stats;
 
+mod real_relay;
+use real_relay::{relay_bin, Relay};
+
 /// Longest any command may take before the test calls it hung.
 const WATCHDOG: Duration = Duration::from_secs(60);
 /// uid of `nobody`, the other local user of these tests.
 const NOBODY: u32 = 65534;
-
-/// The `shmrelay` binary next to this test's profile directory (built if missing).
-fn relay_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary is not under <target>/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("shmrelay");
-        if !bin.exists() {
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "-p", "shmrelay", "--bin", "shmrelay"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build -p shmrelay");
-            assert!(status.success() && bin.exists());
-        }
-        bin
-    })
-}
 
 /// Runs `cmd` with a watchdog: panics if it outlives [`WATCHDOG`].
 fn run(mut cmd: Command, what: &str) -> Output {
@@ -121,74 +99,19 @@ fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A relay in shm directory `dir`; stopped on drop.
-struct Relay {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Relay {
-    fn start(dir: &Path, name: &str) -> Relay {
-        let mut child = Command::new(relay_bin())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--instance",
-                name,
-                "--workers",
-                "1",
-            ])
-            .env("SHMRELAY_SHM_DIR", dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start shmrelay");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay did not start")
-            .parse()
-            .unwrap();
-        Relay { child, addr }
-    }
-
-    fn echo(&self, payload: &[u8]) -> Option<Vec<u8>> {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(self.addr).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        let mut wire = (payload.len() as u32).to_be_bytes().to_vec();
-        wire.extend_from_slice(payload);
-        s.write_all(&wire).ok()?;
-        let mut h = [0u8; 4];
-        s.read_exact(&mut h).ok()?;
-        let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
-        s.read_exact(&mut p).ok()?;
-        Some(p)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// One length-prefixed round trip with `relay`.
+fn echo(relay: &Relay, payload: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(relay.addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut wire = (payload.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(payload);
+    s.write_all(&wire).ok()?;
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).ok()?;
+    let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
+    s.read_exact(&mut p).ok()?;
+    Some(p)
 }
 
 #[test]
@@ -321,7 +244,7 @@ fn gc_in_another_pid_namespace_never_removes_a_live_relays_files() {
     }
     let tmp = TempShm::new("pidns");
     let dir = tmp.0.as_path();
-    let relay = Relay::start(dir, "nsrelay");
+    let relay = Relay::start("nsrelay", &["--workers", "1"], Some(dir));
     let view = dir.join("shmrelay.nsrelay.stats");
     assert!(view.exists());
     for args in [&["list", "--json"][..], &["gc", "--json"]] {
@@ -351,7 +274,7 @@ fn gc_in_another_pid_namespace_never_removes_a_live_relays_files() {
         }
     }
     assert!(view.exists(), "the live relay's view is gone");
-    assert_eq!(relay.echo(b"alive").as_deref(), Some(&b"alive"[..]));
+    assert_eq!(echo(&relay, b"alive").as_deref(), Some(&b"alive"[..]));
     // A second start of the same name in the same directory is refused (the lock is held).
     let mut cmd = Command::new(relay_bin());
     cmd.args(["--listen", "127.0.0.1:0", "--instance", "nsrelay"])
@@ -364,7 +287,7 @@ fn gc_in_another_pid_namespace_never_removes_a_live_relays_files() {
         "{}",
         show(&o)
     );
-    assert_eq!(relay.echo(b"still").as_deref(), Some(&b"still"[..]));
+    assert_eq!(echo(&relay, b"still").as_deref(), Some(&b"still"[..]));
 }
 
 #[test]
@@ -375,7 +298,7 @@ fn relayctl_list_and_gc_on_a_crowded_directory_finish() {
     for i in 0..FILES {
         std::fs::write(dir.join(format!("shmrelay.i{i}.stats")), b"").unwrap();
     }
-    let relay = Relay::start(dir, "crowdlive");
+    let relay = Relay::start("crowdlive", &["--workers", "1"], Some(dir));
     let t = Instant::now();
     let o = relayctl(dir, &["list", "--json"]);
     let list_time = t.elapsed();
@@ -391,7 +314,7 @@ fn relayctl_list_and_gc_on_a_crowded_directory_finish() {
     assert_eq!(g.removed.len(), FILES, "every dead file, nothing else");
     assert!(dir.join("shmrelay.crowdlive.stats").exists());
     eprintln!("{FILES} stats files: list {list_time:?}, gc {gc_time:?}");
-    assert_eq!(relay.echo(b"x").as_deref(), Some(&b"x"[..]));
+    assert_eq!(echo(&relay, b"x").as_deref(), Some(&b"x"[..]));
 }
 
 /// Fills `path` with a view of random content (valid magic and version) in one of three

@@ -2,72 +2,23 @@
 //! into the documented structs, `list`, `top` without a terminal, the metrics endpoint), and
 //! against fabricated stale segments in a private shm directory (`leaks`, `gc`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmrelay::report::host::{GcReport, LeaksReport, ListReport};
 use shmrelay::report::{Direction, InstanceReport, Liveness};
 use shmrelay::stats::Stats;
 
+mod real_relay;
+use real_relay::Relay;
+
 /// Longest any relayctl run may take before the test calls it hung.
 const WATCHDOG: Duration = Duration::from_secs(60);
-
-/// The `shmrelay` binary of the same profile as this test. Integration tests of `tools`
-/// cannot name another package's binary with `env!("CARGO_BIN_EXE_...")`, so it is found
-/// next to our own: `<target>/<profile>/deps/relayctl-HASH` -> `<target>/<profile>/shmrelay`,
-/// and built with `cargo build -p shmrelay` if it is not there.
-fn relay_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary is not under <target>/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("shmrelay");
-        if bin.exists() {
-            return bin;
-        }
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev".to_owned(),
-            Some(p) => p.to_owned(),
-            None => "dev".to_owned(),
-        };
-        let mut target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "-p",
-            "shmrelay",
-            "--bin",
-            "shmrelay",
-            "--profile",
-            &profile,
-        ]);
-        // <target>/<triple>/<profile>: cross builds put the profile one level deeper.
-        if !target_dir.join("CACHEDIR.TAG").exists() {
-            if let Some(triple) = target_dir.file_name().and_then(|n| n.to_str()) {
-                cmd.args(["--target", triple]);
-            }
-            target_dir = target_dir.parent().expect("target dir").to_path_buf();
-        }
-        let status = cmd
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build -p shmrelay");
-        assert!(status.success(), "cargo build -p shmrelay failed");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-}
 
 /// Runs relayctl with `args` (and `env`), killing it if it outlives the watchdog.
 fn relayctl(args: &[&str], env: &[(&str, &Path)]) -> Output {
@@ -117,64 +68,6 @@ fn show(o: &Output) -> String {
         text(&o.stdout),
         text(&o.stderr)
     )
-}
-
-/// A relay started as a real process tree on 127.0.0.1:0; stopped and cleaned up on drop.
-struct Relay {
-    child: Child,
-    addr: SocketAddr,
-    instance: String,
-}
-
-impl Relay {
-    fn start(tag: &str) -> Relay {
-        let instance = format!("ctl-{tag}-{}", std::process::id());
-        let mut child = Command::new(relay_bin())
-            .args(["--listen", "127.0.0.1:0", "--instance", &instance])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start shmrelay");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay did not print `listening on` within 30 s")
-            .parse()
-            .expect("listen address");
-        Relay {
-            child,
-            addr,
-            instance,
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // SIGTERM first so the supervisor stops its children and removes its segments.
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for f in shmrelay::names::instance_files(&self.instance) {
-            let _ = std::fs::remove_file(f);
-        }
-    }
 }
 
 /// Clients sending pipelined length-prefixed frames and checking the echoes, until stopped.
@@ -255,7 +148,7 @@ impl Load {
 
 #[test]
 fn stat_list_top_and_metrics_on_a_loaded_relay() {
-    let relay = Relay::start("load");
+    let relay = Relay::start(&format!("ctl-load-{}", std::process::id()), &[], None);
     let name = relay.instance.as_str();
     let load = Load::start(relay.addr, 4);
     // Let some traffic through before sampling.
