@@ -9,7 +9,7 @@ use std::time::Duration;
 use shmrelay::report::WorkerReport;
 
 mod real_relay;
-use real_relay::{relay_bin, Relay};
+use real_relay::{relay_bin, run, Relay};
 
 #[test]
 fn dead_letters_lists_the_poison_frame_and_its_connection() {
@@ -23,10 +23,9 @@ fn dead_letters_lists_the_poison_frame_and_its_connection() {
     let relay = Relay::start(&instance, &["--workers", "1", "--set", &worker], None);
     let addr = relay.addr;
     let relayctl = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_relayctl"))
-            .args(args)
-            .output()
-            .expect("run relayctl")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayctl"));
+        cmd.args(args);
+        run(cmd, &format!("relayctl {args:?}"))
     };
     let none = relayctl(&["dead-letters", &instance]);
     assert!(none.status.success());

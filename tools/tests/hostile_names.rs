@@ -5,54 +5,17 @@
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use shmrelay::report::host::{GcReport, LeaksReport, ListReport};
 use shmrelay::stats::Stats;
 
 mod real_relay;
-use real_relay::{relay_bin, Relay};
+use real_relay::{relay_bin, run, Relay};
 
-/// Longest any command may take before the test calls it hung.
-const WATCHDOG: Duration = Duration::from_secs(60);
 /// uid of `nobody`, the other local user of these tests.
 const NOBODY: u32 = 65534;
-
-/// Runs `cmd` with a watchdog: panics if it outlives [`WATCHDOG`].
-fn run(mut cmd: Command, what: &str) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        let mut o = Vec::new();
-        let _ = out.read_to_end(&mut o);
-        o
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut e = Vec::new();
-        let _ = err.read_to_end(&mut e);
-        e
-    });
-    let end = Instant::now() + WATCHDOG;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("{what} hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
-}
 
 fn relayctl(dir: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayctl"));

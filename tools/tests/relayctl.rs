@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,46 +15,16 @@ use shmrelay::report::{Direction, InstanceReport, Liveness};
 use shmrelay::stats::Stats;
 
 mod real_relay;
-use real_relay::Relay;
-
-/// Longest any relayctl run may take before the test calls it hung.
-const WATCHDOG: Duration = Duration::from_secs(60);
+use real_relay::{run, Relay};
 
 /// Runs relayctl with `args` (and `env`), killing it if it outlives the watchdog.
 fn relayctl(args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayctl"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("start relayctl");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        let mut o = Vec::new();
-        let _ = out.read_to_end(&mut o);
-        o
-    });
-    let mut e = Vec::new();
-    let _ = err.read_to_end(&mut e);
-    let end = Instant::now() + WATCHDOG;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("relayctl {args:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: reader.join().unwrap(),
-        stderr: e,
-    }
+    run(cmd, &format!("relayctl {args:?}"))
 }
 
 fn text(b: &[u8]) -> String {

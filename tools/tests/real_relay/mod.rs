@@ -1,10 +1,11 @@
 //! Shared by the tests that run `relayctl` against a real relay: finding the `shmrelay` binary
 //! and a relay process tree that is stopped and cleaned up on drop, also when a test panics.
 
+use std::io::Read;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -124,5 +125,43 @@ impl Drop for Relay {
                 let _ = std::fs::remove_file(f);
             }
         }
+    }
+}
+
+/// Longest any command may take before the test calls it hung.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` with a watchdog: panics if it outlives [`WATCHDOG`].
+pub fn run(mut cmd: Command, what: &str) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut o = Vec::new();
+        let _ = out.read_to_end(&mut o);
+        o
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut e = Vec::new();
+        let _ = err.read_to_end(&mut e);
+        e
+    });
+    let end = Instant::now() + WATCHDOG;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("{what} hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
     }
 }
