@@ -252,12 +252,10 @@ pub(super) fn read_conn(
             let n = match read_into_carry(c, want) {
                 Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.readable = false;
-                    return (ReadResult::Drained, heartbeats);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
+                Err(e) => match read_error(c, &e) {
+                    Some(r) => return (r, heartbeats),
+                    None => continue,
+                },
             };
             add(&fs.bytes_in, n as u64);
             if let Err(r) = flush_carry(ch, c, fs, id, max_frame, now, &mut heartbeats) {
@@ -290,13 +288,11 @@ pub(super) fn read_conn(
         let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut grant[carried..])]) {
             Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The partial frame is still in `carry`: nothing was lost.
-                c.readable = false;
-                return (ReadResult::Drained, heartbeats);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return (ReadResult::Close(CloseReason::IoError), heartbeats),
+            // A partial frame is still in `carry` then: nothing was lost.
+            Err(e) => match read_error(c, &e) {
+                Some(r) => return (r, heartbeats),
+                None => continue,
+            },
         };
         if carried > 0 {
             add(&fs.bytes_copied, carried as u64);
@@ -364,6 +360,19 @@ pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
     } else {
         c.carry.reserve(CARRY_CHUNK);
         CARRY_CHUNK
+    }
+}
+
+/// What a failed read means: `None` to read again (EINTR), else the loop's outcome (the socket
+/// is drained, or the connection is broken).
+fn read_error(c: &mut Conn, e: &io::Error) -> Option<ReadResult> {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => {
+            c.readable = false;
+            Some(ReadResult::Drained)
+        }
+        io::ErrorKind::Interrupted => None,
+        _ => Some(ReadResult::Close(CloseReason::IoError)),
     }
 }
 
