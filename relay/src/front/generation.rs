@@ -43,7 +43,7 @@ pub const NOT_CARRIED: u64 = 1;
 /// Status: the message was refused (bad worker index or rings); the old rings are kept.
 pub const REFUSED: u64 = 2;
 
-/// Reads a whole generation message; `None` once nothing more is waiting.
+/// What the control socket held.
 enum Msg {
     Generation {
         seq: u64,
@@ -208,7 +208,9 @@ impl Front {
         }
         // Every reply the dead worker published, read and delivered as usual (a corrupt one
         // quarantines the channel, as always).
-        for _ in 0..64 {
+        // The dead producer adds nothing: this ends once the ring is read (bounded anyway).
+        let most = 2 + self.chans[w].rep.capacity() / (REPLY_BATCH * 24);
+        for _ in 0..most {
             if self.pump_replies(w) < REPLY_BATCH {
                 break;
             }
