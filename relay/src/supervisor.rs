@@ -1008,6 +1008,11 @@ impl Instance {
                     Ok(status) if status == front_generation::CARRIED => {
                         info!(front = f, worker = w, "new ring generation, requests carried over")
                     }
+                    Ok(status) if status == front_generation::QUARANTINED => info!(
+                        front = f,
+                        worker = w,
+                        "new ring generation for rings the front quarantined"
+                    ),
                     Ok(_) => warn!(
                         front = f,
                         worker = w,

@@ -42,6 +42,9 @@ pub const CARRIED: u64 = 0;
 pub const NOT_CARRIED: u64 = 1;
 /// Status: the message was refused (bad worker index or rings); the old rings are kept.
 pub const REFUSED: u64 = 2;
+/// Status: the new rings are in use by a quarantined channel (its connections were closed at
+/// the quarantine); it re-arms on them once the supervisor has reset them.
+pub const QUARANTINED: u64 = 3;
 
 /// What the control socket held.
 enum Msg {
@@ -241,7 +244,7 @@ impl Front {
                 worker = w,
                 "new ring generation (channel quarantined)"
             );
-            return NOT_CARRIED;
+            return QUARANTINED;
         }
         // What this front wrote and the worker never released (validated against our tail).
         if ch.dirty {
