@@ -218,3 +218,38 @@ fn a_request_ring_left_unreadable_is_not_carried_and_its_clients_get_an_error() 
     assert_eq!(s.front(0).corrupt_rings.load(Ordering::Relaxed), 1);
     assert_eq!(s.front(0).quarantined.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn a_front_that_does_not_take_the_new_generation_is_restarted_on_it() {
+    let relay = Relay::start("gen-noack", &["--workers", "1"]);
+    let mut c = relay.connect();
+    assert_eq!(c.try_roundtrip(b"hi").as_deref(), Some(&b"hi"[..]));
+    let front = relay.stats().front(0).pid.load(Ordering::Relaxed);
+    let old = relay.worker_pid(0);
+    let old_inodes: HashSet<u64> = memfds(old).iter().map(|h| h.1).collect();
+    // The front cannot answer (stopped) when the worker dies.
+    kill(front, libc::SIGSTOP);
+    kill(old, libc::SIGKILL);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let s = relay.stats();
+            let (f, w) = (s.front(0).pid.load(Ordering::Relaxed), relay.worker_pid(0));
+            f != 0 && f != front && w != 0 && w != old
+        }),
+        "the front and the worker were not both replaced"
+    );
+    assert!(eventually(Duration::from_secs(5), || !common::alive(front)));
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let mut c = relay.connect();
+            c.try_roundtrip(b"again").as_deref() == Some(&b"again"[..])
+        }),
+        "never served again"
+    );
+    let new = relay.worker_pid(0);
+    let new_inodes: HashSet<u64> = memfds(new).iter().map(|h| h.1).collect();
+    assert_eq!(new_inodes.len(), 2);
+    assert!(new_inodes.is_disjoint(&old_inodes));
+    let front_now = relay.stats().front(0).pid.load(Ordering::Relaxed);
+    assert!(mapped_memfds(front_now).is_superset(&new_inodes));
+}
