@@ -7,6 +7,9 @@
 //! - `scribble:record`: publishes a reply record whose length runs past the end of the ring.
 //! - `scribble:head`: writes an impossible head into the request ring from this client's front
 //!   (50 ms later, after the worker's own release).
+//! - `scribble:head-exit`: moves the released position of the request ring from this client's
+//!   front into the middle of the last record (aligned and in range, but no record boundary),
+//!   then exits at once: the front cannot carry that ring over to the next generation.
 //! - `ring:doorbell`: starts a thread that writes the eventfd doorbell of this client's front
 //!   in a loop, forever (a wake with no work each time), and answers `ringing`.
 //! - `push:F.S.G:BYTES`: pushes `BYTES` to connection `F.S.G` (front.slot.generation, as
@@ -74,6 +77,16 @@ impl Handler for Scribbler {
                     let fd = unsafe { BorrowedFd::borrow_raw(req) };
                     let _ = nix::sys::uio::pwrite(fd, &(u64::MAX - 7).to_ne_bytes(), 256);
                 });
+            }
+            b"scribble:head-exit" => {
+                let mut b = [0u8; 8];
+                // SAFETY: as in `poke`.
+                let fd = unsafe { BorrowedFd::borrow_raw(req) };
+                let _ = nix::sys::uio::pread(fd, &mut b, 128);
+                // Every record is at least 24 bytes: 8 before the tail is inside the last one.
+                let mid = u64::from_ne_bytes(b).saturating_sub(8);
+                self.poke(req, 256, &mid.to_ne_bytes());
+                std::process::exit(1);
             }
             b"scribble:record" => {
                 // A legitimate reply, then its header rewritten to claim 1 GiB.

@@ -206,7 +206,20 @@ fn run_front(a: FrontArgs) -> Result<()> {
         index: a.index,
         config,
     };
-    front::run(settings, listeners, doorbell, channels, stats, Some(ready))?;
+    // The supervisor's control socket (new ring generations); absent from older supervisors.
+    let control = match std::env::var("SHMRELAY_CONTROL_FD") {
+        Ok(_) => Some(env_fd("SHMRELAY_CONTROL_FD")?),
+        Err(_) => None,
+    };
+    front::run(
+        settings,
+        listeners,
+        doorbell,
+        channels,
+        stats,
+        Some(ready),
+        control,
+    )?;
     Ok(())
 }
 

@@ -408,7 +408,8 @@ pub struct SideReport {
     pub pid: u32,
     /// `alive`, `stalled`, `dead` or `none` (see [`Liveness`]).
     pub liveness: Liveness,
-    /// Times a process attached to this side (a restarted peer bumps it).
+    /// Times a process attached to this side (a restarted peer bumps it; a replaced worker's
+    /// rings are a new generation, counted from zero).
     pub attach_count: u32,
     /// Milliseconds since this side last published, released or woke its peer (since the
     /// host booted if it never did).

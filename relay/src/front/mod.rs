@@ -22,6 +22,7 @@
 
 mod admission;
 mod conn;
+pub mod generation;
 mod liveness;
 mod reply;
 mod route;
@@ -59,6 +60,8 @@ const LISTENER_BASE: usize = usize::MAX - 16;
 /// Most listeners per relay.
 pub const MAX_LISTENERS: usize = 64;
 const DOORBELL: Token = Token(usize::MAX - 2);
+/// The supervisor's control socket (ring generations, see generation.rs).
+const CONTROL: Token = Token(usize::MAX - 3);
 /// Reply records handled per ring per loop turn.
 const REPLY_BATCH: usize = 1024;
 /// Slices per writev.
@@ -172,9 +175,20 @@ pub fn run(
     channels: Vec<ChannelFds>,
     stats: Stats,
     ready: Option<OwnedFd>,
+    control: Option<OwnedFd>,
 ) -> Result<(), FrontError> {
     crate::signals::install();
     let mut front = Front::new(settings, listeners, doorbell, channels, stats)?;
+    if let Some(fd) = control {
+        let sock = std::os::unix::net::UnixStream::from(fd);
+        sock.set_nonblocking(true)?;
+        front.poll.registry().register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&sock)),
+            CONTROL,
+            Interest::READABLE,
+        )?;
+        front.control = Some(sock);
+    }
     if let Some(fd) = ready {
         // Tell the supervisor we are accepting; closing the pipe is the signal.
         let mut f = std::fs::File::from(fd);
@@ -238,6 +252,8 @@ struct Front {
     bell_empty: u32,
     bell_off_until: Option<Instant>,
     bell_logged: bool,
+    /// The supervisor's control socket (new ring generations for replaced workers).
+    control: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Front {
@@ -370,6 +386,7 @@ impl Front {
             bell_empty: 0,
             bell_off_until: None,
             bell_logged: false,
+            control: None,
         })
     }
 
@@ -469,6 +486,7 @@ impl Front {
                         self.accept(LISTENER_BASE - t)
                     }
                     DOORBELL => self.doorbell_rang(),
+                    CONTROL => self.control_ready(),
                     Token(t) => {
                         let slot = t as u32;
                         let Some(gen) = self.slab.gens.get(t).copied() else {
@@ -1807,7 +1825,12 @@ impl Front {
         self.chans[w].backlog.clear();
         self.chans[w].waiting.clear();
         add(&self.fs.corrupt_rings, 1);
-        // Its connections, and every routed connection whose keys it shares.
+        self.close_worker_conns(w, "worker unavailable");
+    }
+
+    /// Closes worker `w`'s connections, and every routed connection whose keys it shares,
+    /// each after the codec's error frame `why`.
+    fn close_worker_conns(&mut self, w: usize, why: &str) {
         let listeners = &self.listeners;
         let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
             .filter(|&s| {
@@ -1822,7 +1845,7 @@ impl Front {
         for slot in slots {
             if let Some(c) = self.slab.conns[slot as usize].as_ref() {
                 // Best effort and non-blocking: the close follows either way.
-                let _ = (&c.stream).write(&c.codec.error_reply("worker unavailable"));
+                let _ = (&c.stream).write(&c.codec.error_reply(why));
             }
             self.close_conn(slot, CloseReason::WorkerGone);
         }
