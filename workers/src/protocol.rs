@@ -88,8 +88,10 @@ pub const SKIPPED_WORD: usize = 2;
 /// (frame end) it is handing to `on_frame`, before the call: after a crash the supervisor
 /// reads it to learn which frame the worker died on (dead-lettering, see
 /// [`DEAD_LETTER_WORDS`]). Written by the worker, so the supervisor bounds it by the positions
-/// the front published before it believes it.
-pub const INFLIGHT_WORD: usize = 3;
+/// the front published before it believes it. Written once per frame, so it sits in the second
+/// 64-byte half of the user words, away from [`ANSWERED_WORD`], which the front writes: the two
+/// processes would otherwise pull one cache line back and forth at every frame.
+pub const INFLIGHT_WORD: usize = 8;
 
 /// Indices of the request ring's user words in which the supervisor, while no worker is
 /// attached, records the request positions (frame ends) of dead-lettered frames: frames that

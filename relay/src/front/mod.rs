@@ -237,6 +237,8 @@ struct Front {
     /// Reply bytes queued in every connection's out queue (the sum of their `queued`), held
     /// under `pending_budget`.
     queued_total: usize,
+    /// The reply pump's group of iovecs, kept across pumps for its allocations.
+    reply_group: reply::Group,
     /// Bytes of partial-frame buffers (the sum of the connections' `partial`), held under
     /// `partial_budget`.
     partial_total: usize,
@@ -378,6 +380,7 @@ impl Front {
             last_fd_check: Instant::now(),
             scope,
             queued_total: 0,
+            reply_group: reply::Group::default(),
             partial_total: 0,
             frame_ticks: s_frame_ticks,
             accept_stall: None,
@@ -1104,7 +1107,8 @@ impl Front {
                     return 0;
                 }
             };
-            let mut group = reply::Group::new();
+            // Kept across pumps for its allocations.
+            let mut group = std::mem::take(&mut self.reply_group);
             let mut answered = 0u64;
             let mut end = None;
             let slab = &mut self.slab;
@@ -1197,7 +1201,8 @@ impl Front {
                 n += 1;
             }
             deliver(slab, fs, me, &mut group, &mut todo);
-            drop(group);
+            group.clear();
+            self.reply_group = group;
             if let Some(end) = end {
                 // The answered word first, then the release (Release store of the head): a
                 // replacement worker that sees the release sees the word (see the worker SDK).
@@ -1892,6 +1897,9 @@ fn deliver(
     if group.is_empty() {
         group.clear();
         return;
+    }
+    if group.copied > 0 {
+        add(&fs.bytes_copied, group.copied);
     }
     let id = ConnId::from_raw(group.conn);
     let (slot, gen) = (id.slot(), id.generation());

@@ -40,6 +40,10 @@ pub(super) struct Split {
     copy: Option<Vec<u8>>,
 }
 
+/// Reply bodies up to this size are copied next to the header the front writes, so a batch of
+/// small replies is one iovec, not two per reply. (4 KiB and larger stay zero-copy.)
+const COPY_SMALL_BODY: usize = 512;
+
 /// What one SEND record contributes.
 pub(super) enum Piece {
     /// Wire bytes for the connection: a header built here, the payload in the ring, a
@@ -206,9 +210,19 @@ pub(super) struct Group {
     pub conn: u64,
     /// Whole messages in the group.
     pub messages: u64,
+    /// Reply bytes copied into `own` (small bodies), for `bytes_copied`.
+    pub copied: u64,
     own: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     segs: Vec<Seg>,
+    /// The iovecs of `segs`, rebuilt for each `writev` (kept for its allocation).
+    iov: Vec<libc::iovec>,
+}
+
+impl Default for Group {
+    fn default() -> Group {
+        Group::new()
+    }
 }
 
 impl Group {
@@ -216,9 +230,11 @@ impl Group {
         Group {
             conn: 0,
             messages: 0,
+            copied: 0,
             own: Vec::new(),
             bufs: Vec::new(),
             segs: Vec::new(),
+            iov: Vec::new(),
         }
     }
 
@@ -233,6 +249,7 @@ impl Group {
 
     pub fn clear(&mut self) {
         self.messages = 0;
+        self.copied = 0;
         self.own.clear();
         self.bufs.clear();
         self.segs.clear();
@@ -244,13 +261,19 @@ impl Group {
         }
         let start = self.own.len();
         self.own.extend_from_slice(bytes);
+        self.extend_own(start, bytes.len());
+    }
+
+    /// Covers `own[start..start + len]`, just appended, with a segment (the last one grows
+    /// when it ends there).
+    fn extend_own(&mut self, start: usize, len: usize) {
         if let Some(Seg::Own(s, l)) = self.segs.last_mut() {
             if *s + *l == start {
-                *l += bytes.len();
+                *l += len;
                 return;
             }
         }
-        self.segs.push(Seg::Own(start, bytes.len()));
+        self.segs.push(Seg::Own(start, len));
     }
 
     /// Adds a piece. The ring pointer must stay readable until the group is written (the
@@ -266,7 +289,25 @@ impl Group {
                 whole,
             } => {
                 self.push_own(&head[..head_len]);
-                if body_len > 0 {
+                if body_len > 0 && body_len <= COPY_SMALL_BODY {
+                    // Cheaper copied next to its header than as an iovec of its own (the
+                    // kernel's per-segment cost dwarfs a small memcpy); counted as copied.
+                    let at = self.own.len();
+                    self.own.reserve(body_len);
+                    // SAFETY: `body` is `body_len` readable bytes of a published, unreleased
+                    // reply record (see `Piece::Frame`); the destination is spare capacity of
+                    // our own buffer, reserved just above, which cannot overlap shared memory.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            body,
+                            self.own.as_mut_ptr().add(at),
+                            body_len,
+                        );
+                        self.own.set_len(at + body_len);
+                    }
+                    self.extend_own(at, body_len);
+                    self.copied += body_len as u64;
+                } else if body_len > 0 {
                     self.segs.push(Seg::Ring(body, body_len));
                 }
                 self.push_own(tail);
@@ -283,28 +324,28 @@ impl Group {
         }
     }
 
-    fn iovecs(&self) -> Vec<libc::iovec> {
-        self.segs
-            .iter()
-            .map(|s| {
-                let (base, len) = match *s {
-                    Seg::Own(start, len) => (self.own[start..].as_ptr(), len),
-                    Seg::Buf(i) => (self.bufs[i].as_ptr(), self.bufs[i].len()),
-                    Seg::Ring(p, len) => (p, len),
-                };
-                libc::iovec {
-                    iov_base: base as *mut libc::c_void,
-                    iov_len: len,
-                }
-            })
-            .collect()
+    fn iovecs(&mut self) -> &[libc::iovec] {
+        let (own, bufs) = (&self.own, &self.bufs);
+        self.iov.clear();
+        self.iov.extend(self.segs.iter().map(|s| {
+            let (base, len) = match *s {
+                Seg::Own(start, len) => (own[start..].as_ptr(), len),
+                Seg::Buf(i) => (bufs[i].as_ptr(), bufs[i].len()),
+                Seg::Ring(p, len) => (p, len),
+            };
+            libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            }
+        }));
+        &self.iov
     }
 }
 
 /// Writes a group to its connection: `writev` straight from the ring and the front's own
 /// bytes; what the socket does not take is copied to the connection's out queue (and
 /// counted as copied; a queue already waiting takes it all).
-pub(super) fn write_group(c: &mut Conn, g: &Group, fs: &FrontStats) -> Result<(), CloseReason> {
+pub(super) fn write_group(c: &mut Conn, g: &mut Group, fs: &FrontStats) -> Result<(), CloseReason> {
     let iov = g.iovecs();
     let total: usize = iov.iter().map(|v| v.iov_len).sum();
     let mut written = 0;
@@ -337,7 +378,7 @@ pub(super) fn write_group(c: &mut Conn, g: &Group, fs: &FrontStats) -> Result<()
     if written < total {
         let mut skip = written;
         c.out.reserve(total - written);
-        for v in &iov {
+        for v in iov {
             if skip >= v.iov_len {
                 skip -= v.iov_len;
                 continue;
