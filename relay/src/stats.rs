@@ -311,13 +311,7 @@ impl Stats {
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
-        file.set_len(STATS_SIZE as u64)?;
-        nix::fcntl::fallocate(
-            &file,
-            nix::fcntl::FallocateFlags::empty(),
-            0,
-            STATS_SIZE as i64,
-        )?;
+        allocate(&file)?;
         let stats = Stats::map_rw(file)?;
         stats.init(fronts, workers);
         Ok(stats)
@@ -338,13 +332,7 @@ impl Stats {
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )?;
         let file = File::from(fd);
-        file.set_len(STATS_SIZE as u64)?;
-        nix::fcntl::fallocate(
-            &file,
-            nix::fcntl::FallocateFlags::empty(),
-            0,
-            STATS_SIZE as i64,
-        )?;
+        allocate(&file)?;
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(&file, FcntlArg::F_ADD_SEALS(seals))?;
         let stats = Stats::map_rw(file)?;
@@ -578,6 +566,19 @@ pub fn sub_saturating(c: &AtomicU64, n: u64) {
 #[inline]
 pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Sizes a new segment file and allocates its memory now: a short /dev/shm or memory fails
+/// here, not later with SIGBUS at a first touch.
+fn allocate(file: &File) -> io::Result<()> {
+    file.set_len(STATS_SIZE as u64)?;
+    nix::fcntl::fallocate(
+        file,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        STATS_SIZE as i64,
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

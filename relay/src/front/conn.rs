@@ -365,7 +365,7 @@ pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
 
 /// What a failed read means: `None` to read again (EINTR), else the loop's outcome (the socket
 /// is drained, or the connection is broken).
-fn read_error(c: &mut Conn, e: &io::Error) -> Option<ReadResult> {
+pub(super) fn read_error(c: &mut Conn, e: &io::Error) -> Option<ReadResult> {
     match e.kind() {
         io::ErrorKind::WouldBlock => {
             c.readable = false;

@@ -38,7 +38,7 @@
 //! that worker's reply ring empty, every reply to the frame has been seen (`Chan::completed`).
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut, Read};
+use std::io::{IoSliceMut, Read};
 use std::mem::size_of;
 
 use shm_ring::layout::RECORD_HEADER_SIZE;
@@ -47,7 +47,7 @@ use shmrelay_worker::codec::{resp, FrameKind, Scan};
 use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 
-use super::conn::{carry_want, read_into_carry, Conn, ReadResult};
+use super::conn::{carry_want, read_error, read_into_carry, Conn, ReadResult};
 use super::Chan;
 use crate::stats::{add, FrontStats};
 
@@ -412,12 +412,10 @@ pub(super) fn read_routed(
                         return done(ReadResult::Close(CloseReason::ClientEof), home, new_head)
                     }
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        c.readable = false;
-                        return done(ReadResult::Drained, home, new_head);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return done(ReadResult::Close(CloseReason::IoError), home, new_head),
+                    Err(e) => match read_error(c, &e) {
+                        Some(r) => return done(r, home, new_head),
+                        None => continue,
+                    },
                 };
                 add(&fs.bytes_in, n as u64);
                 (pos, bad) = complete(c);
@@ -472,12 +470,10 @@ pub(super) fn read_routed(
             let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut s.buf[..want])]) {
                 Ok(0) => return done(ReadResult::Close(CloseReason::ClientEof), home, new_head),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    c.readable = false;
-                    return done(ReadResult::Drained, home, new_head);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return done(ReadResult::Close(CloseReason::IoError), home, new_head),
+                Err(e) => match read_error(c, &e) {
+                    Some(r) => return done(r, home, new_head),
+                    None => continue,
+                },
             };
             add(&fs.bytes_in, n as u64);
             (n, n, want)
