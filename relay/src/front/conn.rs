@@ -261,13 +261,8 @@ pub(super) fn read_conn(
             if let Err(r) = flush_carry(ch, c, fs, id, max_frame, now, &mut heartbeats) {
                 return (r, heartbeats);
             }
-            if n < want && !c.hup {
-                c.readable = false;
-                return (ReadResult::Drained, heartbeats);
-            }
-            budget = budget.saturating_sub(n);
-            if budget == 0 {
-                return (ReadResult::Budget, heartbeats);
+            if let Some(r) = after_read(c, n, want, &mut budget) {
+                return (r, heartbeats);
             }
             continue;
         }
@@ -331,15 +326,8 @@ pub(super) fn read_conn(
             ch.dirty = true;
             add(&fs.frames_in, w.frames);
         }
-        if read < room && !c.hup {
-            // A short read emptied the socket; the next arrival raises a new edge. (Not so a
-            // FIN that came with the data: it raises no further edge, so read on to the EOF.)
-            c.readable = false;
-            return (ReadResult::Drained, heartbeats);
-        }
-        budget = budget.saturating_sub(read);
-        if budget == 0 {
-            return (ReadResult::Budget, heartbeats);
+        if let Some(r) = after_read(c, read, room, &mut budget) {
+            return (r, heartbeats);
         }
     }
 }
@@ -361,6 +349,24 @@ pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
         c.carry.reserve(CARRY_CHUNK);
         CARRY_CHUNK
     }
+}
+
+/// After a read of `n` of the `asked` bytes: the loop's outcome if it stops here. A short
+/// read emptied the socket, and the next arrival raises a new edge (not so a FIN that came
+/// with the data: it raises no further edge, so read on to the EOF); otherwise the read budget
+/// is charged.
+pub(super) fn after_read(
+    c: &mut Conn,
+    n: usize,
+    asked: usize,
+    budget: &mut usize,
+) -> Option<ReadResult> {
+    if n < asked && !c.hup {
+        c.readable = false;
+        return Some(ReadResult::Drained);
+    }
+    *budget = budget.saturating_sub(n);
+    (*budget == 0).then_some(ReadResult::Budget)
 }
 
 /// What a failed read means: `None` to read again (EINTR), else the loop's outcome (the socket
@@ -403,18 +409,20 @@ fn rest_is_waiting(c: &Conn, max_frame: u32, max_payload: usize) -> bool {
 pub(super) const CARRY_CHUNK: usize = 64 * 1024;
 
 /// What the start of a buffer holds, frame by frame.
-struct Walk {
+pub(super) struct Walk {
     /// End of the whole frames.
-    pos: usize,
+    pub pos: usize,
     frames: u64,
     beats: u64,
     /// Malformed input after the whole frames.
-    bad: Option<ProtocolError>,
+    pub bad: Option<ProtocolError>,
     /// Bytes the partial frame after `pos` needs in all (when there is one).
     need: usize,
 }
 
-fn walk(c: &Conn, buf: &[u8], max_frame: u32) -> Walk {
+/// What `buf` holds, frame by frame: the whole frames (heartbeats counted apart), then
+/// malformed input or the size of the partial frame that follows them.
+pub(super) fn walk(c: &Conn, buf: &[u8], max_frame: u32) -> Walk {
     let mut w = Walk {
         pos: 0,
         frames: 0,

@@ -1399,25 +1399,19 @@ impl Front {
         if self.partial_total > self.cfg.partial_budget {
             self.shed_partials();
         }
-        let p = self.partial_total as u64;
-        self.fs.partial_bytes.store(p, Ordering::Relaxed);
-        if p > self.fs.partial_peak.load(Ordering::Relaxed) {
-            self.fs.partial_peak.store(p, Ordering::Relaxed);
-        }
+        let fs = self.fs;
+        publish_gauge(
+            &fs.partial_bytes,
+            &fs.partial_peak,
+            self.partial_total as u64,
+        );
     }
 
     /// Past `partial_budget`, closes the connections holding the largest partial frames
     /// with the codec's protocol error until the total is back within it.
     fn shed_partials(&mut self) {
         let budget = self.cfg.partial_budget;
-        let mut big: Vec<(usize, u32, u32)> = (0..self.slab.conns.len())
-            .filter_map(|s| {
-                let c = self.slab.conns[s].as_ref()?;
-                (c.partial > 0).then(|| (c.partial, s as u32, self.slab.gens[s]))
-            })
-            .collect();
-        big.sort_unstable_by(|a, b| b.cmp(a));
-        for (partial, slot, gen) in big {
+        for (partial, slot, gen) in largest_holders(&self.slab, |c| c.partial) {
             if self.partial_total <= budget {
                 break;
             }
@@ -1456,19 +1450,7 @@ impl Front {
     /// (`slow_consumer`) until the front's total is back within it.
     fn shed_queues(&mut self) {
         let budget = self.cfg.pending_budget;
-        let mut big: Vec<(usize, u32)> = self
-            .slab
-            .conns
-            .iter()
-            .enumerate()
-            .filter_map(|(s, c)| {
-                c.as_ref()
-                    .filter(|c| c.queued > 0)
-                    .map(|c| (c.queued, s as u32))
-            })
-            .collect();
-        big.sort_unstable_by(|a, b| b.cmp(a));
-        for (queued, slot) in big {
+        for (queued, slot, _) in largest_holders(&self.slab, |c| c.queued) {
             if self.queued_total <= budget {
                 break;
             }
@@ -1487,11 +1469,8 @@ impl Front {
     /// Publishes the queued reply bytes for operators: the gauge, and the high-water mark
     /// (taken after the budget was applied; the total only grows in `want_write`).
     fn publish_queued(&self) {
-        let q = self.queued_total as u64;
-        self.fs.queued_bytes.store(q, Ordering::Relaxed);
-        if q > self.fs.queued_peak.load(Ordering::Relaxed) {
-            self.fs.queued_peak.store(q, Ordering::Relaxed);
-        }
+        let fs = self.fs;
+        publish_gauge(&fs.queued_bytes, &fs.queued_peak, self.queued_total as u64);
     }
 
     /// The client sent its FIN: it will send nothing more but may still want the replies to
@@ -1855,6 +1834,29 @@ impl Front {
             self.close_conn(slot, CloseReason::WorkerGone);
         }
     }
+}
+
+/// The connections holding part of a per-front budget (`held` of each, when not zero), as
+/// (held, slot, generation), largest first: the order the budget closes them in.
+fn largest_holders(slab: &Slab, held: impl Fn(&Conn) -> usize) -> Vec<(usize, u32, u32)> {
+    let mut big: Vec<(usize, u32, u32)> = (0..slab.conns.len())
+        .filter_map(|s| {
+            let n = held(slab.conns[s].as_ref()?);
+            (n > 0).then(|| (n, s as u32, slab.gens[s]))
+        })
+        .collect();
+    big.sort_unstable_by(|a, b| b.cmp(a));
+    big
+}
+
+/// Publishes a gauge for operators and raises its high-water mark.
+fn publish_gauge(
+    gauge: &std::sync::atomic::AtomicU64,
+    peak: &std::sync::atomic::AtomicU64,
+    v: u64,
+) {
+    gauge.store(v, Ordering::Relaxed);
+    peak.fetch_max(v, Ordering::Relaxed);
 }
 
 /// Attaches afresh to a pair of rings the supervisor reset (positions back to zero), without

@@ -47,7 +47,7 @@ use shmrelay_worker::codec::{resp, FrameKind, Scan};
 use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 
-use super::conn::{carry_want, read_error, read_into_carry, Conn, ReadResult};
+use super::conn::{after_read, carry_want, read_error, read_into_carry, walk, Conn, ReadResult};
 use super::Chan;
 use crate::stats::{add, FrontStats};
 
@@ -391,18 +391,11 @@ pub(super) fn read_routed(
         // copied once into its ring), instead of copying the partial frame into the scratch
         // buffer and back on every read (quadratic for a trickled frame).
         let (n, filled, room) = if carry > 0 {
+            // The whole frames it holds, and whether malformed input follows them (handled
+            // like them: spread them, then fail).
             let complete = |c: &Conn| {
-                let mut pos = 0;
-                while pos < c.carry.len() {
-                    match c.codec.scan(&c.carry[pos..], max_frame as usize) {
-                        Ok(Scan::Frame { len, .. }) => pos += len,
-                        _ => break,
-                    }
-                }
-                // An error after the whole frames is handled like one: spread them, then fail.
-                let bad = pos < c.carry.len()
-                    && c.codec.scan(&c.carry[pos..], max_frame as usize).is_err();
-                (pos, bad)
+                let w = walk(c, &c.carry, max_frame);
+                (w.pos, w.bad.is_some())
             };
             let (mut pos, mut bad) = complete(c);
             if pos == 0 && !bad {
@@ -419,15 +412,9 @@ pub(super) fn read_routed(
                 };
                 add(&fs.bytes_in, n as u64);
                 (pos, bad) = complete(c);
-                let short = n < more && !c.hup;
                 if pos == 0 && !bad {
-                    if short {
-                        c.readable = false;
-                        return done(ReadResult::Drained, home, new_head);
-                    }
-                    budget = budget.saturating_sub(n);
-                    if budget == 0 {
-                        return done(ReadResult::Budget, home, new_head);
+                    if let Some(r) = after_read(c, n, more, &mut budget) {
+                        return done(r, home, new_head);
                     }
                     continue;
                 }
@@ -555,13 +542,8 @@ pub(super) fn read_routed(
         if c.carry.is_empty() && c.carry.capacity() > 4096 {
             c.carry = Vec::new();
         }
-        if n < room && !c.hup {
-            c.readable = false;
-            return done(ReadResult::Drained, home, new_head);
-        }
-        budget = budget.saturating_sub(n);
-        if budget == 0 {
-            return done(ReadResult::Budget, home, new_head);
+        if let Some(r) = after_read(c, n, room, &mut budget) {
+            return done(r, home, new_head);
         }
     }
 }
