@@ -10,16 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::Relay;
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
+use common::{rss_kib, Relay};
 
 /// Writes `cmds` (from another thread) and reads `n` copies of `reply`, checking each byte.
 fn pipeline(s: &mut TcpStream, cmds: Vec<u8>, reply: &'static [u8], n: usize) {

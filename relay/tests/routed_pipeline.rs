@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Relay;
+use common::{rss_kib, Relay};
 
 /// The tests of this file run one at a time: each loads the machine (a long pipeline), and one
 /// of them measures another client's latency.
@@ -250,15 +250,6 @@ fn a_pipeline_past_the_pending_bound_stalls_its_client_instead_of_closing_it() {
         frames_in < (N / 2) as u64,
         "the front read {frames_in} frames of a stalled pipeline"
     );
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Issue 20.4: after one 3 MB pipeline an idle connection kept its reorder queues (6.65 MiB

@@ -163,6 +163,16 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Resident memory of `pid` in KiB (`VmRSS` from /proc; 0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); look at /proc state too.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
