@@ -119,6 +119,19 @@ pub struct GcReport {
     pub bytes: u64,
 }
 
+impl GcReport {
+    /// Records a file removed (or that would be, in a dry run).
+    fn note_removed(&mut self, path: &Path, bytes: u64, instance: &str, reason: &str) {
+        self.bytes += bytes;
+        self.removed.push(RemovedFile {
+            path: path.display().to_string(),
+            bytes,
+            instance: instance.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
 /// One file `gc` removed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RemovedFile {
@@ -139,6 +152,15 @@ pub struct FailedRemoval {
     pub path: String,
     /// The error.
     pub error: String,
+}
+
+impl FailedRemoval {
+    fn new(path: &Path, error: impl std::fmt::Display) -> FailedRemoval {
+        FailedRemoval {
+            path: path.display().to_string(),
+            error: error.to_string(),
+        }
+    }
 }
 
 /// The instance a file name in the shm directory belongs to: `shmrelay.NAME.rest` -> `NAME`
@@ -352,13 +374,11 @@ pub fn gc(dry_run: bool) -> GcReport {
     };
     let remove = |report: &mut GcReport, path: &Path, instance: &str, reason: &str| {
         if !names::is_own_regular(path) {
-            report.untrusted.push(FailedRemoval {
-                path: path.display().to_string(),
-                error: names::open_checked(path, false).err().map_or_else(
-                    || "not a regular file of this user".to_owned(),
-                    |e| e.to_string(),
-                ),
-            });
+            let error = names::open_checked(path, false).err().map_or_else(
+                || "not a regular file of this user".to_owned(),
+                |e| e.to_string(),
+            );
+            report.untrusted.push(FailedRemoval::new(path, error));
             return;
         }
         let bytes = file_size(path);
@@ -368,31 +388,19 @@ pub fn gc(dry_run: bool) -> GcReport {
                 // Removed meanwhile (a concurrent gc, or the owner's own cleanup).
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
                 Err(e) => {
-                    report.failed.push(FailedRemoval {
-                        path: path.display().to_string(),
-                        error: e.to_string(),
-                    });
+                    report.failed.push(FailedRemoval::new(path, e));
                     return;
                 }
             }
         }
-        report.bytes += bytes;
-        report.removed.push(RemovedFile {
-            path: path.display().to_string(),
-            bytes,
-            instance: instance.to_owned(),
-            reason: reason.to_owned(),
-        });
+        report.note_removed(path, bytes, instance, reason);
     };
     for name in listing.instances() {
         let stats = names::stats_path(&name);
         let peek = match view::peek(&stats) {
             Ok(p) => p,
             Err(view::ViewError::Untrusted(e)) => {
-                report.untrusted.push(FailedRemoval {
-                    path: stats.display().to_string(),
-                    error: e.to_string(),
-                });
+                report.untrusted.push(FailedRemoval::new(&stats, e));
                 continue;
             }
             // Ours but unreadable (short, another version): dead only if unlocked.
@@ -429,10 +437,7 @@ pub fn gc(dry_run: bool) -> GcReport {
             // Gone meanwhile, or taken by a new supervisor: leave it to its owner.
             Ok(None) | Err(view::ViewError::Live { .. }) => continue,
             Err(e) => {
-                report.failed.push(FailedRemoval {
-                    path: stats.display().to_string(),
-                    error: e.to_string(),
-                });
+                report.failed.push(FailedRemoval::new(&stats, e));
                 continue;
             }
         };
@@ -441,20 +446,9 @@ pub fn gc(dry_run: bool) -> GcReport {
         }
         let bytes = file_size(&stats);
         match claimed.remove() {
-            Ok(true) => {
-                report.bytes += bytes;
-                report.removed.push(RemovedFile {
-                    path: stats.display().to_string(),
-                    bytes,
-                    instance: name.clone(),
-                    reason: reason.clone(),
-                });
-            }
+            Ok(true) => report.note_removed(&stats, bytes, &name, &reason),
             Ok(false) => {}
-            Err(e) => report.failed.push(FailedRemoval {
-                path: stats.display().to_string(),
-                error: e.to_string(),
-            }),
+            Err(e) => report.failed.push(FailedRemoval::new(&stats, e)),
         }
     }
     // A view being created is locked by its creator; an unlocked one older than a few seconds
