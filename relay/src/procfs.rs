@@ -1,4 +1,106 @@
-//! Counting a process's open files without listing them.
+//! The one reader of `/proc`: process state, memory, open files, environment, and the few
+//! system facts the tools check. Everything else asks here instead of parsing `/proc` itself.
+
+use std::io;
+
+/// The fields of `/proc/PID/stat` the relay and its tools use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// The state letter: `R`, `S`, `D`, `T` (stopped), `Z` (zombie), ...
+    pub state: char,
+    /// The parent's pid.
+    pub ppid: u32,
+    /// User plus system CPU time, in clock ticks ([`clock_ticks_per_sec`]).
+    pub cpu_ticks: u64,
+}
+
+impl Stat {
+    /// Exited, not yet reaped (or being torn down).
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+
+    /// Stopped by a signal or a tracer.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.state, 'T' | 't')
+    }
+}
+
+/// Reads `/proc/PID/stat`. `NotFound` means there is no such process.
+///
+/// ```
+/// let me = shmrelay::procfs::stat(std::process::id()).unwrap();
+/// assert!(!me.is_zombie());
+/// ```
+pub fn stat(pid: u32) -> io::Result<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "/proc stat"))
+}
+
+/// "pid (comm) state ppid ... utime(14) stime(15) ...": the command name may hold spaces and
+/// parentheses, so the fields are counted after its last ')'.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let mut f = text.rsplit_once(')')?.1.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let mut f = f.skip(9);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(Stat {
+        state,
+        ppid,
+        cpu_ticks: utime + stime,
+    })
+}
+
+/// Clock ticks per second, the unit of [`Stat::cpu_ticks`].
+pub fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a configuration value; it has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU time (user plus system) `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    Some(stat(pid).ok()?.cpu_ticks as f64 / clock_ticks_per_sec())
+}
+
+/// Every pid in `/proc` (empty if `/proc` cannot be read).
+pub fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// Resident memory of `pid` (this process if `None`) in KiB: `VmRSS` of `/proc/PID/status`.
+///
+/// ```
+/// assert!(shmrelay::procfs::rss_kib(None).unwrap() > 0);
+/// ```
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Whether `pid`'s environment holds the entry `entry` (`NAME=value`), exactly.
+pub fn environ_has(pid: u32, entry: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|&b| b == 0).any(|v| v == entry.as_bytes()))
+        .unwrap_or(false)
+}
 
 /// The number of open fds of `pid` (this process if `None`).
 ///
@@ -28,8 +130,26 @@ pub fn open_fds(pid: Option<u32>) -> Option<u64> {
     })
 }
 
+/// The ephemeral port range `(low, high)` of `/proc/sys/net/ipv4/ip_local_port_range`.
+pub fn local_port_range() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut v = text.split_whitespace().map(|x| x.parse().ok());
+    Some((v.next()??, v.next()??))
+}
+
+/// The CPU's model name from `/proc/cpuinfo`.
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|m| m.trim().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Other tests of this binary open files on other threads: retry until a quiet moment.
     fn eventually(mut f: impl FnMut() -> bool) -> bool {
         (0..100).any(|_| {
@@ -44,13 +164,42 @@ mod tests {
     fn counts_what_a_listing_counts() {
         assert!(eventually(|| {
             let listed = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64 - 1;
-            super::open_fds(None) == Some(listed)
+            open_fds(None) == Some(listed)
         }));
         let f = std::fs::File::open("/proc/self/status").unwrap();
         assert!(eventually(|| {
             let listed = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64 - 1;
-            super::open_fds(Some(std::process::id())) == Some(listed)
+            open_fds(Some(std::process::id())) == Some(listed)
         }));
         drop(f);
+    }
+
+    #[test]
+    fn stat_survives_hostile_command_names() {
+        let line = "42 (a) b) (c) T 7 1 1 0 -1 0 0 0 0 0 30 12 0 0 20 0 1 0 5 0 0";
+        let s = parse_stat(line).unwrap();
+        assert_eq!((s.state, s.ppid, s.cpu_ticks), ('T', 7, 42));
+        assert!(s.is_stopped() && !s.is_zombie());
+        assert_eq!(parse_stat("42 (x"), None);
+    }
+
+    #[test]
+    fn this_process_is_found_with_its_parent() {
+        let me = std::process::id();
+        assert!(pids().any(|p| p == me));
+        let s = stat(me).unwrap();
+        assert_eq!(s.ppid, std::os::unix::process::parent_id());
+        assert!(matches!(s.state, 'R' | 'S'));
+        assert_eq!(stat(u32::MAX).unwrap_err().kind(), io::ErrorKind::NotFound);
+        let (lo, hi) = local_port_range().unwrap();
+        assert!(lo <= hi);
+    }
+
+    #[test]
+    fn environ_matches_whole_entries_only() {
+        let me = std::process::id();
+        let path = std::env::var("PATH").unwrap();
+        assert!(environ_has(me, &format!("PATH={path}")));
+        assert!(!environ_has(me, "PATH="));
     }
 }

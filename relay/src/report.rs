@@ -931,14 +931,10 @@ pub fn process_liveness(pid: u32) -> Liveness {
     if pid == 0 {
         return Liveness::None;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the command name, which is in parentheses and
-        // may itself contain ')' or spaces: look after the last ')'.
-        Ok(stat) => match stat.rsplit(')').next().map(str::trim_start) {
-            Some(rest) if rest.starts_with(['Z', 'X', 'x']) => Liveness::Dead,
-            Some(rest) if rest.starts_with(['T', 't']) => Liveness::Stalled,
-            _ => Liveness::Alive,
-        },
+    match crate::procfs::stat(pid) {
+        Ok(s) if s.is_zombie() => Liveness::Dead,
+        Ok(s) if s.is_stopped() => Liveness::Stalled,
+        Ok(_) => Liveness::Alive,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Liveness::Dead,
         // /proc unavailable or hidden: fall back to kill(pid, 0).
         Err(_) if shm_ring::process_alive(pid) => Liveness::Alive,

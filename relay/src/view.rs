@@ -683,17 +683,8 @@ pub fn processes_of_run(token: u64, me: u32) -> Vec<u32> {
         return Vec::new();
     }
     let needle = format!("{RUN_ENV}={token:016x}");
-    let Ok(proc) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    proc.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
-                .unwrap_or(false)
-        })
+    crate::procfs::pids()
+        .filter(|&pid| pid != me && crate::procfs::environ_has(pid, &needle))
         .collect()
 }
 

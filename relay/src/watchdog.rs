@@ -5,18 +5,14 @@ use std::time::{Duration, Instant};
 
 use shm_ring::RingStorage;
 use shm_ring::ShmRing;
+use shmrelay::procfs;
 
 use std::sync::atomic::Ordering;
 
 /// Resident memory (KiB) and open fds of a process, from /proc.
 pub fn process_metrics(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let fds = shmrelay::procfs::open_fds(Some(pid))?;
+    let rss = procfs::rss_kib(Some(pid)).unwrap_or(0);
+    let fds = procfs::open_fds(Some(pid))?;
     Some((rss, fds))
 }
 
@@ -141,18 +137,10 @@ impl HangWatch {
 /// The children of `parent` (from /proc), each with whether it is a zombie (exited, not yet
 /// reaped).
 pub fn children(parent: u32) -> Vec<(u32, bool)> {
-    let Ok(proc) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    proc.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    procfs::pids()
         .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
-            let state = rest.next()?;
-            let ppid: u32 = rest.next()?.parse().ok()?;
-            (ppid == parent).then_some((pid, state == "Z"))
+            let s = procfs::stat(pid).ok()?;
+            (s.ppid == parent).then_some((pid, s.state == 'Z'))
         })
         .collect()
 }

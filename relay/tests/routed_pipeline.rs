@@ -93,17 +93,7 @@ fn read_exact_or_panic(s: &mut TcpStream, want: usize, what: &str) -> Vec<u8> {
 
 /// CPU time (user + system) of a process, in milliseconds.
 fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // Fields 14 and 15 of the whole line (utime, stime) are 11 and 12 after the `)`.
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    ticks * 1000 / hz
+    (shmrelay::procfs::cpu_seconds(pid).unwrap_or(0.0) * 1000.0) as u64
 }
 
 fn front_pid(relay: &Relay) -> u32 {

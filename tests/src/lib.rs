@@ -316,9 +316,8 @@ impl Drop for Relay {
 
 /// Open fds of a process (entries of /proc/PID/fd).
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+    shmrelay::procfs::open_fds(Some(pid)).unwrap_or_else(|| panic!("/proc/{pid}/fd is unreadable"))
+        as usize
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; returns its last value.

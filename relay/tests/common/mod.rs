@@ -165,25 +165,12 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Resident memory of `pid` in KiB (`VmRSS` from /proc; 0 if it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    shmrelay::procfs::rss_kib(Some(pid)).unwrap_or(0)
 }
 
 pub fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); look at /proc state too.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
+    shmrelay::procfs::stat(pid).is_ok_and(|s| !s.is_zombie())
 }
 
 /// A blocking wire-protocol client.

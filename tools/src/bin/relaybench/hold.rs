@@ -325,14 +325,7 @@ fn make_plan(args: &Args) -> Result<HoldPlan> {
 
 /// Resident memory of this process, KiB (0 if unknown).
 fn self_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    shmrelay::procfs::rss_kib(None).unwrap_or(0)
 }
 
 /// Connects this process's share of the plan and holds it. `gate` is called once every

@@ -332,21 +332,15 @@ pub(crate) fn check_limits(plan: &Plan) -> Result<()> {
              use --procs {need} or more"
         );
     }
-    if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
-        let v: Vec<u64> = range
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        if let [lo, hi] = v[..] {
-            let ports = (hi.saturating_sub(lo) + 1) as usize;
-            let sources = plan.src_ips.len().max(1);
-            if plan.conns > ports * sources {
-                eprintln!(
-                    "relaybench load: warning: {} connections from {sources} source address(es) exceed the {ports} \
-                     ephemeral ports per source; add addresses with --src-ips",
-                    plan.conns
-                );
-            }
+    if let Some((lo, hi)) = shmrelay::procfs::local_port_range() {
+        let ports = (hi.saturating_sub(lo) + 1) as usize;
+        let sources = plan.src_ips.len().max(1);
+        if plan.conns > ports * sources {
+            eprintln!(
+                "relaybench load: warning: {} connections from {sources} source address(es) exceed the {ports} \
+                 ephemeral ports per source; add addresses with --src-ips",
+                plan.conns
+            );
         }
     }
     Ok(())
@@ -357,33 +351,12 @@ pub(crate) fn server_cpu_seconds(pids: &[u32]) -> Option<f64> {
     if pids.is_empty() {
         return None;
     }
-    // SAFETY: sysconf only reads a configuration value; it has no memory-safety preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    use shmrelay::procfs;
+    let ticks = procfs::clock_ticks_per_sec();
     // (pid, ppid, utime + stime in ticks) of every process.
-    let mut procs = Vec::new();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // After the command name (which may hold spaces and parentheses): state ppid ... utime(14) stime(15).
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() < 13 {
-            continue;
-        }
-        let num = |i: usize| f[i].parse::<u64>().unwrap_or(0);
-        procs.push((pid, num(1) as u32, num(11) + num(12)));
-    }
+    let procs: Vec<(u32, u32, u64)> = procfs::pids()
+        .filter_map(|pid| procfs::stat(pid).ok().map(|s| (pid, s.ppid, s.cpu_ticks)))
+        .collect();
     let mut members: Vec<u32> = pids.to_vec();
     let mut i = 0;
     while i < members.len() {

@@ -401,15 +401,7 @@ fn describe(case: &Case) -> String {
 }
 
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
+    shmrelay::procfs::cpu_model().unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn header(cfg: &Config) -> String {
