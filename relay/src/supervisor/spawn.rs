@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
+use shm_ring::EventFd;
 use shmrelay::stats::{unix_ms, WorkerState};
-use shmrelay::view;
-use shmrelay_worker::protocol::env;
+use shmrelay_worker::protocol::{env, Channel};
 use tracing::info;
 
 use super::restart::worker_attaches;
@@ -57,6 +57,18 @@ pub(super) fn wait_ready(ready: Option<OwnedFd>, f: usize) -> Result<()> {
 }
 
 impl Instance {
+    /// Ring pair (f, w) as one end is handed it: `peer` is the process at the other end, whose
+    /// doorbell is `bell`.
+    fn channel(&self, f: usize, w: usize, peer: usize, bell: &EventFd) -> Channel {
+        let (req, rep) = &self.rings[f][w];
+        Channel {
+            peer,
+            request_fd: req.fd().as_raw_fd(),
+            reply_fd: rep.fd().as_raw_fd(),
+            doorbell_fd: bell.as_raw_fd(),
+        }
+    }
+
     /// Starts one process. For a front, returns the read end of its readiness pipe.
     pub(super) fn start(&mut self, role: Role) -> Result<Option<OwnedFd>> {
         let mut keep: Vec<RawFd> = Vec::new();
@@ -67,19 +79,11 @@ impl Instance {
                 let mut cmd = Command::new(&self.exe);
                 cmd.arg("front")
                     .args(["--index", &f.to_string()])
-                    .env("SHMRELAY_CONFIG", toml::to_string(&self.cfg)?);
-                let channels: Vec<String> = (0..self.workers)
-                    .map(|w| {
-                        let (req, rep) = &self.rings[f][w];
-                        let fds = [
-                            req.fd().as_raw_fd(),
-                            rep.fd().as_raw_fd(),
-                            self.worker_bells[w].as_raw_fd(),
-                        ];
-                        keep.extend(fds);
-                        format!("{w}:{}:{}:{}", fds[0], fds[1], fds[2])
-                    })
+                    .env(env::CONFIG, toml::to_string(&self.cfg)?);
+                let channels: Vec<Channel> = (0..self.workers)
+                    .map(|w| self.channel(f, w, w, &self.worker_bells[w]))
                     .collect();
+                keep.extend(channels.iter().flat_map(Channel::fds));
                 let listen_fds: Vec<RawFd> =
                     self.listeners[f].iter().map(|l| l.as_raw_fd()).collect();
                 let (bell, stats_fd) =
@@ -89,13 +93,13 @@ impl Instance {
                 keep.extend([bell, stats_fd, ready_w.as_raw_fd(), control]);
                 let listen_fds: Vec<String> = listen_fds.iter().map(|fd| fd.to_string()).collect();
                 cmd.env(env::INSTANCE, &self.cfg.instance)
-                    .env(view::RUN_ENV, format!("{:016x}", self.publisher.token()))
-                    .env("SHMRELAY_LISTEN_FD", listen_fds.join(","))
-                    .env("SHMRELAY_DOORBELL_FD", bell.to_string())
-                    .env("SHMRELAY_STATS_FD", stats_fd.to_string())
-                    .env("SHMRELAY_READY_FD", ready_w.as_raw_fd().to_string())
-                    .env("SHMRELAY_CONTROL_FD", control.to_string())
-                    .env(env::CHANNELS, channels.join(","));
+                    .env(env::RUN, format!("{:016x}", self.publisher.token()))
+                    .env(env::LISTEN_FD, listen_fds.join(","))
+                    .env(env::DOORBELL_FD, bell.to_string())
+                    .env(env::STATS_FD, stats_fd.to_string())
+                    .env(env::READY_FD, ready_w.as_raw_fd().to_string())
+                    .env(env::CONTROL_FD, control.to_string())
+                    .env(env::CHANNELS, Channel::join(&channels));
                 self.stats
                     .front(f)
                     .restarts
@@ -118,27 +122,19 @@ impl Instance {
                         cmd
                     }
                 };
-                let channels: Vec<String> = (0..self.cfg.fronts)
-                    .map(|f| {
-                        let (req, rep) = &self.rings[f][w];
-                        let fds = [
-                            req.fd().as_raw_fd(),
-                            rep.fd().as_raw_fd(),
-                            self.front_bells[f].as_raw_fd(),
-                        ];
-                        keep.extend(fds);
-                        format!("{f}:{}:{}:{}", fds[0], fds[1], fds[2])
-                    })
+                let channels: Vec<Channel> = (0..self.cfg.fronts)
+                    .map(|f| self.channel(f, w, f, &self.front_bells[f]))
                     .collect();
+                keep.extend(channels.iter().flat_map(Channel::fds));
                 let bell = self.worker_bells[w].as_raw_fd();
                 keep.push(bell);
                 cmd.env(env::INSTANCE, &self.cfg.instance)
-                    .env(view::RUN_ENV, format!("{:016x}", self.publisher.token()))
+                    .env(env::RUN, format!("{:016x}", self.publisher.token()))
                     .env(env::WORKER_INDEX, w.to_string())
                     .env(env::DOORBELL_FD, bell.to_string())
                     .env(env::RESTARTS, starts.to_string())
                     .env(env::CODEC, spec.codec().name())
-                    .env(env::CHANNELS, channels.join(","));
+                    .env(env::CHANNELS, Channel::join(&channels));
                 if let Some(name) = self.cfg.worker_user(w) {
                     let user = nix::unistd::User::from_name(name)
                         .with_context(|| format!("looking up user {name:?}"))?
