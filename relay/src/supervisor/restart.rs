@@ -15,16 +15,30 @@ use super::strays::kill_group;
 use super::{Instance, Role};
 
 /// Restart delay after the first quick crash; doubles per further quick crash.
-pub(super) const BACKOFF_START: Duration = Duration::from_millis(100);
-
-pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A process that ran this long is considered healthy again.
-pub(super) const STABLE_AFTER: Duration = Duration::from_secs(10);
-
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// First retry of a worker marked failed; doubles per further failure, up to
 /// `failed_retry_max_ms`.
-pub(super) const FAILED_RETRY_START: Duration = Duration::from_secs(1);
+const FAILED_RETRY_START: Duration = Duration::from_secs(1);
+
+/// Restart delay after `quick_crashes` quick crashes in a row (the first restart is at once).
+fn restart_delay(quick_crashes: u32) -> Duration {
+    if quick_crashes <= 1 {
+        Duration::ZERO
+    } else {
+        (BACKOFF_START * 2u32.saturating_pow(quick_crashes - 2)).min(BACKOFF_MAX)
+    }
+}
+
+/// Retry delay of a worker marked failed for the `fail_count`th time (at least 1) since it
+/// last ran stably, capped at `max`.
+fn failed_retry(fail_count: u32, max: Duration) -> Duration {
+    FAILED_RETRY_START
+        .saturating_mul(2u32.saturating_pow(fail_count - 1))
+        .min(max)
+}
 
 /// How many times consumers attached to worker `w`'s request rings, summed over fronts.
 pub(super) fn worker_attaches(rings: &[Vec<(ShmRing, ShmRing)>], w: usize) -> u32 {
@@ -90,9 +104,10 @@ impl Instance {
                 if slot.crashes.len() as u32 >= self.cfg.crash_limit {
                     slot.failed = true;
                     slot.fail_count += 1;
-                    let retry = FAILED_RETRY_START
-                        .saturating_mul(2u32.saturating_pow(slot.fail_count - 1))
-                        .min(Duration::from_millis(self.cfg.failed_retry_max_ms));
+                    let retry = failed_retry(
+                        slot.fail_count,
+                        Duration::from_millis(self.cfg.failed_retry_max_ms),
+                    );
                     slot.restart_at = Some(Instant::now() + retry);
                     let crashes = slot.crashes.len();
                     let ws = self.stats.worker(w);
@@ -120,11 +135,7 @@ impl Instance {
             } else {
                 slot.quick_crashes + 1
             };
-            let delay = if slot.quick_crashes <= 1 {
-                Duration::ZERO
-            } else {
-                (BACKOFF_START * 2u32.saturating_pow(slot.quick_crashes - 2)).min(BACKOFF_MAX)
-            };
+            let delay = restart_delay(slot.quick_crashes);
             slot.restart_at = Some(Instant::now() + delay);
             match role {
                 Role::Worker(w) => {
@@ -231,5 +242,32 @@ impl Instance {
         for slot in 0..shmrelay::stats::ADDR_SLOTS {
             self.stats.addr_slot(f, slot).store(0, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_crashes_back_off_from_the_second_restart_up_to_the_cap() {
+        let ms = |n| restart_delay(n).as_millis();
+        assert_eq!([ms(0), ms(1), ms(2), ms(3), ms(4)], [0, 0, 100, 200, 400]);
+        assert_eq!(ms(7), 3200);
+        assert_eq!(restart_delay(8), BACKOFF_MAX);
+        assert_eq!(restart_delay(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn failed_workers_are_retried_after_a_doubling_delay_up_to_the_maximum() {
+        let max = Duration::from_secs(60);
+        let s = |n| failed_retry(n, max).as_secs();
+        assert_eq!([s(1), s(2), s(3), s(6)], [1, 2, 4, 32]);
+        assert_eq!(failed_retry(7, max), max);
+        assert_eq!(failed_retry(u32::MAX, max), max);
+        assert_eq!(
+            failed_retry(3, Duration::from_millis(1500)).as_millis(),
+            1500
+        );
     }
 }
