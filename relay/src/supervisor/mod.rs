@@ -41,6 +41,7 @@ use tracing::{error, info, warn};
 use self::generation::{control_pair, Control};
 use crate::watchdog::{self, Growth, HangWatch};
 
+/// Which process a slot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Role {
     Front(usize),
@@ -56,6 +57,7 @@ impl std::fmt::Display for Role {
     }
 }
 
+/// One process slot: its current process and its restart record.
 struct Slot {
     pid: Option<Pid>,
     started: Instant,
