@@ -21,7 +21,7 @@
 
 use std::os::fd::{BorrowedFd, RawFd};
 
-use shmrelay_worker::protocol::env;
+use shmrelay_worker::protocol::{env, inherited_fd, Channel};
 use shmrelay_worker::{ConnId, Handler, Out};
 
 pub struct Scribbler {
@@ -36,20 +36,15 @@ impl Scribbler {
     /// Reads the ring fds from the environment the supervisor set (the SDK owns them; this
     /// only writes through them).
     pub fn from_env(index: usize) -> Scribbler {
-        let mut fds = Vec::new();
-        let mut bells = Vec::new();
-        for entry in std::env::var(env::CHANNELS).unwrap_or_default().split(',') {
-            let n: Vec<i32> = entry.split(':').filter_map(|x| x.parse().ok()).collect();
-            if let [f, req, rep, bell] = n[..] {
-                let f = f as usize;
-                if fds.len() <= f {
-                    fds.resize(f + 1, (-1, -1));
-                    bells.resize(f + 1, -1);
-                }
-                fds[f] = (req, rep);
-                bells[f] = bell;
-            }
-        }
+        let channels = channels_by_front();
+        let fds = channels
+            .iter()
+            .map(|c| c.map_or((-1, -1), |c| (c.request_fd, c.reply_fd)))
+            .collect();
+        let bells = channels
+            .iter()
+            .map(|c| c.map_or(-1, |c| c.doorbell_fd))
+            .collect();
         Scribbler { index, fds, bells }
     }
 
@@ -134,12 +129,25 @@ impl Handler for Scribbler {
     }
 }
 
+/// The channels the supervisor handed this worker, indexed by front (the SDK owns their fds;
+/// the fault workers only write through them). Empty if the environment holds none.
+pub fn channels_by_front() -> Vec<Option<Channel>> {
+    let list = std::env::var(env::CHANNELS).unwrap_or_default();
+    let mut by_front = Vec::new();
+    for c in Channel::parse_list(&list).unwrap_or_default() {
+        if by_front.len() <= c.peer {
+            by_front.resize(c.peer + 1, None);
+        }
+        by_front[c.peer] = Some(c);
+    }
+    by_front
+}
+
 /// The `liar` fault worker: in its first generation it answers the first frame it gets with a
 /// reply record whose `aux` (the request position it answers) is 2^62, far beyond anything
 /// the front published, then exits 1. A front that believed it would make every replacement
 /// skip every frame. Later generations (`SHMRELAY_RESTARTS` > 0) are plain echo workers.
 pub fn liar() -> anyhow::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -156,14 +164,17 @@ pub fn liar() -> anyhow::Result<()> {
         worker.run(&mut shmrelay_worker::examples::Echo)?;
         return Ok(());
     }
-    let channels = std::env::var(env::CHANNELS).context("SHMRELAY_CHANNELS")?;
-    let first = channels.split(',').next().context("no channel")?;
-    let n: Vec<i32> = first.split(':').filter_map(|x| x.parse().ok()).collect();
-    let [_, req, rep, _] = n[..] else {
-        anyhow::bail!("bad channel {first:?}")
-    };
+    let channels = std::env::var(env::CHANNELS).context(env::CHANNELS)?;
+    let first = *Channel::parse_list(&channels)?
+        .first()
+        .context("no channel")?;
     // SAFETY: inherited fds the supervisor named for this process; nothing else owns them.
-    let (req, rep) = unsafe { (OwnedFd::from_raw_fd(req), OwnedFd::from_raw_fd(rep)) };
+    let (req, rep) = unsafe {
+        (
+            inherited_fd(first.request_fd)?,
+            inherited_fd(first.reply_fd)?,
+        )
+    };
     let t = Duration::from_secs(5);
     let mut rx = Consumer::new(Arc::new(ShmRing::open_fd(req, t)?))?;
     let mut tx = Producer::new(Arc::new(ShmRing::open_fd(rep, t)?))?;

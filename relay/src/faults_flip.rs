@@ -31,19 +31,15 @@ impl Flipper {
     /// Reads the reply ring fds from the environment the supervisor set (the SDK owns them;
     /// this only maps them a second time).
     pub fn from_env() -> Flipper {
-        let (mut reps, mut bells) = (Vec::new(), Vec::new());
-        for entry in std::env::var(env::CHANNELS).unwrap_or_default().split(',') {
-            let n: Vec<i32> = entry.split(':').filter_map(|x| x.parse().ok()).collect();
-            if let [f, _, rep, bell] = n[..] {
-                let f = f as usize;
-                if reps.len() <= f {
-                    reps.resize(f + 1, -1);
-                    bells.resize(f + 1, -1);
-                }
-                reps[f] = rep;
-                bells[f] = bell;
-            }
-        }
+        let channels = crate::faults::channels_by_front();
+        let reps = channels
+            .iter()
+            .map(|c| c.map_or(-1, |c| c.reply_fd))
+            .collect();
+        let bells = channels
+            .iter()
+            .map(|c| c.map_or(-1, |c| c.doorbell_fd))
+            .collect();
         Flipper { reps, bells }
     }
 

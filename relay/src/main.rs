@@ -10,8 +10,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use shm_ring::EventFd;
 use shmrelay::config::Config;
-use shmrelay::front::{self, inherited_fd, ChannelFds, FrontSettings};
+use shmrelay::front::{self, ChannelFds, FrontSettings};
 use shmrelay::stats::Stats;
+use shmrelay_worker::protocol::{env, inherited_fd, Channel};
 
 mod faults;
 mod faults_flip;
@@ -150,10 +151,14 @@ fn settings(a: RunArgs) -> Result<Config> {
     Ok(c)
 }
 
+/// The value of `var`, which the supervisor sets for every front.
+fn env_var(var: &str) -> Result<String> {
+    std::env::var(var)
+        .with_context(|| format!("{var} is not set: fronts are started by the shmrelay supervisor"))
+}
+
 fn env_fd(var: &str) -> Result<std::os::fd::OwnedFd> {
-    let v = std::env::var(var).with_context(|| {
-        format!("{var} is not set: fronts are started by the shmrelay supervisor")
-    })?;
+    let v = env_var(var)?;
     let fd: i32 = v
         .parse()
         .with_context(|| format!("{var}={v:?} is not an fd number"))?;
@@ -163,52 +168,40 @@ fn env_fd(var: &str) -> Result<std::os::fd::OwnedFd> {
 
 fn run_front(a: FrontArgs) -> Result<()> {
     // One listening socket per configured listener, comma separated, in order.
-    let fds = std::env::var("SHMRELAY_LISTEN_FD")
-        .context("SHMRELAY_LISTEN_FD is not set: fronts are started by the shmrelay supervisor")?;
+    let fds = env_var(env::LISTEN_FD)?;
     let mut listeners = Vec::new();
     for v in fds.split(',') {
         let fd: i32 = v
             .parse()
-            .with_context(|| format!("SHMRELAY_LISTEN_FD entry {v:?} is not an fd number"))?;
+            .with_context(|| format!("{} entry {v:?} is not an fd number", env::LISTEN_FD))?;
         // SAFETY: the supervisor passes each fd number once, for this process to own.
-        let fd = unsafe { inherited_fd(fd) }.with_context(|| format!("SHMRELAY_LISTEN_FD={fd}"))?;
+        let fd = unsafe { inherited_fd(fd) }.with_context(|| format!("{}={fd}", env::LISTEN_FD))?;
         listeners.push(TcpListener::from(fd));
     }
-    let doorbell = Arc::new(EventFd::from_owned(env_fd("SHMRELAY_DOORBELL_FD")?));
-    let stats =
-        Stats::from_fd(env_fd("SHMRELAY_STATS_FD")?).context("mapping the stats segment")?;
-    let ready = env_fd("SHMRELAY_READY_FD")?;
-    let spec = std::env::var(shmrelay_worker::protocol::env::CHANNELS)
-        .context("SHMRELAY_CHANNELS is not set")?;
+    let doorbell = Arc::new(EventFd::from_owned(env_fd(env::DOORBELL_FD)?));
+    let stats = Stats::from_fd(env_fd(env::STATS_FD)?).context("mapping the stats segment")?;
+    let ready = env_fd(env::READY_FD)?;
     let mut channels = Vec::new();
-    for entry in spec.split(',').filter(|e| !e.is_empty()) {
-        let n: Vec<i32> = entry
-            .split(':')
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("bad channel {entry:?}"))?;
-        let [worker, req, rep, bell] = n[..] else {
-            anyhow::bail!("bad channel {entry:?}")
-        };
+    for channel in Channel::parse_list(&env_var(env::CHANNELS)?)? {
         // SAFETY: inherited fds named once by the supervisor for this process.
-        let (req, rep, bell) =
-            unsafe { (inherited_fd(req)?, inherited_fd(rep)?, inherited_fd(bell)?) };
+        let (req, rep, bell) = unsafe { channel.take_fds()? };
         channels.push(ChannelFds {
-            worker: worker as usize,
+            worker: channel.peer,
             req,
             rep,
             worker_doorbell: Arc::new(EventFd::from_owned(bell)),
         });
     }
-    let text = std::env::var("SHMRELAY_CONFIG").context("SHMRELAY_CONFIG is not set")?;
-    let config: Config = toml::from_str(&text).context("parsing SHMRELAY_CONFIG")?;
+    let text = env_var(env::CONFIG)?;
+    let config: Config =
+        toml::from_str(&text).with_context(|| format!("parsing {}", env::CONFIG))?;
     let settings = FrontSettings {
         index: a.index,
         config,
     };
     // The supervisor's control socket (new ring generations); absent from older supervisors.
-    let control = match std::env::var("SHMRELAY_CONTROL_FD") {
-        Ok(_) => Some(env_fd("SHMRELAY_CONTROL_FD")?),
+    let control = match std::env::var(env::CONTROL_FD) {
+        Ok(_) => Some(env_fd(env::CONTROL_FD)?),
         Err(_) => None,
     };
     front::run(

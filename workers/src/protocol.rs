@@ -40,6 +40,9 @@
 //!
 //! [`Producer::max_payload`]: shm_ring::Producer::max_payload
 
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
 /// Record tags.
 pub mod tag {
     /// Request ring: a connection was accepted.
@@ -300,22 +303,196 @@ pub fn is_whole_frames(buf: &[u8]) -> bool {
     true
 }
 
-/// Environment variables through which the supervisor hands a worker its rings. All fds are
-/// inherited (close-on-exec cleared for exactly these).
+/// Environment variables through which the supervisor hands a process what it needs: a
+/// worker its rings, a front its sockets, rings and control segment. Every name the relay
+/// reads or sets is here. All fds are inherited (close-on-exec cleared for exactly these) and
+/// taken with [`inherited_fd`].
 pub mod env {
     /// Instance name (for logs).
     pub const INSTANCE: &str = "SHMRELAY_INSTANCE";
     /// This worker's index in its pool.
     pub const WORKER_INDEX: &str = "SHMRELAY_WORKER_INDEX";
-    /// The worker's eventfd: fronts ring it when they publish requests or release replies.
+    /// The process's own eventfd: a worker's is rung by fronts when they publish requests or
+    /// release replies, a front's by workers.
     pub const DOORBELL_FD: &str = "SHMRELAY_DOORBELL_FD";
-    /// One entry per front, comma separated: `FRONT:REQUEST_FD:REPLY_FD:FRONT_DOORBELL_FD`.
+    /// One [`Channel`](super::Channel) per peer, comma separated:
+    /// `PEER:REQUEST_FD:REPLY_FD:PEER_DOORBELL_FD` (a worker's peers are fronts, a front's are
+    /// workers).
     pub const CHANNELS: &str = "SHMRELAY_CHANNELS";
     /// How many times this worker slot was started before (0 on the first start).
     pub const RESTARTS: &str = "SHMRELAY_RESTARTS";
     /// The codec of the worker's listener (`length-prefixed`, `line`, `resp`; see
     /// [`Codec`](crate::Codec)); unset means `length-prefixed`.
     pub const CODEC: &str = "SHMRELAY_CODEC";
+    /// The run's token (16 hex digits) in every process the supervisor starts: how a later
+    /// supervisor of the instance finds the processes of a dead run.
+    pub const RUN: &str = "SHMRELAY_RUN";
+    /// Front: its listening sockets, one per listener in configuration order, comma separated.
+    pub const LISTEN_FD: &str = "SHMRELAY_LISTEN_FD";
+    /// Front: the control segment (stats memfd).
+    pub const STATS_FD: &str = "SHMRELAY_STATS_FD";
+    /// Front: the write end of its readiness pipe (one byte once it accepts).
+    pub const READY_FD: &str = "SHMRELAY_READY_FD";
+    /// Front: its end of the supervisor's control socket (new ring generations).
+    pub const CONTROL_FD: &str = "SHMRELAY_CONTROL_FD";
+    /// Front: the relay's settings, as TOML.
+    pub const CONFIG: &str = "SHMRELAY_CONFIG";
+    /// Every relay process and tool: the directory of the instance's named files (default
+    /// `/dev/shm`).
+    pub const SHM_DIR: &str = "SHMRELAY_SHM_DIR";
+}
+
+/// One channel between a front and a worker as the supervisor names it in [`env::CHANNELS`]:
+/// the peer's index and the inherited fds of the request ring, the reply ring and the peer's
+/// doorbell (eventfd). Written `PEER:REQUEST_FD:REPLY_FD:DOORBELL_FD`.
+///
+/// # Examples
+///
+/// ```
+/// use shmrelay_worker::protocol::Channel;
+/// let c: Channel = "1:7:8:9".parse().unwrap();
+/// assert_eq!((c.peer, c.request_fd, c.reply_fd, c.doorbell_fd), (1, 7, 8, 9));
+/// assert_eq!(c.to_string(), "1:7:8:9");
+/// assert_eq!(Channel::parse_list("0:3:4:5,1:6:7:8").unwrap().len(), 2);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Channel {
+    /// For a worker, the front's index; for a front, the worker's.
+    pub peer: usize,
+    /// The request ring (front -> worker).
+    pub request_fd: RawFd,
+    /// The reply ring (worker -> front).
+    pub reply_fd: RawFd,
+    /// The peer's doorbell eventfd.
+    pub doorbell_fd: RawFd,
+}
+
+/// A malformed [`Channel`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// Not four colon-separated fields.
+    #[error("channel {entry:?}: {found} fields, want PEER:REQUEST_FD:REPLY_FD:DOORBELL_FD")]
+    Fields { entry: String, found: usize },
+    /// A field is not a non-negative number (the peer index) or not an fd number.
+    #[error("channel {entry:?}: {field} {value:?} is not a valid number")]
+    Number {
+        entry: String,
+        field: &'static str,
+        value: String,
+    },
+}
+
+impl Channel {
+    /// The channels of a comma-separated list (empty entries are skipped).
+    ///
+    /// # Errors
+    ///
+    /// The first malformed entry's [`ChannelError`].
+    pub fn parse_list(list: &str) -> Result<Vec<Channel>, ChannelError> {
+        list.split(',')
+            .filter(|e| !e.is_empty())
+            .map(str::parse)
+            .collect()
+    }
+
+    /// The comma-separated list [`parse_list`](Channel::parse_list) reads.
+    pub fn join(channels: &[Channel]) -> String {
+        let entries: Vec<String> = channels.iter().map(Channel::to_string).collect();
+        entries.join(",")
+    }
+
+    /// The three fds: (request ring, reply ring, doorbell).
+    pub fn fds(&self) -> [RawFd; 3] {
+        [self.request_fd, self.reply_fd, self.doorbell_fd]
+    }
+
+    /// Takes ownership of the three inherited fds: (request ring, reply ring, doorbell).
+    ///
+    /// # Errors
+    ///
+    /// An fd that is not open (see [`inherited_fd`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`inherited_fd`], for each of the three fds, and each is taken at most once.
+    pub unsafe fn take_fds(&self) -> io::Result<(OwnedFd, OwnedFd, OwnedFd)> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            Ok((
+                inherited_fd(self.request_fd)?,
+                inherited_fd(self.reply_fd)?,
+                inherited_fd(self.doorbell_fd)?,
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for Channel {
+    type Err = ChannelError;
+
+    fn from_str(entry: &str) -> Result<Channel, ChannelError> {
+        const FIELDS: [&str; 4] = ["peer", "request fd", "reply fd", "doorbell fd"];
+        let parts: Vec<&str> = entry.split(':').collect();
+        if parts.len() != FIELDS.len() {
+            return Err(ChannelError::Fields {
+                entry: entry.to_owned(),
+                found: parts.len(),
+            });
+        }
+        let mut n = [0u32; 4];
+        for ((slot, field), value) in n.iter_mut().zip(FIELDS).zip(&parts) {
+            // fds are non-negative `c_int`s: at most i32::MAX.
+            *slot = value
+                .parse::<u32>()
+                .ok()
+                .filter(|&v| v <= i32::MAX as u32)
+                .ok_or_else(|| ChannelError::Number {
+                    entry: entry.to_owned(),
+                    field,
+                    value: (*value).to_owned(),
+                })?;
+        }
+        let [peer, request_fd, reply_fd, doorbell_fd] = n;
+        Ok(Channel {
+            peer: peer as usize,
+            request_fd: request_fd as RawFd,
+            reply_fd: reply_fd as RawFd,
+            doorbell_fd: doorbell_fd as RawFd,
+        })
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}:{}",
+            self.peer, self.request_fd, self.reply_fd, self.doorbell_fd
+        )
+    }
+}
+
+/// Takes ownership of an fd inherited from the supervisor (named in the environment),
+/// checking that it is open, and sets close-on-exec so that it does not leak into processes
+/// this one starts.
+///
+/// # Errors
+///
+/// `NotFound` if `fd` is not open.
+///
+/// # Safety
+///
+/// `fd` must be owned by this process and by nothing else in it.
+pub unsafe fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_SETFD on any number is harmless; EBADF tells us it is not open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("inherited fd {fd} is not open"),
+        ));
+    }
+    // SAFETY: open (checked) and owned per the caller's contract.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
@@ -359,6 +536,88 @@ mod tests {
             assert_eq!(CloseReason::from_code(r as u64), r);
         }
         assert_eq!(CloseReason::from_code(999), CloseReason::Other);
+    }
+
+    #[test]
+    fn channels_round_trip() {
+        let c = Channel {
+            peer: 3,
+            request_fd: 10,
+            reply_fd: 11,
+            doorbell_fd: i32::MAX,
+        };
+        assert_eq!(c.to_string().parse(), Ok(c));
+        let list = vec![c, Channel { peer: 0, ..c }];
+        assert_eq!(Channel::parse_list(&Channel::join(&list)), Ok(list));
+        assert_eq!(Channel::parse_list(""), Ok(vec![]));
+        assert_eq!(
+            Channel::parse_list("0:1:2:3,,"),
+            Ok(vec!["0:1:2:3".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn malformed_channels_say_what_is_wrong() {
+        let fields = |entry: &str, found| {
+            Err::<Channel, _>(ChannelError::Fields {
+                entry: entry.to_owned(),
+                found,
+            })
+        };
+        assert_eq!("".parse::<Channel>(), fields("", 1));
+        assert_eq!("1:2:3".parse::<Channel>(), fields("1:2:3", 3));
+        assert_eq!("1:2:3:4:5".parse::<Channel>(), fields("1:2:3:4:5", 5));
+        assert_eq!(
+            "1:2:3:".parse::<Channel>(),
+            Err(number("1:2:3:", "doorbell fd", ""))
+        );
+        assert_eq!(
+            "x:2:3:4".parse::<Channel>(),
+            Err(number("x:2:3:4", "peer", "x"))
+        );
+        assert_eq!(
+            "1:-2:3:4".parse::<Channel>(),
+            Err(number("1:-2:3:4", "request fd", "-2"))
+        );
+        assert_eq!(
+            "1:2:2147483648:4".parse::<Channel>(),
+            Err(number("1:2:2147483648:4", "reply fd", "2147483648"))
+        );
+        assert_eq!(
+            "1:2: 3:4".parse::<Channel>(),
+            Err(number("1:2: 3:4", "reply fd", " 3"))
+        );
+        // A list reports its first bad entry.
+        assert_eq!(
+            Channel::parse_list("0:1:2:3,0:1:2"),
+            Err(ChannelError::Fields {
+                entry: "0:1:2".to_owned(),
+                found: 3
+            })
+        );
+        let e = "1:2:x:4".parse::<Channel>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "channel \"1:2:x:4\": reply fd \"x\" is not a valid number"
+        );
+    }
+
+    fn number(entry: &str, field: &'static str, value: &str) -> ChannelError {
+        ChannelError::Number {
+            entry: entry.to_owned(),
+            field,
+            value: value.to_owned(),
+        }
+    }
+
+    #[test]
+    fn inherited_fd_refuses_fds_that_are_not_open() {
+        for fd in [-1, i32::MAX] {
+            // SAFETY: neither number is an open fd of this process (-1 never is; the highest
+            // fd number is far above anything the test harness opens), so nothing is taken.
+            let e = unsafe { inherited_fd(fd) }.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        }
     }
 
     proptest::proptest! {

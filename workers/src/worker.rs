@@ -1,17 +1,17 @@
 //! The worker side of the relay: attach to the rings handed over by the supervisor and serve
 //! OPEN / frame / CLOSE events with payloads borrowed in place.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
 
 use crate::codec::Codec;
 use crate::protocol::{
-    env, flags, tag, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS, INFLIGHT_WORD,
-    REDELIVERED_WORD, SKIPPED_WORD, SPLIT_HEADER,
+    env, flags, inherited_fd, tag, Channel, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS,
+    INFLIGHT_WORD, REDELIVERED_WORD, SKIPPED_WORD, SPLIT_HEADER,
 };
 
 type Rx = Consumer<Arc<ShmRing>>;
@@ -317,10 +317,7 @@ impl Worker {
     pub fn from_env() -> Result<Worker, WorkerError> {
         let index = parse_env::<usize>(env::WORKER_INDEX)?;
         let doorbell_fd = parse_env::<RawFd>(env::DOORBELL_FD)?;
-        let channels = std::env::var(env::CHANNELS).map_err(|e| WorkerError::Env {
-            var: env::CHANNELS,
-            problem: e.to_string(),
-        })?;
+        let channels = std::env::var(env::CHANNELS).map_err(|e| env_error(env::CHANNELS, e))?;
         let restarted = std::env::var(env::RESTARTS)
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
@@ -328,42 +325,22 @@ impl Worker {
             > 0;
         // SAFETY: the supervisor passes this fd number as an inherited eventfd owned by us.
         let doorbell = Arc::new(EventFd::from_owned(unsafe {
-            take_fd(doorbell_fd, env::DOORBELL_FD)?
+            inherited_fd(doorbell_fd).map_err(|e| env_error(env::DOORBELL_FD, e))?
         }));
         let codec = match std::env::var(env::CODEC) {
             Ok(v) => v
                 .parse()
-                .map_err(|e: crate::codec::UnknownCodec| WorkerError::Env {
-                    var: env::CODEC,
-                    problem: e.to_string(),
-                })?,
+                .map_err(|e: crate::codec::UnknownCodec| env_error(env::CODEC, e))?,
             Err(_) => Codec::default(),
         };
         let mut worker = Worker::new(index, doorbell, codec);
-        for entry in channels.split(',').filter(|e| !e.is_empty()) {
-            let bad = |problem: &str| WorkerError::Env {
-                var: env::CHANNELS,
-                problem: format!("{problem} in {entry:?}"),
-            };
-            let nums: Vec<i64> = entry
-                .split(':')
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .map_err(|_| bad("not numbers"))?;
-            let [front, req_fd, rep_fd, front_bell] = nums[..] else {
-                return Err(bad("want FRONT:REQ:REP:BELL"));
-            };
-            let front = usize::try_from(front).map_err(|_| bad("bad front"))?;
+        let channels = Channel::parse_list(&channels).map_err(|e| env_error(env::CHANNELS, e))?;
+        for channel in channels {
             // SAFETY: inherited fds named by the supervisor for this process alone.
-            let (req_fd, rep_fd, front_bell) = unsafe {
-                (
-                    take_fd(req_fd as RawFd, env::CHANNELS)?,
-                    take_fd(rep_fd as RawFd, env::CHANNELS)?,
-                    take_fd(front_bell as RawFd, env::CHANNELS)?,
-                )
-            };
+            let (req_fd, rep_fd, front_bell) =
+                unsafe { channel.take_fds() }.map_err(|e| env_error(env::CHANNELS, e))?;
             worker.attach(
-                front,
+                channel.peer,
                 req_fd,
                 rep_fd,
                 Arc::new(EventFd::from_owned(front_bell)),
@@ -639,56 +616,36 @@ impl Worker {
 }
 
 fn parse_env<T: std::str::FromStr>(var: &'static str) -> Result<T, WorkerError> {
-    let v = std::env::var(var).map_err(|e| WorkerError::Env {
-        var,
-        problem: e.to_string(),
-    })?;
-    v.parse().map_err(|_| WorkerError::Env {
-        var,
-        problem: format!("cannot parse {v:?}"),
-    })
+    let v = std::env::var(var).map_err(|e| env_error(var, e))?;
+    v.parse()
+        .map_err(|_| env_error(var, format_args!("cannot parse {v:?}")))
 }
 
-/// Takes ownership of an inherited fd, checking that it is open, and sets close-on-exec so
-/// it does not leak into processes the worker starts.
-///
-/// # Safety
-///
-/// `fd` must be an fd this process owns and nothing else will close.
-unsafe fn take_fd(fd: RawFd, var: &'static str) -> Result<OwnedFd, WorkerError> {
-    // SAFETY: F_SETFD on an arbitrary number is harmless; it fails with EBADF if not open.
-    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(WorkerError::Env {
-            var,
-            problem: format!("fd {fd} is not open"),
-        });
+/// A [`WorkerError::Env`] about `var`.
+fn env_error(var: &'static str, problem: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Env {
+        var,
+        problem: problem.to_string(),
     }
-    // SAFETY: open (checked above) and owned by us per the caller's contract.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by SIGTERM and SIGINT (once [`Worker::from_env`] installed the handlers).
+static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// True once SIGTERM or SIGINT arrived.
 pub fn stop_requested() -> bool {
+    // Relaxed: the flag carries no data; the loop only needs to see it eventually.
     STOP.load(Ordering::Relaxed)
 }
 
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
+/// SIGTERM and SIGINT set [`STOP`] (signal-hook, as in the relay: the handler only stores
+/// to the flag, which is async-signal-safe). Registered once per process.
 fn install_stop_handler() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            let _ = sigaction(sig, &action);
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            // Fails only for a forbidden signal number, which these are not.
+            let _ = signal_hook::flag::register(sig, Arc::clone(&STOP));
         }
-    }
+    });
 }

@@ -1,0 +1,154 @@
+//! Health watch: hung workers, stalled fronts, and memory or fd growth of every process.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use shmrelay::stats::WorkerState;
+use tracing::{error, info, warn};
+
+use super::{Instance, Role};
+use crate::watchdog::{self, Hang};
+
+impl Instance {
+    /// Samples every worker's request rings for a hang; reports it and, if configured, kills
+    /// the worker (the reaper restarts it, and its replacement gets the waiting frames).
+    pub(super) fn watch_hangs(&mut self) {
+        let timeout = Duration::from_millis(self.cfg.hang_timeout_ms);
+        for w in 0..self.workers {
+            let Some(pid) = self.slots.get(&Role::Worker(w)).and_then(|s| s.pid) else {
+                continue;
+            };
+            let mut hung = None;
+            let mut recovered = false;
+            for f in 0..self.cfg.fronts {
+                match self.hangs[f][w].sample(&self.rings[f][w].0, timeout) {
+                    Hang::Detected(d) => hung = Some(d),
+                    Hang::Recovered => recovered = true,
+                    Hang::Fine | Hang::Ongoing => {}
+                }
+            }
+            let ws = self.stats.worker(w);
+            if let Some(d) = hung {
+                ws.hangs.fetch_add(1, Ordering::Relaxed);
+                ws.state.store(WorkerState::Hung as u32, Ordering::Relaxed);
+                if self.cfg.kill_hung {
+                    error!(worker = w, pid = pid.as_raw(), stuck = ?d, "worker hung: killing it; its replacement gets the waiting frames");
+                    let _ = kill(pid, Signal::SIGKILL);
+                } else {
+                    error!(worker = w, pid = pid.as_raw(), stuck = ?d, "worker hung (kill_hung = false: left running)");
+                }
+            } else if recovered {
+                info!(worker = w, pid = pid.as_raw(), "worker consuming again");
+                ws.state
+                    .store(WorkerState::Running as u32, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A front whose loop stopped publishing activity (SIGSTOP, stuck) for `hang_timeout_ms`
+    /// is killed and replaced, like a hung worker: its clients are disconnected and can
+    /// reconnect at once to the others (or to its replacement).
+    pub(super) fn watch_fronts(&mut self) {
+        let timeout = Duration::from_millis(self.cfg.hang_timeout_ms);
+        for f in 0..self.cfg.fronts {
+            let Some(s) = self.slots.get(&Role::Front(f)) else {
+                continue;
+            };
+            let Some(pid) = s.pid else { continue };
+            let active = self.stats.front(f).active_ns.load(Ordering::Relaxed);
+            let seen = &mut self.front_seen[f];
+            if active != seen.0 {
+                *seen = (active, Instant::now());
+                continue;
+            }
+            if seen.1.elapsed() < timeout || s.started.elapsed() < timeout {
+                continue;
+            }
+            let stalled = seen.1.elapsed();
+            seen.1 = Instant::now();
+            self.stats
+                .front_process(f)
+                .hangs
+                .fetch_add(1, Ordering::Relaxed);
+            if self.cfg.kill_hung {
+                error!(
+                    front = f,
+                    pid = pid.as_raw(),
+                    ?stalled,
+                    "front stalled (no loop activity): killing it; it is replaced"
+                );
+                let _ = kill(pid, Signal::SIGKILL);
+            } else {
+                error!(
+                    front = f,
+                    pid = pid.as_raw(),
+                    ?stalled,
+                    "front stalled (no loop activity) (kill_hung = false: left running)"
+                );
+            }
+        }
+    }
+
+    /// Memory and fd counts of every process, and growth beyond what their work explains.
+    pub(super) fn sample_processes(&mut self) {
+        let h = self.stats.header();
+        let me = std::process::id();
+        if let Some((rss, fds)) = watchdog::process_metrics(me) {
+            h.supervisor_rss_kb.store(rss, Ordering::Relaxed);
+            h.supervisor_fds.store(fds, Ordering::Relaxed);
+            self.note_growth(None, me, rss, fds, 0);
+        }
+        let roles: Vec<(Role, Pid)> = self
+            .slots
+            .iter()
+            .filter_map(|(r, s)| Some((*r, s.pid?)))
+            .collect();
+        for (role, pid) in roles {
+            let Some((rss, fds)) = watchdog::process_metrics(pid.as_raw() as u32) else {
+                continue;
+            };
+            let (block, conns) = match role {
+                Role::Worker(w) => (self.stats.worker(w), 0),
+                Role::Front(f) => (
+                    self.stats.front_process(f),
+                    self.stats.front(f).conns_open.load(Ordering::Relaxed),
+                ),
+            };
+            block.rss_kb.store(rss, Ordering::Relaxed);
+            block.fds.store(fds, Ordering::Relaxed);
+            self.note_growth(Some(role), pid.as_raw() as u32, rss, fds, conns);
+        }
+    }
+
+    fn note_growth(&mut self, role: Option<Role>, pid: u32, rss: u64, fds: u64, conns: u64) {
+        // A connection legitimately holds one fd and a few KiB (socket buffers are the kernel's).
+        let g = match role {
+            Some(r) => match self.slots.get_mut(&r) {
+                Some(s) => &mut s.growth,
+                None => return,
+            },
+            None => &mut self.supervisor_growth,
+        };
+        let ev = g.sample(pid, rss, fds, conns, conns * 4);
+        let h = self.stats.header();
+        let who = role.map_or("supervisor".to_owned(), |r| r.to_string());
+        if ev.fds {
+            h.fd_growth_events.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                process = who,
+                pid, fds, "open fds grew beyond the baseline: possible fd leak"
+            );
+        }
+        if ev.rss {
+            h.rss_growth_events.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                process = who,
+                pid,
+                rss_kb = rss,
+                "resident memory doubled beyond the baseline: possible leak"
+            );
+        }
+    }
+}
