@@ -4,11 +4,15 @@
 //!   ping-pong, in one run on the same payloads.
 //! - `relaybench load`: a load generator for the length-prefixed wire protocol.
 //! - `relaybench hold`: many idle long-lived connections with heartbeats, held for a while.
+//!
+//! `load` and `hold` are two workloads of one load engine (`engine.rs`), with the same
+//! connection, process and output flags.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod engine;
 mod hold;
 mod load;
 mod procs;
