@@ -174,9 +174,11 @@ pub(crate) trait Workload:
 pub(crate) trait Tally:
     Default + Clone + Serialize + DeserializeOwned + Send + 'static
 {
+    /// Adds `other`'s counts to these (an error if a histogram cannot take them).
     fn add(&mut self, other: &Self) -> Result<()>;
-    /// The counts every workload keeps.
+    /// The counts every workload keeps (the engine counts connects into them).
     fn base(&self) -> &Base;
+    /// The same, to count into.
     fn base_mut(&mut self) -> &mut Base;
 }
 
@@ -192,6 +194,7 @@ pub struct Base {
 }
 
 impl Base {
+    /// Adds `o`'s counts to these; keeps the first error.
     pub fn add(&mut self, o: &Base) {
         self.connected += o.connected;
         self.connect_errors += o.connect_errors;
@@ -215,6 +218,7 @@ macro_rules! counters {
         $(#[$meta])*
         #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
         pub struct $name {
+            /// Connections and the first error.
             pub base: $crate::engine::Base,
             $($(#[$fmeta])* pub $field: u64,)*
         }
