@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{refused_addr, relaybench, relaybench_json, src_ip_set, start_server, Server};
+use common::{count as num, src_ip_set, start_server, Server};
 
 /// What the server saw, over all connections.
 #[derive(Default)]
@@ -87,15 +87,7 @@ fn serve(mut s: TcpStream, ping: Duration, close: Option<Duration>, seen: &Seen)
 
 /// Runs `relaybench hold --json` against `addr`; returns the parsed object.
 fn hold_json(addr: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["--addr", addr, "--json"];
-    args.extend_from_slice(extra);
-    relaybench_json("hold", &args)
-}
-
-fn num(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no count {key} in {v}"))
+    common::run_json("hold", addr, &[], extra)
 }
 
 #[test]
@@ -200,21 +192,6 @@ fn spreads_over_processes_and_source_addresses() {
 
 #[test]
 fn a_refused_address_is_an_error() {
-    let addr = refused_addr();
-    let out = relaybench(
-        "hold",
-        &[
-            "--addr",
-            &addr,
-            "--conns",
-            "2",
-            "--seconds",
-            "0.1",
-            "--json",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("the summary is still printed");
-    assert_eq!(num(&v, "connect_errors"), 2, "{v}");
+    let (v, _) = common::against_refused("hold", &[]);
     assert_eq!(num(&v, "opened"), 0, "{v}");
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::Value;
 
 mod common;
-use common::{refused_addr, relaybench_json, src_ip_set, start_server, Server};
+use common::{src_ip_set, start_server, Server};
 
 #[derive(Clone, Copy)]
 enum Mode {
@@ -79,19 +79,8 @@ fn relaybench(args: &[&str]) -> Output {
 
 /// Runs `relaybench load --json` briefly against `addr`; returns the parsed object.
 fn load_json(addr: &str, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "--addr",
-        addr,
-        "--seconds",
-        "0.3",
-        "--warmup",
-        "0.1",
-        "--drain",
-        "0.5",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    relaybench_json("load", &args)
+    let brief = ["--seconds", "0.3", "--warmup", "0.1", "--drain", "0.5"];
+    common::run_json("load", addr, &brief, extra)
 }
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -224,22 +213,8 @@ fn open_loop_keeps_to_the_rate() {
 
 #[test]
 fn no_server_means_failure() {
-    let addr = refused_addr();
-    let out = relaybench(&[
-        "--addr",
-        &addr,
-        "--conns",
-        "2",
-        "--seconds",
-        "0.1",
-        "--warmup",
-        "0",
-        "--json",
-    ]);
-    assert!(!out.status.success());
-    let v: Value = serde_json::from_slice(&out.stdout).expect("the JSON report is still printed");
-    assert_eq!(num(&v, "connect_errors"), 2.0, "{v}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (v, err) = common::against_refused("load", &["--warmup", "0"]);
+    assert_eq!(num(&v, "connected"), 0.0, "{v}");
     assert!(
         err.contains("no connection") && err.contains("refused"),
         "stderr: {err}"

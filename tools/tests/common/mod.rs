@@ -83,3 +83,42 @@ pub fn relaybench_json(sub: &str, args: &[&str]) -> Value {
     assert_eq!(lines.len(), 1, "--json prints exactly one line: {stdout}");
     serde_json::from_str(lines[0]).expect("valid JSON")
 }
+
+/// Runs `relaybench SUB --addr ADDR ARGS... --json EXTRA...` (which must succeed); returns the
+/// parsed object.
+pub fn run_json(sub: &str, addr: &str, args: &[&str], extra: &[&str]) -> Value {
+    let all: Vec<&str> = [&["--addr", addr], args, &["--json"], extra].concat();
+    relaybench_json(sub, &all)
+}
+
+/// The count `key` of a JSON summary.
+pub fn count(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no count {key} in {v}"))
+}
+
+/// Runs `relaybench SUB` with 2 connections against an address nothing listens on: it must
+/// exit with 2 and still print its JSON summary, with 2 connect errors. Returns the summary
+/// and stderr.
+pub fn against_refused(sub: &str, extra: &[&str]) -> (Value, String) {
+    let addr = refused_addr();
+    let args = [
+        &[
+            "--addr",
+            &addr,
+            "--conns",
+            "2",
+            "--seconds",
+            "0.1",
+            "--json",
+        ],
+        extra,
+    ]
+    .concat();
+    let out = relaybench(sub, &args);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the summary is still printed");
+    assert_eq!(count(&v, "connect_errors"), 2, "{v}");
+    (v, String::from_utf8_lossy(&out.stderr).into_owned())
+}

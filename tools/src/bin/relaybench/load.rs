@@ -1,4 +1,6 @@
-//! `relaybench load`: a load generator for the length-prefixed wire protocol.
+//! `relaybench load`: a load generator for the length-prefixed wire protocol, a workload of the
+//! one load engine ([`crate::engine`]: connections, processes, threads, source addresses and
+//! the measured window are its business).
 //!
 //! Every connection sends frames of `--size` payload bytes and checks that each reply is the
 //! byte-for-byte echo of the request it answers, in order (payloads carry a per-connection
@@ -13,98 +15,202 @@
 //!   from their intended time. The schedule runs on tokio timers, which fire on a 1 ms grid:
 //!   open-loop latencies include up to ~1 ms of that lateness (closed loop has no timer).
 //!
-//! Scale: connections are spread over `--threads` OS threads per process (a tokio
-//! current-thread runtime each) and over `--procs` processes (this binary re-executed with a
-//! hidden `--child-plan`; each child reports its counters and its histogram as one JSON line on
-//! stdout and the parent merges them), and over source addresses (`--src-ips`), because a
-//! process may hold only so many open files and a source address only ~28K ports towards one
-//! destination. All connections of all processes are open before the first request is sent.
+//! All connections of all processes are open before the first request is sent. Only replies
+//! that arrive inside the window count and are recorded; after it, a bounded drain
+//! (`--drain`) collects the replies still in flight.
+//!
+//! A connection is one task with one read buffer and one write buffer and no locks: it waits
+//! for readiness, reads whatever has arrived, checks every complete reply against the request it
+//! answers, and writes the requests that the replies allowed (closed loop) or that the schedule
+//! asks for (open loop) in one write.
 //!
 //! Output: a short human summary, or with `--json` exactly one JSON object on stdout (fields
 //! listed on [`Summary`]).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::cell::{OnceCell, RefCell};
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::WriteHalf;
+use tokio::net::TcpStream;
 
-#[path = "load_engine.rs"]
-pub(crate) mod engine;
-
-use crate::procs::{self, Children};
-use engine::{Counters, Plan};
+use crate::engine::{
+    self, counters, mix, secs_arg, Base, Common, ConnArgs, Defaults, Plan, Start, Window,
+};
 
 /// Options of `relaybench load`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Server address (HOST:PORT).
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    pub addr: String,
-    /// Concurrent connections (all processes together).
-    #[arg(long, default_value_t = 100)]
-    pub conns: usize,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Payload bytes per frame (0: every frame is a heartbeat).
     #[arg(long, default_value_t = 64)]
     pub size: u32,
     /// Frames in flight per connection [default: 1 in closed loop, unlimited with --rate].
     #[arg(long)]
     pub depth: Option<usize>,
-    /// Length of the measurement window in seconds (fractions allowed).
-    #[arg(long, default_value_t = 5.0)]
-    pub seconds: f64,
     /// Seconds of load before the window, not counted.
     #[arg(long, default_value_t = 0.5)]
     pub warmup: f64,
     /// Open loop: target requests per second in total; latency from the intended send time.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// OS threads per process, each with a tokio current-thread runtime.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
-    /// Processes to spread the connections over (open files are capped per process).
-    #[arg(long, default_value_t = 1)]
-    pub procs: usize,
-    /// Source addresses to bind before connecting, used round robin: a list of addresses and
-    /// IPv4 ranges, e.g. `127.0.0.2-127.0.0.9,127.0.1.1`.
-    #[arg(long, value_name = "LIST")]
-    pub src_ips: Option<String>,
-    /// Connection attempts in flight at once (all processes together), so connecting cannot
-    /// overflow the server's listen backlog.
-    #[arg(long, default_value_t = 128)]
-    pub connect_concurrency: usize,
-    /// Seconds one connection attempt may take.
-    #[arg(long, default_value_t = 5.0)]
-    pub connect_timeout: f64,
-    /// Seconds the whole connect phase may take; connections not open by then count as errors.
-    #[arg(long, default_value_t = 60.0)]
-    pub ramp_limit: f64,
     /// Seconds to wait after the window for replies still in flight (then: `unanswered`).
     #[arg(long, default_value_t = 1.0)]
     pub drain: f64,
     /// Largest reply payload accepted; a longer reply length is a protocol error.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_frame: u32,
-    /// Server process whose CPU time (with all its descendants, from /proc) is measured over
-    /// the window; repeatable.
-    #[arg(long = "server-pid", value_name = "PID")]
-    pub server_pids: Vec<u32>,
-    /// Print exactly one JSON object instead of the human summary.
-    #[arg(long)]
-    pub json: bool,
-    /// Internal: run as a child process of a `--procs` run with this plan (JSON).
-    #[arg(long, hide = true)]
-    pub child_plan: Option<String>,
+}
+
+/// What every connection of a `load` run does (part of the plan children get).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Echo {
+    size: u32,
+    /// Frames in flight per connection at most.
+    depth: usize,
+    /// Open loop: requests per second of the whole run (None: closed loop).
+    rate: Option<f64>,
+    warmup: f64,
+    drain: f64,
+    /// Largest reply payload accepted.
+    max_frame: u32,
+}
+
+counters! {
+    /// Counters of a thread, a process or the whole run.
+    Counters {
+        /// Resets and other I/O errors on open connections.
+        io_errors,
+        /// The server closed a connection before the end of the run or with replies
+        /// outstanding.
+        early_closes,
+        /// A reply announced a length above `--max-frame`: the stream cannot be followed after
+        /// it.
+        protocol_errors,
+        /// Replies that are not the byte-for-byte echo of the request they answer (or answer
+        /// none).
+        mismatches,
+        /// Replies received inside the measurement window (each recorded in the histogram).
+        requests,
+        /// All requests sent, warm-up and drain included.
+        sent,
+        /// All replies received, warm-up and drain included.
+        replies,
+        /// Requests still unanswered when the drain time ran out.
+        unanswered,
+    }
+}
+
+impl Counters {
+    pub fn errors(&self) -> u64 {
+        self.base.connect_errors + self.io_errors + self.early_closes + self.protocol_errors
+    }
+}
+
+/// What a thread, a process or the run measured: counters and the latency histogram (which a
+/// child sends V2-serialized, in hex).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Stats {
+    counters: Counters,
+    #[serde(with = "hist_hex")]
+    hist: Histogram<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            counters: Counters::default(),
+            hist: new_histogram(),
+        }
+    }
+}
+
+impl engine::Tally for Stats {
+    fn add(&mut self, o: &Stats) -> Result<()> {
+        self.counters.add(&o.counters);
+        self.hist
+            .add(&o.hist)
+            .map_err(|e| anyhow!("cannot merge histograms: {e:?}"))
+    }
+
+    fn base(&self) -> &Base {
+        &self.counters.base
+    }
+
+    fn base_mut(&mut self) -> &mut Base {
+        &mut self.counters.base
+    }
+}
+
+/// Latency histogram in microseconds, 1 us to 1 h, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// A thread of a `load` run.
+pub struct LoadThread {
+    work: Echo,
+    conns: usize,
+    stats: RefCell<Stats>,
+    /// Settings of the run phase, made at the start (they hold its window).
+    shared: OnceCell<Shared>,
+}
+
+impl engine::Workload for Echo {
+    type Tally = Stats;
+    type Thread = LoadThread;
+    const NAME: &'static str = "load";
+    // A request/reply connection finishes its own drain; nothing is left to cut.
+    const ENDS_ITSELF: bool = true;
+    const DEFAULTS: Defaults = Defaults {
+        conns: 100,
+        seconds: 5.0,
+        ramp_limit: 60.0,
+    };
+
+    fn warmup(&self) -> f64 {
+        self.warmup
+    }
+
+    fn drain(&self) -> f64 {
+        self.drain
+    }
+
+    fn thread(plan: &Plan<Echo>) -> LoadThread {
+        LoadThread {
+            work: plan.work.clone(),
+            conns: plan.conns,
+            stats: RefCell::new(Stats::default()),
+            shared: OnceCell::new(),
+        }
+    }
+
+    fn tally(th: &LoadThread) -> &RefCell<Stats> {
+        &th.stats
+    }
+
+    async fn conn(th: Rc<LoadThread>, start: Rc<Start>, id: usize, stream: TcpStream) {
+        let w = start.wait().await;
+        let sh = th.shared.get_or_init(|| Shared::new(&th.work, th.conns, w));
+        drive(id, stream, sh, &th.stats).await;
+    }
 }
 
 /// The result of a run; with `--json` printed as one object.
 #[derive(Debug, Serialize)]
 pub struct Summary {
-    pub addr: String,
-    /// Connections asked for.
-    pub conns: usize,
+    /// Address, connections asked for, processes, threads, source addresses, window, connect
+    /// errors, CPU seconds of client and server, first error.
+    #[serde(flatten)]
+    pub run: Common,
     /// Connections open when the run started.
     pub connected: u64,
     pub size: u32,
@@ -114,11 +220,7 @@ pub struct Summary {
     pub mode: &'static str,
     /// Open loop: target requests per second.
     pub rate: Option<f64>,
-    pub seconds: f64,
     pub warmup: f64,
-    pub procs: usize,
-    pub threads: usize,
-    pub src_ips: usize,
     /// Replies received inside the window.
     pub requests: u64,
     pub req_per_sec: f64,
@@ -132,7 +234,6 @@ pub struct Summary {
     pub mean_us: f64,
     /// connect_errors + io_errors + early_closes + protocol_errors.
     pub errors: u64,
-    pub connect_errors: u64,
     pub io_errors: u64,
     pub early_closes: u64,
     pub protocol_errors: u64,
@@ -141,76 +242,26 @@ pub struct Summary {
     pub sent: u64,
     pub replies: u64,
     pub unanswered: u64,
-    /// CPU seconds of the load generator's processes inside the window.
-    pub client_cpu_seconds: f64,
-    /// CPU seconds of the `--server-pid` processes and their descendants inside the window.
-    pub server_cpu_seconds: Option<f64>,
     /// Requests per server CPU second (efficiency).
     pub req_per_server_cpu_sec: Option<f64>,
-    pub first_error: Option<String>,
-}
-
-/// What a child process reports at the end of a `--procs` run.
-#[derive(Serialize, Deserialize)]
-struct ChildReport {
-    counters: Counters,
-    /// The latency histogram, V2-serialized, in hex.
-    hist: String,
-    cpu_seconds: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(plan) = &args.child_plan {
-        return run_child(plan);
-    }
-    let plan = make_plan(&args)?;
-    check_limits(&plan)?;
-    let (counters, hist, client_cpu, server_cpu) = if plan.procs == 1 {
-        run_single(&plan, &args.server_pids)?
-    } else {
-        run_procs(&plan, &args.server_pids)?
+    let work = make_work(&args)?;
+    let Some(out) = engine::run(&args.conn, work)? else {
+        return Ok(()); // a child of a --procs run
     };
-    let summary = summarize(&args, &plan, &counters, &hist, client_cpu, server_cpu);
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print_human(&summary);
-    }
-    if summary.connected == 0 {
-        bail!(
-            "no connection to {} could be opened: {}",
-            summary.addr,
-            summary.first_error.as_deref().unwrap_or("unknown error")
-        );
-    }
-    Ok(())
+    out.print(args.conn.json, &summarize(&out), print_human)
 }
 
-pub(crate) fn secs_arg(v: f64, name: &str, allow_zero: bool) -> Result<f64> {
-    if !v.is_finite() || v < 0.0 || (!allow_zero && v == 0.0) || v > 1e6 {
-        bail!(
-            "{name} must be a {} number of seconds, got {v}",
-            if allow_zero {
-                "non-negative"
-            } else {
-                "positive"
-            }
-        );
-    }
-    Ok(v)
-}
-
-fn make_plan(args: &Args) -> Result<Plan> {
-    let addr = check_addr_and_split(&args.addr, args.conns, args.threads, args.procs)?;
+/// Checks the flags of the echo load.
+fn make_work(args: &Args) -> Result<Echo> {
     if args.size > args.max_frame {
         bail!(
             "--size {} is above --max-frame {}",
             args.size,
             args.max_frame
         );
-    }
-    if args.connect_concurrency == 0 {
-        bail!("--connect-concurrency must be at least 1");
     }
     if let Some(r) = args.rate {
         if !r.is_finite() || r <= 0.0 {
@@ -223,181 +274,14 @@ fn make_plan(args: &Args) -> Result<Plan> {
         (None, None) => 1,
         (None, Some(_)) => usize::MAX,
     };
-    let src_ips = src_ips_for(addr, args.src_ips.as_deref())?;
-    Ok(Plan {
-        addr,
-        src_ips,
-        conns: args.conns,
-        proc_index: 0,
-        procs: args.procs,
-        threads: args.threads,
+    Ok(Echo {
         size: args.size,
         depth,
         rate: args.rate,
-        seconds: secs_arg(args.seconds, "--seconds", false)?,
         warmup: secs_arg(args.warmup, "--warmup", true)?,
         drain: secs_arg(args.drain, "--drain", true)?,
-        connect_concurrency: args.connect_concurrency.div_ceil(args.procs),
-        connect_timeout: secs_arg(args.connect_timeout, "--connect-timeout", false)?,
-        ramp_limit: secs_arg(args.ramp_limit, "--ramp-limit", false)?,
         max_frame: args.max_frame,
     })
-}
-
-/// Resolves `--addr` and checks `--conns`, `--threads` and `--procs` (for `load` and `hold`).
-pub(crate) fn check_addr_and_split(
-    addr: &str,
-    conns: usize,
-    threads: usize,
-    procs: usize,
-) -> Result<SocketAddr> {
-    let addr = addr
-        .to_socket_addrs()
-        .with_context(|| format!("bad --addr {addr:?} (expected HOST:PORT)"))?
-        .next()
-        .ok_or_else(|| anyhow!("--addr {addr:?} resolves to no address"))?;
-    if conns == 0 {
-        bail!("--conns must be at least 1");
-    }
-    if threads == 0 || procs == 0 {
-        bail!("--threads and --procs must be at least 1");
-    }
-    if procs > conns {
-        bail!("--procs {procs} is more than --conns {conns}");
-    }
-    Ok(addr)
-}
-
-/// The addresses of `--src-ips` (none given: empty), which must be of `addr`'s family.
-pub(crate) fn src_ips_for(addr: SocketAddr, src_ips: Option<&str>) -> Result<Vec<IpAddr>> {
-    let src_ips = match src_ips {
-        Some(s) => parse_src_ips(s)?,
-        None => Vec::new(),
-    };
-    if let Some(ip) = src_ips.iter().find(|ip| ip.is_ipv4() != addr.is_ipv4()) {
-        bail!("source address {ip} is not of the same family as {addr}");
-    }
-    Ok(src_ips)
-}
-
-/// Parses `127.0.0.2-127.0.0.9,127.0.1.1,::1` into a list of addresses.
-pub(crate) fn parse_src_ips(s: &str) -> Result<Vec<IpAddr>> {
-    let mut out = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        if let Some((a, b)) = item.split_once('-') {
-            let a: Ipv4Addr = a
-                .trim()
-                .parse()
-                .with_context(|| format!("bad address in --src-ips range {item:?}"))?;
-            let b: Ipv4Addr = b
-                .trim()
-                .parse()
-                .with_context(|| format!("bad address in --src-ips range {item:?}"))?;
-            let (a, b) = (u32::from(a), u32::from(b));
-            if b < a || b - a >= 1 << 16 {
-                bail!("--src-ips range {item:?} must go upwards and hold at most 65536 addresses");
-            }
-            out.extend((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))));
-        } else {
-            out.push(
-                item.parse()
-                    .with_context(|| format!("bad address {item:?} in --src-ips"))?,
-            );
-        }
-    }
-    if out.is_empty() {
-        bail!("--src-ips holds no address");
-    }
-    Ok(out)
-}
-
-/// Raises the open-files limit to its hard cap and checks that each process's share fits.
-pub(crate) fn check_limits(plan: &Plan) -> Result<()> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) =
-        getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-files limit")?;
-    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
-    } else {
-        soft
-    };
-    let per_proc = plan.conns.div_ceil(plan.procs) as u64;
-    // A few descriptors go to stdio, the runtime and the pipes.
-    if per_proc + 64 > limit {
-        let need = plan
-            .conns
-            .div_ceil((limit.saturating_sub(64)).max(1) as usize);
-        bail!(
-            "{per_proc} connections per process exceed the open-files limit of {limit}: \
-             use --procs {need} or more"
-        );
-    }
-    if let Some((lo, hi)) = shmrelay::procfs::local_port_range() {
-        let ports = (hi.saturating_sub(lo) + 1) as usize;
-        let sources = plan.src_ips.len().max(1);
-        if plan.conns > ports * sources {
-            eprintln!(
-                "relaybench load: warning: {} connections from {sources} source address(es) exceed the {ports} \
-                 ephemeral ports per source; add addresses with --src-ips",
-                plan.conns
-            );
-        }
-    }
-    Ok(())
-}
-
-/// CPU seconds (user + system) of the given processes and all their descendants, from /proc.
-pub(crate) fn server_cpu_seconds(pids: &[u32]) -> Option<f64> {
-    if pids.is_empty() {
-        return None;
-    }
-    use shmrelay::procfs;
-    let ticks = procfs::clock_ticks_per_sec();
-    // (pid, ppid, utime + stime in ticks) of every process.
-    let procs: Vec<(u32, u32, u64)> = procfs::pids()
-        .filter_map(|pid| procfs::stat(pid).ok().map(|s| (pid, s.ppid, s.cpu_ticks)))
-        .collect();
-    let mut members: Vec<u32> = pids.to_vec();
-    let mut i = 0;
-    while i < members.len() {
-        let parent = members[i];
-        for &(pid, ppid, _) in &procs {
-            if ppid == parent && !members.contains(&pid) {
-                members.push(pid);
-            }
-        }
-        i += 1;
-    }
-    let total: u64 = procs
-        .iter()
-        .filter(|p| members.contains(&p.0))
-        .map(|p| p.2)
-        .sum();
-    Some(total as f64 / ticks)
-}
-
-type RunResult = (Counters, Histogram<u64>, f64, Option<f64>);
-
-fn run_single(plan: &Plan, server_pids: &[u32]) -> Result<RunResult> {
-    let mut samples = Vec::new();
-    let report = engine::run_process(
-        plan,
-        |_| Ok(()),
-        |_| samples.push(server_cpu_seconds(server_pids)),
-    )?;
-    Ok((
-        report.counters,
-        report.hist,
-        report.cpu_seconds,
-        cpu_delta(&samples),
-    ))
-}
-
-pub(crate) fn cpu_delta(samples: &[Option<f64>]) -> Option<f64> {
-    match samples {
-        [Some(a), Some(b)] => Some((b - a).max(0.0)),
-        _ => None,
-    }
 }
 
 fn hist_to_hex(h: &Histogram<u64>) -> Result<String> {
@@ -422,65 +306,23 @@ fn hist_from_hex(s: &str) -> Result<Histogram<u64>> {
         .map_err(|e| anyhow!("cannot read a histogram: {e:?}"))
 }
 
-/// Child side of `--procs`: connect, report ready, wait for "go" on stdin, run, report.
-fn run_child(plan_json: &str) -> Result<()> {
-    procs::run_child(plan_json, |plan: Plan, gate| {
-        let r = engine::run_process(&plan, gate, |_| {})?;
-        Ok(ChildReport {
-            counters: r.counters,
-            hist: hist_to_hex(&r.hist)?,
-            cpu_seconds: r.cpu_seconds,
-        })
-    })
-}
+/// Serde for a histogram as the hex of its V2 serialization (children's reports).
+mod hist_hex {
+    use hdrhistogram::Histogram;
+    use serde::{Deserialize, Deserializer, Serializer};
 
-fn run_procs(plan: &Plan, server_pids: &[u32]) -> Result<RunResult> {
-    let plans = (0..plan.procs).map(|i| Plan {
-        proc_index: i,
-        ..plan.clone()
-    });
-    let mut children = Children::<Counters, ChildReport>::spawn("load", plans)?;
-    // 1. Every child connects; wait for all of them.
-    let ready_deadline =
-        Instant::now() + Duration::from_secs_f64(plan.ramp_limit) + Duration::from_secs(30);
-    children.wait_ready(ready_deadline)?;
-    // 2. Go, all at once; sample the server over the same window as the children.
-    children.go()?;
-    let start = Instant::now();
-    let measure_start = start + Duration::from_secs_f64(plan.warmup);
-    let measure_end = measure_start + Duration::from_secs_f64(plan.seconds);
-    let mut samples = Vec::new();
-    if !server_pids.is_empty() {
-        for t in [measure_start, measure_end] {
-            std::thread::sleep(t.saturating_duration_since(Instant::now()));
-            samples.push(server_cpu_seconds(server_pids));
-        }
+    pub fn serialize<S: Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::hist_to_hex(h).map_err(serde::ser::Error::custom)?)
     }
-    // 3. Collect and merge the reports.
-    let report_deadline =
-        measure_end + Duration::from_secs_f64(plan.drain) + Duration::from_secs(30);
-    let mut counters = Counters::default();
-    let mut hist = engine::new_histogram();
-    let mut cpu = 0.0;
-    children.collect_reports(report_deadline, |r| {
-        counters.add(&r.counters);
-        hist.add(hist_from_hex(&r.hist)?)
-            .map_err(|e| anyhow!("cannot merge histograms: {e:?}"))?;
-        cpu += r.cpu_seconds;
-        Ok(())
-    })?;
-    children.finish()?;
-    Ok((counters, hist, cpu, cpu_delta(&samples)))
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {
+        super::hist_from_hex(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
-fn summarize(
-    args: &Args,
-    plan: &Plan,
-    c: &Counters,
-    h: &Histogram<u64>,
-    client_cpu: f64,
-    server_cpu: Option<f64>,
-) -> Summary {
+fn summarize(out: &engine::Outcome<Echo>) -> Summary {
+    let (plan, work) = (&out.plan, &out.plan.work);
+    let (c, h) = (&out.report.tally.counters, &out.report.tally.hist);
     let q = |p: f64| {
         if h.is_empty() {
             0
@@ -490,25 +332,20 @@ fn summarize(
     };
     let req_per_sec = c.requests as f64 / plan.seconds;
     Summary {
-        addr: plan.addr.to_string(),
-        conns: plan.conns,
-        connected: c.connected,
-        size: plan.size,
-        depth: (plan.depth != usize::MAX).then_some(plan.depth),
-        mode: if plan.rate.is_some() {
+        run: out.common(),
+        connected: c.base.connected,
+        size: work.size,
+        depth: (work.depth != usize::MAX).then_some(work.depth),
+        mode: if work.rate.is_some() {
             "open"
         } else {
             "closed"
         },
-        rate: plan.rate,
-        seconds: plan.seconds,
-        warmup: plan.warmup,
-        procs: plan.procs,
-        threads: args.threads,
-        src_ips: plan.src_ips.len(),
+        rate: work.rate,
+        warmup: work.warmup,
         requests: c.requests,
         req_per_sec,
-        bytes_per_sec: req_per_sec * plan.size as f64,
+        bytes_per_sec: req_per_sec * work.size as f64,
         p50_us: q(0.5),
         p90_us: q(0.9),
         p99_us: q(0.99),
@@ -516,7 +353,6 @@ fn summarize(
         max_us: h.max(),
         mean_us: if h.is_empty() { 0.0 } else { h.mean() },
         errors: c.errors(),
-        connect_errors: c.connect_errors,
         io_errors: c.io_errors,
         early_closes: c.early_closes,
         protocol_errors: c.protocol_errors,
@@ -524,16 +360,15 @@ fn summarize(
         sent: c.sent,
         replies: c.replies,
         unanswered: c.unanswered,
-        client_cpu_seconds: client_cpu,
-        server_cpu_seconds: server_cpu,
-        req_per_server_cpu_sec: server_cpu
+        req_per_server_cpu_sec: out
+            .server_cpu
             .filter(|s| *s > 0.0)
             .map(|s| c.requests as f64 / s),
-        first_error: c.first_error.clone(),
     }
 }
 
 fn print_human(s: &Summary) {
+    let r = &s.run;
     let depth = s
         .depth
         .map_or_else(|| "unlimited".to_string(), |d| d.to_string());
@@ -543,7 +378,7 @@ fn print_human(s: &Summary) {
     };
     println!(
         "relaybench load: {} | {} conns ({} open) | {} B payloads | depth {depth} | {mode} | {} s (+{} s warm-up) | {} proc(s) x {} thread(s)",
-        s.addr, s.conns, s.connected, s.size, s.seconds, s.warmup, s.procs, s.threads
+        r.addr, r.conns, s.connected, s.size, r.seconds, s.warmup, r.procs, r.threads
     );
     println!(
         "  throughput  {:.0} req/s ({} requests, {:.1} MB/s payload each way)",
@@ -557,19 +392,346 @@ fn print_human(s: &Summary) {
     );
     println!(
         "  errors {} (connect {}, io {}, early close {}, protocol {})  mismatches {}  unanswered {}",
-        s.errors, s.connect_errors, s.io_errors, s.early_closes, s.protocol_errors, s.mismatches, s.unanswered
+        s.errors, r.connect_errors, s.io_errors, s.early_closes, s.protocol_errors, s.mismatches, s.unanswered
     );
-    let server = match (s.server_cpu_seconds, s.req_per_server_cpu_sec) {
+    let server = match (r.server_cpu_seconds, s.req_per_server_cpu_sec) {
         (Some(c), Some(e)) => format!("; server {c:.2} s ({e:.0} req per CPU-second)"),
         (Some(c), None) => format!("; server {c:.2} s"),
         _ => String::new(),
     };
     println!(
         "  cpu seconds in window: client {:.2}{server}",
-        s.client_cpu_seconds
+        r.client_cpu_seconds
     );
-    if let Some(e) = &s.first_error {
+    if let Some(e) = &r.first_error {
         println!("  first error: {e}");
+    }
+}
+
+/// Read-only settings of the run phase, per thread.
+struct Shared {
+    w: Window,
+    size: usize,
+    depth: usize,
+    max_frame: u32,
+    /// Open loop: time between two requests of one connection.
+    interval: Option<Duration>,
+    /// Payload bytes after the sequence stamp (same for every request).
+    pattern: Vec<u8>,
+}
+
+impl Shared {
+    fn new(work: &Echo, conns: usize, w: Window) -> Shared {
+        let size = work.size as usize;
+        let interval = work.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+        let pattern = (0..size)
+            .map(|i| (i.wrapping_mul(131).wrapping_add(17) as u8) ^ 0x5a)
+            .collect();
+        Shared {
+            w,
+            size,
+            depth: work.depth.max(1),
+            max_frame: work.max_frame,
+            interval,
+            pattern,
+        }
+    }
+}
+
+/// The first `min(8, size)` payload bytes of request `seq` on connection `id`: the sequence
+/// number in the low bytes, the connection in the high ones (little endian). The rest of the
+/// payload is [`Shared::pattern`]. A reply that is not the echo of the oldest outstanding
+/// request of its own connection fails the comparison.
+fn stamp(id: usize, seq: u64) -> [u8; 8] {
+    (((id as u64) << 40) ^ (seq & ((1u64 << 40) - 1))).to_le_bytes()
+}
+
+/// How a connection ended when it did not end cleanly.
+enum ConnError {
+    Io(std::io::Error),
+    EarlyClose,
+    Protocol(u32),
+}
+
+struct Conn {
+    id: usize,
+    next_seq: u64,
+    expect_seq: u64,
+    /// Intended send times of the requests in flight, oldest first.
+    inflight: VecDeque<Instant>,
+    /// Open loop: intended send times that are due but wait for room under `--depth`.
+    backlog: VecDeque<Instant>,
+    /// Open loop: the next intended send time.
+    next_due: Instant,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    rbuf: Vec<u8>,
+    rlen: usize,
+    /// False once the measurement window is over: no new requests.
+    sending: bool,
+    /// The end timer has fired once and now stands for the end of the drain.
+    draining: bool,
+}
+
+/// First read buffer of a connection; it doubles (up to [`MAX_READ_BUF`]) while reads fill it.
+const READ_BUF: usize = 4 * 1024;
+const MAX_READ_BUF: usize = 256 * 1024;
+
+async fn drive(id: usize, mut stream: TcpStream, sh: &Shared, st: &RefCell<Stats>) {
+    let mut c = Conn {
+        id,
+        next_seq: 0,
+        expect_seq: 0,
+        inflight: VecDeque::with_capacity(sh.depth.min(1024)),
+        backlog: VecDeque::new(),
+        next_due: sh.w.start,
+        wbuf: Vec::new(),
+        wpos: 0,
+        rbuf: vec![0; READ_BUF.max(sh.size + 4).min(MAX_READ_BUF)],
+        rlen: 0,
+        sending: true,
+        draining: false,
+    };
+    let result = c.run(&mut stream, sh, st).await;
+    let mut st = st.borrow_mut();
+    let counters = &mut st.counters;
+    match result {
+        Ok(()) => {}
+        Err(ConnError::Io(e)) => {
+            counters.io_errors += 1;
+            counters.note_error(|| format!("connection {id}: {e}"));
+        }
+        Err(ConnError::EarlyClose) => {
+            counters.early_closes += 1;
+            counters.note_error(|| format!("connection {id}: closed by the server during the run"));
+        }
+        Err(ConnError::Protocol(len)) => {
+            counters.protocol_errors += 1;
+            counters
+                .note_error(|| format!("connection {id}: reply length {len} is above --max-frame"));
+        }
+    }
+    counters.unanswered += c.inflight.len() as u64;
+    counters.sent += c.next_seq;
+}
+
+impl Conn {
+    async fn run(
+        &mut self,
+        stream: &mut TcpStream,
+        sh: &Shared,
+        st: &RefCell<Stats>,
+    ) -> Result<(), ConnError> {
+        // Reading through the AsyncRead half lets tokio treat a short read as "drained" and
+        // skip the extra read that would only return EAGAIN: one read, one write and (amortized)
+        // one epoll_wait per batch of replies.
+        let (mut rd, wr) = stream.split();
+        let open_loop = sh.interval.is_some();
+        if let Some(iv) = sh.interval {
+            // Spread the connections' schedules over one interval.
+            let frac = (mix(self.id as u64) >> 11) as f64 / (1u64 << 53) as f64;
+            self.next_due = sh.w.start + iv.mul_f64(frac);
+        } else {
+            for _ in 0..sh.depth {
+                self.enqueue(sh, sh.w.start);
+            }
+        }
+        let end = tokio::time::sleep_until(sh.w.measure_end.into());
+        tokio::pin!(end);
+        let tick = tokio::time::sleep_until(self.next_due.into());
+        tokio::pin!(tick);
+        loop {
+            self.flush(&wr)?;
+            if !self.sending && self.inflight.is_empty() {
+                return Ok(());
+            }
+            if self.rlen == self.rbuf.len() {
+                // Never read into an empty slice: that would look like end of stream.
+                let len = self.rbuf.len();
+                self.rbuf.resize(len * 2, 0);
+            }
+            let pending_write = self.wpos < self.wbuf.len();
+            let free = self.rbuf.len() - self.rlen;
+            tokio::select! {
+                biased;
+                r = rd.read(&mut self.rbuf[self.rlen..]) => {
+                    self.on_read(r, free, sh, st)?;
+                }
+                w = wr.writable(), if pending_write => {
+                    w.map_err(ConnError::Io)?; // the flush at the top of the loop writes
+                }
+                _ = &mut tick, if open_loop && self.sending => {
+                    let iv = sh.interval.unwrap_or_default();
+                    let now = Instant::now();
+                    while self.next_due <= now && self.next_due < sh.w.measure_end {
+                        self.backlog.push_back(self.next_due);
+                        self.next_due += iv;
+                    }
+                    self.pump(sh);
+                    if self.next_due >= sh.w.measure_end {
+                        // The schedule is done: no more sends (also disarms this branch, which
+                        // would otherwise fire forever and, being biased first, starve `end`).
+                        self.sending = false;
+                        self.backlog.clear();
+                    } else {
+                        tick.as_mut().reset(self.next_due.into());
+                    }
+                }
+                _ = &mut end => {
+                    if !self.draining {
+                        self.draining = true;
+                        self.sending = false;
+                        self.backlog.clear();
+                        end.as_mut().reset(sh.w.drain_end.into());
+                    } else {
+                        return Ok(()); // drain time is up; what is in flight counts as unanswered
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends request `next_seq` to the write buffer, `intended` being its intended send time.
+    fn enqueue(&mut self, sh: &Shared, intended: Instant) {
+        let k = sh.size.min(8);
+        self.wbuf.extend_from_slice(&(sh.size as u32).to_be_bytes());
+        self.wbuf
+            .extend_from_slice(&stamp(self.id, self.next_seq)[..k]);
+        self.wbuf.extend_from_slice(&sh.pattern[k..]);
+        self.next_seq += 1;
+        self.inflight.push_back(intended);
+    }
+
+    /// Open loop: sends due requests while there is room under `--depth`.
+    fn pump(&mut self, sh: &Shared) {
+        while self.inflight.len() < sh.depth {
+            match self.backlog.pop_front() {
+                Some(t) => self.enqueue(sh, t),
+                None => break,
+            }
+        }
+    }
+
+    /// Writes as much of the write buffer as the socket takes now.
+    fn flush(&mut self, stream: &WriteHalf<'_>) -> Result<(), ConnError> {
+        while self.wpos < self.wbuf.len() {
+            match stream.try_write(&self.wbuf[self.wpos..]) {
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(ConnError::Io(e)),
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        } else if self.wpos >= 64 * 1024 {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        Ok(())
+    }
+
+    /// Handles the outcome of one read of up to `free` bytes into `rbuf[rlen..]`.
+    fn on_read(
+        &mut self,
+        read: std::io::Result<usize>,
+        free: usize,
+        sh: &Shared,
+        st: &RefCell<Stats>,
+    ) -> Result<(), ConnError> {
+        let n = match read {
+            Ok(0) => {
+                return if self.sending || !self.inflight.is_empty() {
+                    Err(ConnError::EarlyClose)
+                } else {
+                    Ok(())
+                };
+            }
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                return Ok(())
+            }
+            Err(e) => return Err(ConnError::Io(e)),
+        };
+        self.rlen += n;
+        if n == free && self.rbuf.len() < MAX_READ_BUF {
+            // Replies arrive faster than one buffer per read: read bigger batches.
+            let len = self.rbuf.len();
+            self.rbuf.resize(len * 2, 0);
+        }
+        let now = Instant::now();
+        let in_window = now >= sh.w.measure_start && now < sh.w.measure_end;
+        if now >= sh.w.measure_end {
+            self.sending = false;
+        }
+        let mut pos = 0;
+        let mut stats = st.borrow_mut();
+        let Stats { counters, hist } = &mut *stats;
+        let mut answered = 0usize;
+        while self.rlen - pos >= 4 {
+            let b = &self.rbuf[pos..pos + 4];
+            let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            if len > sh.max_frame {
+                return Err(ConnError::Protocol(len));
+            }
+            let end = pos + 4 + len as usize;
+            if end > self.rlen {
+                if end - pos > self.rbuf.len() {
+                    // Make room for the whole frame after compaction below.
+                    let need = end - pos;
+                    self.rbuf.copy_within(pos..self.rlen, 0);
+                    self.rlen -= pos;
+                    pos = 0;
+                    self.rbuf.resize(need, 0);
+                }
+                break;
+            }
+            let payload = &self.rbuf[pos + 4..end];
+            counters.replies += 1;
+            match self.inflight.pop_front() {
+                None => counters.mismatches += 1, // a frame nobody asked for
+                Some(intended) => {
+                    let k = sh.size.min(8);
+                    let ok = payload.len() == sh.size
+                        && payload[..k] == stamp(self.id, self.expect_seq)[..k]
+                        && payload[k..] == sh.pattern[k..];
+                    self.expect_seq += 1;
+                    answered += 1;
+                    if !ok {
+                        counters.mismatches += 1;
+                        counters.note_error(|| {
+                            format!(
+                                "connection {}: reply {} is not the echo of its request",
+                                self.id,
+                                self.expect_seq - 1
+                            )
+                        });
+                    }
+                    if in_window {
+                        counters.requests += 1;
+                        let us = now.saturating_duration_since(intended).as_micros() as u64;
+                        hist.saturating_record(us.max(1));
+                    }
+                }
+            }
+            pos = end;
+        }
+        if pos > 0 {
+            self.rbuf.copy_within(pos..self.rlen, 0);
+            self.rlen -= pos;
+        }
+        drop(stats);
+        if self.sending {
+            if sh.interval.is_some() {
+                self.pump(sh);
+            } else {
+                for _ in 0..answered {
+                    self.enqueue(sh, now);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -578,18 +740,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn src_ip_lists_and_ranges() {
-        let v = parse_src_ips("127.0.0.2-127.0.0.4, 127.0.1.1").unwrap();
-        let s: Vec<String> = v.iter().map(|i| i.to_string()).collect();
-        assert_eq!(s, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.1.1"]);
-        assert!(parse_src_ips("127.0.0.9-127.0.0.2").is_err());
-        assert!(parse_src_ips("nope").is_err());
-        assert!(parse_src_ips(",").is_err());
-    }
-
-    #[test]
     fn histograms_survive_the_child_encoding() {
-        let mut h = engine::new_histogram();
+        let mut h = new_histogram();
         for v in [1u64, 50, 50, 900, 123_456] {
             h.record(v).unwrap();
         }
@@ -597,48 +749,31 @@ mod tests {
         assert_eq!(back.len(), 5);
         assert_eq!(back.value_at_quantile(0.5), h.value_at_quantile(0.5));
         assert_eq!(back.max(), h.max());
+        let stats = Stats {
+            hist: h,
+            ..Stats::default()
+        };
+        let json = serde_json::to_string(&stats).unwrap();
+        let back: Stats = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.hist.len(), 5);
     }
 
     #[test]
-    fn connections_are_split_over_processes_without_overlap() {
-        let args = Args {
-            addr: "127.0.0.1:1".into(),
-            conns: 10,
-            size: 8,
-            depth: None,
-            seconds: 1.0,
-            warmup: 0.0,
-            rate: None,
-            threads: 1,
-            procs: 3,
-            src_ips: None,
-            connect_concurrency: 10,
-            connect_timeout: 1.0,
-            ramp_limit: 1.0,
-            drain: 0.0,
-            max_frame: 100,
-            server_pids: vec![],
-            json: false,
-            child_plan: None,
+    fn depth_defaults_to_one_closed_and_unlimited_open() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let work = |argv: &[&str]| {
+            let cli = Cli::try_parse_from([&["load"], argv].concat()).unwrap();
+            make_work(&cli.args)
         };
-        let plan = make_plan(&args).unwrap();
-        let mut all: Vec<usize> = (0..3)
-            .flat_map(|i| {
-                Plan {
-                    proc_index: i,
-                    ..plan.clone()
-                }
-                .conn_ids()
-            })
-            .collect();
-        all.sort();
-        assert_eq!(all, (0..10).collect::<Vec<_>>());
-        assert_eq!(plan.depth, 1);
-        let open = make_plan(&Args {
-            rate: Some(100.0),
-            ..args
-        })
-        .unwrap();
-        assert_eq!(open.depth, usize::MAX);
+        assert_eq!(work(&[]).unwrap().depth, 1);
+        assert_eq!(work(&["--rate", "100"]).unwrap().depth, usize::MAX);
+        assert_eq!(work(&["--depth", "4", "--rate", "100"]).unwrap().depth, 4);
+        assert!(work(&["--depth", "0"]).is_err());
+        assert!(work(&["--size", "101", "--max-frame", "100"]).is_err());
     }
 }

@@ -1,14 +1,18 @@
 //! `relaybench`: benchmarks for shmrelay.
 //!
-//! - `relaybench ring`: shm-ring against rtrb, a Unix socket pair, a pipe and a raw futex
-//!   ping-pong, in one run on the same payloads.
+//! - `relaybench ring`: shm-ring's throughput between two processes against rtrb and
+//!   crossbeam-queue (in one process), in one run on the same payloads.
 //! - `relaybench load`: a load generator for the length-prefixed wire protocol.
 //! - `relaybench hold`: many idle long-lived connections with heartbeats, held for a while.
+//!
+//! `load` and `hold` are two workloads of one load engine (`engine.rs`), with the same
+//! connection, process and output flags.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod engine;
 mod hold;
 mod load;
 mod procs;
@@ -23,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Ring transports compared in one run (throughput and round trip).
+    /// shm-ring's throughput against in-process queues, in one run.
     Ring(ring::Args),
     /// Load generator for the length-prefixed wire protocol.
     Load(load::Args),

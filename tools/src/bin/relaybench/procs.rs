@@ -1,6 +1,7 @@
-//! Multi-process runs (`--procs`) of `relaybench load` and `relaybench hold`: the parent
-//! re-executes this binary as `relaybench SUB --child-plan PLAN` once per process, and parent
-//! and children talk in lines of JSON ([`ChildMsg`]) on the children's stdin and stdout:
+//! Child processes of relaybench (the `--procs` of `load` and `hold`, the consumer of `ring`):
+//! the parent re-executes this binary as `relaybench SUB --child-plan PLAN` once per process,
+//! and parent and children talk in lines of JSON ([`ChildMsg`]) on the children's stdin and
+//! stdout:
 //!
 //! 1. each child connects its share and writes `ready` with its connect counters;
 //! 2. once every child is ready, the parent writes `go` to all of them;
@@ -179,6 +180,16 @@ impl<C: DeserializeOwned, R: DeserializeOwned> Children<C, R> {
             }
         }
         Ok(counters)
+    }
+
+    /// An error if a child has exited (none should before it has reported).
+    pub(crate) fn check_running(&mut self) -> Result<()> {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if let Some(status) = c.try_wait()? {
+                bail!("{} process {i} exited early ({status})", self.sub);
+            }
+        }
+        Ok(())
     }
 
     /// Tells every child to start.

@@ -1,38 +1,41 @@
-//! `relaybench ring`: shm-ring against rtrb, a Unix socket pair, a pipe and a raw futex
-//! ping-pong, in one run, on the same payloads.
+//! `relaybench ring`: shm-ring's throughput between two processes against in-process SPSC
+//! queues, on the same payloads, in one run (the figures of `shm-ring/README.md` and issue 14).
 //!
-//! - **throughput**: a producer sends frames for `--seconds` (after a short warm-up); the
-//!   consumer reads every payload byte into a checksum and checks each frame's sequence number,
-//!   and the sender compares frame count and checksum at the end, so a figure is never one of
-//!   untouched or lost data. shm-ring publishes once per `--batch` records and the consumer
-//!   releases once per batch it finds; rtrb moves the same length-prefixed bytes through its
-//!   chunk API, `--batch` frames per chunk; the socket and the pipe write `--stream-batch`
-//!   frames per system call (1 by default: one write per frame, the message-passing baseline)
-//!   and read with a 256 KiB buffer (as many frames per read as the kernel has).
-//! - **rtt**: ping-pong of one frame, every reply checked; p50 and p99 from an HdrHistogram.
-//!   shm-ring with `wake` = `spin` (both sides poll the tail) and `park` (both sides sleep at
-//!   once on every hop through the ring's park protocol: announce, fence, re-check, futex; that
-//!   is `Consumer::wait` without its spin phase, which in a ping-pong would catch the reply and
-//!   hide the wake-up); uds and pipe use blocking reads (reported as `park`: the reader sleeps
-//!   in the kernel); futex is two processes waking each other on a shared-memory word, the floor
-//!   for a parked wake-up (it carries no payload: payload 0); rtrb spins (it cannot park).
+//! - **shm-ring**: this process produces; the consumer is this binary re-executed as
+//!   `relaybench ring --child-plan PLAN` (see [`crate::procs`]), attached to the ring through an
+//!   inherited memfd. The producer publishes once per `--batch` records, the consumer releases
+//!   once per batch it finds; both park through the ring's own wake protocol when they must.
+//! - **rtrb**: two threads of this process, the same length-prefixed bytes through rtrb's chunk
+//!   API, `--batch` frames per chunk; both sides spin (rtrb cannot park).
+//! - **crossbeam**: two threads of this process, one record per slot of a crossbeam-queue
+//!   `ArrayQueue` of fixed-size arrays (so only 64 B and 1 KiB payloads); both sides spin.
 //!
-//! Cross-process cases re-execute this binary as `relaybench ring --child <spec>` with the
-//! transport's descriptors at fixed numbers; every child dies with the parent
-//! (`PR_SET_PDEATHSIG`), and rings live in memfds, so nothing is ever left in /dev/shm.
+//! In every case the consumer reads every payload byte into a checksum and checks each frame's
+//! sequence number, and the producer compares frame count and checksum at the end, so a figure
+//! is never one of untouched or lost data. The consumer times the window between a MARK frame
+//! (after the warm-up) and an END frame. The two sides are pinned to two CPUs unless
+//! `--no-pin`; rings live in memfds, so nothing is ever left in /dev/shm, and the child dies
+//! with the parent.
 
-use std::io::Write;
-use std::time::Duration;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use shm_ring::{Consumer, Meta, Producer, ReserveError, RingStorage, ShmRing};
 
-#[path = "ring_cases.rs"]
-mod ring_cases;
+use crate::procs::{self, Children};
+
 #[path = "ring_data.rs"]
 mod ring_data;
-#[path = "ring_sys.rs"]
-mod ring_sys;
+#[path = "ring_threads.rs"]
+mod ring_threads;
+
+use ring_data::{Payload, Report, RxState, TxState};
 
 /// Options of `relaybench ring`.
 #[derive(clap::Args, Debug)]
@@ -41,46 +44,32 @@ pub struct Args {
     /// (at most 0.25 s).
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
-    /// Payload sizes of the throughput cases, in bytes (suffixes k and m allowed).
-    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64,1k,64k")]
+    /// Payload sizes, in bytes (suffixes k and m allowed).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64,1k")]
     payloads: Vec<usize>,
-    /// Payload sizes of the round-trip cases.
-    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64")]
-    rtt_payloads: Vec<usize>,
-    /// Transports to run.
+    /// Queues to run.
     #[arg(
         long,
         value_delimiter = ',',
         value_enum,
-        default_value = "shm-ring,rtrb,uds,pipe,futex"
+        default_value = "shm-ring,rtrb,crossbeam"
     )]
     transports: Vec<Transport>,
-    /// Modes to run.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        value_enum,
-        default_value = "throughput,rtt"
-    )]
-    modes: Vec<Mode>,
     /// One JSON object per case and line instead of the table (ratios go to stderr).
     #[arg(long)]
     json: bool,
-    /// Bytes of the ring's data area; also rtrb's capacity and the pipe's and socket's buffer.
+    /// Bytes of the ring's data area; also rtrb's capacity and crossbeam's (in records).
     #[arg(long, value_parser = parse_size, default_value = "1m")]
     capacity: usize,
-    /// Records per publish (shm-ring) and frames per chunk (rtrb) in throughput mode.
+    /// Records per publish (shm-ring) and frames per chunk (rtrb).
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// Frames per write system call for uds and pipe in throughput mode.
-    #[arg(long, default_value_t = 1)]
-    stream_batch: usize,
     /// Do not pin the two sides to two CPUs.
     #[arg(long)]
     no_pin: bool,
-    /// Internal: run the child side of one case.
+    /// Internal: run as the consumer of a shm-ring case with this plan (JSON).
     #[arg(long, hide = true)]
-    child: Option<String>,
+    child_plan: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -99,14 +88,12 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("not a size: {s:?}"))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// A queue under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
     ShmRing,
     Rtrb,
-    Uds,
-    Pipe,
-    Futex,
+    Crossbeam,
 }
 
 impl Transport {
@@ -114,62 +101,19 @@ impl Transport {
         match self {
             Transport::ShmRing => "shm-ring",
             Transport::Rtrb => "rtrb",
-            Transport::Uds => "uds",
-            Transport::Pipe => "pipe",
-            Transport::Futex => "futex",
+            Transport::Crossbeam => "crossbeam",
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    Throughput,
-    Rtt,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Throughput => "throughput",
-            Mode::Rtt => "rtt",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Wake {
-    Spin,
-    Park,
-}
-
-impl Wake {
-    fn name(self) -> &'static str {
-        match self {
-            Wake::Spin => "spin",
-            Wake::Park => "park",
-        }
-    }
-}
-
-/// One measurement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Case {
-    pub transport: Transport,
-    pub mode: Mode,
-    pub wake: Option<Wake>,
-    pub payload: usize,
 }
 
 /// What a case measured.
 #[derive(Debug)]
 pub struct Outcome {
-    pub case: Case,
-    pub frames_per_sec: Option<f64>,
-    pub gbytes_per_sec: Option<f64>,
-    pub rtt_p50_ns: Option<u64>,
-    pub rtt_p99_ns: Option<u64>,
+    pub transport: Transport,
+    pub payload: usize,
+    pub frames_per_sec: f64,
+    /// Payload bytes per second, in GB/s.
+    pub gbytes_per_sec: f64,
     /// Shown in the table only.
     pub note: String,
 }
@@ -178,26 +122,29 @@ pub struct Outcome {
 #[derive(Serialize)]
 struct Row {
     transport: &'static str,
-    mode: &'static str,
-    wake: Option<&'static str>,
     payload: usize,
-    frames_per_sec: Option<f64>,
-    gbytes_per_sec: Option<f64>,
-    rtt_p50_ns: Option<u64>,
-    rtt_p99_ns: Option<u64>,
+    frames_per_sec: f64,
+    gbytes_per_sec: f64,
 }
 
 impl Outcome {
+    fn new(transport: Transport, payload: usize, r: &Report, note: String) -> Outcome {
+        let fps = r.measured_frames as f64 * 1e9 / r.measured_ns as f64;
+        Outcome {
+            transport,
+            payload,
+            frames_per_sec: fps,
+            gbytes_per_sec: fps * payload as f64 / 1e9,
+            note,
+        }
+    }
+
     fn row(&self) -> Row {
         Row {
-            transport: self.case.transport.name(),
-            mode: self.case.mode.name(),
-            wake: self.case.wake.map(Wake::name),
-            payload: self.case.payload,
-            frames_per_sec: self.frames_per_sec.map(|v| v.round()),
-            gbytes_per_sec: self.gbytes_per_sec.map(|v| (v * 1e4).round() / 1e4),
-            rtt_p50_ns: self.rtt_p50_ns,
-            rtt_p99_ns: self.rtt_p99_ns,
+            transport: self.transport.name(),
+            payload: self.payload,
+            frames_per_sec: self.frames_per_sec.round(),
+            gbytes_per_sec: (self.gbytes_per_sec * 1e4).round() / 1e4,
         }
     }
 }
@@ -211,96 +158,61 @@ pub struct Config {
     pub grace: Duration,
     pub capacity: usize,
     pub batch: usize,
-    pub stream_batch: usize,
-    /// (parent CPU, child CPU).
+    /// (producer CPU, consumer CPU).
     pub cpus: Option<(usize, usize)>,
 }
 
+/// A batch (records per publish or release, frames per rtrb chunk) also ends once it holds this
+/// fraction of the ring: a producer that filled the whole ring before publishing, or a consumer
+/// that read all of it before releasing, would leave the other side idle half the time.
+const BATCH_RING_FRACTION: usize = 16;
+
 impl Config {
-    fn child_spec(&self, case: &Case) -> ChildSpec {
-        ChildSpec {
-            transport: case.transport,
-            mode: case.mode,
-            wake: case.wake,
-            payload: case.payload,
-            cpu: self.cpus.map(|c| c.1),
-            limit_secs: (self.warmup + self.measure + 2 * self.grace).as_secs_f64(),
+    /// Frames of `frame_bytes` in one batch: `--batch`, fewer for large frames.
+    fn batch_frames(&self, frame_bytes: usize) -> usize {
+        self.batch
+            .min((self.capacity / BATCH_RING_FRACTION / frame_bytes.max(1)).max(1))
+    }
+}
+
+/// Warm-up (not counted), then the measured phase, then the deadline of a hung case.
+pub struct Clock {
+    pub start: Instant,
+    pub warm: Duration,
+    pub end: Duration,
+    pub deadline: Deadline,
+}
+
+impl Clock {
+    fn start(cfg: &Config) -> Clock {
+        let start = Instant::now();
+        let end = cfg.warmup + cfg.measure;
+        Clock {
+            start,
+            warm: cfg.warmup,
+            end,
+            deadline: Deadline(start + end + cfg.grace),
         }
     }
 }
 
-/// What a child process is told to do (passed as JSON on its command line).
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct ChildSpec {
-    pub transport: Transport,
-    pub mode: Mode,
-    pub wake: Option<Wake>,
-    pub payload: usize,
-    pub cpu: Option<usize>,
-    /// The child gives up after this long.
-    pub limit_secs: f64,
-}
+/// A point in time after which a case is declared hung.
+#[derive(Clone, Copy)]
+pub struct Deadline(pub Instant);
 
-/// The cases of a run, in order: throughput by payload, then round trips.
-fn plan(
-    transports: &[Transport],
-    modes: &[Mode],
-    payloads: &[usize],
-    rtt_payloads: &[usize],
-) -> Vec<Case> {
-    let has = |t| transports.contains(&t);
-    let mut cases = Vec::new();
-    if modes.contains(&Mode::Throughput) {
-        for &payload in payloads {
-            for t in [
-                Transport::ShmRing,
-                Transport::Rtrb,
-                Transport::Uds,
-                Transport::Pipe,
-            ] {
-                if has(t) {
-                    cases.push(Case {
-                        transport: t,
-                        mode: Mode::Throughput,
-                        wake: None,
-                        payload,
-                    });
-                }
-            }
+impl Deadline {
+    /// Errors once the deadline has passed.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if Instant::now() >= self.0 {
+            return Err(anyhow!("timed out {what}"));
         }
+        Ok(())
     }
-    if modes.contains(&Mode::Rtt) {
-        let rtt = |transport, wake, payload| Case {
-            transport,
-            mode: Mode::Rtt,
-            wake: Some(wake),
-            payload,
-        };
-        for &p in rtt_payloads {
-            let list = [
-                (Transport::ShmRing, Wake::Spin),
-                (Transport::ShmRing, Wake::Park),
-                (Transport::Rtrb, Wake::Spin),
-                (Transport::Uds, Wake::Park),
-                (Transport::Pipe, Wake::Park),
-            ];
-            for (t, w) in list {
-                if has(t) {
-                    cases.push(rtt(t, w, p));
-                }
-            }
-        }
-        if has(Transport::Futex) {
-            cases.push(rtt(Transport::Futex, Wake::Park, 0));
-        }
-    }
-    cases
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if let Some(spec) = &args.child {
-        let spec: ChildSpec = serde_json::from_str(spec).context("bad --child spec")?;
-        return ring_cases::child_main(&spec);
+    if let Some(plan) = &args.child_plan {
+        return procs::run_child(plan, shm_consumer);
     }
     if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds < 1e6) {
         bail!("--seconds must be a positive number");
@@ -309,25 +221,20 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--capacity must be a power of two of at least 4096");
     }
     let max = shm_ring::layout::max_payload(args.capacity);
-    if let Some(p) = args
-        .payloads
-        .iter()
-        .chain(&args.rtt_payloads)
-        .find(|&&p| p > max)
-    {
+    if let Some(p) = args.payloads.iter().find(|&&p| p > max) {
         bail!(
             "payload {p} exceeds the largest record a ring of {} bytes takes ({max})",
             args.capacity
         );
     }
-    if args.batch == 0 || args.stream_batch == 0 {
-        bail!("--batch and --stream-batch must be at least 1");
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
     }
     let measure = Duration::from_secs_f64(args.seconds);
+    let allowed = allowed_cpus();
     let cpus = if args.no_pin {
         None
     } else {
-        let allowed = ring_sys::allowed_cpus();
         match allowed[..] {
             [a, b, ..] => Some((a, b)),
             _ => {
@@ -342,34 +249,27 @@ pub fn run(args: Args) -> Result<()> {
         grace: Duration::from_secs(30),
         capacity: args.capacity,
         batch: args.batch,
-        stream_batch: args.stream_batch,
         cpus,
     };
     if let Some((cpu, _)) = cfg.cpus {
-        ring_sys::pin_current_thread(cpu)?;
+        pin_current_thread(cpu)?;
     }
-    let cases = plan(
-        &args.transports,
-        &args.modes,
-        &args.payloads,
-        &args.rtt_payloads,
-    );
     let mut outcomes = Vec::new();
-    let stdout = std::io::stdout();
-    for case in &cases {
-        let what = describe(case);
-        if !args.json {
-            eprint!("  {what} ... ");
+    for &payload in &args.payloads {
+        for &t in &args.transports {
+            let what = format!("{} {}", t.name(), fmt_payload(payload));
+            if !args.json {
+                eprint!("  {what} ... ");
+            }
+            let out = run_case(&cfg, t, payload).with_context(|| what.clone())?;
+            match &out {
+                None if args.json => {}
+                None => eprintln!("skipped (crossbeam runs 64 B and 1 KiB only)"),
+                Some(o) if args.json => println!("{}", serde_json::to_string(&o.row())?),
+                Some(_) => eprintln!("done"),
+            }
+            outcomes.extend(out);
         }
-        let out = ring_cases::run_case(&cfg, case).with_context(|| what.clone())?;
-        if args.json {
-            let mut lock = stdout.lock();
-            writeln!(lock, "{}", serde_json::to_string(&out.row())?)?;
-            lock.flush()?;
-        } else {
-            eprintln!("done");
-        }
-        outcomes.push(out);
     }
     let ratios = ratios(&outcomes);
     if args.json {
@@ -377,7 +277,7 @@ pub fn run(args: Args) -> Result<()> {
             eprintln!("{line}");
         }
     } else {
-        print!("{}", header(&cfg));
+        print!("{}", header(&cfg, allowed.len()));
         print!("{}", table(&outcomes));
         println!();
         for line in ratios {
@@ -387,55 +287,217 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn describe(case: &Case) -> String {
-    let wake = case
-        .wake
-        .map_or(String::new(), |w| format!(" {}", w.name()));
-    format!(
-        "{} {}{} {} B",
-        case.transport.name(),
-        case.mode.name(),
-        wake,
-        case.payload
-    )
+/// Runs one case; `None` if the transport does not take that payload size.
+fn run_case(cfg: &Config, t: Transport, payload: usize) -> Result<Option<Outcome>> {
+    match t {
+        Transport::ShmRing => shm_throughput(cfg, payload).map(Some),
+        Transport::Rtrb => ring_threads::rtrb_throughput(cfg, payload).map(Some),
+        Transport::Crossbeam => ring_threads::crossbeam_throughput(cfg, payload),
+    }
 }
 
-fn cpu_model() -> String {
-    shmrelay::procfs::cpu_model().unwrap_or_else(|| "unknown CPU".into())
+// ----- shm-ring between two processes ---------------------------------------------------------
+
+/// Record tags of the throughput run.
+const TAG_DATA: u16 = 1;
+const TAG_MARK: u16 = 2;
+const TAG_END: u16 = 3;
+/// How long one blocking wait lasts before the waiter checks its deadline and its peer.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What the consumer process is told to do (JSON on its command line).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct ChildPlan {
+    /// The ring's memfd, inherited at this number.
+    fd: RawFd,
+    payload: usize,
+    cpu: Option<usize>,
+    /// The child gives up after this long.
+    limit_secs: f64,
 }
 
-fn header(cfg: &Config) -> String {
-    // SAFETY: sysconf has no memory arguments.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+type ShmProducer = Producer<Arc<ShmRing>>;
+
+/// Pushes a payload-less control record, waiting for space if need be, and publishes it.
+fn shm_control(
+    tx: &mut ShmProducer,
+    tag: u16,
+    child: &mut Children<(), Report>,
+    dl: Deadline,
+) -> Result<()> {
+    loop {
+        match tx.push(Meta::tag(tag), &[]) {
+            Ok(_) => {
+                tx.publish();
+                return Ok(());
+            }
+            Err(ReserveError::Full) => {
+                if !tx.wait_for_space(0, Some(POLL))? {
+                    child.check_running()?;
+                    dl.check("waiting for ring space")?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn shm_throughput(cfg: &Config, len: usize) -> Result<Outcome> {
+    let ring = Arc::new(ShmRing::create_memfd("relaybench-tput", cfg.capacity)?);
+    // A duplicate without close-on-exec is what the child inherits; ours closes after the spawn.
+    let inherited = nix::unistd::dup(ring.fd()).context("dup of the ring's memfd")?;
+    let plan = ChildPlan {
+        fd: inherited.as_raw_fd(),
+        payload: len,
+        cpu: cfg.cpus.map(|c| c.1),
+        limit_secs: (cfg.warmup + cfg.measure + 2 * cfg.grace).as_secs_f64(),
+    };
+    let mut child = Children::<(), Report>::spawn("ring", [plan])?;
+    drop(inherited);
+    child.wait_ready(Instant::now() + Duration::from_secs(10))?;
+    child.go()?;
+    let mut tx = Producer::new(ring)?;
+    let payload = Payload::new(len);
+    let mut st = TxState::default();
+    let batch = cfg.batch_frames(shm_ring::layout::record_size(len) as usize);
+    let clock = Clock::start(cfg);
+    let mut marked = false;
+    loop {
+        // One batch: commit records in place, then make them visible with one store.
+        let mut n = 0;
+        while n < batch {
+            match tx.reserve(len) {
+                Ok(mut grant) => {
+                    payload.fill(&mut grant, st.seq);
+                    grant.commit(len, Meta::tag(TAG_DATA));
+                    st.sent(&payload);
+                    n += 1;
+                }
+                Err(ReserveError::Full) => {
+                    // Publishes what is committed, spins, then parks until the consumer
+                    // releases space.
+                    if !tx.wait_for_space(len, Some(POLL))? {
+                        child.check_running()?;
+                        clock.deadline.check("waiting for ring space")?;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.publish();
+        let el = clock.start.elapsed();
+        if !marked && el >= clock.warm {
+            shm_control(&mut tx, TAG_MARK, &mut child, clock.deadline)?;
+            marked = true;
+        } else if marked && el >= clock.end {
+            shm_control(&mut tx, TAG_END, &mut child, clock.deadline)?;
+            break;
+        }
+    }
+    let mut report = None;
+    child.collect_reports(clock.deadline.0 + cfg.grace, |r| {
+        report = Some(r);
+        Ok(())
+    })?;
+    child.finish()?;
+    let report = report.ok_or_else(|| anyhow!("the consumer did not report"))?;
+    st.check(&report)?;
+    let tx_parks = tx.storage().header().producer.parks.load(Ordering::Relaxed);
+    let note = format!("parks: consumer {}, producer {}", report.parks, tx_parks);
+    Ok(Outcome::new(Transport::ShmRing, len, &report, note))
+}
+
+/// The consumer process: attaches to the inherited ring, reports ready, and once told to go
+/// reads every record until END; `gate` reports ready and waits for the go.
+fn shm_consumer(plan: ChildPlan, gate: &dyn Fn(&()) -> Result<()>) -> Result<Report> {
+    if let Some(cpu) = plan.cpu {
+        pin_current_thread(cpu)?;
+    }
+    let dl = Deadline(Instant::now() + Duration::from_secs_f64(plan.limit_secs));
+    // SAFETY: the parent made `plan.fd` (a duplicate of the ring's memfd without close-on-exec)
+    // for this process and closed its own copy; nothing else in this process owns that number,
+    // and it is taken once, here. `open_fd` checks that it holds a ring before mapping it.
+    let fd = unsafe { OwnedFd::from_raw_fd(plan.fd) };
+    let ring = ShmRing::open_fd(fd, Duration::from_secs(5))?;
+    let mut rx = Consumer::new(Arc::new(ring))?;
+    gate(&())?;
+    let mut st = RxState::new(plan.payload);
+    let limit = (rx.capacity() / BATCH_RING_FRACTION) as u64;
+    while !st.is_done() {
+        // One batch: the published records read in place (up to a sixteenth of the ring),
+        // then one release.
+        let mut last = None;
+        let from = rx.position();
+        for rec in rx.records()? {
+            let rec = rec?;
+            match rec.tag() {
+                TAG_DATA => st.on_data(rec.payload())?,
+                TAG_MARK => st.on_mark(),
+                TAG_END => st.on_end(),
+                t => bail!("unexpected record tag {t}"),
+            }
+            last = Some(rec.end());
+            if rec.end() - from >= limit {
+                break;
+            }
+        }
+        match last {
+            Some(end) => rx.release(end),
+            // Spins, then parks on the futex until the producer publishes.
+            None => {
+                if !rx.wait(Some(POLL))? {
+                    dl.check("waiting for records")?;
+                }
+            }
+        }
+    }
+    let parks = rx.storage().header().consumer.parks.load(Ordering::Relaxed);
+    Ok(st.report(parks))
+}
+
+// ----- CPUs and output ------------------------------------------------------------------------
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    match sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .with_context(|| format!("no CPU {cpu} in a CPU set"))?;
+    sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
+}
+
+/// The table's title line; `n` CPUs were allowed before this thread was pinned.
+fn header(cfg: &Config, n: usize) -> String {
+    let cpu = shmrelay::procfs::cpu_model().unwrap_or_else(|| "unknown CPU".into());
     let pin = cfg.cpus.map_or("not pinned".into(), |(a, b)| {
         format!("sides pinned to CPUs {a} and {b}")
     });
     format!(
-        "relaybench ring: {n} CPUs ({}), {:.2} s per case after {:.2} s warm-up, capacity {} KiB, \
-         batch {}, stream batch {}, {pin}\n\n",
-        cpu_model(),
+        "relaybench ring: {n} CPUs ({cpu}), {:.2} s per case after {:.2} s warm-up, capacity {} KiB, \
+         batch {}, {pin}\n\n",
         cfg.measure.as_secs_f64(),
         cfg.warmup.as_secs_f64(),
         cfg.capacity >> 10,
         cfg.batch,
-        cfg.stream_batch,
     )
 }
 
-fn fmt_rate(v: Option<f64>) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v >= 1e6 => format!("{:.2} M", v / 1e6),
-        Some(v) if v >= 1e3 => format!("{:.1} K", v / 1e3),
-        Some(v) => format!("{v:.0}"),
-    }
-}
-
-fn fmt_ns(v: Option<u64>) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v < 10_000 => format!("{v} ns"),
-        Some(v) => format!("{:.1} us", v as f64 / 1e3),
+fn fmt_rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1} K", v / 1e3)
+    } else {
+        format!("{v:.0}")
     }
 }
 
@@ -448,85 +510,58 @@ fn fmt_payload(p: usize) -> String {
 }
 
 fn table(outcomes: &[Outcome]) -> String {
-    let mut s = format!(
-        "{:<9} {:<10} {:<5} {:>8} {:>10} {:>7} {:>9} {:>9}  {}\n",
-        "transport", "mode", "wake", "payload", "frames/s", "GB/s", "rtt p50", "rtt p99", "note"
-    );
+    let line = |t: &str, p: &str, f: &str, g: &str, n: &str| {
+        format!("{t:<10} {p:>8} {f:>10} {g:>7}  {n}\n")
+    };
+    let mut s = line("transport", "payload", "frames/s", "GB/s", "note");
     for o in outcomes {
-        s += &format!(
-            "{:<9} {:<10} {:<5} {:>8} {:>10} {:>7} {:>9} {:>9}  {}\n",
-            o.case.transport.name(),
-            o.case.mode.name(),
-            o.case.wake.map_or("-", Wake::name),
-            fmt_payload(o.case.payload),
-            fmt_rate(o.frames_per_sec),
-            o.gbytes_per_sec.map_or("-".into(), |g| format!("{g:.2}")),
-            fmt_ns(o.rtt_p50_ns),
-            fmt_ns(o.rtt_p99_ns),
-            o.note,
+        s += &line(
+            o.transport.name(),
+            &fmt_payload(o.payload),
+            &fmt_rate(o.frames_per_sec),
+            &format!("{:.2}", o.gbytes_per_sec),
+            &o.note,
         );
     }
     s
 }
 
-/// The comparisons the targets are stated in, from this run's figures.
+/// shm-ring's throughput over each baseline's, by payload, with the targets of issue 14
+/// (at least 1.3x rtrb at 64 B and 1x at 1 KiB).
 fn ratios(outcomes: &[Outcome]) -> Vec<String> {
-    let find = |t: Transport, m: Mode, w: Option<Wake>, p: Option<usize>| {
-        outcomes.iter().find(|o| {
-            o.case.transport == t
-                && o.case.mode == m
-                && o.case.wake == w
-                && p.is_none_or(|p| o.case.payload == p)
-        })
+    let fps = |t: Transport, p: usize| {
+        outcomes
+            .iter()
+            .find(|o| o.transport == t && o.payload == p)
+            .map(|o| o.frames_per_sec)
     };
-    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    let mut lines = vec!["ratios in this run (targets from issue 2):".to_owned()];
-    let fps = |t| find(t, Mode::Throughput, None, Some(64)).and_then(|o| o.frames_per_sec);
-    if let Some(shm) = fps(Transport::ShmRing) {
-        for (t, target) in [
-            (Transport::Uds, Some(10.0)),
-            (Transport::Pipe, None),
-            (Transport::Rtrb, Some(0.5)),
-        ] {
-            if let Some(base) = fps(t) {
-                let r = shm / base;
-                let goal = target.map_or(String::new(), |g| {
-                    format!("  (target >= {g}x: {})", verdict(r >= g))
-                });
-                lines.push(format!(
-                    "  throughput 64 B   shm-ring / {:<4} = {r:>7.2}x{goal}",
-                    t.name()
-                ));
-            }
+    let mut lines = vec!["ratios in this run (targets from issue 14):".to_owned()];
+    for o in outcomes
+        .iter()
+        .filter(|o| o.transport == Transport::ShmRing)
+    {
+        let p = o.payload;
+        for base in [Transport::Rtrb, Transport::Crossbeam] {
+            let Some(b) = fps(base, p) else { continue };
+            let r = o.frames_per_sec / b;
+            let target = match (base, p) {
+                (Transport::Rtrb, 64) => Some(1.3),
+                (Transport::Rtrb, 1024) => Some(1.0),
+                _ => None,
+            };
+            let goal = target.map_or(String::new(), |g| {
+                let verdict = if r >= g { "met" } else { "MISSED" };
+                format!("  (target >= {g}x: {verdict})")
+            });
+            lines.push(format!(
+                "  {:<7} shm-ring / {:<9} = {r:>6.2}x{goal}",
+                fmt_payload(p),
+                base.name()
+            ));
         }
     }
-    if let Some(g) =
-        find(Transport::ShmRing, Mode::Throughput, None, Some(65536)).and_then(|o| o.gbytes_per_sec)
-    {
-        lines.push(format!(
-            "  throughput 64 KiB shm-ring        = {g:>7.2} GB/s  (target >= 5 GB/s: {})",
-            verdict(g >= 5.0)
-        ));
-    }
-    let p50 = |t, w| find(t, Mode::Rtt, Some(w), None).and_then(|o| o.rtt_p50_ns);
-    if let Some(spin) = p50(Transport::ShmRing, Wake::Spin) {
-        lines.push(format!(
-            "  rtt spin p50      shm-ring        = {spin:>7} ns    (target < 1000 ns: {})",
-            verdict(spin < 1000)
-        ));
-    }
-    if let (Some(park), Some(futex)) = (
-        p50(Transport::ShmRing, Wake::Park),
-        p50(Transport::Futex, Wake::Park),
-    ) {
-        let r = park as f64 / futex as f64;
-        lines.push(format!(
-            "  rtt park p50      shm-ring / futex = {r:>6.2}x      (target <= 1.5x: {}; {park} ns vs {futex} ns)",
-            verdict(r <= 1.5)
-        ));
-    }
     if lines.len() == 1 {
-        lines.push("  (none: the cases they compare were not all run)".into());
+        lines.push("  (none: shm-ring and a baseline were not both run)".into());
     }
     lines
 }
@@ -535,25 +570,6 @@ fn ratios(outcomes: &[Outcome]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// Becomes the child side of a case when a test re-executes the test binary (see
-    /// `ring_sys::child_command`); an ordinary test run passes through.
-    #[test]
-    fn child_entry() {
-        if let Ok(spec) = std::env::var(ring_sys::CHILD_ENV) {
-            let code = match serde_json::from_str(&spec)
-                .map_err(anyhow::Error::from)
-                .and_then(|s| ring_cases::child_main(&s))
-            {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("relaybench ring child: {e:#}");
-                    2
-                }
-            };
-            std::process::exit(code);
-        }
-    }
-
     fn quick() -> Config {
         Config {
             warmup: Duration::from_millis(20),
@@ -561,99 +577,29 @@ mod tests {
             grace: Duration::from_secs(20),
             capacity: 1 << 16,
             batch: 16,
-            stream_batch: 1,
             cpus: None,
         }
     }
 
+    /// The in-process queues move checked frames (shm-ring needs the relaybench binary as its
+    /// child: `tools/tests/ring.rs` runs it).
     #[test]
-    fn every_case_moves_checked_frames() {
-        let all = [
-            Transport::ShmRing,
-            Transport::Rtrb,
-            Transport::Uds,
-            Transport::Pipe,
-            Transport::Futex,
-        ];
-        // 20000-byte records wrap the 64 KiB ring with padding every few records.
-        let cases = plan(&all, &[Mode::Throughput, Mode::Rtt], &[64, 20_000], &[64]);
-        assert_eq!(cases.len(), 8 + 6);
+    fn in_process_queues_move_checked_frames() {
         let cfg = quick();
-        for case in &cases {
-            let o = ring_cases::run_case(&cfg, case).unwrap_or_else(|e| panic!("{case:?}: {e:#}"));
-            match case.mode {
-                Mode::Throughput => {
-                    assert!(o.frames_per_sec.unwrap() > 0.0, "{o:?}");
-                    assert!(o.gbytes_per_sec.unwrap() > 0.0, "{o:?}");
-                    assert!(o.rtt_p50_ns.is_none());
-                }
-                Mode::Rtt => {
-                    let (p50, p99) = (o.rtt_p50_ns.unwrap(), o.rtt_p99_ns.unwrap());
-                    assert!(p50 > 0 && p99 >= p50, "{o:?}");
-                    assert!(o.frames_per_sec.is_none());
-                }
-            }
+        // 20000-byte frames wrap rtrb's 64 KiB with a split frame every few frames.
+        for payload in [0, 5, 64, 1024, 20_000] {
+            let o = ring_threads::rtrb_throughput(&cfg, payload).unwrap();
+            assert!(o.frames_per_sec > 0.0, "{o:?}");
         }
-    }
-
-    #[test]
-    fn stream_batching_and_tiny_payloads_are_checked_too() {
-        let cfg = Config {
-            stream_batch: 7,
-            ..quick()
-        };
-        for (transport, payload) in [
-            (Transport::Uds, 3),
-            (Transport::Pipe, 0),
-            (Transport::ShmRing, 0),
-            (Transport::Rtrb, 5),
-        ] {
-            let case = Case {
-                transport,
-                mode: Mode::Throughput,
-                wake: None,
-                payload,
-            };
-            let o = ring_cases::run_case(&cfg, &case).unwrap_or_else(|e| panic!("{case:?}: {e:#}"));
-            assert!(o.frames_per_sec.unwrap() > 0.0);
+        for payload in [64, 1024] {
+            let o = ring_threads::crossbeam_throughput(&cfg, payload)
+                .unwrap()
+                .unwrap();
+            assert!(o.frames_per_sec > 0.0, "{o:?}");
         }
-    }
-
-    #[test]
-    fn json_rows_have_exactly_the_documented_fields() {
-        let o = Outcome {
-            case: Case {
-                transport: Transport::ShmRing,
-                mode: Mode::Rtt,
-                wake: Some(Wake::Park),
-                payload: 64,
-            },
-            frames_per_sec: None,
-            gbytes_per_sec: None,
-            rtt_p50_ns: Some(1234),
-            rtt_p99_ns: Some(5678),
-            note: "not in json".into(),
-        };
-        let v: serde_json::Value = serde_json::to_value(o.row()).unwrap();
-        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(
-            keys,
-            [
-                "frames_per_sec",
-                "gbytes_per_sec",
-                "mode",
-                "payload",
-                "rtt_p50_ns",
-                "rtt_p99_ns",
-                "transport",
-                "wake"
-            ]
-        );
-        assert_eq!(v["transport"], "shm-ring");
-        assert_eq!(v["wake"], "park");
-        assert!(v["frames_per_sec"].is_null());
-        assert_eq!(v["rtt_p99_ns"], 5678);
+        assert!(ring_threads::crossbeam_throughput(&cfg, 100)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -667,32 +613,51 @@ mod tests {
 
     #[test]
     fn ratios_name_missed_targets() {
-        let tput = |t, fps: f64| Outcome {
-            case: Case {
-                transport: t,
-                mode: Mode::Throughput,
-                wake: None,
-                payload: 64,
-            },
-            frames_per_sec: Some(fps),
-            gbytes_per_sec: Some(fps * 64.0 / 1e9),
-            rtt_p50_ns: None,
-            rtt_p99_ns: None,
+        let o = |transport, payload, fps: f64| Outcome {
+            transport,
+            payload,
+            frames_per_sec: fps,
+            gbytes_per_sec: fps * payload as f64 / 1e9,
             note: String::new(),
         };
-        let lines = ratios(&[
-            tput(Transport::ShmRing, 20e6),
-            tput(Transport::Uds, 1e6),
-            tput(Transport::Rtrb, 50e6),
-        ]);
-        let text = lines.join("\n");
+        let text = ratios(&[
+            o(Transport::ShmRing, 64, 20e6),
+            o(Transport::Rtrb, 64, 10e6),
+            o(Transport::Crossbeam, 64, 40e6),
+            o(Transport::ShmRing, 1024, 5e6),
+            o(Transport::Rtrb, 1024, 10e6),
+        ])
+        .join("\n");
         assert!(
-            text.contains("shm-ring / uds  =   20.00x  (target >= 10x: met)"),
+            text.contains("64 B    shm-ring / rtrb      =   2.00x  (target >= 1.3x: met)"),
             "{text}"
         );
         assert!(
-            text.contains("shm-ring / rtrb =    0.40x  (target >= 0.5x: MISSED)"),
+            text.contains("64 B    shm-ring / crossbeam =   0.50x"),
             "{text}"
         );
+        assert!(
+            text.contains("1 KiB   shm-ring / rtrb      =   0.50x  (target >= 1x: MISSED)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_rows_have_exactly_the_documented_fields() {
+        let r = Report {
+            measured_frames: 1000,
+            measured_ns: 1_000_000,
+            ..Report::default()
+        };
+        let o = Outcome::new(Transport::ShmRing, 64, &r, "not in json".into());
+        let v: serde_json::Value = serde_json::to_value(o.row()).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["frames_per_sec", "gbytes_per_sec", "payload", "transport"]
+        );
+        assert_eq!(v["transport"], "shm-ring");
+        assert_eq!(v["frames_per_sec"], 1e6);
     }
 }
