@@ -1,22 +1,38 @@
 //! `kv-worker`: an in-memory key-value store speaking enough of the Redis protocol (RESP) for
-//! `redis-cli` and `redis-benchmark -t ping,set,get,incr,lpush,lpop` to run unmodified. Run it
-//! behind a `resp` listener (`shmrelay worker kv` or the `kv-worker` binary).
+//! `redis-cli` (including `--stat` and `--scan`) and `redis-benchmark -t
+//! ping,set,get,incr,lpush,lpop,mset` to run unmodified. Run it behind a `resp` listener
+//! (`shmrelay worker kv` or the `kv-worker` binary).
 //!
-//! Commands: PING, ECHO, SET (EX, PX, NX, XX), GET, DEL, EXISTS, INCR, DECR, INCRBY, LPUSH,
-//! RPUSH, LPOP, RPOP (with a count), LLEN, EXPIRE, PEXPIRE, TTL, DBSIZE, FLUSHALL, FLUSHDB,
-//! SELECT 0, plus the replies clients ask for at start: CONFIG GET (`save` and `appendonly`
-//! answer as a server without persistence; anything else is an empty list), COMMAND (an empty
-//! list), CLIENT (OK), INFO (a minimal text), QUIT.
+//! Commands: PING, ECHO; strings: SET (EX, PX, NX, XX), GET, MGET, MSET, SETEX, PSETEX,
+//! GETSET, APPEND, STRLEN, INCR, DECR, INCRBY; keys: DEL, UNLINK, EXISTS, TYPE, KEYS, SCAN
+//! (MATCH, COUNT, TYPE), EXPIRE, PEXPIRE, TTL, PTTL, PERSIST; lists: LPUSH, RPUSH, LPOP, RPOP
+//! (with a count), LLEN; hashes: HSET, HGET, HDEL, HGETALL, HLEN, HINCRBY; sets: SADD, SREM,
+//! SMEMBERS, SISMEMBER, SCARD; server: DBSIZE, FLUSHALL, FLUSHDB, SELECT 0, INFO (sections
+//! server, clients, memory, stats, keyspace: what `redis-cli --stat` reads), plus the replies
+//! clients ask for at start: CONFIG GET (`save` and `appendonly` answer as a server without
+//! persistence; anything else is an empty list), COMMAND (an empty list), CLIENT (OK), QUIT.
 //!
 //! `DEBUG SLEEP <seconds>` (the worker sleeps, then answers OK; for tests of slow workers) is
 //! refused unless the worker's environment has `SHMRELAY_KV_DEBUG=1`, as Redis refuses DEBUG
 //! unless `enable-debug-command` is set: any client could otherwise stall the worker.
 //!
 //! Keys live in the worker process. With several kv workers on one listener the front routes
-//! each command by its key ([`resp::routing_key`]), so each worker holds its share of the keys
-//! and a key lives on one worker; keyless commands (`DBSIZE`, `INFO`, `FLUSHALL`) go to the
-//! connection's home worker and see its share only. Data is lost when the worker restarts.
-//! Expired keys are removed when they are accessed, and by a small sweep every 1,024 commands.
+//! each command by its first key ([`resp::routing_key`], [`slot::pool_member`]), so each worker
+//! holds its share of the keys and a key lives on one worker. A command naming several keys
+//! (DEL, UNLINK, EXISTS, MGET, MSET) whose keys belong to different workers is refused with
+//! Redis Cluster's `-CROSSSLOT` error rather than answered from this worker's share (give keys
+//! that go together one `{tag}`); the worker knows its pool from [`slot::POOL_SIZE_ENV`] and
+//! checks nothing when that is absent. KEYS and SCAN are refused in a pool (they would route
+//! by their pattern or cursor and list one worker's share). Keyless commands (`DBSIZE`,
+//! `INFO`, `FLUSHALL`) go to the connection's home worker and see or clear its share only.
+//! Data is lost when the worker restarts. Expired keys are removed when they are accessed, and
+//! by a small sweep every 1,024 commands.
+//!
+//! SCAN walks the keys in the order of their 64-bit FNV-1a hash: the cursor is the hash to go
+//! on from, so a key present for a whole scan is returned exactly once whatever else changes,
+//! and keys added during a scan may or may not be. The walk goes over a sorted copy of the
+//! key names taken when a scan starts (cursor 0, or a cursor with no copy at hand), shared by
+//! the scans running at the time and dropped when one of them ends.
 //!
 //! Expiry: every `SET ... EX|PX` or `EXPIRE` pushes (deadline, stamp, key) onto a min-heap and
 //! gives the key a new stamp; an entry whose stamp is no longer the key's (the key was
@@ -27,15 +43,40 @@
 //! whatever the command mix (amortised O(log n) per command).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::codec::resp;
-use crate::{ConnId, Handler, Out};
+use crate::slot::{self, PoolSizeError};
+use crate::{CloseReason, ConnId, Handler, Out};
 
 enum Val {
     Str(Vec<u8>),
     List(VecDeque<Vec<u8>>),
+    Hash(HashMap<Vec<u8>, Vec<u8>>),
+    Set(HashSet<Vec<u8>>),
+}
+
+impl Val {
+    /// The name TYPE answers.
+    fn type_name(&self) -> &'static str {
+        match self {
+            Val::Str(_) => "string",
+            Val::List(_) => "list",
+            Val::Hash(_) => "hash",
+            Val::Set(_) => "set",
+        }
+    }
+
+    /// Bytes the value holds (INFO's `used_memory` estimate).
+    fn bytes(&self) -> usize {
+        match self {
+            Val::Str(v) => v.len(),
+            Val::List(l) => l.iter().map(|v| v.len() + 24).sum(),
+            Val::Hash(h) => h.iter().map(|(f, v)| f.len() + v.len() + 56).sum(),
+            Val::Set(m) => m.iter().map(|v| v.len() + 32).sum(),
+        }
+    }
 }
 
 struct Entry {
@@ -62,7 +103,15 @@ const SWEEP_MAX: usize = 4096;
 const HEAP_SLACK: usize = 64;
 
 /// The store and its command interpreter.
-#[derive(Default)]
+///
+/// ```
+/// use shmrelay_worker::kv::Kv;
+/// let mut kv = Kv::new(None);
+/// let mut out = Vec::new();
+/// kv.execute(&[b"SET", b"k", b"v"], &mut out);
+/// kv.execute(&[b"GET", b"k"], &mut out);
+/// assert_eq!(out, b"+OK\r\n$1\r\nv\r\n");
+/// ```
 pub struct Kv {
     map: HashMap<Vec<u8>, Entry>,
     /// Expiry deadlines, soonest first: (deadline, stamp, key); see the module docs.
@@ -73,11 +122,33 @@ pub struct Kv {
     stamp: u64,
     commands: u64,
     reply: Vec<u8>,
+    /// Workers in this worker's routed pool, when more than one (multi-key commands are
+    /// checked against it).
+    pool: Option<usize>,
+    /// Sorted copy of the key names for SCAN: (FNV-1a hash, key); see the module docs.
+    scan_index: Option<Vec<(u64, Vec<u8>)>>,
+    /// Connections open now (a replacement worker is told of closes it never saw opened:
+    /// a set, not a counter, so those cannot make it wrap).
+    clients: HashSet<ConnId>,
+    /// Connections opened since the worker started.
+    connections_received: u64,
+}
+
+impl Default for Kv {
+    /// A store that takes its pool size from [`slot::POOL_SIZE_ENV`] (ignored when invalid:
+    /// [`Kv::from_env`] reports that), so that every way of starting the kv worker checks
+    /// multi-key commands once the supervisor sets it.
+    fn default() -> Kv {
+        Kv::new(slot::pool_size_from_env().unwrap_or(None))
+    }
 }
 
 const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 const NOT_INT: &str = "ERR value is not an integer or out of range";
 const SYNTAX: &str = "ERR syntax error";
+const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
+/// SCAN's COUNT when none is given (Redis's default).
+const SCAN_COUNT: usize = 10;
 /// The environment variable that allows `DEBUG SLEEP`.
 pub const DEBUG_ENV: &str = "SHMRELAY_KV_DEBUG";
 
@@ -85,7 +156,103 @@ fn parse_i64(s: &[u8]) -> Option<i64> {
     std::str::from_utf8(s).ok()?.parse().ok()
 }
 
+/// Appends the error reply `msg` and returns true (keep the connection), for early returns
+/// from [`Kv::execute`].
+fn err(out: &mut Vec<u8>, msg: &str) -> bool {
+    resp::error(out, msg);
+    true
+}
+
+/// Whether `s` matches the glob `pattern` as Redis's KEYS and MATCH read it: `*` any run,
+/// `?` one byte, `[abc]`, `[^abc]`, `[a-z]` a class, `\x` the byte x. Linear backtracking
+/// (only the last `*` is retried), so no pattern costs more than O(pattern x key).
+fn glob(pattern: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0, 0);
+    // After a `*`: where the pattern goes on, and the key position the `*` has eaten up to.
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if pattern.get(p) == Some(&b'*') {
+            p += 1;
+            star = Some((p, i));
+            continue;
+        }
+        if let Some(next) = glob_one(pattern, p, s[i]) {
+            p = next;
+            i += 1;
+            continue;
+        }
+        match star {
+            Some((after, ate)) => {
+                star = Some((after, ate + 1));
+                p = after;
+                i = ate + 1;
+            }
+            None => return false,
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
+}
+
+/// If the one-byte element of `pattern` at `p` (not a `*`) matches `c`: where the pattern
+/// goes on after it.
+fn glob_one(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
+    match *pattern.get(p)? {
+        b'?' => Some(p + 1),
+        b'\\' if p + 1 < pattern.len() => (pattern[p + 1] == c).then_some(p + 2),
+        b'[' => {
+            let mut j = p + 1;
+            let negate = pattern.get(j) == Some(&b'^');
+            if negate {
+                j += 1;
+            }
+            let mut hit = false;
+            while j < pattern.len() && pattern[j] != b']' {
+                if pattern[j] == b'\\' && j + 1 < pattern.len() {
+                    hit |= pattern[j + 1] == c;
+                    j += 2;
+                } else if pattern.get(j + 1) == Some(&b'-') && j + 2 < pattern.len() {
+                    let (a, b) = (pattern[j], pattern[j + 2]);
+                    hit |= (a.min(b)..=a.max(b)).contains(&c);
+                    j += 3;
+                } else {
+                    hit |= pattern[j] == c;
+                    j += 1;
+                }
+            }
+            // An unclosed class ends with the pattern, as in Redis.
+            (hit != negate).then_some((j + 1).min(pattern.len()))
+        }
+        b => (b == c).then_some(p + 1),
+    }
+}
+
 impl Kv {
+    /// An empty store in a routed pool of `pool` workers (`None` or 1: no pool, no CROSSSLOT
+    /// checks).
+    pub fn new(pool: Option<usize>) -> Kv {
+        Kv {
+            map: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            with_expiry: 0,
+            stamp: 0,
+            commands: 0,
+            reply: Vec::new(),
+            pool: pool.filter(|&n| n > 1),
+            scan_index: None,
+            clients: HashSet::new(),
+            connections_received: 0,
+        }
+    }
+
+    /// An empty store in the pool the supervisor describes in [`slot::POOL_SIZE_ENV`].
+    ///
+    /// # Errors
+    ///
+    /// The variable is set but is not a pool size.
+    pub fn from_env() -> Result<Kv, PoolSizeError> {
+        Ok(Kv::new(slot::pool_size_from_env()?))
+    }
+
     /// Runs one command (its arguments, name first) and appends the RESP reply to `out`.
     /// Returns false for QUIT (the caller closes the connection after the reply).
     pub fn execute(&mut self, args: &[&[u8]], out: &mut Vec<u8>) -> bool {
@@ -131,6 +298,14 @@ impl Kv {
                 Some(_) => resp::error(out, WRONGTYPE),
             },
             b"SET" if arity(3) => self.set(args, out),
+            b"DEL" | b"UNLINK" | b"EXISTS" | b"MGET"
+                if arity(2) && self.cross_slot(&args[1..], 1) =>
+            {
+                resp::error(out, CROSSSLOT)
+            }
+            b"MSET" if argc >= 3 && argc % 2 == 1 && self.cross_slot(&args[1..], 2) => {
+                resp::error(out, CROSSSLOT)
+            }
             b"DEL" | b"UNLINK" if arity(2) => {
                 let mut n = 0;
                 for k in &args[1..] {
@@ -153,24 +328,10 @@ impl Kv {
             },
             b"LPUSH" | b"RPUSH" if arity(3) => {
                 let left = cmd == b"LPUSH";
-                let list = match self.live(args[1]) {
-                    Some(Entry {
-                        val: Val::List(l), ..
-                    }) => l,
-                    Some(_) => {
-                        resp::error(out, WRONGTYPE);
-                        return true;
-                    }
-                    None => {
-                        self.map
-                            .insert(args[1].to_vec(), Entry::new(Val::List(VecDeque::new())));
-                        match self.map.get_mut(args[1]) {
-                            Some(Entry {
-                                val: Val::List(l), ..
-                            }) => l,
-                            _ => unreachable!("just inserted a list"),
-                        }
-                    }
+                let Some(Val::List(list)) = self.writable(args[1], Val::List(VecDeque::new()))
+                else {
+                    resp::error(out, WRONGTYPE);
+                    return true;
                 };
                 for v in &args[2..] {
                     if left {
@@ -212,16 +373,115 @@ impl Kv {
                     }
                 }
             }
-            b"TTL" if argc == 2 => match self.live(args[1]) {
+            b"TTL" | b"PTTL" if argc == 2 => match self.live(args[1]) {
                 None => resp::int(out, -2),
                 Some(Entry { expires: None, .. }) => resp::int(out, -1),
                 Some(Entry {
                     expires: Some(t), ..
                 }) => {
-                    let left = t.saturating_duration_since(Instant::now());
-                    resp::int(out, left.as_millis().div_ceil(1000) as i64)
+                    let left = t.saturating_duration_since(Instant::now()).as_millis();
+                    let unit = if cmd == b"TTL" { 1000 } else { 1 };
+                    resp::int(out, left.div_ceil(unit) as i64)
                 }
             },
+            b"PERSIST" if argc == 2 => {
+                let had = self.live(args[1]).is_some() && self.persist(args[1]);
+                resp::int(out, i64::from(had))
+            }
+            b"MGET" if arity(2) => {
+                resp::array(out, argc - 1);
+                for k in &args[1..] {
+                    match self.live(k) {
+                        Some(Entry {
+                            val: Val::Str(v), ..
+                        }) => resp::bulk(out, v),
+                        _ => resp::nil(out),
+                    }
+                }
+            }
+            b"MSET" if argc >= 3 && argc % 2 == 1 => {
+                for kv in args[1..].chunks_exact(2) {
+                    self.put_str(kv[0], kv[1].to_vec());
+                }
+                resp::simple(out, "OK")
+            }
+            b"SETEX" | b"PSETEX" if argc == 4 => {
+                let ms = match parse_i64(args[2]) {
+                    None => return err(out, NOT_INT),
+                    Some(t) if t <= 0 => {
+                        let name = String::from_utf8_lossy(name).to_lowercase();
+                        return err(out, &format!("ERR invalid expire time in '{name}' command"));
+                    }
+                    Some(t) if cmd == b"SETEX" => t.saturating_mul(1000),
+                    Some(t) => t,
+                };
+                self.put_str(args[1], args[3].to_vec());
+                self.expire_at(args[1], Instant::now() + Duration::from_millis(ms as u64));
+                resp::simple(out, "OK")
+            }
+            b"GETSET" if argc == 3 => {
+                match self.live(args[1]) {
+                    None => resp::nil(out),
+                    Some(Entry {
+                        val: Val::Str(v), ..
+                    }) => resp::bulk(out, v),
+                    Some(_) => return err(out, WRONGTYPE),
+                }
+                self.put_str(args[1], args[2].to_vec());
+            }
+            b"APPEND" if argc == 3 => match self.writable(args[1], Val::Str(Vec::new())) {
+                Some(Val::Str(v)) => {
+                    v.extend_from_slice(args[2]);
+                    resp::int(out, v.len() as i64)
+                }
+                _ => resp::error(out, WRONGTYPE),
+            },
+            b"STRLEN" if argc == 2 => match self.live(args[1]) {
+                None => resp::int(out, 0),
+                Some(Entry {
+                    val: Val::Str(v), ..
+                }) => resp::int(out, v.len() as i64),
+                Some(_) => resp::error(out, WRONGTYPE),
+            },
+            b"TYPE" if argc == 2 => {
+                let name = self.live(args[1]).map_or("none", |e| e.val.type_name());
+                resp::simple(out, name)
+            }
+            b"KEYS" | b"SCAN" if self.pool.is_some() => resp::error(
+                out,
+                &format!(
+                    "ERR {} lists one worker's keys in a pool of {} kv workers; run the listener \
+                     with workers = 1 to list them all",
+                    String::from_utf8_lossy(name).to_uppercase(),
+                    self.pool.unwrap_or(1)
+                ),
+            ),
+            b"KEYS" if argc == 2 => {
+                let now = Instant::now();
+                let keys: Vec<&Vec<u8>> = self
+                    .map
+                    .iter()
+                    .filter(|(k, e)| e.expires.is_none_or(|t| t > now) && glob(args[1], k))
+                    .map(|(k, _)| k)
+                    .collect();
+                resp::array(out, keys.len());
+                for k in keys {
+                    resp::bulk(out, k);
+                }
+            }
+            b"SCAN" if arity(2) => self.scan(args, out),
+            b"HSET" | b"HGET" | b"HDEL" | b"HGETALL" | b"HLEN" | b"HINCRBY" if arity(2) => {
+                return self.hash(cmd, args, out).unwrap_or_else(|| {
+                    wrong_args(out);
+                    true
+                })
+            }
+            b"SADD" | b"SREM" | b"SMEMBERS" | b"SISMEMBER" | b"SCARD" if arity(2) => {
+                return self.set_family(cmd, args, out).unwrap_or_else(|| {
+                    wrong_args(out);
+                    true
+                })
+            }
             b"DBSIZE" => {
                 self.sweep(usize::MAX);
                 resp::int(out, self.map.len() as i64)
@@ -230,6 +490,7 @@ impl Kv {
                 self.map.clear();
                 self.expiry = BinaryHeap::new();
                 self.with_expiry = 0;
+                self.scan_index = None;
                 resp::simple(out, "OK")
             }
             b"SELECT" if argc == 2 => {
@@ -262,7 +523,10 @@ impl Kv {
             }
             b"DEBUG" if argc == 3 && args[1].eq_ignore_ascii_case(b"SLEEP") => {
                 if std::env::var_os(DEBUG_ENV).is_none_or(|v| v != "1") {
-                    resp::error(out, &format!("ERR DEBUG command not allowed ({DEBUG_ENV} is not 1)"));
+                    resp::error(
+                        out,
+                        &format!("ERR DEBUG command not allowed ({DEBUG_ENV} is not 1)"),
+                    );
                     return true;
                 }
                 let secs = std::str::from_utf8(args[2])
@@ -279,21 +543,16 @@ impl Kv {
             }
             b"COMMAND" => resp::array(out, 0),
             b"CLIENT" => resp::simple(out, "OK"),
-            b"INFO" => resp::bulk(
-                out,
-                format!(
-                    "# Server\r\nredis_version:7.0.0\r\nshmrelay_kv:1\r\n# Keyspace\r\ndb0:keys={}\r\n",
-                    self.map.len()
-                )
-                .as_bytes(),
-            ),
+            b"INFO" => self.info(&args[1..], out),
             b"QUIT" => {
                 resp::simple(out, "OK");
                 return false;
             }
             b"ECHO" | b"GET" | b"SET" | b"DEL" | b"UNLINK" | b"EXISTS" | b"INCR" | b"DECR"
             | b"INCRBY" | b"LPUSH" | b"RPUSH" | b"LPOP" | b"RPOP" | b"LLEN" | b"EXPIRE"
-            | b"PEXPIRE" | b"TTL" | b"SELECT" | b"CONFIG" => wrong_args(out),
+            | b"PEXPIRE" | b"TTL" | b"SELECT" | b"CONFIG" | b"PTTL" | b"PERSIST" | b"MGET"
+            | b"MSET" | b"SETEX" | b"PSETEX" | b"GETSET" | b"APPEND" | b"STRLEN" | b"TYPE"
+            | b"KEYS" | b"SCAN" => wrong_args(out),
             _ => {
                 let mut msg = format!(
                     "ERR unknown command '{}', with args beginning with:",
@@ -391,6 +650,325 @@ impl Kv {
         self.bound_heap();
     }
 
+    /// Whether the keys of one command (every `step`-th of `keys`, from the first) belong to
+    /// different members of this worker's pool: the front sent the command by the first.
+    fn cross_slot(&self, keys: &[&[u8]], step: usize) -> bool {
+        let Some(pool) = self.pool else {
+            return false;
+        };
+        let mut keys = keys.iter().step_by(step);
+        let Some(first) = keys.next() else {
+            return false;
+        };
+        let owner = slot::pool_member(first, pool);
+        keys.any(|k| slot::pool_member(k, pool) != owner)
+    }
+
+    /// The value of `key` for a write that needs the kind of `empty`: created as `empty` when
+    /// the key is absent, `None` when it holds another kind (WRONGTYPE).
+    fn writable(&mut self, key: &[u8], empty: Val) -> Option<&mut Val> {
+        let fits = self
+            .live(key)
+            .map(|e| std::mem::discriminant(&e.val) == std::mem::discriminant(&empty));
+        match fits {
+            Some(false) => return None,
+            Some(true) => {}
+            None => {
+                self.map.insert(key.to_vec(), Entry::new(empty));
+            }
+        }
+        self.map.get_mut(key).map(|e| &mut e.val)
+    }
+
+    /// Makes `key` the string `val`, of whatever kind it was, without an expiry (SET, MSET,
+    /// GETSET; the key's allocation is reused on overwrite).
+    fn put_str(&mut self, key: &[u8], val: Vec<u8>) {
+        match self.map.get_mut(key) {
+            Some(e) => {
+                e.val = Val::Str(val);
+                self.persist(key);
+            }
+            None => {
+                self.map.insert(key.to_vec(), Entry::new(Val::Str(val)));
+            }
+        }
+    }
+
+    /// Drops the expiry of `key` (its heap entry goes stale); whether it had one.
+    fn persist(&mut self, key: &[u8]) -> bool {
+        let had = self
+            .map
+            .get_mut(key)
+            .is_some_and(|e| e.expires.take().is_some());
+        if had {
+            self.with_expiry -= 1;
+        }
+        had
+    }
+
+    /// HSET, HGET, HDEL, HGETALL, HLEN, HINCRBY; `None` for a wrong number of arguments.
+    fn hash(&mut self, cmd: &[u8], args: &[&[u8]], out: &mut Vec<u8>) -> Option<bool> {
+        let (key, argc) = (args[1], args.len());
+        let read = match cmd {
+            b"HSET" if argc >= 4 && argc % 2 == 0 => false,
+            b"HINCRBY" if argc == 4 => false,
+            b"HGET" if argc == 3 => true,
+            b"HDEL" if argc >= 3 => true,
+            b"HGETALL" | b"HLEN" if argc == 2 => true,
+            _ => return None,
+        };
+        let h = if read {
+            match self.live(key) {
+                None => {
+                    match cmd {
+                        b"HGET" => resp::nil(out),
+                        b"HGETALL" => resp::array(out, 0),
+                        _ => resp::int(out, 0),
+                    }
+                    return Some(true);
+                }
+                Some(Entry {
+                    val: Val::Hash(h), ..
+                }) => h,
+                Some(_) => return Some(err(out, WRONGTYPE)),
+            }
+        } else {
+            match self.writable(key, Val::Hash(HashMap::new())) {
+                Some(Val::Hash(h)) => h,
+                _ => return Some(err(out, WRONGTYPE)),
+            }
+        };
+        match cmd {
+            b"HSET" => {
+                let mut added = 0;
+                for fv in args[2..].chunks_exact(2) {
+                    if h.insert(fv[0].to_vec(), fv[1].to_vec()).is_none() {
+                        added += 1;
+                    }
+                }
+                resp::int(out, added)
+            }
+            b"HINCRBY" => {
+                let Some(by) = parse_i64(args[3]) else {
+                    return Some(err(out, NOT_INT));
+                };
+                let cur = match h.get(args[2]) {
+                    None => 0,
+                    Some(v) => match parse_i64(v) {
+                        Some(n) => n,
+                        None => return Some(err(out, "ERR hash value is not an integer")),
+                    },
+                };
+                let Some(n) = cur.checked_add(by) else {
+                    return Some(err(out, "ERR increment or decrement would overflow"));
+                };
+                h.insert(args[2].to_vec(), n.to_string().into_bytes());
+                resp::int(out, n)
+            }
+            b"HGET" => match h.get(args[2]) {
+                Some(v) => resp::bulk(out, v),
+                None => resp::nil(out),
+            },
+            b"HGETALL" => {
+                resp::array(out, 2 * h.len());
+                for (f, v) in h.iter() {
+                    resp::bulk(out, f);
+                    resp::bulk(out, v);
+                }
+            }
+            b"HLEN" => resp::int(out, h.len() as i64),
+            _ => {
+                let n = args[2..].iter().filter(|f| h.remove(**f).is_some()).count();
+                if h.is_empty() {
+                    self.remove(key);
+                }
+                resp::int(out, n as i64)
+            }
+        }
+        Some(true)
+    }
+
+    /// SADD, SREM, SMEMBERS, SISMEMBER, SCARD; `None` for a wrong number of arguments.
+    fn set_family(&mut self, cmd: &[u8], args: &[&[u8]], out: &mut Vec<u8>) -> Option<bool> {
+        let (key, argc) = (args[1], args.len());
+        match cmd {
+            b"SADD" if argc >= 3 => {}
+            b"SREM" if argc >= 3 => {}
+            b"SISMEMBER" if argc == 3 => {}
+            b"SMEMBERS" | b"SCARD" if argc == 2 => {}
+            _ => return None,
+        }
+        let m = if cmd == b"SADD" {
+            match self.writable(key, Val::Set(HashSet::new())) {
+                Some(Val::Set(m)) => m,
+                _ => return Some(err(out, WRONGTYPE)),
+            }
+        } else {
+            match self.live(key) {
+                None if cmd == b"SMEMBERS" => {
+                    resp::array(out, 0);
+                    return Some(true);
+                }
+                None => {
+                    resp::int(out, 0);
+                    return Some(true);
+                }
+                Some(Entry {
+                    val: Val::Set(m), ..
+                }) => m,
+                Some(_) => return Some(err(out, WRONGTYPE)),
+            }
+        };
+        match cmd {
+            b"SADD" => {
+                let n = args[2..].iter().filter(|v| m.insert(v.to_vec())).count();
+                resp::int(out, n as i64)
+            }
+            b"SISMEMBER" => resp::int(out, i64::from(m.contains(args[2]))),
+            b"SCARD" => resp::int(out, m.len() as i64),
+            b"SMEMBERS" => {
+                resp::array(out, m.len());
+                for v in m.iter() {
+                    resp::bulk(out, v);
+                }
+            }
+            _ => {
+                let n = args[2..].iter().filter(|v| m.remove(**v)).count();
+                if m.is_empty() {
+                    self.remove(key);
+                }
+                resp::int(out, n as i64)
+            }
+        }
+        Some(true)
+    }
+
+    /// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE type]`: see the module docs. COUNT keys
+    /// are examined per call (more when several share the last one's hash); those matching
+    /// are returned.
+    fn scan(&mut self, args: &[&[u8]], out: &mut Vec<u8>) {
+        let Some(cursor) = std::str::from_utf8(args[1])
+            .ok()
+            .and_then(|c| c.parse::<u64>().ok())
+        else {
+            return resp::error(out, "ERR invalid cursor");
+        };
+        let (mut pattern, mut count, mut kind): (&[u8], usize, Option<Vec<u8>>) =
+            (b"*", SCAN_COUNT, None);
+        let mut opts = args[2..].chunks(2);
+        for opt in opts.by_ref() {
+            let [name, value] = opt else {
+                return resp::error(out, SYNTAX);
+            };
+            match &name.to_ascii_uppercase()[..] {
+                b"MATCH" => pattern = value,
+                b"COUNT" => match parse_i64(value) {
+                    Some(n) if n >= 1 => count = n as usize,
+                    Some(_) => return resp::error(out, SYNTAX),
+                    None => return resp::error(out, NOT_INT),
+                },
+                b"TYPE" => kind = Some(value.to_ascii_lowercase()),
+                _ => return resp::error(out, SYNTAX),
+            }
+        }
+        let index = match self.scan_index.take() {
+            Some(index) if cursor != 0 => index,
+            _ => {
+                let mut index: Vec<(u64, Vec<u8>)> = self
+                    .map
+                    .keys()
+                    .map(|k| (slot::fnv1a(k), k.clone()))
+                    .collect();
+                index.sort_unstable();
+                index
+            }
+        };
+        let start = index.partition_point(|(h, _)| *h < cursor);
+        let mut end = (start + count).min(index.len());
+        // Keys sharing the last hash go in this call too: the next cursor is past that hash.
+        while end < index.len() && end > start && index[end].0 == index[end - 1].0 {
+            end += 1;
+        }
+        let mut found = Vec::new();
+        for (_, key) in &index[start..end] {
+            let Some(e) = self.live(key) else { continue };
+            let kind_ok = kind
+                .as_deref()
+                .is_none_or(|t| t == e.val.type_name().as_bytes());
+            if kind_ok && glob(pattern, key) {
+                found.push(key);
+            }
+        }
+        let next = match index.get(end) {
+            Some(_) => index[end - 1].0 + 1,
+            None => 0,
+        };
+        resp::array(out, 2);
+        resp::bulk(out, next.to_string().as_bytes());
+        resp::array(out, found.len());
+        for key in found {
+            resp::bulk(out, key);
+        }
+        if next != 0 {
+            self.scan_index = Some(index);
+        }
+    }
+
+    /// INFO with the sections named in `sections` (all when none, `all`, `default` or
+    /// `everything`): server, clients, memory, stats, keyspace. The counts are this worker's.
+    fn info(&mut self, sections: &[&[u8]], out: &mut Vec<u8>) {
+        let want = |name: &str| {
+            sections.is_empty()
+                || sections.iter().any(|s| {
+                    [name, "all", "default", "everything"]
+                        .iter()
+                        .any(|n| s.eq_ignore_ascii_case(n.as_bytes()))
+                })
+        };
+        let mut text = String::new();
+        if want("server") {
+            text.push_str("# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n");
+            text.push_str(&format!(
+                "shmrelay_kv:1\r\nprocess_id:{}\r\nshmrelay_pool_size:{}\r\n\r\n",
+                std::process::id(),
+                self.pool.unwrap_or(1)
+            ));
+        }
+        if want("clients") {
+            text.push_str(&format!(
+                "# Clients\r\nconnected_clients:{}\r\nblocked_clients:0\r\n\r\n",
+                self.clients.len()
+            ));
+        }
+        if want("memory") {
+            // An estimate: the bytes of keys and values plus a fixed overhead per key.
+            let used: usize = self
+                .map
+                .iter()
+                .map(|(k, e)| k.len() + 64 + e.val.bytes())
+                .sum();
+            text.push_str(&format!("# Memory\r\nused_memory:{used}\r\n\r\n"));
+        }
+        if want("stats") {
+            text.push_str(&format!(
+                "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\r\n",
+                self.connections_received, self.commands
+            ));
+        }
+        if want("keyspace") {
+            self.sweep(usize::MAX);
+            text.push_str("# Keyspace\r\n");
+            if !self.map.is_empty() {
+                text.push_str(&format!(
+                    "db0:keys={},expires={},avg_ttl=0\r\n",
+                    self.map.len(),
+                    self.with_expiry
+                ));
+            }
+        }
+        resp::bulk(out, text.as_bytes());
+    }
+
     fn set(&mut self, args: &[&[u8]], out: &mut Vec<u8>) {
         let (mut expires, mut nx, mut xx) = (None, false, false);
         let mut i = 3;
@@ -428,20 +1006,8 @@ impl Kv {
             resp::nil(out);
             return;
         }
-        let val = Val::Str(args[2].to_vec());
-        match self.map.get_mut(args[1]) {
-            // Reuse the key's allocation on overwrite; a SET without EX clears the expiry (its
-            // heap entry goes stale).
-            Some(e) => {
-                if e.expires.take().is_some() {
-                    self.with_expiry -= 1;
-                }
-                e.val = val;
-            }
-            None => {
-                self.map.insert(args[1].to_vec(), Entry::new(val));
-            }
-        }
+        // A SET without EX clears the expiry.
+        self.put_str(args[1], args[2].to_vec());
         if let Some(t) = expires {
             self.expire_at(args[1], t);
         }
@@ -523,6 +1089,15 @@ impl Kv {
 }
 
 impl Handler for Kv {
+    fn on_open(&mut self, conn: ConnId, _peer: &str, _out: &mut Out<'_>) {
+        self.clients.insert(conn);
+        self.connections_received += 1;
+    }
+
+    fn on_close(&mut self, conn: ConnId, _reason: CloseReason, _out: &mut Out<'_>) {
+        self.clients.remove(&conn);
+    }
+
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
         let mut reply = std::mem::take(&mut self.reply);
         reply.clear();
@@ -727,5 +1302,421 @@ mod tests {
         assert_eq!(run(&mut kv, "FLUSHALL"), "+OK\r\n");
         assert_eq!(kv.with_expiry, 0);
         assert!(kv.expiry.is_empty());
+    }
+
+    fn wrongtype() -> String {
+        format!("-{WRONGTYPE}\r\n")
+    }
+
+    #[test]
+    fn string_commands() {
+        let mut kv = Kv::new(None);
+        assert_eq!(run(&mut kv, "MSET a 1 b 2 c 3"), "+OK\r\n");
+        assert!(run(&mut kv, "MSET a 1 b").starts_with("-ERR wrong number of arguments"));
+        assert_eq!(run(&mut kv, "RPUSH l x"), ":1\r\n");
+        assert_eq!(
+            run(&mut kv, "MGET a nope l c"),
+            "*4\r\n$1\r\n1\r\n$-1\r\n$-1\r\n$1\r\n3\r\n",
+            "a missing key and a key of another kind are nil, as in Redis"
+        );
+        assert_eq!(run(&mut kv, "GETSET a 10"), "$1\r\n1\r\n");
+        assert_eq!(run(&mut kv, "GETSET new 5"), "$-1\r\n");
+        assert_eq!(run(&mut kv, "GET new"), "$1\r\n5\r\n");
+        assert_eq!(run(&mut kv, "GETSET l x"), wrongtype());
+        assert_eq!(run(&mut kv, "APPEND a 23"), ":4\r\n");
+        assert_eq!(run(&mut kv, "APPEND fresh xyz"), ":3\r\n");
+        assert_eq!(run(&mut kv, "GET a"), "$4\r\n1023\r\n");
+        assert_eq!(run(&mut kv, "APPEND l x"), wrongtype());
+        assert_eq!(run(&mut kv, "STRLEN a"), ":4\r\n");
+        assert_eq!(run(&mut kv, "STRLEN nope"), ":0\r\n");
+        assert_eq!(run(&mut kv, "STRLEN l"), wrongtype());
+        assert_eq!(run(&mut kv, "TYPE a"), "+string\r\n");
+        assert_eq!(run(&mut kv, "TYPE l"), "+list\r\n");
+        assert_eq!(run(&mut kv, "TYPE nope"), "+none\r\n");
+        // SET, MSET and GETSET overwrite any kind.
+        assert_eq!(run(&mut kv, "MSET l s"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "TYPE l"), "+string\r\n");
+    }
+
+    #[test]
+    fn expiry_commands() {
+        let mut kv = Kv::new(None);
+        let ms = |n| std::thread::sleep(Duration::from_millis(n));
+        assert_eq!(run(&mut kv, "SETEX s 100 v"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "TTL s"), ":100\r\n");
+        let pttl = run(&mut kv, "PTTL s");
+        let left: i64 = pttl[1..pttl.len() - 2].parse().unwrap();
+        assert!((99_000..=100_000).contains(&left), "{pttl}");
+        assert_eq!(run(&mut kv, "PSETEX p 30 v"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "PSETEX q 30 v"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "PERSIST q"), ":1\r\n");
+        assert_eq!(
+            run(&mut kv, "PERSIST q"),
+            ":0\r\n",
+            "no expiry left to drop"
+        );
+        assert_eq!(run(&mut kv, "PERSIST nope"), ":0\r\n");
+        assert_eq!(run(&mut kv, "PTTL q"), ":-1\r\n");
+        assert_eq!(run(&mut kv, "PTTL nope"), ":-2\r\n");
+        assert_eq!(kv.with_expiry, 2);
+        ms(60);
+        assert_eq!(run(&mut kv, "GET p"), "$-1\r\n", "PSETEX expires");
+        assert_eq!(run(&mut kv, "PTTL p"), ":-2\r\n");
+        kv.sweep(usize::MAX);
+        assert_eq!(run(&mut kv, "GET q"), "$1\r\nv\r\n", "PERSIST kept it");
+        assert!(run(&mut kv, "SETEX x 0 v").starts_with("-ERR invalid expire time in 'setex'"));
+        assert!(run(&mut kv, "PSETEX x -5 v").starts_with("-ERR invalid expire time in 'psetex'"));
+        assert_eq!(run(&mut kv, "SETEX x ten v"), format!("-{NOT_INT}\r\n"));
+        assert!(run(&mut kv, "SETEX x 10").starts_with("-ERR wrong number of arguments"));
+        // MSET and GETSET drop an expiry, APPEND keeps it (as Redis).
+        assert_eq!(run(&mut kv, "SETEX m 100 v"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "MSET m w"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "TTL m"), ":-1\r\n");
+        assert_eq!(run(&mut kv, "SETEX g 100 v"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "GETSET g w"), "$1\r\nv\r\n");
+        assert_eq!(run(&mut kv, "TTL g"), ":-1\r\n");
+        assert_eq!(run(&mut kv, "APPEND s w"), ":2\r\n");
+        assert_eq!(run(&mut kv, "TTL s"), ":100\r\n");
+        // Containers expire too.
+        assert_eq!(run(&mut kv, "HSET h f v"), ":1\r\n");
+        assert_eq!(run(&mut kv, "PEXPIRE h 20"), ":1\r\n");
+        ms(40);
+        assert_eq!(run(&mut kv, "HGET h f"), "$-1\r\n");
+        assert_eq!(kv.with_expiry, expiring_keys(&kv));
+    }
+
+    #[test]
+    fn hash_commands() {
+        let mut kv = Kv::new(None);
+        assert_eq!(run(&mut kv, "HSET h a 1 b 2"), ":2\r\n");
+        assert_eq!(
+            run(&mut kv, "HSET h a 3 c 4"),
+            ":1\r\n",
+            "a was there already"
+        );
+        assert_eq!(run(&mut kv, "HGET h a"), "$1\r\n3\r\n");
+        assert_eq!(run(&mut kv, "HGET h nope"), "$-1\r\n");
+        assert_eq!(run(&mut kv, "HGET nope a"), "$-1\r\n");
+        assert_eq!(run(&mut kv, "HLEN h"), ":3\r\n");
+        assert_eq!(run(&mut kv, "HLEN nope"), ":0\r\n");
+        assert_eq!(run(&mut kv, "TYPE h"), "+hash\r\n");
+        assert_eq!(run(&mut kv, "HINCRBY h a 5"), ":8\r\n");
+        assert_eq!(run(&mut kv, "HINCRBY h n -2"), ":-2\r\n");
+        assert_eq!(run(&mut kv, "HSET h t x"), ":1\r\n");
+        assert_eq!(
+            run(&mut kv, "HINCRBY h t 1"),
+            "-ERR hash value is not an integer\r\n"
+        );
+        assert_eq!(run(&mut kv, "HINCRBY h a x"), format!("-{NOT_INT}\r\n"));
+        let all = run(&mut kv, "HGETALL h");
+        assert!(all.starts_with("*10\r\n"), "{all}");
+        for pair in ["$1\r\na\r\n$1\r\n8\r\n", "$1\r\nn\r\n$2\r\n-2\r\n"] {
+            assert!(all.contains(pair), "{all} lacks {pair}");
+        }
+        assert_eq!(run(&mut kv, "HGETALL nope"), "*0\r\n");
+        assert_eq!(run(&mut kv, "HDEL h a nope b"), ":2\r\n");
+        assert_eq!(run(&mut kv, "HDEL h c n t"), ":3\r\n");
+        assert_eq!(
+            run(&mut kv, "EXISTS h"),
+            ":0\r\n",
+            "an empty hash is no key"
+        );
+        assert!(run(&mut kv, "HSET h a").starts_with("-ERR wrong number of arguments"));
+        assert!(run(&mut kv, "HGET h").starts_with("-ERR wrong number of arguments"));
+        // WRONGTYPE both ways.
+        assert_eq!(run(&mut kv, "SET s v"), "+OK\r\n");
+        for cmd in [
+            "HSET s f v",
+            "HGET s f",
+            "HDEL s f",
+            "HGETALL s",
+            "HLEN s",
+            "HINCRBY s f 1",
+        ] {
+            assert_eq!(run(&mut kv, cmd), wrongtype(), "{cmd}");
+        }
+        assert_eq!(run(&mut kv, "HSET h f v"), ":1\r\n");
+        for cmd in ["GET h", "LPUSH h x", "SADD h x", "APPEND h x", "INCR h"] {
+            assert_eq!(run(&mut kv, cmd), wrongtype(), "{cmd}");
+        }
+    }
+
+    #[test]
+    fn set_commands() {
+        let mut kv = Kv::new(None);
+        assert_eq!(run(&mut kv, "SADD s a b a c"), ":3\r\n");
+        assert_eq!(run(&mut kv, "SADD s c d"), ":1\r\n");
+        assert_eq!(run(&mut kv, "SCARD s"), ":4\r\n");
+        assert_eq!(run(&mut kv, "SCARD nope"), ":0\r\n");
+        assert_eq!(run(&mut kv, "SISMEMBER s a"), ":1\r\n");
+        assert_eq!(run(&mut kv, "SISMEMBER s z"), ":0\r\n");
+        assert_eq!(run(&mut kv, "SISMEMBER nope a"), ":0\r\n");
+        assert_eq!(run(&mut kv, "TYPE s"), "+set\r\n");
+        let members = run(&mut kv, "SMEMBERS s");
+        assert!(members.starts_with("*4\r\n"), "{members}");
+        for m in ["a", "b", "c", "d"] {
+            assert!(members.contains(&format!("$1\r\n{m}\r\n")), "{members}");
+        }
+        assert_eq!(run(&mut kv, "SMEMBERS nope"), "*0\r\n");
+        assert_eq!(run(&mut kv, "SREM s a z"), ":1\r\n");
+        assert_eq!(run(&mut kv, "SREM s b c d"), ":3\r\n");
+        assert_eq!(run(&mut kv, "EXISTS s"), ":0\r\n", "an empty set is no key");
+        assert_eq!(run(&mut kv, "SREM nope a"), ":0\r\n");
+        assert!(run(&mut kv, "SADD s").starts_with("-ERR wrong number of arguments"));
+        assert!(run(&mut kv, "SISMEMBER s").starts_with("-ERR wrong number of arguments"));
+        assert_eq!(run(&mut kv, "RPUSH l x"), ":1\r\n");
+        for cmd in [
+            "SADD l x",
+            "SREM l x",
+            "SMEMBERS l",
+            "SISMEMBER l x",
+            "SCARD l",
+        ] {
+            assert_eq!(run(&mut kv, cmd), wrongtype(), "{cmd}");
+        }
+    }
+
+    #[test]
+    fn glob_patterns() {
+        let yes = [
+            ("*", ""),
+            ("*", "abc"),
+            ("a*", "abc"),
+            ("*c", "abc"),
+            ("a*b*c", "aXbYc"),
+            ("a?c", "abc"),
+            ("h[ae]llo", "hello"),
+            ("h[^e]llo", "hallo"),
+            ("h[a-b]llo", "hbllo"),
+            ("h[b-a]llo", "hallo"),
+            ("user:\\*", "user:*"),
+            ("*a*a*a*a*a*b", "aaaaaaaaaaaaaaaaaab"),
+        ];
+        for (p, s) in yes {
+            assert!(glob(p.as_bytes(), s.as_bytes()), "{p} ~ {s}");
+        }
+        let no = [
+            ("a*", "bac"),
+            ("a?c", "ac"),
+            ("h[ae]llo", "hillo"),
+            ("h[^e]llo", "hello"),
+            ("user:\\*", "user:x"),
+            ("abc", "abcd"),
+            (
+                "*a*a*a*a*a*b",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaac",
+            ),
+        ];
+        for (p, s) in no {
+            assert!(!glob(p.as_bytes(), s.as_bytes()), "{p} !~ {s}");
+        }
+    }
+
+    #[test]
+    fn keys_lists_live_keys_matching() {
+        let mut kv = Kv::new(None);
+        for k in ["user:1", "user:2", "user:10", "other"] {
+            assert_eq!(run(&mut kv, &format!("SET {k} v")), "+OK\r\n");
+        }
+        assert_eq!(run(&mut kv, "SET user:gone v PX 1"), "+OK\r\n");
+        std::thread::sleep(Duration::from_millis(5));
+        let keys = |kv: &mut Kv, p: &str| {
+            let reply = run(kv, &format!("KEYS {p}"));
+            let mut v: Vec<String> = reply
+                .split("\r\n")
+                .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+                .map(str::to_owned)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(keys(&mut kv, "user:?"), ["user:1", "user:2"]);
+        assert_eq!(keys(&mut kv, "user:*"), ["user:1", "user:10", "user:2"]);
+        assert_eq!(keys(&mut kv, "*"), ["other", "user:1", "user:10", "user:2"]);
+        assert_eq!(run(&mut kv, "KEYS nothing*"), "*0\r\n");
+    }
+
+    /// Splits a SCAN reply into (next cursor, keys).
+    fn scan_reply(reply: &str) -> (u64, Vec<String>) {
+        let lines: Vec<&str> = reply.split("\r\n").collect();
+        assert_eq!(lines[0], "*2", "{reply}");
+        let cursor = lines[2].parse().unwrap();
+        let keys = lines[4..]
+            .iter()
+            .filter(|l| !l.is_empty() && !l.starts_with('$'))
+            .map(|l| l.to_string())
+            .collect();
+        (cursor, keys)
+    }
+
+    /// Runs a whole scan with `opts`; every key it returned, in order.
+    fn full_scan(kv: &mut Kv, opts: &str) -> Vec<String> {
+        let mut cursor = 0;
+        let mut all = Vec::new();
+        let mut calls = 0;
+        loop {
+            let (next, keys) = scan_reply(&run(kv, &format!("SCAN {cursor}{opts}")));
+            all.extend(keys);
+            calls += 1;
+            assert!(calls < 10_000, "the scan does not end");
+            if next == 0 {
+                return all;
+            }
+            assert!(next > cursor, "the cursor moves forward");
+            cursor = next;
+        }
+    }
+
+    #[test]
+    fn scan_returns_every_key_exactly_once() {
+        let mut kv = Kv::new(None);
+        for i in 0..1000 {
+            assert_eq!(run(&mut kv, &format!("SET k{i} v")), "+OK\r\n");
+        }
+        for i in 0..50 {
+            assert_eq!(run(&mut kv, &format!("SADD s{i} x")), ":1\r\n");
+        }
+        let all: std::collections::BTreeSet<String> = (0..1000)
+            .map(|i| format!("k{i}"))
+            .chain((0..50).map(|i| format!("s{i}")))
+            .collect();
+        for opts in ["", " COUNT 1", " COUNT 7", " COUNT 100", " COUNT 5000"] {
+            let got = full_scan(&mut kv, opts);
+            assert_eq!(got.len(), all.len(), "no key twice with{opts}");
+            let got: std::collections::BTreeSet<String> = got.into_iter().collect();
+            assert_eq!(got, all, "every key with{opts}");
+            assert!(
+                kv.scan_index.is_none(),
+                "the finished scan dropped its copy"
+            );
+        }
+        let matched = full_scan(&mut kv, " MATCH k??? COUNT 30");
+        assert_eq!(matched.len(), 900);
+        assert!(matched.iter().all(|k| k.len() == 4 && k.starts_with('k')));
+        let sets = full_scan(&mut kv, " TYPE set COUNT 30");
+        assert_eq!(sets.len(), 50);
+        assert!(sets.iter().all(|k| k.starts_with('s')));
+
+        // Changes during a scan: keys deleted before their turn are not returned, keys there
+        // for the whole scan are returned once, two scans at once do not disturb each other.
+        let (mut c1, mut first) = scan_reply(&run(&mut kv, "SCAN 0 COUNT 10"));
+        let (mut c2, mut second) = scan_reply(&run(&mut kv, "SCAN 0 COUNT 25"));
+        for i in 0..100 {
+            assert_eq!(run(&mut kv, &format!("DEL k{i}")), ":1\r\n");
+            assert_eq!(run(&mut kv, &format!("SET new{i} v")), "+OK\r\n");
+        }
+        while c1 != 0 || c2 != 0 {
+            if c1 != 0 {
+                let (n, keys) = scan_reply(&run(&mut kv, &format!("SCAN {c1} COUNT 10")));
+                first.extend(keys);
+                c1 = n;
+            }
+            if c2 != 0 {
+                let (n, keys) = scan_reply(&run(&mut kv, &format!("SCAN {c2} COUNT 25")));
+                second.extend(keys);
+                c2 = n;
+            }
+        }
+        for got in [first, second] {
+            let set: std::collections::BTreeSet<&String> = got.iter().collect();
+            assert_eq!(set.len(), got.len(), "a key came twice");
+            for i in 100..1000 {
+                assert!(set.contains(&format!("k{i}")), "k{i} missing");
+            }
+        }
+        assert_eq!(run(&mut kv, "SCAN x"), "-ERR invalid cursor\r\n");
+        assert_eq!(run(&mut kv, "SCAN 0 COUNT 0"), format!("-{SYNTAX}\r\n"));
+        assert_eq!(run(&mut kv, "SCAN 0 MATCH"), format!("-{SYNTAX}\r\n"));
+        assert_eq!(run(&mut kv, "SCAN 0 BOGUS 1"), format!("-{SYNTAX}\r\n"));
+        assert_eq!(run(&mut kv, "FLUSHALL"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "SCAN 0"), "*2\r\n$1\r\n0\r\n*0\r\n");
+    }
+
+    /// Keys `prefix0`, `prefix1`, ... : the first two that belong to the same member of a pool
+    /// of two, and one that belongs to the other.
+    fn pool_keys(prefix: &str) -> (String, String, String) {
+        let keys: Vec<String> = (0..100).map(|i| format!("{prefix}{i}")).collect();
+        let member = |k: &String| slot::pool_member(k.as_bytes(), 2);
+        let a = &keys[0];
+        let same = keys[1..].iter().find(|k| member(k) == member(a)).unwrap();
+        let other = keys.iter().find(|k| member(k) != member(a)).unwrap();
+        (a.clone(), same.clone(), other.clone())
+    }
+
+    #[test]
+    fn crossslot_in_a_pool() {
+        let (a, same, other) = pool_keys("key");
+        let cross = format!("-{CROSSSLOT}\r\n");
+        let mut kv = Kv::new(Some(2));
+        assert_eq!(run(&mut kv, &format!("MSET {a} 1 {same} 2")), "+OK\r\n");
+        assert_eq!(run(&mut kv, &format!("MSET {a} 1 {other} 2")), cross);
+        assert_eq!(
+            run(&mut kv, &format!("MSET {a} {other} {same} 2")),
+            "+OK\r\n",
+            "values are no keys"
+        );
+        assert_eq!(
+            run(&mut kv, &format!("MGET {a} {same}")),
+            format!("*2\r\n${}\r\n{other}\r\n$1\r\n2\r\n", other.len())
+        );
+        for cmd in ["MGET", "EXISTS", "DEL", "UNLINK"] {
+            assert_eq!(
+                run(&mut kv, &format!("{cmd} {a} {same} {other}")),
+                cross,
+                "{cmd}"
+            );
+        }
+        assert_eq!(run(&mut kv, &format!("EXISTS {a} {same}")), ":2\r\n");
+        // One {tag}: one member, whatever the rest of the key.
+        assert_eq!(run(&mut kv, "MSET {u}.a 1 {u}.b 2 {u}.c 3"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "DEL {u}.a {u}.b {u}.c"), ":3\r\n");
+        // KEYS and SCAN would see one member's keys: refused.
+        assert!(
+            run(&mut kv, "KEYS *").starts_with("-ERR KEYS lists one worker's keys in a pool of 2")
+        );
+        assert!(
+            run(&mut kv, "SCAN 0").starts_with("-ERR SCAN lists one worker's keys in a pool of 2")
+        );
+        // No pool (or a pool of one): no check.
+        for mut kv in [Kv::new(None), Kv::new(Some(1))] {
+            assert_eq!(run(&mut kv, &format!("MSET {a} 1 {other} 2")), "+OK\r\n");
+            assert_eq!(run(&mut kv, &format!("DEL {a} {other}")), ":2\r\n");
+            assert_eq!(run(&mut kv, "SCAN 0"), "*2\r\n$1\r\n0\r\n*0\r\n");
+        }
+    }
+
+    #[test]
+    fn info_has_what_redis_cli_stat_reads() {
+        let mut kv = Kv::new(None);
+        assert_eq!(run(&mut kv, "MSET a 1 b 2"), "+OK\r\n");
+        assert_eq!(run(&mut kv, "SETEX c 100 v"), "+OK\r\n");
+        let info = run(&mut kv, "INFO");
+        assert!(crate::Codec::Resp.is_valid_reply(info.as_bytes()));
+        for field in [
+            "# Server\r\n",
+            "redis_version:",
+            "connected_clients:0\r\n",
+            "blocked_clients:0\r\n",
+            "used_memory:",
+            "total_connections_received:0\r\n",
+            "total_commands_processed:3\r\n",
+            "db0:keys=3,expires=1,",
+        ] {
+            assert!(info.contains(field), "{field:?} missing from {info}");
+        }
+        let memory = run(&mut kv, "INFO memory");
+        assert!(
+            memory.contains("used_memory:") && !memory.contains("# Server"),
+            "{memory}"
+        );
+        let two = run(&mut kv, "INFO clients keyspace");
+        assert!(
+            two.contains("# Clients") && two.contains("# Keyspace") && !two.contains("# Stats")
+        );
+        assert_eq!(run(&mut kv, "FLUSHALL"), "+OK\r\n");
+        assert!(
+            !run(&mut kv, "INFO keyspace").contains("db0"),
+            "no db line for no keys"
+        );
     }
 }

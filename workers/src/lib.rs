@@ -37,6 +37,7 @@ pub mod codec;
 pub mod examples;
 pub mod kv;
 pub mod protocol;
+pub mod slot;
 mod worker;
 
 pub use codec::Codec;
