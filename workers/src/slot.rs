@@ -124,14 +124,8 @@ mod tests {
         assert_eq!(hash_tag(b"{open"), b"{open");
         assert_eq!(hash_tag(b"{a{b}c}"), b"a{b");
         // Idempotent: the front applies it once through routing_key, pool_member again.
-        for key in [
-            &b"{a}b"[..],
-            b"{}{a}",
-            b"{open",
-            b"{a{b}c}",
-            b"{{x}}",
-            b"plain",
-        ] {
+        let keys = ["{a}b", "{}{a}", "{open", "{a{b}c}", "{{x}}", "plain"];
+        for key in keys.map(str::as_bytes) {
             assert_eq!(hash_tag(hash_tag(key)), hash_tag(key), "{key:?}");
         }
     }
