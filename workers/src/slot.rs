@@ -92,6 +92,36 @@ pub fn pool_size_from_env() -> Result<Option<usize>, PoolSizeError> {
     }
 }
 
+/// Why a worker that must be alone in its pool refuses to start: [`POOL_SIZE_ENV`] is invalid
+/// or names a pool larger than one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolOfOneError {
+    /// The variable is not a pool size.
+    #[error(transparent)]
+    Invalid(#[from] PoolSizeError),
+    /// The pool has `0` workers: each would see only its own connections' state.
+    #[error(
+        "this worker is one of {0} workers of its listener ({POOL_SIZE_ENV}={0}), but its state \
+         cannot be split: each worker would see only its own connections, and a message for \
+         all of them would reach some. Run it alone: `--workers 1`, or `workers = 1` in its \
+         [[listener]] table"
+    )]
+    TooLarge(usize),
+}
+
+/// For workers whose state must live in one process (a pub/sub worker's subscriptions):
+/// refuses a pool of more than one worker, as [`POOL_SIZE_ENV`] gives it (absent: no pool).
+///
+/// # Errors
+///
+/// The variable is invalid, or names more than one worker.
+pub fn require_pool_of_one() -> Result<(), PoolOfOneError> {
+    match pool_size_from_env()? {
+        Some(n) if n > 1 => Err(PoolOfOneError::TooLarge(n)),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
