@@ -17,24 +17,16 @@ fn pubsub_worker(pool: Option<&str>) -> (Option<i32>, String) {
 }
 
 #[test]
-fn refuses_a_pool_of_two_with_the_fix() {
-    let (code, stderr) = pubsub_worker(Some("2"));
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(
-        stderr.starts_with("pubsub-worker: this worker is one of 2 workers"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("`--workers 1`"), "{stderr}");
-}
-
-#[test]
-fn refuses_an_invalid_pool_size() {
-    let (code, stderr) = pubsub_worker(Some("many"));
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(
-        stderr.contains("SHMRELAY_POOL_SIZE=\"many\" is not a pool size"),
-        "{stderr}"
-    );
+fn refuses_a_pool_of_two_or_an_invalid_size_with_the_fix() {
+    for (pool, says) in [
+        ("2", "pubsub-worker: this worker is one of 2 workers"),
+        ("2", "`--workers 1`"),
+        ("many", "SHMRELAY_POOL_SIZE=\"many\" is not a pool size"),
+    ] {
+        let (code, stderr) = pubsub_worker(Some(pool));
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{pool}: {stderr}");
+    }
 }
 
 #[test]
