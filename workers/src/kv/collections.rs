@@ -19,6 +19,15 @@ impl Kv {
             b"HGETALL" | b"HLEN" if argc == 2 => true,
             _ => return None,
         };
+        // The increment is checked before the hash is created (as Redis does), so a bad one
+        // leaves no empty hash behind.
+        let by = match cmd {
+            b"HINCRBY" => match parse_i64(args[3]) {
+                Some(n) => n,
+                None => return Some(err(out, NOT_INT)),
+            },
+            _ => 0,
+        };
         let h = if read {
             match self.live(key) {
                 None => {
@@ -51,9 +60,6 @@ impl Kv {
                 resp::int(out, added)
             }
             b"HINCRBY" => {
-                let Some(by) = parse_i64(args[3]) else {
-                    return Some(err(out, NOT_INT));
-                };
                 let cur = match h.get(args[2]) {
                     None => 0,
                     Some(v) => match parse_i64(v) {
@@ -185,6 +191,8 @@ mod tests {
             assert!(all.contains(pair), "{all} lacks {pair}");
         }
         assert_eq!(run(&mut kv, "HGETALL nope"), "*0\r\n");
+        assert_eq!(run(&mut kv, "HINCRBY fresh f x"), format!("-{NOT_INT}\r\n"));
+        assert_eq!(run(&mut kv, "EXISTS fresh"), ":0\r\n", "no empty hash left");
         assert_eq!(run(&mut kv, "HDEL h a nope b"), ":2\r\n");
         assert_eq!(run(&mut kv, "HDEL h c n t"), ":3\r\n");
         assert_eq!(
