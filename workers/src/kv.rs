@@ -32,7 +32,8 @@
 //! on from, so a key present for a whole scan is returned exactly once whatever else changes,
 //! and keys added during a scan may or may not be. The walk goes over a sorted copy of the
 //! key names taken when a scan starts (cursor 0, or a cursor with no copy at hand), shared by
-//! the scans running at the time and dropped when one of them ends.
+//! the scans running at the time and dropped when one of them ends (a scan given up half-way
+//! leaves it until the next scan ends or a FLUSHALL: at most one copy of the key names).
 //!
 //! Expiry: every `SET ... EX|PX` or `EXPIRE` pushes (deadline, stamp, key) onto a min-heap and
 //! gives the key a new stamp; an entry whose stamp is no longer the key's (the key was
