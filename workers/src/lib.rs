@@ -37,8 +37,14 @@ pub mod codec;
 pub mod examples;
 pub mod kv;
 pub mod protocol;
+pub mod slot;
 mod worker;
 
 pub use codec::Codec;
 pub use protocol::{CloseReason, ConnId};
 pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError, DEFAULT_MAX_REPLY};
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

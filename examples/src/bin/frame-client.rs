@@ -5,6 +5,11 @@
 //! (or each line of standard input when none is given) as one frame, waits for one reply frame
 //! per request and prints its payload as text (invalid UTF-8 is shown as U+FFFD), one per line.
 //!
+//! Exit status: 0 when every message was answered and no frame was an error frame; 1 when the
+//! server sent an error frame (a payload starting with `shmrelay-error:`, which the relay
+//! sends before it closes a connection for bad input), closed the connection before replying,
+//! or did not reply in time, or when the client could not connect or read its input.
+//!
 //! ```text
 //! frame-client hello world              # two frames, two reply lines
 //! frame-client --heartbeat              # a length-0 frame; prints "heartbeat ok"
@@ -58,6 +63,37 @@ fn secs(s: f64, what: &str) -> Result<Duration> {
         .map_err(|_| anyhow!("{what} must be a non-negative number of seconds"))
 }
 
+/// How the relay's error frames start (`length-prefixed` codec).
+const ERROR_PREFIX: &[u8] = b"shmrelay-error:";
+
+/// The first error frame the server sent: what it answered (or `None` for a push) and its text.
+struct ErrorFrame {
+    answering: Option<usize>,
+    text: String,
+}
+
+impl ErrorFrame {
+    /// Records `reply` as the first error frame, if it is one and none was seen before.
+    fn note(first: &mut Option<ErrorFrame>, answering: Option<usize>, reply: &[u8]) {
+        if first.is_none() && reply.starts_with(ERROR_PREFIX) {
+            *first = Some(ErrorFrame {
+                answering,
+                text: String::from_utf8_lossy(reply).into_owned(),
+            });
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.answering {
+            Some(n) => format!(
+                "the server answered message {n} with an error frame: {}",
+                self.text
+            ),
+            None => format!("the server sent an error frame: {}", self.text),
+        }
+    }
+}
+
 fn run(args: Args) -> Result<()> {
     let timeout = secs(args.timeout, "--timeout")?;
     if timeout.is_zero() {
@@ -80,16 +116,37 @@ fn run(args: Args) -> Result<()> {
         out.flush()?;
     }
 
-    let mut exchange = |msg: &[u8], n: usize, out: &mut std::io::StdoutLock| -> Result<()> {
+    let mut error = None;
+    let talked = talk(&args, wait, &mut conn, &mut out, &mut error);
+    conn.close();
+    // An error frame usually comes with a close, so a message after it fails too: both count.
+    match (error, talked) {
+        (None, talked) => talked,
+        (Some(e), Ok(())) => Err(anyhow!("{}", e.describe())),
+        (Some(e), Err(later)) => Err(later.context(e.describe())),
+    }
+}
+
+/// Sends the messages (arguments or standard input) one at a time, printing each reply, then
+/// prints pushes for `wait`; the first error frame seen goes to `error`.
+fn talk(
+    args: &Args,
+    wait: Duration,
+    conn: &mut Conn,
+    out: &mut std::io::StdoutLock,
+    error: &mut Option<ErrorFrame>,
+) -> Result<()> {
+    let mut exchange = |msg: &[u8], n: usize| -> Result<()> {
         conn.send(msg)?;
         let reply = conn.recv(&format!("message {n}"))?;
         writeln!(out, "{}", String::from_utf8_lossy(&reply))?;
         out.flush()?;
+        ErrorFrame::note(error, Some(n), &reply);
         Ok(())
     };
     if !args.messages.is_empty() {
         for (i, m) in args.messages.iter().enumerate() {
-            exchange(m.as_bytes(), i + 1, &mut out)?;
+            exchange(m.as_bytes(), i + 1)?;
         }
     } else if !args.heartbeat {
         for (i, line) in std::io::stdin().lock().split(b'\n').enumerate() {
@@ -97,7 +154,7 @@ fn run(args: Args) -> Result<()> {
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            exchange(&line, i + 1, &mut out)?;
+            exchange(&line, i + 1)?;
         }
     }
 
@@ -106,9 +163,9 @@ fn run(args: Args) -> Result<()> {
         while let Some(reply) = conn.recv_until(until)? {
             writeln!(out, "{}", String::from_utf8_lossy(&reply))?;
             out.flush()?;
+            ErrorFrame::note(error, None, &reply);
         }
     }
-    conn.close();
     Ok(())
 }
 
