@@ -224,7 +224,10 @@ fn run_worker(kind: &str) -> Result<()> {
     let mut worker = Worker::from_env()?;
     match kind {
         "echo" => worker.run(&mut examples::Echo)?,
-        "pubsub" => worker.run(&mut examples::PubSub::default())?,
+        "pubsub" => {
+            shmrelay_worker::slot::require_pool_of_one()?;
+            worker.run(&mut examples::PubSub::default())?
+        }
         "journal" => worker.run(&mut examples::Journal::default())?,
         "kv" => worker.run(&mut shmrelay_worker::kv::Kv::default())?,
         "flipper" => worker.run(&mut faults_flip::Flipper::from_env())?,

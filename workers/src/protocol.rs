@@ -324,6 +324,9 @@ pub mod env {
     /// The codec of the worker's listener (`length-prefixed`, `line`, `resp`; see
     /// [`Codec`](crate::Codec)); unset means `length-prefixed`.
     pub const CODEC: &str = "SHMRELAY_CODEC";
+    /// Workers in this worker's pool (its listener's `workers`): keyed workers check that a
+    /// command's keys all belong to them ([`crate::slot`]).
+    pub const POOL_SIZE: &str = "SHMRELAY_POOL_SIZE";
     /// The run's token (16 hex digits) in every process the supervisor starts: how a later
     /// supervisor of the instance finds the processes of a dead run.
     pub const RUN: &str = "SHMRELAY_RUN";

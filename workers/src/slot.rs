@@ -9,7 +9,7 @@
 
 /// The environment variable holding the number of workers in this worker's pool (the workers
 /// of its listener). Absent for a pool of one, or under a supervisor that does not set it.
-pub const POOL_SIZE_ENV: &str = "SHMRELAY_POOL_SIZE";
+pub const POOL_SIZE_ENV: &str = crate::protocol::env::POOL_SIZE;
 
 /// The part of `key` that decides its owner: the bytes between the first `{` and the next `}`
 /// when that is not empty (a Redis Cluster hash tag), else the whole key. Taking the tag of a

@@ -134,6 +134,7 @@ impl Instance {
                     .env(env::DOORBELL_FD, bell.to_string())
                     .env(env::RESTARTS, starts.to_string())
                     .env(env::CODEC, spec.codec().name())
+                    .env(env::POOL_SIZE, spec.workers.to_string())
                     .env(env::CHANNELS, Channel::join(&channels));
                 if let Some(name) = self.cfg.worker_user(w) {
                     let user = nix::unistd::User::from_name(name)
