@@ -178,8 +178,10 @@ pub struct FrontStats {
     pub accept_retries: AtomicU64,
 }
 
-/// One worker slot's state, as the supervisor sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One worker slot's state, as the supervisor sees it; serialised (in reports' `--json`
+/// output) as its [`as_str`](WorkerState::as_str) name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u32)]
 pub enum WorkerState {
     Stopped = 0,
@@ -213,6 +215,12 @@ impl WorkerState {
             WorkerState::Failed => "failed",
             WorkerState::Hung => "hung",
         }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -300,7 +300,7 @@ pub fn prometheus(r: &InstanceReport) -> String {
             STATES.iter().map(move |s| {
                 (
                     format!("{},state=\"{}\"", wl(w), s.as_str()),
-                    b(w.state == s.as_str()),
+                    b(w.state == *s),
                 )
             })
         }),
