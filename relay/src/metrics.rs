@@ -135,7 +135,7 @@ fn route(head: &[u8], instance: &str) -> Answer {
         Ok(r) => (
             200,
             "OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            report::PROMETHEUS_CONTENT_TYPE,
             report::prometheus(&r),
             method == "GET",
         ),
@@ -268,7 +268,7 @@ mod tests {
         );
         assert_eq!(status, 200, "{head}");
         assert!(
-            head.contains("Content-Type: text/plain; version=0.0.4"),
+            head.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
             "{head}"
         );
         let samples = report::prom::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));

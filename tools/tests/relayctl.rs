@@ -248,7 +248,7 @@ fn stat_list_top_and_metrics_on_a_loaded_relay() {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
-    assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
+    assert!(resp.contains("Content-Type: application/openmetrics-text; version=1.0.0"));
     let body = resp.split_once("\r\n\r\n").unwrap().1;
     let accepts_metric = body
         .lines()

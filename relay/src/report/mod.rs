@@ -74,7 +74,7 @@ pub use crate::names::Dir;
 pub use crate::stats::WorkerState;
 pub use build::rtt_bucket_bound;
 pub use liveness::{process_liveness, Liveness, STALL_AFTER};
-pub use prom::prometheus;
+pub use prom::{prometheus, PROMETHEUS_CONTENT_TYPE};
 pub use rates::fill_rates;
 pub use types::*;
 
@@ -184,6 +184,7 @@ pub(crate) mod tests {
             let r = InstanceReport::build("g", &path, &view.stats, Some(&view), true);
             let text = prometheus(&r);
             assert!(text.contains("shmrelay_up"));
+            prom::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             let _ = serde_json::to_string(&r).unwrap();
             reports.push(r);
         }

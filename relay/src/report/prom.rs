@@ -1,20 +1,35 @@
-//! The Prometheus text exposition format (version 0.0.4) of an [`InstanceReport`].
+//! The Prometheus exposition of an [`InstanceReport`], written by `prometheus-client` in the
+//! OpenMetrics text format (version 1.0.0, served as [`PROMETHEUS_CONTENT_TYPE`]).
 //!
 //! Every metric is prefixed `shmrelay_` and labelled with `instance`; per-front metrics add
 //! `front`, per-worker `worker`, per-ring `front`, `worker` and `ring` (`request` or `reply`),
-//! reason-split counters `reason`. Counters end in `_total`. Sizes are in bytes, times in
-//! seconds, except the RTT histogram, which is in microseconds as the front samples it
+//! reason-split counters `reason`. Counter samples end in `_total` (their `# TYPE` line names
+//! the family without it, as OpenMetrics wants). Sizes are in bytes, times in seconds, except
+//! the RTT histogram, which is in microseconds as the front samples it
 //! (`shmrelay_front_rtt_microseconds`, buckets at `2^k - 1` µs because samples are whole
-//! microseconds filed under `floor(log2(us))`; it has no `_sum`, since only bucket counts are
-//! kept).
+//! microseconds filed under `floor(log2(us))`; its `_sum` is `NaN` because only bucket counts
+//! are kept).
+//!
+//! A fresh [`Registry`] is built per scrape around one collector that owns the report, so the
+//! numbers are the ones the report read from the stats at scrape time; nothing is cached.
 
-use std::fmt::Write;
+use std::borrow::Cow;
+use std::fmt;
 
-use super::{InstanceReport, Liveness};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::{FrontReport, InstanceReport, Liveness, RingReport, WorkerReport};
 use crate::stats::WorkerState;
 
-/// Renders `r` in the Prometheus text format, version 0.0.4 (`Content-Type: text/plain;
-/// version=0.0.4`): one `# HELP` and one `# TYPE` line per metric family, then its samples.
+/// The `Content-Type` of [`prometheus`]'s output.
+pub const PROMETHEUS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders `r` in the OpenMetrics text format ([`PROMETHEUS_CONTENT_TYPE`]): one `# HELP` and one
+/// `# TYPE` line per metric family, then its samples, then `# EOF`.
 ///
 /// # Examples
 ///
@@ -24,267 +39,295 @@ use crate::stats::WorkerState;
 /// # Ok::<(), shmrelay::report::ReportError>(())
 /// ```
 pub fn prometheus(r: &InstanceReport) -> String {
-    let mut out = Exposition {
-        out: String::with_capacity(16 * 1024),
-        instance: escape(&r.name),
-    };
-    let b = |v: bool| u64::from(v) as f64;
-    let up = |l: Liveness| b(l == Liveness::Alive);
+    let instance = (Cow::Borrowed("instance"), Cow::Owned(escape(&r.name)));
+    let mut registry = Registry::with_prefix_and_labels("shmrelay", std::iter::once(instance));
+    registry.register_collector(Box::new(ReportCollector(r.clone())));
+    let mut out = String::with_capacity(16 * 1024);
+    // Writing to a String cannot fail, and every value below is encodable (gauges are
+    // clamped to i64, histogram counts saturate before the encoder adds them up).
+    let written = prometheus_client::encoding::text::encode(&mut out, &registry);
+    debug_assert!(written.is_ok(), "{written:?}");
+    out
+}
 
-    out.family(
-        "up",
-        "gauge",
-        "1 while the supervisor process exists.",
-        [(String::new(), b(r.alive))],
-    );
-    out.family(
-        "start_time_seconds",
-        "gauge",
-        "Start time of the supervisor, seconds since the Unix epoch.",
-        [(String::new(), r.started_unix_ms as f64 / 1000.0)],
-    );
-    out.family(
-        "uptime_seconds",
-        "gauge",
-        "Seconds since the supervisor started.",
-        [(String::new(), r.uptime_secs)],
-    );
-    out.family(
-        "draining",
-        "gauge",
-        "1 while the instance drains for shutdown.",
-        [(String::new(), b(r.draining))],
-    );
-    out.family(
-        "pool_failed",
-        "gauge",
-        "1 once the worker pool crashed too often and new connections are refused.",
-        [(String::new(), b(r.pool_failed))],
-    );
-    out.family(
-        "connections",
-        "gauge",
-        "Connections open across all fronts.",
-        [(String::new(), r.connections as f64)],
-    );
-    out.family(
-        "supervisor_resident_memory_bytes",
-        "gauge",
-        "Resident memory of the supervisor.",
-        [(String::new(), r.supervisor_rss_kb as f64 * 1024.0)],
-    );
-    out.family(
-        "supervisor_open_fds",
-        "gauge",
-        "Open file descriptors of the supervisor.",
-        [(String::new(), r.supervisor_fds as f64)],
-    );
-    out.family(
-        "problems",
-        "gauge",
-        "Findings that need attention (what `relayctl stat` lists under problems).",
-        [(String::new(), r.problems.len() as f64)],
-    );
+/// Labels after `instance`; values already escaped.
+type Labels = Vec<(&'static str, String)>;
 
-    // Fronts.
-    let fl = |f: &super::FrontReport| format!(",front=\"{}\"", f.index);
-    let fronts = &r.fronts;
-    let per_front = |get: &dyn Fn(&super::FrontReport) -> f64| -> Vec<(String, f64)> {
-        fronts.iter().map(|f| (fl(f), get(f))).collect()
-    };
-    out.family(
+/// Encodes one report at scrape time.
+#[derive(Debug)]
+struct ReportCollector(InstanceReport);
+
+impl Collector for ReportCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let r = &self.0;
+        let e = &mut enc;
+        let one = |v: u64| [(Labels::new(), int(v))];
+        gauges(
+            e,
+            "up",
+            "1 while the supervisor process exists.",
+            one(r.alive.into()),
+        )?;
+        gauges(
+            e,
+            "start_time_seconds",
+            "Start time of the supervisor, seconds since the Unix epoch.",
+            [(Labels::new(), r.started_unix_ms as f64 / 1000.0)],
+        )?;
+        gauges(
+            e,
+            "uptime_seconds",
+            "Seconds since the supervisor started.",
+            [(Labels::new(), r.uptime_secs)],
+        )?;
+        gauges(
+            e,
+            "draining",
+            "1 while the instance drains for shutdown.",
+            one(r.draining.into()),
+        )?;
+        gauges(
+            e,
+            "pool_failed",
+            "1 once the worker pool crashed too often and new connections are refused.",
+            one(r.pool_failed.into()),
+        )?;
+        gauges(
+            e,
+            "connections",
+            "Connections open across all fronts.",
+            one(r.connections),
+        )?;
+        gauges(
+            e,
+            "supervisor_resident_memory_bytes",
+            "Resident memory of the supervisor.",
+            one(r.supervisor_rss_kb.saturating_mul(1024)),
+        )?;
+        gauges(
+            e,
+            "supervisor_open_fds",
+            "Open file descriptors of the supervisor.",
+            one(r.supervisor_fds),
+        )?;
+        gauges(
+            e,
+            "problems",
+            "Findings that need attention (what `relayctl stat` lists under problems).",
+            one(r.problems.len() as u64),
+        )?;
+        fronts(e, &r.fronts)?;
+        workers(e, &r.workers)?;
+        rings(e, &r.rings)?;
+
+        let lk = &r.leaks;
+        counters(
+            e,
+            "leak_events",
+            "Leak detector findings by kind.",
+            [
+                ("stale_segments_removed", lk.stale_segments_removed),
+                ("leaked_conns", lk.leaked_conns),
+                ("fd_growth", lk.fd_growth_events),
+                ("rss_growth", lk.rss_growth_events),
+                ("reclaimed_reservations", lk.reclaimed_reservations),
+                ("orphans_killed", lk.orphans_killed),
+            ]
+            .map(|(k, v)| (vec![("reason", k.to_owned())], v)),
+        )?;
+        gauges(
+            e,
+            "stale_rings",
+            "Ring sides whose pid belongs to no live process.",
+            one(lk.stale_rings.len() as u64),
+        )
+    }
+}
+
+fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
+    let fl = |f: &FrontReport| vec![("front", f.index.to_string())];
+    let per = |get: fn(&FrontReport) -> u64| fronts.iter().map(move |f| (fl(f), get(f)));
+    let ints = |get: fn(&FrontReport) -> u64| per(get).map(|(l, v)| (l, int(v)));
+    gauges(
+        e,
         "front_up",
-        "gauge",
         "1 while the front process exists and is not stopped.",
-        per_front(&|f| up(f.liveness)),
-    );
-    out.family(
-        "front_restarts_total",
-        "counter",
+        ints(|f| (f.liveness == Liveness::Alive).into()),
+    )?;
+    counters(
+        e,
+        "front_restarts",
         "Times the front was restarted.",
-        per_front(&|f| f64::from(f.restarts)),
-    );
-    out.family(
+        per(|f| f.restarts.into()),
+    )?;
+    gauges(
+        e,
         "front_connections",
-        "gauge",
         "Connections of the front by state.",
         fronts.iter().flat_map(|f| {
             [
-                (
-                    format!("{},state=\"open\"", fl(f)),
-                    f.connections.open as f64,
-                ),
-                (
-                    format!("{},state=\"draining\"", fl(f)),
-                    f.connections.draining as f64,
-                ),
+                ("open", f.connections.open),
+                ("draining", f.connections.draining),
             ]
+            .map(|(state, n)| {
+                let mut l = fl(f);
+                l.push(("state", state.to_owned()));
+                (l, int(n))
+            })
         }),
-    );
-    out.family(
-        "front_accepts_total",
-        "counter",
+    )?;
+    counters(
+        e,
+        "front_accepts",
         "Connections accepted.",
-        per_front(&|f| f.accepts as f64),
-    );
-    out.family(
-        "front_rejects_total",
-        "counter",
-        "Connections refused at accept, by reason.",
-        fronts.iter().flat_map(|f| {
-            f.rejects
-                .iter()
-                .map(move |(k, v)| (format!("{},reason=\"{}\"", fl(f), escape(k)), *v as f64))
+        per(|f| f.accepts),
+    )?;
+    for (name, help, by_reason) in [
+        (
+            "front_rejects",
+            "Connections refused at accept, by reason.",
+            (|f| &f.rejects) as fn(&FrontReport) -> &std::collections::BTreeMap<String, u64>,
+        ),
+        ("front_closes", "Connections closed, by reason.", |f| {
+            &f.closes
         }),
-    );
-    out.family(
-        "front_closes_total",
-        "counter",
-        "Connections closed, by reason.",
-        fronts.iter().flat_map(|f| {
-            f.closes
-                .iter()
-                .map(move |(k, v)| (format!("{},reason=\"{}\"", fl(f), escape(k)), *v as f64))
-        }),
-    );
-    out.family(
-        "front_heartbeats_total",
-        "counter",
-        "Heartbeat frames received from clients.",
-        per_front(&|f| f.heartbeats as f64),
-    );
-    out.family(
-        "front_pings_sent_total",
-        "counter",
-        "Heartbeat frames sent to idle clients.",
-        per_front(&|f| f.pings_sent as f64),
-    );
-    out.family(
-        "front_protocol_errors_total",
-        "counter",
-        "Malformed or oversized frames.",
-        per_front(&|f| f.protocol_errors as f64),
-    );
-    out.family(
-        "front_frames_in_total",
-        "counter",
-        "Frames received from clients, heartbeats excluded.",
-        per_front(&|f| f.frames_in as f64),
-    );
-    out.family(
-        "front_frames_out_total",
-        "counter",
-        "Reply records written to clients.",
-        per_front(&|f| f.frames_out as f64),
-    );
-    out.family(
-        "front_bytes_in_total",
-        "counter",
-        "Bytes read from clients.",
-        per_front(&|f| f.bytes_in as f64),
-    );
-    out.family(
-        "front_bytes_out_total",
-        "counter",
-        "Bytes written to clients.",
-        per_front(&|f| f.bytes_out as f64),
-    );
-    out.family(
-        "front_bytes_copied_total",
-        "counter",
-        "Bytes the front copied in user space.",
-        per_front(&|f| f.bytes_copied as f64),
-    );
-    out.family(
-        "front_stale_replies_total",
-        "counter",
-        "Reply records for connections that no longer existed.",
-        per_front(&|f| f.stale_replies as f64),
-    );
-    out.family(
-        "front_ring_full_stalls_total",
-        "counter",
-        "Times a connection stopped being read because its request ring was full.",
-        per_front(&|f| f.ring_full_stalls as f64),
-    );
-    out.family(
-        "front_corrupt_rings_total",
-        "counter",
-        "Rings found corrupt and quarantined.",
-        per_front(&|f| f.corrupt_rings as f64),
-    );
-    out.family(
-        "front_tcp_retransmits_total",
-        "counter",
-        "TCP retransmissions of closed connections (TCP_INFO at close).",
-        per_front(&|f| f.retransmits as f64),
-    );
-    out.family(
-        "front_paused",
-        "gauge",
-        "1 while the front stopped accepting (overload).",
-        per_front(&|f| b(f.paused)),
-    );
-    out.family(
-        "front_resident_memory_bytes",
-        "gauge",
-        "Resident memory of the front process.",
-        per_front(&|f| f.rss_kb as f64 * 1024.0),
-    );
-    out.family(
-        "front_open_fds",
-        "gauge",
-        "Open file descriptors of the front process.",
-        per_front(&|f| f.fds as f64),
-    );
-    out.family(
-        "front_rtt_microseconds",
-        "histogram",
-        "TCP round-trip times sampled from TCP_INFO, microseconds.",
-        fronts.iter().flat_map(|f| {
-            let mut cumulative = 0u64;
-            let mut v: Vec<Sample> = f
-                .rtt_histogram
-                .iter()
-                .map(|bk| {
-                    cumulative = cumulative.saturating_add(bk.count);
-                    let le = bk
-                        .below_us
-                        .map_or_else(|| "+Inf".to_owned(), |b| (b - 1).to_string());
-                    Sample::new(
-                        "_bucket",
-                        format!("{},le=\"{le}\"", fl(f)),
-                        cumulative as f64,
-                    )
+    ] {
+        counters(
+            e,
+            name,
+            help,
+            fronts.iter().flat_map(|f| {
+                by_reason(f).iter().map(move |(k, v)| {
+                    let mut l = fl(f);
+                    l.push(("reason", escape(k)));
+                    (l, *v)
                 })
-                .collect();
-            if f.rtt_histogram
-                .last()
-                .is_some_and(|bk| bk.below_us.is_some())
-            {
-                v.push(Sample::new(
-                    "_bucket",
-                    format!("{},le=\"+Inf\"", fl(f)),
-                    cumulative as f64,
-                ));
-            }
-            v.push(Sample::new("_count", fl(f), cumulative as f64));
-            v
+            }),
+        )?;
+    }
+    type Get = fn(&FrontReport) -> u64;
+    let plain: &[(&str, &str, Get)] = &[
+        (
+            "front_heartbeats",
+            "Heartbeat frames received from clients.",
+            |f| f.heartbeats,
+        ),
+        (
+            "front_pings_sent",
+            "Heartbeat frames sent to idle clients.",
+            |f| f.pings_sent,
+        ),
+        (
+            "front_protocol_errors",
+            "Malformed or oversized frames.",
+            |f| f.protocol_errors,
+        ),
+        (
+            "front_frames_in",
+            "Frames received from clients, heartbeats excluded.",
+            |f| f.frames_in,
+        ),
+        (
+            "front_frames_out",
+            "Reply records written to clients.",
+            |f| f.frames_out,
+        ),
+        ("front_bytes_in", "Bytes read from clients.", |f| f.bytes_in),
+        ("front_bytes_out", "Bytes written to clients.", |f| {
+            f.bytes_out
         }),
-    );
+        (
+            "front_bytes_copied",
+            "Bytes the front copied in user space.",
+            |f| f.bytes_copied,
+        ),
+        (
+            "front_stale_replies",
+            "Reply records for connections that no longer existed.",
+            |f| f.stale_replies,
+        ),
+        (
+            "front_ring_full_stalls",
+            "Times a connection stopped being read because its request ring was full.",
+            |f| f.ring_full_stalls,
+        ),
+        (
+            "front_corrupt_rings",
+            "Rings found corrupt and quarantined.",
+            |f| f.corrupt_rings,
+        ),
+        (
+            "front_tcp_retransmits",
+            "TCP retransmissions of closed connections (TCP_INFO at close).",
+            |f| f.retransmits,
+        ),
+    ];
+    for &(name, help, get) in plain {
+        counters(e, name, help, per(get))?;
+    }
+    gauges(
+        e,
+        "front_paused",
+        "1 while the front stopped accepting (overload).",
+        ints(|f| f.paused.into()),
+    )?;
+    gauges(
+        e,
+        "front_resident_memory_bytes",
+        "Resident memory of the front process.",
+        ints(|f| f.rss_kb.saturating_mul(1024)),
+    )?;
+    gauges(
+        e,
+        "front_open_fds",
+        "Open file descriptors of the front process.",
+        ints(|f| f.fds),
+    )?;
+    let mut m = e.encode_descriptor(
+        "front_rtt_microseconds",
+        "TCP round-trip times sampled from TCP_INFO, microseconds.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for f in fronts {
+        // The encoder adds the bucket counts up in u64: hand it differences of a saturating
+        // running total so garbage counts cannot overflow it.
+        let mut total = 0u64;
+        let mut buckets: Vec<(f64, u64)> = f
+            .rtt_histogram
+            .iter()
+            .map(|bk| {
+                let before = total;
+                total = total.saturating_add(bk.count);
+                // `f64::MAX` is the encoder's spelling of `+Inf`.
+                let le = bk.below_us.map_or(f64::MAX, |b| b.saturating_sub(1) as f64);
+                (le, total - before)
+            })
+            .collect();
+        if buckets.last().is_none_or(|b| b.0 != f64::MAX) {
+            buckets.push((f64::MAX, 0));
+        }
+        let labels = fl(f);
+        m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+            f64::NAN,
+            total,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
 
-    // Workers.
-    let wl = |w: &super::WorkerReport| format!(",worker=\"{}\"", w.index);
-    let workers = &r.workers;
-    let per_worker = |get: &dyn Fn(&super::WorkerReport) -> f64| -> Vec<(String, f64)> {
-        workers.iter().map(|w| (wl(w), get(w))).collect()
-    };
-    out.family(
+fn workers(e: &mut DescriptorEncoder, workers: &[WorkerReport]) -> fmt::Result {
+    let wl = |w: &WorkerReport| vec![("worker", w.index.to_string())];
+    let per = |get: fn(&WorkerReport) -> u64| workers.iter().map(move |w| (wl(w), get(w)));
+    let ints = |get: fn(&WorkerReport) -> u64| per(get).map(|(l, v)| (l, int(v)));
+    gauges(
+        e,
         "worker_up",
-        "gauge",
         "1 while the worker process exists and is not stopped.",
-        per_worker(&|w| up(w.liveness)),
-    );
+        ints(|w| (w.liveness == Liveness::Alive).into()),
+    )?;
     const STATES: [WorkerState; 5] = [
         WorkerState::Stopped,
         WorkerState::Running,
@@ -292,250 +335,160 @@ pub fn prometheus(r: &InstanceReport) -> String {
         WorkerState::Failed,
         WorkerState::Hung,
     ];
-    out.family(
+    gauges(
+        e,
         "worker_state",
-        "gauge",
         "1 for the worker slot's current state, 0 for the others.",
         workers.iter().flat_map(|w| {
-            STATES.iter().map(move |s| {
-                (
-                    format!("{},state=\"{}\"", wl(w), s.as_str()),
-                    b(w.state == *s),
-                )
+            STATES.map(|s| {
+                let mut l = wl(w);
+                l.push(("state", s.as_str().to_owned()));
+                (l, int((w.state == s).into()))
             })
         }),
-    );
-    out.family(
-        "worker_restarts_total",
-        "counter",
+    )?;
+    counters(
+        e,
+        "worker_restarts",
         "Times the worker was restarted.",
-        per_worker(&|w| f64::from(w.restarts)),
-    );
-    out.family(
-        "worker_crashes_total",
-        "counter",
+        per(|w| w.restarts.into()),
+    )?;
+    counters(
+        e,
+        "worker_crashes",
         "Times the worker died unasked.",
-        per_worker(&|w| w.crashes as f64),
-    );
-    out.family(
-        "worker_hangs_total",
-        "counter",
-        "Hangs detected.",
-        per_worker(&|w| w.hangs as f64),
-    );
-    out.family(
+        per(|w| w.crashes),
+    )?;
+    counters(e, "worker_hangs", "Hangs detected.", per(|w| w.hangs))?;
+    gauges(
+        e,
         "worker_resident_memory_bytes",
-        "gauge",
         "Resident memory of the worker process.",
-        per_worker(&|w| w.rss_kb as f64 * 1024.0),
-    );
-    out.family(
+        ints(|w| w.rss_kb.saturating_mul(1024)),
+    )?;
+    gauges(
+        e,
         "worker_open_fds",
-        "gauge",
         "Open file descriptors of the worker process.",
-        per_worker(&|w| w.fds as f64),
-    );
+        ints(|w| w.fds),
+    )
+}
 
-    // Rings.
-    let rl = |g: &super::RingReport| {
-        format!(
-            ",front=\"{}\",worker=\"{}\",ring=\"{}\"",
-            g.front,
-            g.worker,
-            g.direction.as_str()
-        )
+fn rings(e: &mut DescriptorEncoder, rings: &[RingReport]) -> fmt::Result {
+    let rl = |g: &RingReport| {
+        vec![
+            ("front", g.front.to_string()),
+            ("worker", g.worker.to_string()),
+            ("ring", g.direction.as_str().to_owned()),
+        ]
     };
-    let rings = &r.rings;
-    let per_ring = |get: &dyn Fn(&super::RingReport) -> f64| -> Vec<(String, f64)> {
-        rings.iter().map(|g| (rl(g), get(g))).collect()
-    };
-    out.family(
+    let per = |get: fn(&RingReport) -> u64| rings.iter().map(move |g| (rl(g), get(g)));
+    let ints = |get: fn(&RingReport) -> u64| per(get).map(|(l, v)| (l, int(v)));
+    gauges(
+        e,
         "ring_capacity_bytes",
-        "gauge",
         "Data area of the ring.",
-        per_ring(&|g| g.capacity as f64),
-    );
-    out.family(
+        ints(|g| g.capacity),
+    )?;
+    gauges(
+        e,
         "ring_used_bytes",
-        "gauge",
         "Bytes published and not yet released.",
-        per_ring(&|g| g.used as f64),
-    );
-    out.family(
+        ints(|g| g.used),
+    )?;
+    gauges(
+        e,
         "ring_high_water_bytes",
-        "gauge",
         "Most bytes ever in use.",
-        per_ring(&|g| g.high_water as f64),
-    );
-    out.family(
-        "ring_records_in_total",
-        "counter",
-        "Records committed by the producer.",
-        per_ring(&|g| g.records_in as f64),
-    );
-    out.family(
-        "ring_records_out_total",
-        "counter",
-        "Records consumed.",
-        per_ring(&|g| g.records_out as f64),
-    );
-    out.family(
-        "ring_bytes_in_total",
-        "counter",
-        "Payload bytes committed.",
-        per_ring(&|g| g.bytes_in as f64),
-    );
-    out.family(
-        "ring_bytes_out_total",
-        "counter",
-        "Payload bytes consumed.",
-        per_ring(&|g| g.bytes_out as f64),
-    );
-    out.family(
-        "ring_full_events_total",
-        "counter",
-        "Reservations refused because the ring was full.",
-        per_ring(&|g| g.full_events as f64),
-    );
-    out.family(
-        "ring_wakeups_total",
-        "counter",
-        "Wakeups sent between the two sides.",
-        per_ring(&|g| g.wakeups as f64),
-    );
-    out.family(
-        "ring_parks_total",
-        "counter",
-        "Times either side parked.",
-        per_ring(&|g| g.parks as f64),
-    );
-    out.family(
-        "ring_side_up",
-        "gauge",
-        "1 while the process attached to this side exists and makes progress.",
-        rings.iter().flat_map(|g| {
-            [
-                ("producer", g.producer.liveness),
-                ("consumer", g.consumer.liveness),
-            ]
-            .map(|(side, l)| (format!("{},side=\"{side}\"", rl(g)), up(l)))
+        ints(|g| g.high_water),
+    )?;
+    type Get = fn(&RingReport) -> u64;
+    let plain: &[(&str, &str, Get)] = &[
+        (
+            "ring_records_in",
+            "Records committed by the producer.",
+            |g| g.records_in,
+        ),
+        ("ring_records_out", "Records consumed.", |g| g.records_out),
+        ("ring_bytes_in", "Payload bytes committed.", |g| g.bytes_in),
+        ("ring_bytes_out", "Payload bytes consumed.", |g| g.bytes_out),
+        (
+            "ring_full_events",
+            "Reservations refused because the ring was full.",
+            |g| g.full_events,
+        ),
+        ("ring_wakeups", "Wakeups sent between the two sides.", |g| {
+            g.wakeups
         }),
-    );
-    out.family(
-        "ring_side_stalled",
-        "gauge",
-        "1 while the process on this side exists but makes no progress.",
-        rings.iter().flat_map(|g| {
+        ("ring_parks", "Times either side parked.", |g| g.parks),
+    ];
+    for &(name, help, get) in plain {
+        counters(e, name, help, per(get))?;
+    }
+    let sides = |is: fn(Liveness) -> bool| {
+        rings.iter().flat_map(move |g| {
             [
                 ("producer", g.producer.liveness),
                 ("consumer", g.consumer.liveness),
             ]
             .map(|(side, l)| {
-                (
-                    format!("{},side=\"{side}\"", rl(g)),
-                    b(l == Liveness::Stalled),
-                )
+                let mut labels = rl(g);
+                labels.push(("side", side.to_owned()));
+                (labels, int(is(l).into()))
             })
-        }),
-    );
-
-    // Leaks.
-    let lk = &r.leaks;
-    out.family(
-        "leak_events_total",
-        "counter",
-        "Leak detector findings by kind.",
-        [
-            ("stale_segments_removed", lk.stale_segments_removed),
-            ("leaked_conns", lk.leaked_conns),
-            ("fd_growth", lk.fd_growth_events),
-            ("rss_growth", lk.rss_growth_events),
-            ("reclaimed_reservations", lk.reclaimed_reservations),
-            ("orphans_killed", lk.orphans_killed),
-        ]
-        .map(|(k, v)| (format!(",reason=\"{k}\""), v as f64)),
-    );
-    out.family(
-        "stale_rings",
-        "gauge",
-        "Ring sides whose pid belongs to no live process.",
-        [(String::new(), lk.stale_rings.len() as f64)],
-    );
-    out.out
+        })
+    };
+    gauges(
+        e,
+        "ring_side_up",
+        "1 while the process attached to this side exists and makes progress.",
+        sides(|l| l == Liveness::Alive),
+    )?;
+    gauges(
+        e,
+        "ring_side_stalled",
+        "1 while the process on this side exists but makes no progress.",
+        sides(|l| l == Liveness::Stalled),
+    )
 }
 
-struct Exposition {
-    out: String,
-    /// Already escaped.
-    instance: String,
-}
-
-/// One sample of a family: `name{suffix}{instance="..."{labels}} value`.
-struct Sample {
-    /// Appended to the family name (`_bucket`, `_count` of a histogram), usually empty.
-    suffix: &'static str,
-    /// Labels after `instance`, each starting with a comma, values escaped.
-    labels: String,
-    value: f64,
-}
-
-impl Sample {
-    fn new(suffix: &'static str, labels: String, value: f64) -> Sample {
-        Sample {
-            suffix,
-            labels,
-            value,
-        }
+/// Writes a gauge family: its descriptor, then one sample per label set.
+fn gauges<V: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        m.encode_family(&labels)?.encode_gauge(&v)?;
     }
+    Ok(())
 }
 
-impl From<(String, f64)> for Sample {
-    fn from((labels, value): (String, f64)) -> Sample {
-        Sample::new("", labels, value)
+/// Writes a counter family (`name` without `_total`: the encoder appends it to each sample).
+fn counters(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        m.encode_family(&labels)?
+            .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
     }
+    Ok(())
 }
 
-impl Exposition {
-    /// Writes one family: its `# HELP` and `# TYPE` lines, then its samples.
-    fn family<S: Into<Sample>>(
-        &mut self,
-        name: &str,
-        kind: &str,
-        help: &str,
-        samples: impl IntoIterator<Item = S>,
-    ) {
-        // Writing to a String cannot fail.
-        let _ = writeln!(self.out, "# HELP shmrelay_{name} {help}");
-        let _ = writeln!(self.out, "# TYPE shmrelay_{name} {kind}");
-        for s in samples {
-            let s: Sample = s.into();
-            let _ = writeln!(
-                self.out,
-                "shmrelay_{name}{}{{instance=\"{}\"{}}} {}",
-                s.suffix,
-                self.instance,
-                s.labels,
-                number(s.value)
-            );
-        }
-    }
+/// An integer gauge value: the encoder refuses a `u64` gauge above `i64::MAX` (and would
+/// then fail the whole scrape), so garbage from shared memory is clamped instead.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A sample value: integers without a fraction, `NaN`/`+Inf`/`-Inf` spelled as the format
-/// wants.
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".to_owned()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
-    } else if v.fract() == 0.0 && v.abs() < 9.0e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
-}
-
-/// Escapes a label value: backslash, double quote and newline.
+/// Escapes a label value (backslash, double quote, newline): the encoder writes label values
+/// as given.
 fn escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
@@ -553,26 +506,37 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 pub(crate) type ParsedSample = (String, Vec<(String, String)>, f64);
 
-/// Parses the text format strictly enough for tests: returns `(name, labels, value)` per
-/// sample and checks that every sample belongs to a family announced by `# TYPE`.
+/// Parses the OpenMetrics text strictly enough for tests: returns `(name, labels, value)` per
+/// sample and checks that every sample belongs to a family announced by `# TYPE` (a counter's
+/// samples with `_total`) and that the text ends with `# EOF`.
 #[cfg(test)]
 pub(crate) fn parse(text: &str) -> Result<Vec<ParsedSample>, String> {
     let mut typed: Vec<String> = Vec::new();
     let mut samples = Vec::new();
+    let mut eof = false;
     for (n, line) in text.lines().enumerate() {
         let err = |m: &str| format!("line {}: {m}: {line:?}", n + 1);
-        if line.is_empty() {
+        if eof {
+            return Err(err("after # EOF"));
+        }
+        if line == "# EOF" {
+            eof = true;
             continue;
+        }
+        if line.is_empty() {
+            return Err(err("empty line"));
         }
         if let Some(rest) = line.strip_prefix("# ") {
             let mut it = rest.splitn(3, ' ');
             match (it.next(), it.next(), it.next()) {
-                (Some("HELP"), Some(_), Some(_)) => {}
+                (Some("HELP" | "UNIT"), Some(_), Some(_)) => {}
                 (Some("TYPE"), Some(name), Some(kind)) => {
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
-                        return Err(err("unknown type"));
-                    }
-                    typed.push(name.to_owned());
+                    let suffix = match kind {
+                        "counter" => "_total",
+                        "gauge" | "histogram" | "info" | "stateset" | "unknown" => "",
+                        _ => return Err(err("unknown type")),
+                    };
+                    typed.push(format!("{name}{suffix}"));
                 }
                 _ => return Err(err("bad comment")),
             }
@@ -630,6 +594,9 @@ pub(crate) fn parse(text: &str) -> Result<Vec<ParsedSample>, String> {
         };
         samples.push((name.to_owned(), labels, value));
     }
+    if !eof {
+        return Err("no # EOF".to_owned());
+    }
     Ok(samples)
 }
 
@@ -674,7 +641,7 @@ mod tests {
         assert_eq!(
             find(
                 "shmrelay_front_rtt_microseconds_bucket",
-                &[("front", "1"), ("le", "15")]
+                &[("front", "1"), ("le", "15.0")]
             ),
             Some(2.0)
         );
@@ -700,19 +667,20 @@ mod tests {
             find("shmrelay_worker_state", &[("state", "stopped")]),
             Some(1.0)
         );
+        // Counters keep their `_total` sample names; the RTT sum is unknown.
+        assert_eq!(
+            find("shmrelay_front_accepts_total", &[("front", "0")]),
+            Some(0.0)
+        );
+        assert!(
+            find("shmrelay_front_rtt_microseconds_sum", &[("front", "1")]).is_some_and(f64::is_nan)
+        );
+        assert!(text.ends_with("# EOF\n"));
         // Exactly one HELP and TYPE per family.
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         let mut dedup = types.clone();
         dedup.sort();
         dedup.dedup();
         assert_eq!(types.len(), dedup.len());
-    }
-
-    #[test]
-    fn numbers() {
-        assert_eq!(number(3.0), "3");
-        assert_eq!(number(0.5), "0.5");
-        assert_eq!(number(f64::INFINITY), "+Inf");
-        assert_eq!(number(f64::NAN), "NaN");
     }
 }
