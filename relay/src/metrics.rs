@@ -271,7 +271,7 @@ mod tests {
             head.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
             "{head}"
         );
-        let samples = report::prom::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        let samples = report::prom::tests::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
         let find = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
         assert_eq!(find("shmrelay_front_accepts_total"), Some(11.0));
         assert_eq!(find("shmrelay_front_bytes_in_total"), Some(4096.0));

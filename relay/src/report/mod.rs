@@ -184,7 +184,7 @@ pub(crate) mod tests {
             let r = InstanceReport::build("g", &path, &view.stats, Some(&view), true);
             let text = prometheus(&r);
             assert!(text.contains("shmrelay_up"));
-            prom::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            prom::tests::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             let _ = serde_json::to_string(&r).unwrap();
             reports.push(r);
         }
