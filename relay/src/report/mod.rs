@@ -175,10 +175,16 @@ pub(crate) mod tests {
                 };
                 chunk.copy_from_slice(&v.to_ne_bytes()[..chunk.len()]);
             }
-            bytes[0..8].copy_from_slice(&STATS_MAGIC.to_ne_bytes());
-            bytes[8..12].copy_from_slice(&STATS_VERSION.to_ne_bytes());
-            bytes[STATS_SIZE..STATS_SIZE + 8].copy_from_slice(&VIEW_MAGIC.to_ne_bytes());
-            bytes[STATS_SIZE + 8..STATS_SIZE + 12].copy_from_slice(&VIEW_VERSION.to_ne_bytes());
+            use crate::layout::{StatsHeader as S, TailHeader as T};
+            use std::mem::offset_of;
+            let mut put = |at: usize, v: &[u8]| bytes[at..at + v.len()].copy_from_slice(v);
+            put(offset_of!(S, magic), &STATS_MAGIC.to_ne_bytes());
+            put(offset_of!(S, version), &STATS_VERSION.to_ne_bytes());
+            put(STATS_SIZE + offset_of!(T, magic), &VIEW_MAGIC.to_ne_bytes());
+            put(
+                STATS_SIZE + offset_of!(T, version),
+                &VIEW_VERSION.to_ne_bytes(),
+            );
             std::fs::write(&path, &bytes).unwrap();
             let view = View::read(&path).unwrap();
             let r = InstanceReport::build("g", &path, &view.stats, Some(&view), true);
