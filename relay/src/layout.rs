@@ -244,14 +244,23 @@ const _: () = {
 /// One side of a ring in a [`RingRecord`]: the side's counters from the ring header.
 #[repr(C)]
 pub struct SideRecord {
+    /// The attached process (a u32 pid, widened).
     pub pid: u64,
+    /// Times a process attached (a u32, widened).
     pub attach_count: u64,
+    /// When the side last published, released or woke its peer (CLOCK_MONOTONIC ns).
     pub active_ns: u64,
+    /// Records committed (producer) or consumed (consumer).
     pub records: u64,
+    /// Payload bytes of those records.
     pub bytes: u64,
+    /// Reservations refused for lack of space.
     pub full_events: u64,
+    /// Wakeups this side sent to the other.
     pub wakeups_sent: u64,
+    /// Times this side parked.
     pub parks: u64,
+    /// Most bytes ever in use, as this side saw it.
     pub high_water: u64,
 }
 
@@ -259,12 +268,17 @@ pub struct SideRecord {
 /// [`TailHeader`] in `view::ring_index` order.
 #[repr(C)]
 pub struct RingRecord {
+    /// Data area size, bytes.
     pub capacity: u64,
+    /// Consumer position (free-running).
     pub head: u64,
+    /// Producer position (free-running).
     pub tail: u64,
     /// [`RING_CONSUMER_SLEEPING`], [`RING_PRODUCER_SLEEPING`], [`RING_PUBLISHED`].
     pub flags: u64,
+    /// The producing side.
     pub producer: SideRecord,
+    /// The consuming side.
     pub consumer: SideRecord,
     /// The ring header's 16 user words.
     pub user: [u64; 16],
@@ -347,6 +361,27 @@ pub fn u32_at(b: &[u8], at: usize) -> u32 {
     b.get(at..at.saturating_add(4))
         .and_then(|s| s.try_into().ok())
         .map_or(0, u32::from_ne_bytes)
+}
+
+/// Writes the magics and versions of the stats header and of the view's tail into `bytes`
+/// (a whole view file), for tests that fill the rest with garbage.
+#[cfg(test)]
+pub(crate) fn stamp_view_header(bytes: &mut [u8]) {
+    use crate::view::{VIEW_MAGIC, VIEW_VERSION};
+    let mut put = |at: usize, v: &[u8]| bytes[at..at + v.len()].copy_from_slice(v);
+    put(offset_of!(StatsHeader, magic), &STATS_MAGIC.to_ne_bytes());
+    put(
+        offset_of!(StatsHeader, version),
+        &STATS_VERSION.to_ne_bytes(),
+    );
+    put(
+        STATS_SIZE + offset_of!(TailHeader, magic),
+        &VIEW_MAGIC.to_ne_bytes(),
+    );
+    put(
+        STATS_SIZE + offset_of!(TailHeader, version),
+        &VIEW_VERSION.to_ne_bytes(),
+    );
 }
 
 #[cfg(test)]

@@ -772,19 +772,7 @@ mod tests {
         let mut bytes: Vec<u8> = (0..published_size(3))
             .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
             .collect();
-        use crate::layout::{StatsHeader as S, TailHeader as T};
-        use std::mem::offset_of;
-        let mut put = |at: usize, v: &[u8]| bytes[at..at + v.len()].copy_from_slice(v);
-        put(offset_of!(S, magic), &STATS_MAGIC.to_ne_bytes());
-        put(
-            offset_of!(S, version),
-            &crate::stats::STATS_VERSION.to_ne_bytes(),
-        );
-        put(STATS_SIZE + offset_of!(T, magic), &VIEW_MAGIC.to_ne_bytes());
-        put(
-            STATS_SIZE + offset_of!(T, version),
-            &VIEW_VERSION.to_ne_bytes(),
-        );
+        crate::layout::stamp_view_header(&mut bytes);
         std::fs::write(&path, &bytes).unwrap();
         let v = View::read(&path).unwrap();
         assert!(!v.live);

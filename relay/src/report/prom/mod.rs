@@ -14,6 +14,7 @@
 //! numbers are the ones the report read from the stats at scrape time; nothing is cached.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use prometheus_client::collector::Collector;
@@ -145,66 +146,52 @@ impl Collector for ReportCollector {
 }
 
 fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
-    let fl = |f: &FrontReport| vec![("front", f.index.to_string())];
-    let per = |get: fn(&FrontReport) -> u64| fronts.iter().map(move |f| (fl(f), get(f)));
-    let ints = |get: fn(&FrontReport) -> u64| per(get).map(|(l, v)| (l, int(v)));
+    let t = Rows {
+        rows: fronts,
+        labels: |f| vec![("front", f.index.to_string())],
+    };
     gauges(
         e,
         "front_up",
         "1 while the front process exists and is not stopped.",
-        ints(|f| (f.liveness == Liveness::Alive).into()),
+        t.ints(|f| (f.liveness == Liveness::Alive).into()),
     )?;
     counters(
         e,
         "front_restarts",
         "Times the front was restarted.",
-        per(|f| f.restarts.into()),
+        t.counts(|f| f.restarts.into()),
     )?;
     gauges(
         e,
         "front_connections",
         "Connections of the front by state.",
-        fronts.iter().flat_map(|f| {
+        ints(t.split("state", |f| {
             [
-                ("open", f.connections.open),
-                ("draining", f.connections.draining),
+                ("open".to_owned(), f.connections.open),
+                ("draining".to_owned(), f.connections.draining),
             ]
-            .map(|(state, n)| {
-                let mut l = fl(f);
-                l.push(("state", state.to_owned()));
-                (l, int(n))
-            })
-        }),
+        })),
     )?;
     counters(
         e,
         "front_accepts",
         "Connections accepted.",
-        per(|f| f.accepts),
+        t.counts(|f| f.accepts),
     )?;
-    for (name, help, by_reason) in [
-        (
-            "front_rejects",
-            "Connections refused at accept, by reason.",
-            (|f| &f.rejects) as fn(&FrontReport) -> &std::collections::BTreeMap<String, u64>,
-        ),
-        ("front_closes", "Connections closed, by reason.", |f| {
-            &f.closes
-        }),
-    ] {
-        counters(
-            e,
-            name,
-            help,
-            fronts.iter().flat_map(|f| {
-                by_reason(f).iter().map(move |(k, v)| {
-                    let mut l = fl(f);
-                    l.push(("reason", escape(k)));
-                    (l, *v)
-                })
-            }),
-        )?;
-    }
+    let by_reason = |m: &BTreeMap<String, u64>| m.iter().map(|(k, v)| (escape(k), *v)).collect();
+    counters(
+        e,
+        "front_rejects",
+        "Connections refused at accept, by reason.",
+        t.split("reason", |f| -> Vec<_> { by_reason(&f.rejects) }),
+    )?;
+    counters(
+        e,
+        "front_closes",
+        "Connections closed, by reason.",
+        t.split("reason", |f| -> Vec<_> { by_reason(&f.closes) }),
+    )?;
     type Get = fn(&FrontReport) -> u64;
     let plain: &[(&str, &str, Get)] = &[
         (
@@ -263,25 +250,25 @@ fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
         ),
     ];
     for &(name, help, get) in plain {
-        counters(e, name, help, per(get))?;
+        counters(e, name, help, t.counts(get))?;
     }
     gauges(
         e,
         "front_paused",
         "1 while the front stopped accepting (overload).",
-        ints(|f| f.paused.into()),
+        t.ints(|f| f.paused.into()),
     )?;
     gauges(
         e,
         "front_resident_memory_bytes",
         "Resident memory of the front process.",
-        ints(|f| f.rss_kb.saturating_mul(1024)),
+        t.ints(|f| f.rss_kb.saturating_mul(1024)),
     )?;
     gauges(
         e,
         "front_open_fds",
         "Open file descriptors of the front process.",
-        ints(|f| f.fds),
+        t.ints(|f| f.fds),
     )?;
     let mut m = e.encode_descriptor(
         "front_rtt_microseconds",
@@ -307,7 +294,7 @@ fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
         if buckets.last().is_none_or(|b| b.0 != f64::MAX) {
             buckets.push((f64::MAX, 0));
         }
-        let labels = fl(f);
+        let labels = (t.labels)(f);
         m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
             f64::NAN,
             total,
@@ -319,14 +306,15 @@ fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
 }
 
 fn workers(e: &mut DescriptorEncoder, workers: &[WorkerReport]) -> fmt::Result {
-    let wl = |w: &WorkerReport| vec![("worker", w.index.to_string())];
-    let per = |get: fn(&WorkerReport) -> u64| workers.iter().map(move |w| (wl(w), get(w)));
-    let ints = |get: fn(&WorkerReport) -> u64| per(get).map(|(l, v)| (l, int(v)));
+    let t = Rows {
+        rows: workers,
+        labels: |w| vec![("worker", w.index.to_string())],
+    };
     gauges(
         e,
         "worker_up",
         "1 while the worker process exists and is not stopped.",
-        ints(|w| (w.liveness == Liveness::Alive).into()),
+        t.ints(|w| (w.liveness == Liveness::Alive).into()),
     )?;
     const STATES: [WorkerState; 5] = [
         WorkerState::Stopped,
@@ -339,68 +327,65 @@ fn workers(e: &mut DescriptorEncoder, workers: &[WorkerReport]) -> fmt::Result {
         e,
         "worker_state",
         "1 for the worker slot's current state, 0 for the others.",
-        workers.iter().flat_map(|w| {
-            STATES.map(|s| {
-                let mut l = wl(w);
-                l.push(("state", s.as_str().to_owned()));
-                (l, int((w.state == s).into()))
-            })
-        }),
+        ints(t.split("state", |w| {
+            STATES.map(|s| (s.as_str().to_owned(), (w.state == s).into()))
+        })),
     )?;
     counters(
         e,
         "worker_restarts",
         "Times the worker was restarted.",
-        per(|w| w.restarts.into()),
+        t.counts(|w| w.restarts.into()),
     )?;
     counters(
         e,
         "worker_crashes",
         "Times the worker died unasked.",
-        per(|w| w.crashes),
+        t.counts(|w| w.crashes),
     )?;
-    counters(e, "worker_hangs", "Hangs detected.", per(|w| w.hangs))?;
+    counters(e, "worker_hangs", "Hangs detected.", t.counts(|w| w.hangs))?;
     gauges(
         e,
         "worker_resident_memory_bytes",
         "Resident memory of the worker process.",
-        ints(|w| w.rss_kb.saturating_mul(1024)),
+        t.ints(|w| w.rss_kb.saturating_mul(1024)),
     )?;
     gauges(
         e,
         "worker_open_fds",
         "Open file descriptors of the worker process.",
-        ints(|w| w.fds),
+        t.ints(|w| w.fds),
     )
 }
 
 fn rings(e: &mut DescriptorEncoder, rings: &[RingReport]) -> fmt::Result {
-    let rl = |g: &RingReport| {
-        vec![
-            ("front", g.front.to_string()),
-            ("worker", g.worker.to_string()),
-            ("ring", g.direction.as_str().to_owned()),
-        ]
+    let t = Rows {
+        rows: rings,
+        labels: |g| {
+            vec![
+                ("front", g.front.to_string()),
+                ("worker", g.worker.to_string()),
+                ("ring", g.direction.as_str().to_owned()),
+            ]
+        },
     };
-    let per = |get: fn(&RingReport) -> u64| rings.iter().map(move |g| (rl(g), get(g)));
-    let ints = |get: fn(&RingReport) -> u64| per(get).map(|(l, v)| (l, int(v)));
     gauges(
         e,
         "ring_capacity_bytes",
         "Data area of the ring.",
-        ints(|g| g.capacity),
+        t.ints(|g| g.capacity),
     )?;
     gauges(
         e,
         "ring_used_bytes",
         "Bytes published and not yet released.",
-        ints(|g| g.used),
+        t.ints(|g| g.used),
     )?;
     gauges(
         e,
         "ring_high_water_bytes",
         "Most bytes ever in use.",
-        ints(|g| g.high_water),
+        t.ints(|g| g.high_water),
     )?;
     type Get = fn(&RingReport) -> u64;
     let plain: &[(&str, &str, Get)] = &[
@@ -423,20 +408,16 @@ fn rings(e: &mut DescriptorEncoder, rings: &[RingReport]) -> fmt::Result {
         ("ring_parks", "Times either side parked.", |g| g.parks),
     ];
     for &(name, help, get) in plain {
-        counters(e, name, help, per(get))?;
+        counters(e, name, help, t.counts(get))?;
     }
     let sides = |is: fn(Liveness) -> bool| {
-        rings.iter().flat_map(move |g| {
+        ints(t.split("side", move |g| {
             [
                 ("producer", g.producer.liveness),
                 ("consumer", g.consumer.liveness),
             ]
-            .map(|(side, l)| {
-                let mut labels = rl(g);
-                labels.push(("side", side.to_owned()));
-                (labels, int(is(l).into()))
-            })
-        })
+            .map(|(side, l)| (side.to_owned(), is(l).into()))
+        }))
     };
     gauges(
         e,
@@ -450,6 +431,51 @@ fn rings(e: &mut DescriptorEncoder, rings: &[RingReport]) -> fmt::Result {
         "1 while the process on this side exists but makes no progress.",
         sides(|l| l == Liveness::Stalled),
     )
+}
+
+/// The rows of one table of the report (fronts, workers or rings) and how a row is labelled.
+struct Rows<'a, T> {
+    rows: &'a [T],
+    labels: fn(&T) -> Labels,
+}
+
+impl<'a, T> Rows<'a, T> {
+    /// One sample per row.
+    fn counts(&self, get: fn(&T) -> u64) -> impl Iterator<Item = (Labels, u64)> + 'a {
+        let labels = self.labels;
+        self.rows.iter().map(move |r| (labels(r), get(r)))
+    }
+
+    /// One integer gauge sample per row.
+    fn ints(&self, get: fn(&T) -> u64) -> impl Iterator<Item = (Labels, i64)> + 'a {
+        ints(self.counts(get))
+    }
+
+    /// Samples per row, told apart by label `key`: `get` gives each one's value of `key`
+    /// (escaped) and its number.
+    fn split<I>(
+        &self,
+        key: &'static str,
+        get: impl Fn(&'a T) -> I + 'a,
+    ) -> impl Iterator<Item = (Labels, u64)> + 'a
+    where
+        I: IntoIterator<Item = (String, u64)>,
+        I::IntoIter: 'a,
+    {
+        let labels = self.labels;
+        self.rows.iter().flat_map(move |r| {
+            get(r).into_iter().map(move |(k, v)| {
+                let mut l = labels(r);
+                l.push((key, k));
+                (l, v)
+            })
+        })
+    }
+}
+
+/// Integer gauge samples of counts.
+fn ints(samples: impl Iterator<Item = (Labels, u64)>) -> impl Iterator<Item = (Labels, i64)> {
+    samples.map(|(l, v)| (l, int(v)))
 }
 
 /// Writes a gauge family: its descriptor, then one sample per label set.
