@@ -158,7 +158,7 @@ pub struct WorkerStats {
     pub restarts: AtomicU32,
     pub started_unix_ms: AtomicU64,
     pub crashes: AtomicU64,
-    /// A [`WorkerState`] code.
+    /// A [`WorkerState`](crate::stats::WorkerState) code.
     pub state: AtomicU32,
     pub _pad: AtomicU32,
     /// Hangs detected (a non-empty ring not consumed within the hang timeout).

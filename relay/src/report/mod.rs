@@ -55,9 +55,11 @@
 //! }
 //! ```
 //!
-//! Files: [`types`] holds the report types (the schema below), `build` reads them from a
+//! Files: [`types`] holds the report types (the schema above), `build` reads them from a
 //! view, [`liveness`] says whether a pid is alive, `problems` lists findings, `rates`
 //! computes rates between two reports.
+//!
+//! [`View::read`]: crate::view::View::read
 
 use std::io;
 use std::path::PathBuf;
