@@ -410,17 +410,16 @@ fn encode_ring(ring: &ShmRing, out: &mut Vec<u8>) {
     words[rw::CAPACITY] = ring.capacity() as u64;
     words[rw::HEAD] = ld(&h.head.0);
     words[rw::TAIL] = ld(&h.tail.0);
-    words[rw::FLAGS] = RING_PUBLISHED
-        | if h.consumer_sleep.load(Ordering::Relaxed) == 1 {
-            RING_CONSUMER_SLEEPING
+    let flag = |sleep: &std::sync::atomic::AtomicU32, bit: u64| {
+        if sleep.load(Ordering::Relaxed) == 1 {
+            bit
         } else {
             0
         }
-        | if h.producer_sleep.load(Ordering::Relaxed) == 1 {
-            RING_PRODUCER_SLEEPING
-        } else {
-            0
-        };
+    };
+    words[rw::FLAGS] = RING_PUBLISHED
+        | flag(&h.consumer_sleep, RING_CONSUMER_SLEEPING)
+        | flag(&h.producer_sleep, RING_PRODUCER_SLEEPING);
     for (o, s) in [(rw::PRODUCER, &h.producer.0), (rw::CONSUMER, &h.consumer.0)] {
         words[o + rw::PID] = u64::from(s.pid.load(Ordering::Relaxed));
         words[o + rw::ATTACH_COUNT] = u64::from(s.attach_count.load(Ordering::Relaxed));
