@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod front;
+pub mod layout;
 pub mod metrics;
 pub mod names;
 pub mod procfs;

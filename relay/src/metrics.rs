@@ -1,36 +1,45 @@
-//! A minimal HTTP/1.1 endpoint serving an instance's counters in the Prometheus text format.
+//! A minimal HTTP/1.1 endpoint serving an instance's counters in the OpenMetrics text format.
 //!
-//! One thread, one blocking [`TcpListener`], one request per connection (`Connection:
-//! close`), read and write timeouts so a client that stalls cannot hold the thread for long.
-//! Each `GET /metrics` maps the instance's stats segment and rings read-only and renders
-//! [`report::prometheus`] — the same read path as `relayctl`, so a scrape never touches the
-//! data path. Anything else gets a 4xx answer; a malformed request never panics the thread.
+//! One accept thread hands each connection to a short-lived thread of its own, at most
+//! [`MAX_CLIENTS`] at a time, so a client that stalls holds only its own thread (for at most
+//! [`IO_TIMEOUT`]) while other scrapes go on. Requests are parsed with `httparse`; one request
+//! per connection (`Connection: close`); the head must arrive whole, at most 8 KiB, within
+//! [`IO_TIMEOUT`]. Each `GET /metrics` maps the instance's stats segment and rings read-only
+//! and renders [`report::prometheus`] — the same read path as `relayctl`, so a scrape never
+//! touches the data path. Anything else gets a 4xx answer; a malformed request never panics
+//! a thread.
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /metrics` (any query string) | 200, `text/plain; version=0.0.4` |
+//! | `GET /metrics` (any query string) | 200, [`report::PROMETHEUS_CONTENT_TYPE`] |
 //! | `HEAD /metrics` | 200, headers only |
 //! | another method on `/metrics` | 405 |
 //! | another path | 404 |
-//! | not HTTP, or headers over 8 KiB | 400 |
+//! | not HTTP/1.x, or headers over 8 KiB | 400 |
 //! | the stats segment cannot be read | 503 with the reason |
+//! | [`MAX_CLIENTS`] connections already being served | 503 `busy`, at once |
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::report::{self, InstanceReport};
 
-/// Per-connection read and write timeout.
+/// How long a client has to send its request head, and the timeout of each write of the
+/// answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; one more is answered 503 without being read.
+pub const MAX_CLIENTS: usize = 8;
 /// Largest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Binds `addr` and serves `GET /metrics` for `instance` from a new thread.
 ///
-/// Returns the bound address (useful with port 0) and the thread's handle; the thread runs
-/// until the process exits.
+/// Returns the bound address (useful with port 0) and the accept thread's handle; it runs
+/// until the process exits, and starts one short-lived thread per connection.
 ///
 /// # Errors
 ///
@@ -48,16 +57,32 @@ pub fn spawn(addr: SocketAddr, instance: String) -> io::Result<(SocketAddr, Join
     let local = listener.local_addr()?;
     let thread = std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || serve(&listener, &instance))?;
+        .spawn(move || serve(&listener, &Arc::from(instance)))?;
     Ok((local, thread))
 }
 
-fn serve(listener: &TcpListener, instance: &str) {
+fn serve(listener: &TcpListener, instance: &Arc<str>) {
+    // Only a count of live handler threads: it guards no data, so Relaxed is enough.
+    let active = Arc::new(AtomicUsize::new(0));
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                // A failed exchange concerns only that client.
-                let _ = handle(stream, instance);
+                if active.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    // A fresh socket's send buffer takes these few bytes without blocking.
+                    let _ = busy(stream);
+                    continue;
+                }
+                let (instance, done) = (Arc::clone(instance), Slot(Arc::clone(&active)));
+                // Without a thread (out of memory or threads) the closure is dropped: that
+                // client is closed and the slot given back.
+                let _ = std::thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        let _done = done;
+                        // A failed exchange concerns only that client.
+                        let _ = handle(stream, &instance);
+                    });
             }
             // EMFILE and the like: back off instead of spinning.
             Err(e) if e.kind() != io::ErrorKind::Interrupted => {
@@ -68,138 +93,134 @@ fn serve(listener: &TcpListener, instance: &str) {
     }
 }
 
+/// A handler's place among the [`MAX_CLIENTS`]; given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn busy(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+    let answer = Answer::plain(
+        503,
+        "Service Unavailable",
+        "busy: too many scrapes at once\n",
+    );
+    respond(&mut stream, &answer)
+}
+
 fn handle(mut stream: TcpStream, instance: &str) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let head = match read_head(&mut stream) {
-        Ok(h) => h,
+    let answer = match read_head(&mut stream, Instant::now() + IO_TIMEOUT) {
+        Ok(head) => route(&head, instance),
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-            return respond(
-                &mut stream,
-                400,
-                "Bad Request",
-                "text/plain",
-                b"bad request\n",
-                true,
-            );
+            Answer::plain(400, "Bad Request", "bad request\n")
         }
         Err(e) => return Err(e),
     };
-    let (status, reason, ctype, body, with_body) = route(&head, instance);
-    respond(
-        &mut stream,
-        status,
-        reason,
-        ctype,
-        body.as_bytes(),
-        with_body,
-    )
+    respond(&mut stream, &answer)
 }
 
-type Answer = (u16, &'static str, &'static str, String, bool);
+/// What to send back.
+struct Answer {
+    status: u16,
+    reason: &'static str,
+    content_type: &'static str,
+    body: String,
+    /// False for HEAD: headers only.
+    with_body: bool,
+}
 
-/// Decides the answer to a request head (the bytes up to the blank line).
-fn route(head: &[u8], instance: &str) -> Answer {
-    let text = |s: &str| s.to_owned();
-    let plain = "text/plain; charset=utf-8";
-    let Some(line) = head
-        .split(|&b| b == b'\n')
-        .next()
-        .and_then(|l| std::str::from_utf8(l).ok())
-    else {
-        return (400, "Bad Request", plain, text("bad request\n"), true);
-    };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return (400, "Bad Request", plain, text("bad request line\n"), true);
-    };
-    if !version.starts_with("HTTP/1.") {
-        return (400, "Bad Request", plain, text("HTTP/1.x only\n"), true);
+impl Answer {
+    fn plain(status: u16, reason: &'static str, body: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            reason,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+            with_body: true,
+        }
     }
+}
+
+/// Decides the answer to a request head (the bytes up to and including the blank line).
+fn route(head: &[u8], instance: &str) -> Answer {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let (Ok(httparse::Status::Complete(_)), Some(method), Some(target)) =
+        (req.parse(head), req.method, req.path)
+    else {
+        return Answer::plain(400, "Bad Request", "bad request line\n");
+    };
     let path = target.split('?').next().unwrap_or(target);
     if path != "/metrics" {
-        return (
-            404,
-            "Not Found",
-            plain,
-            text("not found: try /metrics\n"),
-            method != "HEAD",
-        );
+        let mut a = Answer::plain(404, "Not Found", "not found: try /metrics\n");
+        a.with_body = method != "HEAD";
+        return a;
     }
     if method != "GET" && method != "HEAD" {
-        return (405, "Method Not Allowed", plain, text("GET only\n"), true);
+        return Answer::plain(405, "Method Not Allowed", "GET only\n");
     }
-    match InstanceReport::read(instance) {
-        Ok(r) => (
-            200,
-            "OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            report::prometheus(&r),
-            method == "GET",
-        ),
-        Err(e) => (
-            503,
-            "Service Unavailable",
-            plain,
-            format!("{e}\n"),
-            method == "GET",
-        ),
-    }
+    let mut a = match InstanceReport::read(instance) {
+        Ok(r) => Answer {
+            content_type: report::PROMETHEUS_CONTENT_TYPE,
+            ..Answer::plain(200, "OK", report::prometheus(&r))
+        },
+        Err(e) => Answer::plain(503, "Service Unavailable", format!("{e}\n")),
+    };
+    a.with_body = method == "GET";
+    a
 }
 
-/// Reads up to the end of the request head. `InvalidData` if the peer closes first or the
-/// head is too long.
-fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+/// Reads up to the end of the request head, which must be complete by `deadline`.
+/// `InvalidData` if it is not HTTP/1.x, the peer closes first or the head is too long;
+/// `TimedOut` past the deadline.
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_owned());
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "closed mid-request",
-            ));
+            return Err(invalid("closed mid-request"));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find(&buf, b"\r\n\r\n").or_else(|| find(&buf, b"\n\n")) {
-            buf.truncate(end);
-            return Ok(buf);
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "request head too long",
-            ));
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        match httparse::Request::new(&mut headers).parse(&buf) {
+            Ok(httparse::Status::Complete(end)) => {
+                buf.truncate(end);
+                return Ok(buf);
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(invalid("request head too long")),
+            Err(e) => return Err(invalid(&e.to_string())),
         }
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    reason: &str,
-    ctype: &str,
-    body: &[u8],
-    with_body: bool,
-) -> io::Result<()> {
+fn respond(stream: &mut TcpStream, a: &Answer) -> io::Result<()> {
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n",
-        body.len()
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        a.status,
+        a.reason,
+        a.content_type,
+        a.body.len()
     );
-    if status == 405 {
+    if a.status == 405 {
         out.push_str("Allow: GET, HEAD\r\n");
     }
     out.push_str("\r\n");
     let mut bytes = out.into_bytes();
-    if with_body {
-        bytes.extend_from_slice(body);
+    if a.with_body {
+        bytes.extend_from_slice(a.body.as_bytes());
     }
     stream.write_all(&bytes)?;
     stream.flush()?;
@@ -213,6 +234,7 @@ mod tests {
     use super::*;
     use crate::report::tests::TempShm;
     use crate::stats::{add, Stats};
+    use std::time::Instant;
 
     fn get(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -268,10 +290,10 @@ mod tests {
         );
         assert_eq!(status, 200, "{head}");
         assert!(
-            head.contains("Content-Type: text/plain; version=0.0.4"),
+            head.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
             "{head}"
         );
-        let samples = report::prom::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        let samples = report::prom::tests::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
         let find = |name: &str| samples.iter().find(|s| s.0 == name).map(|s| s.2);
         assert_eq!(find("shmrelay_front_accepts_total"), Some(11.0));
         assert_eq!(find("shmrelay_front_bytes_in_total"), Some(4096.0));
@@ -279,6 +301,48 @@ mod tests {
         assert!(samples
             .iter()
             .all(|s| s.1.iter().any(|(k, v)| k == "instance" && v == instance)));
+
+        // A client that sends half a request and stalls holds only its own thread: another
+        // scrape is answered at once, not after the stalled one's IO_TIMEOUT.
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled.write_all(b"GET /metr").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        assert_eq!(get(addr, b"GET /metrics HTTP/1.1\r\n\r\n").0, 200);
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "scrape behind a stalled client took {took:?}"
+        );
+        drop(stalled);
+        // MAX_CLIENTS stalled clients: one more is told 503 at once; once they are gone,
+        // scrapes are served again.
+        let stalled: Vec<TcpStream> = (0..MAX_CLIENTS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+                s
+            })
+            .collect();
+        let t0 = Instant::now();
+        let mut status = 0;
+        while t0.elapsed() < Duration::from_secs(4) {
+            status = get(addr, b"GET /metrics HTTP/1.1\r\n\r\n").0;
+            if status == 503 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            status, 503,
+            "no busy answer with {MAX_CLIENTS} stalled clients"
+        );
+        drop(stalled);
+        let t0 = Instant::now();
+        while get(addr, b"GET /metrics HTTP/1.1\r\n\r\n").0 != 200 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "never served again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
 
         assert_eq!(get(addr, b"GET / HTTP/1.1\r\n\r\n").0, 404);
         assert_eq!(get(addr, b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);

@@ -18,13 +18,38 @@ pub fn stats_path(instance: &str) -> PathBuf {
     shm_dir().join(format!("{}stats", prefix(instance)))
 }
 
-/// Direction of a ring.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Direction of a ring; serialised (in reports' `--json` output) as `"request"` or `"reply"`.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Dir {
-    /// Front to worker.
+    /// Front to worker (`.req` file).
     Request,
-    /// Worker to front.
+    /// Worker to front (`.rep` file).
     Reply,
+}
+
+impl Dir {
+    /// Stable lowercase name, as serialised.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// assert_eq!(shmrelay::names::Dir::Reply.as_str(), "reply");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dir::Request => "request",
+            Dir::Reply => "reply",
+        }
+    }
+}
+
+impl std::fmt::Display for Dir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The ring between `front` and `worker` in direction `dir`.

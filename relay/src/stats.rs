@@ -4,7 +4,8 @@
 //! One file per instance, `/dev/shm/shmrelay.<instance>.stats`, mode 0600, fixed layout:
 //! a [`StatsHeader`], then [`MAX_FRONTS`] [`FrontStats`], then [`MAX_WORKERS`] [`WorkerStats`].
 //! Each block has a single writer (the front, or the supervisor for workers), so counters are
-//! plain relaxed atomics; readers get a consistent-enough snapshot for display.
+//! plain relaxed atomics; readers get a consistent-enough snapshot for display. The structs
+//! and their offsets are pinned in [`crate::layout`].
 
 use std::fs::File;
 use std::io;
@@ -14,56 +15,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
-use shmrelay_worker::CloseReason;
 
-/// `b"SHMRSTAT"` as a little-endian u64.
-pub const STATS_MAGIC: u64 = u64::from_le_bytes(*b"SHMRSTAT");
-/// Bumped on any layout change.
-pub const STATS_VERSION: u32 = 2;
-/// Fronts one instance can have.
-pub const MAX_FRONTS: usize = 64;
-/// Workers one instance can have.
-pub const MAX_WORKERS: usize = 64;
-/// Close reasons counted (one slot per [`CloseReason`] code).
-pub const REASONS: usize = 16;
-
-/// Instance-wide identity, liveness, global admission state and leak counters.
-#[repr(C, align(128))]
-pub struct StatsHeader {
-    pub magic: AtomicU64,
-    pub version: AtomicU32,
-    pub fronts: AtomicU32,
-    pub workers: AtomicU32,
-    pub supervisor_pid: AtomicU32,
-    pub started_unix_ms: AtomicU64,
-    /// Supervisor heartbeat (CLOCK_MONOTONIC ns), refreshed every loop.
-    pub supervisor_active_ns: AtomicU64,
-    /// 1 while draining for shutdown.
-    pub draining: AtomicU32,
-    /// 1 once the worker pool crashed too often and was marked failed.
-    pub pool_failed: AtomicU32,
-    /// Connections open across all fronts (the global connection cap counts this).
-    pub conns_total: AtomicU64,
-    /// Global accept-rate token bucket: `(refill time in ms since start) << 24 | tokens`.
-    pub accept_bucket: AtomicU64,
-    /// Leak detector: stale segments of dead instances removed at start.
-    pub stale_segments_removed: AtomicU64,
-    /// Leak detector: connection-table entries without an open socket, or sockets without
-    /// an entry, found by the fronts' self-checks.
-    pub leaked_conns: AtomicU64,
-    /// Leak detector: times a process's open fds grew past its baseline plus the allowance.
-    pub fd_growth_events: AtomicU64,
-    /// Leak detector: times a process's resident memory grew past its baseline allowance.
-    pub rss_growth_events: AtomicU64,
-    /// Leak detector: ring reservations abandoned by a dead producer, reclaimed.
-    pub reclaimed_reservations: AtomicU64,
-    /// Leak detector: processes found running that belong to no slot (orphans), killed.
-    pub orphans_killed: AtomicU64,
-    pub supervisor_rss_kb: AtomicU64,
-    pub supervisor_fds: AtomicU64,
-    /// Room to grow without a layout version bump for readers that ignore it.
-    pub _reserved: [AtomicU64; 16],
-}
+pub use crate::layout::{
+    FrontStats, ProcessStats, StatsHeader, WorkerStats, ADDR_SLOTS, COUNTERS_BYTES, MAX_FRONTS,
+    MAX_WORKERS, REASONS, RTT_BUCKETS, STATS_MAGIC, STATS_SIZE, STATS_VERSION,
+};
+use crate::layout::{ADDRS_AT, FRONTS_AT, FRONT_BYTES, FRONT_PROCS_AT, WORKERS_AT, WORKER_BYTES};
 
 /// Why a connection was refused at accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,83 +60,10 @@ impl RejectReason {
     }
 }
 
-/// Buckets of the round-trip-time histogram: bucket `i` counts samples of `2^i` up to
-/// `2^(i+1)` microseconds (bucket 0 also takes 0 and 1 us; the last bucket takes the rest).
-pub const RTT_BUCKETS: usize = 16;
-
-/// One front's counters.
-#[repr(C, align(128))]
-pub struct FrontStats {
-    pub pid: AtomicU32,
-    pub restarts: AtomicU32,
-    pub active_ns: AtomicU64,
-    /// Connections in state open.
-    pub conns_open: AtomicU64,
-    /// Connections in state draining (closing once their replies are flushed).
-    pub conns_draining: AtomicU64,
-    pub accepts: AtomicU64,
-    pub rejects: [AtomicU64; 8],
-    /// Heartbeat frames received from clients (answered by the front).
-    pub heartbeats: AtomicU64,
-    /// Heartbeat frames the front sent to idle clients.
-    pub pings_sent: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    /// Frames received from clients (heartbeats excluded).
-    pub frames_in: AtomicU64,
-    /// Reply records written to clients.
-    pub frames_out: AtomicU64,
-    /// Bytes read from clients into request rings.
-    pub bytes_in: AtomicU64,
-    /// Bytes written to clients.
-    pub bytes_out: AtomicU64,
-    /// Bytes the front copied in user space (partial frames carried between reads, replies
-    /// queued for slow clients). The zero-copy figure is `bytes_copied / (bytes_in + bytes_out)`.
-    pub bytes_copied: AtomicU64,
-    /// Reply records for connections that no longer exist.
-    pub stale_replies: AtomicU64,
-    /// Times a connection stopped being read because its worker's request ring was full.
-    pub ring_full_stalls: AtomicU64,
-    /// Rings found corrupt and quarantined.
-    pub corrupt_rings: AtomicU64,
-    /// Closes by [`CloseReason`] code.
-    pub closes: [AtomicU64; REASONS],
-    /// TCP_INFO round-trip-time samples, log2 microsecond buckets.
-    pub rtt_hist: [AtomicU64; RTT_BUCKETS],
-    /// TCP retransmissions of the connections closed so far (TCP_INFO at close).
-    pub retransmits: AtomicU64,
-    /// 1 while the front stopped accepting because it is overloaded.
-    pub paused: AtomicU64,
-    /// Bit `w` set: this front quarantined its rings with worker `w` (corrupt) and waits for
-    /// the supervisor to replace the worker and reset them; the supervisor clears the bit.
-    pub quarantined: AtomicU64,
-    // --- Per-front budgets and push scope (issue 12, items 5, 6, 10, 11) ---
-    /// Reply bytes queued for clients right now (gauge), and its high-water mark as seen
-    /// after each event was handled (the budget `pending_budget` applied).
-    pub queued_bytes: AtomicU64,
-    pub queued_peak: AtomicU64,
-    /// Connections closed because the front's queued replies passed `pending_budget`.
-    pub pending_budget_closes: AtomicU64,
-    /// Bytes held in partial-frame buffers right now (gauge), and its high-water mark.
-    pub partial_bytes: AtomicU64,
-    pub partial_peak: AtomicU64,
-    /// Connections closed because the front's partial frames passed `partial_budget`.
-    pub partial_budget_closes: AtomicU64,
-    /// Connections closed because a frame was not complete within `frame_timeout_ms`.
-    pub frame_timeouts: AtomicU64,
-    /// Reply records (replies, pushes, closes) a worker addressed to a connection outside its
-    /// `push_scope`: dropped.
-    pub push_out_of_scope: AtomicU64,
-    /// Doorbell wakes that found no work and were throttled (the doorbell left unwatched for
-    /// a moment).
-    pub doorbell_throttled: AtomicU64,
-    /// Times accepting stopped at EMFILE/ENFILE with connections left in the backlog, and
-    /// retries of the backlog after fds were freed (a close or the retry timer).
-    pub accept_emfile: AtomicU64,
-    pub accept_retries: AtomicU64,
-}
-
-/// One worker slot's state, as the supervisor sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One worker slot's state, as the supervisor sees it; serialised (in reports' `--json`
+/// output) as its [`as_str`](WorkerState::as_str) name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[repr(u32)]
 pub enum WorkerState {
     Stopped = 0,
@@ -216,61 +100,11 @@ impl WorkerState {
     }
 }
 
-/// One worker slot's counters (written by the supervisor).
-#[repr(C, align(128))]
-pub struct WorkerStats {
-    pub pid: AtomicU32,
-    pub restarts: AtomicU32,
-    pub started_unix_ms: AtomicU64,
-    pub crashes: AtomicU64,
-    /// A [`WorkerState`] code.
-    pub state: AtomicU32,
-    pub _pad: AtomicU32,
-    /// Hangs detected (a non-empty ring not consumed within the hang timeout).
-    pub hangs: AtomicU64,
-    pub rss_kb: AtomicU64,
-    pub fds: AtomicU64,
-    /// Frames dead-lettered: each crashed `dead_letter_after` redelivered generations of this
-    /// worker; its connection got an error and was closed, the replacement skipped it.
-    pub dead_letters: AtomicU64,
-    /// The last dead-lettered frame: its connection id, ...
-    pub dead_letter_conn: AtomicU64,
-    /// ... its request position (frame end) in the request ring of the connection's front, ...
-    pub dead_letter_pos: AtomicU64,
-    /// ... and when (Unix ms).
-    pub dead_letter_unix_ms: AtomicU64,
-    /// Mailbox from the supervisor to the front named in the id: a connection to close for a
-    /// dead-lettered frame (0 when empty; the front takes it).
-    pub dead_letter_pending: AtomicU64,
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
-
-/// Same layout as [`WorkerStats`], for fronts' process metrics (written by the supervisor).
-pub type ProcessStats = WorkerStats;
-
-const HEADER_BYTES: usize = std::mem::size_of::<StatsHeader>();
-const FRONT_BYTES: usize = std::mem::size_of::<FrontStats>();
-const WORKER_BYTES: usize = std::mem::size_of::<WorkerStats>();
-/// Per front, slots of the per-source-address connection counts (addresses are hashed into
-/// them; a collision makes two addresses share a cap, which errs on the side of refusing).
-/// Each front counts its own connections, so the supervisor can zero a dead front's table.
-pub const ADDR_SLOTS: usize = 4096;
-const FRONTS_AT: usize = HEADER_BYTES;
-const WORKERS_AT: usize = FRONTS_AT + MAX_FRONTS * FRONT_BYTES;
-const FRONT_PROCS_AT: usize = WORKERS_AT + MAX_WORKERS * WORKER_BYTES;
-const ADDRS_AT: usize = FRONT_PROCS_AT + MAX_FRONTS * WORKER_BYTES;
-/// Bytes at the start of the segment that hold counters (everything before the per-address
-/// connection slots, which only the fronts' admission uses): what the operators' view copies.
-pub const COUNTERS_BYTES: usize = ADDRS_AT;
-/// Total bytes of the segment.
-pub const STATS_SIZE: usize = ADDRS_AT + MAX_FRONTS * ADDR_SLOTS * 4;
-
-const _: () = {
-    assert!(HEADER_BYTES == 256);
-    // 512 until issue 12 (budgets, push scope, doorbell and EMFILE counters): 640.
-    assert!(FRONT_BYTES == 640);
-    assert!(WORKER_BYTES == 128);
-    assert!(CloseReason::ALL.len() <= REASONS);
-};
 
 enum Map {
     Rw(MmapRaw),
@@ -591,7 +425,10 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let s = Stats::create(&path, 2, 3).unwrap();
         add(&s.front(1).accepts, 5);
-        add(&s.front(1).closes[CloseReason::ClientEof as usize], 2);
+        add(
+            &s.front(1).closes[shmrelay_worker::CloseReason::ClientEof as usize],
+            2,
+        );
         let ro = Stats::open_readonly(&path).unwrap();
         assert_eq!(ro.header().fronts.load(Ordering::Relaxed), 2);
         assert_eq!(ro.header().workers.load(Ordering::Relaxed), 3);

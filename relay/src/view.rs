@@ -46,17 +46,20 @@ use std::time::Duration;
 
 use shm_ring::{RingSnapshot, RingStorage, ShmRing, SideSnapshot};
 
+use crate::layout::{ring_word as rw, u32_at, u64_at, RingRecord, StatsHeader, TailHeader};
+use crate::layout::{RING_CONSUMER_SLEEPING, RING_PRODUCER_SLEEPING, RING_PUBLISHED};
 use crate::names::{self, Dir, UntrustedFile};
 use crate::stats::{Stats, COUNTERS_BYTES, MAX_FRONTS, MAX_WORKERS, STATS_MAGIC, STATS_SIZE};
+use std::mem::{offset_of, size_of};
 
 /// `b"SHMRVIEW"`: the tail of a view file.
 pub const VIEW_MAGIC: u64 = u64::from_le_bytes(*b"SHMRVIEW");
 /// Bumped on any change of the tail's layout.
 pub const VIEW_VERSION: u32 = 1;
 /// Bytes of the tail header (after the stats layout).
-pub const TAIL_HEADER: usize = 128;
+pub const TAIL_HEADER: usize = size_of::<TailHeader>();
 /// u64 words per ring record in the tail.
-pub const RING_WORDS: usize = 40;
+pub const RING_WORDS: usize = size_of::<RingRecord>() / 8;
 /// Bytes per ring record.
 pub const RING_BYTES: usize = RING_WORDS * 8;
 /// The smallest view file: the stats layout and the tail header.
@@ -226,7 +229,7 @@ fn peek_file(path: &Path, file: &File) -> Result<Peek, ViewError> {
         len,
         ..Peek::default()
     };
-    let mut head = [0u8; 256];
+    let mut head = [0u8; size_of::<StatsHeader>()];
     if len < head.len() as u64 {
         return Err(ViewError::Size {
             path: path.to_owned(),
@@ -234,27 +237,23 @@ fn peek_file(path: &Path, file: &File) -> Result<Peek, ViewError> {
         });
     }
     file.read_exact_at(&mut head, 0).map_err(io_err(path))?;
-    let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap_or_default());
-    let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap_or_default());
-    // Offsets of the StatsHeader fields: magic 0, version 8, fronts 12, workers 16, pid 20,
-    // started 24, conns_total 56.
-    p.pid = u32_at(20);
-    p.started_unix_ms = u64_at(24);
-    p.fronts = (u32_at(12) as usize).min(MAX_FRONTS);
-    p.workers = (u32_at(16) as usize).min(MAX_WORKERS);
-    p.connections = u64_at(56);
-    if u64_at(0) != STATS_MAGIC {
+    p.pid = u32_at(&head, offset_of!(StatsHeader, supervisor_pid));
+    p.started_unix_ms = u64_at(&head, offset_of!(StatsHeader, started_unix_ms));
+    p.fronts = (u32_at(&head, offset_of!(StatsHeader, fronts)) as usize).min(MAX_FRONTS);
+    p.workers = (u32_at(&head, offset_of!(StatsHeader, workers)) as usize).min(MAX_WORKERS);
+    p.connections = u64_at(&head, offset_of!(StatsHeader, conns_total));
+    if u64_at(&head, offset_of!(StatsHeader, magic)) != STATS_MAGIC {
         return Err(ViewError::Format {
             path: path.to_owned(),
             what: "bad magic".into(),
         });
     }
     if len >= PUBLISHED_MIN as u64 {
-        let mut tail = [0u8; 24];
+        let mut tail = [0u8; offset_of!(TailHeader, token) + 8];
         file.read_exact_at(&mut tail, STATS_SIZE as u64)
             .map_err(io_err(path))?;
-        if u64::from_ne_bytes(tail[0..8].try_into().unwrap_or_default()) == VIEW_MAGIC {
-            p.token = u64::from_ne_bytes(tail[16..24].try_into().unwrap_or_default());
+        if u64_at(&tail, offset_of!(TailHeader, magic)) == VIEW_MAGIC {
+            p.token = u64_at(&tail, offset_of!(TailHeader, token));
         }
     }
     Ok(p)
@@ -319,18 +318,20 @@ impl View {
             return Ok(view);
         }
         let mut tail = [0u8; TAIL_HEADER];
-        if read_at_most(&file, &mut tail, STATS_SIZE as u64).map_err(io_err(path))? < 56 {
+        let used = offset_of!(TailHeader, workers) + 8;
+        if read_at_most(&file, &mut tail, STATS_SIZE as u64).map_err(io_err(path))? < used {
             return Ok(view);
         }
-        let w =
-            |i: usize| u64::from_ne_bytes(tail[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-        if w(0) != VIEW_MAGIC || (w(1) & 0xffff_ffff) as u32 != VIEW_VERSION {
+        let w = |o: usize| u64_at(&tail, o);
+        if w(offset_of!(TailHeader, magic)) != VIEW_MAGIC
+            || u32_at(&tail, offset_of!(TailHeader, version)) != VIEW_VERSION
+        {
             return Ok(view);
         }
-        view.token = w(2);
-        view.published_unix_ms = w(4);
-        let fronts = (w(5) as usize).min(MAX_FRONTS);
-        let workers = (w(6) as usize).min(MAX_WORKERS);
+        view.token = w(offset_of!(TailHeader, token));
+        view.published_unix_ms = w(offset_of!(TailHeader, published_unix_ms));
+        let fronts = (w(offset_of!(TailHeader, fronts)) as usize).min(MAX_FRONTS);
+        let workers = (w(offset_of!(TailHeader, workers)) as usize).min(MAX_WORKERS);
         let count = fronts * workers * 2;
         let fits = len.saturating_sub(PUBLISHED_MIN as u64) / RING_BYTES as u64;
         let count = count.min(fits as usize);
@@ -369,34 +370,34 @@ fn read_at_most(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
 }
 
 fn decode_ring(b: &[u8]) -> Option<RingSnap> {
-    let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-    if w(3) & 4 == 0 {
+    let w = |i: usize| u64_at(b, i * 8);
+    if w(rw::FLAGS) & RING_PUBLISHED == 0 {
         return None;
     }
     let side = |o: usize| SideSnapshot {
-        pid: w(o) as u32,
-        attach_count: w(o + 1) as u32,
-        active_ns: w(o + 2),
-        records: w(o + 3),
-        bytes: w(o + 4),
-        full_events: w(o + 5),
-        wakeups_sent: w(o + 6),
-        parks: w(o + 7),
-        high_water: w(o + 8),
+        pid: w(o + rw::PID) as u32,
+        attach_count: w(o + rw::ATTACH_COUNT) as u32,
+        active_ns: w(o + rw::ACTIVE_NS),
+        records: w(o + rw::RECORDS),
+        bytes: w(o + rw::BYTES),
+        full_events: w(o + rw::FULL_EVENTS),
+        wakeups_sent: w(o + rw::WAKEUPS_SENT),
+        parks: w(o + rw::PARKS),
+        high_water: w(o + rw::HIGH_WATER),
     };
     let mut user = [0u64; 16];
     for (i, u) in user.iter_mut().enumerate() {
-        *u = w(22 + i);
+        *u = w(rw::USER + i);
     }
     Some(RingSnap {
         snapshot: RingSnapshot {
-            capacity: w(0),
-            head: w(1),
-            tail: w(2),
-            consumer_sleeping: w(3) & 1 != 0,
-            producer_sleeping: w(3) & 2 != 0,
-            producer: side(4),
-            consumer: side(13),
+            capacity: w(rw::CAPACITY),
+            head: w(rw::HEAD),
+            tail: w(rw::TAIL),
+            consumer_sleeping: w(rw::FLAGS) & RING_CONSUMER_SLEEPING != 0,
+            producer_sleeping: w(rw::FLAGS) & RING_PRODUCER_SLEEPING != 0,
+            producer: side(rw::PRODUCER),
+            consumer: side(rw::CONSUMER),
         },
         user,
     })
@@ -406,25 +407,32 @@ fn encode_ring(ring: &ShmRing, out: &mut Vec<u8>) {
     let h = ring.header();
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut words = [0u64; RING_WORDS];
-    words[0] = ring.capacity() as u64;
-    words[1] = ld(&h.head.0);
-    words[2] = ld(&h.tail.0);
-    words[3] = 4
-        | u64::from(h.consumer_sleep.load(Ordering::Relaxed) == 1)
-        | (u64::from(h.producer_sleep.load(Ordering::Relaxed) == 1) << 1);
-    for (o, s) in [(4, &h.producer.0), (13, &h.consumer.0)] {
-        words[o] = u64::from(s.pid.load(Ordering::Relaxed));
-        words[o + 1] = u64::from(s.attach_count.load(Ordering::Relaxed));
-        words[o + 2] = ld(&s.active_ns);
-        words[o + 3] = ld(&s.records);
-        words[o + 4] = ld(&s.bytes);
-        words[o + 5] = ld(&s.full_events);
-        words[o + 6] = ld(&s.wakeups_sent);
-        words[o + 7] = ld(&s.parks);
-        words[o + 8] = ld(&s.high_water);
+    words[rw::CAPACITY] = ring.capacity() as u64;
+    words[rw::HEAD] = ld(&h.head.0);
+    words[rw::TAIL] = ld(&h.tail.0);
+    let flag = |sleep: &std::sync::atomic::AtomicU32, bit: u64| {
+        if sleep.load(Ordering::Relaxed) == 1 {
+            bit
+        } else {
+            0
+        }
+    };
+    words[rw::FLAGS] = RING_PUBLISHED
+        | flag(&h.consumer_sleep, RING_CONSUMER_SLEEPING)
+        | flag(&h.producer_sleep, RING_PRODUCER_SLEEPING);
+    for (o, s) in [(rw::PRODUCER, &h.producer.0), (rw::CONSUMER, &h.consumer.0)] {
+        words[o + rw::PID] = u64::from(s.pid.load(Ordering::Relaxed));
+        words[o + rw::ATTACH_COUNT] = u64::from(s.attach_count.load(Ordering::Relaxed));
+        words[o + rw::ACTIVE_NS] = ld(&s.active_ns);
+        words[o + rw::RECORDS] = ld(&s.records);
+        words[o + rw::BYTES] = ld(&s.bytes);
+        words[o + rw::FULL_EVENTS] = ld(&s.full_events);
+        words[o + rw::WAKEUPS_SENT] = ld(&s.wakeups_sent);
+        words[o + rw::PARKS] = ld(&s.parks);
+        words[o + rw::HIGH_WATER] = ld(&s.high_water);
     }
     for (i, u) in h.user.0.iter().enumerate() {
-        words[22 + i] = ld(u);
+        words[rw::USER + i] = ld(u);
     }
     for v in words {
         out.extend_from_slice(&v.to_ne_bytes());
@@ -611,19 +619,27 @@ impl Publisher {
         self.file.write_all_at(&self.buf, 0)?;
         self.seq += 1;
         self.buf.clear();
-        let head = [
-            VIEW_MAGIC,
-            u64::from(VIEW_VERSION) | ((self.fronts * self.workers * 2) as u64) << 32,
-            self.token,
-            self.seq,
-            crate::stats::unix_ms(),
-            self.fronts as u64,
-            self.workers as u64,
-        ];
-        for v in head {
-            self.buf.extend_from_slice(&v.to_ne_bytes());
-        }
         self.buf.resize(TAIL_HEADER, 0);
+        let count = (self.fronts * self.workers * 2) as u32;
+        let mut put = |at: usize, v: &[u8]| self.buf[at..at + v.len()].copy_from_slice(v);
+        put(offset_of!(TailHeader, magic), &VIEW_MAGIC.to_ne_bytes());
+        put(offset_of!(TailHeader, version), &VIEW_VERSION.to_ne_bytes());
+        put(offset_of!(TailHeader, rings), &count.to_ne_bytes());
+        put(offset_of!(TailHeader, token), &self.token.to_ne_bytes());
+        put(offset_of!(TailHeader, seq), &self.seq.to_ne_bytes());
+        let now = crate::stats::unix_ms();
+        put(
+            offset_of!(TailHeader, published_unix_ms),
+            &now.to_ne_bytes(),
+        );
+        put(
+            offset_of!(TailHeader, fronts),
+            &(self.fronts as u64).to_ne_bytes(),
+        );
+        put(
+            offset_of!(TailHeader, workers),
+            &(self.workers as u64).to_ne_bytes(),
+        );
         for row in rings.iter().take(self.fronts) {
             for (req, rep) in row.iter().take(self.workers) {
                 encode_ring(req, &mut self.buf);
@@ -652,10 +668,10 @@ pub fn published_seq(path: &Path) -> u64 {
     let Ok(file) = names::open_checked(path, false) else {
         return 0;
     };
-    let mut tail = [0u8; 32];
+    let mut tail = [0u8; offset_of!(TailHeader, seq) + 8];
     match file.read_exact_at(&mut tail, STATS_SIZE as u64) {
-        Ok(()) if u64::from_ne_bytes(tail[0..8].try_into().unwrap_or_default()) == VIEW_MAGIC => {
-            u64::from_ne_bytes(tail[24..32].try_into().unwrap_or_default())
+        Ok(()) if u64_at(&tail, offset_of!(TailHeader, magic)) == VIEW_MAGIC => {
+            u64_at(&tail, offset_of!(TailHeader, seq))
         }
         _ => 0,
     }
@@ -755,10 +771,7 @@ mod tests {
         let mut bytes: Vec<u8> = (0..published_size(3))
             .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
             .collect();
-        bytes[0..8].copy_from_slice(&STATS_MAGIC.to_ne_bytes());
-        bytes[8..12].copy_from_slice(&crate::stats::STATS_VERSION.to_ne_bytes());
-        bytes[STATS_SIZE..STATS_SIZE + 8].copy_from_slice(&VIEW_MAGIC.to_ne_bytes());
-        bytes[STATS_SIZE + 8..STATS_SIZE + 12].copy_from_slice(&VIEW_VERSION.to_ne_bytes());
+        crate::layout::stamp_view_header(&mut bytes);
         std::fs::write(&path, &bytes).unwrap();
         let v = View::read(&path).unwrap();
         assert!(!v.live);

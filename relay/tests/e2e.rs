@@ -260,7 +260,7 @@ fn prometheus_metrics_are_served_over_http() {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    assert!(body.contains("text/plain; version=0.0.4"));
+    assert!(body.contains("application/openmetrics-text; version=1.0.0"));
     let accepts = body
         .lines()
         .find(|l| l.starts_with("shmrelay_front_accepts_total{"))

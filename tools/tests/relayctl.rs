@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmrelay::report::host::{GcReport, LeaksReport, ListReport};
-use shmrelay::report::{Direction, InstanceReport, Liveness};
+use shmrelay::report::{Dir, InstanceReport, Liveness};
 use shmrelay::stats::Stats;
 
 mod real_relay;
@@ -181,19 +181,16 @@ fn stat_list_top_and_metrics_on_a_loaded_relay() {
         assert!(g.records_out <= g.records_in + 1, "{g:?}");
         let (front_pid, worker_pid) = (r.fronts[g.front].pid, r.workers[g.worker].pid);
         let (producer, consumer) = match g.direction {
-            Direction::Request => (front_pid, worker_pid),
-            Direction::Reply => (worker_pid, front_pid),
+            Dir::Request => (front_pid, worker_pid),
+            Dir::Reply => (worker_pid, front_pid),
         };
         assert_eq!(
             (g.producer.pid, g.consumer.pid),
             (producer, consumer),
             "{g:?}"
         );
-        assert_eq!(
-            g.answered_position.is_some(),
-            g.direction == Direction::Request
-        );
-        if g.direction == Direction::Request {
+        assert_eq!(g.answered_position.is_some(), g.direction == Dir::Request);
+        if g.direction == Dir::Request {
             ring_bytes += g.bytes_in;
         }
     }
@@ -251,7 +248,7 @@ fn stat_list_top_and_metrics_on_a_loaded_relay() {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
-    assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
+    assert!(resp.contains("Content-Type: application/openmetrics-text; version=1.0.0"));
     let body = resp.split_once("\r\n\r\n").unwrap().1;
     let accepts_metric = body
         .lines()

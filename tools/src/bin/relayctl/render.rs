@@ -121,8 +121,8 @@ fn ring_id(r: &RingReport) -> String {
         r.front,
         r.worker,
         match r.direction {
-            shmrelay::report::Direction::Request => "req",
-            shmrelay::report::Direction::Reply => "rep",
+            shmrelay::report::Dir::Request => "req",
+            shmrelay::report::Dir::Reply => "rep",
         }
     )
 }
@@ -348,7 +348,7 @@ fn workers(r: &InstanceReport, out: &mut String) {
             w.index.to_string(),
             w.pid.to_string(),
             w.liveness.as_str().to_owned(),
-            w.state.clone(),
+            w.state.to_string(),
             w.restarts.to_string(),
             w.crashes.to_string(),
             w.hangs.to_string(),
