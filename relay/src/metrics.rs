@@ -265,7 +265,7 @@ mod tests {
                     "--nocapture",
                 ])
                 .env(CHILD, "1")
-                .env("SHMRELAY_SHM_DIR", &tmp.0)
+                .env(shmrelay_worker::protocol::env::SHM_DIR, &tmp.0)
                 .output()
                 .unwrap();
             let log = String::from_utf8_lossy(&out.stdout).into_owned()

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 /// Directory of the segments: `/dev/shm`, or `$SHMRELAY_SHM_DIR` (tests, other tmpfs mounts).
 pub fn shm_dir() -> PathBuf {
-    std::env::var_os("SHMRELAY_SHM_DIR").map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from)
+    std::env::var_os(shmrelay_worker::protocol::env::SHM_DIR)
+        .map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from)
 }
 
 /// Prefix of every file of `instance`.
