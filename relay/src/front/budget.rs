@@ -1,0 +1,123 @@
+//! The front's two memory budgets: partial frames (`partial_budget`) and queued replies
+//! (`pending_budget`), their gauges, and closing the largest holders past them.
+
+use std::sync::atomic::Ordering;
+
+use shmrelay_worker::codec::ProtocolError;
+use shmrelay_worker::CloseReason;
+use tracing::warn;
+
+use super::conn::{Conn, Slab};
+use super::Front;
+use crate::stats::add;
+
+/// The error of a connection closed because the front's partial frames passed
+/// `partial_budget` and it held the largest.
+const OVER_BUDGET: ProtocolError =
+    ProtocolError::Invalid("partial frame over the front's memory budget");
+
+impl Front {
+    /// Brings a connection's partial-frame memory into the front's total after a read,
+    /// applies `partial_budget`, and makes sure its timer comes at its frame deadline.
+    pub(super) fn account_partial(&mut self, slot: u32, gen: u32) {
+        let now = self.now;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        let cap = c.carry.capacity();
+        if cap == c.partial {
+            return;
+        }
+        self.partial_total = self.partial_total - c.partial + cap;
+        c.partial = cap;
+        if self.frame_ticks > 0 && !c.carry.is_empty() {
+            let since = (now as u32).wrapping_sub(c.partial_since) as u64;
+            let deadline = (now + self.frame_ticks as u64).saturating_sub(since);
+            if deadline < c.timer_at {
+                c.timer_at = self.wheel.schedule((slot, gen), deadline);
+            }
+        }
+        if self.partial_total > self.cfg.partial_budget {
+            self.shed_partials();
+        }
+        let fs = self.fs;
+        publish_gauge(
+            &fs.partial_bytes,
+            &fs.partial_peak,
+            self.partial_total as u64,
+        );
+    }
+
+    /// Past `partial_budget`, closes the connections holding the largest partial frames
+    /// with the codec's protocol error until the total is back within it.
+    pub(super) fn shed_partials(&mut self) {
+        let budget = self.cfg.partial_budget;
+        for (partial, slot, gen) in largest_holders(&self.slab, |c| c.partial) {
+            if self.partial_total <= budget {
+                break;
+            }
+            warn!(
+                front = self.index,
+                partial,
+                total = self.partial_total,
+                budget,
+                "partial frames over partial_budget: closing the largest"
+            );
+            add(&self.fs.partial_budget_closes, 1);
+            self.fail_conn(slot, gen, OVER_BUDGET);
+        }
+    }
+
+    /// Past `pending_budget`, closes the connections with the largest reply queues
+    /// (`slow_consumer`) until the front's total is back within it.
+    pub(super) fn shed_queues(&mut self) {
+        let budget = self.cfg.pending_budget;
+        for (queued, slot, _) in largest_holders(&self.slab, |c| c.queued) {
+            if self.queued_total <= budget {
+                break;
+            }
+            warn!(
+                front = self.index,
+                queued,
+                total = self.queued_total,
+                budget,
+                "queued replies over pending_budget: closing the largest queue"
+            );
+            add(&self.fs.pending_budget_closes, 1);
+            self.close_conn(slot, CloseReason::SlowConsumer);
+        }
+    }
+
+    /// Publishes the queued reply bytes for operators: the gauge, and the high-water mark
+    /// (taken after the budget was applied; the total only grows in `want_write`).
+    pub(super) fn publish_queued(&self) {
+        let fs = self.fs;
+        publish_gauge(&fs.queued_bytes, &fs.queued_peak, self.queued_total as u64);
+    }
+}
+
+/// The connections holding part of a per-front budget (`held` of each, when not zero), as
+/// (held, slot, generation), largest first: the order the budget closes them in.
+pub(super) fn largest_holders(
+    slab: &Slab,
+    held: impl Fn(&Conn) -> usize,
+) -> Vec<(usize, u32, u32)> {
+    let mut big: Vec<(usize, u32, u32)> = (0..slab.conns.len())
+        .filter_map(|s| {
+            let n = held(slab.conns[s].as_ref()?);
+            (n > 0).then(|| (n, s as u32, slab.gens[s]))
+        })
+        .collect();
+    big.sort_unstable_by(|a, b| b.cmp(a));
+    big
+}
+
+/// Publishes a gauge for operators and raises its high-water mark.
+pub(super) fn publish_gauge(
+    gauge: &std::sync::atomic::AtomicU64,
+    peak: &std::sync::atomic::AtomicU64,
+    v: u64,
+) {
+    gauge.store(v, Ordering::Relaxed);
+    peak.fetch_max(v, Ordering::Relaxed);
+}

@@ -1,0 +1,112 @@
+//! Writing to a client: straight to the socket, the rest to its bounded out queue, flushed
+//! when the socket is writable again.
+
+use std::io::{self, IoSlice, Write};
+
+use mio::{Interest, Token};
+use shmrelay_worker::CloseReason;
+
+use super::conn::{send_to, ConnState};
+use super::Front;
+use crate::stats::add;
+
+impl Front {
+    /// Writes to a connection, queueing what the socket does not take.
+    pub(super) fn send(
+        &mut self,
+        slot: u32,
+        gen: u32,
+        iov: &[IoSlice<'_>],
+    ) -> Result<(), CloseReason> {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return Ok(());
+        };
+        send_to(c, iov, self.fs, self.cfg.max_pending)?;
+        if c.pending() > 0 {
+            self.want_write(slot, gen);
+        }
+        Ok(())
+    }
+
+    pub(super) fn want_write(&mut self, slot: u32, gen: u32) {
+        let max = self.cfg.max_pending;
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        if c.pending() > max {
+            self.close_conn(slot, CloseReason::SlowConsumer);
+            return;
+        }
+        // Every path that queues reply bytes ends here: count them in the front's total.
+        let pending = c.pending();
+        self.queued_total = self.queued_total - c.queued + pending;
+        c.queued = pending;
+        if self.queued_total > self.cfg.pending_budget {
+            self.shed_queues();
+            if self.slab.get(slot, gen).is_none() {
+                return;
+            }
+        }
+        self.publish_queued();
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        if !c.want_write {
+            c.want_write = true;
+            let _ = self.poll.registry().reregister(
+                &mut c.stream,
+                Token(slot as usize),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+        }
+    }
+
+    pub(super) fn flush_out(&mut self, slot: u32, gen: u32) {
+        let Some(c) = self.slab.get(slot, gen) else {
+            return;
+        };
+        if !c.want_write {
+            return;
+        }
+        let before = c.pending();
+        while c.pending() > 0 {
+            match (&c.stream).write(&c.out[c.out_pos..]) {
+                Ok(n) => {
+                    c.out_pos += n;
+                    add(&self.fs.bytes_out, n as u64);
+                    let gone = c.queued.min(n);
+                    c.queued -= gone;
+                    self.queued_total -= gone;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if c.pending() < before {
+                        self.publish_queued();
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_conn(slot, CloseReason::IoError);
+                    return;
+                }
+            }
+        }
+        c.out.clear();
+        c.out_pos = 0;
+        c.out.shrink_to(4096);
+        self.queued_total -= std::mem::take(&mut c.queued);
+        c.want_write = false;
+        let _ = self.poll.registry().reregister(
+            &mut c.stream,
+            Token(slot as usize),
+            Interest::READABLE,
+        );
+        if let ConnState::Draining(reason) = c.state {
+            if c.flushed() && c.acks_in() {
+                self.close_conn(slot, reason);
+                return;
+            }
+        }
+        self.resume_routed(slot, gen);
+    }
+}
