@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Interest, Token};
 use shmrelay_worker::protocol::tag;
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::CloseReason;
 use tracing::{debug, info, warn};
 
 use super::conn::Conn;
@@ -77,24 +77,22 @@ impl Front {
             if lst.routed {
                 conn.route = Some(Box::new(Route::new(l)));
             }
-            let (slot, gen) = self.slab.insert(conn);
+            let key = self.slab.insert(conn);
             let first = self.liveness.first(codec, now);
-            let at = self.wheel.schedule((slot, gen), first);
-            let c = self.slab.conns[slot as usize]
-                .as_mut()
-                .expect("just inserted");
+            let at = self.wheel.schedule(key.timer(), first);
+            let c = self.slab.get(key).expect("just inserted");
             c.timer_at = at;
             if let Err(e) = self.poll.registry().register(
                 &mut c.stream,
-                Token(slot as usize),
+                Token(key.slot as usize),
                 Interest::READABLE,
             ) {
                 warn!("register: {e}");
-                self.slab.remove(slot);
+                self.slab.remove(key);
                 self.admission.release(self.stats, addr_slot);
                 continue;
             }
-            let id = ConnId::new(self.index as u8, gen, slot);
+            let id = key.id(self.index);
             // A routed connection may send frames to any worker of the pool: each hears of it
             // (and of its close), so none keeps state for a connection it was never told of.
             let told = if self.listeners[l].routed {

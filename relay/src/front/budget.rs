@@ -7,7 +7,7 @@ use shmrelay_worker::codec::ProtocolError;
 use shmrelay_worker::CloseReason;
 use tracing::warn;
 
-use super::conn::{Conn, Slab};
+use super::conn::{Conn, ConnKey, Slab};
 use super::Front;
 use crate::stats::add;
 
@@ -19,9 +19,9 @@ const OVER_BUDGET: ProtocolError =
 impl Front {
     /// Brings a connection's partial-frame memory into the front's total after a read,
     /// applies `partial_budget`, and makes sure its timer comes at its frame deadline.
-    pub(super) fn account_partial(&mut self, slot: u32, gen: u32) {
+    pub(super) fn account_partial(&mut self, key: ConnKey) {
         let now = self.now;
-        let Some(c) = self.slab.get(slot, gen) else {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         let cap = c.carry.capacity();
@@ -34,7 +34,7 @@ impl Front {
             let since = (now as u32).wrapping_sub(c.partial_since) as u64;
             let deadline = (now + self.frame_ticks as u64).saturating_sub(since);
             if deadline < c.timer_at {
-                c.timer_at = self.wheel.schedule((slot, gen), deadline);
+                c.timer_at = self.wheel.schedule(key.timer(), deadline);
             }
         }
         if self.partial_total > self.cfg.partial_budget {
@@ -52,7 +52,7 @@ impl Front {
     /// with the codec's protocol error until the total is back within it.
     pub(super) fn shed_partials(&mut self) {
         let budget = self.cfg.partial_budget;
-        for (partial, slot, gen) in largest_holders(&self.slab, |c| c.partial) {
+        for (partial, key) in largest_holders(&self.slab, |c| c.partial) {
             if self.partial_total <= budget {
                 break;
             }
@@ -64,7 +64,7 @@ impl Front {
                 "partial frames over partial_budget: closing the largest"
             );
             add(&self.fs.partial_budget_closes, 1);
-            self.fail_conn(slot, gen, OVER_BUDGET);
+            self.fail_conn(key, OVER_BUDGET);
         }
     }
 
@@ -72,7 +72,7 @@ impl Front {
     /// (`slow_consumer`) until the front's total is back within it.
     pub(super) fn shed_queues(&mut self) {
         let budget = self.cfg.pending_budget;
-        for (queued, slot, _) in largest_holders(&self.slab, |c| c.queued) {
+        for (queued, key) in largest_holders(&self.slab, |c| c.queued) {
             if self.queued_total <= budget {
                 break;
             }
@@ -84,7 +84,7 @@ impl Front {
                 "queued replies over pending_budget: closing the largest queue"
             );
             add(&self.fs.pending_budget_closes, 1);
-            self.close_conn(slot, CloseReason::SlowConsumer);
+            self.close_conn(key, CloseReason::SlowConsumer);
         }
     }
 
@@ -97,15 +97,15 @@ impl Front {
 }
 
 /// The connections holding part of a per-front budget (`held` of each, when not zero), as
-/// (held, slot, generation), largest first: the order the budget closes them in.
-pub(super) fn largest_holders(
-    slab: &Slab,
-    held: impl Fn(&Conn) -> usize,
-) -> Vec<(usize, u32, u32)> {
-    let mut big: Vec<(usize, u32, u32)> = (0..slab.conns.len())
+/// (held, key), largest first: the order the budget closes them in.
+pub(super) fn largest_holders(slab: &Slab, held: impl Fn(&Conn) -> usize) -> Vec<(usize, ConnKey)> {
+    let mut big: Vec<(usize, ConnKey)> = (0..slab.conns.len())
         .filter_map(|s| {
             let n = held(slab.conns[s].as_ref()?);
-            (n > 0).then(|| (n, s as u32, slab.gens[s]))
+            if n == 0 {
+                return None;
+            }
+            Some((n, slab.key(s)?))
         })
         .collect();
     big.sort_unstable_by(|a, b| b.cmp(a));

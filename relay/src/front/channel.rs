@@ -12,7 +12,7 @@ use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{debug, error, warn};
 
-use super::conn::ConnState;
+use super::conn::{ConnKey, ConnState};
 use super::reply;
 use super::Front;
 use crate::stats::{add, WorkerState};
@@ -31,7 +31,7 @@ pub(super) struct Chan {
     pub(super) rep: Consumer<Arc<ShmRing>>,
     pub(super) backlog: VecDeque<Ctrl>,
     /// Connections not read because `req` was full: (slot, generation).
-    pub(super) blocked: Vec<(u32, u32)>,
+    pub(super) blocked: Vec<ConnKey>,
     pub(super) dirty: bool,
     pub(super) broken: bool,
     /// The worker's doorbell.
@@ -40,8 +40,8 @@ pub(super) struct Chan {
     /// position has been read from the reply ring.
     pub(super) completed: u64,
     /// Key routing: routed connections whose oldest request is on this worker, by that
-    /// request's position: (position, slot, generation). Stale entries are skipped.
-    pub(super) waiting: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// request's position: (position, connection). Stale entries are skipped.
+    pub(super) waiting: BinaryHeap<Reverse<(u64, ConnKey)>>,
     /// The highest request position answered by a reply record read from this worker, each
     /// checked against what this front published: the front's own copy of the answered word.
     pub(super) answered: u64,
@@ -68,11 +68,11 @@ impl Front {
                     ch.dirty = true;
                     if ctrl.tag == tag::OPEN {
                         let id = ConnId::from_raw(ctrl.conn);
-                        if let Some(c) = self.slab.get(id.slot(), id.generation()) {
+                        if let Some(c) = self.slab.get(ConnKey::of(id)) {
                             if c.state == ConnState::Accepted {
                                 c.state = ConnState::Open;
                                 if c.readable {
-                                    self.ready.push((id.slot(), id.generation()));
+                                    self.ready.push(ConnKey::of(id));
                                 }
                             }
                         }
@@ -140,7 +140,7 @@ impl Front {
         let listeners = &self.listeners;
         // The id came from a ring the worker could write: only a connection served by that
         // worker is closed (a worker can close its own clients anyway).
-        let Some(c) = self.slab.get(id.slot(), id.generation()).filter(|c| {
+        let Some(c) = self.slab.get(ConnKey::of(id)).filter(|c| {
             c.worker == w
                 || c.route
                     .as_ref()
@@ -151,7 +151,7 @@ impl Front {
         warn!(front = self.index, worker = w, %id, "a frame of this connection crashed its worker repeatedly: dead-lettered, closing the connection");
         // Best effort and non-blocking: the close follows either way.
         let _ = (&c.stream).write(&c.codec.error_reply("frame dead-lettered"));
-        self.close_conn(id.slot(), CloseReason::WorkerGone);
+        self.close_conn(ConnKey::of(id), CloseReason::WorkerGone);
     }
 
     /// Stops using a worker's rings (its peer broke them, or it failed for good). Its
@@ -176,22 +176,23 @@ impl Front {
     /// each after the codec's error frame `why`.
     pub(super) fn close_worker_conns(&mut self, w: usize, why: &str) {
         let listeners = &self.listeners;
-        let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
+        let keys: Vec<ConnKey> = (0..self.slab.conns.len())
             .filter(|&s| {
-                self.slab.conns[s as usize].as_ref().is_some_and(|c| {
+                self.slab.conns[s].as_ref().is_some_and(|c| {
                     c.worker == w
                         || c.route
                             .as_ref()
                             .is_some_and(|r| listeners[r.listener].pool.contains(&w))
                 })
             })
+            .filter_map(|s| self.slab.key(s))
             .collect();
-        for slot in slots {
-            if let Some(c) = self.slab.conns[slot as usize].as_ref() {
+        for key in keys {
+            if let Some(c) = self.slab.get(key) {
                 // Best effort and non-blocking: the close follows either way.
                 let _ = (&c.stream).write(&c.codec.error_reply(why));
             }
-            self.close_conn(slot, CloseReason::WorkerGone);
+            self.close_conn(key, CloseReason::WorkerGone);
         }
     }
 
@@ -209,14 +210,14 @@ impl Front {
             }
             let id = ConnId::from_raw(sp.conn);
             ch.split = None;
-            if id.front() == self.index && self.slab.get(id.slot(), id.generation()).is_some() {
+            if id.front() == self.index && self.slab.get(ConnKey::of(id)).is_some() {
                 debug!(
                     front = self.index,
                     worker = w,
                     "a long reply broke off: worker replaced"
                 );
                 add(&self.fs.protocol_errors, 1);
-                self.close_conn(id.slot(), CloseReason::ProtocolError);
+                self.close_conn(ConnKey::of(id), CloseReason::ProtocolError);
             }
         }
     }

@@ -146,6 +146,51 @@ impl Conn {
     }
 }
 
+/// A connection of this front: its slot in the [`Slab`] and the slot's generation when the
+/// connection was accepted. The generation makes a key of a closed connection (a stale timer
+/// entry, a late reply) miss the slot's next occupant. Shown as `slot.generation`, the end of
+/// the [`ConnId`] the workers see (`front.slot.generation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct ConnKey {
+    pub slot: u32,
+    pub gen: u32,
+}
+
+impl ConnKey {
+    /// The key of a connection id (of any front: the caller checks [`ConnId::front`]).
+    #[inline]
+    pub fn of(id: ConnId) -> ConnKey {
+        ConnKey {
+            slot: id.slot(),
+            gen: id.generation(),
+        }
+    }
+
+    /// The key of a timer wheel entry (`crate::timer` keys are plain pairs).
+    #[inline]
+    pub fn from_timer((slot, gen): crate::timer::Key) -> ConnKey {
+        ConnKey { slot, gen }
+    }
+
+    /// This key as a timer wheel key.
+    #[inline]
+    pub fn timer(self) -> crate::timer::Key {
+        (self.slot, self.gen)
+    }
+
+    /// The id the workers know this connection by, on front `front`.
+    #[inline]
+    pub fn id(self, front: usize) -> ConnId {
+        ConnId::new(front as u8, self.gen, self.slot)
+    }
+}
+
+impl std::fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.slot, self.gen)
+    }
+}
+
 /// The connection table: slots reused with a new generation, so a stale id never reaches a
 /// new connection. New slots start at a generation derived from a per-process seed, so a
 /// restarted front does not reuse its predecessor's ids (replies still in flight to those are
@@ -167,12 +212,26 @@ impl Slab {
         }
     }
 
+    /// The key of the connection in `slot`, if there is one.
+    pub fn key(&self, slot: usize) -> Option<ConnKey> {
+        self.conns.get(slot)?.as_ref()?;
+        Some(ConnKey {
+            slot: slot as u32,
+            gen: self.gens[slot],
+        })
+    }
+
+    /// The keys of every open connection.
+    pub fn keys(&self) -> Vec<ConnKey> {
+        (0..self.conns.len()).filter_map(|s| self.key(s)).collect()
+    }
+
     /// Open connections.
     pub fn len(&self) -> usize {
         self.conns.len() - self.free.len()
     }
 
-    pub fn insert(&mut self, conn: Conn) -> (u32, u32) {
+    pub fn insert(&mut self, conn: Conn) -> ConnKey {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -184,18 +243,27 @@ impl Slab {
             }
         };
         self.conns[slot as usize] = Some(conn);
-        (slot, self.gens[slot as usize])
+        ConnKey {
+            slot,
+            gen: self.gens[slot as usize],
+        }
     }
 
-    pub fn get(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
-        let s = slot as usize;
-        if self.gens.get(s) != Some(&gen) {
+    #[inline]
+    pub fn get(&mut self, key: ConnKey) -> Option<&mut Conn> {
+        let s = key.slot as usize;
+        if self.gens.get(s) != Some(&key.gen) {
             return None;
         }
         self.conns[s].as_mut()
     }
 
-    pub fn remove(&mut self, slot: u32) -> Option<Conn> {
+    /// Removes a connection; its slot's generation moves on, so `key` no longer finds it.
+    pub fn remove(&mut self, key: ConnKey) -> Option<Conn> {
+        let slot = key.slot;
+        if self.gens.get(slot as usize) != Some(&key.gen) {
+            return None;
+        }
         let c = self.conns.get_mut(slot as usize)?.take()?;
         self.gens[slot as usize] = (self.gens[slot as usize] + 1) & ConnId::GENERATION_MASK;
         self.free.push(slot);

@@ -12,7 +12,7 @@ use shmrelay_worker::protocol::FRAME_HEADER;
 use shmrelay_worker::CloseReason;
 use tracing::{debug, info, warn};
 
-use super::conn::{ConnState, READ_CHUNK};
+use super::conn::{ConnKey, ConnState, READ_CHUNK};
 use super::liveness::{self, Verdict, TICK_MS};
 use super::{Front, FrontError, CONTROL, DOORBELL, LISTENER_BASE, MAX_LISTENERS};
 use crate::stats::add;
@@ -128,22 +128,25 @@ impl Front {
                     DOORBELL => self.doorbell_rang(),
                     CONTROL => self.control_ready(),
                     Token(t) => {
-                        let slot = t as u32;
                         let Some(gen) = self.slab.gens.get(t).copied() else {
                             continue;
                         };
+                        let key = ConnKey {
+                            slot: t as u32,
+                            gen,
+                        };
                         if ev.is_writable() {
-                            self.flush_out(slot, gen);
+                            self.flush_out(key);
                         }
                         if (ev.is_readable() || ev.is_read_closed() || ev.is_error())
                             && drain_deadline.is_none()
                         {
-                            if let Some(c) = self.slab.get(slot, gen) {
+                            if let Some(c) = self.slab.get(key) {
                                 c.hup |= ev.is_read_closed() || ev.is_error();
                                 if !c.readable {
                                     c.readable = true;
                                     if c.wants_read() {
-                                        self.ready.push((slot, gen));
+                                        self.ready.push(key);
                                     }
                                 }
                             }
@@ -173,11 +176,8 @@ impl Front {
     }
 
     pub(super) fn shutdown(&mut self) {
-        let slots: Vec<u32> = (0..self.slab.conns.len() as u32)
-            .filter(|&s| self.slab.conns[s as usize].is_some())
-            .collect();
-        for slot in slots {
-            self.close_conn(slot, CloseReason::Shutdown);
+        for key in self.slab.keys() {
+            self.close_conn(key, CloseReason::Shutdown);
         }
         for w in 0..self.chans.len() {
             self.flush_backlog(w);
@@ -299,8 +299,9 @@ impl Front {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(self.now, &mut due);
         let now = self.now as u32;
-        for ((slot, gen), at) in due.drain(..) {
-            let Some(c) = self.slab.get(slot, gen) else {
+        for (key, at) in due.drain(..) {
+            let key = ConnKey::from_timer(key);
+            let Some(c) = self.slab.get(key) else {
                 continue;
             };
             if c.timer_at != at {
@@ -313,8 +314,11 @@ impl Front {
             });
             if partial_deadline.is_some_and(|d| d <= self.now) && c.state == ConnState::Open {
                 add(&self.fs.frame_timeouts, 1);
-                debug!(slot, "frame not complete within frame_timeout_ms");
-                self.fail_conn(slot, gen, FRAME_TIMEOUT);
+                debug!(
+                    slot = key.slot,
+                    "frame not complete within frame_timeout_ms"
+                );
+                self.fail_conn(key, FRAME_TIMEOUT);
                 continue;
             }
             // A cheap kernel sample, once per check rather than per frame, and only where the
@@ -336,16 +340,15 @@ impl Front {
             }
             let next = match verdict {
                 Verdict::Close(reason) => {
-                    self.close_conn(slot, reason);
+                    self.close_conn(key, reason);
                     continue;
                 }
                 Verdict::Ping(next) => {
                     c.ping_outstanding = true;
                     c.ping_sent = now;
                     add(&self.fs.pings_sent, 1);
-                    if let Err(reason) = self.send(slot, gen, &[IoSlice::new(&[0u8; FRAME_HEADER])])
-                    {
-                        self.close_conn(slot, reason);
+                    if let Err(reason) = self.send(key, &[IoSlice::new(&[0u8; FRAME_HEADER])]) {
+                        self.close_conn(key, reason);
                         continue;
                     }
                     next
@@ -353,8 +356,8 @@ impl Front {
                 Verdict::Wait(next) => next,
             };
             let next = partial_deadline.map_or(next, |d| next.min(d));
-            let at = self.wheel.schedule((slot, gen), next);
-            if let Some(c) = self.slab.get(slot, gen) {
+            let at = self.wheel.schedule(key.timer(), next);
+            if let Some(c) = self.slab.get(key) {
                 c.timer_at = at;
             }
         }

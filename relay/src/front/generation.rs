@@ -30,6 +30,7 @@ use shmrelay_worker::protocol::{tag, ANSWERED_WORD};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{error, info, warn};
 
+use super::conn::ConnKey;
 use super::{Front, REPLY_BATCH};
 use crate::stats::add;
 
@@ -324,9 +325,9 @@ impl Front {
         let broken_split = ch.split.take().map(|sp| sp.conn);
         if let Some(conn) = broken_split {
             let id = ConnId::from_raw(conn);
-            if id.front() == self.index && self.slab.get(id.slot(), id.generation()).is_some() {
+            if id.front() == self.index && self.slab.get(ConnKey::of(id)).is_some() {
                 add(&self.fs.protocol_errors, 1);
-                self.close_conn(id.slot(), CloseReason::ProtocolError);
+                self.close_conn(ConnKey::of(id), CloseReason::ProtocolError);
             }
         }
         if status == NOT_CARRIED {

@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 
 use shmrelay_worker::codec::ProtocolError;
 use shmrelay_worker::protocol::tag;
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::CloseReason;
 use tracing::debug;
 
-use super::conn::ConnState;
+use super::conn::{ConnKey, ConnState};
 use super::liveness::{self};
 use super::{Ctrl, Front};
 use crate::stats::add;
@@ -20,18 +20,18 @@ impl Front {
     /// what it sent. Tell the worker now (after the connection's data, in ring order); the
     /// worker acknowledges with a CLOSE of its own once it has handled everything before it,
     /// and the connection closes when those replies are written (or at its timeout).
-    pub(super) fn client_eof(&mut self, slot: u32, gen: u32) {
-        self.close_after_worker(slot, gen, CloseReason::ClientEof);
+    pub(super) fn client_eof(&mut self, key: ConnKey) {
+        self.close_after_worker(key, CloseReason::ClientEof);
     }
 
     /// Stops reading a connection and tells its worker; the connection closes when the worker
     /// acknowledges (its last replies are then out), with `reason`.
-    pub(super) fn close_after_worker(&mut self, slot: u32, gen: u32, reason: CloseReason) {
-        let Some(c) = self.slab.get(slot, gen) else {
+    pub(super) fn close_after_worker(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         if c.state == ConnState::Accepted {
-            self.close_conn(slot, reason);
+            self.close_conn(key, reason);
             return;
         }
         let worker = c.worker;
@@ -46,7 +46,7 @@ impl Front {
         self.fs
             .conns_draining
             .store(self.draining, Ordering::Relaxed);
-        let id = ConnId::new(self.index as u8, gen, slot);
+        let id = key.id(self.index);
         let mut sent = 0u64;
         for &w in &workers {
             if self.chans[w].broken {
@@ -61,19 +61,19 @@ impl Front {
             });
             self.flush_backlog(w);
         }
-        if let Some(r) = self.slab.get(slot, gen).and_then(|c| c.route.as_mut()) {
+        if let Some(r) = self.slab.get(key).and_then(|c| c.route.as_mut()) {
             r.close_sent = sent;
         }
         if workers.iter().any(|&w| self.chans[w].broken) {
-            self.close_conn(slot, reason);
+            self.close_conn(key, reason);
         }
     }
 
     /// A CLOSE record from worker `w`: after the client's FIN, its acknowledgement of ours
     /// (every reply it had for the connection is before it); otherwise the worker asks to
     /// close once what it queued is written.
-    pub(super) fn worker_closed(&mut self, slot: u32, gen: u32, w: usize) {
-        let Some(c) = self.slab.get(slot, gen) else {
+    pub(super) fn worker_closed(&mut self, key: ConnKey, w: usize) {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         // After a client's FIN keep its reason.
@@ -84,16 +84,16 @@ impl Front {
         if let Some(r) = c.route.as_mut() {
             r.close_acked |= 1 << w;
         }
-        self.drain_conn(slot, gen, reason);
+        self.drain_conn(key, reason);
     }
 
     /// Stops reading a connection and closes it once its queued replies are written.
-    pub(super) fn drain_conn(&mut self, slot: u32, gen: u32, reason: CloseReason) {
-        let Some(c) = self.slab.get(slot, gen) else {
+    pub(super) fn drain_conn(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         if c.flushed() && c.acks_in() {
-            self.close_conn(slot, reason);
+            self.close_conn(key, reason);
         } else if !matches!(c.state, ConnState::Draining(_)) {
             c.state = ConnState::Draining(reason);
             self.draining += 1;
@@ -105,8 +105,8 @@ impl Front {
 
     /// Closes a connection for malformed or abusive input with the codec's error reply
     /// (after the replies to its whole frames), freeing its partial frame at once.
-    pub(super) fn fail_conn(&mut self, slot: u32, gen: u32, e: ProtocolError) {
-        let Some(c) = self.slab.get(slot, gen) else {
+    pub(super) fn fail_conn(&mut self, key: ConnKey, e: ProtocolError) {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         self.partial_total -= c.partial;
@@ -116,15 +116,15 @@ impl Front {
         let open = c.state == ConnState::Open;
         add(&self.fs.protocol_errors, 1);
         if open {
-            self.close_after_worker(slot, gen, CloseReason::ProtocolError);
+            self.close_after_worker(key, CloseReason::ProtocolError);
         } else {
-            self.close_conn(slot, CloseReason::ProtocolError);
+            self.close_conn(key, CloseReason::ProtocolError);
         }
     }
 
     /// Closes a connection now and tells its worker (in order, after its data).
-    pub(super) fn close_conn(&mut self, slot: u32, reason: CloseReason) {
-        let Some(mut c) = self.slab.remove(slot) else {
+    pub(super) fn close_conn(&mut self, key: ConnKey, reason: CloseReason) {
+        let Some(mut c) = self.slab.remove(key) else {
             return;
         };
         if c.partial > 0 {
@@ -147,7 +147,6 @@ impl Front {
                 let _ = c.stream.shutdown(Shutdown::Write);
             }
         }
-        let gen_before = self.slab.gens[slot as usize].wrapping_sub(1) & ConnId::GENERATION_MASK;
         let _ = self.poll.registry().deregister(&mut c.stream);
         // The socket's retransmissions over its whole life, counted once.
         if let Some((_, retrans)) = liveness::tcp_info(&c.stream) {
@@ -156,7 +155,7 @@ impl Front {
         drop(c.stream);
         self.fd_freed = true;
         self.admission.release(self.stats, c.addr_slot);
-        let id = ConnId::new(self.index as u8, gen_before, slot);
+        let id = key.id(self.index);
         if let Some(r) = c.route.as_ref() {
             // Every worker of the pool was sent the OPEN: a worker whose OPEN is still queued
             // loses it, the others get the CLOSE unless they had it already (at the FIN).

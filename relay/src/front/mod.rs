@@ -55,7 +55,7 @@ use crate::stats::{FrontStats, Stats};
 use crate::timer::Wheel;
 use admission::Admission;
 use channel::{Chan, Ctrl};
-use conn::Slab;
+use conn::{ConnKey, Slab};
 use liveness::{Liveness, TICK_MS};
 use route::Scratch;
 use scope::Scope;
@@ -170,13 +170,13 @@ struct Front {
     doorbell: Arc<EventFd>,
     chans: Vec<Chan>,
     slab: Slab,
-    ready: Vec<(u32, u32)>,
+    ready: Vec<ConnKey>,
     stats: &'static Stats,
     fs: &'static FrontStats,
     admission: Admission,
     liveness: Liveness,
     wheel: Wheel,
-    due: Vec<((u32, u32), u64)>,
+    due: Vec<(crate::timer::Key, u64)>,
     start_ns: u64,
     /// When `tick` last ran (CLOCK_MONOTONIC ns): a long gap means this process was late.
     last_tick_ns: u64,

@@ -9,7 +9,7 @@ use shmrelay_worker::protocol::{tag, ANSWERED_WORD};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::debug;
 
-use super::conn::{send_to, ConnState, Slab};
+use super::conn::{send_to, ConnKey, ConnState, Slab};
 use super::reply;
 use super::{Front, MAX_IOV, REPLY_BATCH};
 use crate::stats::{add, FrontStats};
@@ -40,7 +40,7 @@ impl Front {
         let ch = &mut self.chans[w];
         // A reply answers a request this front wrote: no position beyond what it committed.
         let answerable = ch.req.position();
-        let mut todo: Vec<(u32, u32, Action)> = Vec::new();
+        let mut todo: Vec<(ConnKey, Action)> = Vec::new();
         let mut n = 0;
         let mut corrupt = None;
         let mut out_of_scope = 0u64;
@@ -138,7 +138,7 @@ impl Front {
                         deliver(slab, fs, me, &mut group, &mut todo);
                         let id = ConnId::from_raw(rec.conn());
                         if id.front() == me {
-                            todo.push((id.slot(), id.generation(), Action::CloseAfterFlush(w)));
+                            todo.push((ConnKey::of(id), Action::CloseAfterFlush(w)));
                         }
                     }
                     t => {
@@ -176,22 +176,22 @@ impl Front {
                 }
                 if upto > ch.completed {
                     ch.completed = upto;
-                    while let Some(&Reverse((p, slot, gen))) = ch.waiting.peek() {
+                    while let Some(&Reverse((p, key))) = ch.waiting.peek() {
                         if p > upto {
                             break;
                         }
                         ch.waiting.pop();
-                        todo.push((slot, gen, Action::Advance));
+                        todo.push((key, Action::Advance));
                     }
                 }
             }
         }
-        for (slot, gen, action) in todo {
+        for (key, action) in todo {
             match action {
-                Action::Close(reason) => self.close_conn(slot, reason),
-                Action::WantWrite => self.want_write(slot, gen),
-                Action::CloseAfterFlush(from) => self.worker_closed(slot, gen, from),
-                Action::Advance => self.advance(slot, gen),
+                Action::Close(reason) => self.close_conn(key, reason),
+                Action::WantWrite => self.want_write(key),
+                Action::CloseAfterFlush(from) => self.worker_closed(key, from),
+                Action::Advance => self.advance(key),
             }
         }
         if out_of_scope > 0 {
@@ -210,10 +210,10 @@ impl Front {
     /// A request is answered in full when its worker is known to be past it: its ring was read
     /// after the worker released the request, or a reply of the worker to a later request of
     /// the connection came. O(1) amortised per request (see route.rs).
-    pub(super) fn advance(&mut self, slot: u32, gen: u32) {
+    pub(super) fn advance(&mut self, key: ConnKey) {
         let fs = self.fs;
         let chans = &self.chans;
-        let Some(c) = self.slab.get(slot, gen) else {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         let Some(r) = c.route.as_mut() else {
@@ -225,29 +225,29 @@ impl Front {
         for chunk in early.chunks(MAX_IOV) {
             let iov: Vec<IoSlice<'_>> = chunk.iter().map(|b| IoSlice::new(b)).collect();
             if let Err(reason) = send_to(c, &iov, fs, usize::MAX) {
-                self.close_conn(slot, reason);
+                self.close_conn(key, reason);
                 return;
             }
         }
         if let Some((hw, hp)) = wait {
-            self.chans[hw].waiting.push(Reverse((hp, slot, gen)));
+            self.chans[hw].waiting.push(Reverse((hp, key)));
         }
         if c.pending() > 0 {
-            self.want_write(slot, gen);
+            self.want_write(key);
         } else if let ConnState::Draining(reason) = c.state {
             if c.flushed() && c.acks_in() {
-                self.close_conn(slot, reason);
+                self.close_conn(key, reason);
                 return;
             }
         }
-        self.resume_routed(slot, gen);
+        self.resume_routed(key);
     }
 
     /// Key routing: reads a connection again that was stalled at its pending bound, once its
     /// route state and out queue are below half of it.
-    pub(super) fn resume_routed(&mut self, slot: u32, gen: u32) {
+    pub(super) fn resume_routed(&mut self, key: ConnKey) {
         let max = self.cfg.max_pending;
-        let Some(c) = self.slab.get(slot, gen) else {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         let pending = c.pending();
@@ -259,7 +259,7 @@ impl Front {
         }
         r.stalled = false;
         if c.wants_read() {
-            self.ready.push((slot, gen));
+            self.ready.push(key);
         }
     }
 }
@@ -270,7 +270,7 @@ pub(super) fn deliver(
     fs: &FrontStats,
     me: usize,
     group: &mut reply::Group,
-    todo: &mut Vec<(u32, u32, Action)>,
+    todo: &mut Vec<(ConnKey, Action)>,
 ) {
     if group.is_empty() {
         group.clear();
@@ -280,14 +280,14 @@ pub(super) fn deliver(
         add(&fs.bytes_copied, group.copied);
     }
     let id = ConnId::from_raw(group.conn);
-    let (slot, gen) = (id.slot(), id.generation());
-    match slab.get(slot, gen) {
+    let key = ConnKey::of(id);
+    match slab.get(key) {
         Some(c) if id.front() == me => {
             add(&fs.frames_out, group.messages);
             if let Err(reason) = reply::write_group(c, group, fs) {
-                todo.push((slot, gen, Action::Close(reason)));
+                todo.push((key, Action::Close(reason)));
             } else if c.pending() > 0 {
-                todo.push((slot, gen, Action::WantWrite));
+                todo.push((key, Action::WantWrite));
             }
         }
         _ => add(&fs.stale_replies, group.messages.max(1)),
@@ -303,19 +303,15 @@ pub(super) fn close_broken(
     me: usize,
     conn: u64,
     group: &mut reply::Group,
-    todo: &mut Vec<(u32, u32, Action)>,
+    todo: &mut Vec<(ConnKey, Action)>,
 ) {
     if group.conn == conn {
         deliver(slab, fs, me, group, todo);
     }
     let id = ConnId::from_raw(conn);
-    if id.front() == me && slab.get(id.slot(), id.generation()).is_some() {
+    if id.front() == me && slab.get(ConnKey::of(id)).is_some() {
         add(&fs.protocol_errors, 1);
-        todo.push((
-            id.slot(),
-            id.generation(),
-            Action::Close(CloseReason::ProtocolError),
-        ));
+        todo.push((ConnKey::of(id), Action::Close(CloseReason::ProtocolError)));
     }
 }
 
@@ -341,11 +337,11 @@ pub(super) fn routed_reply(
     (conn, aux): (u64, u64),
     payload: &[u8],
     max_pending: usize,
-    todo: &mut Vec<(u32, u32, Action)>,
+    todo: &mut Vec<(ConnKey, Action)>,
 ) -> bool {
     let id = ConnId::from_raw(conn);
-    let (slot, gen) = (id.slot(), id.generation());
-    let Some(c) = slab.get(slot, gen).filter(|_| id.front() == me) else {
+    let key = ConnKey::of(id);
+    let Some(c) = slab.get(key).filter(|_| id.front() == me) else {
         return true;
     };
     let pending = c.pending();
@@ -355,7 +351,7 @@ pub(super) fn routed_reply(
     let verdict = r.on_reply(w, aux, payload);
     if verdict.advance {
         // Wait on (or move past) whatever is oldest now, and write what it holds.
-        todo.push((slot, gen, Action::Advance));
+        todo.push((key, Action::Advance));
     }
     if verdict.direct {
         return true;
@@ -366,7 +362,7 @@ pub(super) fn routed_reply(
     // requests already in the rings with more than the bound allows (they would go to the out
     // queue, which has the same bound).
     if pending + r.held_bytes() > max_pending {
-        todo.push((slot, gen, Action::Close(CloseReason::SlowConsumer)));
+        todo.push((key, Action::Close(CloseReason::SlowConsumer)));
     }
     false
 }

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::io::{IoSlice, Write};
 
 use shmrelay_worker::protocol::FRAME_HEADER;
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::CloseReason;
 
 use super::conn::{read_conn, ConnState, ReadResult, READ_CHUNK};
 use super::route::read_routed;
@@ -23,11 +23,11 @@ impl Front {
             if !ch.req.has_space(want).unwrap_or(false) {
                 continue;
             }
-            for (slot, gen) in ch.blocked.drain(..) {
-                if let Some(c) = self.slab.get(slot, gen) {
+            for key in ch.blocked.drain(..) {
+                if let Some(c) = self.slab.get(key) {
                     c.blocked = false;
                     if c.wants_read() {
-                        self.ready.push((slot, gen));
+                        self.ready.push(key);
                     }
                 }
             }
@@ -39,14 +39,14 @@ impl Front {
         let now = self.now as u32;
         let max_frame = self.cfg.max_frame;
         let max_pending = self.cfg.max_pending;
-        for (slot, gen) in ready.drain(..) {
-            let Some(c) = self.slab.get(slot, gen) else {
+        for key in ready.drain(..) {
+            let Some(c) = self.slab.get(key) else {
                 continue;
             };
             if !c.wants_read() {
                 continue;
             }
-            let id = ConnId::new(self.index as u8, gen, slot);
+            let id = key.id(self.index);
             let (result, heartbeats, w) = if let Some(l) = c.route.as_ref().map(|r| r.listener) {
                 let pool = &self.listeners[l].pool;
                 let routed = read_routed(
@@ -61,19 +61,19 @@ impl Front {
                     now,
                 );
                 if let Some((w, p)) = routed.new_head {
-                    self.chans[w].waiting.push(Reverse((p, slot, gen)));
+                    self.chans[w].waiting.push(Reverse((p, key)));
                 }
                 (routed.result, 0, routed.worker)
             } else {
                 let w = c.worker;
                 let ch = &mut self.chans[w];
                 if ch.broken {
-                    self.close_conn(slot, CloseReason::WorkerGone);
+                    self.close_conn(key, CloseReason::WorkerGone);
                     continue;
                 }
                 if !ch.backlog.is_empty() {
                     c.blocked = true;
-                    ch.blocked.push((slot, gen));
+                    ch.blocked.push(key);
                     continue;
                 }
                 let (result, heartbeats) = read_conn(ch, c, self.fs, id, max_frame, now);
@@ -90,26 +90,26 @@ impl Front {
                         &many[..]
                     }
                 };
-                if let Err(reason) = self.send(slot, gen, &[IoSlice::new(zeros)]) {
-                    self.close_conn(slot, reason);
+                if let Err(reason) = self.send(key, &[IoSlice::new(zeros)]) {
+                    self.close_conn(key, reason);
                     continue;
                 }
             }
             match result {
                 ReadResult::Drained => {}
-                ReadResult::Budget => self.ready.push((slot, gen)),
+                ReadResult::Budget => self.ready.push(key),
                 ReadResult::Blocked => {
                     add(&self.fs.ring_full_stalls, 1);
-                    if let Some(c) = self.slab.get(slot, gen) {
+                    if let Some(c) = self.slab.get(key) {
                         c.blocked = true;
                     }
-                    self.chans[w].blocked.push((slot, gen));
+                    self.chans[w].blocked.push(key);
                 }
-                ReadResult::Close(CloseReason::ClientEof) => self.client_eof(slot, gen),
-                ReadResult::Close(reason) => self.close_conn(slot, reason),
+                ReadResult::Close(CloseReason::ClientEof) => self.client_eof(key),
+                ReadResult::Close(reason) => self.close_conn(key, reason),
                 ReadResult::Protocol(e) => {
                     add(&self.fs.protocol_errors, 1);
-                    let Some(c) = self.slab.get(slot, gen) else {
+                    let Some(c) = self.slab.get(key) else {
                         continue;
                     };
                     // Written by `close_conn`, after everything queued before it.
@@ -117,23 +117,23 @@ impl Front {
                     if c.state == ConnState::Open {
                         // The whole frames before the bad input went to the worker(s): their
                         // replies come first, then the error reply (after the CLOSE acks).
-                        self.close_after_worker(slot, gen, CloseReason::ProtocolError);
+                        self.close_after_worker(key, CloseReason::ProtocolError);
                     } else {
-                        self.close_conn(slot, CloseReason::ProtocolError);
+                        self.close_conn(key, CloseReason::ProtocolError);
                     }
                 }
                 ReadResult::Corrupt(e) => {
                     self.quarantine(w, &e.to_string());
                 }
                 ReadResult::Unavailable => {
-                    if let Some(c) = self.slab.get(slot, gen) {
+                    if let Some(c) = self.slab.get(key) {
                         // Best effort and non-blocking: the close follows either way.
                         let _ = (&c.stream).write(&c.codec.error_reply("worker unavailable"));
                     }
-                    self.close_conn(slot, CloseReason::WorkerGone);
+                    self.close_conn(key, CloseReason::WorkerGone);
                 }
             }
-            self.account_partial(slot, gen);
+            self.account_partial(key);
         }
         // Keep the list's allocation for the next turn (it was taken, empty, each turn).
         if self.ready.is_empty() {

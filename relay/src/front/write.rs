@@ -6,35 +6,30 @@ use std::io::{self, IoSlice, Write};
 use mio::{Interest, Token};
 use shmrelay_worker::CloseReason;
 
-use super::conn::{send_to, ConnState};
+use super::conn::{send_to, ConnKey, ConnState};
 use super::Front;
 use crate::stats::add;
 
 impl Front {
     /// Writes to a connection, queueing what the socket does not take.
-    pub(super) fn send(
-        &mut self,
-        slot: u32,
-        gen: u32,
-        iov: &[IoSlice<'_>],
-    ) -> Result<(), CloseReason> {
-        let Some(c) = self.slab.get(slot, gen) else {
+    pub(super) fn send(&mut self, key: ConnKey, iov: &[IoSlice<'_>]) -> Result<(), CloseReason> {
+        let Some(c) = self.slab.get(key) else {
             return Ok(());
         };
         send_to(c, iov, self.fs, self.cfg.max_pending)?;
         if c.pending() > 0 {
-            self.want_write(slot, gen);
+            self.want_write(key);
         }
         Ok(())
     }
 
-    pub(super) fn want_write(&mut self, slot: u32, gen: u32) {
+    pub(super) fn want_write(&mut self, key: ConnKey) {
         let max = self.cfg.max_pending;
-        let Some(c) = self.slab.get(slot, gen) else {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         if c.pending() > max {
-            self.close_conn(slot, CloseReason::SlowConsumer);
+            self.close_conn(key, CloseReason::SlowConsumer);
             return;
         }
         // Every path that queues reply bytes ends here: count them in the front's total.
@@ -43,26 +38,26 @@ impl Front {
         c.queued = pending;
         if self.queued_total > self.cfg.pending_budget {
             self.shed_queues();
-            if self.slab.get(slot, gen).is_none() {
+            if self.slab.get(key).is_none() {
                 return;
             }
         }
         self.publish_queued();
-        let Some(c) = self.slab.get(slot, gen) else {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         if !c.want_write {
             c.want_write = true;
             let _ = self.poll.registry().reregister(
                 &mut c.stream,
-                Token(slot as usize),
+                Token(key.slot as usize),
                 Interest::READABLE | Interest::WRITABLE,
             );
         }
     }
 
-    pub(super) fn flush_out(&mut self, slot: u32, gen: u32) {
-        let Some(c) = self.slab.get(slot, gen) else {
+    pub(super) fn flush_out(&mut self, key: ConnKey) {
+        let Some(c) = self.slab.get(key) else {
             return;
         };
         if !c.want_write {
@@ -86,7 +81,7 @@ impl Front {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.close_conn(slot, CloseReason::IoError);
+                    self.close_conn(key, CloseReason::IoError);
                     return;
                 }
             }
@@ -98,15 +93,15 @@ impl Front {
         c.want_write = false;
         let _ = self.poll.registry().reregister(
             &mut c.stream,
-            Token(slot as usize),
+            Token(key.slot as usize),
             Interest::READABLE,
         );
         if let ConnState::Draining(reason) = c.state {
             if c.flushed() && c.acks_in() {
-                self.close_conn(slot, reason);
+                self.close_conn(key, reason);
                 return;
             }
         }
-        self.resume_routed(slot, gen);
+        self.resume_routed(key);
     }
 }
