@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::Conn;
 use super::liveness::{self, TICK_MS};
-use super::route::Route;
+use super::routing::Route;
 use super::{Ctrl, Front, LISTENER_BASE};
 use crate::stats::add;
 

@@ -1,8 +1,7 @@
 //! The per-worker channel: its rings, the control backlog, quarantine and re-arm, and the
 //! worker health checks (failed workers, dead letters, broken-off long replies).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,12 +35,6 @@ pub(super) struct Chan {
     pub(super) broken: bool,
     /// The worker's doorbell.
     pub(super) bell: Arc<EventFd>,
-    /// Key routing: every reply to a request frame ending at or below this request-ring
-    /// position has been read from the reply ring.
-    pub(super) completed: u64,
-    /// Key routing: routed connections whose oldest request is on this worker, by that
-    /// request's position: (position, connection). Stale entries are skipped.
-    pub(super) waiting: BinaryHeap<Reverse<(u64, ConnKey)>>,
     /// The highest request position answered by a reply record read from this worker, each
     /// checked against what this front published: the front's own copy of the answered word.
     pub(super) answered: u64,
@@ -100,12 +93,14 @@ impl Front {
             let ch = &mut self.chans[w];
             if ch.broken {
                 if quarantined & (1 << w) == 0 && state != WorkerState::Failed {
-                    if let Err(e) = rearm(ch) {
-                        error!(
+                    match rearm(ch) {
+                        // Positions start again at zero.
+                        Ok(()) => self.routing.restart(w, 0),
+                        Err(e) => error!(
                             front = self.index,
                             worker = w,
                             "rings still unusable after the reset: {e}"
-                        );
+                        ),
                     }
                 }
                 continue;
@@ -167,7 +162,7 @@ impl Front {
         // them happened before this store.
         self.fs.quarantined.fetch_or(1 << w, Ordering::Release);
         self.chans[w].backlog.clear();
-        self.chans[w].waiting.clear();
+        self.routing.forget(w);
         add(&self.fs.corrupt_rings, 1);
         self.close_worker_conns(w, "worker unavailable");
     }
@@ -239,10 +234,8 @@ pub(super) fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     ch.blocked.clear();
     ch.dirty = false;
     ch.broken = false;
-    // Positions start again at zero.
-    ch.completed = 0;
+    // Positions start again at zero (the routing table's too: the caller's).
     ch.answered = 0;
-    ch.waiting.clear();
     ch.split = None;
     Ok(())
 }

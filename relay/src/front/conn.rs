@@ -9,7 +9,7 @@ use shmrelay_worker::codec::{FrameKind, ProtocolError, Scan};
 use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, Codec, ConnId};
 
-use super::route::Route;
+use super::routing::Route;
 use super::Chan;
 use crate::stats::{add, FrontStats};
 

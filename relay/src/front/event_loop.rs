@@ -192,11 +192,15 @@ impl Front {
         // and a release alone wakes nobody. A release not yet seen is work now; one that may
         // come while asleep is seen within a millisecond.
         let mut routed_wait = false;
-        for ch in &mut self.chans {
-            if ch.broken || ch.waiting.is_empty() {
+        for (w, ch) in self.chans.iter_mut().enumerate() {
+            if ch.broken || !self.routing.has_waiters(w) {
                 continue;
             }
-            if ch.req.released().is_ok_and(|p| p > ch.completed) {
+            if ch
+                .req
+                .released()
+                .is_ok_and(|p| p > self.routing.completed(w))
+            {
                 return Some(Duration::ZERO);
             }
             routed_wait = true;

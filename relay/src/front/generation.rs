@@ -339,8 +339,7 @@ impl Front {
             add(&self.fs.corrupt_rings, 1);
             let ch = &mut self.chans[w];
             ch.answered = tail;
-            ch.completed = tail;
-            ch.waiting.clear();
+            self.routing.restart(w, tail);
             self.close_worker_conns(w, "worker unavailable");
         }
         status

@@ -33,10 +33,11 @@ mod pump;
 mod read;
 mod reply;
 mod route;
+mod routing;
 mod scope;
 mod write;
 
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -58,6 +59,7 @@ use channel::{Chan, Ctrl};
 use conn::{ConnKey, Slab};
 use liveness::{Liveness, TICK_MS};
 use route::Scratch;
+use routing::Routing;
 use scope::Scope;
 
 /// Listener `l` has token `LISTENER_BASE - l`.
@@ -165,6 +167,8 @@ struct Front {
     /// Workers of a key-routed pool (their replies are put in request order).
     routed_workers: Vec<bool>,
     scratch: Scratch,
+    /// Key routing's table: how far each worker's replies are complete, who waits on whom.
+    routing: Routing,
     /// Not accepting because every request ring is full.
     paused: bool,
     doorbell: Arc<EventFd>,
@@ -288,8 +292,6 @@ impl Front {
                 blocked: Vec::new(),
                 dirty: false,
                 broken: false,
-                completed: 0,
-                waiting: BinaryHeap::new(),
                 split: None,
             });
         }
@@ -316,6 +318,7 @@ impl Front {
             listeners,
             worker_codecs,
             routed_workers,
+            routing: Routing::new(chans.len()),
             scratch: Scratch::default(),
             paused: false,
             doorbell,

@@ -1,7 +1,6 @@
 //! The reply pump: reply records read from a worker's ring, grouped per connection and written
 //! (`writev` from the ring), routed replies put in request order.
 
-use std::cmp::Reverse;
 use std::io::IoSlice;
 use std::sync::atomic::Ordering;
 
@@ -11,6 +10,7 @@ use tracing::debug;
 
 use super::conn::{send_to, ConnKey, ConnState, Slab};
 use super::reply;
+use super::routing::{Reply, Routing};
 use super::{Front, MAX_IOV, REPLY_BATCH};
 use crate::stats::{add, FrontStats};
 
@@ -174,16 +174,9 @@ impl Front {
                         upto = after;
                     }
                 }
-                if upto > ch.completed {
-                    ch.completed = upto;
-                    while let Some(&Reverse((p, key))) = ch.waiting.peek() {
-                        if p > upto {
-                            break;
-                        }
-                        ch.waiting.pop();
-                        todo.push((key, Action::Advance));
-                    }
-                }
+                let mut due = Vec::new();
+                self.routing.complete(w, upto, &mut due);
+                todo.extend(due.into_iter().map(|key| (key, Action::Advance)));
             }
         }
         for (key, action) in todo {
@@ -209,10 +202,9 @@ impl Front {
     /// replies held for each new oldest one, and waits on the worker of the first that is not.
     /// A request is answered in full when its worker is known to be past it: its ring was read
     /// after the worker released the request, or a reply of the worker to a later request of
-    /// the connection came. O(1) amortised per request (see route.rs).
+    /// the connection came. O(1) amortised per request (see routing.rs).
     pub(super) fn advance(&mut self, key: ConnKey) {
         let fs = self.fs;
-        let chans = &self.chans;
         let Some(c) = self.slab.get(key) else {
             return;
         };
@@ -220,7 +212,7 @@ impl Front {
             return;
         };
         let mut early: Vec<Vec<u8>> = Vec::new();
-        let wait = r.pop_answered(|w| chans.get(w).map_or(0, |ch| ch.completed), &mut early);
+        self.routing.advance(key, r, &mut early);
         // Written in slices of MAX_IOV; what the socket does not take is queued (and counted).
         for chunk in early.chunks(MAX_IOV) {
             let iov: Vec<IoSlice<'_>> = chunk.iter().map(|b| IoSlice::new(b)).collect();
@@ -228,9 +220,6 @@ impl Front {
                 self.close_conn(key, reason);
                 return;
             }
-        }
-        if let Some((hw, hp)) = wait {
-            self.chans[hw].waiting.push(Reverse((hp, key)));
         }
         if c.pending() > 0 {
             self.want_write(key);
@@ -254,11 +243,7 @@ impl Front {
         let Some(r) = c.route.as_mut() else {
             return;
         };
-        if !r.stalled || r.state_bytes() + pending > max / 2 {
-            return;
-        }
-        r.stalled = false;
-        if c.wants_read() {
+        if r.resume(pending, max) && c.wants_read() {
             self.ready.push(key);
         }
     }
@@ -327,7 +312,7 @@ pub(super) enum Action {
 /// Key routing: true if a reply record goes out now with the records around it (it answers
 /// the connection's oldest request, or no request: a push); false if it was held for its turn,
 /// copied and counted (or belongs to no live connection: `deliver` counts those). O(1)
-/// amortised (see route.rs).
+/// amortised (see routing.rs).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn routed_reply(
     slab: &mut Slab,
@@ -348,21 +333,21 @@ pub(super) fn routed_reply(
     let Some(r) = c.route.as_mut() else {
         return true;
     };
-    let verdict = r.on_reply(w, aux, payload);
-    if verdict.advance {
+    let decision = Routing::reply(r, w, aux, payload, pending, max_pending);
+    if decision.advance {
         // Wait on (or move past) whatever is oldest now, and write what it holds.
         todo.push((key, Action::Advance));
     }
-    if verdict.direct {
+    if decision.reply == Reply::Write {
         return true;
     }
     add(&fs.bytes_copied, payload.len() as u64);
     add(&fs.frames_out, 1);
-    // The client is not read past `max_pending` (route.rs); held replies past it answer
+    // The client is not read past `max_pending` (routing.rs); held replies past it answer
     // requests already in the rings with more than the bound allows (they would go to the out
     // queue, which has the same bound).
-    if pending + r.held_bytes() > max_pending {
-        todo.push((key, Action::Close(CloseReason::SlowConsumer)));
+    if let Reply::Close(reason) = decision.reply {
+        todo.push((key, Action::Close(reason)));
     }
     false
 }

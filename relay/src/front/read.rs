@@ -1,7 +1,6 @@
 //! The read side of the loop: which connections are read this turn, and what each read's
 //! outcome does to its connection.
 
-use std::cmp::Reverse;
 use std::io::{IoSlice, Write};
 
 use shmrelay_worker::protocol::FRAME_HEADER;
@@ -61,7 +60,7 @@ impl Front {
                     now,
                 );
                 if let Some((w, p)) = routed.new_head {
-                    self.chans[w].waiting.push(Reverse((p, key)));
+                    self.routing.wait(key, (w, p));
                 }
                 (routed.result, 0, routed.worker)
             } else {
