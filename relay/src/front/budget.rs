@@ -16,6 +16,15 @@ use crate::stats::add;
 const OVER_BUDGET: ProtocolError =
     ProtocolError::Invalid("partial frame over the front's memory budget");
 
+/// One of the front's memory budgets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Budget {
+    /// Partial frames held in connection buffers (`partial_budget`).
+    Partial,
+    /// Reply bytes queued for clients that do not read (`pending_budget`).
+    Queued,
+}
+
 impl Front {
     /// Brings a connection's partial-frame memory into the front's total after a read,
     /// applies `partial_budget`, and makes sure its timer comes at its frame deadline.
@@ -38,7 +47,7 @@ impl Front {
             }
         }
         if self.partial_total > self.cfg.partial_budget {
-            self.shed_partials();
+            self.shed(Budget::Partial);
         }
         let fs = self.fs;
         publish_gauge(
@@ -48,43 +57,37 @@ impl Front {
         );
     }
 
-    /// Past `partial_budget`, closes the connections holding the largest partial frames
-    /// with the codec's protocol error until the total is back within it.
-    pub(super) fn shed_partials(&mut self) {
-        let budget = self.cfg.partial_budget;
-        for (partial, key) in largest_holders(&self.slab, |c| c.partial) {
-            if self.partial_total <= budget {
+    /// Past its budget, closes the connections holding the most of it, largest first, until
+    /// the front's total is back within it: partial frames with the codec's protocol error,
+    /// reply queues as slow consumers.
+    pub(super) fn shed(&mut self, which: Budget) {
+        let (budget, held): (usize, fn(&Conn) -> usize) = match which {
+            Budget::Partial => (self.cfg.partial_budget, |c| c.partial),
+            Budget::Queued => (self.cfg.pending_budget, |c| c.queued),
+        };
+        for (n, key) in largest_holders(&self.slab, held) {
+            let total = match which {
+                Budget::Partial => self.partial_total,
+                Budget::Queued => self.queued_total,
+            };
+            if total <= budget {
                 break;
             }
-            warn!(
-                front = self.index,
-                partial,
-                total = self.partial_total,
-                budget,
-                "partial frames over partial_budget: closing the largest"
-            );
-            add(&self.fs.partial_budget_closes, 1);
-            self.fail_conn(key, OVER_BUDGET);
-        }
-    }
-
-    /// Past `pending_budget`, closes the connections with the largest reply queues
-    /// (`slow_consumer`) until the front's total is back within it.
-    pub(super) fn shed_queues(&mut self) {
-        let budget = self.cfg.pending_budget;
-        for (queued, key) in largest_holders(&self.slab, |c| c.queued) {
-            if self.queued_total <= budget {
-                break;
+            let what = match which {
+                Budget::Partial => "partial frames over partial_budget: closing the largest",
+                Budget::Queued => "queued replies over pending_budget: closing the largest queue",
+            };
+            warn!(front = self.index, held = n, total, budget, "{what}");
+            match which {
+                Budget::Partial => {
+                    add(&self.fs.partial_budget_closes, 1);
+                    self.fail_conn(key, OVER_BUDGET);
+                }
+                Budget::Queued => {
+                    add(&self.fs.pending_budget_closes, 1);
+                    self.close_conn(key, CloseReason::SlowConsumer);
+                }
             }
-            warn!(
-                front = self.index,
-                queued,
-                total = self.queued_total,
-                budget,
-                "queued replies over pending_budget: closing the largest queue"
-            );
-            add(&self.fs.pending_budget_closes, 1);
-            self.close_conn(key, CloseReason::SlowConsumer);
         }
     }
 

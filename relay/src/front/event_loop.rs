@@ -12,8 +12,9 @@ use shmrelay_worker::protocol::FRAME_HEADER;
 use shmrelay_worker::CloseReason;
 use tracing::{debug, info, warn};
 
-use super::conn::{ConnKey, ConnState, READ_CHUNK};
+use super::conn::{ConnKey, ConnState};
 use super::liveness::{self, Verdict, TICK_MS};
+use super::read::READ_CHUNK;
 use super::{Front, FrontError, CONTROL, DOORBELL, LISTENER_BASE, MAX_LISTENERS};
 use crate::stats::add;
 

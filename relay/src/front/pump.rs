@@ -8,9 +8,10 @@ use shmrelay_worker::protocol::{tag, ANSWERED_WORD};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::debug;
 
-use super::conn::{send_to, ConnKey, ConnState, Slab};
+use super::conn::{ConnKey, ConnState, Slab};
 use super::reply;
 use super::routing::{Reply, Routing};
+use super::write::send_to;
 use super::{Front, MAX_IOV, REPLY_BATCH};
 use crate::stats::{add, FrontStats};
 

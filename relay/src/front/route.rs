@@ -19,7 +19,8 @@ use shmrelay_worker::codec::{resp, FrameKind, Scan};
 use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 
-use super::conn::{after_read, carry_want, read_error, read_into_carry, walk, Conn, ReadResult};
+use super::conn::Conn;
+use super::read::{after_read, carry_want, read_error, read_into_carry, walk, ReadResult};
 use super::Chan;
 use crate::stats::{add, FrontStats};
 

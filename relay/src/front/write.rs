@@ -6,9 +6,10 @@ use std::io::{self, IoSlice, Write};
 use mio::{Interest, Token};
 use shmrelay_worker::CloseReason;
 
-use super::conn::{send_to, ConnKey, ConnState};
+use super::budget::Budget;
+use super::conn::{Conn, ConnKey, ConnState};
 use super::Front;
-use crate::stats::add;
+use crate::stats::{add, FrontStats};
 
 impl Front {
     /// Writes to a connection, queueing what the socket does not take.
@@ -37,7 +38,7 @@ impl Front {
         self.queued_total = self.queued_total - c.queued + pending;
         c.queued = pending;
         if self.queued_total > self.cfg.pending_budget {
-            self.shed_queues();
+            self.shed(Budget::Queued);
             if self.slab.get(key).is_none() {
                 return;
             }
@@ -104,4 +105,46 @@ impl Front {
         }
         self.resume_routed(key);
     }
+}
+
+/// Writes `iov` to the connection unless it already has queued bytes (order), and queues the
+/// rest. Errors with the close reason when the connection must go.
+pub(super) fn send_to(
+    c: &mut Conn,
+    iov: &[IoSlice<'_>],
+    fs: &FrontStats,
+    max_pending: usize,
+) -> Result<(), CloseReason> {
+    let total: usize = iov.iter().map(|s| s.len()).sum();
+    let mut written = 0;
+    if c.pending() == 0 {
+        loop {
+            match (&c.stream).write_vectored(iov) {
+                Ok(n) => {
+                    written = n;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(CloseReason::IoError),
+            }
+        }
+        add(&fs.bytes_out, written as u64);
+    }
+    if written < total {
+        let mut skip = written;
+        for s in iov {
+            if skip >= s.len() {
+                skip -= s.len();
+                continue;
+            }
+            c.out.extend_from_slice(&s[skip..]);
+            skip = 0;
+        }
+        add(&fs.bytes_copied, (total - written) as u64);
+        if c.pending() > max_pending {
+            return Err(CloseReason::SlowConsumer);
+        }
+    }
+    Ok(())
 }

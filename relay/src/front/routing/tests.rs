@@ -48,6 +48,14 @@ impl Front {
             closed: None,
         }
     }
+    /// A front whose connection sent these requests, (worker, position) each, in order.
+    fn sent(reqs: &[(usize, u64)]) -> Front {
+        let mut f = Front::new();
+        for &(w, pos) in reqs {
+            f.push(w, pos);
+        }
+        f
+    }
     fn push(&mut self, w: usize, pos: u64) {
         if self.route.push(w, pos) {
             self.routing.wait(K, (w, pos));
@@ -284,11 +292,7 @@ fn reordering_cost_does_not_grow_with_the_pipeline() {
 
 #[test]
 fn replies_from_several_workers_come_out_in_request_order() {
-    let mut f = Front::new();
-    f.push(3, 10);
-    f.push(4, 5);
-    f.push(3, 20);
-    f.push(5, 8);
+    let mut f = Front::sent(&[(3, 10), (4, 5), (3, 20), (5, 8)]);
     // Every reply but the oldest one's comes early: held, in its request.
     assert_eq!(f.reply(5, 8, b"d"), Reply::Hold);
     assert_eq!(f.reply(4, 5, b"b"), Reply::Hold);
@@ -352,10 +356,7 @@ fn a_lying_aux_passes_only_its_own_workers_requests() {
     // An answered position beyond every request of the worker: it claims to be past them
     // all. They count as answered (the worker had its chance), the record is written as a
     // push, and the other worker's request keeps its turn.
-    let mut f = Front::new();
-    f.push(3, 10);
-    f.push(3, 20);
-    f.push(4, 5);
+    let mut f = Front::sent(&[(3, 10), (3, 20), (4, 5)]);
     assert_eq!(f.reply(3, 1000, b"lie "), Reply::Write);
     f.end_batch();
     assert_eq!(f.reply(4, 5, b"b"), Reply::Write);
@@ -364,9 +365,7 @@ fn a_lying_aux_passes_only_its_own_workers_requests() {
     assert!(f.route.idle());
 
     // An answered position of another worker's request: the lie touches its own lane only.
-    let mut f = Front::new();
-    f.push(4, 5);
-    f.push(3, 10);
+    let mut f = Front::sent(&[(4, 5), (3, 10)]);
     assert_eq!(
         f.reply(3, 5, b"x"),
         Reply::Write,
@@ -385,10 +384,7 @@ fn a_lying_aux_passes_only_its_own_workers_requests() {
 
 #[test]
 fn a_worker_gone_with_requests_outstanding_releases_its_waiters() {
-    let mut f = Front::new();
-    f.push(3, 10);
-    f.push(4, 5);
-    f.push(3, 20);
+    let mut f = Front::sent(&[(3, 10), (4, 5), (3, 20)]);
     assert_eq!(f.reply(4, 5, b"b"), Reply::Hold);
     assert!(f.routing.has_waiters(3));
     // Worker 3 dies and its new ring generation carried nothing: its positions restart at
