@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::conn::Conn;
 use super::liveness::{self, TICK_MS};
 use super::routing::Route;
-use super::{Ctrl, Front, LISTENER_BASE};
+use super::{Front, LISTENER_BASE};
 use crate::stats::add;
 
 /// How often the backlog is retried while accepting fails (EMFILE) and no connection closes.
@@ -40,7 +40,7 @@ impl Front {
                 .pool
                 .iter()
                 .copied()
-                .filter(|&w| w < self.chans.len() && !self.chans[w].broken)
+                .filter(|&w| w < self.chans.len() && !self.chans[w].is_broken())
                 .collect();
             let admitted = if workers.is_empty() {
                 Err(crate::stats::RejectReason::NoWorker)
@@ -101,12 +101,7 @@ impl Front {
                 vec![worker]
             };
             for &w in &told {
-                self.chans[w].backlog.push_back(Ctrl {
-                    tag: tag::OPEN,
-                    conn: id.raw(),
-                    aux: 0,
-                    payload: peer.to_string().into_bytes(),
-                });
+                self.chans[w].tell(tag::OPEN, id, 0, peer.to_string().into_bytes());
             }
             self.open += 1;
             add(&self.fs.accepts, 1);
@@ -127,8 +122,8 @@ impl Front {
         // With no usable worker at all there is nothing to wait for: accepting goes on, and
         // each new client is refused at once with an error (`no_worker`), never left in the
         // backlog.
-        let usable = self.chans.iter().any(|c| !c.broken);
-        let overloaded = usable && self.chans.iter().all(|c| c.broken || !c.blocked.is_empty());
+        let usable = self.chans.iter().any(|c| !c.is_broken());
+        let overloaded = usable && self.chans.iter().all(|c| c.is_broken() || c.has_blocked());
         if overloaded != self.paused {
             let mut any = false;
             for (i, l) in self.listeners.iter_mut().enumerate() {

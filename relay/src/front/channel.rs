@@ -5,41 +5,251 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
-use shmrelay_worker::protocol::tag;
+use shmrelay_worker::protocol::{tag, ANSWERED_WORD};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{debug, error, warn};
 
 use super::conn::{ConnKey, ConnState};
+use super::read::READ_CHUNK;
 use super::reply;
-use super::Front;
+use super::{ChannelFds, Front, FrontError};
 use crate::stats::{add, WorkerState};
 
 /// A control record waiting for ring space (kept in order, ahead of any data).
-pub(super) struct Ctrl {
-    pub(super) tag: u16,
-    pub(super) conn: u64,
-    pub(super) aux: u64,
-    pub(super) payload: Vec<u8>,
+struct Ctrl {
+    tag: u16,
+    conn: u64,
+    aux: u64,
+    payload: Vec<u8>,
 }
 
 /// The channel to one worker: its request and reply rings and what waits for them.
 pub(super) struct Chan {
+    /// The request ring (this front produces): the read paths reserve and commit in it.
     pub(super) req: Producer<Arc<ShmRing>>,
+    /// The reply ring (this front consumes): the reply pump reads it.
     pub(super) rep: Consumer<Arc<ShmRing>>,
-    pub(super) backlog: VecDeque<Ctrl>,
-    /// Connections not read because `req` was full: (slot, generation).
-    pub(super) blocked: Vec<ConnKey>,
-    pub(super) dirty: bool,
-    pub(super) broken: bool,
+    /// OPEN and CLOSE records waiting for ring space, in order, ahead of any data.
+    backlog: VecDeque<Ctrl>,
+    /// Connections not read because `req` was full.
+    blocked: Vec<ConnKey>,
+    /// Records were committed to `req` this turn and not yet published.
+    dirty: bool,
+    /// Quarantined (its peer broke the rings) or failed for good: not used until re-armed.
+    broken: bool,
     /// The worker's doorbell.
-    pub(super) bell: Arc<EventFd>,
+    bell: Arc<EventFd>,
     /// The highest request position answered by a reply record read from this worker, each
     /// checked against what this front published: the front's own copy of the answered word.
-    pub(super) answered: u64,
+    answered: u64,
     /// A long reply whose pieces are being read from `rep` (see reply.rs).
     pub(super) split: Option<reply::Split>,
+}
+
+impl Chan {
+    /// Attaches to one worker's rings as the supervisor handed them over.
+    pub fn attach(fds: ChannelFds) -> Result<Chan, FrontError> {
+        let worker = fds.worker;
+        let attach = |source| FrontError::Attach { worker, source };
+        let t = Duration::from_secs(5);
+        let req = Arc::new(ShmRing::open_fd(fds.req, t).map_err(attach)?);
+        // Reply data read-only: the front only consumes it (header page writable).
+        let rep = Arc::new(ShmRing::open_fd_reader(fds.rep, t).map_err(attach)?);
+        let mut req = Producer::new(req).map_err(attach)?;
+        let mut rep = Consumer::new(rep).map_err(attach)?;
+        set_doorbells(&fds.worker_doorbell, &mut req, &mut rep);
+        // A previous front's answered word, if it is within what was published.
+        let answered = req.storage().user_words()[ANSWERED_WORD].load(Ordering::Relaxed);
+        let answered = if answered <= req.position() {
+            answered
+        } else {
+            0
+        };
+        Ok(Chan {
+            answered,
+            bell: fds.worker_doorbell,
+            req,
+            rep,
+            backlog: VecDeque::new(),
+            blocked: Vec::new(),
+            dirty: false,
+            broken: false,
+            split: None,
+        })
+    }
+
+    /// Quarantined or failed: its rings are not used.
+    #[inline]
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Control records wait for ring space (data must wait behind them).
+    #[inline]
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Connections wait for room in the request ring.
+    #[inline]
+    pub fn has_blocked(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
+    /// Connection `key` waits for room in the request ring.
+    #[inline]
+    pub fn block(&mut self, key: ConnKey) {
+        self.blocked.push(key);
+    }
+
+    /// The connections that waited for room, if the request ring has room for a read now and
+    /// no control record is queued ahead of them.
+    pub fn unblocked(&mut self) -> Option<std::vec::Drain<'_, ConnKey>> {
+        if self.blocked.is_empty() || !self.backlog.is_empty() {
+            return None;
+        }
+        let want = READ_CHUNK.min(self.req.max_payload());
+        if !self.req.has_space(want).unwrap_or(false) {
+            return None;
+        }
+        Some(self.blocked.drain(..))
+    }
+
+    /// Queues a control record for the worker behind those already queued (written by
+    /// `Front::flush_backlog`, ahead of any later data of the connection).
+    pub fn tell(&mut self, tag: u16, conn: ConnId, aux: u64, payload: Vec<u8>) {
+        self.backlog.push_back(Ctrl {
+            tag,
+            conn: conn.raw(),
+            aux,
+            payload,
+        });
+    }
+
+    /// True if the connection's OPEN still waits in the backlog (the worker never heard of it).
+    pub fn open_queued(&self, conn: ConnId) -> bool {
+        self.backlog
+            .iter()
+            .any(|ctrl| ctrl.conn == conn.raw() && ctrl.tag == tag::OPEN)
+    }
+
+    /// Drops the connection's queued control records.
+    pub fn forget(&mut self, conn: ConnId) {
+        self.backlog.retain(|ctrl| ctrl.conn != conn.raw());
+    }
+
+    /// Records were committed to the request ring: published at the end of the loop's turn.
+    #[inline]
+    pub fn wrote(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Publishes what this turn committed to the request ring, if anything.
+    #[inline]
+    pub fn publish(&mut self) {
+        if self.dirty {
+            self.req.publish();
+            self.dirty = false;
+        }
+    }
+
+    /// True when every request was consumed, every reply read and no control record waits
+    /// (a broken channel counts as done).
+    pub fn is_drained(&mut self) -> bool {
+        self.broken
+            || (self.backlog.is_empty()
+                && self.req.is_drained().unwrap_or(true)
+                && self.rep.is_empty().unwrap_or(true))
+    }
+
+    /// True if the loop has something to do for this worker (replies, blocked connections,
+    /// queued control records).
+    pub fn has_work(&mut self) -> bool {
+        !self.broken
+            && (!self.rep.is_empty().unwrap_or(true)
+                || !self.blocked.is_empty()
+                || !self.backlog.is_empty())
+    }
+
+    /// Announces sleep on this worker's rings (replies, and room when somebody waits for
+    /// it); false if there is work now instead.
+    pub fn prepare_park(&mut self) -> bool {
+        if self.broken {
+            return true;
+        }
+        if !self.rep.prepare_park().unwrap_or(false) {
+            return false;
+        }
+        if !self.blocked.is_empty() || !self.backlog.is_empty() {
+            let want = READ_CHUNK.min(self.req.max_payload());
+            if !self.req.prepare_park_for_space(want).unwrap_or(false) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends the sleep [`Chan::prepare_park`] announced.
+    pub fn finish_park(&mut self) {
+        self.rep.finish_park();
+        self.req.finish_park();
+    }
+
+    /// Rings the worker's doorbell from new ring handles.
+    pub fn set_doorbells(
+        &self,
+        req: &mut Producer<Arc<ShmRing>>,
+        rep: &mut Consumer<Arc<ShmRing>>,
+    ) {
+        set_doorbells(&self.bell, req, rep);
+    }
+
+    /// Moves to new ring handles, abandoning the old request ring's unpublished records and
+    /// any long reply in progress on the old reply ring (returned: its connection, if any).
+    pub fn swap_rings(
+        &mut self,
+        req: Producer<Arc<ShmRing>>,
+        rep: Consumer<Arc<ShmRing>>,
+    ) -> Option<u64> {
+        std::mem::replace(&mut self.req, req).abandon();
+        drop(std::mem::replace(&mut self.rep, rep));
+        self.split.take().map(|sp| sp.conn)
+    }
+
+    /// The highest request position answered by this worker's replies (the front's copy).
+    #[inline]
+    pub fn answered(&self) -> u64 {
+        self.answered
+    }
+
+    /// Raises the answered position to `answered` (read from reply records this pass) and
+    /// stores it in the ring's answered word, from the front's own copy: whatever a worker
+    /// wrote into the word is overwritten, never built upon. Before the release of the reply
+    /// records (see the pump).
+    pub fn note_answered(&mut self, answered: u64) {
+        if answered > self.answered {
+            self.answered = answered;
+            self.req.storage().user_words()[ANSWERED_WORD].store(self.answered, Ordering::Relaxed);
+        }
+    }
+
+    /// Positions restart at `at` (a new ring generation that carried nothing).
+    pub fn restart_answered(&mut self, at: u64) {
+        self.answered = at;
+    }
+}
+
+/// Workers block on a futex or poll their eventfd: ring both.
+fn set_doorbells(
+    bell: &Arc<EventFd>,
+    req: &mut Producer<Arc<ShmRing>>,
+    rep: &mut Consumer<Arc<ShmRing>>,
+) {
+    req.set_doorbell(Doorbell::Both(bell.clone()));
+    rep.set_doorbell(Doorbell::Both(bell.clone()));
 }
 
 impl Front {
@@ -223,19 +433,15 @@ impl Front {
 pub(super) fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
     let req = Producer::new(ch.req.storage().clone())?;
     let rep = Consumer::new(ch.rep.storage().clone())?;
-    let bell = ch.bell.clone();
     let mut req = req;
     let mut rep = rep;
-    req.set_doorbell(Doorbell::Both(bell.clone()));
-    rep.set_doorbell(Doorbell::Both(bell));
-    std::mem::replace(&mut ch.req, req).abandon();
-    drop(std::mem::replace(&mut ch.rep, rep));
+    ch.set_doorbells(&mut req, &mut rep);
+    ch.swap_rings(req, rep);
     ch.backlog.clear();
     ch.blocked.clear();
     ch.dirty = false;
     ch.broken = false;
     // Positions start again at zero (the routing table's too: the caller's).
     ch.answered = 0;
-    ch.split = None;
     Ok(())
 }

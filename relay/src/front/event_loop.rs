@@ -14,7 +14,6 @@ use tracing::{debug, info, warn};
 
 use super::conn::{ConnKey, ConnState};
 use super::liveness::{self, Verdict, TICK_MS};
-use super::read::READ_CHUNK;
 use super::{Front, FrontError, CONTROL, DOORBELL, LISTENER_BASE, MAX_LISTENERS};
 use crate::stats::add;
 
@@ -96,10 +95,7 @@ impl Front {
                 }
             }
             for ch in &mut self.chans {
-                if ch.dirty {
-                    ch.req.publish();
-                    ch.dirty = false;
-                }
+                ch.publish();
             }
             let timeout = if busy || !self.ready.is_empty() {
                 Some(Duration::ZERO)
@@ -117,8 +113,7 @@ impl Front {
             self.tick();
             if timeout != Some(Duration::ZERO) {
                 for ch in &mut self.chans {
-                    ch.rep.finish_park();
-                    ch.req.finish_park();
+                    ch.finish_park();
                 }
             }
             for ev in events.iter() {
@@ -162,16 +157,8 @@ impl Front {
 
     /// True when every request was consumed, every reply written and every queue flushed.
     pub(super) fn drained(&mut self) -> bool {
-        for ch in &mut self.chans {
-            if ch.broken {
-                continue;
-            }
-            if !ch.backlog.is_empty()
-                || !ch.req.is_drained().unwrap_or(true)
-                || !ch.rep.is_empty().unwrap_or(true)
-            {
-                return false;
-            }
+        if !self.chans.iter_mut().all(|ch| ch.is_drained()) {
+            return false;
         }
         self.slab.conns.iter().flatten().all(|c| c.flushed())
     }
@@ -194,7 +181,7 @@ impl Front {
         // come while asleep is seen within a millisecond.
         let mut routed_wait = false;
         for (w, ch) in self.chans.iter_mut().enumerate() {
-            if ch.broken || !self.routing.has_waiters(w) {
+            if ch.is_broken() || !self.routing.has_waiters(w) {
                 continue;
             }
             if ch
@@ -207,17 +194,8 @@ impl Front {
             routed_wait = true;
         }
         for ch in &mut self.chans {
-            if ch.broken {
-                continue;
-            }
-            if !ch.rep.prepare_park().unwrap_or(false) {
+            if !ch.prepare_park() {
                 return Some(Duration::ZERO);
-            }
-            if !ch.blocked.is_empty() || !ch.backlog.is_empty() {
-                let want = READ_CHUNK.min(ch.req.max_payload());
-                if !ch.req.prepare_park_for_space(want).unwrap_or(false) {
-                    return Some(Duration::ZERO);
-                }
             }
         }
         if routed_wait {
@@ -242,12 +220,7 @@ impl Front {
     /// first wake after a pause that finds no work starts another pause at once.
     pub(super) fn doorbell_rang(&mut self) {
         self.doorbell.drain();
-        let work = self.chans.iter_mut().any(|ch| {
-            !ch.broken
-                && (!ch.rep.is_empty().unwrap_or(true)
-                    || !ch.blocked.is_empty()
-                    || !ch.backlog.is_empty())
-        });
+        let work = self.chans.iter_mut().any(|ch| ch.has_work());
         if work {
             self.bell_empty = 0;
             return;

@@ -7,12 +7,12 @@ use std::sync::atomic::Ordering;
 
 use shmrelay_worker::codec::ProtocolError;
 use shmrelay_worker::protocol::tag;
-use shmrelay_worker::CloseReason;
+use shmrelay_worker::{CloseReason, ConnId};
 use tracing::debug;
 
 use super::conn::{ConnKey, ConnState};
-use super::liveness::{self};
-use super::{Ctrl, Front};
+use super::liveness;
+use super::Front;
 use crate::stats::add;
 
 impl Front {
@@ -49,22 +49,16 @@ impl Front {
         let id = key.id(self.index);
         let mut sent = 0u64;
         for &w in &workers {
-            if self.chans[w].broken {
+            if self.chans[w].is_broken() {
                 continue;
             }
             sent |= 1 << w;
-            self.chans[w].backlog.push_back(Ctrl {
-                tag: tag::CLOSE,
-                conn: id.raw(),
-                aux: reason as u64,
-                payload: Vec::new(),
-            });
-            self.flush_backlog(w);
+            self.send_close(w, id, reason);
         }
         if let Some(r) = self.slab.get(key).and_then(|c| c.route.as_mut()) {
             r.close_sent = sent;
         }
-        if workers.iter().any(|&w| self.chans[w].broken) {
+        if workers.iter().any(|&w| self.chans[w].is_broken()) {
             self.close_conn(key, reason);
         }
     }
@@ -162,41 +156,23 @@ impl Front {
             let told = if c.told_close { r.close_sent } else { 0 };
             for w in self.listeners[r.listener].pool.clone() {
                 let ch = &mut self.chans[w];
-                if ch.broken || told & (1 << w) != 0 {
+                if ch.is_broken() || told & (1 << w) != 0 {
                     continue;
                 }
-                let queued = ch
-                    .backlog
-                    .iter()
-                    .any(|ctrl| ctrl.conn == id.raw() && ctrl.tag == tag::OPEN);
-                if queued {
-                    ch.backlog.retain(|ctrl| ctrl.conn != id.raw());
+                if ch.open_queued(id) {
+                    ch.forget(id);
                 } else {
-                    ch.backlog.push_back(Ctrl {
-                        tag: tag::CLOSE,
-                        conn: id.raw(),
-                        aux: reason as u64,
-                        payload: Vec::new(),
-                    });
-                    self.flush_backlog(w);
+                    self.send_close(w, id, reason);
                 }
             }
         } else if c.state == ConnState::Accepted {
             // A connection whose OPEN never reached the worker needs no CLOSE either.
-            self.chans[c.worker]
-                .backlog
-                .retain(|ctrl| ctrl.conn != id.raw());
+            self.chans[c.worker].forget(id);
         } else if c.told_close {
             // The worker got its CLOSE at the client's FIN (or protocol error): one is enough,
             // or its `on_close` would run twice.
         } else {
-            self.chans[c.worker].backlog.push_back(Ctrl {
-                tag: tag::CLOSE,
-                conn: id.raw(),
-                aux: reason as u64,
-                payload: Vec::new(),
-            });
-            self.flush_backlog(c.worker);
+            self.send_close(c.worker, id, reason);
         }
         if matches!(c.state, ConnState::Draining(_)) {
             self.draining -= 1;
@@ -208,5 +184,12 @@ impl Front {
         self.fs.conns_open.store(self.open, Ordering::Relaxed);
         add(&self.fs.closes[reason as usize], 1);
         debug!(%id, %reason, "closed");
+    }
+
+    /// Queues the connection's CLOSE for worker `w` (after its data, in ring order) and
+    /// writes what fits.
+    fn send_close(&mut self, w: usize, id: ConnId, reason: CloseReason) {
+        self.chans[w].tell(tag::CLOSE, id, reason as u64, Vec::new());
+        self.flush_backlog(w);
     }
 }

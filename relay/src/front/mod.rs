@@ -37,25 +37,23 @@ mod routing;
 mod scope;
 mod write;
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Interest, Poll, Token};
-use shm_ring::{Consumer, Doorbell, EventFd, Producer, ShmRing};
-use shmrelay_worker::protocol::ANSWERED_WORD;
+use shm_ring::EventFd;
 use shmrelay_worker::Codec;
 
 use crate::config::Config;
 use crate::stats::{FrontStats, Stats};
 use crate::timer::Wheel;
 use admission::Admission;
-use channel::{Chan, Ctrl};
+use channel::Chan;
 use conn::{ConnKey, Slab};
 use liveness::{Liveness, TICK_MS};
 use route::Scratch;
@@ -265,35 +263,7 @@ impl Front {
         )?;
         let mut chans = Vec::new();
         for ch in channels {
-            let worker = ch.worker;
-            let attach = |source| FrontError::Attach { worker, source };
-            let t = Duration::from_secs(5);
-            let req = Arc::new(ShmRing::open_fd(ch.req, t).map_err(attach)?);
-            // Reply data read-only: the front only consumes it (header page writable).
-            let rep = Arc::new(ShmRing::open_fd_reader(ch.rep, t).map_err(attach)?);
-            let mut req = Producer::new(req).map_err(attach)?;
-            let mut rep = Consumer::new(rep).map_err(attach)?;
-            // Workers block on a futex or poll their eventfd: ring both.
-            req.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
-            rep.set_doorbell(Doorbell::Both(ch.worker_doorbell.clone()));
-            // A previous front's answered word, if it is within what was published.
-            let answered = req.storage().user_words()[ANSWERED_WORD].load(Ordering::Relaxed);
-            let answered = if answered <= req.position() {
-                answered
-            } else {
-                0
-            };
-            chans.push(Chan {
-                answered,
-                bell: ch.worker_doorbell,
-                req,
-                rep,
-                backlog: VecDeque::new(),
-                blocked: Vec::new(),
-                dirty: false,
-                broken: false,
-                split: None,
-            });
+            chans.push(Chan::attach(ch)?);
         }
         // The stats block lives as long as the process; leaking the mapping gives the hot
         // path a plain reference.

@@ -2,9 +2,8 @@
 //! (`writev` from the ring), routed replies put in request order.
 
 use std::io::IoSlice;
-use std::sync::atomic::Ordering;
 
-use shmrelay_worker::protocol::{tag, ANSWERED_WORD};
+use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::debug;
 
@@ -21,7 +20,7 @@ impl Front {
         let codec = self.worker_codecs.get(w).copied().unwrap_or_default();
         let routed = self.routed_workers.get(w).copied().unwrap_or(false);
         let max_pending = self.cfg.max_pending;
-        if self.chans[w].broken {
+        if self.chans[w].is_broken() {
             return 0;
         }
         // Key routing: how far the worker had released its requests before the replies below
@@ -158,11 +157,7 @@ impl Front {
                 // replacement worker that sees the release sees the word (see the worker SDK).
                 // Stored from the front's own copy: whatever a worker wrote into the word is
                 // overwritten, never built upon.
-                if answered > ch.answered {
-                    ch.answered = answered;
-                    ch.req.storage().user_words()[ANSWERED_WORD]
-                        .store(ch.answered, Ordering::Relaxed);
-                }
+                ch.note_answered(answered);
                 ch.rep.release(end);
             }
             // Every reply published before the worker released up to `released_before` has

@@ -28,14 +28,10 @@ impl Front {
     /// Moves connections blocked on a ring that has space again back to the ready list.
     pub(super) fn unblock(&mut self) {
         for ch in &mut self.chans {
-            if ch.blocked.is_empty() || !ch.backlog.is_empty() {
+            let Some(unblocked) = ch.unblocked() else {
                 continue;
-            }
-            let want = READ_CHUNK.min(ch.req.max_payload());
-            if !ch.req.has_space(want).unwrap_or(false) {
-                continue;
-            }
-            for key in ch.blocked.drain(..) {
+            };
+            for key in unblocked {
                 if let Some(c) = self.slab.get(key) {
                     c.blocked = false;
                     if c.wants_read() {
@@ -79,13 +75,13 @@ impl Front {
             } else {
                 let w = c.worker;
                 let ch = &mut self.chans[w];
-                if ch.broken {
+                if ch.is_broken() {
                     self.close_conn(key, CloseReason::WorkerGone);
                     continue;
                 }
-                if !ch.backlog.is_empty() {
+                if ch.has_backlog() {
                     c.blocked = true;
-                    ch.blocked.push(key);
+                    ch.block(key);
                     continue;
                 }
                 let (result, heartbeats) = read_conn(
@@ -124,7 +120,7 @@ impl Front {
                     if let Some(c) = self.slab.get(key) {
                         c.blocked = true;
                     }
-                    self.chans[w].blocked.push(key);
+                    self.chans[w].block(key);
                 }
                 ReadResult::Close(CloseReason::ClientEof) => self.client_eof(key),
                 ReadResult::Close(reason) => self.close_conn(key, reason),
@@ -271,7 +267,7 @@ pub(super) fn read_conn(ch: &mut Chan, c: &mut Conn, at: ReadAt<'_>) -> (ReadRes
         if let Some(e) = w.bad {
             if w.frames > 0 {
                 grant.commit(w.pos, Meta::tag(tag::DATA).conn(id.raw()));
-                ch.dirty = true;
+                ch.wrote();
                 add(&fs.frames_in, w.frames);
             }
             return (ReadResult::Protocol(e), heartbeats);
@@ -293,7 +289,7 @@ pub(super) fn read_conn(ch: &mut Chan, c: &mut Conn, at: ReadAt<'_>) -> (ReadRes
             // Heartbeats and ignored empty frames between data frames ride along (the SDK
             // skips them); a read of nothing but those commits nothing.
             grant.commit(w.pos, Meta::tag(tag::DATA).conn(id.raw()));
-            ch.dirty = true;
+            ch.wrote();
             add(&fs.frames_in, w.frames);
         }
         if let Some(r) = after_read(c, read, room, &mut budget) {
@@ -469,7 +465,7 @@ fn flush_carry(
         };
         grant[..w.pos].copy_from_slice(&c.carry[..w.pos]);
         grant.commit(w.pos, Meta::tag(tag::DATA).conn(at.id.raw()));
-        ch.dirty = true;
+        ch.wrote();
         add(&at.fs.frames_in, w.frames);
         add(&at.fs.bytes_copied, w.pos as u64);
     }

@@ -108,10 +108,10 @@ pub(super) fn read_routed(
         let mut want = usize::MAX;
         for &w in pool {
             let ch = &mut chans[w];
-            if ch.broken {
+            if ch.is_broken() {
                 return done(ReadResult::Unavailable, w, new_head);
             }
-            if !ch.backlog.is_empty() {
+            if ch.has_backlog() {
                 return done(ReadResult::Blocked, w, new_head);
             }
             want = want.min(ch.req.max_payload());
@@ -242,7 +242,7 @@ pub(super) fn read_routed(
             let base = grant.position() + RECORD_HEADER_SIZE as u64;
             grant.commit(total, Meta::tag(tag::DATA).conn(id.raw()));
             s.per_worker[w].1 = base;
-            ch.dirty = true;
+            ch.wrote();
         }
         let route = c.route.as_mut().expect("a routed connection has its route");
         for &(_, _, w, end) in &s.frames {
