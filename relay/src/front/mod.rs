@@ -1,14 +1,34 @@
 //! The front: one process, one mio event loop, many sockets.
 //!
-//! Reading: a readable connection gets space reserved in its worker's request ring and the
-//! socket is read straight into it; the whole frames of that read are committed as one DATA
-//! record. Only the partial frame at the end of a read is copied (to the connection's small
-//! carry buffer, and back in front of the next read), and counted as copied.
+//! # The path of one frame, file by file
 //!
-//! Writing: reply records are written to their sockets with `writev` straight from the reply
-//! ring, consecutive records of one connection in one call. Only what a socket does not take
-//! at once is copied to the connection's bounded out queue (and counted); past the bound the
-//! client is disconnected as a slow consumer, so it never stalls anybody else.
+//! 1. `accept.rs`: a client is admitted (`admission.rs`), takes a slot in the connection
+//!    table (`conn.rs`, keyed by a `ConnKey`: slot and generation), and
+//!    its worker gets an OPEN record through the worker's channel (`channel.rs`: the rings,
+//!    the control backlog ahead of any data).
+//! 2. `event_loop.rs`: each turn pumps replies, flushes control records, reads the readable
+//!    connections, runs the timers, publishes what it wrote and sleeps on the sockets and
+//!    the front's doorbell.
+//! 3. `read.rs`: a readable connection gets space reserved in its worker's request ring and
+//!    the socket is read straight into it; the whole frames of that read are committed as
+//!    one DATA record. Only the partial frame at the end of a read is copied (to the
+//!    connection's carry buffer), and counted as copied. On a key-routed pool (`resp` with
+//!    several workers) `route.rs` reads instead and spreads the frames over the pool by key.
+//! 4. The worker answers (see `workers/`): reply records in its reply ring.
+//! 5. `pump.rs`: the reply pump reads them, frames them from the front's own copy of their
+//!    lengths (`reply.rs`) and groups them per connection; on a routed pool `routing.rs` (pure
+//!    logic, unit-tested) puts them back in request order.
+//! 6. `write.rs`: a group is written with `writev` straight from the reply ring, consecutive
+//!    records of one connection in one call. Only what a socket does not take at once is
+//!    copied to the connection's bounded out queue (and counted); past the bound the client is
+//!    disconnected as a slow consumer, so it never stalls anybody else.
+//! 7. `lifecycle.rs`: the close, from the client's FIN or a worker's CLOSE through draining to
+//!    the final close that tells the workers.
+//!
+//! Around that path: `liveness.rs` (pings, timeouts, the kernel's backstops), `budget.rs`
+//! (`partial_budget`, `pending_budget`), `channel.rs` (per worker: quarantine, re-arm, dead
+//! letters), `generation.rs` (new rings for a replaced worker), `scope.rs` (which
+//! connections a worker may write to).
 //!
 //! Backpressure: when a request ring is full, the connections routed to it are not read (TCP
 //! pushes back on their clients) until the worker releases space; when every ring is full the
@@ -16,9 +36,6 @@
 //!
 //! Liveness: a timing wheel visits each connection only at its own deadline, to ping it when
 //! idle and to close it when nothing arrived within its heartbeat timeout.
-//!
-//! Key routing: on a `resp` listener with several workers, frames are spread over the pool by
-//! key and replies put back in request order (see `route.rs`).
 
 mod accept;
 mod admission;
