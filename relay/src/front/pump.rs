@@ -170,9 +170,8 @@ impl Front {
                         upto = after;
                     }
                 }
-                let mut due = Vec::new();
-                self.routing.complete(w, upto, &mut due);
-                todo.extend(due.into_iter().map(|key| (key, Action::Advance)));
+                self.routing
+                    .complete(w, upto, |key| todo.push((key, Action::Advance)));
             }
         }
         for (key, action) in todo {

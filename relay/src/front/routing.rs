@@ -388,9 +388,9 @@ impl Routing {
     }
 
     /// Worker `w` is known to have answered in full every request ending at or below `upto`:
-    /// appends the connections that waited on one of those to `out` (to advance; some may
-    /// be stale).
-    pub fn complete(&mut self, w: usize, upto: u64, out: &mut Vec<ConnKey>) {
+    /// hands each connection that waited on one of those to `due` (to advance; some may be
+    /// stale).
+    pub fn complete(&mut self, w: usize, upto: u64, mut due: impl FnMut(ConnKey)) {
         let Some(c) = self.workers.get_mut(w) else {
             return;
         };
@@ -403,7 +403,7 @@ impl Routing {
                 break;
             }
             c.waiting.pop();
-            out.push(key);
+            due(key);
         }
     }
 

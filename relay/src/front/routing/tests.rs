@@ -96,7 +96,7 @@ impl Front {
     /// Worker `w`'s ring was read to its end after it released up to `upto`.
     fn complete(&mut self, w: usize, upto: u64) {
         let mut due = Vec::new();
-        self.routing.complete(w, upto, &mut due);
+        self.routing.complete(w, upto, |key| due.push(key));
         for key in due {
             assert_eq!(key, K);
             self.advance();
@@ -322,7 +322,7 @@ fn a_reply_for_a_closed_or_unknown_connection_decides_nothing_for_anyone_else() 
     // The connection closes: its route state goes with it, its wait stays behind (stale).
     drop(r);
     let mut due = Vec::new();
-    t.complete(2, 10, &mut due);
+    t.complete(2, 10, |key| due.push(key));
     assert_eq!(
         due,
         [K],
@@ -346,7 +346,7 @@ fn a_reply_for_a_closed_or_unknown_connection_decides_nothing_for_anyone_else() 
     // A worker index beyond the table (a wrong record) changes nothing and does not panic.
     t.wait(K, (99, 1));
     due.clear();
-    t.complete(99, 5, &mut due);
+    t.complete(99, 5, |key| due.push(key));
     assert!(due.is_empty());
     assert_eq!(t.completed(99), 0);
 }
