@@ -102,13 +102,11 @@ impl Front {
 /// The connections holding part of a per-front budget (`held` of each, when not zero), as
 /// (held, key), largest first: the order the budget closes them in.
 pub(super) fn largest_holders(slab: &Slab, held: impl Fn(&Conn) -> usize) -> Vec<(usize, ConnKey)> {
-    let mut big: Vec<(usize, ConnKey)> = (0..slab.conns.len())
-        .filter_map(|s| {
-            let n = held(slab.conns[s].as_ref()?);
-            if n == 0 {
-                return None;
-            }
-            Some((n, slab.key(s)?))
+    let mut big: Vec<(usize, ConnKey)> = slab
+        .iter()
+        .filter_map(|(key, c)| {
+            let n = held(c);
+            (n > 0).then_some((n, key))
         })
         .collect();
     big.sort_unstable_by(|a, b| b.cmp(a));

@@ -381,16 +381,16 @@ impl Front {
     /// each after the codec's error frame `why`.
     pub(super) fn close_worker_conns(&mut self, w: usize, why: &str) {
         let listeners = &self.listeners;
-        let keys: Vec<ConnKey> = (0..self.slab.conns.len())
-            .filter(|&s| {
-                self.slab.conns[s].as_ref().is_some_and(|c| {
-                    c.worker == w
-                        || c.route
-                            .as_ref()
-                            .is_some_and(|r| listeners[r.listener].pool.contains(&w))
-                })
+        let keys: Vec<ConnKey> = self
+            .slab
+            .iter()
+            .filter(|(_, c)| {
+                c.worker == w
+                    || c.route
+                        .as_ref()
+                        .is_some_and(|r| listeners[r.listener].pool.contains(&w))
             })
-            .filter_map(|s| self.slab.key(s))
+            .map(|(key, _)| key)
             .collect();
         for key in keys {
             if let Some(c) = self.slab.get(key) {

@@ -181,8 +181,8 @@ impl std::fmt::Display for ConnKey {
 /// restarted front does not reuse its predecessor's ids (replies still in flight to those are
 /// dropped as stale, not delivered to a stranger).
 pub(super) struct Slab {
-    pub conns: Vec<Option<Conn>>,
-    pub gens: Vec<u32>,
+    conns: Vec<Option<Conn>>,
+    gens: Vec<u32>,
     free: Vec<u32>,
     seed: u32,
 }
@@ -208,7 +208,24 @@ impl Slab {
 
     /// The keys of every open connection.
     pub fn keys(&self) -> Vec<ConnKey> {
-        (0..self.conns.len()).filter_map(|s| self.key(s)).collect()
+        self.iter().map(|(key, _)| key).collect()
+    }
+
+    /// Every open connection with its key, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (ConnKey, &Conn)> {
+        let gens = &self.gens;
+        self.conns.iter().enumerate().filter_map(move |(s, c)| {
+            let key = ConnKey {
+                slot: s as u32,
+                gen: gens[s],
+            };
+            Some((key, c.as_ref()?))
+        })
+    }
+
+    /// Every open connection, in slot order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Conn> {
+        self.conns.iter_mut().flatten()
     }
 
     /// Open connections.

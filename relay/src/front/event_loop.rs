@@ -43,7 +43,7 @@ impl Front {
                 late_ms = gap / 1_000_000,
                 "front loop was late: extending every connection's deadlines"
             );
-            for c in self.slab.conns.iter_mut().flatten() {
+            for c in self.slab.iter_mut() {
                 liveness::forgive(c, ticks);
             }
         }
@@ -124,12 +124,8 @@ impl Front {
                     DOORBELL => self.doorbell_rang(),
                     CONTROL => self.control_ready(),
                     Token(t) => {
-                        let Some(gen) = self.slab.gens.get(t).copied() else {
+                        let Some(key) = self.slab.key(t) else {
                             continue;
-                        };
-                        let key = ConnKey {
-                            slot: t as u32,
-                            gen,
                         };
                         if ev.is_writable() {
                             self.flush_out(key);
@@ -160,7 +156,7 @@ impl Front {
         if !self.chans.iter_mut().all(|ch| ch.is_drained()) {
             return false;
         }
-        self.slab.conns.iter().flatten().all(|c| c.flushed())
+        self.slab.iter().all(|(_, c)| c.flushed())
     }
 
     pub(super) fn shutdown(&mut self) {
