@@ -192,6 +192,22 @@ impl Chan {
         true
     }
 
+    /// Attaches afresh to a pair of rings the supervisor reset (positions back to zero),
+    /// without publishing anything the old handles held, and uses them again.
+    pub fn rearm(&mut self) -> Result<(), shm_ring::AttachError> {
+        let mut req = Producer::new(self.req.storage().clone())?;
+        let mut rep = Consumer::new(self.rep.storage().clone())?;
+        self.set_doorbells(&mut req, &mut rep);
+        self.swap_rings(req, rep);
+        self.backlog.clear();
+        self.blocked.clear();
+        self.dirty = false;
+        self.broken = false;
+        // Positions start again at zero (the routing table's too: the caller's).
+        self.answered = 0;
+        Ok(())
+    }
+
     /// Ends the sleep [`Chan::prepare_park`] announced.
     pub fn finish_park(&mut self) {
         self.rep.finish_park();
@@ -303,7 +319,7 @@ impl Front {
             let ch = &mut self.chans[w];
             if ch.broken {
                 if quarantined & (1 << w) == 0 && state != WorkerState::Failed {
-                    match rearm(ch) {
+                    match ch.rearm() {
                         // Positions start again at zero.
                         Ok(()) => self.routing.restart(w, 0),
                         Err(e) => error!(
@@ -426,22 +442,4 @@ impl Front {
             }
         }
     }
-}
-
-/// Attaches afresh to a pair of rings the supervisor reset (positions back to zero), without
-/// publishing anything the old handles held.
-pub(super) fn rearm(ch: &mut Chan) -> Result<(), shm_ring::AttachError> {
-    let req = Producer::new(ch.req.storage().clone())?;
-    let rep = Consumer::new(ch.rep.storage().clone())?;
-    let mut req = req;
-    let mut rep = rep;
-    ch.set_doorbells(&mut req, &mut rep);
-    ch.swap_rings(req, rep);
-    ch.backlog.clear();
-    ch.blocked.clear();
-    ch.dirty = false;
-    ch.broken = false;
-    // Positions start again at zero (the routing table's too: the caller's).
-    ch.answered = 0;
-    Ok(())
 }
