@@ -20,6 +20,8 @@ use crate::stats::add;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 impl Front {
+    /// Accepts what listener `l`'s backlog holds: each client is admitted or refused at once,
+    /// and an admitted one's OPEN goes to its worker (every worker of a routed pool).
     pub(super) fn accept(&mut self, l: usize) {
         loop {
             let Some(listener) = self.listeners[l].sock.as_ref() else {

@@ -23,6 +23,7 @@ pub(super) enum ConnState {
     Draining(CloseReason),
 }
 
+/// One client connection of this front.
 pub(super) struct Conn {
     pub stream: TcpStream,
     pub worker: usize,
@@ -75,6 +76,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
+    /// A connection just accepted (its OPEN not written yet).
     pub fn new(stream: TcpStream, worker: usize, codec: Codec, addr_slot: u16, now: u32) -> Conn {
         Conn {
             stream,
@@ -105,6 +107,7 @@ impl Conn {
         }
     }
 
+    /// Reply bytes queued and not yet written.
     pub fn pending(&self) -> usize {
         self.out.len() - self.out_pos
     }
@@ -188,6 +191,7 @@ pub(super) struct Slab {
 }
 
 impl Slab {
+    /// An empty table whose generations derive from `seed`.
     pub fn new(seed: u32) -> Slab {
         Slab {
             conns: Vec::new(),
@@ -233,6 +237,7 @@ impl Slab {
         self.conns.len() - self.free.len()
     }
 
+    /// Stores a new connection in a free slot; returns its key.
     pub fn insert(&mut self, conn: Conn) -> ConnKey {
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -270,5 +275,45 @@ impl Slab {
         self.gens[slot as usize] = (self.gens[slot as usize] + 1) & ConnId::GENERATION_MASK;
         self.free.push(slot);
         Some(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Conn {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        Conn::new(TcpStream::from_std(stream), 0, Codec::default(), 0, 0)
+    }
+
+    #[test]
+    fn a_stale_key_never_reaches_the_slots_next_connection() {
+        let mut slab = Slab::new(0x9e37_79b9);
+        let a = slab.insert(conn());
+        assert!(slab.get(a).is_some());
+        assert!(slab.remove(a).is_some());
+        assert!(slab.get(a).is_none(), "removed");
+        let b = slab.insert(conn());
+        assert_eq!(b.slot, a.slot, "the slot is reused");
+        assert_ne!(b.gen, a.gen, "with a new generation");
+        assert!(
+            slab.get(a).is_none(),
+            "the old key misses the new connection"
+        );
+        assert!(slab.remove(a).is_none(), "and cannot remove it");
+        assert_eq!(slab.keys(), [b]);
+        assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn a_key_is_the_end_of_the_id_the_workers_see() {
+        let key = ConnKey { slot: 42, gen: 7 };
+        let id = key.id(3);
+        assert_eq!(ConnKey::of(id), key);
+        assert_eq!(id.to_string(), format!("3.{key}"));
+        assert_eq!(key.to_string(), "42.7");
+        assert_eq!(ConnKey::from_timer(key.timer()), key);
     }
 }

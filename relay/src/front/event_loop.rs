@@ -30,6 +30,8 @@ const FRAME_TIMEOUT: ProtocolError =
     ProtocolError::Invalid("frame not complete within frame_timeout_ms");
 
 impl Front {
+    /// Brings the clock up to date, forgiving the clients the time this process lost if the
+    /// loop was late, and stamps the front's activity for the supervisor's hang check.
     pub(super) fn tick(&mut self) {
         let ns = shm_ring::monotonic_ns();
         self.now = (ns - self.start_ns) / (TICK_MS * 1_000_000);
@@ -50,6 +52,7 @@ impl Front {
         self.fs.active_ns.store(ns, Ordering::Relaxed);
     }
 
+    /// The loop, until SIGTERM and then until drained (or `drain_ms` passed).
     pub(super) fn run(&mut self) -> Result<(), FrontError> {
         info!(
             front = self.index,
@@ -159,6 +162,7 @@ impl Front {
         self.slab.iter().all(|(_, c)| c.flushed())
     }
 
+    /// Closes every connection (`shutdown`) and publishes the CLOSE records.
     pub(super) fn shutdown(&mut self) {
         for key in self.slab.keys() {
             self.close_conn(key, CloseReason::Shutdown);

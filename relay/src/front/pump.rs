@@ -15,6 +15,8 @@ use super::{Front, MAX_IOV, REPLY_BATCH};
 use crate::stats::{add, FrontStats};
 
 impl Front {
+    /// Reads a batch of worker `w`'s reply records and writes them to their connections;
+    /// returns how many were read (a full batch: there may be more).
     pub(super) fn pump_replies(&mut self, w: usize) -> usize {
         let me = self.index;
         let codec = self.worker_codecs.get(w).copied().unwrap_or_default();
@@ -295,6 +297,7 @@ pub(super) fn close_broken(
     }
 }
 
+/// What the pump does to a connection once the batch's records are handled.
 pub(super) enum Action {
     Close(CloseReason),
     WantWrite,

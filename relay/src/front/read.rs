@@ -42,6 +42,7 @@ impl Front {
         }
     }
 
+    /// Reads every connection on the ready list (its own budget each).
     pub(super) fn read_ready(&mut self) {
         let mut ready = std::mem::take(&mut self.ready);
         let now = self.now as u32;
@@ -170,6 +171,7 @@ pub(super) struct ReadAt<'a> {
     pub now: u32,
 }
 
+/// How a read of one connection ended.
 pub(super) enum ReadResult {
     /// Read until the socket was empty.
     Drained,

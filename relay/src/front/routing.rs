@@ -101,6 +101,7 @@ pub(super) struct Route {
 }
 
 impl Route {
+    /// The state of a new connection of listener `listener`.
     pub fn new(listener: usize) -> Route {
         Route {
             listener,

@@ -24,6 +24,8 @@ impl Front {
         Ok(())
     }
 
+    /// The connection has queued reply bytes: bounds them (`max_pending`, `pending_budget`)
+    /// and watches the socket for room.
     pub(super) fn want_write(&mut self, key: ConnKey) {
         let max = self.cfg.max_pending;
         let Some(c) = self.slab.get(key) else {
@@ -57,6 +59,8 @@ impl Front {
         }
     }
 
+    /// The socket has room: writes the queued bytes, and finishes a draining connection once
+    /// they are out.
     pub(super) fn flush_out(&mut self, key: ConnKey) {
         let Some(c) = self.slab.get(key) else {
             return;
