@@ -26,7 +26,7 @@ impl Front {
             return 0;
         }
         // Key routing: how far the worker had released its requests before the replies below
-        // were read (see route.rs on when a request is answered in full).
+        // were read (see routing.rs on when a request is answered in full).
         let released_before = if routed {
             match self.chans[w].req.released() {
                 Ok(p) => Some(p),
