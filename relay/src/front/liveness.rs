@@ -163,7 +163,7 @@ pub(super) fn tcp_info(stream: &mio::net::TcpStream) -> Option<(u32, u32)> {
     (r == 0).then_some((info.tcpi_rtt, info.tcpi_total_retrans))
 }
 
-/// Bytes received by the kernel and not yet read.
+/// Bytes received by the kernel and not yet read (0 if the kernel does not say).
 pub(super) fn unread_bytes(stream: &mio::net::TcpStream) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: a valid socket fd; FIONREAD writes one int.

@@ -12,6 +12,7 @@ use shmrelay_worker::{CloseReason, ConnId};
 
 use super::channel::Chan;
 use super::conn::{Conn, ConnState};
+use super::liveness;
 use super::route::read_routed;
 use super::Front;
 use crate::stats::{add, FrontStats};
@@ -367,10 +368,7 @@ fn rest_is_waiting(c: &Conn, max_frame: u32, max_payload: usize) -> bool {
     if need <= c.carry.len() + 1 || need > max_payload {
         return false;
     }
-    let mut ready: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int, the bytes waiting in the socket, to `ready`.
-    let r = unsafe { libc::ioctl(c.stream.as_raw_fd(), libc::FIONREAD, &mut ready) };
-    r == 0 && ready as usize >= need - c.carry.len()
+    liveness::unread_bytes(&c.stream) >= need - c.carry.len()
 }
 
 /// Bytes read at a time into a partial frame whose size the codec cannot tell yet (a line).
