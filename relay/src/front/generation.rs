@@ -25,11 +25,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shm_ring::{Consumer, CorruptError, Doorbell, Producer, RingStorage, ShmRing};
+use shm_ring::{Consumer, CorruptError, Producer, RingStorage, ShmRing};
 use shmrelay_worker::protocol::{tag, ANSWERED_WORD};
 use shmrelay_worker::{CloseReason, ConnId};
 use tracing::{error, info, warn};
 
+use super::conn::ConnKey;
 use super::{Front, REPLY_BATCH};
 use crate::stats::add;
 
@@ -219,7 +220,7 @@ impl Front {
             }
         }
         let ch = &mut self.chans[w];
-        if ch.broken {
+        if ch.is_broken() {
             // Quarantined: the supervisor resets these new rings in place and clears the
             // bit, then the channel re-arms on them (positions from zero).
             let tx = match Producer::new(req) {
@@ -236,9 +237,7 @@ impl Front {
                     return REFUSED;
                 }
             };
-            std::mem::replace(&mut ch.req, tx).abandon();
-            drop(std::mem::replace(&mut ch.rep, rx));
-            ch.split = None;
+            ch.swap_rings(tx, rx);
             info!(
                 front = self.index,
                 worker = w,
@@ -247,10 +246,7 @@ impl Front {
             return QUARANTINED;
         }
         // What this front wrote and the worker never released (validated against our tail).
-        if ch.dirty {
-            ch.req.publish();
-            ch.dirty = false;
-        }
+        ch.publish();
         let tail = ch.req.position();
         let head = ch.req.released();
         let carried = head.and_then(|head| {
@@ -313,20 +309,17 @@ impl Front {
                 return REFUSED;
             }
         };
-        tx.set_doorbell(Doorbell::Both(ch.bell.clone()));
-        rx.set_doorbell(Doorbell::Both(ch.bell.clone()));
+        ch.set_doorbells(&mut tx, &mut rx);
         // The answered word from this front's own copy (never from the old ring).
-        tx.storage().user_words()[ANSWERED_WORD].store(ch.answered.min(tail), Ordering::Relaxed);
-        // The old rings are dropped: this process maps nothing of them any more.
-        std::mem::replace(&mut ch.req, tx).abandon();
-        drop(std::mem::replace(&mut ch.rep, rx));
-        // A long reply the dead worker had begun is never finished.
-        let broken_split = ch.split.take().map(|sp| sp.conn);
+        tx.storage().user_words()[ANSWERED_WORD].store(ch.answered().min(tail), Ordering::Relaxed);
+        // The old rings are dropped: this process maps nothing of them any more. A long
+        // reply the dead worker had begun is never finished.
+        let broken_split = ch.swap_rings(tx, rx);
         if let Some(conn) = broken_split {
             let id = ConnId::from_raw(conn);
-            if id.front() == self.index && self.slab.get(id.slot(), id.generation()).is_some() {
+            if id.front() == self.index && self.slab.get(ConnKey::of(id)).is_some() {
                 add(&self.fs.protocol_errors, 1);
-                self.close_conn(id.slot(), CloseReason::ProtocolError);
+                self.close_conn(ConnKey::of(id), CloseReason::ProtocolError);
             }
         }
         if status == NOT_CARRIED {
@@ -337,9 +330,8 @@ impl Front {
             );
             add(&self.fs.corrupt_rings, 1);
             let ch = &mut self.chans[w];
-            ch.answered = tail;
-            ch.completed = tail;
-            ch.waiting.clear();
+            ch.restart_answered(tail);
+            self.routing.restart(w, tail);
             self.close_worker_conns(w, "worker unavailable");
         }
         status

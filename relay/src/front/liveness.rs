@@ -131,34 +131,21 @@ pub(super) fn forgive(c: &mut Conn, ticks: u32) {
 }
 
 /// Turns on keepalive and TCP_USER_TIMEOUT, the kernel's backstops for a peer that vanished
-/// without a FIN (our own heartbeats normally notice first).
+/// without a FIN (our own heartbeats normally notice first). Best effort: a socket that
+/// refuses an option is still served.
 pub(super) fn configure_socket(stream: &mio::net::TcpStream, timeout_ms: u64) {
-    let fd = stream.as_raw_fd();
-    let secs = (timeout_ms / 1000).clamp(1, 3600) as libc::c_int;
-    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
-        // SAFETY: a valid socket fd, an int option value of the right size.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs * 2);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs.max(1));
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-    set(
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        (timeout_ms * 2).min(i32::MAX as u64) as libc::c_int,
-    );
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = (timeout_ms / 1000).clamp(1, 3600) as u32;
+    let _ = setsockopt(stream, sockopt::KeepAlive, &true);
+    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &(secs * 2));
+    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &secs);
+    let _ = setsockopt(stream, sockopt::TcpKeepCount, &3);
+    let user_timeout = (timeout_ms * 2).min(i32::MAX as u64) as u32;
+    let _ = setsockopt(stream, sockopt::TcpUserTimeout, &user_timeout);
 }
 
-/// Smoothed RTT (microseconds) and total retransmissions of a socket.
+/// Smoothed RTT (microseconds) and total retransmissions of a socket. (nix has no sockopt for
+/// `TCP_INFO`: read with `getsockopt` directly.)
 pub(super) fn tcp_info(stream: &mio::net::TcpStream) -> Option<(u32, u32)> {
     // SAFETY: tcp_info is plain old data; zeroed is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -176,7 +163,7 @@ pub(super) fn tcp_info(stream: &mio::net::TcpStream) -> Option<(u32, u32)> {
     (r == 0).then_some((info.tcpi_rtt, info.tcpi_total_retrans))
 }
 
-/// Bytes received by the kernel and not yet read.
+/// Bytes received by the kernel and not yet read (0 if the kernel does not say).
 pub(super) fn unread_bytes(stream: &mio::net::TcpStream) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: a valid socket fd; FIONREAD writes one int.
@@ -191,4 +178,25 @@ pub(super) fn unread_bytes(stream: &mio::net::TcpStream) -> usize {
 /// The histogram bucket of an RTT: `floor(log2(us))`, clamped.
 pub(super) fn rtt_bucket(rtt_us: u32) -> usize {
     (32 - rtt_us.max(1).leading_zeros() as usize - 1).min(crate::stats::RTT_BUCKETS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    #[test]
+    fn the_kernels_backstops_are_set_on_an_accepted_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (sock, _) = listener.accept().unwrap();
+        let sock = mio::net::TcpStream::from_std(sock);
+        configure_socket(&sock, 20_000);
+        assert!(getsockopt(&sock, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&sock, sockopt::TcpKeepIdle).unwrap(), 40);
+        assert_eq!(getsockopt(&sock, sockopt::TcpKeepInterval).unwrap(), 20);
+        assert_eq!(getsockopt(&sock, sockopt::TcpKeepCount).unwrap(), 3);
+        assert_eq!(getsockopt(&sock, sockopt::TcpUserTimeout).unwrap(), 40_000);
+        assert!(tcp_info(&sock).is_some(), "TCP_INFO of a connected socket");
+    }
 }

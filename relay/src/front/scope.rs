@@ -7,7 +7,7 @@
 use shmrelay_worker::ConnId;
 use tracing::warn;
 
-use super::conn::Slab;
+use super::conn::{ConnKey, Slab};
 use crate::config::{Config, PushScope};
 
 pub(super) struct Scope {
@@ -39,7 +39,7 @@ impl Scope {
         if id.front() != me {
             return true;
         }
-        match slab.get(id.slot(), id.generation()) {
+        match slab.get(ConnKey::of(id)) {
             // A connection's home worker belongs to the listener that accepted it.
             Some(c) => self
                 .owner
