@@ -340,20 +340,3 @@ impl Front {
         })
     }
 }
-
-/// Takes an inherited fd named in the environment.
-///
-/// # Safety
-///
-/// `fd` must be owned by this process and by nothing else in it.
-pub unsafe fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: F_SETFD on any number is harmless; EBADF tells us it is not open.
-    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("inherited fd {fd} is not open"),
-        ));
-    }
-    // SAFETY: open (checked) and owned per the caller's contract.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}

@@ -33,15 +33,8 @@ const ROUTED_BUDGET: usize = 256 * 1024;
 /// The pool member that owns a frame's key; keyless commands go to `home`.
 pub(super) fn target(pool: &[usize], home: usize, frame: &[u8]) -> usize {
     match resp::routing_key(frame) {
-        // FNV-1a: cheap, and stable across processes and restarts (keys must not move).
-        Some(key) => {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for &b in key {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-            pool[(h % pool.len() as u64) as usize]
-        }
+        // The one key-to-member function the kv worker checks its keys with (CROSSSLOT).
+        Some(key) => pool[shmrelay_worker::slot::pool_member(key, pool.len())],
         None => home,
     }
 }
