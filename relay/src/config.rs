@@ -66,9 +66,9 @@ use shmrelay_worker::Codec;
 pub struct ListenerConfig {
     /// Address to listen on (`host:port`; port 0 picks one).
     pub listen: String,
-    /// `length-prefixed` (default), `line` or `resp`.
-    #[serde(default = "default_codec")]
-    pub codec: String,
+    /// `length-prefixed` (default), `line` or `resp`; any other name is a parse error.
+    #[serde(default, with = "codec_name")]
+    pub codec: Codec,
     /// Workers of this listener's pool (default 1).
     #[serde(default = "one")]
     pub workers: usize,
@@ -77,18 +77,30 @@ pub struct ListenerConfig {
     pub worker_cmd: Option<String>,
 }
 
-fn default_codec() -> String {
-    Codec::LengthPrefixed.name().into()
-}
-
 fn one() -> usize {
     1
 }
 
 impl ListenerConfig {
-    /// The codec (validated by [`Config::validate`]; unknown names fall back to the default).
+    /// The codec (an unknown name never gets this far: it fails the parse).
     pub fn codec(&self) -> Codec {
-        self.codec.parse().unwrap_or_default()
+        self.codec
+    }
+}
+
+/// A [`Codec`] in the config by its name (`length-prefixed`, `line`, `resp`), as `serde(with)`:
+/// an unknown name is an error that lists the valid ones, never a silent default.
+mod codec_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use shmrelay_worker::Codec;
+
+    pub fn serialize<S: Serializer>(codec: &Codec, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(codec.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Codec, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -164,7 +176,8 @@ pub struct Config {
     /// read each other's rings or /proc entries.
     pub worker_users: Vec<String>,
     /// Codec of the default listener (`length-prefixed`, `line`, `resp`).
-    pub codec: String,
+    #[serde(with = "codec_name")]
+    pub codec: Codec,
     /// `[[listener]]` tables; when empty, `listen`, `codec`, `workers` and `worker_cmd` make the
     /// single default listener.
     #[serde(rename = "listener")]
@@ -229,7 +242,7 @@ impl Default for Config {
             failed_retry_max_ms: 60_000,
             user: None,
             worker_users: Vec::new(),
-            codec: default_codec(),
+            codec: Codec::LengthPrefixed,
             listeners: Vec::new(),
             pending_budget: 256 << 20,
             partial_budget: 128 << 20,
@@ -270,7 +283,7 @@ impl Config {
         if self.listeners.is_empty() {
             vec![ListenerConfig {
                 listen: self.listen.clone(),
-                codec: self.codec.clone(),
+                codec: self.codec,
                 workers: self.workers,
                 worker_cmd: self.worker_cmd.clone(),
             }]
@@ -406,18 +419,12 @@ impl Config {
                 format!("{:?} is not an IP:port address", self.listen),
             );
         }
-        if let Err(e) = self.codec.parse::<Codec>() {
-            return bad("codec", e.to_string());
-        }
         for l in &self.listeners {
             if l.listen.parse::<std::net::SocketAddr>().is_err() {
                 return bad(
                     "listener.listen",
                     format!("{:?} is not an IP:port address", l.listen),
                 );
-            }
-            if let Err(e) = l.codec.parse::<Codec>() {
-                return bad("listener.codec", e.to_string());
             }
             if l.workers == 0 {
                 return bad("listener.workers", format!("{:?} has no workers", l.listen));
@@ -490,14 +497,27 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.listeners().len(), 1);
         assert_eq!(d.total_workers(), 2);
-        let bad: Config =
-            toml::from_str("[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"xml\"\n").unwrap();
-        assert!(bad.validate().is_err());
+        // An unknown codec is a parse error naming the valid ones, never a silent default.
+        let bad =
+            toml::from_str::<Config>("[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"xml\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            bad.contains("xml") && bad.contains("length-prefixed, line, resp"),
+            "{bad}"
+        );
+        let bad = toml::from_str::<Config>("codec = \"Line\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("unknown codec"), "{bad}");
         assert!(Config::default()
+            .with_overrides(&["codec=xml".into()])
+            .is_err());
+        let resp = Config::default()
             .with_overrides(&["codec=resp".into()])
-            .unwrap()
-            .validate()
-            .is_ok());
+            .unwrap();
+        assert_eq!(resp.codec, Codec::Resp);
+        assert!(resp.validate().is_ok());
     }
 
     #[test]

@@ -352,7 +352,7 @@ impl Instance {
         // One line per listener, in configuration order (the first is the default listener's).
         for (l, spec) in self.cfg.listeners().iter().enumerate() {
             let addr = self.listeners[0][l].local_addr()?;
-            info!(%addr, codec = spec.codec, "listening on {addr}");
+            info!(%addr, codec = %spec.codec, "listening on {addr}");
             println!(
                 "shmrelay: listening on {addr} (instance {}, codec {})",
                 self.cfg.instance, spec.codec
