@@ -3,16 +3,14 @@
 //! the operators' stats view, a second relay of the same name in another shm directory, a
 //! bystander whose environment names the instance, a deleted stats file.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{alive, eventually, Client, Relay};
 use shmrelay::stats::{FrontStats, StatsHeader, WorkerStats, MAX_FRONTS};
+use shmrelay_tests::{alive, eventually, Client, Relay};
 
 /// A private directory (mode 1777 like /dev/shm) removed on drop.
 struct TempDir(PathBuf);

@@ -1,15 +1,13 @@
 //! Crashes, hangs and leaks: the relay survives its processes failing, loses nothing, and says
 //! what happened.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{alive, eventually, Client, Relay};
 use shmrelay::stats::WorkerState;
+use shmrelay_tests::{alive, eventually, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 fn journal_worker() -> String {
