@@ -34,10 +34,14 @@
 //!
 //! Every run has a random 64-bit token, written in its view and in the environment of every
 //! process it starts ([`RUN_ENV`]): leftovers of a dead run are the processes that carry that
+//! run's token, never processes that merely name the instance.
 //!
-//! The code is split by concept: [`publish`] writes the view (the supervisor's side),
-//! [`read`] copies and validates it (the tools' side), [`identity`] is the lock, the run's
-//! token and claiming a dead instance's name.
+//! The code is split by concept: `view/publish.rs` writes the view (the supervisor's side),
+//! `view/read.rs` copies and validates it (the tools' side), `view/identity.rs` is the lock,
+//! the run's token and claiming a dead instance's name.
+//!
+//! [`Stats::create_memfd`]: crate::stats::Stats::create_memfd
+//! [`COUNTERS_BYTES`]: crate::stats::COUNTERS_BYTES
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -244,7 +244,7 @@ pub fn published_seq(path: &Path) -> u64 {
 
 /// Waits (up to `limit`) until the supervisor has published the view at `path` twice since
 /// the call, so that it shows everything that happened before the call (for tests: the view
-/// lags the relay by up to [`PUBLISH_EVERY`]). False if it did not.
+/// lags the relay by up to [`PUBLISH_EVERY`](super::PUBLISH_EVERY)). False if it did not.
 pub fn wait_published(path: &Path, limit: Duration) -> bool {
     let start = published_seq(path);
     let end = std::time::Instant::now() + limit;
