@@ -296,12 +296,7 @@ fn stale_segments_of_a_dead_instance_are_removed_at_start() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut relay = Relay {
-        child: out,
-        addr: "127.0.0.1:1".parse().unwrap(),
-        instance: instance.clone(),
-        metrics: None,
-    };
+    let mut relay = Relay::from_child(out, &instance);
     assert!(eventually(Duration::from_secs(10), || {
         shmrelay::stats::Stats::open_readonly(&stats_path)
             .map(|s| s.header().supervisor_pid.load(Ordering::Relaxed) == relay.child.id())

@@ -91,15 +91,22 @@ fn build_shmrelay(profile_dir: &Path) {
         .and_then(|n| n.to_str())
         .expect("profile directory name")
         .to_owned();
-    let target_dir = profile_dir.parent().expect("target directory");
+    let mut target_dir = profile_dir.parent().expect("target directory");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "-p", "shmrelay", "--bin", "shmrelay"])
-        .env("CARGO_TARGET_DIR", target_dir);
+        .args(["build", "-p", "shmrelay", "--bin", "shmrelay"]);
+    // <target>/<triple>/<profile>: cross builds put the profile one level deeper.
+    if !target_dir.join("CACHEDIR.TAG").exists() {
+        if let Some(triple) = target_dir.file_name().and_then(|n| n.to_str()) {
+            cmd.args(["--target", triple]);
+        }
+        target_dir = target_dir.parent().expect("target directory");
+    }
+    cmd.env("CARGO_TARGET_DIR", target_dir);
     match profile.as_str() {
         "debug" => {}
         "release" => {
@@ -112,6 +119,11 @@ fn build_shmrelay(profile_dir: &Path) {
     eprintln!("building shmrelay: {cmd:?}");
     let status = cmd.status().expect("run cargo build -p shmrelay");
     assert!(status.success(), "cargo build -p shmrelay failed: {status}");
+}
+
+/// The instance name of a test relay: `t-NAME-PID`, unique across concurrent test binaries.
+fn instance_name(name: &str) -> String {
+    format!("t-{name}-{}", std::process::id())
 }
 
 /// Relays alive in this test process, for the watchdog: (supervisor pid, instance).
@@ -170,6 +182,10 @@ pub struct Relay {
     pub instance: String,
     /// Where `--metrics` serves, if it was given.
     pub metrics: Option<SocketAddr>,
+    /// `SHMRELAY_SHM_DIR` given to it, if any (its files are then the test's to remove).
+    pub shm_dir: Option<PathBuf>,
+    /// Stop with SIGTERM first on drop (the supervisor removes its own files).
+    graceful: bool,
 }
 
 impl Relay {
@@ -199,13 +215,23 @@ impl Relay {
 
     /// Starts `shmrelay` and waits for `n` listening lines.
     pub fn start_n(name: &str, args: &[&str], n: usize) -> (Relay, Vec<SocketAddr>) {
-        Relay::spawn(name, args, n, "warn")
+        Relay::spawn(&instance_name(name), args, n, "warn", None)
+    }
+
+    /// Starts `shmrelay --listen 127.0.0.1:0 --instance INSTANCE ARGS...` under exactly that
+    /// name, in `shm_dir` (`SHMRELAY_SHM_DIR`) if given, for tests that look at instances by
+    /// name (relayctl). On drop it gets SIGTERM first, so its supervisor stops its children and
+    /// removes its files, then SIGKILL after 10 s.
+    pub fn start_named(instance: &str, args: &[&str], shm_dir: Option<&Path>) -> Relay {
+        let (mut relay, _) = Relay::spawn(instance, args, 1, "warn", shm_dir);
+        relay.graceful = true;
+        relay
     }
 
     /// Starts `shmrelay` (logging only errors, for tests that provoke many warnings) and
     /// waits until it serves: one round trip echoed, and that connection closed again.
     pub fn start_serving(name: &str, args: &[&str]) -> Relay {
-        let (relay, _) = Relay::spawn(name, args, 1, "error");
+        let (relay, _) = Relay::spawn(&instance_name(name), args, 1, "error", None);
         // Workers start after `listening on`: wait until one round trip works.
         let mut c = relay.connect();
         assert_eq!(
@@ -222,22 +248,32 @@ impl Relay {
         relay
     }
 
-    /// Starts `shmrelay --listen 127.0.0.1:0 --instance t-NAME-PID ARGS...` with `RUST_LOG`
-    /// (unless set) at `log`, and waits for `n` `listening on` lines.
-    fn spawn(name: &str, args: &[&str], n: usize, log: &str) -> (Relay, Vec<SocketAddr>) {
-        let instance = format!("t-{name}-{}", std::process::id());
-        remove_instance_files(&instance);
-        let mut child = Command::new(shmrelay_bin())
-            .args(["--listen", "127.0.0.1:0", "--instance", &instance])
+    /// Starts `shmrelay --listen 127.0.0.1:0 --instance INSTANCE ARGS...` (in `shm_dir` if
+    /// given) with `RUST_LOG` (unless set) at `log`, and waits for `n` `listening on` lines.
+    fn spawn(
+        instance: &str,
+        args: &[&str],
+        n: usize,
+        log: &str,
+        shm_dir: Option<&Path>,
+    ) -> (Relay, Vec<SocketAddr>) {
+        let instance = instance.to_owned();
+        let mut cmd = Command::new(shmrelay_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--instance", &instance])
             .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| log.into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start shmrelay");
+            .stdout(Stdio::piped());
+        match shm_dir {
+            Some(dir) => {
+                cmd.env("SHMRELAY_SHM_DIR", dir);
+            }
+            None => remove_instance_files(&instance),
+        }
+        let mut child = cmd.spawn().expect("start shmrelay");
         LIVE.lock().unwrap().push((child.id(), instance.to_owned()));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -252,6 +288,8 @@ impl Relay {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             instance,
             metrics: None,
+            shm_dir: shm_dir.map(Path::to_path_buf),
+            graceful: false,
         };
         let mut addrs: Vec<SocketAddr> = Vec::new();
         while addrs.len() < n {
@@ -271,6 +309,21 @@ impl Relay {
         }
         relay.addr = addrs[0];
         (relay, addrs)
+    }
+
+    /// A relay process the test started itself (say, to give it an unusual environment),
+    /// under `instance` in the default shared-memory directory: killed and its files removed
+    /// on drop like any other. Its `addr` is unknown (127.0.0.1:0).
+    pub fn from_child(child: Child, instance: &str) -> Relay {
+        LIVE.lock().unwrap().push((child.id(), instance.to_owned()));
+        Relay {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            instance: instance.to_owned(),
+            metrics: None,
+            shm_dir: None,
+            graceful: false,
+        }
     }
 
     pub fn connect(&self) -> Client {
@@ -375,12 +428,18 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         let pid = self.child.id();
+        if self.graceful {
+            self.signal(libc::SIGTERM);
+            let _ = self.wait_exit(Duration::from_secs(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Fronts and workers die with the supervisor (PR_SET_PDEATHSIG); give them a moment
         // before their segments go.
         std::thread::sleep(Duration::from_millis(20));
-        remove_instance_files(&self.instance);
+        if self.shm_dir.is_none() {
+            remove_instance_files(&self.instance);
+        }
         if let Ok(mut live) = LIVE.lock() {
             live.retain(|(p, _)| *p != pid);
         }
