@@ -57,6 +57,8 @@
 //! heartbeats, so no pings and no heartbeat timeout: only `idle_timeout_ms` (if set) and TCP
 //! keepalive close a silent connection.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 use shmrelay_worker::Codec;
 
@@ -64,8 +66,8 @@ use shmrelay_worker::Codec;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Address to listen on (`host:port`; port 0 picks one).
-    pub listen: String,
+    /// Address to listen on (`IP:port`; port 0 picks one).
+    pub listen: SocketAddr,
     /// `length-prefixed` (default), `line` or `resp`; any other name is a parse error.
     #[serde(default, with = "codec_name")]
     pub codec: Codec,
@@ -110,8 +112,8 @@ mod codec_name {
 pub struct Config {
     /// Instance name: part of every segment name.
     pub instance: String,
-    /// Address to listen on (`host:port`; port 0 picks one).
-    pub listen: String,
+    /// Address to listen on (`IP:port`; port 0 picks one).
+    pub listen: SocketAddr,
     /// Front processes.
     pub fronts: usize,
     /// Worker processes.
@@ -151,7 +153,7 @@ pub struct Config {
     /// Listen backlog.
     pub backlog: i32,
     /// Address to serve Prometheus metrics on (`GET /metrics`); off when unset.
-    pub metrics: Option<String>,
+    pub metrics: Option<SocketAddr>,
     /// Crashes of one worker within `crash_window_ms` that mark it failed.
     pub crash_limit: u32,
     /// The window for `crash_limit`.
@@ -215,7 +217,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             instance: "default".into(),
-            listen: "127.0.0.1:7878".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             fronts: 1,
             workers: 2,
             worker_cmd: None,
@@ -282,7 +284,7 @@ impl Config {
     pub fn listeners(&self) -> Vec<ListenerConfig> {
         if self.listeners.is_empty() {
             vec![ListenerConfig {
-                listen: self.listen.clone(),
+                listen: self.listen,
                 codec: self.codec,
                 workers: self.workers,
                 worker_cmd: self.worker_cmd.clone(),
@@ -408,26 +410,9 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(m) = &self.metrics {
-            if m.parse::<std::net::SocketAddr>().is_err() {
-                return bad("metrics", format!("{m:?} is not an IP:port address"));
-            }
-        }
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad(
-                "listen",
-                format!("{:?} is not an IP:port address", self.listen),
-            );
-        }
         for l in &self.listeners {
-            if l.listen.parse::<std::net::SocketAddr>().is_err() {
-                return bad(
-                    "listener.listen",
-                    format!("{:?} is not an IP:port address", l.listen),
-                );
-            }
             if l.workers == 0 {
-                return bad("listener.workers", format!("{:?} has no workers", l.listen));
+                return bad("listener.workers", format!("{} has no workers", l.listen));
             }
         }
         if self.partial_budget < self.max_frame as usize + 4 {
@@ -555,14 +540,15 @@ mod tests {
                 ..
             })
         ));
-        let c = Config {
-            listen: "nowhere".into(),
-            ..Config::default()
-        };
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::Invalid { name: "listen", .. })
-        ));
+        // Addresses are typed: a bad one is a parse error, from the file or from --set.
+        assert!(toml::from_str::<Config>("listen = \"nowhere\"").is_err());
+        assert!(toml::from_str::<Config>("metrics = \"localhost\"").is_err());
+        let set = |kv: &str| Config::default().with_overrides(&[kv.into()]);
+        assert!(set("listen=nowhere").is_err());
+        assert_eq!(
+            set("metrics=127.0.0.1:9187").unwrap().metrics,
+            Some(([127, 0, 0, 1], 9187).into())
+        );
         let c = Config {
             partial_budget: 1000,
             ..Config::default()

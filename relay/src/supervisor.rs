@@ -275,7 +275,7 @@ impl Instance {
         let mut listeners: Vec<Vec<std::net::TcpListener>> =
             (0..cfg.fronts).map(|_| Vec::new()).collect();
         for spec in cfg.listeners() {
-            let addr: SocketAddr = spec.listen.parse()?;
+            let addr = spec.listen;
             let first =
                 listen(addr, cfg.backlog).with_context(|| format!("listening on {addr}"))?;
             // Port 0 resolves on the first bind; the other fronts join that port.
@@ -334,8 +334,7 @@ impl Instance {
     }
 
     fn serve(&mut self, stop: &AtomicBool) -> Result<()> {
-        if let Some(addr) = &self.cfg.metrics {
-            let addr: SocketAddr = addr.parse()?;
+        if let Some(addr) = self.cfg.metrics {
             // The thread serves until the process exits; it reads the stats read-only.
             let (bound, _thread) = shmrelay::metrics::spawn(addr, self.cfg.instance.clone())
                 .with_context(|| format!("serving metrics on {addr}"))?;
