@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{setsockopt, sockopt};
+
 use crate::{frame, pattern, HEADER};
 
 /// What a read from the relay gave.
@@ -299,7 +301,7 @@ pub fn raw_connect(addr: SocketAddr, opts: SocketOpts, timeout: Duration) -> io:
     )
     .map_err(io::Error::from)?;
     if let Some(n) = opts.rcvbuf {
-        set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, n as i32)?;
+        setsockopt(&fd, sockopt::RcvBuf, &n).map_err(io::Error::from)?;
     }
     if let Some(src) = opts.source {
         bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0)))
@@ -338,40 +340,13 @@ pub fn raw_connect(addr: SocketAddr, opts: SocketOpts, timeout: Duration) -> io:
     Ok(stream)
 }
 
-fn set_int(fd: i32, level: i32, opt: i32, v: i32) -> io::Result<()> {
-    // SAFETY: a valid fd and an int option of the right size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&v as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Makes `close` send a reset instead of a FIN (SO_LINGER with a zero timeout).
 pub fn set_linger_zero(stream: &TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket and a linger struct of the right size.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    let _ = setsockopt(stream, sockopt::Linger, &l);
 }
 
 /// A well-behaved client doing round trips in the background (and answering pings), to show
