@@ -57,6 +57,8 @@
 //! heartbeats, so no pings and no heartbeat timeout: only `idle_timeout_ms` (if set) and TCP
 //! keepalive close a silent connection.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 use shmrelay_worker::Codec;
 
@@ -64,11 +66,11 @@ use shmrelay_worker::Codec;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Address to listen on (`host:port`; port 0 picks one).
-    pub listen: String,
-    /// `length-prefixed` (default), `line` or `resp`.
-    #[serde(default = "default_codec")]
-    pub codec: String,
+    /// Address to listen on (`IP:port`; port 0 picks one).
+    pub listen: SocketAddr,
+    /// `length-prefixed` (default), `line` or `resp`; any other name is a parse error.
+    #[serde(default, with = "codec_name")]
+    pub codec: Codec,
     /// Workers of this listener's pool (default 1).
     #[serde(default = "one")]
     pub workers: usize,
@@ -77,18 +79,30 @@ pub struct ListenerConfig {
     pub worker_cmd: Option<String>,
 }
 
-fn default_codec() -> String {
-    Codec::LengthPrefixed.name().into()
-}
-
 fn one() -> usize {
     1
 }
 
 impl ListenerConfig {
-    /// The codec (validated by [`Config::validate`]; unknown names fall back to the default).
+    /// The codec (an unknown name never gets this far: it fails the parse).
     pub fn codec(&self) -> Codec {
-        self.codec.parse().unwrap_or_default()
+        self.codec
+    }
+}
+
+/// A [`Codec`] in the config by its name (`length-prefixed`, `line`, `resp`), as `serde(with)`:
+/// an unknown name is an error that lists the valid ones, never a silent default.
+mod codec_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use shmrelay_worker::Codec;
+
+    pub fn serialize<S: Serializer>(codec: &Codec, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(codec.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Codec, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -98,8 +112,8 @@ impl ListenerConfig {
 pub struct Config {
     /// Instance name: part of every segment name.
     pub instance: String,
-    /// Address to listen on (`host:port`; port 0 picks one).
-    pub listen: String,
+    /// Address to listen on (`IP:port`; port 0 picks one).
+    pub listen: SocketAddr,
     /// Front processes.
     pub fronts: usize,
     /// Worker processes.
@@ -139,7 +153,7 @@ pub struct Config {
     /// Listen backlog.
     pub backlog: i32,
     /// Address to serve Prometheus metrics on (`GET /metrics`); off when unset.
-    pub metrics: Option<String>,
+    pub metrics: Option<SocketAddr>,
     /// Crashes of one worker within `crash_window_ms` that mark it failed.
     pub crash_limit: u32,
     /// The window for `crash_limit`.
@@ -164,7 +178,8 @@ pub struct Config {
     /// read each other's rings or /proc entries.
     pub worker_users: Vec<String>,
     /// Codec of the default listener (`length-prefixed`, `line`, `resp`).
-    pub codec: String,
+    #[serde(with = "codec_name")]
+    pub codec: Codec,
     /// `[[listener]]` tables; when empty, `listen`, `codec`, `workers` and `worker_cmd` make the
     /// single default listener.
     #[serde(rename = "listener")]
@@ -202,7 +217,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             instance: "default".into(),
-            listen: "127.0.0.1:7878".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
             fronts: 1,
             workers: 2,
             worker_cmd: None,
@@ -229,7 +244,7 @@ impl Default for Config {
             failed_retry_max_ms: 60_000,
             user: None,
             worker_users: Vec::new(),
-            codec: default_codec(),
+            codec: Codec::LengthPrefixed,
             listeners: Vec::new(),
             pending_budget: 256 << 20,
             partial_budget: 128 << 20,
@@ -269,8 +284,8 @@ impl Config {
     pub fn listeners(&self) -> Vec<ListenerConfig> {
         if self.listeners.is_empty() {
             vec![ListenerConfig {
-                listen: self.listen.clone(),
-                codec: self.codec.clone(),
+                listen: self.listen,
+                codec: self.codec,
                 workers: self.workers,
                 worker_cmd: self.worker_cmd.clone(),
             }]
@@ -395,32 +410,9 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(m) = &self.metrics {
-            if m.parse::<std::net::SocketAddr>().is_err() {
-                return bad("metrics", format!("{m:?} is not an IP:port address"));
-            }
-        }
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad(
-                "listen",
-                format!("{:?} is not an IP:port address", self.listen),
-            );
-        }
-        if let Err(e) = self.codec.parse::<Codec>() {
-            return bad("codec", e.to_string());
-        }
         for l in &self.listeners {
-            if l.listen.parse::<std::net::SocketAddr>().is_err() {
-                return bad(
-                    "listener.listen",
-                    format!("{:?} is not an IP:port address", l.listen),
-                );
-            }
-            if let Err(e) = l.codec.parse::<Codec>() {
-                return bad("listener.codec", e.to_string());
-            }
             if l.workers == 0 {
-                return bad("listener.workers", format!("{:?} has no workers", l.listen));
+                return bad("listener.workers", format!("{} has no workers", l.listen));
             }
         }
         if self.partial_budget < self.max_frame as usize + 4 {
@@ -490,14 +482,18 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.listeners().len(), 1);
         assert_eq!(d.total_workers(), 2);
-        let bad: Config =
-            toml::from_str("[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"xml\"\n").unwrap();
-        assert!(bad.validate().is_err());
-        assert!(Config::default()
-            .with_overrides(&["codec=resp".into()])
-            .unwrap()
-            .validate()
-            .is_ok());
+        // An unknown codec is a parse error naming the valid ones, never a silent default.
+        let err = |t: &str| toml::from_str::<Config>(t).unwrap_err().to_string();
+        let bad = err("[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"xml\"\n");
+        assert!(
+            bad.contains("\"xml\" (length-prefixed, line, resp)"),
+            "{bad}"
+        );
+        assert!(err("codec = \"Line\"\n").contains("unknown codec"));
+        let set = |kv: &str| Config::default().with_overrides(&[kv.into()]);
+        assert!(set("codec=xml").is_err());
+        assert_eq!(set("codec=resp").unwrap().codec, Codec::Resp);
+        assert!(set("codec=resp").unwrap().validate().is_ok());
     }
 
     #[test]
@@ -544,14 +540,15 @@ mod tests {
                 ..
             })
         ));
-        let c = Config {
-            listen: "nowhere".into(),
-            ..Config::default()
-        };
-        assert!(matches!(
-            c.validate(),
-            Err(ConfigError::Invalid { name: "listen", .. })
-        ));
+        // Addresses are typed: a bad one is a parse error, from the file or from --set.
+        assert!(toml::from_str::<Config>("listen = \"nowhere\"").is_err());
+        assert!(toml::from_str::<Config>("metrics = \"localhost\"").is_err());
+        let set = |kv: &str| Config::default().with_overrides(&[kv.into()]);
+        assert!(set("listen=nowhere").is_err());
+        assert_eq!(
+            set("metrics=127.0.0.1:9187").unwrap().metrics,
+            Some(([127, 0, 0, 1], 9187).into())
+        );
         let c = Config {
             partial_budget: 1000,
             ..Config::default()

@@ -39,7 +39,7 @@ struct RunArgs {
     instance: Option<String>,
     /// Address to listen on. [default: 127.0.0.1:7878]
     #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
+    listen: Option<std::net::SocketAddr>,
     /// Front processes. [default: 1]
     #[arg(long, value_name = "N")]
     fronts: Option<usize>,
@@ -63,7 +63,7 @@ struct RunArgs {
     drain_ms: Option<u64>,
     /// Serve Prometheus metrics on this address (`GET /metrics`). [default: off]
     #[arg(long, value_name = "ADDR")]
-    metrics: Option<String>,
+    metrics: Option<std::net::SocketAddr>,
     /// Any setting of the config file, e.g. `--set ping_min_ms=500` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,

@@ -3,15 +3,13 @@
 //! Tests that need a client binary print a note and pass when it is absent (`.ci/run`
 //! installs them).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{eventually, Relay};
+use shmrelay_tests::{eventually, Relay};
 
 /// Three listeners: length-prefixed echo, line echo, resp kv.
 fn three_listeners(name: &str) -> (Relay, Vec<SocketAddr>) {
@@ -88,7 +86,7 @@ fn line_and_resp_listeners_beside_the_default_one() {
         panic!("three listeners")
     };
     // The default codec, unchanged.
-    let mut c = common::Client::connect(lp);
+    let mut c = shmrelay_tests::Client::connect(lp);
     assert_eq!(c.roundtrip(b"hello").as_deref(), Some(&b"hello"[..]));
 
     // Line: `\r\n` and `\n` accepted, empty lines ignored, replies end in `\n`; split writes.
@@ -131,7 +129,7 @@ fn line_and_resp_listeners_beside_the_default_one() {
     );
 
     // Length-prefixed too-large frames keep their error frame.
-    let mut c = common::Client::connect(lp);
+    let mut c = shmrelay_tests::Client::connect(lp);
     c.stream.write_all(&100_000u32.to_be_bytes()).unwrap();
     let msg = c.recv().expect("error frame");
     assert!(String::from_utf8_lossy(&msg).starts_with("shmrelay-error: frame of 100000 bytes"));

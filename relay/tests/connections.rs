@@ -1,15 +1,13 @@
 //! Long-lived connections: admission control, heartbeats and timeouts, slow clients and
 //! backpressure, across real processes on loopback.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{eventually, pattern, Client, Relay};
 use shmrelay::stats::RejectReason;
+use shmrelay_tests::{eventually, pattern, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 fn journal_worker() -> String {
@@ -138,9 +136,7 @@ fn silent_client_is_closed_and_worker_told_why_while_a_ponging_client_stays() {
     let pongs = Arc::new(AtomicU64::new(0));
     let t = {
         let (stop, pongs) = (stop.clone(), pongs.clone());
-        let mut c = Client {
-            stream: alive.stream.try_clone().unwrap(),
-        };
+        let mut c = Client::from_stream(alive.stream.try_clone().unwrap());
         std::thread::spawn(move || {
             c.stream
                 .set_read_timeout(Some(Duration::from_millis(100)))
@@ -335,9 +331,7 @@ fn stopped_worker_fills_its_ring_then_everything_arrives_when_it_resumes() {
     // SAFETY: signalling our own test's worker.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     const N: usize = 400;
-    let mut writer = Client {
-        stream: c.stream.try_clone().unwrap(),
-    };
+    let mut writer = Client::from_stream(c.stream.try_clone().unwrap());
     let w = std::thread::spawn(move || {
         for i in 0..N {
             writer.send(&pattern(7, i, 8000));

@@ -1,12 +1,10 @@
 //! The relay end to end, as real processes on loopback: supervisor, front, workers.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{alive, eventually, pattern, Client, Relay};
+use shmrelay_tests::{alive, eventually, pattern, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 #[test]

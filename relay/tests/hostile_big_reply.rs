@@ -2,13 +2,11 @@
 //! connection's stream of replies: the worker SDK splits it over records and the front writes
 //! them out as one reply.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::Relay;
+use shmrelay_tests::Relay;
 
 fn kv_relay(name: &str) -> (Relay, SocketAddr) {
     let kv = format!("{} worker kv", env!("CARGO_BIN_EXE_shmrelay"));

@@ -2,14 +2,12 @@
 //! (`line` and `resp` have no heartbeats, so before this nothing ever closed a connection that
 //! sent half a command and went quiet).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::Relay;
+use shmrelay_tests::Relay;
 
 const SEC: Duration = Duration::from_secs(1);
 

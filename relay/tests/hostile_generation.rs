@@ -1,8 +1,6 @@
 //! A replacement worker gets fresh rings (a new ring generation, its predecessor's unanswered
 //! frames carried over): whatever an old process still holds of the old rings cannot reach it.
 
-mod common;
-
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -10,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, Relay};
+use shmrelay_tests::{eventually, Relay};
 
 fn kill(pid: u32, sig: i32) {
     assert!(pid > 0);
@@ -238,7 +236,9 @@ fn a_front_that_does_not_take_the_new_generation_is_restarted_on_it() {
         }),
         "the front and the worker were not both replaced"
     );
-    assert!(eventually(Duration::from_secs(5), || !common::alive(front)));
+    assert!(eventually(Duration::from_secs(5), || {
+        !shmrelay_tests::alive(front)
+    }));
     assert!(
         eventually(Duration::from_secs(20), || {
             let mut c = relay.connect();

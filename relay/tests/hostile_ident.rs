@@ -3,16 +3,14 @@
 //! the operators' stats view, a second relay of the same name in another shm directory, a
 //! bystander whose environment names the instance, a deleted stats file.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{alive, eventually, Client, Relay};
 use shmrelay::stats::{FrontStats, StatsHeader, WorkerStats, MAX_FRONTS};
+use shmrelay_tests::{alive, eventually, Client, Relay};
 
 /// A private directory (mode 1777 like /dev/shm) removed on drop.
 struct TempDir(PathBuf);
@@ -203,44 +201,7 @@ fn writing_the_stats_view_changes_no_decision_of_the_relay() {
 
 /// Starts a relay of instance `name` in shm directory `dir`; returns it and its address.
 fn start_in(dir: &Path, name: &str) -> Relay {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shmrelay"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--instance",
-            name,
-            "--workers",
-            "1",
-        ])
-        .env("SHMRELAY_SHM_DIR", dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("relay did not start")
-        .parse()
-        .unwrap();
-    Relay {
-        child,
-        addr,
-        instance: name.to_owned(),
-        metrics: None,
-    }
+    Relay::start_named(name, &["--workers", "1"], Some(dir))
 }
 
 fn children_of(pid: u32) -> Vec<u32> {

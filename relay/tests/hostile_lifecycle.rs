@@ -2,16 +2,14 @@
 //! positions (12.2), children that outlive their worker (12.3), poison frames (12.7), no worker
 //! left (12.8), a stopped front (12.10).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{alive, eventually, Client, Relay};
 use shmrelay::stats::{RejectReason, WorkerState};
+use shmrelay_tests::{alive, eventually, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shmrelay");

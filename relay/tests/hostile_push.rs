@@ -2,12 +2,10 @@
 //! "relay"`. A hostile worker (the scribbler's `push:F.S.G:BYTES`) pushes to a client of the
 //! other listener, whose id that client learned from its own journal worker.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{eventually, Client, Relay};
+use shmrelay_tests::{eventually, Client, Relay};
 
 /// Listener 0: the scribbler (can push anywhere); listener 1: the journal worker.
 fn two_listeners(name: &str, scope: &str) -> (Relay, Vec<std::net::SocketAddr>) {

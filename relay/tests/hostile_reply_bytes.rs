@@ -2,19 +2,17 @@
 //! front validated them, before or while the front writes them) cannot unframe its clients'
 //! streams: the front frames what it writes from its own copy of the lengths.
 
-mod common;
-
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::Relay;
+use shmrelay_tests::Relay;
 
 const LEN: usize = 64;
 const PIPE: usize = 32;
 
 fn payload() -> Vec<u8> {
     let mut p = b"ABCD".to_vec();
-    p.extend(common::pattern(1, 2, LEN - 4));
+    p.extend(shmrelay_tests::pattern(1, 2, LEN - 4));
     p
 }
 
@@ -153,7 +151,7 @@ fn four_kib_replies_stay_zero_copy() {
         .map(|i| {
             let mut c = relay.connect();
             std::thread::spawn(move || {
-                let frame = common::pattern(i, 0, 4096);
+                let frame = shmrelay_tests::pattern(i, 0, 4096);
                 for _ in 0..30 {
                     for _ in 0..16 {
                         c.send(&frame);
@@ -172,7 +170,7 @@ fn four_kib_replies_stay_zero_copy() {
     let f = stats.front(0);
     // The counters are published after the writes the clients already read: wait for them.
     let want_out = 20 * 30 * 16 * 4100;
-    common::eventually(Duration::from_secs(5), || {
+    shmrelay_tests::eventually(Duration::from_secs(5), || {
         f.bytes_out.load(Relaxed) >= want_out
     });
     let (inb, out, copied) = (
@@ -277,7 +275,7 @@ fn rings_a_process_only_reads_are_mapped_read_only() {
         let pid = relay.worker_pid(w);
         // One front: its request ring read-only, its reply ring read-write (once attached: the
         // round trip above went to one worker only).
-        common::eventually(Duration::from_secs(5), || {
+        shmrelay_tests::eventually(Duration::from_secs(5), || {
             count(pid, "r--s") == 1 && count(pid, "rw-s") == 1
         });
         assert_eq!(count(pid, "r--s"), 1, "worker {w}'s request ring");

@@ -3,12 +3,10 @@
 //! Needs root (to create the users and to start workers as them); skipped with a note
 //! otherwise.
 
-mod common;
-
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use common::Relay;
+use shmrelay_tests::Relay;
 
 fn ensure_user(name: &str) -> Option<u32> {
     let lookup = || {

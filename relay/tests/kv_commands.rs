@@ -4,14 +4,12 @@
 //! that needs one prints a note and passes when it is absent (`.ci/run` installs them); the
 //! pool test speaks RESP itself and always runs.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::Relay;
+use shmrelay_tests::{eventually, Relay};
 use shmrelay_worker::slot::{pool_member, POOL_SIZE_ENV};
 
 /// A relay with one `resp` listener of `workers` kv workers, started through `env` with the
@@ -99,7 +97,7 @@ fn every_command_family_through_redis_cli() {
     assert_eq!(cli.run(&["PERSIST", "s"]), "1");
     assert_eq!(cli.run(&["PTTL", "s"]), "-1");
     assert_eq!(cli.run(&["PSETEX", "p", "30", "v"]), "OK");
-    assert!(common::eventually(Duration::from_secs(5), || cli
+    assert!(eventually(Duration::from_secs(5), || cli
         .run(&["EXISTS", "p"])
         == "0"));
     assert_eq!(cli.run(&["PTTL", "p"]), "-2");

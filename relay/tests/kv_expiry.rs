@@ -4,13 +4,11 @@
 //! 67 MiB; 23.5 s for the SETs, 6.3 s for the PINGs: every sweep walked the list); after it the
 //! worker stays at its size (2.0 s, 0.09 s). Asserted on memory only (timings are printed).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{rss_kib, Relay};
+use shmrelay_tests::{rss_kib, Relay};
 
 /// Writes `cmds` (from another thread) and reads `n` copies of `reply`, checking each byte.
 fn pipeline(s: &mut TcpStream, cmds: Vec<u8>, reply: &'static [u8], n: usize) {

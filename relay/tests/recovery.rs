@@ -1,15 +1,13 @@
 //! Crashes, hangs and leaks: the relay survives its processes failing, loses nothing, and says
 //! what happened.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{alive, eventually, Client, Relay};
 use shmrelay::stats::WorkerState;
+use shmrelay_tests::{alive, eventually, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 fn journal_worker() -> String {
@@ -298,12 +296,7 @@ fn stale_segments_of_a_dead_instance_are_removed_at_start() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut relay = Relay {
-        child: out,
-        addr: "127.0.0.1:1".parse().unwrap(),
-        instance: instance.clone(),
-        metrics: None,
-    };
+    let mut relay = Relay::from_child(out, &instance);
     assert!(eventually(Duration::from_secs(10), || {
         shmrelay::stats::Stats::open_readonly(&stats_path)
             .map(|s| s.header().supervisor_pid.load(Ordering::Relaxed) == relay.child.id())

@@ -7,15 +7,13 @@
 //! connection's pending bound stalls that client (the front stops reading it) instead of
 //! growing the front or closing the connection.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{rss_kib, Relay};
+use shmrelay_tests::{rss_kib, Relay};
 
 /// The tests of this file run one at a time: each loads the machine (a long pipeline), and one
 /// of them measures another client's latency.

@@ -34,7 +34,7 @@ fn stable_fds(pid: u32) -> usize {
 #[test]
 fn ten_thousand_connect_and_close_per_second_leak_nothing_and_stall_nobody() {
     let _w = Watchdog::new("connect_flood", Duration::from_secs(180));
-    let relay = Relay::start("flood", &[]);
+    let relay = Relay::start_serving("flood", &[]);
     let front = relay.front_pid(0);
     let restarts = relay.front_restarts(0);
     let probe = Probe::start(relay.addr, Duration::from_millis(10), 10 * SEC);

@@ -61,10 +61,10 @@ fn assert_error_then_close(c: &mut Client, len: u32, max: u32, what: &str) {
 #[test]
 fn length_ffffffff_gets_the_error_frame_then_close_and_others_are_unaffected() {
     let _w = Watchdog::new("length_ffffffff", Duration::from_secs(120));
-    let relay = Relay::start("ffffffff", &[]);
+    let relay = Relay::start_serving("ffffffff", &[]);
     let mut bystander = relay.connect();
     assert_eq!(
-        bystander.roundtrip(b"before", 10 * SEC),
+        bystander.roundtrip_within(b"before", 10 * SEC),
         Recv::Frame(b"before".to_vec())
     );
 
@@ -94,11 +94,11 @@ fn length_ffffffff_gets_the_error_frame_then_close_and_others_are_unaffected() {
     // Nobody else noticed.
     for i in 0..50 {
         let p = pattern(1, i, 1 + i * 37);
-        assert_eq!(bystander.roundtrip(&p, 10 * SEC), Recv::Frame(p));
+        assert_eq!(bystander.roundtrip_within(&p, 10 * SEC), Recv::Frame(p));
     }
     let mut fresh = relay.connect();
     assert_eq!(
-        fresh.roundtrip(b"after", 10 * SEC),
+        fresh.roundtrip_within(b"after", 10 * SEC),
         Recv::Frame(b"after".to_vec())
     );
     assert_counts(&relay, 2);
@@ -111,13 +111,17 @@ fn a_frame_of_exactly_max_frame_is_echoed_and_one_byte_more_is_refused() {
     let _w = Watchdog::new("max_frame_edges", Duration::from_secs(180));
     for max in [1000u32, DEFAULT_MAX_FRAME] {
         let set = format!("max_frame={max}");
-        let relay = Relay::start(&format!("limit{max}"), &["--set", &set]);
+        let relay = Relay::start_serving(&format!("limit{max}"), &["--set", &set]);
 
         // Exactly the limit: accepted and echoed, byte for byte; twice, to cross the carry.
         let mut c = relay.connect();
         for seq in 0..2 {
             let p = pattern(max as usize, seq, max as usize);
-            assert_eq!(c.roundtrip(&p, 30 * SEC), Recv::Frame(p), "limit {max}");
+            assert_eq!(
+                c.roundtrip_within(&p, 30 * SEC),
+                Recv::Frame(p),
+                "limit {max}"
+            );
         }
 
         // One byte over, header only.
@@ -138,14 +142,14 @@ fn a_frame_of_exactly_max_frame_is_echoed_and_one_byte_more_is_refused() {
         assert_counts(&relay, 2);
         // The connection that sent the limit is still served.
         let p = pattern(3, 3, max as usize);
-        assert_eq!(c.roundtrip(&p, 30 * SEC), Recv::Frame(p));
+        assert_eq!(c.roundtrip_within(&p, 30 * SEC), Recv::Frame(p));
     }
 }
 
 #[test]
 fn truncated_header_then_silence_is_closed_at_the_heartbeat_timeout() {
     let _w = Watchdog::new("truncated_header", Duration::from_secs(120));
-    let relay = Relay::start("truncated", &FAST_TIMEOUT);
+    let relay = Relay::start_serving("truncated", &FAST_TIMEOUT);
     let probe = Probe::start(relay.addr, Duration::from_millis(50), 10 * SEC);
     let mut cases: Vec<(usize, Client, Instant)> = (1..HEADER)
         .map(|n| {
@@ -213,7 +217,7 @@ fn garbage(seed: u64) -> Vec<u8> {
 #[test]
 fn random_garbage_gets_what_the_framing_rule_says() {
     let _w = Watchdog::new("random_garbage", Duration::from_secs(180));
-    let relay = Relay::start("garbage", &[]);
+    let relay = Relay::start_serving("garbage", &[]);
     let mut probe = relay.connect();
     let mut open = Vec::new();
     let mut errors = 0;
@@ -256,7 +260,7 @@ fn random_garbage_gets_what_the_framing_rule_says() {
                 let mut echoes = Vec::new();
                 let mut beats = 0;
                 while echoes.len() < want.echoes.len() || beats < want.heartbeats {
-                    match c.recv(10 * SEC) {
+                    match c.recv_within(10 * SEC) {
                         Recv::Frame(p) if p.is_empty() => beats += 1,
                         Recv::Frame(p) => echoes.push(p),
                         other => panic!("{what}: {other:?} after {echoes:?}, {beats} heartbeats"),
@@ -269,7 +273,11 @@ fn random_garbage_gets_what_the_framing_rule_says() {
         }
         // A well-behaved connection is served between the hostile ones.
         let p = pattern(0, seed as usize, 1 + seed as usize);
-        assert_eq!(probe.roundtrip(&p, 10 * SEC), Recv::Frame(p), "{what}");
+        assert_eq!(
+            probe.roundtrip_within(&p, 10 * SEC),
+            Recv::Frame(p),
+            "{what}"
+        );
     }
     assert!(kinds_error > 0 && kinds_open > 0, "both outcomes exercised");
     // The connections whose bytes were valid (up to a partial frame) stay open.
@@ -277,7 +285,7 @@ fn random_garbage_gets_what_the_framing_rule_says() {
     for (what, c) in &mut open {
         assert!(!c.is_closed(), "{what}: closed, but its bytes were valid");
         assert_eq!(
-            c.recv(Duration::from_millis(1)),
+            c.recv_within(Duration::from_millis(1)),
             Recv::Timeout,
             "{what}: nothing more"
         );
@@ -300,7 +308,7 @@ fn half_closed_client_is_closed_and_gets_nothing_but_its_echoes() {
     // The relay closes a half-closed connection once its replies are out (at the latest at
     // the heartbeat timeout), and what came first are the echoes of its frames, in order.
     let _w = Watchdog::new("half_closed", Duration::from_secs(180));
-    let relay = Relay::start("halfclose", &FAST_TIMEOUT);
+    let relay = Relay::start_serving("halfclose", &FAST_TIMEOUT);
     for round in 0..8 {
         let (mut c, sent) = half_close_round(&relay, round);
         c.shutdown_write();
@@ -320,7 +328,7 @@ fn half_closed_client_is_closed_and_gets_nothing_but_its_echoes() {
 #[test]
 fn half_closed_client_gets_replies_still_at_the_worker() {
     let _w = Watchdog::new("half_closed_slow_worker", Duration::from_secs(120));
-    let relay = Relay::start(
+    let relay = Relay::start_serving(
         "halfclose-worker",
         &["--workers", "1", "--set", "kill_hung=false"],
     );
@@ -353,7 +361,7 @@ fn half_closed_client_gets_replies_still_at_the_worker() {
 fn fin_arriving_with_the_data_closes_at_once() {
     let _w = Watchdog::new("fin_with_data", Duration::from_secs(120));
     // A 10 s heartbeat timeout, far from the 2 s this test allows for the close.
-    let relay = Relay::start(
+    let relay = Relay::start_serving(
         "fin-with-data",
         &[
             "--set",
@@ -397,7 +405,7 @@ fn fin_arriving_with_the_data_closes_at_once() {
 fn twenty_clients_that_never_read_are_all_dropped_as_slow_consumers() {
     const BAD: usize = 20;
     let _w = Watchdog::new("never_read", Duration::from_secs(240));
-    let relay = Relay::start("neverread", &["--set", "max_pending=65536"]);
+    let relay = Relay::start_serving("neverread", &["--set", "max_pending=65536"]);
     let probe = Probe::start(relay.addr, Duration::from_millis(20), 30 * SEC);
     let addr = relay.addr;
     let writers: Vec<_> = (0..BAD)
@@ -455,7 +463,7 @@ fn twenty_clients_that_never_read_are_all_dropped_as_slow_consumers() {
 fn fifty_slowloris_connections_are_all_closed_at_the_heartbeat_timeout() {
     const N: usize = 50;
     let _w = Watchdog::new("slowloris_50", Duration::from_secs(120));
-    let relay = Relay::start("slowloris50", &FAST_TIMEOUT);
+    let relay = Relay::start_serving("slowloris50", &FAST_TIMEOUT);
     let probe = Probe::start(relay.addr, Duration::from_millis(50), 10 * SEC);
     // Each announces 100 bytes, then trickles one byte every 100 ms: bytes keep arriving,
     // a frame never does.

@@ -20,7 +20,7 @@ fn dead_letters_lists_the_poison_frame_and_its_connection() {
         format!("{} worker scribbler", bin.display())
     );
     // Stopped on drop, also when an assertion below fails.
-    let relay = Relay::start(&instance, &["--workers", "1", "--set", &worker], None);
+    let relay = Relay::start_named(&instance, &["--workers", "1", "--set", &worker], None);
     let addr = relay.addr;
     let relayctl = |args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayctl"));

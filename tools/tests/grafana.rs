@@ -153,7 +153,7 @@ fn live_scrape() -> String {
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let instance = format!("grafana-{}", std::process::id());
-    let relay = Relay::start(&instance, &["--metrics", &metrics], None);
+    let relay = Relay::start_named(&instance, &["--metrics", &metrics], None);
     // One request and its reply, so the traffic counters exist with values.
     let mut c = TcpStream::connect(relay.addr).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -207,7 +207,7 @@ fn gc_in_another_pid_namespace_never_removes_a_live_relays_files() {
     }
     let tmp = TempShm::new("pidns");
     let dir = tmp.0.as_path();
-    let relay = Relay::start("nsrelay", &["--workers", "1"], Some(dir));
+    let relay = Relay::start_named("nsrelay", &["--workers", "1"], Some(dir));
     let view = dir.join("shmrelay.nsrelay.stats");
     assert!(view.exists());
     for args in [&["list", "--json"][..], &["gc", "--json"]] {
@@ -261,7 +261,7 @@ fn relayctl_list_and_gc_on_a_crowded_directory_finish() {
     for i in 0..FILES {
         std::fs::write(dir.join(format!("shmrelay.i{i}.stats")), b"").unwrap();
     }
-    let relay = Relay::start("crowdlive", &["--workers", "1"], Some(dir));
+    let relay = Relay::start_named("crowdlive", &["--workers", "1"], Some(dir));
     let t = Instant::now();
     let o = relayctl(dir, &["list", "--json"]);
     let list_time = t.elapsed();

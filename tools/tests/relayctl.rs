@@ -118,7 +118,7 @@ impl Load {
 
 #[test]
 fn stat_list_top_and_metrics_on_a_loaded_relay() {
-    let relay = Relay::start(&format!("ctl-load-{}", std::process::id()), &[], None);
+    let relay = Relay::start_named(&format!("ctl-load-{}", std::process::id()), &[], None);
     let name = relay.instance.as_str();
     let load = Load::start(relay.addr, 4);
     // Let some traffic through before sampling.

@@ -22,7 +22,6 @@ mod watch;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -162,7 +161,7 @@ impl Instance {
         let mut listeners: Vec<Vec<std::net::TcpListener>> =
             (0..cfg.fronts).map(|_| Vec::new()).collect();
         for spec in cfg.listeners() {
-            let addr: SocketAddr = spec.listen.parse()?;
+            let addr = spec.listen;
             let first = listen::listen(addr, cfg.backlog)
                 .with_context(|| format!("listening on {addr}"))?;
             // Port 0 resolves on the first bind; the other fronts join that port.
@@ -222,8 +221,7 @@ impl Instance {
     }
 
     fn serve(&mut self) -> Result<()> {
-        if let Some(addr) = &self.cfg.metrics {
-            let addr: SocketAddr = addr.parse()?;
+        if let Some(addr) = self.cfg.metrics {
             // The thread serves until the process exits; it reads the stats read-only.
             let (bound, _thread) = shmrelay::metrics::spawn(addr, self.cfg.instance.clone())
                 .with_context(|| format!("serving metrics on {addr}"))?;
@@ -240,7 +238,7 @@ impl Instance {
         // One line per listener, in configuration order (the first is the default listener's).
         for (l, spec) in self.cfg.listeners().iter().enumerate() {
             let addr = self.listeners[0][l].local_addr()?;
-            info!(%addr, codec = spec.codec, "listening on {addr}");
+            info!(%addr, codec = %spec.codec, "listening on {addr}");
             println!(
                 "shmrelay: listening on {addr} (instance {}, codec {})",
                 self.cfg.instance, spec.codec

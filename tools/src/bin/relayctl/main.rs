@@ -8,8 +8,7 @@
 //! or removed (see `shmrelay::view` and `shmrelay::names::open_checked`). `--json` prints the structs of
 //! `shmrelay::report`, whose rustdoc is the schema.
 
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -320,17 +319,15 @@ fn top(
     iterations: Option<u64>,
     json: bool,
 ) -> Result<ExitCode> {
-    term::install_quit_handlers().context("installing signal handlers")?;
-    let stdout_fd = io::stdout().as_raw_fd();
-    let stdin_fd = io::stdin().as_raw_fd();
-    let screen = !json && term::is_tty(stdout_fd);
+    let quit = term::QuitSignals::install().context("installing signal handlers")?;
+    let screen = !json && io::stdout().is_terminal();
     // Raw input only when someone can type at a terminal that also shows the screen.
-    let raw = if screen && term::is_tty(stdin_fd) {
-        Some(term::RawMode::enable(stdin_fd).context("switching the terminal to raw mode")?)
+    let raw = if screen && io::stdin().is_terminal() {
+        Some(term::RawMode::enable().context("switching the terminal to raw mode")?)
     } else {
         None
     };
-    let input = raw.as_ref().map(|_| stdin_fd);
+    let keys = raw.is_some();
     let _alt = if screen {
         Some(term::AltScreen::enter(out)?)
     } else {
@@ -358,12 +355,12 @@ fn top(
         if json {
             writeln!(out, "{}", serde_json::to_string(&r)?)?;
         } else if screen {
-            let rows = term::window_size(stdout_fd).map(|(rows, _)| rows);
-            let frame = render::top(&r, rows);
+            let frame = render::top(&r, term::window_rows());
             let mut buf = String::from("\x1b[H");
             for line in frame.lines() {
                 buf.push_str(line);
-                buf.push_str("\x1b[K\n");
+                // \r: raw mode turns off the terminal's own \n -> \r\n.
+                buf.push_str(if keys { "\x1b[K\r\n" } else { "\x1b[K\n" });
             }
             buf.push_str("\x1b[J");
             out.write_all(buf.as_bytes())?;
@@ -379,7 +376,7 @@ fn top(
         if iterations.is_some_and(|n| frames >= n) {
             break;
         }
-        if term::wait(input, interval)? == term::Wake::Quit {
+        if term::wait(&quit, keys, interval)? == term::Wake::Quit {
             break;
         }
     }
