@@ -98,12 +98,25 @@ fn frame_client_reads_lines_from_stdin() {
 
 #[test]
 fn frame_client_fails_clearly_without_a_server() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    // A port bound but not listening, held for the whole test: connecting is refused, and no
+    // other test of this binary can be given the port meanwhile (a released port can).
+    use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType};
+    use nix::sys::socket::{SockaddrIn, SockaddrLike};
+    let held = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&held),
+        &SockaddrIn::new(127, 0, 0, 1, 0),
+    )
+    .unwrap();
+    let bound: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&held)).unwrap();
+    assert_eq!(bound.family(), Some(AddressFamily::Inet));
+    let addr = format!("127.0.0.1:{}", bound.port());
     let out = client(&["--addr", &addr, "hi"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
