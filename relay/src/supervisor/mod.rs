@@ -118,11 +118,18 @@ struct Instance {
 /// Runs the relay until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> Result<()> {
     cfg.validate()?;
+    let addrs: Vec<_> = cfg.listeners().iter().map(|l| l.listen).collect();
+    listen::check_distinct(&addrs)?;
     // Stop on SIGINT/SIGTERM/SIGHUP, retry failed workers on SIGUSR1.
     signals::install_supervisor().context("installing the signal handlers")?;
     strays::own_descendants()?;
     let (stale, dead_run) = claim::claim_instance(&cfg.instance)?;
     let orphans = claim::kill_orphans(&cfg.instance, dead_run);
+    // A dead run's orphans may still hold its listeners for a moment after their SIGKILL.
+    let patience = Duration::from_secs(if orphans > 0 { 2 } else { 0 });
+    for &addr in &addrs {
+        listen::check_free(addr, patience)?;
+    }
     // Nothing named exists until the very end of `create` (the view, renamed into place):
     // a failed start leaves nothing behind.
     let mut inst = Instance::create(cfg, stale, orphans)?;
