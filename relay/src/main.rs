@@ -16,6 +16,7 @@ use shmrelay_worker::protocol::{env, inherited_fd, Channel};
 
 mod faults;
 mod faults_flip;
+mod logging;
 mod supervisor;
 mod watchdog;
 
@@ -89,12 +90,7 @@ struct FrontArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
     let cli = Cli::parse();
     let result = match cli.cmd {
         None => settings(cli.run).and_then(supervisor::run),
@@ -104,7 +100,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shmrelay: {e:#}");
+            logging::error_line(format_args!("shmrelay: {e:#}"));
             ExitCode::from(2)
         }
     }

@@ -2,12 +2,16 @@
 //! are refused, a closed stderr neither panics the relay nor skips its clean-up, logs read
 //! well through a pipe, and a worker's clean exit is not a crash.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdout, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shmrelay_tests::{shmrelay_bin, Client, Recv, Relay, Watchdog};
+use shmrelay::stats::WorkerState;
+use shmrelay_tests::{eventually, shmrelay_bin, Client, Recv, Relay, Watchdog};
 
 /// A unique instance name for a relay this file starts itself.
 fn instance(name: &str) -> String {
@@ -88,4 +92,190 @@ fn a_second_relay_on_a_running_relays_port_is_refused_and_the_first_keeps_every_
         );
     }
     assert_eq!(first.conns_total(), 20);
+}
+
+/// A fresh directory for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shmrelay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Reads `stdout` up to the relay's `listening on` line; returns the address.
+fn listening(stdout: &mut BufReader<ChildStdout>) -> SocketAddr {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = stdout
+            .read_line(&mut line)
+            .expect("read the relay's stdout");
+        assert!(n > 0, "the relay ended before `listening on`");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            return rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    }
+}
+
+/// Starts `shmrelay --listen 127.0.0.1:0 --instance NAME ARGS` at log level info, with its
+/// stdout and stderr on pipes (in its own process group, as a shell job), in `shm_dir` if
+/// given; waits for `listening on`. Returns the relay, its address, its stdout (past that
+/// line) and its stderr, the read end of that pipe, for the test to read or close.
+fn start_piped(
+    name: &str,
+    args: &[&str],
+    shm_dir: Option<&Path>,
+) -> (
+    Relay,
+    SocketAddr,
+    BufReader<ChildStdout>,
+    std::process::ChildStderr,
+) {
+    let inst = instance(name);
+    let mut cmd = Command::new(shmrelay_bin());
+    cmd.args(["--listen", "127.0.0.1:0", "--instance", &inst])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(dir) = shm_dir {
+        cmd.env("SHMRELAY_SHM_DIR", dir);
+    }
+    let mut child = cmd.spawn().expect("start shmrelay");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = child.stderr.take().unwrap();
+    let relay = Relay::from_child(child, &inst);
+    let addr = listening(&mut stdout);
+    (relay, addr, stdout, stderr)
+}
+
+#[test]
+fn ctrl_c_with_stdout_and_stderr_closed_exits_cleanly_and_removes_every_file() {
+    let _w = Watchdog::new("ctrl_c_closed_pipe", Duration::from_secs(120));
+    let dir = scratch("pipe");
+    // `shmrelay 2>&1 | tee log`, then Ctrl-C: SIGINT ends `tee` too, and from then on every
+    // log line the relay writes (draining, stopping) meets a pipe without a reader.
+    let (mut relay, addr, stdout, stderr) = start_piped("pipe", &[], Some(&dir));
+    let mut c = Client::connect(addr);
+    assert_eq!(
+        c.roundtrip_within(b"before", Duration::from_secs(20)),
+        Recv::Frame(b"before".to_vec())
+    );
+    drop((stdout, stderr));
+    // Ctrl-C: the terminal signals the whole foreground job (the supervisor and its fronts).
+    let group = -(relay.child.id() as i32);
+    // SAFETY: kill(2) on the process group of a child this test started.
+    let sent = unsafe { libc::kill(group, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let code = relay.wait_exit(Duration::from_secs(30));
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        code,
+        Some(0),
+        "exit status after SIGINT with a closed stderr"
+    );
+    assert!(left.is_empty(), "files left in the shm dir: {left:?}");
+}
+
+/// A worker command: worker 1 exits at once with the status given as its argument; any other
+/// runs the built-in echo worker.
+fn worker_script(dir: &Path) -> PathBuf {
+    let script = dir.join("worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$SHMRELAY_WORKER_INDEX\" = 1 ] && exit \"$1\"\nexec {} worker echo\n",
+            shmrelay_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+fn worker_state(relay: &Relay, w: usize) -> (u32, u64, u32) {
+    let s = relay.stats_now();
+    let ws = s.worker(w);
+    (
+        ws.state.load(Ordering::Relaxed),
+        ws.crashes.load(Ordering::Relaxed),
+        ws.restarts.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn a_worker_exiting_0_is_restarted_but_never_failed_and_the_log_reads_plainly() {
+    let _w = Watchdog::new("clean_exit", Duration::from_secs(120));
+    let dir = scratch("clean-exit");
+    let cmd = format!(
+        "worker_cmd={:?}",
+        format!("{} 0", worker_script(&dir).display())
+    );
+    let (mut relay, _addr, _stdout, stderr) = start_piped(
+        "clean-exit",
+        &["--workers", "2", "--set", "crash_limit=3", "--set", &cmd],
+        None,
+    );
+    let log = collect(stderr);
+    // Past the crash limit in exits, with the backoff (0, 0, 100, 200, 400 ms ...).
+    assert!(
+        eventually(Duration::from_secs(30), || worker_state(&relay, 1).2 >= 6),
+        "worker 1 restarted: {:?}",
+        worker_state(&relay, 1)
+    );
+    let (state, crashes, restarts) = worker_state(&relay, 1);
+    assert_ne!(state, WorkerState::Failed as u32, "{restarts} clean exits");
+    assert_eq!(crashes, 0, "clean exits are not crashes");
+    // A crash of the echo worker, for its line in the log.
+    let pid = relay.worker_pid(0);
+    shmrelay_tests::signal(pid, libc::SIGKILL);
+    assert!(eventually(Duration::from_secs(20), || {
+        let p = relay.worker_pid(0);
+        p != 0 && p != pid
+    }));
+    assert_eq!(worker_state(&relay, 0).1, 1, "a SIGKILL is a crash");
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = log.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !log.contains("\x1b["),
+        "colour codes in a piped log:\n{log}"
+    );
+    assert!(
+        log.contains("exited with status 0; restarting (not counted as a crash)"),
+        "{log}"
+    );
+    assert!(log.contains("killed by SIGKILL; restarting"), "{log}");
+    assert!(!log.contains("Exited(Pid("), "{log}");
+}
+
+#[test]
+fn a_worker_exiting_1_is_marked_failed_after_the_crash_limit() {
+    let _w = Watchdog::new("crash_exit", Duration::from_secs(120));
+    let dir = scratch("crash-exit");
+    let cmd = format!(
+        "worker_cmd={:?}",
+        format!("{} 1", worker_script(&dir).display())
+    );
+    let (relay, _addr, _stdout, stderr) = start_piped(
+        "crash-exit",
+        &["--workers", "2", "--set", "crash_limit=3", "--set", &cmd],
+        None,
+    );
+    // Read, so that the crash warnings never fill the pipe.
+    let _log = collect(stderr);
+    let failed = eventually(Duration::from_secs(30), || {
+        worker_state(&relay, 1).0 == WorkerState::Failed as u32
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(failed, "worker 1: {:?}", worker_state(&relay, 1));
+    assert!(worker_state(&relay, 1).1 >= 3);
 }

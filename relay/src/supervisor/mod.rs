@@ -21,7 +21,6 @@ mod strays;
 mod watch;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,6 +37,7 @@ use shmrelay::view::{self, Publisher};
 use tracing::{error, info, warn};
 
 use self::generation::{control_pair, Control};
+use crate::logging::out_line;
 use crate::watchdog::{self, Growth, HangWatch};
 
 /// Which process a slot holds.
@@ -233,7 +233,7 @@ impl Instance {
             let (bound, _thread) = shmrelay::metrics::spawn(addr, self.cfg.instance.clone())
                 .with_context(|| format!("serving metrics on {addr}"))?;
             info!(%bound, "metrics on http://{bound}/metrics");
-            println!("shmrelay: metrics on http://{bound}/metrics");
+            out_line(format_args!("shmrelay: metrics on http://{bound}/metrics"));
         }
         for f in 0..self.cfg.fronts {
             let ready = self.start(Role::Front(f))?;
@@ -246,13 +246,12 @@ impl Instance {
         for (l, spec) in self.cfg.listeners().iter().enumerate() {
             let addr = self.listeners[0][l].local_addr()?;
             info!(%addr, codec = %spec.codec, "listening on {addr}");
-            println!(
+            out_line(format_args!(
                 "shmrelay: listening on {addr} (instance {}, codec {})",
                 self.cfg.instance, spec.codec
-            );
+            ));
         }
         self.publish();
-        let _ = std::io::stdout().flush();
         let mut last_publish = Instant::now();
         let mut last_watch = Instant::now();
         let mut last_metrics = Instant::now();
