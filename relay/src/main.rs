@@ -35,10 +35,11 @@ struct RunArgs {
     /// TOML settings file; flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
-    /// Instance name (segments are /dev/shm/shmrelay.NAME.*). [default: default]
+    /// Instance name: its stats view is /dev/shm/shmrelay.NAME.stats ($SHMRELAY_SHM_DIR
+    /// overrides the directory); one live relay per name. [default: default]
     #[arg(long)]
     instance: Option<String>,
-    /// Address to listen on. [default: 127.0.0.1:7878]
+    /// Address to listen on (port 0 picks one). [default: 127.0.0.1:7878]
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
     /// Front processes. [default: 1]
@@ -47,13 +48,13 @@ struct RunArgs {
     /// Worker processes. [default: 2]
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// Worker command line, "PATH ARGS". [default: the built-in echo worker]
+    /// Worker command line, "PATH ARGS", split on whitespace. [default: the built-in echo worker]
     #[arg(long, value_name = "CMD")]
     worker_cmd: Option<String>,
     /// Largest frame payload from a client, in bytes. [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
-    /// Connections per front. [default: 100000]
+    /// Open connections across all fronts. [default: 100000]
     #[arg(long, value_name = "N")]
     max_conns: Option<u64>,
     /// Bytes per ring (power of two). [default: fits two maximum frames, at least 4 MiB]
