@@ -6,6 +6,7 @@
 //! fronts = 1                 # front processes (sharing one listening socket)
 //! workers = 2                # worker processes
 //! # worker_cmd = "/usr/local/bin/my-worker --flag"   # default: the built-in echo worker
+//! # worker_cmd = ["/bin/sh", "-c", "exec my-worker 2>>/var/log/w.log"]  # or an argv array
 //! max_frame = 1048576        # largest frame payload from a client, bytes
 //! max_conns = 100000         # connections across all fronts
 //! max_conns_per_addr = 0     # connections per client IP address across all fronts (0: no cap)
@@ -74,9 +75,56 @@ pub struct ListenerConfig {
     /// Workers of this listener's pool (default 1).
     #[serde(default = "one")]
     pub workers: usize,
-    /// Worker command line; `None` runs the built-in echo worker.
+    /// Worker command; `None` runs the built-in echo worker.
     #[serde(default)]
-    pub worker_cmd: Option<String>,
+    pub worker_cmd: Option<WorkerCmd>,
+}
+
+/// A worker command: a command line split with shell-word rules, or an argv array.
+///
+/// No shell runs it: quotes and backslashes group words (`"/bin/sh -c 'exec my-worker'"` is
+/// three words), nothing is expanded. For pipes or redirections, name a shell in the command.
+///
+/// ```
+/// use shmrelay::config::WorkerCmd;
+/// let line = WorkerCmd::Line("/bin/sh -c 'exec my-worker --flag'".into());
+/// assert_eq!(line.argv().unwrap(), ["/bin/sh", "-c", "exec my-worker --flag"]);
+/// let argv = WorkerCmd::Argv(vec!["/usr/bin/my worker".into()]);
+/// assert_eq!(argv.argv().unwrap(), ["/usr/bin/my worker"]);
+/// assert!(WorkerCmd::Line("/bin/sh -c 'unterminated".into()).argv().is_err());
+/// ```
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum WorkerCmd {
+    /// `worker_cmd = "PATH ARGS"`, split with shell-word rules.
+    Line(String),
+    /// `worker_cmd = ["PATH", "ARG", ...]`, taken as it is.
+    Argv(Vec<String>),
+}
+
+impl WorkerCmd {
+    /// The program and its arguments.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] (`worker_cmd`) for an unterminated quote or a trailing
+    /// backslash, or a command with no program.
+    pub fn argv(&self) -> Result<Vec<String>, ConfigError> {
+        let bad = |problem: String| ConfigError::Invalid {
+            name: "worker_cmd",
+            problem,
+        };
+        let argv = match self {
+            WorkerCmd::Line(line) => {
+                shell_words::split(line).map_err(|e| bad(format!("{line:?}: {e}")))?
+            }
+            WorkerCmd::Argv(argv) => argv.clone(),
+        };
+        match argv.first() {
+            Some(prog) if !prog.is_empty() => Ok(argv),
+            _ => Err(bad(format!("{self:?} names no program"))),
+        }
+    }
 }
 
 fn one() -> usize {
@@ -118,8 +166,8 @@ pub struct Config {
     pub fronts: usize,
     /// Worker processes.
     pub workers: usize,
-    /// Worker command line (split on whitespace); `None` runs the built-in echo worker.
-    pub worker_cmd: Option<String>,
+    /// Worker command; `None` runs the built-in echo worker.
+    pub worker_cmd: Option<WorkerCmd>,
     /// Largest frame payload accepted from a client.
     pub max_frame: u32,
     /// Connections open at once across all fronts.
@@ -410,6 +458,11 @@ impl Config {
                     .into(),
             );
         }
+        for l in self.listeners() {
+            if let Some(cmd) = &l.worker_cmd {
+                cmd.argv()?;
+            }
+        }
         for l in &self.listeners {
             if l.workers == 0 {
                 return bad("listener.workers", format!("{} has no workers", l.listen));
@@ -506,7 +559,7 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(c.ping_min_ms, 250);
-        assert_eq!(c.worker_cmd.as_deref(), Some("/bin/cat"));
+        assert_eq!(c.worker_cmd, Some(WorkerCmd::Line("/bin/cat".into())));
         assert!(!c.pause_accept_when_overloaded);
         assert!(Config::default()
             .with_overrides(&["nope=1".into()])
@@ -514,6 +567,39 @@ mod tests {
         assert!(Config::default()
             .with_overrides(&["fronts=many".into()])
             .is_err());
+    }
+
+    #[test]
+    fn a_worker_cmd_is_a_shell_word_line_or_an_array_and_a_bad_one_is_refused_at_start() {
+        let c: Config = toml::from_str(
+            "worker_cmd = \"/bin/sh -c 'exec cat -u'\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\nworker_cmd = [\"/bin/sh\", \"-c\", \"exec cat\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let line = c.worker_cmd.as_ref().unwrap().argv().unwrap();
+        assert_eq!(line, ["/bin/sh", "-c", "exec cat -u"]);
+        let array = c.listeners[0].worker_cmd.as_ref().unwrap().argv().unwrap();
+        assert_eq!(array, ["/bin/sh", "-c", "exec cat"]);
+        // The text handed to the fronts keeps both forms.
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        // Through --set too.
+        let set = Config::default()
+            .with_overrides(&["worker_cmd=[\"/bin/echo\", \"a b\"]".into()])
+            .unwrap();
+        assert_eq!(
+            set.worker_cmd.unwrap().argv().unwrap(),
+            ["/bin/echo", "a b"]
+        );
+        for bad in ["\"/bin/sh -c 'exec cat\"", "\"\"", "[]", "[\"\"]"] {
+            let c: Config = toml::from_str(&format!("worker_cmd = {bad}\n")).unwrap();
+            match c.validate() {
+                Err(ConfigError::Invalid { name, problem }) => {
+                    assert_eq!(name, "worker_cmd", "{bad}: {problem}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

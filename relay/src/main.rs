@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use shm_ring::EventFd;
-use shmrelay::config::Config;
+use shmrelay::config::{Config, WorkerCmd};
 use shmrelay::front::{self, ChannelFds, FrontSettings};
 use shmrelay::stats::Stats;
 use shmrelay_worker::protocol::{env, inherited_fd, Channel};
@@ -48,7 +48,8 @@ struct RunArgs {
     /// Worker processes. [default: 2]
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// Worker command line, "PATH ARGS", split on whitespace. [default: the built-in echo worker]
+    /// Worker command line, "PATH ARGS", split with shell-word rules (quotes group words; no
+    /// shell runs it). [default: the built-in echo worker]
     #[arg(long, value_name = "CMD")]
     worker_cmd: Option<String>,
     /// Largest frame payload from a client, in bytes. [default: 1048576]
@@ -125,7 +126,7 @@ fn settings(a: RunArgs) -> Result<Config> {
         c.workers = v;
     }
     if let Some(v) = a.worker_cmd {
-        c.worker_cmd = Some(v);
+        c.worker_cmd = Some(WorkerCmd::Line(v));
     }
     if let Some(v) = a.max_frame {
         c.max_frame = v;

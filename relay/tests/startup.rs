@@ -279,3 +279,41 @@ fn a_worker_exiting_1_is_marked_failed_after_the_crash_limit() {
     assert!(failed, "worker 1: {:?}", worker_state(&relay, 1));
     assert!(worker_state(&relay, 1).1 >= 3);
 }
+
+#[test]
+fn a_quoted_worker_cmd_runs_and_an_unterminated_quote_is_refused_at_start() {
+    let _w = Watchdog::new("worker_cmd_quoting", Duration::from_secs(120));
+    let bin = shmrelay_bin().display().to_string();
+    let line = format!("/bin/sh -c 'exec \"{bin}\" worker echo'");
+    let relay = Relay::start_serving("quoted", &["--worker-cmd", &line]);
+    let mut c = relay.connect();
+    assert_eq!(
+        c.roundtrip_within(b"quoted", Duration::from_secs(20)),
+        Recv::Frame(b"quoted".to_vec())
+    );
+    drop((c, relay));
+    // The same as a TOML array.
+    let array = format!("worker_cmd=[\"/bin/sh\", \"-c\", \"exec '{bin}' worker echo\"]");
+    let relay = Relay::start_serving("argv", &["--set", &array]);
+    assert_eq!(
+        relay
+            .connect()
+            .roundtrip_within(b"argv", Duration::from_secs(20)),
+        Recv::Frame(b"argv".to_vec())
+    );
+    drop(relay);
+    let (code, err) = refused(
+        "unterminated",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--worker-cmd",
+            "/bin/sh -c 'exec cat",
+        ],
+    );
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert!(
+        err.contains("worker_cmd"),
+        "stderr names the setting: {err}"
+    );
+}
