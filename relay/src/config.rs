@@ -63,6 +63,18 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use shmrelay_worker::Codec;
 
+/// The largest `max_frame`: every ring holds two frames, and there are two rings per front
+/// and worker, so larger frames mean gigabytes of shared memory per ring.
+pub const MAX_FRAME_LIMIT: u32 = 1 << 30;
+/// The largest ring (`ring_capacity`): what two frames of [`MAX_FRAME_LIMIT`] need.
+pub const MAX_RING_CAPACITY: usize = 1 << 32;
+/// The longest duration setting (7 days): a longer one is a unit mistake, and the clock
+/// arithmetic on it would overflow.
+pub const MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The largest `accept_burst` and `accept_rate`: the shared token bucket keeps its tokens in
+/// 24 bits.
+pub const MAX_ACCEPT_TOKENS: u64 = (1 << 24) - 1;
+
 /// One `[[listener]]` table.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -425,7 +437,110 @@ impl Config {
                 format!("{} not in 1..={}", self.workers, crate::stats::MAX_WORKERS),
             );
         }
+        let range = |name, v: u64, lo: u64, hi: u64, why: &str| {
+            if (lo..=hi).contains(&v) {
+                return Ok(());
+            }
+            let limits = if hi == u64::MAX {
+                format!("at least {lo}")
+            } else {
+                format!("in {lo}..={hi}")
+            };
+            bad(name, format!("{v} is not {limits}: {why}"))
+        };
+        range(
+            "max_frame",
+            self.max_frame.into(),
+            1,
+            MAX_FRAME_LIMIT.into(),
+            "0 refuses every frame; each ring holds two frames, and there are 2 x fronts x workers rings",
+        )?;
+        range(
+            "max_conns",
+            self.max_conns,
+            1,
+            u64::MAX,
+            "0 refuses every connection",
+        )?;
+        range(
+            "accept_rate",
+            self.accept_rate,
+            0,
+            MAX_ACCEPT_TOKENS,
+            "new connections per second (0: no limit); the shared bucket counts in 24 bits",
+        )?;
+        range(
+            "accept_burst",
+            self.accept_burst,
+            1,
+            MAX_ACCEPT_TOKENS,
+            "the bucket holds at least one token and counts in 24 bits",
+        )?;
+        range(
+            "max_pending",
+            self.max_pending as u64,
+            1,
+            u64::MAX,
+            "0 disconnects a client at the first reply it does not take at once",
+        )?;
+        range(
+            "backlog",
+            self.backlog.max(0) as u64,
+            1,
+            65535,
+            "the listen queue (the kernel caps it at net.core.somaxconn)",
+        )?;
+        range(
+            "crash_limit",
+            self.crash_limit.into(),
+            1,
+            u64::MAX,
+            "0 would mark a worker failed at any crash (that is 1)",
+        )?;
+        for (name, v, lo, why) in [
+            (
+                "ping_max_ms",
+                self.ping_max_ms,
+                1,
+                "0 would ping without pause",
+            ),
+            (
+                "heartbeat_timeout_ms",
+                self.heartbeat_timeout_ms.unwrap_or(1),
+                1,
+                "0 would close every connection at once",
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms, 0, "0: never"),
+            ("drain_ms", self.drain_ms, 0, "0: no drain"),
+            (
+                "crash_window_ms",
+                self.crash_window_ms,
+                1,
+                "0 would never mark a worker failed",
+            ),
+            (
+                "hang_timeout_ms",
+                self.hang_timeout_ms,
+                1,
+                "0 would call every worker with a frame waiting hung",
+            ),
+            (
+                "failed_retry_max_ms",
+                self.failed_retry_max_ms,
+                1,
+                "0 would retry a failed worker without pause",
+            ),
+            ("frame_timeout_ms", self.frame_timeout_ms, 0, "0: never"),
+        ] {
+            range(name, v, lo, MAX_MS, &format!("{why}; at most 7 days"))?;
+        }
         let cap = self.ring_capacity();
+        if cap > MAX_RING_CAPACITY {
+            return bad(
+                "ring_capacity",
+                format!("{cap} is above {MAX_RING_CAPACITY} (4 GiB): each of the 2 x fronts x workers rings takes this much memory"),
+            );
+        }
         if !shm_ring::layout::valid_capacity(cap as u64) {
             return bad(
                 "ring_capacity",
@@ -600,6 +715,62 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn every_numeric_setting_out_of_range_is_refused_by_name() {
+        for (set, name) in [
+            ("max_frame=0", "max_frame"),
+            ("max_frame=4000000000", "max_frame"),
+            ("max_conns=0", "max_conns"),
+            ("accept_rate=16777216", "accept_rate"),
+            ("accept_burst=0", "accept_burst"),
+            ("max_pending=0", "max_pending"),
+            ("backlog=0", "backlog"),
+            ("backlog=-1", "backlog"),
+            ("crash_limit=0", "crash_limit"),
+            ("ping_max_ms=0", "ping_max_ms"),
+            ("ping_max_ms=700000000", "ping_max_ms"),
+            ("heartbeat_timeout_ms=700000000", "heartbeat_timeout_ms"),
+            ("idle_timeout_ms=700000000", "idle_timeout_ms"),
+            ("drain_ms=700000000", "drain_ms"),
+            ("crash_window_ms=0", "crash_window_ms"),
+            ("hang_timeout_ms=0", "hang_timeout_ms"),
+            ("failed_retry_max_ms=0", "failed_retry_max_ms"),
+            ("frame_timeout_ms=700000000", "frame_timeout_ms"),
+            ("ring_capacity=8589934592", "ring_capacity"),
+        ] {
+            let c = Config::default().with_overrides(&[set.into()]).unwrap();
+            match c.validate() {
+                Err(ConfigError::Invalid { name: n, problem }) => {
+                    assert_eq!(n, name, "{set}: {problem}");
+                    assert!(
+                        problem.contains(':'),
+                        "{set}: the reason is given: {problem}"
+                    );
+                }
+                other => panic!("{set}: {other:?}"),
+            }
+        }
+        // The limits themselves are accepted.
+        let ok = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Config::default().with_overrides(&sets).unwrap().validate()
+        };
+        ok(&["max_frame=1073741824", "partial_budget=1073741828"]).unwrap();
+        ok(&[
+            "max_frame=1",
+            "idle_timeout_ms=0",
+            "drain_ms=0",
+            "frame_timeout_ms=0",
+        ])
+        .unwrap();
+        ok(&[
+            "accept_rate=16777215",
+            "accept_burst=16777215",
+            "backlog=65535",
+        ])
+        .unwrap();
     }
 
     #[test]

@@ -52,7 +52,7 @@ struct RunArgs {
     /// shell runs it). [default: the built-in echo worker]
     #[arg(long, value_name = "CMD")]
     worker_cmd: Option<String>,
-    /// Largest frame payload from a client, in bytes. [default: 1048576]
+    /// Largest frame payload from a client, in bytes (1 to 1 GiB). [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
     /// Open connections across all fronts. [default: 100000]

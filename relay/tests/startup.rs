@@ -317,3 +317,92 @@ fn a_quoted_worker_cmd_runs_and_an_unterminated_quote_is_refused_at_start() {
         "stderr names the setting: {err}"
     );
 }
+
+/// Pids of processes whose environment holds `entry` (`SHMRELAY_INSTANCE=NAME`).
+fn processes_with_env(entry: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == entry.as_bytes()) && shmrelay_tests::alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_stop_signal_at_any_moment_of_start_up_leaves_no_file_and_no_process() {
+    let _w = Watchdog::new("stop_during_start", Duration::from_secs(300));
+    let dir = scratch("stop-start");
+    for (i, delay_ms) in [0u64, 5, 15, 30, 60, 120, 250, 500].into_iter().enumerate() {
+        let inst = instance(&format!("stop{i}"));
+        let child = Command::new(shmrelay_bin())
+            .args(["--listen", "127.0.0.1:0", "--instance", &inst])
+            .args([
+                "--fronts",
+                "2",
+                "--workers",
+                "4",
+                "--ring-capacity",
+                "67108864",
+            ])
+            .env("RUST_LOG", "warn")
+            .env("SHMRELAY_SHM_DIR", &dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start shmrelay");
+        let mut relay = Relay::from_child(child, &inst);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        relay.signal(libc::SIGTERM);
+        let code = relay.wait_exit(Duration::from_secs(30));
+        // 0, or killed by the signal if it came before the handlers (nothing existed yet).
+        assert!(
+            matches!(code, Some(0) | Some(-1)),
+            "SIGTERM after {delay_ms} ms: exit {code:?}"
+        );
+        let entry = format!("SHMRELAY_INSTANCE={inst}");
+        assert!(
+            eventually(Duration::from_secs(5), || processes_with_env(&entry)
+                .is_empty()),
+            "SIGTERM after {delay_ms} ms: processes left: {:?}",
+            processes_with_env(&entry)
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "SIGTERM after {delay_ms} ms: files left: {left:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn out_of_range_settings_are_refused_at_start_with_the_reason() {
+    let _w = Watchdog::new("ranges", Duration::from_secs(60));
+    for (args, name) in [
+        (["--max-frame", "0"], "max_frame"),
+        (["--max-frame", "4000000000"], "max_frame"),
+        (["--max-conns", "0"], "max_conns"),
+        (["--set", "hang_timeout_ms=0"], "hang_timeout_ms"),
+    ] {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(&args);
+        let (code, err) = refused("range", &all);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("invalid setting {name}: ")),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -131,15 +131,20 @@ pub fn run(cfg: Config) -> Result<()> {
         listen::check_free(addr, patience)?;
     }
     // Nothing named exists until the very end of `create` (the view, renamed into place):
-    // a failed start leaves nothing behind.
-    let mut inst = Instance::create(cfg, stale, orphans)?;
+    // a failed start leaves nothing behind, and neither does a stop signal during it (the
+    // memfds made so far close with the process).
+    let Some(mut inst) = Instance::create(cfg, stale, orphans)? else {
+        info!("stopped during set-up; nothing was left");
+        return Ok(());
+    };
     let result = inst.serve();
     inst.shutdown();
     result
 }
 
 impl Instance {
-    fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Instance> {
+    /// Creates everything the instance owns; `None` if a stop signal came meanwhile.
+    fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Option<Instance>> {
         let exe = std::env::current_exe().context("locating the shmrelay binary")?;
         let nworkers = cfg.total_workers();
         // The control segment: only the fronts are handed it.
@@ -154,6 +159,9 @@ impl Instance {
         for f in 0..cfg.fronts {
             let mut row = Vec::new();
             for w in 0..nworkers {
+                if signals::stop_requested() {
+                    return Ok(None);
+                }
                 let req = rings::new_ring(&cfg.instance, f, w, Dir::Request, cap)?;
                 let rep = rings::new_ring(&cfg.instance, f, w, Dir::Reply, cap)?;
                 row.push((req, rep));
@@ -190,16 +198,20 @@ impl Instance {
         );
         let (fronts, workers) = (cfg.fronts, nworkers);
         let worker_listener = cfg.worker_listeners();
-        // Last: the operators' view appears under its name locked and filled in.
+        let controls = (0..fronts)
+            .map(|_| control_pair())
+            .collect::<Result<Vec<_>>>()?;
+        if signals::stop_requested() {
+            return Ok(None);
+        }
+        // Last, after everything that can fail: the operators' view appears under its name
+        // locked and filled in, and from here on `shutdown` removes it.
         let view_path = names::stats_path(&cfg.instance);
         let mut publisher =
             Publisher::create(&view_path, view::new_token(), &stats, fronts, workers)
                 .map_err(|e| anyhow!("instance {:?}: {e}", cfg.instance))?;
         let _ = publisher.publish(&stats, &rings);
-        let controls = (0..fronts)
-            .map(|_| control_pair())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Instance {
+        Ok(Some(Instance {
             controls,
             workers,
             worker_listener,
@@ -224,7 +236,7 @@ impl Instance {
                 .into_iter()
                 .map(|(pid, _)| pid)
                 .collect(),
-        })
+        }))
     }
 
     fn serve(&mut self) -> Result<()> {
@@ -235,11 +247,18 @@ impl Instance {
             info!(%bound, "metrics on http://{bound}/metrics");
             out_line(format_args!("shmrelay: metrics on http://{bound}/metrics"));
         }
+        // A stop signal during start-up: `shutdown` stops what was started.
         for f in 0..self.cfg.fronts {
+            if signals::stop_requested() {
+                return Ok(());
+            }
             let ready = self.start(Role::Front(f))?;
             spawn::wait_ready(ready, f)?;
         }
         for w in 0..self.workers {
+            if signals::stop_requested() {
+                return Ok(());
+            }
             self.start(Role::Worker(w))?;
         }
         // One line per listener, in configuration order (the first is the default listener's).
