@@ -38,7 +38,8 @@
 //! ```
 //!
 //! Several listeners, each with its codec and its own worker pool (when any `[[listener]]`
-//! is given, the top-level `listen`, `codec`, `workers` and `worker_cmd` are not used):
+//! is given, a top-level `listen`, `codec`, `workers` or `worker_cmd`, in the file, as a flag
+//! or with `--set`, is an error: each table sets its own):
 //!
 //! ```toml
 //! [[listener]]
@@ -74,6 +75,17 @@ pub const MAX_MS: u64 = 7 * 24 * 3600 * 1000;
 /// The largest `accept_burst` and `accept_rate`: the shared token bucket keeps its tokens in
 /// 24 bits.
 pub const MAX_ACCEPT_TOKENS: u64 = (1 << 24) - 1;
+
+/// The top-level settings a `[[listener]]` table sets for itself: with tables they would be
+/// ignored, so setting one beside tables (in the file, by a flag or with `--set`) is an error.
+pub const PER_LISTENER: [&str; 4] = ["listen", "codec", "workers", "worker_cmd"];
+
+/// Why a top-level `key` cannot be used with `[[listener]]` tables.
+pub fn per_listener_conflict(key: &str) -> String {
+    format!(
+        "{key} is not used with [[listener]] tables (each table sets its own listen, codec, workers and worker_cmd): set it in the tables"
+    )
+}
 
 /// One `[[listener]]` table.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -330,14 +342,23 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::File`] naming the file and the problem (unknown keys included).
+    /// [`ConfigError::File`] naming the file and the problem (unknown keys included, and a
+    /// top-level key of [`PER_LISTENER`] beside `[[listener]]` tables).
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let err = |message: String| ConfigError::File {
             path: path.display().to_string(),
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| err(e.to_string()))
+        let config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        // Which keys the file names (a default value is indistinguishable once parsed).
+        let table: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if table.contains_key("listener") {
+            if let Some(key) = PER_LISTENER.into_iter().find(|k| table.contains_key(*k)) {
+                return Err(err(format!("top-level {}", per_listener_conflict(key))));
+            }
+        }
+        Ok(config)
     }
 
     /// The listeners in effect: the `[[listener]]` tables, or the default one.
@@ -381,13 +402,15 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Invalid`] for an unknown key or a value of the wrong type.
+    /// [`ConfigError::Invalid`] for an unknown key or a value of the wrong type, or a key of
+    /// [`PER_LISTENER`] when the result has `[[listener]]` tables.
     pub fn with_overrides(&self, sets: &[String]) -> Result<Config, ConfigError> {
         let bad = |problem: String| ConfigError::Invalid {
             name: "--set",
             problem,
         };
         let mut table = toml::Table::try_from(self).map_err(|e| bad(e.to_string()))?;
+        let mut keys = Vec::new();
         for kv in sets {
             let (k, v) = kv
                 .split_once('=')
@@ -396,11 +419,18 @@ impl Config {
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(v.to_owned()));
+            keys.push(k.trim().to_owned());
             table.insert(k.trim().to_owned(), value);
         }
-        table
+        let config: Config = table
             .try_into()
-            .map_err(|e: toml::de::Error| bad(e.to_string()))
+            .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        if !config.listeners.is_empty() {
+            if let Some(key) = keys.iter().find(|k| PER_LISTENER.contains(&k.as_str())) {
+                return Err(bad(per_listener_conflict(key)));
+            }
+        }
+        Ok(config)
     }
 
     /// The ring capacity in effect: a request ring must hold a maximum frame plus its header
@@ -771,6 +801,50 @@ mod tests {
             "backlog=65535",
         ])
         .unwrap();
+    }
+
+    #[test]
+    fn top_level_listener_settings_beside_listener_tables_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("shmrelay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tables = "[[listener]]\nlisten = \"127.0.0.1:0\"\n";
+        for (i, key) in [
+            "listen = \"127.0.0.1:7000\"",
+            "workers = 6",
+            "codec = \"line\"",
+            "worker_cmd = \"/bin/cat\"",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.join(format!("{i}.toml"));
+            std::fs::write(&path, format!("{key}\n{tables}")).unwrap();
+            let e = Config::from_file(&path).unwrap_err().to_string();
+            let name = key.split(' ').next().unwrap();
+            assert!(e.contains(&format!("top-level {name} is not used")), "{e}");
+        }
+        let path = dir.join("ok.toml");
+        std::fs::write(&path, format!("fronts = 2\n{tables}")).unwrap();
+        let c = Config::from_file(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // --set: a per-listener key beside tables, from the file or from --set itself.
+        let e = c
+            .with_overrides(&["workers=6".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("workers is not used with [[listener]] tables"),
+            "{e}"
+        );
+        let both = Config::default().with_overrides(&[
+            "listen=\"127.0.0.1:1\"".into(),
+            "listener=[{listen=\"127.0.0.1:0\"}]".into(),
+        ]);
+        assert!(both.is_err());
+        c.with_overrides(&["fronts=3".into()]).unwrap();
+        Config::default()
+            .with_overrides(&["workers=6".into()])
+            .unwrap();
     }
 
     #[test]

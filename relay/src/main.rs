@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Args, Default)]
 struct RunArgs {
-    /// TOML settings file; flags override it.
+    /// TOML settings file; flags override it (except --listen, --workers and --worker-cmd
+    /// beside its [[listener]] tables: an error).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
     /// Instance name: its stats view is /dev/shm/shmrelay.NAME.stats ($SHMRELAY_SHM_DIR
@@ -109,6 +110,12 @@ fn main() -> ExitCode {
 }
 
 fn settings(a: RunArgs) -> Result<Config> {
+    // The flags a `[[listener]]` table sets for itself (there is no `--codec`: `--set`).
+    let given = [
+        ("--listen", a.listen.is_some()),
+        ("--workers", a.workers.is_some()),
+        ("--worker-cmd", a.worker_cmd.is_some()),
+    ];
     let mut c = match &a.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -145,6 +152,17 @@ fn settings(a: RunArgs) -> Result<Config> {
     }
     if !a.set.is_empty() {
         c = c.with_overrides(&a.set)?;
+    }
+    if !c.listeners.is_empty() {
+        if let Some(flag) = given
+            .into_iter()
+            .find_map(|(flag, set)| set.then_some(flag))
+        {
+            anyhow::bail!(
+                "{flag}: {}",
+                shmrelay::config::per_listener_conflict(&flag[2..].replace('-', "_"))
+            );
+        }
     }
     Ok(c)
 }

@@ -406,3 +406,32 @@ fn out_of_range_settings_are_refused_at_start_with_the_reason() {
         );
     }
 }
+
+#[test]
+fn listener_flags_beside_listener_tables_are_refused_naming_the_conflict() {
+    let _w = Watchdog::new("flags_and_tables", Duration::from_secs(60));
+    let path = std::env::temp_dir().join(format!("shmrelay-tables-{}.toml", std::process::id()));
+    let tables = "[[listener]]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&path, tables).unwrap();
+    let config = path.to_str().unwrap();
+    for (flag, value) in [
+        ("--workers", "6"),
+        ("--listen", "127.0.0.1:0"),
+        ("--worker-cmd", "/bin/cat"),
+        ("--set", "codec=line"),
+    ] {
+        let (code, err) = refused("tables", &["--config", config, flag, value]);
+        assert_eq!(code, Some(2), "{flag}: {err}");
+        assert!(
+            err.contains("is not used with [[listener]] tables"),
+            "{flag}: {err}"
+        );
+        assert!(err.contains(flag) || err.contains("codec"), "{flag}: {err}");
+    }
+    // Top-level `workers` in the file itself.
+    std::fs::write(&path, format!("workers = 6\n{tables}")).unwrap();
+    let (code, err) = refused("tables", &["--config", config]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("top-level workers is not used"), "{err}");
+}
