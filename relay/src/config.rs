@@ -603,6 +603,20 @@ impl Config {
                     .into(),
             );
         }
+        if !self.listeners.is_empty() {
+            // What the file, the flags and --set could not tell apart from a default: a
+            // top-level value that differs from it beside the tables.
+            let d = Config::default();
+            let set = [
+                ("listen", self.listen != d.listen),
+                ("codec", self.codec != d.codec),
+                ("workers", self.workers != d.workers),
+                ("worker_cmd", self.worker_cmd.is_some()),
+            ];
+            if let Some((name, _)) = set.into_iter().find(|(_, set)| *set) {
+                return bad(name, per_listener_conflict(name));
+            }
+        }
         for l in self.listeners() {
             if let Some(cmd) = &l.worker_cmd {
                 cmd.argv()?;
@@ -661,21 +675,25 @@ mod tests {
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
     }
 
+    /// `text` parsed, checked valid, and kept whole through the text handed to the fronts.
+    fn valid(text: &str) -> Config {
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        c
+    }
+
     #[test]
     fn listener_tables() {
-        let c: Config = toml::from_str(
+        let c = valid(
             "fronts = 2\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"resp\"\nworkers = 3\nworker_cmd = \"/bin/kv\"\n",
-        )
-        .unwrap();
-        c.validate().unwrap();
+        );
         assert_eq!(c.total_workers(), 4);
         assert_eq!(c.worker_listeners(), [0, 1, 1, 1]);
         let ls = c.listeners();
         assert_eq!(ls[0].codec(), Codec::LengthPrefixed);
         assert_eq!(ls[1].codec(), Codec::Resp);
-        // Round trip through the text handed to fronts.
-        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
         // The default listener.
         let d = Config::default();
         assert_eq!(d.listeners().len(), 1);
@@ -716,18 +734,15 @@ mod tests {
 
     #[test]
     fn a_worker_cmd_is_a_shell_word_line_or_an_array_and_a_bad_one_is_refused_at_start() {
-        let c: Config = toml::from_str(
-            "worker_cmd = \"/bin/sh -c 'exec cat -u'\"\n[[listener]]\nlisten = \"127.0.0.1:0\"\nworker_cmd = [\"/bin/sh\", \"-c\", \"exec cat\"]\n",
-        )
-        .unwrap();
-        c.validate().unwrap();
+        // Both forms survive the text handed to the fronts (`valid`).
+        let c = valid("worker_cmd = \"/bin/sh -c 'exec cat -u'\"\n");
         let line = c.worker_cmd.as_ref().unwrap().argv().unwrap();
         assert_eq!(line, ["/bin/sh", "-c", "exec cat -u"]);
+        let c = valid(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nworker_cmd = [\"/bin/sh\", \"-c\", \"exec cat\"]\n",
+        );
         let array = c.listeners[0].worker_cmd.as_ref().unwrap().argv().unwrap();
         assert_eq!(array, ["/bin/sh", "-c", "exec cat"]);
-        // The text handed to the fronts keeps both forms.
-        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
         // Through --set too.
         let set = Config::default()
             .with_overrides(&["worker_cmd=[\"/bin/echo\", \"a b\"]".into()])
@@ -842,6 +857,16 @@ mod tests {
         ]);
         assert!(both.is_err());
         c.with_overrides(&["fronts=3".into()]).unwrap();
+        // Whatever set it, a top-level value beside tables fails the validation too.
+        let mut c = c;
+        c.workers = 6;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                name: "workers",
+                ..
+            })
+        ));
         Config::default()
             .with_overrides(&["workers=6".into()])
             .unwrap();

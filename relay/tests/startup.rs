@@ -210,20 +210,30 @@ fn worker_state(relay: &Relay, w: usize) -> (u32, u64, u32) {
     )
 }
 
-#[test]
-fn a_worker_exiting_0_is_restarted_but_never_failed_and_the_log_reads_plainly() {
-    let _w = Watchdog::new("clean_exit", Duration::from_secs(120));
-    let dir = scratch("clean-exit");
+/// A relay (`crash_limit` 3) whose worker 1 exits with `status` at every start, worker 0
+/// being the echo worker; its scratch directory and its log (read to the end in the
+/// background, so that the pipe never fills).
+fn start_with_worker_1_exiting(
+    name: &str,
+    status: i32,
+) -> (Relay, PathBuf, std::thread::JoinHandle<String>) {
+    let dir = scratch(name);
     let cmd = format!(
         "worker_cmd={:?}",
-        format!("{} 0", worker_script(&dir).display())
+        format!("{} {status}", worker_script(&dir).display())
     );
-    let (mut relay, _addr, _stdout, stderr) = start_piped(
-        "clean-exit",
+    let (relay, _addr, _stdout, stderr) = start_piped(
+        name,
         &["--workers", "2", "--set", "crash_limit=3", "--set", &cmd],
         None,
     );
-    let log = collect(stderr);
+    (relay, dir, collect(stderr))
+}
+
+#[test]
+fn a_worker_exiting_0_is_restarted_but_never_failed_and_the_log_reads_plainly() {
+    let _w = Watchdog::new("clean_exit", Duration::from_secs(120));
+    let (mut relay, dir, log) = start_with_worker_1_exiting("clean-exit", 0);
     // Past the crash limit in exits, with the backoff (0, 0, 100, 200, 400 ms ...).
     assert!(
         eventually(Duration::from_secs(30), || worker_state(&relay, 1).2 >= 6),
@@ -260,18 +270,7 @@ fn a_worker_exiting_0_is_restarted_but_never_failed_and_the_log_reads_plainly() 
 #[test]
 fn a_worker_exiting_1_is_marked_failed_after_the_crash_limit() {
     let _w = Watchdog::new("crash_exit", Duration::from_secs(120));
-    let dir = scratch("crash-exit");
-    let cmd = format!(
-        "worker_cmd={:?}",
-        format!("{} 1", worker_script(&dir).display())
-    );
-    let (relay, _addr, _stdout, stderr) = start_piped(
-        "crash-exit",
-        &["--workers", "2", "--set", "crash_limit=3", "--set", &cmd],
-        None,
-    );
-    // Read, so that the crash warnings never fill the pipe.
-    let _log = collect(stderr);
+    let (relay, dir, _log) = start_with_worker_1_exiting("crash-exit", 1);
     let failed = eventually(Duration::from_secs(30), || {
         worker_state(&relay, 1).0 == WorkerState::Failed as u32
     });
