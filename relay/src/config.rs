@@ -6,6 +6,7 @@
 //! fronts = 1                 # front processes (sharing one listening socket)
 //! workers = 2                # worker processes
 //! # worker_cmd = "/usr/local/bin/my-worker --flag"   # default: the built-in echo worker
+//! # worker_cmd = ["/bin/sh", "-c", "exec my-worker 2>>/var/log/w.log"]  # or an argv array
 //! max_frame = 1048576        # largest frame payload from a client, bytes
 //! max_conns = 100000         # connections across all fronts
 //! max_conns_per_addr = 0     # connections per client IP address across all fronts (0: no cap)
@@ -37,7 +38,8 @@
 //! ```
 //!
 //! Several listeners, each with its codec and its own worker pool (when any `[[listener]]`
-//! is given, the top-level `listen`, `codec`, `workers` and `worker_cmd` are not used):
+//! is given, a top-level `listen`, `codec`, `workers` or `worker_cmd`, in the file, as a flag
+//! or with `--set`, is an error: each table sets its own):
 //!
 //! ```toml
 //! [[listener]]
@@ -62,6 +64,29 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use shmrelay_worker::Codec;
 
+/// The largest `max_frame`: every ring holds two frames, and there are two rings per front
+/// and worker, so larger frames mean gigabytes of shared memory per ring.
+pub const MAX_FRAME_LIMIT: u32 = 1 << 30;
+/// The largest ring (`ring_capacity`): what two frames of [`MAX_FRAME_LIMIT`] need.
+pub const MAX_RING_CAPACITY: usize = 1 << 32;
+/// The longest duration setting (7 days): a longer one is a unit mistake, and the clock
+/// arithmetic on it would overflow.
+pub const MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The largest `accept_burst` and `accept_rate`: the shared token bucket keeps its tokens in
+/// 24 bits.
+pub const MAX_ACCEPT_TOKENS: u64 = (1 << 24) - 1;
+
+/// The top-level settings a `[[listener]]` table sets for itself: with tables they would be
+/// ignored, so setting one beside tables (in the file, by a flag or with `--set`) is an error.
+pub const PER_LISTENER: [&str; 4] = ["listen", "codec", "workers", "worker_cmd"];
+
+/// Why a top-level `key` cannot be used with `[[listener]]` tables.
+pub fn per_listener_conflict(key: &str) -> String {
+    format!(
+        "{key} is not used with [[listener]] tables (each table sets its own listen, codec, workers and worker_cmd): set it in the tables"
+    )
+}
+
 /// One `[[listener]]` table.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -74,9 +99,56 @@ pub struct ListenerConfig {
     /// Workers of this listener's pool (default 1).
     #[serde(default = "one")]
     pub workers: usize,
-    /// Worker command line; `None` runs the built-in echo worker.
+    /// Worker command; `None` runs the built-in echo worker.
     #[serde(default)]
-    pub worker_cmd: Option<String>,
+    pub worker_cmd: Option<WorkerCmd>,
+}
+
+/// A worker command: a command line split with shell-word rules, or an argv array.
+///
+/// No shell runs it: quotes and backslashes group words (`"/bin/sh -c 'exec my-worker'"` is
+/// three words), nothing is expanded. For pipes or redirections, name a shell in the command.
+///
+/// ```
+/// use shmrelay::config::WorkerCmd;
+/// let line = WorkerCmd::Line("/bin/sh -c 'exec my-worker --flag'".into());
+/// assert_eq!(line.argv().unwrap(), ["/bin/sh", "-c", "exec my-worker --flag"]);
+/// let argv = WorkerCmd::Argv(vec!["/usr/bin/my worker".into()]);
+/// assert_eq!(argv.argv().unwrap(), ["/usr/bin/my worker"]);
+/// assert!(WorkerCmd::Line("/bin/sh -c 'unterminated".into()).argv().is_err());
+/// ```
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum WorkerCmd {
+    /// `worker_cmd = "PATH ARGS"`, split with shell-word rules.
+    Line(String),
+    /// `worker_cmd = ["PATH", "ARG", ...]`, taken as it is.
+    Argv(Vec<String>),
+}
+
+impl WorkerCmd {
+    /// The program and its arguments.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] (`worker_cmd`) for an unterminated quote or a trailing
+    /// backslash, or a command with no program.
+    pub fn argv(&self) -> Result<Vec<String>, ConfigError> {
+        let bad = |problem: String| ConfigError::Invalid {
+            name: "worker_cmd",
+            problem,
+        };
+        let argv = match self {
+            WorkerCmd::Line(line) => {
+                shell_words::split(line).map_err(|e| bad(format!("{line:?}: {e}")))?
+            }
+            WorkerCmd::Argv(argv) => argv.clone(),
+        };
+        match argv.first() {
+            Some(prog) if !prog.is_empty() => Ok(argv),
+            _ => Err(bad(format!("{self:?} names no program"))),
+        }
+    }
 }
 
 fn one() -> usize {
@@ -118,8 +190,8 @@ pub struct Config {
     pub fronts: usize,
     /// Worker processes.
     pub workers: usize,
-    /// Worker command line (split on whitespace); `None` runs the built-in echo worker.
-    pub worker_cmd: Option<String>,
+    /// Worker command; `None` runs the built-in echo worker.
+    pub worker_cmd: Option<WorkerCmd>,
     /// Largest frame payload accepted from a client.
     pub max_frame: u32,
     /// Connections open at once across all fronts.
@@ -270,14 +342,23 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::File`] naming the file and the problem (unknown keys included).
+    /// [`ConfigError::File`] naming the file and the problem (unknown keys included, and a
+    /// top-level key of [`PER_LISTENER`] beside `[[listener]]` tables).
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let err = |message: String| ConfigError::File {
             path: path.display().to_string(),
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| err(e.to_string()))
+        let config: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        // Which keys the file names (a default value is indistinguishable once parsed).
+        let table: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if table.contains_key("listener") {
+            if let Some(key) = PER_LISTENER.into_iter().find(|k| table.contains_key(*k)) {
+                return Err(err(format!("top-level {}", per_listener_conflict(key))));
+            }
+        }
+        Ok(config)
     }
 
     /// The listeners in effect: the `[[listener]]` tables, or the default one.
@@ -321,13 +402,15 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Invalid`] for an unknown key or a value of the wrong type.
+    /// [`ConfigError::Invalid`] for an unknown key or a value of the wrong type, or a key of
+    /// [`PER_LISTENER`] when the result has `[[listener]]` tables.
     pub fn with_overrides(&self, sets: &[String]) -> Result<Config, ConfigError> {
         let bad = |problem: String| ConfigError::Invalid {
             name: "--set",
             problem,
         };
         let mut table = toml::Table::try_from(self).map_err(|e| bad(e.to_string()))?;
+        let mut keys = Vec::new();
         for kv in sets {
             let (k, v) = kv
                 .split_once('=')
@@ -336,11 +419,18 @@ impl Config {
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(v.to_owned()));
+            keys.push(k.trim().to_owned());
             table.insert(k.trim().to_owned(), value);
         }
-        table
+        let config: Config = table
             .try_into()
-            .map_err(|e: toml::de::Error| bad(e.to_string()))
+            .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+        if !config.listeners.is_empty() {
+            if let Some(key) = keys.iter().find(|k| PER_LISTENER.contains(&k.as_str())) {
+                return Err(bad(per_listener_conflict(key)));
+            }
+        }
+        Ok(config)
     }
 
     /// The ring capacity in effect: a request ring must hold a maximum frame plus its header
@@ -377,7 +467,110 @@ impl Config {
                 format!("{} not in 1..={}", self.workers, crate::stats::MAX_WORKERS),
             );
         }
+        let range = |name, v: u64, lo: u64, hi: u64, why: &str| {
+            if (lo..=hi).contains(&v) {
+                return Ok(());
+            }
+            let limits = if hi == u64::MAX {
+                format!("at least {lo}")
+            } else {
+                format!("in {lo}..={hi}")
+            };
+            bad(name, format!("{v} is not {limits}: {why}"))
+        };
+        range(
+            "max_frame",
+            self.max_frame.into(),
+            1,
+            MAX_FRAME_LIMIT.into(),
+            "0 refuses every frame; each ring holds two frames, and there are 2 x fronts x workers rings",
+        )?;
+        range(
+            "max_conns",
+            self.max_conns,
+            1,
+            u64::MAX,
+            "0 refuses every connection",
+        )?;
+        range(
+            "accept_rate",
+            self.accept_rate,
+            0,
+            MAX_ACCEPT_TOKENS,
+            "new connections per second (0: no limit); the shared bucket counts in 24 bits",
+        )?;
+        range(
+            "accept_burst",
+            self.accept_burst,
+            1,
+            MAX_ACCEPT_TOKENS,
+            "the bucket holds at least one token and counts in 24 bits",
+        )?;
+        range(
+            "max_pending",
+            self.max_pending as u64,
+            1,
+            u64::MAX,
+            "0 disconnects a client at the first reply it does not take at once",
+        )?;
+        range(
+            "backlog",
+            self.backlog.max(0) as u64,
+            1,
+            65535,
+            "the listen queue (the kernel caps it at net.core.somaxconn)",
+        )?;
+        range(
+            "crash_limit",
+            self.crash_limit.into(),
+            1,
+            u64::MAX,
+            "0 would mark a worker failed at any crash (that is 1)",
+        )?;
+        for (name, v, lo, why) in [
+            (
+                "ping_max_ms",
+                self.ping_max_ms,
+                1,
+                "0 would ping without pause",
+            ),
+            (
+                "heartbeat_timeout_ms",
+                self.heartbeat_timeout_ms.unwrap_or(1),
+                1,
+                "0 would close every connection at once",
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms, 0, "0: never"),
+            ("drain_ms", self.drain_ms, 0, "0: no drain"),
+            (
+                "crash_window_ms",
+                self.crash_window_ms,
+                1,
+                "0 would never mark a worker failed",
+            ),
+            (
+                "hang_timeout_ms",
+                self.hang_timeout_ms,
+                1,
+                "0 would call every worker with a frame waiting hung",
+            ),
+            (
+                "failed_retry_max_ms",
+                self.failed_retry_max_ms,
+                1,
+                "0 would retry a failed worker without pause",
+            ),
+            ("frame_timeout_ms", self.frame_timeout_ms, 0, "0: never"),
+        ] {
+            range(name, v, lo, MAX_MS, &format!("{why}; at most 7 days"))?;
+        }
         let cap = self.ring_capacity();
+        if cap > MAX_RING_CAPACITY {
+            return bad(
+                "ring_capacity",
+                format!("{cap} is above {MAX_RING_CAPACITY} (4 GiB): each of the 2 x fronts x workers rings takes this much memory"),
+            );
+        }
         if !shm_ring::layout::valid_capacity(cap as u64) {
             return bad(
                 "ring_capacity",
@@ -409,6 +602,25 @@ impl Config {
                 "must exceed ping_max_ms, or clients are closed before they can answer a ping"
                     .into(),
             );
+        }
+        if !self.listeners.is_empty() {
+            // What the file, the flags and --set could not tell apart from a default: a
+            // top-level value that differs from it beside the tables.
+            let d = Config::default();
+            let set = [
+                ("listen", self.listen != d.listen),
+                ("codec", self.codec != d.codec),
+                ("workers", self.workers != d.workers),
+                ("worker_cmd", self.worker_cmd.is_some()),
+            ];
+            if let Some((name, _)) = set.into_iter().find(|(_, set)| *set) {
+                return bad(name, per_listener_conflict(name));
+            }
+        }
+        for l in self.listeners() {
+            if let Some(cmd) = &l.worker_cmd {
+                cmd.argv()?;
+            }
         }
         for l in &self.listeners {
             if l.workers == 0 {
@@ -463,21 +675,25 @@ mod tests {
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
     }
 
+    /// `text` parsed, checked valid, and kept whole through the text handed to the fronts.
+    fn valid(text: &str) -> Config {
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        c
+    }
+
     #[test]
     fn listener_tables() {
-        let c: Config = toml::from_str(
+        let c = valid(
             "fronts = 2\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"resp\"\nworkers = 3\nworker_cmd = \"/bin/kv\"\n",
-        )
-        .unwrap();
-        c.validate().unwrap();
+        );
         assert_eq!(c.total_workers(), 4);
         assert_eq!(c.worker_listeners(), [0, 1, 1, 1]);
         let ls = c.listeners();
         assert_eq!(ls[0].codec(), Codec::LengthPrefixed);
         assert_eq!(ls[1].codec(), Codec::Resp);
-        // Round trip through the text handed to fronts.
-        let back: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
         // The default listener.
         let d = Config::default();
         assert_eq!(d.listeners().len(), 1);
@@ -506,7 +722,7 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(c.ping_min_ms, 250);
-        assert_eq!(c.worker_cmd.as_deref(), Some("/bin/cat"));
+        assert_eq!(c.worker_cmd, Some(WorkerCmd::Line("/bin/cat".into())));
         assert!(!c.pause_accept_when_overloaded);
         assert!(Config::default()
             .with_overrides(&["nope=1".into()])
@@ -514,6 +730,146 @@ mod tests {
         assert!(Config::default()
             .with_overrides(&["fronts=many".into()])
             .is_err());
+    }
+
+    #[test]
+    fn a_worker_cmd_is_a_shell_word_line_or_an_array_and_a_bad_one_is_refused_at_start() {
+        // Both forms survive the text handed to the fronts (`valid`).
+        let c = valid("worker_cmd = \"/bin/sh -c 'exec cat -u'\"\n");
+        let line = c.worker_cmd.as_ref().unwrap().argv().unwrap();
+        assert_eq!(line, ["/bin/sh", "-c", "exec cat -u"]);
+        let c = valid(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\nworker_cmd = [\"/bin/sh\", \"-c\", \"exec cat\"]\n",
+        );
+        let array = c.listeners[0].worker_cmd.as_ref().unwrap().argv().unwrap();
+        assert_eq!(array, ["/bin/sh", "-c", "exec cat"]);
+        // Through --set too.
+        let set = Config::default()
+            .with_overrides(&["worker_cmd=[\"/bin/echo\", \"a b\"]".into()])
+            .unwrap();
+        assert_eq!(
+            set.worker_cmd.unwrap().argv().unwrap(),
+            ["/bin/echo", "a b"]
+        );
+        for bad in ["\"/bin/sh -c 'exec cat\"", "\"\"", "[]", "[\"\"]"] {
+            let c: Config = toml::from_str(&format!("worker_cmd = {bad}\n")).unwrap();
+            match c.validate() {
+                Err(ConfigError::Invalid { name, problem }) => {
+                    assert_eq!(name, "worker_cmd", "{bad}: {problem}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_numeric_setting_out_of_range_is_refused_by_name() {
+        for (set, name) in [
+            ("max_frame=0", "max_frame"),
+            ("max_frame=4000000000", "max_frame"),
+            ("max_conns=0", "max_conns"),
+            ("accept_rate=16777216", "accept_rate"),
+            ("accept_burst=0", "accept_burst"),
+            ("max_pending=0", "max_pending"),
+            ("backlog=0", "backlog"),
+            ("backlog=-1", "backlog"),
+            ("crash_limit=0", "crash_limit"),
+            ("ping_max_ms=0", "ping_max_ms"),
+            ("ping_max_ms=700000000", "ping_max_ms"),
+            ("heartbeat_timeout_ms=700000000", "heartbeat_timeout_ms"),
+            ("idle_timeout_ms=700000000", "idle_timeout_ms"),
+            ("drain_ms=700000000", "drain_ms"),
+            ("crash_window_ms=0", "crash_window_ms"),
+            ("hang_timeout_ms=0", "hang_timeout_ms"),
+            ("failed_retry_max_ms=0", "failed_retry_max_ms"),
+            ("frame_timeout_ms=700000000", "frame_timeout_ms"),
+            ("ring_capacity=8589934592", "ring_capacity"),
+        ] {
+            let c = Config::default().with_overrides(&[set.into()]).unwrap();
+            match c.validate() {
+                Err(ConfigError::Invalid { name: n, problem }) => {
+                    assert_eq!(n, name, "{set}: {problem}");
+                    assert!(
+                        problem.contains(':'),
+                        "{set}: the reason is given: {problem}"
+                    );
+                }
+                other => panic!("{set}: {other:?}"),
+            }
+        }
+        // The limits themselves are accepted.
+        let ok = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Config::default().with_overrides(&sets).unwrap().validate()
+        };
+        ok(&["max_frame=1073741824", "partial_budget=1073741828"]).unwrap();
+        ok(&[
+            "max_frame=1",
+            "idle_timeout_ms=0",
+            "drain_ms=0",
+            "frame_timeout_ms=0",
+        ])
+        .unwrap();
+        ok(&[
+            "accept_rate=16777215",
+            "accept_burst=16777215",
+            "backlog=65535",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn top_level_listener_settings_beside_listener_tables_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("shmrelay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tables = "[[listener]]\nlisten = \"127.0.0.1:0\"\n";
+        for (i, key) in [
+            "listen = \"127.0.0.1:7000\"",
+            "workers = 6",
+            "codec = \"line\"",
+            "worker_cmd = \"/bin/cat\"",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.join(format!("{i}.toml"));
+            std::fs::write(&path, format!("{key}\n{tables}")).unwrap();
+            let e = Config::from_file(&path).unwrap_err().to_string();
+            let name = key.split(' ').next().unwrap();
+            assert!(e.contains(&format!("top-level {name} is not used")), "{e}");
+        }
+        let path = dir.join("ok.toml");
+        std::fs::write(&path, format!("fronts = 2\n{tables}")).unwrap();
+        let c = Config::from_file(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // --set: a per-listener key beside tables, from the file or from --set itself.
+        let e = c
+            .with_overrides(&["workers=6".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("workers is not used with [[listener]] tables"),
+            "{e}"
+        );
+        let both = Config::default().with_overrides(&[
+            "listen=\"127.0.0.1:1\"".into(),
+            "listener=[{listen=\"127.0.0.1:0\"}]".into(),
+        ]);
+        assert!(both.is_err());
+        c.with_overrides(&["fronts=3".into()]).unwrap();
+        // Whatever set it, a top-level value beside tables fails the validation too.
+        let mut c = c;
+        c.workers = 6;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                name: "workers",
+                ..
+            })
+        ));
+        Config::default()
+            .with_overrides(&["workers=6".into()])
+            .unwrap();
     }
 
     #[test]

@@ -9,13 +9,14 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use shm_ring::EventFd;
-use shmrelay::config::Config;
+use shmrelay::config::{Config, WorkerCmd};
 use shmrelay::front::{self, ChannelFds, FrontSettings};
 use shmrelay::stats::Stats;
 use shmrelay_worker::protocol::{env, inherited_fd, Channel};
 
 mod faults;
 mod faults_flip;
+mod logging;
 mod supervisor;
 mod watchdog;
 
@@ -31,13 +32,15 @@ struct Cli {
 
 #[derive(Args, Default)]
 struct RunArgs {
-    /// TOML settings file; flags override it.
+    /// TOML settings file; flags override it (except --listen, --workers and --worker-cmd
+    /// beside its [[listener]] tables: an error).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
-    /// Instance name (segments are /dev/shm/shmrelay.NAME.*). [default: default]
+    /// Instance name: its stats view is /dev/shm/shmrelay.NAME.stats ($SHMRELAY_SHM_DIR
+    /// overrides the directory); one live relay per name. [default: default]
     #[arg(long)]
     instance: Option<String>,
-    /// Address to listen on. [default: 127.0.0.1:7878]
+    /// Address to listen on (port 0 picks one). [default: 127.0.0.1:7878]
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
     /// Front processes. [default: 1]
@@ -46,13 +49,14 @@ struct RunArgs {
     /// Worker processes. [default: 2]
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// Worker command line, "PATH ARGS". [default: the built-in echo worker]
+    /// Worker command line, "PATH ARGS", split with shell-word rules (quotes group words; no
+    /// shell runs it). [default: the built-in echo worker]
     #[arg(long, value_name = "CMD")]
     worker_cmd: Option<String>,
-    /// Largest frame payload from a client, in bytes. [default: 1048576]
+    /// Largest frame payload from a client, in bytes (1 to 1 GiB). [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
-    /// Connections per front. [default: 100000]
+    /// Open connections across all fronts. [default: 100000]
     #[arg(long, value_name = "N")]
     max_conns: Option<u64>,
     /// Bytes per ring (power of two). [default: fits two maximum frames, at least 4 MiB]
@@ -89,12 +93,7 @@ struct FrontArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
     let cli = Cli::parse();
     let result = match cli.cmd {
         None => settings(cli.run).and_then(supervisor::run),
@@ -104,13 +103,19 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shmrelay: {e:#}");
+            logging::error_line(format_args!("shmrelay: {e:#}"));
             ExitCode::from(2)
         }
     }
 }
 
 fn settings(a: RunArgs) -> Result<Config> {
+    // The flags a `[[listener]]` table sets for itself (there is no `--codec`: `--set`).
+    let given = [
+        ("--listen", a.listen.is_some()),
+        ("--workers", a.workers.is_some()),
+        ("--worker-cmd", a.worker_cmd.is_some()),
+    ];
     let mut c = match &a.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -128,7 +133,7 @@ fn settings(a: RunArgs) -> Result<Config> {
         c.workers = v;
     }
     if let Some(v) = a.worker_cmd {
-        c.worker_cmd = Some(v);
+        c.worker_cmd = Some(WorkerCmd::Line(v));
     }
     if let Some(v) = a.max_frame {
         c.max_frame = v;
@@ -147,6 +152,17 @@ fn settings(a: RunArgs) -> Result<Config> {
     }
     if !a.set.is_empty() {
         c = c.with_overrides(&a.set)?;
+    }
+    if !c.listeners.is_empty() {
+        if let Some(flag) = given
+            .into_iter()
+            .find_map(|(flag, set)| set.then_some(flag))
+        {
+            anyhow::bail!(
+                "{flag}: {}",
+                shmrelay::config::per_listener_conflict(&flag[2..].replace('-', "_"))
+            );
+        }
     }
     Ok(c)
 }

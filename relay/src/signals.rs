@@ -10,6 +10,7 @@
 //! | front ([`install`]) | SIGPIPE | ignored: a vanished client surfaces as EPIPE on its socket |
 //! | supervisor ([`install_supervisor`]) | SIGTERM, SIGINT, SIGHUP | [`stop_requested`]: drain, stop, remove |
 //! | supervisor ([`install_supervisor`]) | SIGUSR1 | [`take_revive`]: retry every failed worker now |
+//! | supervisor ([`install_supervisor`]) | SIGPIPE | ignored: a closed stdout/stderr fails the write only |
 //!
 //! Workers get the same treatment from the worker SDK (`shmrelay_worker::stop_requested`).
 //!
@@ -52,13 +53,15 @@ pub fn install() {
 }
 
 /// The supervisor's signals: SIGTERM, SIGINT and SIGHUP set [`stop_requested`]; SIGUSR1 sets
-/// [`take_revive`].
+/// [`take_revive`]; SIGPIPE is ignored (a closed stdout or stderr, such as a `| tee` that a
+/// Ctrl-C ended too, must fail a write, never kill the supervisor before its clean-up).
 ///
 /// # Errors
 ///
 /// The error of the first registration that failed.
 pub fn install_supervisor() -> io::Result<()> {
     register(&STOP, &[SIGTERM, SIGINT, SIGHUP])?;
+    ignore_sigpipe();
     register(&REVIVE, &[SIGUSR1])
 }
 

@@ -195,8 +195,9 @@ impl Relay {
         Relay::start_n(name, args, 1).0
     }
 
-    /// Starts `shmrelay` with a config file holding `toml` (e.g. `[[listener]]` tables) and
-    /// waits for `listeners` listening lines; returns every listener's address, in order.
+    /// Starts `shmrelay` with a config file holding `toml` (e.g. `[[listener]]` tables, which
+    /// then give every address: no `--listen`) and waits for `listeners` listening lines;
+    /// returns every listener's address, in order.
     pub fn start_config(
         name: &str,
         toml: &str,
@@ -259,7 +260,16 @@ impl Relay {
     ) -> (Relay, Vec<SocketAddr>) {
         let instance = instance.to_owned();
         let mut cmd = Command::new(shmrelay_bin());
-        cmd.args(["--listen", "127.0.0.1:0", "--instance", &instance])
+        // A config file with `[[listener]]` tables gives every address itself (`--listen`
+        // beside them is an error).
+        let tables = args.windows(2).any(|w| {
+            w[0] == "--config"
+                && std::fs::read_to_string(w[1]).is_ok_and(|t| t.contains("[[listener]]"))
+        });
+        if !tables {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--instance", &instance])
             .args(args)
             .env(
                 "RUST_LOG",

@@ -21,7 +21,6 @@ mod strays;
 mod watch;
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,6 +37,7 @@ use shmrelay::view::{self, Publisher};
 use tracing::{error, info, warn};
 
 use self::generation::{control_pair, Control};
+use crate::logging::out_line;
 use crate::watchdog::{self, Growth, HangWatch};
 
 /// Which process a slot holds.
@@ -118,21 +118,33 @@ struct Instance {
 /// Runs the relay until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> Result<()> {
     cfg.validate()?;
+    let addrs: Vec<_> = cfg.listeners().iter().map(|l| l.listen).collect();
+    listen::check_distinct(&addrs)?;
     // Stop on SIGINT/SIGTERM/SIGHUP, retry failed workers on SIGUSR1.
     signals::install_supervisor().context("installing the signal handlers")?;
     strays::own_descendants()?;
     let (stale, dead_run) = claim::claim_instance(&cfg.instance)?;
     let orphans = claim::kill_orphans(&cfg.instance, dead_run);
+    // A dead run's orphans may still hold its listeners for a moment after their SIGKILL.
+    let patience = Duration::from_secs(if orphans > 0 { 2 } else { 0 });
+    for &addr in &addrs {
+        listen::check_free(addr, patience)?;
+    }
     // Nothing named exists until the very end of `create` (the view, renamed into place):
-    // a failed start leaves nothing behind.
-    let mut inst = Instance::create(cfg, stale, orphans)?;
+    // a failed start leaves nothing behind, and neither does a stop signal during it (the
+    // memfds made so far close with the process).
+    let Some(mut inst) = Instance::create(cfg, stale, orphans)? else {
+        info!("stopped during set-up; nothing was left");
+        return Ok(());
+    };
     let result = inst.serve();
     inst.shutdown();
     result
 }
 
 impl Instance {
-    fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Instance> {
+    /// Creates everything the instance owns; `None` if a stop signal came meanwhile.
+    fn create(cfg: Config, stale: usize, orphans: usize) -> Result<Option<Instance>> {
         let exe = std::env::current_exe().context("locating the shmrelay binary")?;
         let nworkers = cfg.total_workers();
         // The control segment: only the fronts are handed it.
@@ -147,6 +159,9 @@ impl Instance {
         for f in 0..cfg.fronts {
             let mut row = Vec::new();
             for w in 0..nworkers {
+                if signals::stop_requested() {
+                    return Ok(None);
+                }
                 let req = rings::new_ring(&cfg.instance, f, w, Dir::Request, cap)?;
                 let rep = rings::new_ring(&cfg.instance, f, w, Dir::Reply, cap)?;
                 row.push((req, rep));
@@ -183,16 +198,20 @@ impl Instance {
         );
         let (fronts, workers) = (cfg.fronts, nworkers);
         let worker_listener = cfg.worker_listeners();
-        // Last: the operators' view appears under its name locked and filled in.
+        let controls = (0..fronts)
+            .map(|_| control_pair())
+            .collect::<Result<Vec<_>>>()?;
+        if signals::stop_requested() {
+            return Ok(None);
+        }
+        // Last, after everything that can fail: the operators' view appears under its name
+        // locked and filled in, and from here on `shutdown` removes it.
         let view_path = names::stats_path(&cfg.instance);
         let mut publisher =
             Publisher::create(&view_path, view::new_token(), &stats, fronts, workers)
                 .map_err(|e| anyhow!("instance {:?}: {e}", cfg.instance))?;
         let _ = publisher.publish(&stats, &rings);
-        let controls = (0..fronts)
-            .map(|_| control_pair())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Instance {
+        Ok(Some(Instance {
             controls,
             workers,
             worker_listener,
@@ -217,7 +236,7 @@ impl Instance {
                 .into_iter()
                 .map(|(pid, _)| pid)
                 .collect(),
-        })
+        }))
     }
 
     fn serve(&mut self) -> Result<()> {
@@ -226,26 +245,32 @@ impl Instance {
             let (bound, _thread) = shmrelay::metrics::spawn(addr, self.cfg.instance.clone())
                 .with_context(|| format!("serving metrics on {addr}"))?;
             info!(%bound, "metrics on http://{bound}/metrics");
-            println!("shmrelay: metrics on http://{bound}/metrics");
+            out_line(format_args!("shmrelay: metrics on http://{bound}/metrics"));
         }
+        // A stop signal during start-up: `shutdown` stops what was started.
         for f in 0..self.cfg.fronts {
+            if signals::stop_requested() {
+                return Ok(());
+            }
             let ready = self.start(Role::Front(f))?;
             spawn::wait_ready(ready, f)?;
         }
         for w in 0..self.workers {
+            if signals::stop_requested() {
+                return Ok(());
+            }
             self.start(Role::Worker(w))?;
         }
         // One line per listener, in configuration order (the first is the default listener's).
         for (l, spec) in self.cfg.listeners().iter().enumerate() {
             let addr = self.listeners[0][l].local_addr()?;
             info!(%addr, codec = %spec.codec, "listening on {addr}");
-            println!(
+            out_line(format_args!(
                 "shmrelay: listening on {addr} (instance {}, codec {})",
                 self.cfg.instance, spec.codec
-            );
+            ));
         }
         self.publish();
-        let _ = std::io::stdout().flush();
         let mut last_publish = Instant::now();
         let mut last_watch = Instant::now();
         let mut last_metrics = Instant::now();

@@ -40,6 +40,28 @@ fn failed_retry(fail_count: u32, max: Duration) -> Duration {
         .min(max)
 }
 
+/// How a child ended, as an operator reads it: `exited with status 0`, `killed by SIGKILL`.
+struct Ended(WaitStatus);
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            WaitStatus::Exited(_, code) => write!(f, "exited with status {code}"),
+            WaitStatus::Signaled(_, sig, core) => {
+                write!(f, "killed by {}", sig.as_str())?;
+                if core {
+                    f.write_str(" (core dumped)")?;
+                }
+                Ok(())
+            }
+            WaitStatus::Stopped(_, sig) => write!(f, "stopped by {}", sig.as_str()),
+            WaitStatus::Continued(_) => f.write_str("continued"),
+            WaitStatus::StillAlive => f.write_str("still running"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
 /// How many times consumers attached to worker `w`'s request rings, summed over fronts.
 pub(super) fn worker_attaches(rings: &[Vec<(ShmRing, ShmRing)>], w: usize) -> u32 {
     rings
@@ -74,6 +96,10 @@ impl Instance {
             else {
                 continue;
             };
+            // A clean exit (status 0) is restarted like any other, with the same pacing, but
+            // it is not a crash: it never counts towards `crash_limit` (so never marks the
+            // worker failed) nor in the `crashes` statistic.
+            let clean = matches!(status, WaitStatus::Exited(_, 0));
             let mut forgiven = 0;
             if let Role::Worker(w) = role {
                 worker_died = true;
@@ -92,16 +118,18 @@ impl Instance {
             slot.pid = None;
             let lived = slot.started.elapsed();
             let window = Duration::from_millis(self.cfg.crash_window_ms);
-            slot.crashes.push_back(Instant::now());
-            // The crashes a dead-lettered frame caused are counted against the frame.
-            for _ in 0..forgiven {
-                slot.crashes.pop_back();
+            if !clean {
+                slot.crashes.push_back(Instant::now());
+                // The crashes a dead-lettered frame caused are counted against the frame.
+                for _ in 0..forgiven {
+                    slot.crashes.pop_back();
+                }
             }
             while slot.crashes.front().is_some_and(|t| t.elapsed() > window) {
                 slot.crashes.pop_front();
             }
             if let Role::Worker(w) = role {
-                if slot.crashes.len() as u32 >= self.cfg.crash_limit {
+                if !clean && slot.crashes.len() as u32 >= self.cfg.crash_limit {
                     slot.failed = true;
                     slot.fail_count += 1;
                     let retry = failed_retry(
@@ -123,7 +151,8 @@ impl Instance {
                         error!("every worker failed: new connections are refused");
                         if !self.ever_attached {
                             self.startup_failure = Some(format!(
-                                "every worker failed during start-up (none attached to its rings; last: {role} {status:?}, {crashes} crashes in {window:?})"
+                                "every worker failed during start-up (none attached to its rings; last: {role} {}, {crashes} crashes in {window:?})",
+                                Ended(status)
                             ));
                         }
                     }
@@ -140,7 +169,9 @@ impl Instance {
             match role {
                 Role::Worker(w) => {
                     let ws = self.stats.worker(w);
-                    ws.crashes.fetch_add(1, Ordering::Relaxed);
+                    if !clean {
+                        ws.crashes.fetch_add(1, Ordering::Relaxed);
+                    }
                     ws.pid.store(0, Ordering::Relaxed);
                     ws.state
                         .store(WorkerState::Restarting as u32, Ordering::Relaxed);
@@ -151,7 +182,12 @@ impl Instance {
                     self.reset_front_rings(f);
                 }
             }
-            warn!(%role, pid = pid.as_raw(), ?status, ?lived, restart_in = ?delay, "process exited; restarting");
+            let ended = Ended(status);
+            if clean {
+                info!(%role, pid = pid.as_raw(), ?lived, restart_in = ?delay, "{ended}; restarting (not counted as a crash)");
+            } else {
+                warn!(%role, pid = pid.as_raw(), ?lived, restart_in = ?delay, "{ended}; restarting");
+            }
         }
         if worker_died {
             self.kill_strays();
@@ -248,6 +284,24 @@ impl Instance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exits_read_as_a_status_or_a_signal() {
+        use nix::sys::signal::Signal;
+        use nix::unistd::Pid;
+        let p = Pid::from_raw(1960);
+        let s = |w| Ended(w).to_string();
+        assert_eq!(s(WaitStatus::Exited(p, 0)), "exited with status 0");
+        assert_eq!(s(WaitStatus::Exited(p, 3)), "exited with status 3");
+        assert_eq!(
+            s(WaitStatus::Signaled(p, Signal::SIGKILL, false)),
+            "killed by SIGKILL"
+        );
+        assert_eq!(
+            s(WaitStatus::Signaled(p, Signal::SIGSEGV, true)),
+            "killed by SIGSEGV (core dumped)"
+        );
+    }
 
     #[test]
     fn quick_crashes_back_off_from_the_second_restart_up_to_the_cap() {

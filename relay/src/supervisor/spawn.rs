@@ -109,11 +109,11 @@ impl Instance {
             Role::Worker(w) => {
                 let spec = &self.cfg.listeners()[self.worker_listener[w]];
                 let mut cmd = match &spec.worker_cmd {
-                    Some(line) => {
-                        let mut parts = line.split_whitespace();
-                        let prog = parts.next().context("worker_cmd is empty")?;
-                        let mut cmd = Command::new(prog);
-                        cmd.args(parts);
+                    Some(worker_cmd) => {
+                        // Checked by `Config::validate` at start: a bad one never gets here.
+                        let argv = worker_cmd.argv()?;
+                        let mut cmd = Command::new(&argv[0]);
+                        cmd.args(&argv[1..]);
                         cmd
                     }
                     None => {
