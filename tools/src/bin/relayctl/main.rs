@@ -78,6 +78,14 @@ enum Cmd {
         /// Stop after this many refreshes [default: until q or Ctrl-C].
         #[arg(long, value_name = "N")]
         iterations: Option<u64>,
+        /// Lay the text out in this many columns, dropping the least important ones [default:
+        /// the terminal's width; unlimited when standard output is not a terminal].
+        #[arg(long, value_name = "COLS", value_parser = clap::value_parser!(u16).range(1..))]
+        width: Option<u16>,
+        /// Show at most this many lines, summarising the rows that do not fit [default: the
+        /// terminal's height; unlimited when standard output is not a terminal].
+        #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u16).range(1..))]
+        height: Option<u16>,
     },
     /// List dead-lettered frames: per worker, how many, and the last one (its connection,
     /// request position and time). A frame is dead-lettered when it crashed its worker at its
@@ -163,9 +171,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             instance,
             interval,
             iterations,
+            width,
+            height,
         } => {
             let name = resolve(instance)?;
-            top(&mut out, &name, interval, iterations, cli.json)
+            let size = Size {
+                width: width.map(usize::from),
+                height: height.map(usize::from),
+            };
+            top(&mut out, &name, interval, iterations, size, cli.json)
         }
         Cmd::DeadLetters { instance } => {
             let name = resolve(instance)?;
@@ -312,11 +326,33 @@ fn sample(name: &str, interval: Duration) -> Result<InstanceReport> {
     Ok(second)
 }
 
+/// The layout `top` was asked for; what is not given is the terminal's.
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    width: Option<usize>,
+    height: Option<usize>,
+}
+
+impl Size {
+    /// Columns and rows to lay out to: the ones given, else the terminal's (`screen`: output
+    /// goes to a terminal), else unlimited; `None` when nothing limits the layout.
+    fn resolve(self, screen: bool) -> Option<(usize, usize)> {
+        let term = if screen { term::window_size() } else { None };
+        let width = self.width.or(term.map(|t| t.0));
+        let height = self.height.or(term.map(|t| t.1));
+        if width.is_none() && height.is_none() {
+            return None;
+        }
+        Some((width.unwrap_or(usize::MAX), height.unwrap_or(usize::MAX)))
+    }
+}
+
 fn top(
     out: &mut impl Write,
     name: &str,
     interval: Duration,
     iterations: Option<u64>,
+    size: Size,
     json: bool,
 ) -> Result<ExitCode> {
     let quit = term::QuitSignals::install().context("installing signal handlers")?;
@@ -355,7 +391,8 @@ fn top(
         if json {
             writeln!(out, "{}", serde_json::to_string(&r)?)?;
         } else if screen {
-            let frame = render::top(&r, term::window_rows());
+            // Asked each frame: the window may have been resized.
+            let frame = render::top(&r, size.resolve(true));
             let mut buf = String::from("\x1b[H");
             for line in frame.lines() {
                 buf.push_str(line);
@@ -368,7 +405,7 @@ fn top(
             if frames > 0 {
                 writeln!(out)?;
             }
-            out.write_all(render::top(&r, None).as_bytes())?;
+            out.write_all(render::top(&r, size.resolve(false)).as_bytes())?;
         }
         out.flush()?;
         frames += 1;

@@ -1,6 +1,7 @@
 //! Text output for people: aligned tables, human units, only the reasons that are non-zero.
 //! Machines should use `--json` (the schema is in `shmrelay::report`).
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 use shmrelay::report::host::{GcReport, LeaksReport, ListReport};
@@ -11,6 +12,9 @@ struct Table {
     head: Vec<String>,
     rows: Vec<Vec<String>>,
     left: usize,
+    /// Per column, how readily it is dropped when the table must fit a width: 0 never, the
+    /// highest first (see [`fit`]).
+    ranks: Vec<u8>,
 }
 
 impl Table {
@@ -19,7 +23,27 @@ impl Table {
             head: head.iter().map(|s| (*s).to_owned()).collect(),
             rows: Vec::new(),
             left,
+            ranks: vec![0; head.len()],
         }
+    }
+
+    /// The same table whose columns are dropped in the order `ranks` gives when it must fit.
+    fn ranked(mut self, ranks: &[u8]) -> Table {
+        assert_eq!(ranks.len(), self.head.len(), "one rank per column");
+        self.ranks = ranks.to_vec();
+        self
+    }
+
+    /// This table with `other`'s columns after its own, but `other`'s first (the shared key):
+    /// both have one row per item in the same order.
+    fn beside(mut self, other: Table) -> Table {
+        debug_assert_eq!(self.rows.len(), other.rows.len());
+        self.head.extend(other.head.into_iter().skip(1));
+        self.ranks.extend(other.ranks.into_iter().skip(1));
+        for (mine, theirs) in self.rows.iter_mut().zip(other.rows) {
+            mine.extend(theirs.into_iter().skip(1));
+        }
+        self
     }
 
     fn row(&mut self, cells: Vec<String>) {
@@ -27,6 +51,13 @@ impl Table {
     }
 
     fn render(&self, out: &mut String, indent: &str) {
+        self.render_fit(out, indent, usize::MAX, usize::MAX, "");
+    }
+
+    /// Renders the heading and at most `rows` lines below it in at most `width` columns:
+    /// columns are dropped by rank until the rest fit (a line still too long is cut), and the
+    /// rows that do not fit are summarised in a last line, `... N more WHAT`.
+    fn render_fit(&self, out: &mut String, indent: &str, width: usize, rows: usize, what: &str) {
         let cols = self.head.len();
         let mut w = vec![0usize; cols];
         for r in std::iter::once(&self.head).chain(&self.rows) {
@@ -34,22 +65,107 @@ impl Table {
                 w[i] = w[i].max(c.chars().count());
             }
         }
-        for r in std::iter::once(&self.head).chain(&self.rows) {
+        let keep = fit(&w, &self.ranks, 2, width.saturating_sub(indent.len()));
+        let shown = if self.rows.len() > rows {
+            rows.saturating_sub(1)
+        } else {
+            self.rows.len()
+        };
+        for r in std::iter::once(&self.head).chain(self.rows.iter().take(shown)) {
             let mut line = String::from(indent);
-            for (i, c) in r.iter().enumerate().take(cols) {
-                if i > 0 {
+            let mut first = true;
+            for (i, c) in r.iter().enumerate().take(cols).filter(|(i, _)| keep[*i]) {
+                if !first {
                     line.push_str("  ");
                 }
+                first = false;
                 if i < self.left {
                     let _ = write!(line, "{c:<width$}", width = w[i]);
                 } else {
                     let _ = write!(line, "{c:>width$}", width = w[i]);
                 }
             }
-            out.push_str(line.trim_end());
+            out.push_str(&clip(line.trim_end(), width));
+            out.push('\n');
+        }
+        if shown < self.rows.len() && rows > 0 {
+            let more = format!("{indent}... {} more {what}", self.rows.len() - shown);
+            out.push_str(&clip(&more, width));
             out.push('\n');
         }
     }
+}
+
+/// Which of the items of `widths`, joined by `sep` columns, to keep so that they fit in
+/// `budget` columns: items of the highest rank go first (the rightmost among equals); rank 0
+/// is never dropped, so the result may still be too wide.
+fn fit(widths: &[usize], ranks: &[u8], sep: usize, budget: usize) -> Vec<bool> {
+    let mut keep = vec![true; widths.len()];
+    loop {
+        let used = widths
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(w, _)| w + sep)
+            .sum::<usize>()
+            .saturating_sub(sep);
+        if used <= budget {
+            return keep;
+        }
+        let victim = (0..widths.len())
+            .filter(|&i| keep[i] && ranks[i] > 0)
+            .max_by_key(|&i| (ranks[i], i));
+        match victim {
+            Some(i) => keep[i] = false,
+            None => return keep,
+        }
+    }
+}
+
+/// `s` in at most `width` characters: cut, with a `>` as its last one so that a cut number is
+/// not read as a smaller one.
+fn clip(s: &str, width: usize) -> Cow<'_, str> {
+    match s.char_indices().nth(width) {
+        Some(_) => {
+            let mut c: String = s.chars().take(width.saturating_sub(1)).collect();
+            if width > 0 {
+                c.push('>');
+            }
+            Cow::Owned(c)
+        }
+        None => Cow::Borrowed(s),
+    }
+}
+
+/// Words shortened, in this order, in a line still too long once all but its rank-0 pieces
+/// are left out.
+const ABBREVIATIONS: [(&str, &str); 4] = [
+    ("connections ", "conns "),
+    ("frames/s ", "f/s "),
+    ("instance ", ""),
+    ("total: ", ""),
+];
+
+/// Pieces of text joined by two spaces after `indent`, the pieces of the highest rank left
+/// out first until the line fits in `width` (see [`fit`]), then [`ABBREVIATIONS`], then cut.
+fn fit_pieces(indent: &str, pieces: &[(u8, String)], width: usize) -> String {
+    let widths: Vec<usize> = pieces.iter().map(|(_, p)| p.chars().count()).collect();
+    let ranks: Vec<u8> = pieces.iter().map(|(r, _)| *r).collect();
+    let keep = fit(&widths, &ranks, 2, width.saturating_sub(indent.len()));
+    let kept: Vec<&str> = pieces
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|((_, p), _)| p.as_str())
+        .collect();
+    let mut line = format!("{indent}{}", kept.join("  "));
+    for (long, short) in ABBREVIATIONS {
+        if line.chars().count() <= width {
+            break;
+        }
+        line = line.replace(long, short);
+    }
+    clip(&line, width).into_owned()
 }
 
 /// `1536` -> `1.5Ki`.
@@ -143,7 +259,7 @@ pub fn busiest_first(rings: &mut [RingReport]) {
 
 /// With rates, the ring table shows records and bytes per second; without (one sample), the
 /// totals.
-fn rings_table(rings: &[RingReport], out: &mut String) {
+fn rings_table(rings: &[RingReport]) -> Table {
     let rates = rings.iter().any(|r| r.rates.is_some());
     let flow: [&str; 4] = if rates {
         ["REC/S IN", "REC/S OUT", "B/S IN", "B/S OUT"]
@@ -153,7 +269,8 @@ fn rings_table(rings: &[RingReport], out: &mut String) {
     let mut head = vec!["RING", "CAP", "USED", "FILL%", "HIGH"];
     head.extend(flow);
     head.extend(["FULL", "WAKEUPS", "PRODUCER", "CONSUMER"]);
-    let mut t = Table::new(&head, 1);
+    // Kept longest: the ring, its fill, its flow.
+    let mut t = Table::new(&head, 1).ranked(&[0, 6, 3, 0, 4, 1, 1, 2, 2, 3, 6, 5, 5]);
     for r in rings {
         if let Some(e) = &r.error {
             let mut row = vec![ring_id(r), format!("error: {e}")];
@@ -192,35 +309,68 @@ fn rings_table(rings: &[RingReport], out: &mut String) {
         ]);
         t.row(row);
     }
-    t.render(out, "  ");
+    t
+}
+
+/// The two lines of an instance's header, as pieces ranked for [`fit_pieces`].
+fn header_pieces(r: &InstanceReport) -> [Vec<(u8, String)>; 2] {
+    [
+        vec![
+            (0, format!("instance {}", r.name)),
+            (
+                1,
+                format!(
+                    "supervisor {} {}",
+                    r.supervisor_pid,
+                    if r.alive { "alive" } else { "DEAD" }
+                ),
+            ),
+            (3, format!("up {}", duration(r.uptime_secs))),
+            (0, format!("connections {}", r.connections)),
+            (4, format!("heartbeat {} ms ago", r.supervisor_heartbeat_ms)),
+        ],
+        vec![
+            (
+                3,
+                format!("draining {}", if r.draining { "yes" } else { "no" }),
+            ),
+            (
+                1,
+                format!("pool {}", if r.pool_failed { "FAILED" } else { "ok" }),
+            ),
+            (
+                5,
+                format!(
+                    "supervisor rss {}B",
+                    bytes(r.supervisor_rss_kb.saturating_mul(1024))
+                ),
+            ),
+            (5, format!("fds {}", r.supervisor_fds)),
+            (
+                2,
+                r.rates_interval_secs.map_or_else(
+                    || "no rates (one sample)".to_owned(),
+                    |s| format!("rates over {s:.2}s"),
+                ),
+            ),
+        ],
+    ]
 }
 
 fn header(r: &InstanceReport, out: &mut String) {
-    let _ = writeln!(
-        out,
-        "instance {}  supervisor {} {}  up {}  connections {}  heartbeat {} ms ago",
-        r.name,
-        r.supervisor_pid,
-        if r.alive { "alive" } else { "DEAD" },
-        duration(r.uptime_secs),
-        r.connections,
-        r.supervisor_heartbeat_ms,
-    );
-    let _ = writeln!(
-        out,
-        "  draining {}  pool {}  supervisor rss {}B  fds {}  {}",
-        if r.draining { "yes" } else { "no" },
-        if r.pool_failed { "FAILED" } else { "ok" },
-        bytes(r.supervisor_rss_kb.saturating_mul(1024)),
-        r.supervisor_fds,
-        r.rates_interval_secs.map_or_else(
-            || "no rates (one sample)".to_owned(),
-            |s| format!("rates over {s:.2}s")
-        ),
-    );
+    for (indent, pieces) in ["", "  "].into_iter().zip(header_pieces(r)) {
+        fit_line(out, indent, &pieces, usize::MAX);
+    }
 }
 
-fn fronts(r: &InstanceReport, out: &mut String) {
+/// [`fit_pieces`] as one line of `out`.
+fn fit_line(out: &mut String, indent: &str, pieces: &[(u8, String)], width: usize) {
+    out.push_str(&fit_pieces(indent, pieces, width));
+    out.push('\n');
+}
+
+/// The fronts' processes and connections, and their traffic: one row per front each.
+fn front_tables(r: &InstanceReport) -> (Table, Table) {
     let mut t = Table::new(
         &[
             "FRONT",
@@ -239,7 +389,8 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             "FDS",
         ],
         1,
-    );
+    )
+    .ranked(&[0, 4, 0, 0, 3, 3, 3, 3, 6, 6, 4, 3, 5, 6]);
     for f in &r.fronts {
         t.row(vec![
             f.index.to_string(),
@@ -262,8 +413,7 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             f.fds.to_string(),
         ]);
     }
-    t.render(out, "  ");
-    let mut t = Table::new(
+    let mut flow = Table::new(
         &[
             "FRONT",
             "FRAMES IN",
@@ -278,10 +428,11 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             "B/S OUT",
         ],
         1,
-    );
+    )
+    .ranked(&[0, 6, 6, 6, 6, 6, 4, 1, 1, 2, 2]);
     for f in &r.fronts {
         let x = f.rates;
-        t.row(vec![
+        flow.row(vec![
             f.index.to_string(),
             count(f.frames_in as f64),
             count(f.frames_out as f64),
@@ -295,8 +446,14 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             rate(x.map(|x| x.bytes_out_per_sec), byte_rate),
         ]);
     }
-    out.push('\n');
+    (t, flow)
+}
+
+fn fronts(r: &InstanceReport, out: &mut String) {
+    let (t, flow) = front_tables(r);
     t.render(out, "  ");
+    out.push('\n');
+    flow.render(out, "  ");
     for f in &r.fronts {
         let nonzero = |m: &std::collections::BTreeMap<String, u64>| {
             let v: Vec<String> = m
@@ -336,13 +493,14 @@ fn fronts(r: &InstanceReport, out: &mut String) {
     }
 }
 
-fn workers(r: &InstanceReport, out: &mut String) {
+fn workers_table(r: &InstanceReport) -> Table {
     let mut t = Table::new(
         &[
             "WORKER", "PID", "PROCESS", "STATE", "RESTARTS", "CRASHES", "HANGS", "RSS", "FDS",
         ],
         1,
-    );
+    )
+    .ranked(&[0, 3, 1, 0, 2, 2, 2, 4, 5]);
     for w in &r.workers {
         t.row(vec![
             w.index.to_string(),
@@ -356,7 +514,7 @@ fn workers(r: &InstanceReport, out: &mut String) {
             w.fds.to_string(),
         ]);
     }
-    t.render(out, "  ");
+    t
 }
 
 fn leak_counters(l: &LeakReport) -> String {
@@ -389,20 +547,21 @@ pub fn stat(r: &InstanceReport) -> String {
     let mut out = String::new();
     header(r, &mut out);
     out.push_str("\nRINGS\n");
-    rings_table(&r.rings, &mut out);
+    rings_table(&r.rings).render(&mut out, "  ");
     out.push_str("\nFRONTS\n");
     fronts(r, &mut out);
     out.push_str("\nWORKERS\n");
-    workers(r, &mut out);
+    workers_table(r).render(&mut out, "  ");
     let _ = writeln!(out, "\nLEAKS\n  {}\n", leak_counters(&r.leaks));
     problems(&r.problems, &mut out);
     out
 }
 
-/// One frame of `relayctl top`, at most `rows` lines when given (a terminal).
-pub fn top(r: &InstanceReport, rows: Option<usize>) -> String {
-    let mut out = String::new();
-    header(r, &mut out);
+/// One frame of `relayctl top`. With `size` (columns, rows: a terminal's), it is laid out to
+/// fit: one table per section, the least important columns dropped first, each section
+/// given a fair share of the rows (the ones left out are counted in a `... N more` line),
+/// and no line longer than the width nor more lines than the rows.
+pub fn top(r: &InstanceReport, size: Option<(usize, usize)>) -> String {
     let (mut fi, mut fo, mut bi, mut bo) = (0.0, 0.0, 0.0, 0.0);
     for f in r.fronts.iter().filter_map(|f| f.rates) {
         fi += f.frames_in_per_sec;
@@ -410,40 +569,95 @@ pub fn top(r: &InstanceReport, rows: Option<usize>) -> String {
         bi += f.bytes_in_per_sec;
         bo += f.bytes_out_per_sec;
     }
-    let _ = writeln!(
-        out,
-        "  total: {} frames/s in, {} frames/s out, {}B/s in, {}B/s out   (q or Ctrl-C quits)",
-        count(fi),
-        count(fo),
-        bytes(bi as u64),
-        bytes(bo as u64)
-    );
-    out.push_str("\nFRONTS\n");
-    fronts(r, &mut out);
-    out.push_str("\nWORKERS\n");
-    workers(r, &mut out);
+    let totals = [
+        (0, format!("total: {} frames/s in", count(fi))),
+        (1, format!("{} frames/s out", count(fo))),
+        (2, format!("{}B/s in", bytes(bi as u64))),
+        (2, format!("{}B/s out", bytes(bo as u64))),
+        (3, "(q or Ctrl-C quits)".to_owned()),
+    ];
+    let (width, height) = size.unwrap_or((usize::MAX, usize::MAX));
+    let mut out = String::new();
+    for (indent, pieces) in ["", "  "].into_iter().zip(header_pieces(r)) {
+        fit_line(&mut out, indent, &pieces, width);
+    }
+    fit_line(&mut out, "  ", &totals, width);
     let mut rings = r.rings.clone();
     busiest_first(&mut rings);
-    // Problems last, rings in between take what room is left on the screen.
     let mut tail = String::new();
     problems(&r.problems, &mut tail);
-    if let Some(rows) = rows {
-        let used = out.lines().count() + tail.lines().count() + 3;
-        let room = rows.saturating_sub(used).max(1);
-        if rings.len() > room {
-            let hidden = rings.len() - room;
-            rings.truncate(room);
-            let _ = writeln!(out, "\nRINGS (busiest first, {hidden} more not shown)");
-        } else {
-            out.push_str("\nRINGS (busiest first)\n");
-        }
-    } else {
+    if size.is_none() {
+        out.push_str("\nFRONTS\n");
+        fronts(r, &mut out);
+        out.push_str("\nWORKERS\n");
+        workers_table(r).render(&mut out, "  ");
         out.push_str("\nRINGS (busiest first)\n");
+        rings_table(&rings).render(&mut out, "  ");
+        out.push('\n');
+        out.push_str(&tail);
+        return out;
     }
-    rings_table(&rings, &mut out);
-    out.push('\n');
-    out.push_str(&tail);
-    out
+    // Problems last, on at most a sixth of the screen; the sections share what is left.
+    let tail_rows = (height / 6).max(1);
+    let mut tail: Vec<String> = tail.lines().map(str::to_owned).collect();
+    if tail.len() > tail_rows {
+        let n = r.problems.len();
+        if tail_rows == 1 {
+            tail = vec![format!("{n} problem(s), first: {}", r.problems[0])];
+        } else {
+            let hidden = tail.len() - (tail_rows - 1);
+            tail.truncate(tail_rows - 1);
+            tail.push(format!("  ... {hidden} more problems"));
+        }
+    }
+    let (front, flow) = front_tables(r);
+    let sections = [
+        (front.beside(flow), "fronts"),
+        (workers_table(r), "workers"),
+        (rings_table(&rings), "rings (busiest first)"),
+    ];
+    let head_rows = out.lines().count() + tail.len() + sections.len();
+    let room = height.saturating_sub(head_rows);
+    let need: Vec<usize> = sections.iter().map(|(t, _)| t.rows.len()).collect();
+    let got = share(&need, room);
+    // A blank line before each section and the problems when everything else fits.
+    let gaps = room > need.iter().sum::<usize>() + sections.len();
+    for ((t, what), (need, got)) in sections.iter().zip(need.iter().zip(got)) {
+        if got == 0 && *need > 0 {
+            continue;
+        }
+        if gaps {
+            out.push('\n');
+        }
+        t.render_fit(&mut out, "  ", width, got, what);
+    }
+    if gaps {
+        out.push('\n');
+    }
+    for line in tail {
+        out.push_str(&clip(&line, width));
+        out.push('\n');
+    }
+    out.lines().take(height).map(|l| format!("{l}\n")).collect()
+}
+
+/// Rows given to sections needing `need` rows out of `room`: one at a time to each section
+/// that still needs some, in turn, so that a long section cannot crowd out the others.
+fn share(need: &[usize], mut room: usize) -> Vec<usize> {
+    let mut got = vec![0; need.len()];
+    loop {
+        let mut gave = false;
+        for (g, n) in got.iter_mut().zip(need) {
+            if room > 0 && *g < *n {
+                *g += 1;
+                room -= 1;
+                gave = true;
+            }
+        }
+        if !gave {
+            return got;
+        }
+    }
 }
 
 /// `relayctl list`.
@@ -612,5 +826,183 @@ mod tests {
         let mut s = String::new();
         t.render(&mut s, "");
         assert_eq!(s, "A     NUM\nlong    1\n");
+    }
+
+    #[test]
+    fn fit_drops_the_highest_ranks_first_and_never_rank_0() {
+        // Widths 5, 5, 5 joined by 2: 19 in all.
+        assert_eq!(fit(&[5, 5, 5], &[0, 1, 2], 2, 19), [true, true, true]);
+        assert_eq!(fit(&[5, 5, 5], &[0, 2, 1], 2, 12), [true, false, true]);
+        assert_eq!(fit(&[5, 5, 5], &[0, 1, 1], 2, 12), [true, true, false]);
+        assert_eq!(fit(&[5, 5, 5], &[0, 1, 2], 2, 3), [true, false, false]);
+        assert_eq!(clip("abcdef", 3), "ab>");
+        assert_eq!(clip("ab", 3), "ab");
+    }
+
+    #[test]
+    fn share_takes_turns() {
+        assert_eq!(share(&[4, 8, 64], 18), [4, 7, 7]);
+        assert_eq!(share(&[4, 8, 64], 100), [4, 8, 64]);
+        assert_eq!(share(&[4, 8, 64], 2), [1, 1, 0]);
+        assert_eq!(share(&[0, 8, 64], 3), [0, 2, 1]);
+    }
+
+    #[test]
+    fn a_table_cut_to_rows_says_how_many_more() {
+        let mut t = Table::new(&["A", "B"], 1).ranked(&[0, 1]);
+        for i in 0..5 {
+            t.row(vec![format!("row{i}"), "x".repeat(20)]);
+        }
+        let mut s = String::new();
+        t.render_fit(&mut s, "", 20, 3, "things");
+        assert_eq!(s, "A\nrow0\nrow1\n... 3 more things\n");
+    }
+
+    /// An instance of 4 fronts and 8 workers (64 rings) with traffic, rates and problems.
+    fn busy_instance() -> InstanceReport {
+        let stats = shmrelay::stats::Stats::create_memfd(4, 8).unwrap();
+        let mut r = InstanceReport::from_stats(
+            "edge-frontdoor-1",
+            std::path::Path::new("/dev/shm/shmrelay.edge-frontdoor-1.stats"),
+            &stats,
+        );
+        r.supervisor_pid = 4_194_303;
+        r.alive = true;
+        r.uptime_secs = 3725.0;
+        r.connections = 123_456;
+        r.rates_interval_secs = Some(1.0);
+        for f in &mut r.fronts {
+            f.pid = 4_194_000 + f.index as u32;
+            f.connections.open = 30_864;
+            f.accepts = 1_234_567;
+            f.frames_in = 9_876_543_210;
+            f.bytes_in = 1 << 40;
+            f.rates = Some(shmrelay::report::FrontRates {
+                frames_in_per_sec: 1_234_567.0,
+                frames_out_per_sec: 1_234_000.0,
+                bytes_in_per_sec: 123_456_789.0,
+                bytes_out_per_sec: 123_456_000.0,
+                ..Default::default()
+            });
+        }
+        for w in &mut r.workers {
+            w.pid = 4_195_000 + w.index as u32;
+        }
+        assert_eq!(r.rings.len(), 64);
+        for (i, g) in r.rings.iter_mut().enumerate() {
+            g.error = None;
+            g.capacity = 1 << 20;
+            g.used = (i as u64 * 4099) % (1 << 20);
+            g.fill_percent = 100.0 * g.used as f64 / g.capacity as f64;
+            g.high_water = 1 << 19;
+            g.producer.pid = 4_194_000;
+            g.consumer.pid = 4_195_000;
+            g.rates = Some(shmrelay::report::RingRates {
+                records_in_per_sec: 10_000.0 * i as f64,
+                bytes_in_per_sec: 1_000_000.0 * i as f64,
+                records_out_per_sec: 10_000.0 * i as f64,
+                bytes_out_per_sec: 1_000_000.0 * i as f64,
+                ..Default::default()
+            });
+        }
+        r.problems = (0..7)
+            .map(|i| format!("worker {i} is hung: no heartbeat for 12 s"))
+            .collect();
+        r
+    }
+
+    /// The first line of `frame` that starts (after the indent) with `word`.
+    fn line_of<'a>(frame: &'a str, word: &str) -> &'a str {
+        frame
+            .lines()
+            .find(|l| l.trim_start().starts_with(word))
+            .unwrap_or_else(|| panic!("no {word} line in\n{frame}"))
+    }
+
+    #[test]
+    fn top_fits_the_terminal() {
+        let r = busy_instance();
+        for (w, h) in [(80, 24), (120, 40), (40, 10)] {
+            let frame = top(&r, Some((w, h)));
+            let lines: Vec<&str> = frame.lines().collect();
+            assert!(lines.len() <= h, "{w}x{h}: {} lines\n{frame}", lines.len());
+            for l in &lines {
+                assert!(l.chars().count() <= w, "{w}x{h}: too long: {l:?}\n{frame}");
+            }
+            assert!(
+                lines[0].starts_with("instance edge-frontdoor-1"),
+                "{w}x{h}: the header goes first\n{frame}"
+            );
+            assert!(
+                frame.contains("more"),
+                "{w}x{h}: rows left out are counted\n{frame}"
+            );
+        }
+        // At 80x24 every section is there with its most important columns.
+        let frame = top(&r, Some((80, 24)));
+        assert!(
+            line_of(&frame, "instance").contains("connections 123456"),
+            "{frame}"
+        );
+        let fronts = line_of(&frame, "FRONT");
+        for col in ["STATE", "OPEN", "FRAMES/S IN", "FRAMES/S OUT", "B/S IN"] {
+            assert!(
+                fronts.contains(col),
+                "{col} missing from {fronts:?}\n{frame}"
+            );
+        }
+        let workers = line_of(&frame, "WORKER");
+        for col in ["PROCESS", "STATE", "RESTARTS"] {
+            assert!(
+                workers.contains(col),
+                "{col} missing from {workers:?}\n{frame}"
+            );
+        }
+        let rings = line_of(&frame, "RING");
+        for col in ["FILL%", "REC/S IN", "REC/S OUT", "B/S IN", "USED"] {
+            assert!(rings.contains(col), "{col} missing from {rings:?}\n{frame}");
+        }
+        // Busiest first: the ring with the highest rates (index 63: f3.w7 rep) leads.
+        let first_ring = frame
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("RING"))
+            .nth(1);
+        assert!(
+            first_ring.is_some_and(|l| l.contains("f3.w7 rep")),
+            "{frame}"
+        );
+        assert!(frame.contains("more rings"), "{frame}");
+        assert!(frame.contains("7 problem(s)"), "{frame}");
+        let tiny = top(&r, Some((40, 10)));
+        assert!(
+            line_of(&tiny, "instance").contains("conns 123456"),
+            "{tiny}"
+        );
+        assert!(line_of(&tiny, "RING").contains("FILL%"), "{tiny}");
+        // Wider and taller shows more, never less.
+        let big = top(&r, Some((120, 40)));
+        assert!(big.lines().count() > frame.lines().count(), "{big}");
+        assert!(line_of(&big, "FRONT").len() > fronts.len(), "{big}");
+    }
+
+    #[test]
+    fn top_without_a_size_shows_everything() {
+        let r = busy_instance();
+        let frame = top(&r, None);
+        // To look at the layouts: RELAYCTL_SHOW_FRAMES=1 cargo test ... -- --nocapture.
+        if std::env::var_os("RELAYCTL_SHOW_FRAMES").is_some() {
+            for size in [(80, 24), (120, 40), (40, 10)] {
+                println!("{size:?}\n{}", top(&r, Some(size)));
+            }
+        }
+        assert!(frame.contains("\nFRONTS\n") && frame.contains("RINGS (busiest first)"));
+        assert!(!frame.contains("more rings"), "{frame}");
+        assert_eq!(
+            frame.matches(" rep ").count() + frame.matches(" req ").count(),
+            64
+        );
+        // Only the height given: every ring row fits in 120 lines, no width limit.
+        let tall = top(&r, Some((usize::MAX, 120)));
+        assert!(!tall.contains("more rings"), "{tall}");
     }
 }

@@ -42,10 +42,10 @@ impl QuitSignals {
     }
 }
 
-/// Rows of the terminal standard output shows, if it is one.
-pub fn window_rows() -> Option<usize> {
-    let (_cols, rows) = terminal::size().ok()?;
-    (rows > 0).then_some(rows as usize)
+/// Columns and rows of the terminal standard output shows, if it is one.
+pub fn window_size() -> Option<(usize, usize)> {
+    let (cols, rows) = terminal::size().ok()?;
+    (cols > 0 && rows > 0).then_some((cols as usize, rows as usize))
 }
 
 /// Raw input on the controlling terminal (no line buffering, no echo, Ctrl-C arrives as a key
