@@ -218,6 +218,25 @@ fn stat_list_top_and_metrics_on_a_loaded_relay() {
     let t = text(&o.stdout);
     assert_eq!(t.matches(&format!("instance {name} ")).count(), 2, "{t}");
     assert!(!t.contains('\x1b'), "escape codes without a tty");
+    // Laid out to a size given: no line wider, no more lines.
+    let o = relayctl(
+        &[
+            "top",
+            "--iterations",
+            "1",
+            "--width",
+            "80",
+            "--height",
+            "24",
+            name,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let t = text(&o.stdout);
+    assert!(t.lines().count() <= 24, "{t}");
+    assert!(t.lines().all(|l| l.chars().count() <= 80), "{t}");
+    assert!(t.starts_with(&format!("instance {name} ")), "{t}");
     let o = relayctl(
         &[
             "top",
@@ -306,6 +325,18 @@ fn dead_pid() -> u32 {
     pid
 }
 
+/// What a dead instance `name` leaves in `dir`: its stats segment, naming a supervisor that is
+/// gone (returned), and a ring file (its path returned).
+fn dead_instance(dir: &Path, name: &str) -> (u32, PathBuf) {
+    let stats = Stats::create(&dir.join(format!("shmrelay.{name}.stats")), 1, 1).unwrap();
+    let gone = dead_pid();
+    stats.header().supervisor_pid.store(gone, Ordering::Relaxed);
+    drop(stats);
+    let ring = dir.join(format!("shmrelay.{name}.f0.w0.req"));
+    std::fs::write(&ring, vec![0u8; 8192]).unwrap();
+    (gone, ring)
+}
+
 #[test]
 fn stale_segments_are_found_by_leaks_and_removed_by_gc() {
     let tmp = TempShm::new("stale");
@@ -315,12 +346,7 @@ fn stale_segments_are_found_by_leaks_and_removed_by_gc() {
     let live = "live-one";
 
     // A dead instance: its stats segment names a supervisor that is gone, plus a ring file.
-    let stats = Stats::create(&dir.join(format!("shmrelay.{stale}.stats")), 1, 1).unwrap();
-    let gone = dead_pid();
-    stats.header().supervisor_pid.store(gone, Ordering::Relaxed);
-    drop(stats);
-    let ring = dir.join(format!("shmrelay.{stale}.f0.w0.req"));
-    std::fs::write(&ring, vec![0u8; 8192]).unwrap();
+    let (gone, ring) = dead_instance(dir, stale);
     // A live one (this test process is its "supervisor"), and an orphan ring of no instance.
     let _live = live_view(&dir.join(format!("shmrelay.{live}.stats")));
     let orphan = dir.join("shmrelay.nobody.f0.w0.rep");
@@ -395,6 +421,87 @@ fn stale_segments_are_found_by_leaks_and_removed_by_gc() {
         "{}",
         show(&o)
     );
+}
+
+#[test]
+fn gc_of_one_instance_leaves_the_others_alone() {
+    let tmp = TempShm::new("gc-one");
+    let dir = tmp.0.as_path();
+    let env = [("SHMRELAY_SHM_DIR", dir)];
+    let (_, ring_a) = dead_instance(dir, "dead-a");
+    let (_, ring_b) = dead_instance(dir, "dead-b");
+    let (stats_a, stats_b) = (
+        dir.join("shmrelay.dead-a.stats"),
+        dir.join("shmrelay.dead-b.stats"),
+    );
+    let _live = live_view(&dir.join("shmrelay.live-c.stats"));
+    let orphan = dir.join("shmrelay.nobody.f0.w0.rep");
+    std::fs::write(&orphan, b"junk").unwrap();
+    let all_there = || [&ring_a, &stats_a, &ring_b, &stats_b, &orphan].map(|p| p.exists());
+
+    // The dry run names only dead-a's two files.
+    let o = relayctl(&["gc", "dead-a", "--dry-run", "--json"], &env);
+    assert!(o.status.success(), "{}", show(&o));
+    let g: GcReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(g.dry_run);
+    let mut paths: Vec<&str> = g.removed.iter().map(|f| f.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [ring_a.to_str().unwrap(), stats_a.to_str().unwrap()],
+        "{g:?}"
+    );
+    assert!(g.removed.iter().all(|f| f.instance == "dead-a"));
+    assert_eq!(all_there(), [true; 5], "a dry run removes nothing");
+
+    // The real run removes them and nothing else.
+    let o = relayctl(&["gc", "dead-a"], &env);
+    assert!(o.status.success(), "{}", show(&o));
+    let t = text(&o.stdout);
+    assert!(
+        t.contains("2 file(s)") && t.contains("instance dead-a"),
+        "{t}"
+    );
+    assert!(!t.contains("dead-b") && !t.contains("nobody"), "{t}");
+    assert_eq!(all_there(), [false, false, true, true, true]);
+
+    // A live instance is refused, an unknown one (now dead-a too) is named as such.
+    let o = relayctl(&["gc", "live-c"], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("`live-c` is alive"),
+        "{}",
+        show(&o)
+    );
+    assert!(dir.join("shmrelay.live-c.stats").exists());
+    for unknown in ["dead-a", "never-was"] {
+        let o = relayctl(&["gc", unknown], &env);
+        assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+        let e = text(&o.stderr);
+        assert!(
+            e.contains(&format!("no instance `{unknown}`")) && e.contains("dead-b"),
+            "{}",
+            show(&o)
+        );
+    }
+    let o = relayctl(&["gc", "../x"], &env);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("not a valid instance name"),
+        "{}",
+        show(&o)
+    );
+
+    // An instance with only orphan files is cleaned up by its name too.
+    let o = relayctl(&["gc", "nobody"], &env);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(all_there(), [false, false, true, true, false]);
+
+    // Without a name, gc still cleans up every dead instance.
+    let o = relayctl(&["gc"], &env);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(all_there(), [false; 5]);
+    assert!(dir.join("shmrelay.live-c.stats").exists());
 }
 
 #[test]

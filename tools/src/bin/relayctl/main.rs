@@ -18,6 +18,7 @@ use serde::Serialize;
 use shmrelay::names;
 use shmrelay::report::{self, host, InstanceReport, ReportError};
 
+mod gc_one;
 mod render;
 mod term;
 
@@ -31,7 +32,8 @@ EXIT STATUS:
          (failed pool, hung or dead worker, stalled ring, leaks); `leaks` found something;
          `top` watched an instance that is dead or went away.
     2    An error: bad usage, no such instance (or several live ones and none named), a
-         segment that cannot be read, a file `gc` could not remove.
+         segment that cannot be read, a file `gc` could not remove, a live instance named
+         to `gc`.
 
 A closed standard output (for example `relayctl top | head`) is not an error: relayctl
 stops and exits 0.";
@@ -102,11 +104,14 @@ enum Cmd {
         /// Instance name [default: all].
         instance: Option<String>,
     },
-    /// Remove the segments of dead instances (supervisor gone) and orphan files.
+    /// Remove the segments of dead instances (supervisor gone) and orphan files: of every
+    /// instance, or of INSTANCE only.
     ///
-    /// A live instance's files are never removed (its lock is held), nor any file that is not
-    /// a regular file of this user (listed as untrusted).
+    /// A live instance's files are never removed (its lock is held; naming one is an error),
+    /// nor any file that is not a regular file of this user (listed as untrusted).
     Gc {
+        /// Only this instance's files [default: every dead instance's, and every orphan file].
+        instance: Option<String>,
         /// Show what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -190,8 +195,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             emit(&mut out, cli.json, &l, || render::leaks(&l))?;
             Ok(code(!l.problems.is_empty()))
         }
-        Cmd::Gc { dry_run } => {
-            let g = host::gc(dry_run);
+        Cmd::Gc { instance, dry_run } => {
+            let g = match instance {
+                Some(name) => {
+                    check_name(&name)?;
+                    gc_one::gc_one(&name, dry_run)?
+                }
+                None => host::gc(dry_run),
+            };
             emit(&mut out, cli.json, &g, || render::gc(&g))?;
             if !g.failed.is_empty() {
                 eprintln!(
@@ -254,22 +265,9 @@ fn emit<T: Serialize>(
 fn resolve(instance: Option<String>) -> Result<String> {
     let dir = names::shm_dir();
     if let Some(name) = instance {
-        if !names::valid_instance(&name) {
-            bail!(
-                "`{name}` is not a valid instance name (letters, digits, '-' and '_', at most 64)"
-            );
-        }
+        check_name(&name)?;
         if !names::stats_path(&name).exists() {
-            let known = names::instances();
-            bail!(
-                "no instance `{name}` in {}{}",
-                dir.display(),
-                if known.is_empty() {
-                    String::new()
-                } else {
-                    format!("; instances here: {}", known.join(", "))
-                }
-            );
+            return Err(no_such_instance(&name));
         }
         return Ok(name);
     }
@@ -301,6 +299,28 @@ fn resolve(instance: Option<String>) -> Result<String> {
             many[0].name
         ),
     }
+}
+
+/// Refuses what cannot be an instance name before any path is made of it.
+fn check_name(name: &str) -> Result<()> {
+    if !names::valid_instance(name) {
+        bail!("`{name}` is not a valid instance name (letters, digits, '-' and '_', at most 64)");
+    }
+    Ok(())
+}
+
+/// The error for an instance name with nothing in the shm directory, naming those there are.
+fn no_such_instance(name: &str) -> anyhow::Error {
+    let known = names::instances();
+    anyhow::anyhow!(
+        "no instance `{name}` in {}{}",
+        names::shm_dir().display(),
+        if known.is_empty() {
+            String::new()
+        } else {
+            format!("; instances here: {}", known.join(", "))
+        }
+    )
 }
 
 fn not_found_hint(e: ReportError) -> anyhow::Error {
