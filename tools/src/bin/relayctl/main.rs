@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde::Serialize;
 use shmrelay::names;
 use shmrelay::report::{self, host, InstanceReport, ReportError};
@@ -45,8 +45,8 @@ stops and exits 0.";
 #[derive(Parser, Debug)]
 #[command(name = "relayctl", version, after_long_help = EXIT_STATUS)]
 struct Cli {
-    /// Print JSON instead of text: one document (one per line per refresh for `top`), the
-    /// structs of `shmrelay::report`, whose rustdoc documents every field.
+    /// Print JSON instead of text: the structs of `shmrelay::report`, whose rustdoc documents
+    /// every field (each subcommand's help says which it prints).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -118,6 +118,52 @@ enum Cmd {
     },
 }
 
+/// What `--json` prints, by subcommand: its help there, in place of the global one.
+const JSON_HELP: [(&str, &str); 6] = [
+    (
+        "list",
+        "Print JSON: one `host::ListReport`, every instance with its pid, liveness and files",
+    ),
+    (
+        "stat",
+        "Print JSON: one `InstanceReport`, with rates unless `--interval 0`",
+    ),
+    (
+        "top",
+        "Print JSON: one `InstanceReport` per line per refresh, no screen and no keys",
+    ),
+    (
+        "dead-letters",
+        "Print JSON: the `WorkerReport`s of the workers that dead-lettered frames",
+    ),
+    (
+        "leaks",
+        "Print JSON: one `host::LeaksReport`, dead instances, orphan files, leak counters",
+    ),
+    (
+        "gc",
+        "Print JSON: one `host::GcReport`, the files removed (or that would be), failed, untrusted",
+    ),
+];
+
+/// The command line: [`Cli`] with each subcommand's own help for `--json` (an argument of the
+/// same id in a subcommand takes the place of the global one there; the value still reaches
+/// `Cli::json` wherever it is given).
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for (name, help) in JSON_HELP {
+        cmd = cmd.mut_subcommand(name, |sc| {
+            sc.arg(
+                clap::Arg::new("json")
+                    .long("json")
+                    .action(clap::ArgAction::SetTrue)
+                    .help(help),
+            )
+        });
+    }
+    cmd
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .trim_end_matches('s')
@@ -130,7 +176,10 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -443,16 +492,48 @@ fn top(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
-        Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn json_help_is_each_subcommands_own() {
+        let mut cmd = command();
+        cmd.build();
+        for sc in cmd.get_subcommands().filter(|sc| sc.get_name() != "help") {
+            let name = sc.get_name();
+            let json = sc
+                .get_arguments()
+                .find(|a| a.get_id() == "json")
+                .unwrap_or_else(|| panic!("{name} has no --json"));
+            let help = json.get_help().expect("help").to_string();
+            let own = JSON_HELP.iter().find(|(n, _)| *n == name).map(|(_, h)| *h);
+            assert_eq!(Some(help.as_str()), own, "{name}");
+            assert_eq!(help.contains("refresh"), name == "top", "{name}: {help}");
+        }
+    }
+
+    #[test]
+    fn json_is_seen_before_and_after_the_subcommand() {
+        for args in [
+            &["relayctl", "--json", "gc", "x"][..],
+            &["relayctl", "gc", "x", "--json"],
+            &["relayctl", "top", "--json"],
+        ] {
+            let m = command().try_get_matches_from(args).unwrap();
+            assert!(Cli::from_arg_matches(&m).unwrap().json, "{args:?}");
+        }
+        let m = command()
+            .try_get_matches_from(["relayctl", "stat"])
+            .unwrap();
+        assert!(!Cli::from_arg_matches(&m).unwrap().json);
     }
 
     #[test]
     fn exit_status_is_in_the_long_help() {
-        let help = Cli::command().render_long_help().to_string();
+        let help = command().render_long_help().to_string();
         assert!(help.contains("EXIT STATUS"), "{help}");
     }
 
