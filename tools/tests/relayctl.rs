@@ -423,6 +423,15 @@ fn stale_segments_are_found_by_leaks_and_removed_by_gc() {
     );
 }
 
+/// Runs relayctl expecting an error (exit 2) whose message contains `what`; returns stderr.
+fn fails_with(args: &[&str], env: &[(&str, &Path)], what: &str) -> String {
+    let o = relayctl(args, env);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+    let e = text(&o.stderr);
+    assert!(e.contains(what), "{args:?}: {}", show(&o));
+    e
+}
+
 #[test]
 fn gc_of_one_instance_leaves_the_others_alone() {
     let tmp = TempShm::new("gc-one");
@@ -466,31 +475,13 @@ fn gc_of_one_instance_leaves_the_others_alone() {
     assert_eq!(all_there(), [false, false, true, true, true]);
 
     // A live instance is refused, an unknown one (now dead-a too) is named as such.
-    let o = relayctl(&["gc", "live-c"], &env);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(
-        text(&o.stderr).contains("`live-c` is alive"),
-        "{}",
-        show(&o)
-    );
+    fails_with(&["gc", "live-c"], &env, "`live-c` is alive");
     assert!(dir.join("shmrelay.live-c.stats").exists());
     for unknown in ["dead-a", "never-was"] {
-        let o = relayctl(&["gc", unknown], &env);
-        assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-        let e = text(&o.stderr);
-        assert!(
-            e.contains(&format!("no instance `{unknown}`")) && e.contains("dead-b"),
-            "{}",
-            show(&o)
-        );
+        let e = fails_with(&["gc", unknown], &env, &format!("no instance `{unknown}`"));
+        assert!(e.contains("instances here: dead-b"), "{e}");
     }
-    let o = relayctl(&["gc", "../x"], &env);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(
-        text(&o.stderr).contains("not a valid instance name"),
-        "{}",
-        show(&o)
-    );
+    fails_with(&["gc", "../x"], &env, "not a valid instance name");
 
     // An instance with only orphan files is cleaned up by its name too.
     let o = relayctl(&["gc", "nobody"], &env);
@@ -508,20 +499,8 @@ fn gc_of_one_instance_leaves_the_others_alone() {
 fn errors_say_what_to_do_and_exit_2() {
     let tmp = TempShm::new("errors");
     let env = [("SHMRELAY_SHM_DIR", tmp.0.as_path())];
-    let o = relayctl(&["stat"], &env);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(
-        text(&o.stderr).contains("no live shmrelay instance"),
-        "{}",
-        show(&o)
-    );
-    let o = relayctl(&["stat", "missing"], &env);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(
-        text(&o.stderr).contains("no instance `missing`"),
-        "{}",
-        show(&o)
-    );
+    fails_with(&["stat"], &env, "no live shmrelay instance");
+    fails_with(&["stat", "missing"], &env, "no instance `missing`");
     let o = relayctl(&["top", "--iterations", "x"], &env);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     let o = relayctl(&["list"], &env);
@@ -530,11 +509,5 @@ fn errors_say_what_to_do_and_exit_2() {
     // Two live instances and none named.
     let _a = live_view(&tmp.0.join("shmrelay.a.stats"));
     let _b = live_view(&tmp.0.join("shmrelay.b.stats"));
-    let o = relayctl(&["stat"], &env);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(
-        text(&o.stderr).contains("2 live instances (a, b)"),
-        "{}",
-        show(&o)
-    );
+    fails_with(&["stat"], &env, "2 live instances (a, b)");
 }
