@@ -1,0 +1,164 @@
+//! `shmrelay_worker.Out`: replies, pushes and closes from Python, valid only inside a callback.
+
+use std::cell::Cell;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use sdk::{ConnId, Out as SdkOut, SendError as SdkSendError};
+
+pyo3::create_exception!(
+    shmrelay_worker,
+    SendError,
+    pyo3::exceptions::PyException,
+    "A reply, push or close could not be queued (the reply is too large, the worker is \
+     stopping, or the connection id names no front of this worker)."
+);
+
+/// Sends replies and pushes and closes connections; the worker's one `Out` is `worker.out`.
+///
+/// Its methods work only while a callback (`on_open`, `on_frame`, `on_close`) runs, on the
+/// thread running it; elsewhere they raise `RuntimeError`. `data` is `bytes`, `bytearray`, a
+/// `memoryview` (the frame itself, for an echo) or any contiguous buffer, or a `str`
+/// (sent as UTF-8). The front adds the framing of the listener's codec.
+#[pyclass(module = "shmrelay_worker", unsendable)]
+pub struct Out {
+    /// The SDK's `Out` of the callback running now; null outside callbacks. Set and cleared
+    /// by [`OutScope`] on the worker thread, which is the only thread that can reach this
+    /// object (`unsendable`).
+    sdk: Cell<*mut SdkOut<'static>>,
+    /// The connection whose frame is being handled, and whether the handler queued anything
+    /// to it (so a handler that raises before replying gets the codec's error reply instead
+    /// of leaving the client waiting).
+    answering: Cell<Option<ConnId>>,
+    touched: Cell<bool>,
+}
+
+impl Out {
+    pub fn new() -> Out {
+        Out {
+            sdk: Cell::new(std::ptr::null_mut()),
+            answering: Cell::new(None),
+            touched: Cell::new(false),
+        }
+    }
+
+    /// Whether the handler queued a reply or close to the connection being answered.
+    pub fn touched(&self) -> bool {
+        self.touched.get()
+    }
+
+    fn with_sdk<R>(
+        &self,
+        conn: u64,
+        f: impl FnOnce(&mut SdkOut<'static>, ConnId) -> Result<R, SdkSendError>,
+    ) -> PyResult<R> {
+        let p = self.sdk.get();
+        if p.is_null() {
+            return Err(PyRuntimeError::new_err(
+                "shmrelay_worker.Out is usable only during a callback of the worker",
+            ));
+        }
+        let conn = ConnId::from_raw(conn);
+        if self.answering.get() == Some(conn) {
+            self.touched.set(true);
+        }
+        // SAFETY: non-null only between OutScope::enter and its drop, during which the SDK's
+        // `&mut Out` it came from is not used by anyone else (the SDK waits in our handler
+        // method), and only on this thread (unsendable pyclass, checked by PyO3).
+        let out = unsafe { &mut *p };
+        f(out, conn).map_err(|e| SendError::new_err(e.to_string()))
+    }
+}
+
+/// Points `out` at the SDK's `Out` for the duration of one callback.
+pub struct OutScope<'a> {
+    out: &'a Out,
+}
+
+impl<'a> OutScope<'a> {
+    pub fn enter(out: &'a Out, sdk: &mut SdkOut<'_>, answering: Option<ConnId>) -> OutScope<'a> {
+        out.sdk.set((sdk as *mut SdkOut<'_>).cast());
+        out.answering.set(answering);
+        out.touched.set(false);
+        OutScope { out }
+    }
+}
+
+impl Drop for OutScope<'_> {
+    fn drop(&mut self) {
+        self.out.sdk.set(std::ptr::null_mut());
+        self.out.answering.set(None);
+    }
+}
+
+#[pymethods]
+impl Out {
+    /// Queues `data` as one frame to `conn` (normally the reply to the frame being handled).
+    ///
+    /// Blocks while the reply ring is full. Raises `SendError` if it cannot be queued; a
+    /// failed reply to the frame being handled is then answered with the codec's error reply.
+    fn send(&self, conn: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_bytes(data, |bytes| {
+            self.with_sdk(conn, |out, c| out.send(c, bytes))
+        })
+    }
+
+    /// Queues `data` as one frame to another live connection `conn` (a push). The same as
+    /// `send`; a push to a connection that closed meanwhile is dropped by the front.
+    fn push(&self, conn: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.send(conn, data)
+    }
+
+    /// Asks the front to close `conn` once what was queued to it before is written.
+    fn close(&self, conn: u64) -> PyResult<()> {
+        self.with_sdk(conn, |out, c| out.close(c))
+    }
+
+    /// The listener's codec: `"length-prefixed"`, `"line"` or `"resp"`.
+    #[getter]
+    fn codec(&self) -> PyResult<String> {
+        self.with_sdk(0, |out, _| Ok(out.codec().to_string()))
+    }
+}
+
+/// Calls `f` with the bytes of `data` (bytes, str, or any object with a contiguous buffer).
+fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> PyResult<R>) -> PyResult<R> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return f(b.as_bytes());
+    }
+    if let Ok(s) = data.cast::<PyString>() {
+        return f(s.to_str()?.as_bytes());
+    }
+    let mut view = ffi::Py_buffer::new();
+    // SAFETY: `view` is a valid out-parameter; PyBUF_SIMPLE asks for contiguous bytes.
+    if unsafe { ffi::PyObject_GetBuffer(data.as_ptr(), &mut view, ffi::PyBUF_SIMPLE) } != 0 {
+        let cause = PyErr::take(data.py());
+        let err = PyTypeError::new_err(format!(
+            "data must be bytes, str or a contiguous buffer, not {}",
+            data.get_type().name()?
+        ));
+        err.set_cause(data.py(), cause);
+        return Err(err);
+    }
+    struct Release(ffi::Py_buffer);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            // SAFETY: obtained by a successful PyObject_GetBuffer, released once, GIL held
+            // (this guard lives inside a function that holds a `Bound`).
+            unsafe { ffi::PyBuffer_Release(&mut self.0) };
+        }
+    }
+    let held = Release(view);
+    let len = usize::try_from(held.0.len).unwrap_or(0);
+    let bytes = if len == 0 {
+        &[][..]
+    } else {
+        // SAFETY: a PyBUF_SIMPLE buffer is `len` contiguous bytes at `buf`, valid until the
+        // release; we hold the GIL and call no Python code meanwhile, so no other Python code
+        // can resize or free the exporter.
+        unsafe { std::slice::from_raw_parts(held.0.buf.cast_const().cast::<u8>(), len) }
+    };
+    f(bytes)
+}
