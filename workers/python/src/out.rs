@@ -1,6 +1,8 @@
 //! `shmrelay_worker.Out`: replies, pushes and closes from Python, valid only inside a callback.
 
-use std::cell::Cell;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64};
+use std::thread::ThreadId;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::ffi;
@@ -22,31 +24,39 @@ pyo3::create_exception!(
 /// thread running it; elsewhere they raise `RuntimeError`. `data` is `bytes`, `bytearray`, a
 /// `memoryview` (the frame itself, for an echo) or any contiguous buffer, or a `str`
 /// (sent as UTF-8). The front adds the framing of the listener's codec.
-#[pyclass(module = "shmrelay_worker", unsendable)]
+#[pyclass(module = "shmrelay_worker")]
 pub struct Out {
+    /// The worker's thread: the only one that runs callbacks, so the only one that may send.
+    owner: ThreadId,
     /// The SDK's `Out` of the callback running now; null outside callbacks. Set and cleared
-    /// by [`OutScope`] on the worker thread, which is the only thread that can reach this
-    /// object (`unsendable`).
-    sdk: Cell<*mut SdkOut<'static>>,
-    /// The connection whose frame is being handled, and whether the handler queued anything
-    /// to it (so a handler that raises before replying gets the codec's error reply instead
-    /// of leaving the client waiting).
-    answering: Cell<Option<ConnId>>,
-    touched: Cell<bool>,
+    /// by [`OutScope`] on `owner`.
+    sdk: AtomicPtr<SdkOut<'static>>,
+    /// The raw id of the connection whose frame is being handled, if `answering_set`, and
+    /// whether the handler queued anything to it (so a handler that raises before replying
+    /// gets the codec's error reply instead of leaving the client waiting).
+    answering: AtomicU64,
+    answering_set: AtomicBool,
+    touched: AtomicBool,
 }
+
+// Ordering: every field is written and read by `owner` alone (checked before any other
+// access), so Relaxed suffices; the atomics only make the type shareable with Python threads,
+// which get an error.
 
 impl Out {
     pub fn new() -> Out {
         Out {
-            sdk: Cell::new(std::ptr::null_mut()),
-            answering: Cell::new(None),
-            touched: Cell::new(false),
+            owner: std::thread::current().id(),
+            sdk: AtomicPtr::new(std::ptr::null_mut()),
+            answering: AtomicU64::new(0),
+            answering_set: AtomicBool::new(false),
+            touched: AtomicBool::new(false),
         }
     }
 
     /// Whether the handler queued a reply or close to the connection being answered.
     pub fn touched(&self) -> bool {
-        self.touched.get()
+        self.touched.load(Relaxed)
     }
 
     fn with_sdk<R>(
@@ -54,21 +64,25 @@ impl Out {
         conn: u64,
         f: impl FnOnce(&mut SdkOut<'static>, ConnId) -> Result<R, SdkSendError>,
     ) -> PyResult<R> {
-        let p = self.sdk.get();
+        if std::thread::current().id() != self.owner {
+            return Err(PyRuntimeError::new_err(
+                "shmrelay_worker.Out is usable only on the worker's thread, during a callback",
+            ));
+        }
+        let p = self.sdk.load(Relaxed);
         if p.is_null() {
             return Err(PyRuntimeError::new_err(
                 "shmrelay_worker.Out is usable only during a callback of the worker",
             ));
         }
-        let conn = ConnId::from_raw(conn);
-        if self.answering.get() == Some(conn) {
-            self.touched.set(true);
+        if self.answering_set.load(Relaxed) && self.answering.load(Relaxed) == conn {
+            self.touched.store(true, Relaxed);
         }
-        // SAFETY: non-null only between OutScope::enter and its drop, during which the SDK's
-        // `&mut Out` it came from is not used by anyone else (the SDK waits in our handler
-        // method), and only on this thread (unsendable pyclass, checked by PyO3).
+        // SAFETY: non-null only between OutScope::enter and its drop, on `owner` (checked
+        // above), while the SDK's `&mut Out` it came from is not used (the SDK is waiting in
+        // our handler method, which is running the Python code that called us).
         let out = unsafe { &mut *p };
-        f(out, conn).map_err(|e| SendError::new_err(e.to_string()))
+        f(out, ConnId::from_raw(conn)).map_err(|e| SendError::new_err(e.to_string()))
     }
 }
 
@@ -78,18 +92,22 @@ pub struct OutScope<'a> {
 }
 
 impl<'a> OutScope<'a> {
+    /// Must be called on the thread that created `out` (the worker's).
     pub fn enter(out: &'a Out, sdk: &mut SdkOut<'_>, answering: Option<ConnId>) -> OutScope<'a> {
-        out.sdk.set((sdk as *mut SdkOut<'_>).cast());
-        out.answering.set(answering);
-        out.touched.set(false);
+        debug_assert_eq!(std::thread::current().id(), out.owner);
+        out.sdk.store((sdk as *mut SdkOut<'_>).cast(), Relaxed);
+        out.answering
+            .store(answering.map_or(0, ConnId::raw), Relaxed);
+        out.answering_set.store(answering.is_some(), Relaxed);
+        out.touched.store(false, Relaxed);
         OutScope { out }
     }
 }
 
 impl Drop for OutScope<'_> {
     fn drop(&mut self) {
-        self.out.sdk.set(std::ptr::null_mut());
-        self.out.answering.set(None);
+        self.out.sdk.store(std::ptr::null_mut(), Relaxed);
+        self.out.answering_set.store(false, Relaxed);
     }
 }
 
