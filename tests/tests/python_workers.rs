@@ -389,3 +389,17 @@ fn the_gil_is_released_while_the_worker_waits_and_sigterm_stops_it_cleanly() {
         std::fs::read_to_string(&mark)
     );
 }
+
+#[test]
+fn the_python_section_of_the_workers_readme_shows_examples_echo_py() {
+    let readme = std::fs::read_to_string(repo().join("workers/README.md")).unwrap();
+    let section = &readme[readme.find("\n## Python\n").expect("a Python section")..];
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let echo = std::fs::read_to_string(example("echo.py")).unwrap();
+    let code = echo[echo.find("import shmrelay_worker").unwrap()..].to_owned();
+    assert_eq!(
+        block, code,
+        "workers/README.md must show examples/echo.py as it is"
+    );
+}
