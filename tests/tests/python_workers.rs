@@ -281,7 +281,11 @@ with open(MARK, "a") as f:
     f.write("run returned; out outside a callback: %s\n" % outside)
 "#;
 
-fn probe_relay(py: &str, name: &str, extra: &[&str]) -> (Relay, PathBuf) {
+/// A relay with one worker running `PROBE_WORKER`, a watchdog, the path of the worker's
+/// `MARK` file and a client; None to skip (no Python with the module).
+fn probe_relay(name: &str) -> Option<(Relay, Watchdog, PathBuf, Client)> {
+    let py = python()?;
+    let dog = Watchdog::new(name, Duration::from_secs(120));
     let dir = std::env::temp_dir().join(format!("shmrelay-py-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = dir.join("probe.py");
@@ -289,17 +293,16 @@ fn probe_relay(py: &str, name: &str, extra: &[&str]) -> (Relay, PathBuf) {
     let _ = std::fs::remove_file(&mark);
     std::fs::write(&script, PROBE_WORKER).unwrap();
     let cmd = format!("{py} {} {}", script.display(), mark.display());
-    let mut args = vec!["--workers", "1", "--worker-cmd", &cmd];
-    args.extend_from_slice(extra);
-    (Relay::start(name, &args), mark)
+    let relay = Relay::start(name, &["--workers", "1", "--worker-cmd", &cmd]);
+    let client = relay.connect();
+    Some((relay, dog, mark, client))
 }
 
 #[test]
 fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
-    let Some(py) = python() else { return };
-    let _dog = Watchdog::new("python views", Duration::from_secs(120));
-    let (relay, _) = probe_relay(&py, "pyviews", &[]);
-    let mut c = relay.connect();
+    let Some((relay, _dog, _, mut c)) = probe_relay("pyviews") else {
+        return;
+    };
     assert_eq!(c.roundtrip(b"keep", WAIT), Recv::Frame(b"kept".to_vec()));
     // Frames in between overwrite nothing the views could still show.
     for i in 0..50u32 {
@@ -322,11 +325,10 @@ fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
 
 #[test]
 fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelivered() {
-    let Some(py) = python() else { return };
-    let _dog = Watchdog::new("python raw", Duration::from_secs(120));
-    let (relay, _) = probe_relay(&py, "pyraw", &[]);
+    let Some((relay, _dog, _, mut c)) = probe_relay("pyraw") else {
+        return;
+    };
     let pid = relay.worker_pid(0);
-    let mut c = relay.connect();
     assert_eq!(
         c.roundtrip(b"raw", WAIT),
         Recv::Frame(b"raw:redelivered".to_vec()),
@@ -345,11 +347,10 @@ fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelive
 
 #[test]
 fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on() {
-    let Some(py) = python() else { return };
-    let _dog = Watchdog::new("python raise", Duration::from_secs(120));
-    let (relay, _) = probe_relay(&py, "pyraise", &[]);
+    let Some((relay, _dog, _, mut c)) = probe_relay("pyraise") else {
+        return;
+    };
     let pid = relay.worker_pid(0);
-    let mut c = relay.connect();
     c.send(b"raise").unwrap();
     c.send(b"next").unwrap();
     assert_eq!(
@@ -362,10 +363,9 @@ fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on() {
 
 #[test]
 fn the_gil_is_released_while_the_worker_waits_and_sigterm_stops_it_cleanly() {
-    let Some(py) = python() else { return };
-    let _dog = Watchdog::new("python gil", Duration::from_secs(120));
-    let (relay, mark) = probe_relay(&py, "pygil", &[]);
-    let mut c = relay.connect();
+    let Some((relay, _dog, mark, mut c)) = probe_relay("pygil") else {
+        return;
+    };
     let ticks = |c: &mut Client| match c.roundtrip(b"ticks", WAIT) {
         Recv::Frame(p) => String::from_utf8(p).unwrap().parse::<u64>().unwrap(),
         other => panic!("ticks: {other:?}"),

@@ -138,6 +138,31 @@ struct Bridge {
 }
 
 impl Bridge {
+    /// Calls the optional callback `pick` (on_open or on_close) with `(conn, text)`.
+    fn notify(
+        &mut self,
+        pick: fn(&Bridge) -> Option<&Py<PyAny>>,
+        conn: ConnId,
+        text: &str,
+        out: &mut SdkOut<'_>,
+    ) {
+        if pick(self).is_none() {
+            return;
+        }
+        Python::attach(|py| {
+            let Some(cb) = pick(self).map(|cb| cb.clone_ref(py)) else {
+                return;
+            };
+            let o = self.out.bind(py).borrow();
+            let scope = OutScope::enter(&o, out, None);
+            let r = cb.call1(py, (conn.raw(), text));
+            drop(scope);
+            if let Err(e) = r {
+                self.failed(py, e);
+            }
+        })
+    }
+
     fn failed(&mut self, py: Python<'_>, e: PyErr) {
         if e.is_instance_of::<PyException>(py) {
             e.display(py);
@@ -154,21 +179,7 @@ impl Bridge {
 
 impl Handler for Bridge {
     fn on_open(&mut self, conn: ConnId, peer: &str, out: &mut SdkOut<'_>) {
-        if self.on_open.is_none() {
-            return;
-        }
-        Python::attach(|py| {
-            let Some(cb) = self.on_open.as_ref().map(|cb| cb.clone_ref(py)) else {
-                return;
-            };
-            let o = self.out.bind(py).borrow();
-            let scope = OutScope::enter(&o, out, None);
-            let r = cb.call1(py, (conn.raw(), peer));
-            drop(scope);
-            if let Err(e) = r {
-                self.failed(py, e);
-            }
-        })
+        self.notify(|b| b.on_open.as_ref(), conn, peer, out);
     }
 
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
@@ -201,21 +212,7 @@ impl Handler for Bridge {
     }
 
     fn on_close(&mut self, conn: ConnId, reason: CloseReason, out: &mut SdkOut<'_>) {
-        if self.on_close.is_none() {
-            return;
-        }
-        Python::attach(|py| {
-            let Some(cb) = self.on_close.as_ref().map(|cb| cb.clone_ref(py)) else {
-                return;
-            };
-            let o = self.out.bind(py).borrow();
-            let scope = OutScope::enter(&o, out, None);
-            let r = cb.call1(py, (conn.raw(), reason.as_str()));
-            drop(scope);
-            if let Err(e) = r {
-                self.failed(py, e);
-            }
-        })
+        self.notify(|b| b.on_close.as_ref(), conn, reason.as_str(), out);
     }
 }
 
