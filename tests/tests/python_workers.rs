@@ -300,7 +300,7 @@ fn probe_relay(name: &str) -> Option<(Relay, Watchdog, PathBuf, Client)> {
 
 #[test]
 fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
-    let Some((relay, _dog, _, mut c)) = probe_relay("pyviews") else {
+    let Some((_relay, _dog, _, mut c)) = probe_relay("pyviews") else {
         return;
     };
     assert_eq!(c.roundtrip(b"keep", WAIT), Recv::Frame(b"kept".to_vec()));

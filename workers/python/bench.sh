@@ -11,31 +11,17 @@
 # --server-pid (the relay's supervisor, whose descendants are the front and the worker), so the
 # server CPU seconds are comparable. The 1-minute load average is recorded before each run.
 #
-# Usage: workers/python/bench.sh [--python PY] [--rounds N] [--seconds N] [--warmup N]
-#                                [--conns N] [--size N] [--depth N] [--threads N] [--out DIR]
-# Defaults: 3 rounds, 5 s (+1 s warmup), 1,000 connections, 64 B, depth 16, 2 client threads;
-# PY from $SHMRELAY_PYTHON or target/pyvenv/bin/python (see ci-setup.sh). Needs the release
-# build: cargo build --release -p shmrelay -p shmrelay-tools.
-# Output: DIR/runs.jsonl (relaybench JSON plus system, round, load average) and a summary.
+# Usage: [ROUNDS=3] [RUN_SECONDS=5] [WARMUP=1] [CONNS=1000] [SIZE=64] [DEPTH=16] [THREADS=2]
+#        [OUT=DIR] [SHMRELAY_PYTHON=PY] workers/python/bench.sh
+# PY defaults to target/pyvenv/bin/python (see ci-setup.sh); THREADS are the load generator's.
+# Needs the release build: cargo build --release -p shmrelay -p shmrelay-tools.
+# Output: OUT/runs.jsonl (relaybench JSON plus system, round, load average) and a summary table.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 PY=${SHMRELAY_PYTHON:-$root/target/pyvenv/bin/python}
-ROUNDS=3 SECS=5 WARMUP=1 CONNS=1000 SIZE=64 DEPTH=16 THREADS=2 OUT=""
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --python) PY="$2"; shift 2 ;;
-        --rounds) ROUNDS="$2"; shift 2 ;;
-        --seconds) SECS="$2"; shift 2 ;;
-        --warmup) WARMUP="$2"; shift 2 ;;
-        --conns) CONNS="$2"; shift 2 ;;
-        --size) SIZE="$2"; shift 2 ;;
-        --depth) DEPTH="$2"; shift 2 ;;
-        --threads) THREADS="$2"; shift 2 ;;
-        --out) OUT="$2"; shift 2 ;;
-        *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
-    esac
-done
+ROUNDS=${ROUNDS:-3} SECS=${RUN_SECONDS:-5} WARMUP=${WARMUP:-1} CONNS=${CONNS:-1000}
+SIZE=${SIZE:-64} DEPTH=${DEPTH:-16} THREADS=${THREADS:-2} OUT=${OUT:-}
 OUT=${OUT:-$target/pybench-$(date -u +%Y%m%dT%H%M%S)}
 mkdir -p "$OUT"
 relay="$target/release/shmrelay"
