@@ -258,6 +258,8 @@ class Probe:
             self.out.send(conn, box[0])
         elif cmd == b"raise":
             raise RuntimeError("the handler failed")
+        elif cmd == b"exit":
+            raise SystemExit(3)
         elif cmd in (b"raw", b"raw-slice"):
             if redelivered:
                 self.out.send(conn, cmd + b":redelivered")
@@ -346,7 +348,7 @@ fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelive
 }
 
 #[test]
-fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on() {
+fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on_or_stops_on_system_exit() {
     let Some((relay, _dog, _, mut c)) = probe_relay("pyraise") else {
         return;
     };
@@ -359,6 +361,16 @@ fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on() {
     );
     assert_eq!(c.recv_data(WAIT), Recv::Frame(b"next".to_vec()));
     assert_eq!(relay.worker_pid(0), pid, "the worker did not restart");
+    // SystemExit stops the worker (after its error reply); the relay starts another.
+    assert_eq!(
+        c.roundtrip(b"exit", WAIT),
+        Recv::Frame(b"shmrelay-error: the worker's handler raised an exception".to_vec())
+    );
+    assert!(eventually(WAIT, || {
+        let p = relay.worker_pid(0);
+        p != 0 && p != pid
+    }));
+    assert_eq!(c.roundtrip(b"again", WAIT), Recv::Frame(b"again".to_vec()));
 }
 
 #[test]
