@@ -417,3 +417,26 @@ fn the_python_section_of_the_workers_readme_shows_examples_echo_py() {
         "workers/README.md must show examples/echo.py as it is"
     );
 }
+
+#[test]
+fn a_plain_function_is_a_handler_too() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python function", Duration::from_secs(120));
+    let dir = std::env::temp_dir().join(format!("shmrelay-py-fn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("fn_echo.py");
+    std::fs::write(
+        &script,
+        "import shmrelay_worker\n\
+         w = shmrelay_worker.Worker.from_env()\n\
+         try:\n    w.run(object())  # neither on_frame nor callable: refused, w still usable\n\
+         except TypeError:\n    pass\n\
+         out = w.out\n\
+         w.run(lambda conn, frame, redelivered: out.send(conn, frame))\n",
+    )
+    .unwrap();
+    // Relay::start checks one echo round trip.
+    let relay = relay_with("pyfn", &py, &script, 1, &[]);
+    let mut c = relay.connect();
+    assert_eq!(c.roundtrip(b"plain", WAIT), Recv::Frame(b"plain".to_vec()));
+}

@@ -1,6 +1,6 @@
 """Type stubs of shmrelay_worker (the module is built from src/*.rs)."""
 
-from typing import Protocol, Union
+from typing import Callable, Protocol, Union
 
 __version__: str
 
@@ -35,4 +35,4 @@ class Worker:
     def index(self) -> int: ...
     @property
     def codec(self) -> str: ...
-    def run(self, handler: _Handler) -> None: ...
+    def run(self, handler: Union[_Handler, Callable[[int, memoryview, bool], None]]) -> None: ...

@@ -24,7 +24,7 @@ mod out;
 use std::cell::RefCell;
 use std::io::Write;
 
-use pyo3::exceptions::{PyException, PyRuntimeError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use sdk::{CloseReason, ConnId, Handler, Out as SdkOut, Worker as SdkWorker};
 
@@ -91,18 +91,14 @@ impl Worker {
 
     /// Serves events until SIGTERM or SIGINT, calling `handler.on_open(conn, peer)`,
     /// `handler.on_frame(conn, frame, redelivered)` and `handler.on_close(conn, reason)`
-    /// (`on_open` and `on_close` are optional). The GIL is released while the worker waits.
+    /// (`on_open` and `on_close` are optional); a plain callable is taken as `on_frame`. The
+    /// GIL is released while the worker waits.
     ///
     /// An exception in a callback is printed to stderr and the worker goes on; a frame whose
     /// handler raised before queuing anything to its connection is answered with the codec's
     /// error reply. `SystemExit` or `KeyboardInterrupt` from a callback stops the worker after
     /// the current batch and is raised again from `run`.
     fn run(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut worker = self
-            .inner
-            .borrow_mut()
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this worker is running already"))?;
         let optional = |name: &str| -> PyResult<Option<Py<PyAny>>> {
             Ok(if handler.hasattr(name)? {
                 Some(handler.getattr(name)?.unbind())
@@ -112,11 +108,24 @@ impl Worker {
         };
         let mut bridge = Bridge {
             on_open: optional("on_open")?,
-            on_frame: handler.getattr("on_frame")?.unbind(),
+            on_frame: if handler.hasattr("on_frame")? {
+                handler.getattr("on_frame")?.unbind()
+            } else if handler.is_callable() {
+                handler.clone().unbind()
+            } else {
+                return Err(PyTypeError::new_err(
+                    "handler must have an on_frame method or be callable as on_frame",
+                ));
+            },
             on_close: optional("on_close")?,
             out: self.out.clone_ref(py),
             stop: None,
         };
+        let mut worker = self
+            .inner
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this worker is running already"))?;
         let result = py.detach(|| worker.run(&mut bridge).map_err(|e| e.to_string()));
         *self.inner.borrow_mut() = Some(worker);
         if let Some(e) = bridge.stop.take() {
