@@ -162,8 +162,8 @@ impl Bridge {
             let Some(cb) = pick(self).map(|cb| cb.clone_ref(py)) else {
                 return;
             };
-            let o = self.out.bind(py).borrow();
-            let scope = OutScope::enter(&o, out, None);
+            let o = self.out.get();
+            let scope = OutScope::enter(o, out, None);
             let r = cb.call1(py, (conn.raw(), text));
             drop(scope);
             if let Err(e) = r {
@@ -193,8 +193,8 @@ impl Handler for Bridge {
 
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
         Python::attach(|py| {
-            let o = self.out.bind(py).borrow();
-            let scope = OutScope::enter(&o, out, Some(conn));
+            let o = self.out.get();
+            let scope = OutScope::enter(o, out, Some(conn));
             let r = FrameView::new(py, frame).and_then(|view| {
                 let r = self
                     .on_frame

@@ -24,7 +24,7 @@ pyo3::create_exception!(
 /// thread running it; elsewhere they raise `RuntimeError`. `data` is `bytes`, `bytearray`, a
 /// `memoryview` (the frame itself, for an echo) or any contiguous buffer, or a `str`
 /// (sent as UTF-8). The front adds the framing of the listener's codec.
-#[pyclass(module = "shmrelay_worker")]
+#[pyclass(module = "shmrelay_worker", frozen)]
 pub struct Out {
     /// The worker's thread: the only one that runs callbacks, so the only one that may send.
     owner: ThreadId,
@@ -117,7 +117,8 @@ impl Out {
     ///
     /// Blocks while the reply ring is full. Raises `SendError` if it cannot be queued; a
     /// failed reply to the frame being handled is then answered with the codec's error reply.
-    fn send(&self, conn: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn send(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let conn = raw_conn(conn)?;
         with_bytes(data, |bytes| {
             self.with_sdk(conn, |out, c| out.send(c, bytes))
         })
@@ -125,13 +126,13 @@ impl Out {
 
     /// Queues `data` as one frame to another live connection `conn` (a push). The same as
     /// `send`; a push to a connection that closed meanwhile is dropped by the front.
-    fn push(&self, conn: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn push(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         self.send(conn, data)
     }
 
     /// Asks the front to close `conn` once what was queued to it before is written.
-    fn close(&self, conn: u64) -> PyResult<()> {
-        self.with_sdk(conn, |out, c| out.close(c))
+    fn close(&self, conn: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.with_sdk(raw_conn(conn)?, |out, c| out.close(c))
     }
 
     /// The listener's codec: `"length-prefixed"`, `"line"` or `"resp"`.
@@ -139,6 +140,23 @@ impl Out {
     fn codec(&self) -> PyResult<String> {
         self.with_sdk(0, |out, _| Ok(out.codec().to_string()))
     }
+}
+
+const _: () = assert!(std::mem::size_of::<std::ffi::c_ulong>() == 8);
+
+/// A connection id from Python (an `int`, as the callbacks pass it). `PyLong_AsUnsignedLong`
+/// rather than PyO3's `u64` extraction, which goes through `PyLong_AsUnsignedLongLong` and a
+/// byte-array conversion on CPython 3.11: this runs for every reply.
+fn raw_conn(conn: &Bound<'_, PyAny>) -> PyResult<u64> {
+    // SAFETY: GIL held (we have a Bound); accepts any object, raising TypeError for non-ints
+    // and OverflowError for negative or too large ones.
+    let v = unsafe { ffi::PyLong_AsUnsignedLong(conn.as_ptr()) };
+    if v == std::ffi::c_ulong::MAX {
+        if let Some(e) = PyErr::take(conn.py()) {
+            return Err(e);
+        }
+    }
+    Ok(v)
 }
 
 /// Calls `f` with the bytes of `data` (bytes, str, or any object with a contiguous buffer).
