@@ -262,11 +262,14 @@ class Probe:
             raise RuntimeError("the handler failed")
         elif cmd == b"exit":
             raise SystemExit(3)
-        elif cmd in (b"raw", b"raw-slice"):
+        elif cmd in (b"raw", b"raw-slice", b"raw-released"):
             if redelivered:
                 self.out.send(conn, cmd + b":redelivered")
                 return
-            kept["raw"] = pickle.PickleBuffer(frame if cmd == b"raw" else frame[1:])
+            view = frame if cmd == b"raw" else frame[1:]
+            if cmd == b"raw-released":
+                frame.release()
+            kept["raw"] = pickle.PickleBuffer(view)
             self.out.send(conn, cmd + b":kept")
         elif cmd == b"ticks":
             self.out.send(conn, str(ticks[0]))
@@ -345,7 +348,14 @@ fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelive
         c.roundtrip(b"raw-slice", WAIT),
         Recv::Frame(b"raw-slice:redelivered".to_vec())
     );
-    assert_ne!(relay.worker_pid(0), pid2);
+    let pid3 = relay.worker_pid(0);
+    assert_ne!(pid3, pid2);
+    // And when the handler released the frame itself but kept a slice's raw buffer.
+    assert_eq!(
+        c.roundtrip(b"raw-released", WAIT),
+        Recv::Frame(b"raw-released:redelivered".to_vec())
+    );
+    assert_ne!(relay.worker_pid(0), pid3);
     assert_eq!(c.roundtrip(b"after", WAIT), Recv::Frame(b"after".to_vec()));
 }
 

@@ -47,6 +47,8 @@ struct MemoryView {
 
 /// `_Py_MANAGED_BUFFER_RELEASED`: access through the managed buffer is blocked.
 const MANAGED_BUFFER_RELEASED: c_int = 0x001;
+/// `_Py_MEMORYVIEW_RELEASED`: this memoryview was released (`frame.release()`).
+const MEMORYVIEW_RELEASED: c_int = 0x001;
 
 /// A frame view that is alive during one callback.
 pub struct FrameView<'py> {
@@ -104,7 +106,11 @@ impl<'py> FrameView<'py> {
         } else {
             Revoked::Clean
         };
-        if views > 1 && outcome == Revoked::Clean && derived_views_export(py, mbuf) {
+        // The frame itself counts among the views unless the handler released it.
+        // SAFETY: as above.
+        let released = unsafe { (*mv).flags } & MEMORYVIEW_RELEASED != 0;
+        let derived = views - ffi::Py_ssize_t::from(!released);
+        if derived > 0 && outcome == Revoked::Clean && derived_views_export(py, mbuf) {
             outcome = Revoked::RawExport;
         }
         // SAFETY: what CPython's mbuf_release does before releasing the master buffer (which
