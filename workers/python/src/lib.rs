@@ -212,8 +212,8 @@ impl Handler for Bridge {
                     let body = out
                         .codec()
                         .error_body("the worker's handler raised an exception");
-                    // If even this fails, the SDK closes nothing: the client waits for a
-                    // reply that the front's timeouts end.
+                    // A failure is noted by the SDK (this is the frame being answered),
+                    // which then settles the frame itself: its error reply, or a close.
                     let _ = out.send(conn, &body);
                 }
             }
