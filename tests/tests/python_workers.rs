@@ -429,7 +429,7 @@ fn the_python_section_of_the_workers_readme_shows_examples_echo_py() {
 }
 
 #[test]
-fn a_plain_function_is_a_handler_too() {
+fn a_plain_function_is_a_handler_too_and_a_second_attach_is_refused() {
     let Some(py) = python() else { return };
     let _dog = Watchdog::new("python function", Duration::from_secs(120));
     let dir = std::env::temp_dir().join(format!("shmrelay-py-fn-{}", std::process::id()));
@@ -439,6 +439,8 @@ fn a_plain_function_is_a_handler_too() {
         &script,
         "import shmrelay_worker\n\
          w = shmrelay_worker.Worker.from_env()\n\
+         try:\n    shmrelay_worker.Worker.from_env()  # the fds are w's: refused\n    raise SystemExit(9)\n\
+         except shmrelay_worker.WorkerError:\n    pass\n\
          try:\n    w.run(object())  # neither on_frame nor callable: refused, w still usable\n\
          except TypeError:\n    pass\n\
          out = w.out\n\

@@ -39,6 +39,9 @@ pyo3::create_exception!(
      front corrupted a request ring."
 );
 
+/// Set by the first `Worker.from_env()` (Relaxed: a flag with no data behind it).
+static ATTACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Exit status of a worker whose handler kept a raw buffer of a frame past its callback.
 const EXIT_FRAME_ESCAPED: i32 = 70;
 
@@ -62,6 +65,13 @@ impl Worker {
     /// Raises `WorkerError` when the process was not started by shmrelay.
     #[staticmethod]
     fn from_env(py: Python<'_>) -> PyResult<Worker> {
+        // The SDK takes ownership of the inherited fds: a second attach would own (and close)
+        // the same fd numbers twice.
+        if ATTACHED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return Err(WorkerError::new_err(
+                "Worker.from_env() may be called once per process",
+            ));
+        }
         let inner = SdkWorker::from_env().map_err(|e| WorkerError::new_err(e.to_string()))?;
         Ok(Worker {
             index: inner.index(),
