@@ -1,0 +1,454 @@
+//! Python workers (`workers/python`, module `shmrelay_worker`) behind a real relay: the
+//! examples with real traffic, a SIGKILL under pipelined load, and the frame view's lifetime.
+//!
+//! The interpreter is `$SHMRELAY_PYTHON`, else `target/pyvenv/bin/python` (where
+//! `workers/python/ci-setup.sh` installs the package), else `python3`. When none of them can
+//! `import shmrelay_worker` each test says so and passes, unless `SHMRELAY_REQUIRE_PYTHON` is
+//! set (CI sets it), then it fails.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shmrelay_tests::{eventually, pattern, signal, Client, Recv, Relay, Watchdog};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+}
+
+/// An interpreter that can import `shmrelay_worker`, or None (after saying why) to skip.
+fn python() -> Option<String> {
+    let mut candidates = Vec::new();
+    if let Ok(p) = std::env::var("SHMRELAY_PYTHON") {
+        candidates.push(p);
+    }
+    candidates.push(
+        repo()
+            .join("target/pyvenv/bin/python")
+            .to_string_lossy()
+            .into_owned(),
+    );
+    candidates.push("python3".into());
+    for py in &candidates {
+        let ok = std::process::Command::new(py)
+            .args(["-c", "import shmrelay_worker"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(py.clone());
+        }
+    }
+    let why = format!(
+        "no Python with shmrelay_worker installed (tried {candidates:?}); run \
+         `bash workers/python/ci-setup.sh` and set SHMRELAY_PYTHON to the python it prints"
+    );
+    if std::env::var_os("SHMRELAY_REQUIRE_PYTHON").is_some() {
+        panic!("{why} (SHMRELAY_REQUIRE_PYTHON is set)");
+    }
+    // Straight to stderr: the test harness captures eprintln!, and a skip must be seen.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+    None
+}
+
+fn example(name: &str) -> PathBuf {
+    repo().join("workers/python/examples").join(name)
+}
+
+/// A relay with `workers` Python workers running `script`.
+fn relay_with(name: &str, py: &str, script: &Path, workers: usize, extra: &[&str]) -> Relay {
+    let cmd = format!("{py} {}", script.display());
+    let n = workers.to_string();
+    let mut args = vec!["--workers", &n, "--worker-cmd", &cmd];
+    args.extend_from_slice(extra);
+    Relay::start(name, &args)
+}
+
+/// One connection sending `frames` numbered payloads with up to `depth` in flight (or until
+/// `stop`), checking that each reply is the next one due: none lost, none twice, in order.
+/// Returns how many were answered.
+fn pipelined(relay: &Relay, id: usize, frames: usize, depth: usize, stop: Arc<AtomicBool>) -> u64 {
+    let mut c = relay.connect();
+    let payload = |seq: usize| {
+        let mut p = (id as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(&(seq as u64).to_be_bytes());
+        p.extend_from_slice(&pattern(id, seq, 1 + seq % 61));
+        p
+    };
+    let (mut sent, mut got) = (0usize, 0usize);
+    loop {
+        let stopping = stop.load(Ordering::Relaxed) || sent == frames;
+        while !stopping && sent - got < depth {
+            c.send(&payload(sent)).expect("send");
+            sent += 1;
+        }
+        if got == sent && (stopping || sent == frames) {
+            return got as u64;
+        }
+        match c.recv_data(WAIT) {
+            Recv::Frame(p) => assert!(
+                p == payload(got),
+                "connection {id}: reply {got} wrong (a loss, a duplicate or a shift): {:?}",
+                &p[..p.len().min(12)]
+            ),
+            other => panic!("connection {id}: {other:?} where reply {got} of {sent} was due"),
+        }
+        got += 1;
+    }
+}
+
+#[test]
+fn echo_example_answers_pipelined_frames_on_many_connections() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python echo", Duration::from_secs(180));
+    let relay = relay_with("pyecho", &py, &example("echo.py"), 2, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered: u64 = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..40)
+            .map(|id| {
+                let (relay, stop) = (&relay, stop.clone());
+                s.spawn(move || pipelined(relay, id, 500, 16, stop))
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).sum()
+    });
+    assert_eq!(answered, 40 * 500);
+    drop(relay);
+    // A long reply (split over ring records) comes back whole too.
+    let relay = relay_with(
+        "pyechobig",
+        &py,
+        &example("echo.py"),
+        1,
+        &["--max-frame", "4194304"],
+    );
+    let mut c = relay.connect();
+    let big = pattern(99, 0, 3 << 20);
+    assert_eq!(c.roundtrip(&big, WAIT), Recv::Frame(big));
+}
+
+#[test]
+fn chat_example_pushes_to_the_other_members_of_a_room() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python chat", Duration::from_secs(120));
+    let relay = relay_with("pychat", &py, &example("chat.py"), 1, &[]);
+    let join = |room: &[u8]| {
+        let mut c = relay.connect();
+        assert_eq!(c.roundtrip(room, WAIT), Recv::Frame(room.to_vec()));
+        c
+    };
+    let (mut a, mut b, mut c) = (join(b"lobby"), join(b"lobby"), join(b"lobby"));
+    let mut d = join(b"elsewhere");
+    a.send(b"hello from a").unwrap();
+    assert_eq!(b.recv_data(WAIT), Recv::Frame(b"hello from a".to_vec()));
+    assert_eq!(c.recv_data(WAIT), Recv::Frame(b"hello from a".to_vec()));
+    c.send(b"hi, c here").unwrap();
+    assert_eq!(a.recv_data(WAIT), Recv::Frame(b"hi, c here".to_vec()));
+    assert_eq!(b.recv_data(WAIT), Recv::Frame(b"hi, c here".to_vec()));
+    // b leaves: the room forgets it; a's next message reaches c alone.
+    drop(b);
+    assert!(eventually(WAIT, || relay.conns_total() == 4 - 1));
+    a.send(b"still there?").unwrap();
+    assert_eq!(c.recv_data(WAIT), Recv::Frame(b"still there?".to_vec()));
+    // Nobody got their own messages, and the other room heard nothing.
+    for (name, client) in [("a", &mut a), ("c", &mut c), ("d", &mut d)] {
+        assert_eq!(
+            client.recv_data(Duration::from_millis(300)),
+            Recv::Timeout,
+            "{name} got an unexpected frame"
+        );
+    }
+}
+
+#[test]
+fn python_worker_killed_under_pipelined_load_loses_no_request() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python kill", Duration::from_secs(180));
+    let relay = relay_with(
+        "pykill",
+        &py,
+        &example("echo.py"),
+        1,
+        &["--set", "crash_limit=100"],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered: u64 = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..8)
+            .map(|id| {
+                let (relay, stop) = (&relay, stop.clone());
+                s.spawn(move || pipelined(relay, id, usize::MAX, 16, stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..3 {
+            let pid = relay.worker_pid(0);
+            signal(pid, libc::SIGKILL);
+            assert!(eventually(WAIT, || {
+                let p = relay.worker_pid(0);
+                p != 0 && p != pid
+            }));
+            // Let the replacement import Python and serve for a while.
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().map(|c| c.join().unwrap()).sum()
+    });
+    let s = relay.stats();
+    assert_eq!(s.worker(0).crashes.load(Ordering::Relaxed), 3);
+    assert!(answered > 100, "only {answered} requests answered");
+    eprintln!("{answered} requests answered exactly once across 3 SIGKILLs of a Python worker");
+}
+
+/// A worker that keeps frames and views of them past the callback and reports what they do
+/// later; raises on request; and notes in `MARK` that `run` returned.
+const PROBE_WORKER: &str = r#"
+import pickle, sys, threading, time
+import shmrelay_worker
+
+MARK = sys.argv[1]
+kept = {}
+ticks = [0]
+
+def tick():
+    while True:
+        ticks[0] += 1
+        time.sleep(0.001)
+
+def outcome(f):
+    try:
+        f()
+        return "readable"
+    except ValueError:
+        return "revoked"
+
+class Probe:
+    def __init__(self, out):
+        self.out = out
+
+    def on_frame(self, conn, frame, redelivered):
+        cmd = bytes(frame)
+        if cmd == b"keep":
+            kept["frame"] = frame
+            kept["slice"] = frame[1:3]
+            kept["cast"] = frame.cast("c")
+            kept["view"] = memoryview(frame)
+            kept["iter"] = iter(frame)
+            kept["out"] = self.out
+            self.out.send(conn, b"kept")
+        elif cmd == b"probe":
+            r = [n + ":" + outcome(lambda n=n: bytes(kept[n])) for n in ("frame", "slice", "cast", "view")]
+            r.append("iter:" + outcome(lambda: next(kept["iter"])))
+            r.append("len:" + outcome(lambda: len(kept["frame"])))
+            self.out.send(conn, " ".join(r))
+        elif cmd == b"thread-out":
+            box = []
+            def other():
+                try:
+                    self.out.send(conn, b"from a thread")
+                    box.append("sent")
+                except BaseException as e:
+                    box.append(type(e).__name__)
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+            self.out.send(conn, box[0])
+        elif cmd == b"raise":
+            raise RuntimeError("the handler failed")
+        elif cmd == b"exit":
+            raise SystemExit(3)
+        elif cmd in (b"raw", b"raw-slice", b"raw-released"):
+            if redelivered:
+                self.out.send(conn, cmd + b":redelivered")
+                return
+            view = frame if cmd == b"raw" else frame[1:]
+            if cmd == b"raw-released":
+                frame.release()
+            kept["raw"] = pickle.PickleBuffer(view)
+            self.out.send(conn, cmd + b":kept")
+        elif cmd == b"ticks":
+            self.out.send(conn, str(ticks[0]))
+        else:
+            self.out.send(conn, frame)
+
+threading.Thread(target=tick, daemon=True).start()
+worker = shmrelay_worker.Worker.from_env()
+worker.run(Probe(worker.out))
+try:
+    worker.out.send(0, b"after run")
+    outside = "sent"
+except RuntimeError:
+    outside = "RuntimeError"
+with open(MARK, "a") as f:
+    f.write("run returned; out outside a callback: %s\n" % outside)
+"#;
+
+/// A relay with one worker running `PROBE_WORKER`, a watchdog, the path of the worker's
+/// `MARK` file and a client; None to skip (no Python with the module).
+fn probe_relay(name: &str) -> Option<(Relay, Watchdog, PathBuf, Client)> {
+    let py = python()?;
+    let dog = Watchdog::new(name, Duration::from_secs(120));
+    let dir = std::env::temp_dir().join(format!("shmrelay-py-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("probe.py");
+    let mark = dir.join("MARK");
+    let _ = std::fs::remove_file(&mark);
+    std::fs::write(&script, PROBE_WORKER).unwrap();
+    let cmd = format!("{py} {} {}", script.display(), mark.display());
+    let relay = Relay::start(name, &["--workers", "1", "--worker-cmd", &cmd]);
+    let client = relay.connect();
+    Some((relay, dog, mark, client))
+}
+
+#[test]
+fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
+    let Some((_relay, _dog, _, mut c)) = probe_relay("pyviews") else {
+        return;
+    };
+    assert_eq!(c.roundtrip(b"keep", WAIT), Recv::Frame(b"kept".to_vec()));
+    // Frames in between overwrite nothing the views could still show.
+    for i in 0..50u32 {
+        let p = i.to_be_bytes();
+        assert_eq!(c.roundtrip(&p, WAIT), Recv::Frame(p.to_vec()));
+    }
+    assert_eq!(
+        c.roundtrip(b"probe", WAIT),
+        Recv::Frame(
+            b"frame:revoked slice:revoked cast:revoked view:revoked iter:revoked len:revoked"
+                .to_vec()
+        )
+    );
+    // Out belongs to the worker thread: another thread cannot use it, even during a callback.
+    assert_eq!(
+        c.roundtrip(b"thread-out", WAIT),
+        Recv::Frame(b"RuntimeError".to_vec())
+    );
+}
+
+#[test]
+fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelivered() {
+    let Some((relay, _dog, _, mut c)) = probe_relay("pyraw") else {
+        return;
+    };
+    let pid = relay.worker_pid(0);
+    assert_eq!(
+        c.roundtrip(b"raw", WAIT),
+        Recv::Frame(b"raw:redelivered".to_vec()),
+        "the worker must exit before the frame is released, and its replacement answer it"
+    );
+    let pid2 = relay.worker_pid(0);
+    assert_ne!(pid2, pid);
+    // The same for a raw buffer of a slice of the frame.
+    assert_eq!(
+        c.roundtrip(b"raw-slice", WAIT),
+        Recv::Frame(b"raw-slice:redelivered".to_vec())
+    );
+    let pid3 = relay.worker_pid(0);
+    assert_ne!(pid3, pid2);
+    // And when the handler released the frame itself but kept a slice's raw buffer.
+    assert_eq!(
+        c.roundtrip(b"raw-released", WAIT),
+        Recv::Frame(b"raw-released:redelivered".to_vec())
+    );
+    assert_ne!(relay.worker_pid(0), pid3);
+    assert_eq!(c.roundtrip(b"after", WAIT), Recv::Frame(b"after".to_vec()));
+}
+
+#[test]
+fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on_or_stops_on_system_exit() {
+    let Some((relay, _dog, _, mut c)) = probe_relay("pyraise") else {
+        return;
+    };
+    let pid = relay.worker_pid(0);
+    c.send(b"raise").unwrap();
+    c.send(b"next").unwrap();
+    assert_eq!(
+        c.recv_data(WAIT),
+        Recv::Frame(b"shmrelay-error: the worker's handler raised an exception".to_vec())
+    );
+    assert_eq!(c.recv_data(WAIT), Recv::Frame(b"next".to_vec()));
+    assert_eq!(relay.worker_pid(0), pid, "the worker did not restart");
+    // SystemExit stops the worker (after its error reply); the relay starts another.
+    assert_eq!(
+        c.roundtrip(b"exit", WAIT),
+        Recv::Frame(b"shmrelay-error: the worker's handler raised an exception".to_vec())
+    );
+    assert!(eventually(WAIT, || {
+        let p = relay.worker_pid(0);
+        p != 0 && p != pid
+    }));
+    assert_eq!(c.roundtrip(b"again", WAIT), Recv::Frame(b"again".to_vec()));
+}
+
+#[test]
+fn the_gil_is_released_while_the_worker_waits_and_sigterm_stops_it_cleanly() {
+    let Some((relay, _dog, mark, mut c)) = probe_relay("pygil") else {
+        return;
+    };
+    let ticks = |c: &mut Client| match c.roundtrip(b"ticks", WAIT) {
+        Recv::Frame(p) => String::from_utf8(p).unwrap().parse::<u64>().unwrap(),
+        other => panic!("ticks: {other:?}"),
+    };
+    let before = ticks(&mut c);
+    // The worker is idle, parked in the SDK: a Python thread runs only if the GIL is free.
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = ticks(&mut c);
+    assert!(
+        after - before >= 10,
+        "a Python thread ticked {} times in 1 s while the worker waited",
+        after - before
+    );
+    let pid = relay.worker_pid(0);
+    signal(pid, libc::SIGTERM);
+    assert!(
+        eventually(WAIT, || std::fs::read_to_string(&mark).is_ok_and(
+            |m| m.contains("run returned; out outside a callback: RuntimeError")
+        )),
+        "run() did not return on SIGTERM: {:?}",
+        std::fs::read_to_string(&mark)
+    );
+}
+
+#[test]
+fn the_python_section_of_the_workers_readme_shows_examples_echo_py() {
+    let readme = std::fs::read_to_string(repo().join("workers/README.md")).unwrap();
+    let section = &readme[readme.find("\n## Python\n").expect("a Python section")..];
+    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let echo = std::fs::read_to_string(example("echo.py")).unwrap();
+    let code = echo[echo.find("import shmrelay_worker").unwrap()..].to_owned();
+    assert_eq!(
+        block, code,
+        "workers/README.md must show examples/echo.py as it is"
+    );
+}
+
+#[test]
+fn a_plain_function_is_a_handler_too_and_a_second_attach_is_refused() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python function", Duration::from_secs(120));
+    let dir = std::env::temp_dir().join(format!("shmrelay-py-fn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("fn_echo.py");
+    std::fs::write(
+        &script,
+        "import shmrelay_worker\n\
+         w = shmrelay_worker.Worker.from_env()\n\
+         try:\n    shmrelay_worker.Worker.from_env()  # the fds are w's: refused\n    raise SystemExit(9)\n\
+         except shmrelay_worker.WorkerError:\n    pass\n\
+         try:\n    w.run(object())  # neither on_frame nor callable: refused, w still usable\n\
+         except TypeError:\n    pass\n\
+         out = w.out\n\
+         w.run(lambda conn, frame, redelivered: out.send(conn, frame))\n",
+    )
+    .unwrap();
+    // Relay::start checks one echo round trip.
+    let relay = relay_with("pyfn", &py, &script, 1, &[]);
+    let mut c = relay.connect();
+    assert_eq!(c.roundtrip(b"plain", WAIT), Recv::Frame(b"plain".to_vec()));
+}

@@ -1,0 +1,197 @@
+//! The frame handed to `on_frame`: a read-only `memoryview` over the request ring that is
+//! revoked, with every view derived from it, when the callback returns.
+//!
+//! CPython has no public call that invalidates views derived from a memoryview (slices,
+//! `cast`, `memoryview(frame)`): they share one *managed buffer* with the frame, and
+//! `frame.release()` leaves them readable. So the managed buffer itself is marked released,
+//! as CPython's own `mbuf_release` does, through the object layout CPython declares in
+//! `cpython/memoryobject.h` (unchanged from 3.3 to 3.13). [`check_layout`] proves the layout on
+//! the running interpreter at import, so a build against an interpreter whose layout differs
+//! fails to import instead of writing the wrong word.
+//!
+//! What a marked buffer does: every memoryview on it raises `ValueError: operation forbidden
+//! on released memoryview object` for any access to its bytes (indexing, `bytes()`, `len()`,
+//! iteration, exporting a buffer), so no Python code can read ring memory after the callback.
+//! A consumer that took a raw buffer (`Py_buffer`) from a view and still holds it past the
+//! callback (for example a `numpy.frombuffer(frame)` kept in a global) cannot be revoked: it
+//! holds a bare pointer. That is detected and ends the worker (see [`Revoked::RawExport`]).
+
+use std::ffi::{c_char, c_int};
+use std::ptr::NonNull;
+
+use pyo3::exceptions::PyImportError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+/// `_PyManagedBufferObject` of `cpython/memoryobject.h`.
+#[repr(C)]
+struct ManagedBuffer {
+    ob_base: ffi::PyObject,
+    flags: c_int,
+    /// Memoryviews registered on this buffer (the frame and every view derived from it).
+    exports: ffi::Py_ssize_t,
+    master: ffi::Py_buffer,
+}
+
+/// `PyMemoryViewObject` of `cpython/memoryobject.h` (up to the fields used here).
+#[repr(C)]
+struct MemoryView {
+    ob_base: ffi::PyVarObject,
+    mbuf: *mut ManagedBuffer,
+    hash: ffi::Py_hash_t,
+    flags: c_int,
+    /// Raw buffers (`Py_buffer`) exported from this view and not released yet.
+    exports: ffi::Py_ssize_t,
+    view: ffi::Py_buffer,
+}
+
+/// `_Py_MANAGED_BUFFER_RELEASED`: access through the managed buffer is blocked.
+const MANAGED_BUFFER_RELEASED: c_int = 0x001;
+/// `_Py_MEMORYVIEW_RELEASED`: this memoryview was released (`frame.release()`).
+const MEMORYVIEW_RELEASED: c_int = 0x001;
+
+/// A frame view that is alive during one callback.
+pub struct FrameView<'py> {
+    view: Bound<'py, PyAny>,
+}
+
+/// What revoking found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revoked {
+    /// Every view is unusable now (those still referenced raise on access).
+    Clean,
+    /// A raw buffer of the frame (or of a view derived from it) is still held: its holder
+    /// can read the ring after the callback, which cannot be prevented.
+    RawExport,
+}
+
+impl<'py> FrameView<'py> {
+    /// A read-only memoryview over `bytes`.
+    ///
+    /// The caller must [`revoke`](FrameView::revoke) it before `bytes` may change.
+    pub fn new(py: Python<'py>, bytes: &[u8]) -> PyResult<FrameView<'py>> {
+        let len = ffi::Py_ssize_t::try_from(bytes.len())
+            .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("frame too large"))?;
+        // SAFETY: PyBUF_READ makes a read-only view, so CPython never writes through the
+        // pointer (the request ring's data is mapped read-only anyway); the memory stays
+        // valid until `revoke`, which the caller runs before the SDK releases the record.
+        let view = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyMemoryView_FromMemory(bytes.as_ptr() as *mut c_char, len, ffi::PyBUF_READ),
+            )?
+        };
+        Ok(FrameView { view })
+    }
+
+    /// The `memoryview` object handed to Python.
+    pub fn object(&self) -> &Bound<'py, PyAny> {
+        &self.view
+    }
+
+    /// Makes the frame and every view derived from it unreadable.
+    pub fn revoke(self) -> Revoked {
+        let py = self.view.py();
+        let mv = self.view.as_ptr().cast::<MemoryView>();
+        // SAFETY: `self.view` is a memoryview made by `new` (checked type, layout proven by
+        // `check_layout` at import) and we hold the GIL, so no other thread touches it.
+        let mbuf = unsafe { NonNull::new((*mv).mbuf) };
+        let Some(mbuf) = mbuf else {
+            return Revoked::Clean;
+        };
+        // SAFETY: as above; the memoryview holds a reference to its managed buffer.
+        let (own_exports, views) = unsafe { ((*mv).exports, (*mbuf.as_ptr()).exports) };
+        let mut outcome = if own_exports > 0 {
+            Revoked::RawExport
+        } else {
+            Revoked::Clean
+        };
+        // The frame itself counts among the views unless the handler released it.
+        // SAFETY: as above.
+        let released = unsafe { (*mv).flags } & MEMORYVIEW_RELEASED != 0;
+        let derived = views - ffi::Py_ssize_t::from(!released);
+        if derived > 0 && outcome == Revoked::Clean && derived_views_export(py, mbuf) {
+            outcome = Revoked::RawExport;
+        }
+        // SAFETY: what CPython's mbuf_release does before releasing the master buffer (which
+        // has no exporter object here: PyMemoryView_FromMemory). Once the flag is set,
+        // CPython never calls mbuf_release's untrack again, so it is done here.
+        unsafe {
+            let m = mbuf.as_ptr();
+            if (*m).flags & MANAGED_BUFFER_RELEASED == 0 {
+                (*m).flags |= MANAGED_BUFFER_RELEASED;
+                ffi::PyObject_GC_UnTrack(m.cast());
+            }
+        }
+        outcome
+    }
+}
+
+/// Whether a view that shares `mbuf` (a slice or cast of the frame kept past the callback)
+/// has raw buffers exported. Only runs when such views exist, which is a bug in the handler;
+/// it walks the garbage collector's objects.
+fn derived_views_export(py: Python<'_>, mbuf: NonNull<ManagedBuffer>) -> bool {
+    let scan = || -> PyResult<bool> {
+        // SAFETY: a live object (the frame holds a reference to it) and we hold the GIL.
+        let m = unsafe { Bound::from_borrowed_ptr(py, mbuf.as_ptr().cast()) };
+        let referrers = py.import("gc")?.call_method1("get_referrers", (m,))?;
+        for r in referrers.try_iter()? {
+            let r = r?;
+            // SAFETY: type check before the cast; GIL held.
+            if unsafe { ffi::PyMemoryView_Check(r.as_ptr()) } != 0 {
+                let v = r.as_ptr().cast::<MemoryView>();
+                // SAFETY: a memoryview (checked), layout proven at import.
+                if unsafe { (*v).mbuf == mbuf.as_ptr() && (*v).exports > 0 } {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    };
+    // If the scan itself fails, assume the worst.
+    scan().unwrap_or(true)
+}
+
+/// Proves at import that this interpreter's memoryview layout is the one declared above:
+/// a view of a known bytes object must show its pointer, length, owner and counts where the
+/// structs say, and a slice must register on the same managed buffer.
+pub fn check_layout(py: Python<'_>) -> PyResult<()> {
+    let bad = |what: &str| {
+        PyImportError::new_err(format!(
+            "shmrelay_worker: this interpreter's memoryview layout is not the one the module \
+             was written for ({what}); use CPython 3.11-3.13 with the GIL"
+        ))
+    };
+    let data = pyo3::types::PyBytes::new(py, b"shmrelay");
+    let expect_ptr = data.as_bytes().as_ptr();
+    // SAFETY: PyMemoryView_FromObject on a bytes object returns a new reference or NULL.
+    let view =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyMemoryView_FromObject(data.as_ptr()))? };
+    let mv = view.as_ptr().cast::<MemoryView>();
+    // SAFETY: reads only, of an object just created as a memoryview; the comparisons decide
+    // whether the layout is trusted. `mbuf` is checked non-null before it is dereferenced.
+    let first = unsafe {
+        let m = (*mv).mbuf;
+        (*mv).view.buf.cast_const().cast::<u8>() == expect_ptr
+            && (*mv).view.len == 8
+            && (*mv).view.obj == data.as_ptr()
+            && (*mv).exports == 0
+            && !m.is_null()
+            && (*m).flags == 0
+            && (*m).exports == 1
+            && (*m).master.obj == data.as_ptr()
+    };
+    if !first {
+        return Err(bad("memoryview fields"));
+    }
+    let slice = view.get_item(pyo3::types::PySlice::new(py, 1, 4, 1))?;
+    // SAFETY: as above.
+    let second = unsafe {
+        let s = slice.as_ptr().cast::<MemoryView>();
+        (*s).mbuf == (*mv).mbuf && (*(*mv).mbuf).exports == 2
+    };
+    if !second {
+        return Err(bad("managed buffer sharing"));
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! `shmrelay_worker.Out`: replies, pushes and closes from Python, valid only inside a callback.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64};
+use std::thread::ThreadId;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use sdk::{ConnId, Out as SdkOut, SendError as SdkSendError};
+
+pyo3::create_exception!(
+    shmrelay_worker,
+    SendError,
+    pyo3::exceptions::PyException,
+    "A reply, push or close could not be queued (the reply is too large, the worker is \
+     stopping, or the connection id names no front of this worker)."
+);
+
+/// Sends replies and pushes and closes connections; the worker's one `Out` is `worker.out`.
+///
+/// Its methods work only while a callback (`on_open`, `on_frame`, `on_close`) runs, on the
+/// thread running it; elsewhere they raise `RuntimeError`. `data` is `bytes`, `bytearray`, a
+/// `memoryview` (the frame itself, for an echo) or any contiguous buffer, or a `str`
+/// (sent as UTF-8). The front adds the framing of the listener's codec.
+#[pyclass(module = "shmrelay_worker", frozen)]
+pub struct Out {
+    /// The worker's thread: the only one that runs callbacks, so the only one that may send.
+    owner: ThreadId,
+    /// The SDK's `Out` of the callback running now; null outside callbacks. Set and cleared
+    /// by [`OutScope`] on `owner`.
+    sdk: AtomicPtr<SdkOut<'static>>,
+    /// The raw id of the connection whose frame is being handled, if `answering_set`, and
+    /// whether the handler queued anything to it (so a handler that raises before replying
+    /// gets the codec's error reply instead of leaving the client waiting).
+    answering: AtomicU64,
+    answering_set: AtomicBool,
+    touched: AtomicBool,
+}
+
+// Ordering: every field is written and read by `owner` alone (checked before any other
+// access), so Relaxed suffices; the atomics only make the type shareable with Python threads,
+// which get an error.
+
+impl Out {
+    pub fn new() -> Out {
+        Out {
+            owner: std::thread::current().id(),
+            sdk: AtomicPtr::new(std::ptr::null_mut()),
+            answering: AtomicU64::new(0),
+            answering_set: AtomicBool::new(false),
+            touched: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the handler queued a reply or close to the connection being answered.
+    pub fn touched(&self) -> bool {
+        self.touched.load(Relaxed)
+    }
+
+    fn with_sdk<R>(
+        &self,
+        conn: u64,
+        f: impl FnOnce(&mut SdkOut<'static>, ConnId) -> Result<R, SdkSendError>,
+    ) -> PyResult<R> {
+        if std::thread::current().id() != self.owner {
+            return Err(PyRuntimeError::new_err(
+                "shmrelay_worker.Out is usable only on the worker's thread, during a callback",
+            ));
+        }
+        let p = self.sdk.load(Relaxed);
+        if p.is_null() {
+            return Err(PyRuntimeError::new_err(
+                "shmrelay_worker.Out is usable only during a callback of the worker",
+            ));
+        }
+        if self.answering_set.load(Relaxed) && self.answering.load(Relaxed) == conn {
+            self.touched.store(true, Relaxed);
+        }
+        // SAFETY: non-null only between OutScope::enter and its drop, on `owner` (checked
+        // above), while the SDK's `&mut Out` it came from is not used (the SDK is waiting in
+        // our handler method, which is running the Python code that called us).
+        let out = unsafe { &mut *p };
+        f(out, ConnId::from_raw(conn)).map_err(|e| SendError::new_err(e.to_string()))
+    }
+}
+
+/// Points `out` at the SDK's `Out` for the duration of one callback.
+pub struct OutScope<'a> {
+    out: &'a Out,
+}
+
+impl<'a> OutScope<'a> {
+    /// Must be called on the thread that created `out` (the worker's).
+    pub fn enter(out: &'a Out, sdk: &mut SdkOut<'_>, answering: Option<ConnId>) -> OutScope<'a> {
+        debug_assert_eq!(std::thread::current().id(), out.owner);
+        out.sdk.store((sdk as *mut SdkOut<'_>).cast(), Relaxed);
+        out.answering
+            .store(answering.map_or(0, ConnId::raw), Relaxed);
+        out.answering_set.store(answering.is_some(), Relaxed);
+        out.touched.store(false, Relaxed);
+        OutScope { out }
+    }
+}
+
+impl Drop for OutScope<'_> {
+    fn drop(&mut self) {
+        self.out.sdk.store(std::ptr::null_mut(), Relaxed);
+        self.out.answering_set.store(false, Relaxed);
+    }
+}
+
+#[pymethods]
+impl Out {
+    /// Queues `data` as one frame to `conn` (normally the reply to the frame being handled).
+    ///
+    /// Blocks while the reply ring is full. Raises `SendError` if it cannot be queued; a
+    /// failed reply to the frame being handled is then answered with the codec's error reply.
+    fn send(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let conn = raw_conn(conn)?;
+        with_bytes(data, |bytes| {
+            self.with_sdk(conn, |out, c| out.send(c, bytes))
+        })
+    }
+
+    /// Queues `data` as one frame to another live connection `conn` (a push). The same as
+    /// `send`; a push to a connection that closed meanwhile is dropped by the front.
+    fn push(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.send(conn, data)
+    }
+
+    /// Asks the front to close `conn` once what was queued to it before is written.
+    fn close(&self, conn: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.with_sdk(raw_conn(conn)?, |out, c| out.close(c))
+    }
+
+    /// The listener's codec: `"length-prefixed"`, `"line"` or `"resp"`.
+    #[getter]
+    fn codec(&self) -> PyResult<String> {
+        self.with_sdk(0, |out, _| Ok(out.codec().to_string()))
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<std::ffi::c_ulong>() == 8);
+
+/// A connection id from Python (an `int`, as the callbacks pass it). `PyLong_AsUnsignedLong`
+/// rather than PyO3's `u64` extraction, which goes through `PyLong_AsUnsignedLongLong` and a
+/// byte-array conversion on CPython 3.11: this runs for every reply.
+fn raw_conn(conn: &Bound<'_, PyAny>) -> PyResult<u64> {
+    // SAFETY: GIL held (we have a Bound); accepts any object, raising TypeError for non-ints
+    // and OverflowError for negative or too large ones.
+    let v = unsafe { ffi::PyLong_AsUnsignedLong(conn.as_ptr()) };
+    if v == std::ffi::c_ulong::MAX {
+        if let Some(e) = PyErr::take(conn.py()) {
+            return Err(e);
+        }
+    }
+    Ok(v)
+}
+
+/// Calls `f` with the bytes of `data` (bytes, str, or any object with a contiguous buffer).
+fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> PyResult<R>) -> PyResult<R> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return f(b.as_bytes());
+    }
+    if let Ok(s) = data.cast::<PyString>() {
+        return f(s.to_str()?.as_bytes());
+    }
+    let mut view = ffi::Py_buffer::new();
+    // SAFETY: `view` is a valid out-parameter; PyBUF_SIMPLE asks for contiguous bytes.
+    if unsafe { ffi::PyObject_GetBuffer(data.as_ptr(), &mut view, ffi::PyBUF_SIMPLE) } != 0 {
+        let cause = PyErr::take(data.py());
+        let err = PyTypeError::new_err(format!(
+            "data must be bytes, str or a contiguous buffer, not {}",
+            data.get_type().name()?
+        ));
+        err.set_cause(data.py(), cause);
+        return Err(err);
+    }
+    struct Release(ffi::Py_buffer);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            // SAFETY: obtained by a successful PyObject_GetBuffer, released once, GIL held
+            // (this guard lives inside a function that holds a `Bound`).
+            unsafe { ffi::PyBuffer_Release(&mut self.0) };
+        }
+    }
+    let held = Release(view);
+    let len = usize::try_from(held.0.len).unwrap_or(0);
+    let bytes = if len == 0 {
+        &[][..]
+    } else {
+        // SAFETY: a PyBUF_SIMPLE buffer is `len` contiguous bytes at `buf`, valid until the
+        // release; we hold the GIL and call no Python code meanwhile, so no other Python code
+        // can resize or free the exporter.
+        unsafe { std::slice::from_raw_parts(held.0.buf.cast_const().cast::<u8>(), len) }
+    };
+    f(bytes)
+}
