@@ -67,7 +67,7 @@ fn relay_with(name: &str, py: &str, script: &Path, workers: usize, extra: &[&str
     let n = workers.to_string();
     let mut args = vec!["--workers", &n, "--worker-cmd", &cmd];
     args.extend_from_slice(extra);
-    Relay::start(name, &args)
+    Relay::start_serving(name, &args)
 }
 
 /// One connection sending `frames` numbered payloads with up to `depth` in flight (or until
@@ -85,7 +85,7 @@ fn pipelined(relay: &Relay, id: usize, frames: usize, depth: usize, stop: Arc<At
     loop {
         let stopping = stop.load(Ordering::Relaxed) || sent == frames;
         while !stopping && sent - got < depth {
-            c.send(&payload(sent)).expect("send");
+            c.try_send(&payload(sent)).expect("send");
             sent += 1;
         }
         if got == sent && (stopping || sent == frames) {
@@ -130,7 +130,7 @@ fn echo_example_answers_pipelined_frames_on_many_connections() {
     );
     let mut c = relay.connect();
     let big = pattern(99, 0, 3 << 20);
-    assert_eq!(c.roundtrip(&big, WAIT), Recv::Frame(big));
+    assert_eq!(c.roundtrip_within(&big, WAIT), Recv::Frame(big));
 }
 
 #[test]
@@ -140,21 +140,21 @@ fn chat_example_pushes_to_the_other_members_of_a_room() {
     let relay = relay_with("pychat", &py, &example("chat.py"), 1, &[]);
     let join = |room: &[u8]| {
         let mut c = relay.connect();
-        assert_eq!(c.roundtrip(room, WAIT), Recv::Frame(room.to_vec()));
+        assert_eq!(c.roundtrip_within(room, WAIT), Recv::Frame(room.to_vec()));
         c
     };
     let (mut a, mut b, mut c) = (join(b"lobby"), join(b"lobby"), join(b"lobby"));
     let mut d = join(b"elsewhere");
-    a.send(b"hello from a").unwrap();
+    a.try_send(b"hello from a").unwrap();
     assert_eq!(b.recv_data(WAIT), Recv::Frame(b"hello from a".to_vec()));
     assert_eq!(c.recv_data(WAIT), Recv::Frame(b"hello from a".to_vec()));
-    c.send(b"hi, c here").unwrap();
+    c.try_send(b"hi, c here").unwrap();
     assert_eq!(a.recv_data(WAIT), Recv::Frame(b"hi, c here".to_vec()));
     assert_eq!(b.recv_data(WAIT), Recv::Frame(b"hi, c here".to_vec()));
     // b leaves: the room forgets it; a's next message reaches c alone.
     drop(b);
     assert!(eventually(WAIT, || relay.conns_total() == 4 - 1));
-    a.send(b"still there?").unwrap();
+    a.try_send(b"still there?").unwrap();
     assert_eq!(c.recv_data(WAIT), Recv::Frame(b"still there?".to_vec()));
     // Nobody got their own messages, and the other room heard nothing.
     for (name, client) in [("a", &mut a), ("c", &mut c), ("d", &mut d)] {
@@ -300,7 +300,7 @@ fn probe_relay(name: &str) -> Option<(Relay, Watchdog, PathBuf, Client)> {
     let _ = std::fs::remove_file(&mark);
     std::fs::write(&script, PROBE_WORKER).unwrap();
     let cmd = format!("{py} {} {}", script.display(), mark.display());
-    let relay = Relay::start(name, &["--workers", "1", "--worker-cmd", &cmd]);
+    let relay = Relay::start_serving(name, &["--workers", "1", "--worker-cmd", &cmd]);
     let client = relay.connect();
     Some((relay, dog, mark, client))
 }
@@ -310,14 +310,17 @@ fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
     let Some((_relay, _dog, _, mut c)) = probe_relay("pyviews") else {
         return;
     };
-    assert_eq!(c.roundtrip(b"keep", WAIT), Recv::Frame(b"kept".to_vec()));
+    assert_eq!(
+        c.roundtrip_within(b"keep", WAIT),
+        Recv::Frame(b"kept".to_vec())
+    );
     // Frames in between overwrite nothing the views could still show.
     for i in 0..50u32 {
         let p = i.to_be_bytes();
-        assert_eq!(c.roundtrip(&p, WAIT), Recv::Frame(p.to_vec()));
+        assert_eq!(c.roundtrip_within(&p, WAIT), Recv::Frame(p.to_vec()));
     }
     assert_eq!(
-        c.roundtrip(b"probe", WAIT),
+        c.roundtrip_within(b"probe", WAIT),
         Recv::Frame(
             b"frame:revoked slice:revoked cast:revoked view:revoked iter:revoked len:revoked"
                 .to_vec()
@@ -325,7 +328,7 @@ fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
     );
     // Out belongs to the worker thread: another thread cannot use it, even during a callback.
     assert_eq!(
-        c.roundtrip(b"thread-out", WAIT),
+        c.roundtrip_within(b"thread-out", WAIT),
         Recv::Frame(b"RuntimeError".to_vec())
     );
 }
@@ -337,7 +340,7 @@ fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelive
     };
     let pid = relay.worker_pid(0);
     assert_eq!(
-        c.roundtrip(b"raw", WAIT),
+        c.roundtrip_within(b"raw", WAIT),
         Recv::Frame(b"raw:redelivered".to_vec()),
         "the worker must exit before the frame is released, and its replacement answer it"
     );
@@ -345,18 +348,21 @@ fn a_raw_buffer_kept_past_the_callback_ends_the_worker_and_the_frame_is_redelive
     assert_ne!(pid2, pid);
     // The same for a raw buffer of a slice of the frame.
     assert_eq!(
-        c.roundtrip(b"raw-slice", WAIT),
+        c.roundtrip_within(b"raw-slice", WAIT),
         Recv::Frame(b"raw-slice:redelivered".to_vec())
     );
     let pid3 = relay.worker_pid(0);
     assert_ne!(pid3, pid2);
     // And when the handler released the frame itself but kept a slice's raw buffer.
     assert_eq!(
-        c.roundtrip(b"raw-released", WAIT),
+        c.roundtrip_within(b"raw-released", WAIT),
         Recv::Frame(b"raw-released:redelivered".to_vec())
     );
     assert_ne!(relay.worker_pid(0), pid3);
-    assert_eq!(c.roundtrip(b"after", WAIT), Recv::Frame(b"after".to_vec()));
+    assert_eq!(
+        c.roundtrip_within(b"after", WAIT),
+        Recv::Frame(b"after".to_vec())
+    );
 }
 
 #[test]
@@ -365,8 +371,8 @@ fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on_or_stops
         return;
     };
     let pid = relay.worker_pid(0);
-    c.send(b"raise").unwrap();
-    c.send(b"next").unwrap();
+    c.try_send(b"raise").unwrap();
+    c.try_send(b"next").unwrap();
     assert_eq!(
         c.recv_data(WAIT),
         Recv::Frame(b"shmrelay-error: the worker's handler raised an exception".to_vec())
@@ -375,14 +381,17 @@ fn an_exception_in_on_frame_gets_the_error_reply_and_the_worker_goes_on_or_stops
     assert_eq!(relay.worker_pid(0), pid, "the worker did not restart");
     // SystemExit stops the worker (after its error reply); the relay starts another.
     assert_eq!(
-        c.roundtrip(b"exit", WAIT),
+        c.roundtrip_within(b"exit", WAIT),
         Recv::Frame(b"shmrelay-error: the worker's handler raised an exception".to_vec())
     );
     assert!(eventually(WAIT, || {
         let p = relay.worker_pid(0);
         p != 0 && p != pid
     }));
-    assert_eq!(c.roundtrip(b"again", WAIT), Recv::Frame(b"again".to_vec()));
+    assert_eq!(
+        c.roundtrip_within(b"again", WAIT),
+        Recv::Frame(b"again".to_vec())
+    );
 }
 
 #[test]
@@ -390,7 +399,7 @@ fn the_gil_is_released_while_the_worker_waits_and_sigterm_stops_it_cleanly() {
     let Some((relay, _dog, mark, mut c)) = probe_relay("pygil") else {
         return;
     };
-    let ticks = |c: &mut Client| match c.roundtrip(b"ticks", WAIT) {
+    let ticks = |c: &mut Client| match c.roundtrip_within(b"ticks", WAIT) {
         Recv::Frame(p) => String::from_utf8(p).unwrap().parse::<u64>().unwrap(),
         other => panic!("ticks: {other:?}"),
     };
@@ -447,8 +456,11 @@ fn a_plain_function_is_a_handler_too_and_a_second_attach_is_refused() {
          w.run(lambda conn, frame, redelivered: out.send(conn, frame))\n",
     )
     .unwrap();
-    // Relay::start checks one echo round trip.
+    // Relay::start_serving checks one echo round trip.
     let relay = relay_with("pyfn", &py, &script, 1, &[]);
     let mut c = relay.connect();
-    assert_eq!(c.roundtrip(b"plain", WAIT), Recv::Frame(b"plain".to_vec()));
+    assert_eq!(
+        c.roundtrip_within(b"plain", WAIT),
+        Recv::Frame(b"plain".to_vec())
+    );
 }
