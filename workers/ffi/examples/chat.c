@@ -1,9 +1,11 @@
 /* chat: every message goes to every connected client, its sender included (as the receipt),
  * with the worker's own poll() loop instead of shmrelay_worker_run. Commands:
- *   /who   the sender alone gets "N connected"
- *   /quit  the relay closes the sender's connection
+ *   /who          the sender alone gets "N connected"
+ *   /upper TEXT   the sender alone gets TEXT in capitals
+ *   /quit         the relay closes the sender's connection
  * Run it as the only worker of its listener (each worker knows only its own connections):
  *   shmrelay --workers 1 --worker-cmd "/path/to/chat" */
+#include <ctype.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
@@ -49,6 +51,12 @@ static void on_close(void *user, shmrelay_conn conn, uint32_t reason, shmrelay_o
     }
 }
 
+/* The fill function of /upper: writes the reply straight into the reply ring. */
+static void upper(void *ctx, uint8_t *buf, size_t len) {
+    const uint8_t *text = ctx;
+    for (size_t i = 0; i < len; i++) buf[i] = (uint8_t)toupper(text[i]);
+}
+
 static void on_frame(void *user, shmrelay_conn conn, const uint8_t *frame, size_t len,
                      bool redelivered, shmrelay_out *out) {
     (void)redelivered;
@@ -60,6 +68,12 @@ static void on_frame(void *user, shmrelay_conn conn, const uint8_t *frame, size_
             int n = snprintf((char *)buf, 32, "%zu connected", room->count);
             shmrelay_commit(out, (size_t)n);
         }
+        return;
+    }
+    if (len > 7 && memcmp(frame, "/upper ", 7) == 0) {
+        /* A reply whose length is known up front: zero-copy, from the request ring to the
+         * reply ring with nothing in between. */
+        shmrelay_send_with(out, conn, len - 7, upper, (void *)(frame + 7));
         return;
     }
     if (len == 5 && memcmp(frame, "/quit", 5) == 0) {

@@ -52,6 +52,8 @@
 use std::ffi::{c_char, CString};
 use std::sync::OnceLock;
 
+#[cfg(test)]
+mod abi_tests;
 mod error;
 mod out;
 mod worker;

@@ -80,7 +80,7 @@ pub struct Worker {
 struct Entered<'a>(&'a Worker);
 
 impl Worker {
-    fn new(sdk: shmrelay_worker::Worker) -> Worker {
+    pub(crate) fn new(sdk: shmrelay_worker::Worker) -> Worker {
         Worker {
             busy: AtomicBool::new(false),
             doorbell_fd: sdk.doorbell().as_raw_fd(),

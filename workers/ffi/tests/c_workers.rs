@@ -137,6 +137,12 @@ fn c_chat_pushes_to_every_member_and_answers_commands() {
             text(&got)
         );
     }
+    let got = members[1].roundtrip(b"/upper shout!", LIMIT);
+    assert!(
+        got == Recv::Frame(b"SHOUT!".to_vec()),
+        "/upper got {}",
+        text(&got)
+    );
     members[2].send(b"/quit").expect("send");
     let closed = members[2].wait_closed(LIMIT);
     assert!(
