@@ -316,15 +316,16 @@ pub unsafe extern "C" fn shmrelay_worker_run(
     callbacks: *const Callbacks,
     user: *mut c_void,
 ) -> Status {
-    guard(|| {
-        // SAFETY: per this function's contract.
-        let w = unsafe { self::worker(worker, "shmrelay_worker_run") }?;
-        let mut entered = w.enter("shmrelay_worker_run")?;
-        let (sdk, stage, max_reply) = entered.parts();
-        let mut adapter = Adapter::new(callbacks, user, stage, *max_reply, "shmrelay_worker_run")?;
-        sdk.run(&mut adapter)?;
-        adapter.finish()
-    })
+    // SAFETY: per this function's contract.
+    unsafe {
+        serve(
+            worker,
+            callbacks,
+            user,
+            "shmrelay_worker_run",
+            |sdk, adapter| sdk.run(adapter),
+        )
+    }
 }
 
 /// Handles what is waiting in every request ring without blocking, calling `callbacks` with
@@ -349,23 +350,41 @@ pub unsafe extern "C" fn shmrelay_worker_poll_once(
     user: *mut c_void,
     handled: *mut usize,
 ) -> Status {
-    guard(|| {
-        // SAFETY: per this function's contract.
-        let w = unsafe { self::worker(worker, "shmrelay_worker_poll_once") }?;
-        let mut entered = w.enter("shmrelay_worker_poll_once")?;
-        let (sdk, stage, max_reply) = entered.parts();
-        let mut adapter = Adapter::new(
-            callbacks,
-            user,
-            stage,
-            *max_reply,
-            "shmrelay_worker_poll_once",
-        )?;
-        let n = sdk.poll_once(&mut adapter)?;
+    let poll = |sdk: &mut shmrelay_worker::Worker, adapter: &mut Adapter<'_>| {
+        let n = sdk.poll_once(adapter)?;
         // SAFETY: null or writable per this function's contract.
         if let Some(handled) = unsafe { handled.as_mut() } {
             *handled = n;
         }
+        Ok(())
+    };
+    // SAFETY: per this function's contract.
+    unsafe { serve(worker, callbacks, user, "shmrelay_worker_poll_once", poll) }
+}
+
+/// The body of `run` and `poll_once`: enters the worker and hands `serve` the SDK worker and
+/// a handler calling `callbacks`.
+///
+/// # Safety
+///
+/// As `shmrelay_worker_run`.
+unsafe fn serve(
+    worker: *mut Worker,
+    callbacks: *const Callbacks,
+    user: *mut c_void,
+    function: &str,
+    serve: impl FnOnce(
+        &mut shmrelay_worker::Worker,
+        &mut Adapter<'_>,
+    ) -> Result<(), shmrelay_worker::WorkerError>,
+) -> Status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let w = unsafe { self::worker(worker, function) }?;
+        let mut entered = w.enter(function)?;
+        let (sdk, stage, max_reply) = entered.parts();
+        let mut adapter = Adapter::new(callbacks, user, stage, *max_reply, function)?;
+        serve(sdk, &mut adapter)?;
         adapter.finish()
     })
 }

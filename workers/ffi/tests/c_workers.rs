@@ -82,6 +82,16 @@ fn text(r: &Recv) -> String {
     }
 }
 
+/// Fails with `what` and what came instead unless `got` is the frame `want`.
+#[track_caller]
+fn expect_frame(got: Recv, want: &[u8], what: &dyn std::fmt::Display) {
+    assert!(
+        matches!(&got, Recv::Frame(p) if p == want),
+        "{what}: got {}",
+        text(&got)
+    );
+}
+
 #[test]
 fn c_echo_answers_pipelined_frames_on_many_connections_in_order() {
     let _w = Watchdog::new("c_echo", Duration::from_secs(120));
@@ -100,18 +110,14 @@ fn c_echo_answers_pipelined_frames_on_many_connections_in_order() {
             for seq in 0..DEPTH {
                 let len = 1 + (i * 37 + seq * 101 + round) % 3000;
                 let want = pattern(i, round * DEPTH + seq, len);
-                let got = c.recv_data(LIMIT);
-                assert!(
-                    got == Recv::Frame(want),
-                    "connection {i} round {round} frame {seq}: got {}",
-                    text(&got)
-                );
+                let what = format!("connection {i} round {round} frame {seq}");
+                expect_frame(c.recv_data(LIMIT), &want, &what);
             }
         }
     }
     // A frame longer than one ring record is split by the library and joined by the front.
     let big = pattern(7, 7, 700_000);
-    assert!(clients[0].roundtrip(&big, LIMIT) == Recv::Frame(big));
+    expect_frame(clients[0].roundtrip(&big, LIMIT), &big, &"a split reply");
 }
 
 #[test]
@@ -130,18 +136,12 @@ fn c_chat_pushes_to_every_member_and_answers_commands() {
     );
     members[1].send(b"hello from 1").expect("send");
     for (i, m) in members.iter_mut().enumerate() {
-        let got = m.recv_data(LIMIT);
-        assert!(
-            got == Recv::Frame(b"hello from 1".to_vec()),
-            "member {i} got {}",
-            text(&got)
-        );
+        expect_frame(m.recv_data(LIMIT), b"hello from 1", &format!("member {i}"));
     }
-    let got = members[1].roundtrip(b"/upper shout!", LIMIT);
-    assert!(
-        got == Recv::Frame(b"SHOUT!".to_vec()),
-        "/upper got {}",
-        text(&got)
+    expect_frame(
+        members[1].roundtrip(b"/upper shout!", LIMIT),
+        b"SHOUT!",
+        &"/upper",
     );
     members[2].send(b"/quit").expect("send");
     let closed = members[2].wait_closed(LIMIT);
@@ -177,12 +177,8 @@ fn numbered_client(
             if stopping && got == sent {
                 return got;
             }
-            let r = c.recv_data(LIMIT);
-            assert!(
-                r == Recv::Frame(pattern(id, got, 16)),
-                "client {id}: reply {got} lost, duplicated or late: got {}",
-                text(&r)
-            );
+            let what = format!("client {id}: reply {got} lost, duplicated or late");
+            expect_frame(c.recv_data(LIMIT), &pattern(id, got, 16), &what);
             got += 1;
         }
     })
