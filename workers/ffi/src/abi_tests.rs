@@ -275,6 +275,9 @@ fn null_arguments_are_refused_with_a_message() {
         assert_eq!(shmrelay_worker_from_env(&mut w), Status::Env);
         assert!(w.is_null());
         assert!(last().contains("SHMRELAY_"), "{}", last());
+        // Once per process, whatever the first call gave.
+        assert_eq!(shmrelay_worker_from_env(&mut w), Status::InvalidArgument);
+        assert!(last().contains("called again"), "{}", last());
     }
     let (w, _front) = start();
     let no_frame = Callbacks {

@@ -260,15 +260,27 @@ impl Handler for Adapter<'_> {
 /// Errors: `SHMRELAY_STATUS_ENV` when the program was not started by shmrelay,
 /// `SHMRELAY_STATUS_ATTACH` when a ring cannot be attached.
 ///
+/// Only the first call in a process attaches: the inherited file descriptors belong to the
+/// worker it makes (and are closed with it), so a later call returns
+/// `SHMRELAY_STATUS_INVALID_ARGUMENT` rather than take fd numbers that may name other files
+/// by then.
+///
 /// # Safety
 ///
-/// `worker` points to writable storage for one pointer. Call this once per process: it
-/// takes ownership of the inherited file descriptors.
+/// `worker` points to writable storage for one pointer.
 #[no_mangle]
 pub unsafe extern "C" fn shmrelay_worker_from_env(worker: *mut *mut Worker) -> Status {
+    static CALLED: AtomicBool = AtomicBool::new(false);
     guard(|| {
         if worker.is_null() {
             return Err(Error::invalid("shmrelay_worker_from_env", "worker is null"));
+        }
+        // Relaxed: only the flag's own value matters (one winner), nothing is published.
+        if CALLED.swap(true, Ordering::Relaxed) {
+            return Err(Error::invalid(
+                "shmrelay_worker_from_env",
+                "called again (the inherited fds belong to the first call's worker)",
+            ));
         }
         let w = Box::new(Worker::new(shmrelay_worker::Worker::from_env()?));
         // SAFETY: non-null and writable per this function's contract.

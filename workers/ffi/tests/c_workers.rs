@@ -2,8 +2,9 @@
 //! relay with `--worker-cmd`, serving real clients: echo round trips, chat pushes, and no
 //! request lost when the C worker is killed under pipelined load.
 //!
-//! The library and the `shmrelay` binary are found next to this test executable
-//! (`target/<profile>/deps/<test>` -> `target/<profile>`); `CC` overrides the compiler.
+//! The static library is the one cargo built for this test run, beside the test executable in
+//! `target/<profile>/deps/` (the copy in `target/<profile>/` is refreshed only by `cargo
+//! build`); the harness finds the `shmrelay` binary. `CC` overrides the compiler.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,11 +21,10 @@ fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `target/<profile>`, where cargo puts this package's libraries.
-fn profile_dir() -> PathBuf {
+/// `target/<profile>/deps`, where this test executable and this run's libraries are.
+fn deps_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("exe has a parent");
-    deps.parent().expect("target/<profile>").to_path_buf()
+    exe.parent().expect("exe has a parent").to_path_buf()
 }
 
 /// Compiles `examples/NAME.c` (once per test process) and returns the executable.
@@ -34,13 +34,16 @@ fn c_example(name: &str) -> PathBuf {
     if let Some(exe) = built.get_or_insert_with(HashMap::new).get(name) {
         return exe.clone();
     }
-    let lib = profile_dir().join("libshmrelay_worker_c.a");
+    let lib = deps_dir().join("libshmrelay_worker_c.a");
     assert!(
         lib.exists(),
         "{} missing: build the package first (cargo test -p shmrelay-worker-ffi builds it)",
         lib.display()
     );
-    let out_dir = profile_dir().join("c-examples");
+    let out_dir = deps_dir()
+        .parent()
+        .expect("target/<profile>")
+        .join("c-examples");
     std::fs::create_dir_all(&out_dir).expect("create c-examples");
     let exe = out_dir.join(name);
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
