@@ -21,8 +21,9 @@
 //! }
 //! ```
 //!
-//! `examples/echo.c` is the complete program and `examples/chat.c` one with its own event
-//! loop; `tests/c_workers.rs` compiles both and runs them behind the relay.
+//! `examples/echo.c` is the complete program, `examples/kv.c` a key-value store and
+//! `examples/chat.c` a worker with its own event loop; `tests/c_workers.rs` compiles them and
+//! runs them behind the relay.
 //!
 //! # Ownership and lifetimes
 //!

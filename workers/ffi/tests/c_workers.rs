@@ -7,6 +7,7 @@
 //! build`); the harness finds the `shmrelay` binary. `CC` overrides the compiler.
 
 use std::collections::HashMap;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,6 +185,86 @@ fn c_echo_linked_to_the_shared_library_serves() {
     let relay = Relay::start("cshared", &["--workers", "1", "--worker-cmd", &cmd]);
     let mut c = relay.connect();
     expect_frame(c.roundtrip(b"shared", LIMIT), b"shared", &"the cdylib echo");
+}
+
+#[test]
+fn c_kv_sets_and_gets_over_a_line_listener() {
+    let _w = Watchdog::new("c_kv", Duration::from_secs(120));
+    // The harness checks readiness with an echo on the first listener; the kv worker serves a
+    // second one, on a port picked here.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = deps_dir()
+        .parent()
+        .expect("target/<profile>")
+        .join("c-examples");
+    std::fs::create_dir_all(&dir).expect("create c-examples");
+    let config = dir.join(format!("kv-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nlisten = \"127.0.0.1:{port}\"\n\
+             codec = \"line\"\nworkers = 1\nworker_cmd = {:?}\n",
+            worker_cmd("kv", Link::Static)
+        ),
+    )
+    .expect("write the config");
+    let _relay = Relay::start("ckv", &["--config", config.to_str().expect("utf-8 path")]);
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to kv");
+    stream.set_read_timeout(Some(LIMIT)).expect("timeout");
+    let mut lines = std::io::BufReader::new(stream.try_clone().expect("clone"));
+    let mut exchange = |requests: &[String]| -> Vec<String> {
+        // Pipelined: every request first, then every reply, in order.
+        (&stream)
+            .write_all(requests.concat().as_bytes())
+            .expect("send");
+        requests
+            .iter()
+            .map(|_| {
+                let mut line = String::new();
+                lines.read_line(&mut line).expect("a reply line");
+                line.trim_end().to_owned()
+            })
+            .collect()
+    };
+    let script = [
+        "SET a 1\n",
+        "SET greeting hello there\n",
+        "GET a\n",
+        "GET greeting\n",
+        "GET missing\n",
+        "DEL a\n",
+        "DEL a\n",
+        "GET a\n",
+        "INCR a\n",
+    ]
+    .map(String::from);
+    assert_eq!(
+        exchange(&script),
+        [
+            "OK",
+            "OK",
+            "1",
+            "hello there",
+            "(nil)",
+            "1",
+            "0",
+            "(nil)",
+            "ERR unknown command"
+        ]
+    );
+    let sets: Vec<_> = (0..2000)
+        .map(|i| format!("SET key{i} value{i}\n"))
+        .collect();
+    assert!(exchange(&sets).iter().all(|r| r == "OK"));
+    let gets: Vec<_> = (0..2000).map(|i| format!("GET key{i}\n")).collect();
+    let values = exchange(&gets);
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(v, &format!("value{i}"));
+    }
+    let _ = std::fs::remove_file(&config);
 }
 
 /// A client that pipelines `depth` numbered requests and checks that every reply comes back
