@@ -36,12 +36,15 @@ done
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+die() { echo "bench.sh: $*" >&2; exit 1; }
+# shellcheck source=../../tools/bench/lib.sh
+. "$ROOT/tools/bench/lib.sh"
 if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release -q -p shmrelay -p shmrelay-tools -p shmrelay-worker \
         -p shmrelay-worker-ffi)
 fi
 for b in shmrelay relaybench echo-worker libshmrelay_worker_c.a; do
-    [ -e "$BIN/$b" ] || { echo "bench.sh: $BIN/$b is missing" >&2; exit 1; }
+    [ -e "$BIN/$b" ] || die "$BIN/$b is missing"
 done
 
 TMP="$(mktemp -d /tmp/shmrelay-ffi-bench.XXXXXX)"
@@ -58,23 +61,17 @@ trap cleanup EXIT
     "$BIN/libshmrelay_worker_c.a" -lpthread -ldl -lm -o "$TMP/c-echo"
 
 declare -A ADDR PID
-start() { # NAME WORKER
-    local log="$TMP/$1.log"
-    "$BIN/shmrelay" --listen 127.0.0.1:0 --instance "ffibench-$1-$$" --fronts 1 --workers 1 \
-        --worker-cmd "$2" --drain-ms 500 >"$log" 2>&1 &
+start() { # NAME PORT WORKER
+    "$BIN/shmrelay" --listen "127.0.0.1:$2" --instance "ffibench-$1-$$" --fronts 1 --workers 1 \
+        --worker-cmd "$3" --drain-ms 500 >"$TMP/$1.log" 2>&1 &
     PID[$1]=$!
     PIDS+=("$!")
-    for _ in $(seq 100); do
-        ADDR[$1]=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
-        [ -n "${ADDR[$1]}" ] && return
-        sleep 0.1
-    done
-    echo "bench.sh: relay $1 did not start:" >&2
-    cat "$log" >&2
-    exit 1
+    wait_port "$2" "$!" "shmrelay ($1)" "$TMP/$1.log"
+    ADDR[$1]="127.0.0.1:$2"
 }
-start rust "$BIN/echo-worker"
-start c "$TMP/c-echo"
+read -r P_RUST P_C < <(free_ports 2)
+start rust "$P_RUST" "$BIN/echo-worker"
+start c "$P_C" "$TMP/c-echo"
 sleep 1
 
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git -C "$ROOT" rev-parse --short HEAD) nproc=$(nproc)"
