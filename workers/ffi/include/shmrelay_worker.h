@@ -216,7 +216,8 @@ shmrelay_status shmrelay_send_with(shmrelay_out *out, shmrelay_conn conn, size_t
 // (one copy; the Rust SDK does not expose a ring reservation yet). It stays valid until
 // `shmrelay_commit` or the end of the callback, whichever comes first; a reservation not
 // committed by then is dropped. One reservation at a time (a second one returns
-// `SHMRELAY_STATUS_BUSY`); other sends may come in between.
+// `SHMRELAY_STATUS_BUSY`); other sends may come in between, and the frame takes its place
+// among the replies when it is committed, not when it was reserved.
 //
 // # Safety
 //
