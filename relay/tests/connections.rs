@@ -190,8 +190,19 @@ fn silent_client_is_closed_and_worker_told_why_while_a_ponging_client_stays() {
 #[test]
 fn client_that_sends_its_own_heartbeats_is_not_pinged() {
     // Pings after 100 ms of silence; this client beats every 150 ms. Its beats prove it alive,
-    // so the relay waits the longest interval (200 ms) before pinging it: never, here.
-    let relay = Relay::start("ownbeats", &FAST_PINGS);
+    // so the relay waits the longest interval (600 ms here, so that a late beat on a loaded
+    // machine stays well inside it) before pinging it: never, here.
+    let relay = Relay::start(
+        "ownbeats",
+        &[
+            "--set",
+            "ping_min_ms=100",
+            "--set",
+            "ping_max_ms=600",
+            "--set",
+            "heartbeat_timeout_ms=1800",
+        ],
+    );
     let mut c = relay.connect();
     c.stream
         .set_read_timeout(Some(Duration::from_secs(2)))
