@@ -206,8 +206,9 @@ fn open_loop_keeps_to_the_rate() {
     let v = load_json(&server.addr, &["--conns", "4", "--rate", "2000"]);
     assert_eq!(v["mode"], "open");
     let requests = num(&v, "requests");
-    // 2000 req/s over a 0.3 s window: about 600 (generous bounds for a busy machine).
-    assert!((300.0..=900.0).contains(&requests), "{v}");
+    // 2000 req/s over a 0.3 s window: about 600. The bounds are generous (a busy machine
+    // stretches the window); an unlimited closed loop on 4 connections makes tens of thousands.
+    assert!((150.0..=1500.0).contains(&requests), "{v}");
     assert_eq!(num(&v, "errors") + num(&v, "mismatches"), 0.0, "{v}");
 }
 
