@@ -459,8 +459,9 @@ impl Worker {
         self.max_reply = max;
     }
 
-    /// The eventfd fronts ring when there is work: poll it from your own event loop, then call
-    /// [`poll_once`](Worker::poll_once).
+    /// The eventfd fronts ring when there is work: poll it from your own event loop, between
+    /// [`prepare_wait`](Worker::prepare_wait) and [`finish_wait`](Worker::finish_wait), then
+    /// call [`poll_once`](Worker::poll_once).
     pub fn doorbell(&self) -> &EventFd {
         &self.doorbell
     }
@@ -596,6 +597,52 @@ impl Worker {
             }
             std::hint::spin_loop();
         }
+        if self.prepare_wait()? {
+            // Drains the doorbell when woken.
+            self.doorbell.wait(Some(PARK_TIMEOUT));
+        }
+        self.awake();
+        Ok(())
+    }
+
+    /// Takes back the "about to sleep" flag from every front.
+    fn awake(&mut self) {
+        for rx in self.reqs.iter_mut().flatten() {
+            rx.finish_park();
+        }
+    }
+
+    /// For a program with its own event loop, before it sleeps on [`doorbell`](Worker::doorbell):
+    /// tells every front this worker is about to sleep, so that the next frame rings the
+    /// doorbell (fronts ring only a worker that said so: a busy worker costs them no
+    /// syscalls). Returns false if frames are already waiting: don't sleep, call
+    /// [`poll_once`](Worker::poll_once). Either way, call [`finish_wait`](Worker::finish_wait)
+    /// once awake (or at once, on false), before the next `poll_once`.
+    ///
+    /// ```no_run
+    /// # use shmrelay_worker::{ConnId, Handler, Out, Worker};
+    /// # struct Echo;
+    /// # impl Handler for Echo {
+    /// #     fn on_frame(&mut self, c: ConnId, f: &[u8], _: bool, out: &mut Out<'_>) { let _ = out.send(c, f); }
+    /// # }
+    /// # fn main() -> Result<(), shmrelay_worker::WorkerError> {
+    /// let mut worker = Worker::from_env()?;
+    /// while !shmrelay_worker::stop_requested() {
+    ///     if worker.poll_once(&mut Echo)? > 0 {
+    ///         continue;
+    ///     }
+    ///     if worker.prepare_wait()? {
+    ///         // poll()/epoll_wait() on worker.doorbell() and the program's other fds here.
+    ///     }
+    ///     worker.finish_wait();
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`WorkerError::Corrupt`] if a request ring's header is corrupt.
+    pub fn prepare_wait(&mut self) -> Result<bool, WorkerError> {
         let mut sleep = true;
         for (front, rx) in self.reqs.iter_mut().enumerate() {
             if let Some(rx) = rx {
@@ -605,13 +652,15 @@ impl Worker {
                 })?;
             }
         }
-        if sleep {
-            self.doorbell.wait(Some(PARK_TIMEOUT));
-        }
-        for rx in self.reqs.iter_mut().flatten() {
-            rx.finish_park();
-        }
-        Ok(())
+        Ok(sleep)
+    }
+
+    /// After [`prepare_wait`](Worker::prepare_wait), once awake: takes back the "about to
+    /// sleep" flag from every front and resets the doorbell (so a poller does not see it
+    /// readable again for a wake already acted on).
+    pub fn finish_wait(&mut self) {
+        self.doorbell.drain();
+        self.awake();
     }
 }
 

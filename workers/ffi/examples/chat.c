@@ -107,13 +107,16 @@ int main(void) {
             break;
         }
         if (handled > 0) continue;
-        /* Idle: wait for the doorbell, or 5 ms (see shmrelay_worker_fd on why a timeout). */
-        if (poll(&bell, 1, 5) > 0) {
-            uint64_t count;
-            if (read(bell.fd, &count, sizeof count) < 0 && errno != EAGAIN) {
-                perror("chat: doorbell");
-            }
+        /* Idle: tell the fronts we are about to sleep, then wait for the doorbell (the 2 s
+         * timeout only bounds how late a stop signal between the check and poll is seen). */
+        int may_sleep = 0;
+        if (shmrelay_worker_prepare_wait(w, &may_sleep) != SHMRELAY_STATUS_OK) {
+            fprintf(stderr, "chat: %s\n", shmrelay_last_error());
+            code = 1;
+            break;
         }
+        if (may_sleep && poll(&bell, 1, 2000) < 0 && errno != EINTR) perror("chat: poll");
+        shmrelay_worker_finish_wait(w);
     }
     free(room.members);
     shmrelay_worker_free(w);

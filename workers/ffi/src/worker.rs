@@ -345,10 +345,10 @@ pub unsafe extern "C" fn shmrelay_worker_run(
 /// there was nothing to do). Replies are published and requests released before this
 /// returns, so a crash never loses a request whose reply was not published.
 ///
-/// For programs with their own event loop: wait until `shmrelay_worker_fd` is readable (or a
-/// timeout passes), then call this until it handles nothing. See `shmrelay_worker_fd` for the
-/// timeout to use. Call `shmrelay_stop_requested` to learn that the relay asked the worker
-/// to stop.
+/// For programs with their own event loop: call this until it handles nothing, then sleep on
+/// `shmrelay_worker_fd` between `shmrelay_worker_prepare_wait` and
+/// `shmrelay_worker_finish_wait`. Call `shmrelay_stop_requested` to learn that the relay asked
+/// the worker to stop.
 ///
 /// Errors: as `shmrelay_worker_run`.
 ///
@@ -401,15 +401,67 @@ unsafe fn serve(
     })
 }
 
+/// Before a program with its own event loop sleeps on `shmrelay_worker_fd`: tells every
+/// front this worker is about to sleep, so that the next frame rings the doorbell. Stores in
+/// `*may_sleep` 1 if the worker may sleep, 0 if frames are already waiting (call
+/// `shmrelay_worker_poll_once` instead). Either way, call `shmrelay_worker_finish_wait` once
+/// awake (or at once, on 0) before the next `shmrelay_worker_poll_once`.
+///
+/// Errors: `SHMRELAY_STATUS_INVALID_ARGUMENT` (null `worker` or `may_sleep`), `SHMRELAY_STATUS_BUSY`
+/// (called from a callback), `SHMRELAY_STATUS_CORRUPT` (a request ring's header is corrupt).
+///
+/// # Safety
+///
+/// `worker` is null or live; `may_sleep` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn shmrelay_worker_prepare_wait(
+    worker: *mut Worker,
+    may_sleep: *mut c_int,
+) -> Status {
+    const F: &str = "shmrelay_worker_prepare_wait";
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let w = unsafe { self::worker(worker, F) }?;
+        // SAFETY: null or writable per this function's contract.
+        let out =
+            unsafe { may_sleep.as_mut() }.ok_or_else(|| Error::invalid(F, "may_sleep is null"))?;
+        let mut entered = w.enter(F)?;
+        let (sdk, _, _) = entered.parts();
+        *out = c_int::from(sdk.prepare_wait()?);
+        Ok(())
+    })
+}
+
+/// After `shmrelay_worker_prepare_wait`, once awake: takes back the "about to sleep" flag
+/// from every front and resets the doorbell.
+///
+/// Errors: `SHMRELAY_STATUS_INVALID_ARGUMENT` (null `worker`), `SHMRELAY_STATUS_BUSY` (called from a
+/// callback).
+///
+/// # Safety
+///
+/// `worker` is null or live.
+#[no_mangle]
+pub unsafe extern "C" fn shmrelay_worker_finish_wait(worker: *mut Worker) -> Status {
+    const F: &str = "shmrelay_worker_finish_wait";
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let w = unsafe { self::worker(worker, F) }?;
+        let mut entered = w.enter(F)?;
+        let (sdk, _, _) = entered.parts();
+        sdk.finish_wait();
+        Ok(())
+    })
+}
+
 /// The worker's doorbell: an eventfd that becomes readable when a front has work for this
 /// worker, for `poll`/`epoll` in a program's own event loop; -1 if `worker` is null. Owned by
-/// the worker: do not close it. After it polls readable, read 8 bytes from it to reset it,
-/// then call `shmrelay_worker_poll_once`.
+/// the worker: do not close it, and do not read it (`shmrelay_worker_finish_wait` resets it).
 ///
-/// Today the fronts ring the doorbell only for a worker that announced it is going to sleep,
-/// which only `shmrelay_worker_run` does (the Rust SDK's park step is not public yet): a
-/// program polling this fd must use a timeout (a few milliseconds: it bounds the latency of
-/// the first frame after an idle spell) and call `shmrelay_worker_poll_once` when it passes.
+/// The fronts ring it only for a worker that said it is about to sleep: once
+/// `shmrelay_worker_poll_once` handles nothing, call `shmrelay_worker_prepare_wait`; if it
+/// says the worker may sleep, poll this fd (no timeout needed); then call
+/// `shmrelay_worker_finish_wait` and `shmrelay_worker_poll_once` again.
 ///
 /// # Safety
 ///

@@ -168,6 +168,20 @@ fn c_chat_pushes_to_every_member_and_answers_commands() {
         b"SHOUT!",
         &"/upper",
     );
+    // Idle past the worker's own poll loop going to sleep: the next frame must wake it through
+    // the doorbell (prepare_wait / finish_wait), not its 2 s stop-check timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    expect_frame(
+        members[1].roundtrip_within(b"/upper awake", LIMIT),
+        b"AWAKE",
+        &"/upper after idling",
+    );
+    let woke = t0.elapsed();
+    assert!(
+        woke < Duration::from_millis(1500),
+        "the sleeping worker was not woken by the doorbell: {woke:?}"
+    );
     members[2].try_send(b"/quit").expect("send");
     let closed = members[2].wait_closed(LIMIT);
     assert!(
