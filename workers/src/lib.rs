@@ -38,6 +38,7 @@ pub mod examples;
 pub mod kv;
 pub mod protocol;
 pub mod slot;
+pub mod testing;
 mod worker;
 
 pub use codec::Codec;

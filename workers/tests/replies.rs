@@ -2,12 +2,11 @@
 //! front can put back together, and a reply that cannot be sent is answered with the codec's
 //! error reply instead of nothing.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shm_ring::{Consumer, EventFd, Meta, Producer, ShmRing};
 use shmrelay_worker::protocol::{flags, tag, SPLIT_HEADER};
-use shmrelay_worker::{Codec, ConnId, Handler, Out, Worker};
+use shmrelay_worker::testing::{self, FakeFront};
+use shmrelay_worker::{Codec, ConnId, Handler, Out};
 
 const CAP: usize = 1 << 16;
 
@@ -22,31 +21,12 @@ impl Handler for Replies {
     }
 }
 
-struct Front {
-    req: Producer<Arc<ShmRing>>,
-    rep: Consumer<Arc<ShmRing>>,
-}
-
 /// A worker on fresh rings, serving in a thread until `stop` is dropped.
-fn start(codec: Codec, max_reply: Option<usize>) -> (Front, std::sync::mpsc::Sender<()>) {
-    let req = ShmRing::create_memfd("req", CAP).unwrap();
-    let rep = ShmRing::create_memfd("rep", CAP).unwrap();
-    let mut w = Worker::new(0, Arc::new(EventFd::new().unwrap()), codec);
+fn start(codec: Codec, max_reply: Option<usize>) -> (FakeFront, std::sync::mpsc::Sender<()>) {
+    let (mut w, front) = testing::attach(0, codec, CAP);
     if let Some(m) = max_reply {
         w.set_max_reply(m);
     }
-    w.attach(
-        0,
-        req.fd().try_clone_to_owned().unwrap(),
-        rep.fd().try_clone_to_owned().unwrap(),
-        Arc::new(EventFd::new().unwrap()),
-        false,
-    )
-    .unwrap();
-    let front = Front {
-        req: Producer::new(Arc::new(req)).unwrap(),
-        rep: Consumer::new(Arc::new(rep)).unwrap(),
-    };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         while rx.try_recv() == Err(std::sync::mpsc::TryRecvError::Empty) {
@@ -63,23 +43,18 @@ fn conn() -> ConnId {
 }
 
 /// Sends one request frame; returns the request position its reply must carry.
-fn request(f: &mut Front, codec: Codec, text: &str) -> u64 {
+fn request(f: &mut FakeFront, codec: Codec, text: &str) -> u64 {
     // An inline command for `resp`.
     let text = if codec == Codec::Resp {
         format!("{text}\r\n")
     } else {
         text.to_owned()
     };
-    let wire = codec.encode(text.as_bytes());
-    let mut g = f.req.reserve(wire.len()).unwrap();
-    g.copy_from_slice(&wire);
-    let pos = g.commit(wire.len(), Meta::tag(tag::DATA).conn(conn().raw()));
-    f.req.publish();
-    pos + 24 + wire.len() as u64
+    f.push(tag::DATA, conn(), 0, &codec.encode(text.as_bytes()))
 }
 
 /// Reads SEND records like the front, until one without MORE: (message, records, aux seen).
-fn reply(f: &mut Front) -> (Vec<u8>, usize, Vec<u64>) {
+fn reply(f: &mut FakeFront) -> (Vec<u8>, usize, Vec<u64>) {
     let mut msg = Vec::new();
     let mut total = None;
     let mut records = 0;

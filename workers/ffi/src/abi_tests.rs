@@ -2,66 +2,42 @@
 //! reply, and the status of every misuse the ABI promises to refuse.
 
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::Arc;
 
-use shm_ring::{Consumer, EventFd, Meta, Producer, ShmRing};
 use shmrelay_worker::protocol::tag;
+use shmrelay_worker::testing::{self, FakeFront};
 use shmrelay_worker::{Codec as SdkCodec, ConnId};
 
 use crate::*;
 
 const CAP: usize = 1 << 16;
 
-struct Front {
-    req: Producer<Arc<ShmRing>>,
-    rep: Consumer<Arc<ShmRing>>,
-}
+/// The front's ends of the worker's rings.
+struct Front(FakeFront);
 
 impl Front {
     fn push(&mut self, tag: u16, conn: ConnId, aux: u64, payload: &[u8]) {
-        let mut g = self.req.reserve(payload.len()).unwrap();
-        g[..payload.len()].copy_from_slice(payload);
-        g.commit(payload.len(), Meta::tag(tag).conn(conn.raw()).aux(aux));
-        self.req.publish();
+        self.0.push(tag, conn, aux, payload);
     }
 
     /// Every record the worker published: (tag, conn, payload).
     fn replies(&mut self) -> Vec<(u16, u64, Vec<u8>)> {
         let mut got = Vec::new();
         let mut end = None;
-        for rec in self.rep.records().unwrap() {
+        for rec in self.0.rep.records().unwrap() {
             let rec = rec.unwrap();
             got.push((rec.tag(), rec.conn(), rec.payload_to_vec()));
             end = Some(rec.end());
         }
         if let Some(e) = end {
-            self.rep.release(e);
+            self.0.rep.release(e);
         }
         got
     }
 }
 
 fn start() -> (*mut Worker, Front) {
-    let req = ShmRing::create_memfd("req", CAP).unwrap();
-    let rep = ShmRing::create_memfd("rep", CAP).unwrap();
-    let mut sdk = shmrelay_worker::Worker::new(
-        3,
-        Arc::new(EventFd::new().unwrap()),
-        SdkCodec::LengthPrefixed,
-    );
-    sdk.attach(
-        0,
-        req.fd().try_clone_to_owned().unwrap(),
-        rep.fd().try_clone_to_owned().unwrap(),
-        Arc::new(EventFd::new().unwrap()),
-        false,
-    )
-    .unwrap();
-    let front = Front {
-        req: Producer::new(Arc::new(req)).unwrap(),
-        rep: Consumer::new(Arc::new(rep)).unwrap(),
-    };
-    (Box::into_raw(Box::new(Worker::new(sdk))), front)
+    let (sdk, front) = testing::attach(3, SdkCodec::LengthPrefixed, CAP);
+    (Box::into_raw(Box::new(Worker::new(sdk))), Front(front))
 }
 
 /// What the callbacks saw and the statuses of the calls they made.

@@ -1,0 +1,76 @@
+//! A front in the test's own process: a [`Worker`] attached to a fresh pair of memfd rings,
+//! and the front's ends of them, so a handler (or a binding over the SDK) is tested without a
+//! relay. Test support: it panics if the rings cannot be made.
+
+use std::sync::Arc;
+
+use shm_ring::layout::RECORD_HEADER_SIZE;
+use shm_ring::{Consumer, EventFd, Meta, Producer, ShmRing};
+
+use crate::{Codec, ConnId, Worker};
+
+/// The front's ends of a worker's rings: it writes requests, reads replies.
+pub struct FakeFront {
+    /// The request ring, written as a front writes it.
+    pub req: Producer<Arc<ShmRing>>,
+    /// The reply ring, read as a front reads it.
+    pub rep: Consumer<Arc<ShmRing>>,
+}
+
+/// A worker with index `index` for a listener of `codec`, attached as front 0's to two new
+/// rings of `capacity` bytes, and the front's ends of them.
+///
+/// ```
+/// use shmrelay_worker::{protocol::tag, testing, Codec, ConnId};
+/// let (mut worker, mut front) = testing::attach(0, Codec::LengthPrefixed, 1 << 16);
+/// let conn = ConnId::new(0, 1, 5);
+/// // DATA records hold frames on the wire format of the listener's codec.
+/// let end = front.push(tag::DATA, conn, 0, &Codec::LengthPrefixed.encode(b"hi"));
+/// let mut echo = shmrelay_worker::examples::Echo;
+/// assert!(worker.poll_once(&mut echo).unwrap() > 0);
+/// let reply = front.rep.records().unwrap().next().unwrap().unwrap();
+/// assert_eq!((reply.tag(), reply.aux()), (tag::SEND, end));
+/// assert_eq!(reply.payload_to_vec(), b"hi");
+/// ```
+///
+/// # Panics
+///
+/// If the memfds cannot be made or attached (out of memory or fds).
+pub fn attach(index: usize, codec: Codec, capacity: usize) -> (Worker, FakeFront) {
+    let req = ShmRing::create_memfd("req", capacity).expect("request ring");
+    let rep = ShmRing::create_memfd("rep", capacity).expect("reply ring");
+    let mut worker = Worker::new(index, Arc::new(EventFd::new().expect("eventfd")), codec);
+    worker
+        .attach(
+            0,
+            req.fd().try_clone_to_owned().expect("dup"),
+            rep.fd().try_clone_to_owned().expect("dup"),
+            Arc::new(EventFd::new().expect("eventfd")),
+            false,
+        )
+        .expect("attach");
+    let front = FakeFront {
+        req: Producer::new(Arc::new(req)).expect("request producer"),
+        rep: Consumer::new(Arc::new(rep)).expect("reply consumer"),
+    };
+    (worker, front)
+}
+
+impl FakeFront {
+    /// Writes one request record and publishes it; returns the end position of its payload
+    /// in the request ring (what a reply to it carries as `aux`).
+    ///
+    /// # Panics
+    ///
+    /// If the request ring has no room.
+    pub fn push(&mut self, tag: u16, conn: ConnId, aux: u64, payload: &[u8]) -> u64 {
+        let mut g = self
+            .req
+            .reserve(payload.len())
+            .expect("room in the request ring");
+        g[..payload.len()].copy_from_slice(payload);
+        let at = g.commit(payload.len(), Meta::tag(tag).conn(conn.raw()).aux(aux));
+        self.req.publish();
+        at + RECORD_HEADER_SIZE as u64 + payload.len() as u64
+    }
+}
