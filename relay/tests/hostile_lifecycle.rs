@@ -3,13 +3,13 @@
 //! left (12.8), a stopped front (12.10).
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shmrelay::stats::{RejectReason, WorkerState};
-use shmrelay_tests::{alive, eventually, Client, Relay};
+use shmrelay_tests::{alive, breakable_worker, eventually, scratch, shell_worker, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shmrelay");
@@ -18,21 +18,6 @@ fn kill(pid: u32, sig: i32) {
     assert!(pid > 0);
     // SAFETY: signalling a process of our own test.
     unsafe { libc::kill(pid as i32, sig) };
-}
-
-/// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shmrelay-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Writes a shell script and returns the `--worker-cmd` that runs it.
-fn script(dir: &Path, body: &str) -> String {
-    let path = dir.join("worker.sh");
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    format!("/bin/sh {}", path.display())
 }
 
 fn pids_in(file: &Path) -> Vec<u32> {
@@ -92,7 +77,7 @@ fn lying_answered_position_is_quarantined_and_new_clients_are_served() {
 fn a_workers_children_die_at_its_restart_and_at_shutdown() {
     let dir = scratch("children");
     let pids = dir.join("pids");
-    let cmd = script(
+    let cmd = shell_worker(
         &dir,
         &format!(
             "sleep 3600 &\necho $! >> {p}\nsetsid sh -c 'echo $$ >> {p}; exec sleep 3600' &\n\
@@ -148,25 +133,12 @@ fn a_workers_children_die_at_its_restart_and_at_shutdown() {
     result.unwrap();
 }
 
-/// A worker that serves until `MARK` exists in `dir`, then crashes at every start.
-fn breakable_worker(dir: &Path) -> (String, PathBuf) {
-    let mark = dir.join("MARK");
-    let cmd = script(
-        dir,
-        &format!(
-            "[ -e {m} ] && exit 1\nexec {BIN} worker echo",
-            m = mark.display()
-        ),
-    );
-    (cmd, mark)
-}
-
 /// 12.8: with every worker failed, a new client is refused at once with the codec's error
 /// (counted as `no_worker`), never left waiting in the backlog.
 #[test]
 fn with_every_worker_failed_new_clients_are_refused_at_once_with_an_error() {
     let dir = scratch("noworker");
-    let (cmd, mark) = breakable_worker(&dir);
+    let (cmd, mark) = breakable_worker(&dir, BIN);
     let relay = Relay::start(
         "noworker",
         &[
@@ -318,7 +290,7 @@ fn poison_frame_is_dead_lettered_and_the_worker_serves_everyone_else() {
 #[test]
 fn failed_worker_is_retried_and_sigusr1_revives_it_at_once() {
     let dir = scratch("retry");
-    let (cmd, mark) = breakable_worker(&dir);
+    let (cmd, mark) = breakable_worker(&dir, BIN);
     let relay = Relay::start(
         "retry",
         &[

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmrelay::stats::WorkerState;
-use shmrelay_tests::{alive, eventually, Client, Relay};
+use shmrelay_tests::{alive, breakable_worker, eventually, scratch, Client, Relay};
 use shmrelay_worker::CloseReason;
 
 fn journal_worker() -> String {
@@ -224,21 +224,8 @@ fn hung_worker_is_replaced_and_its_frames_are_served() {
 fn worker_that_keeps_crashing_is_failed_and_clients_get_an_error_not_a_hang() {
     // A worker that serves, then crashes at every start once MARK exists (one that never
     // starts at all makes the relay exit: `hostile_lifecycle.rs`).
-    let dir = std::env::temp_dir().join(format!("shmrelay-failed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mark = dir.join("MARK");
-    let _ = std::fs::remove_file(&mark);
-    let script = dir.join("worker.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "[ -e {} ] && exit 1\nexec {} worker echo\n",
-            mark.display(),
-            env!("CARGO_BIN_EXE_shmrelay")
-        ),
-    )
-    .unwrap();
-    let cmd = format!("/bin/sh {}", script.display());
+    let dir = scratch("failed");
+    let (cmd, mark) = breakable_worker(&dir, env!("CARGO_BIN_EXE_shmrelay"));
     let relay = Relay::start(
         "failed",
         &[

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use shmrelay::stats::WorkerState;
-use shmrelay_tests::{eventually, shmrelay_bin, Client, Recv, Relay, Watchdog};
+use shmrelay_tests::{eventually, scratch, shmrelay_bin, Client, Recv, Relay, Watchdog};
 
 /// A unique instance name for a relay this file starts itself.
 fn instance(name: &str) -> String {
@@ -92,14 +92,6 @@ fn a_second_relay_on_a_running_relays_port_is_refused_and_the_first_keeps_every_
         );
     }
     assert_eq!(first.conns_total(), 20);
-}
-
-/// A fresh directory for one test's files.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shmrelay-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Reads `stdout` up to the relay's `listening on` line; returns the address.

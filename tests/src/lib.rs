@@ -10,6 +10,7 @@
 //! older than its sources. `SHMRELAY_BIN` overrides the path (and skips the build).
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use shmrelay::stats::{FrontStats, RejectReason, Stats};
@@ -151,3 +152,33 @@ pub fn signal(pid: u32, sig: i32) {
 }
 
 pub use libc::{SIGCONT, SIGSTOP};
+
+/// A fresh directory for one test's files (what a previous run left there is removed).
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shmrelay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes `dir/worker.sh` running `body` and returns the `--worker-cmd` that runs it.
+pub fn shell_worker(dir: &Path, body: &str) -> String {
+    let path = dir.join("worker.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    format!("/bin/sh {}", path.display())
+}
+
+/// A worker that serves (`bin worker echo`) until the file `MARK` exists in `dir`, then exits 1
+/// at every start: its `--worker-cmd`, and the path of the mark that breaks it.
+pub fn breakable_worker(dir: &Path, bin: &str) -> (String, PathBuf) {
+    let mark = dir.join("MARK");
+    let _ = std::fs::remove_file(&mark);
+    let cmd = shell_worker(
+        dir,
+        &format!(
+            "[ -e {m} ] && exit 1\nexec {bin} worker echo",
+            m = mark.display()
+        ),
+    );
+    (cmd, mark)
+}
