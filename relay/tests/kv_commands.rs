@@ -1,15 +1,16 @@
 //! The kv worker as a Redis stand-in, with real clients: every command family through
 //! redis-cli (one kv worker), `redis-cli --stat` and `--scan`, redis-benchmark's MSET, HSET and
-//! SADD tests, and CROSSSLOT over a routed pool of two. The redis tools are optional: a test
-//! that needs one prints a note and passes when it is absent (`.ci/run` installs them); the
-//! pool test speaks RESP itself and always runs.
+//! SADD tests, CROSSSLOT over a routed pool of two, and the pool-wide DBSIZE and FLUSHALL
+//! (also with a worker killed while the command is in flight). The redis tools are optional: a
+//! test that needs one prints a note and passes when it is absent (`.ci/run` installs them);
+//! the pool tests speak RESP themselves and always run.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use shmrelay_tests::{eventually, Relay};
+use shmrelay_tests::{eventually, scratch, shell_worker, signal, Relay, SIGSTOP};
 use shmrelay_worker::slot::{pool_member, POOL_SIZE_ENV};
 
 /// A relay with one `resp` listener of `workers` kv workers, started through `env` with the
@@ -19,11 +20,16 @@ fn kv_pool(name: &str, workers: usize) -> Relay {
         "env {POOL_SIZE_ENV}={workers} {} worker kv",
         env!("CARGO_BIN_EXE_shmrelay")
     );
+    kv_pool_of(name, workers, &worker, &[])
+}
+
+/// A relay with one `resp` listener of `workers` workers started by `worker_cmd`.
+fn kv_pool_of(name: &str, workers: usize, worker_cmd: &str, args: &[&str]) -> Relay {
     let toml = format!(
         "[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"resp\"\nworkers = {workers}\n\
-         worker_cmd = \"{worker}\"\n"
+         worker_cmd = \"{worker_cmd}\"\n"
     );
-    Relay::start_config(name, &toml, 1, &[]).0
+    Relay::start_config(name, &toml, 1, args).0
 }
 
 /// `tool ARGS` aimed at the relay, or `None` (with a note) when the tool is not installed.
@@ -260,6 +266,40 @@ impl Resp {
         }
         String::from_utf8(got).unwrap()
     }
+
+    /// Sends the commands of `lines` in one write and returns their `n` replies, each one
+    /// line or one bulk string.
+    fn pipeline(&mut self, lines: &[&str]) -> Vec<String> {
+        let mut cmds = String::new();
+        for line in lines {
+            let args: Vec<&str> = line.split(' ').collect();
+            cmds.push_str(&format!("*{}\r\n", args.len()));
+            for a in &args {
+                cmds.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            }
+        }
+        self.0.write_all(cmds.as_bytes()).unwrap();
+        (0..lines.len()).map(|_| self.reply()).collect()
+    }
+
+    /// Reads one reply of one line, or one bulk string, byte by byte (pipelined replies
+    /// follow it in the socket).
+    fn reply(&mut self) -> String {
+        let mut got = Vec::new();
+        let line = |got: &mut Vec<u8>, s: &mut TcpStream| {
+            let (start, mut b) = (got.len(), [0u8]);
+            while !got[start..].ends_with(b"\r\n") {
+                let n = s.read(&mut b).expect("reply");
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(got));
+                got.push(b[0]);
+            }
+        };
+        line(&mut got, &mut self.0);
+        if got[0] == b'$' && &got[..] != b"$-1\r\n" {
+            line(&mut got, &mut self.0);
+        }
+        String::from_utf8(got).unwrap()
+    }
 }
 
 /// Whether `buf` is one whole reply of the shapes [`Resp::call`] expects.
@@ -337,4 +377,161 @@ fn multi_key_commands_across_a_pool_of_two_answer_crossslot() {
     // Single-key commands are untouched.
     assert_eq!(c.call(&format!("SET {} x", other[1])), "+OK\r\n");
     assert_eq!(c.call(&format!("GET {}", other[1])), "$1\r\nx\r\n");
+}
+
+/// `n` keys named `PREFIX0..`, spread over a pool of `workers` by the front's function, and how
+/// many live on each member.
+fn spread(prefix: &str, n: usize, workers: usize) -> (Vec<String>, Vec<usize>) {
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let mut per = vec![0; workers];
+    for k in &keys {
+        per[pool_member(k.as_bytes(), workers)] += 1;
+    }
+    assert!(per.iter().all(|&p| p > 0), "{per:?}");
+    (keys, per)
+}
+
+#[test]
+fn dbsize_and_flushall_answer_for_the_whole_pool_in_reply_order() {
+    for workers in [2, 3] {
+        let relay = kv_pool(&format!("kvwide{workers}"), workers);
+        let mut c = Resp::connect(relay.addr);
+        let (keys, _) = spread("k", 60, workers);
+        for k in &keys {
+            assert_eq!(c.call(&format!("SET {k} v")), "+OK\r\n");
+        }
+        assert_eq!(c.call("DBSIZE"), ":60\r\n", "{workers} workers");
+        // Every connection sees the pool, whatever its home worker.
+        for _ in 0..workers {
+            assert_eq!(Resp::connect(relay.addr).call("dbsize"), ":60\r\n");
+        }
+        // Pipelined between routed commands: each reply in its turn.
+        let replies = c.pipeline(&[
+            &format!("GET {}", keys[0]),
+            "DBSIZE",
+            "SET extra v",
+            "DBSIZE",
+            "FLUSHALL",
+            "DBSIZE",
+            &format!("GET {}", keys[1]),
+            "SET after v",
+            "DBSIZE",
+            "FLUSHDB",
+            "DBSIZE",
+            "DBSIZE too many",
+        ]);
+        let want = [
+            "$1\r\nv\r\n",
+            ":60\r\n",
+            "+OK\r\n",
+            ":61\r\n",
+            "+OK\r\n",
+            ":0\r\n",
+            "$-1\r\n",
+            "+OK\r\n",
+            ":1\r\n",
+            "+OK\r\n",
+            ":0\r\n",
+        ];
+        assert_eq!(replies[..want.len()], want, "{workers} workers");
+        // An error every worker gives is passed on once.
+        assert_eq!(
+            replies[11],
+            "-ERR wrong number of arguments for 'dbsize' command\r\n"
+        );
+        // Every key on every member is gone.
+        for k in &keys {
+            assert_eq!(c.call(&format!("EXISTS {k}")), ":0\r\n", "{k}");
+        }
+        // A long pipeline of them keeps its order too.
+        let mut lines = Vec::new();
+        for i in 0..200 {
+            lines.push(format!("SET p{i} v"));
+            lines.push("DBSIZE".to_owned());
+        }
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let replies = c.pipeline(&lines);
+        for i in 0..200 {
+            assert_eq!(replies[2 * i], "+OK\r\n");
+            assert_eq!(
+                replies[2 * i + 1],
+                format!(":{}\r\n", i + 1),
+                "DBSIZE after {i}"
+            );
+        }
+        // And with redis-cli, where it is installed.
+        if let Some(out) = tool("redis-cli", relay.addr, &["DBSIZE"]) {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200");
+            let out = tool("redis-cli", relay.addr, &["FLUSHALL"]).unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+            let out = tool("redis-cli", relay.addr, &["DBSIZE"]).unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+        }
+    }
+}
+
+#[test]
+fn a_worker_killed_during_dbsize_is_replaced_and_the_client_gets_its_answer() {
+    let relay = kv_pool("kvwidekill", 2);
+    let mut c = Resp::connect(relay.addr);
+    let (keys, per) = spread("k", 40, 2);
+    for k in &keys {
+        assert_eq!(c.call(&format!("SET {k} v")), "+OK\r\n");
+    }
+    assert_eq!(c.call("DBSIZE"), ":40\r\n");
+    // Worker 0 stops; the DBSIZE reaches both, worker 1 answers, the front waits on 0.
+    let pid = relay.worker_pid(0);
+    signal(pid, SIGSTOP);
+    c.0.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    c.0.write_all(b"*1\r\n$6\r\nDBSIZE\r\n").unwrap();
+    let mut b = [0u8; 64];
+    assert!(
+        c.0.read(&mut b).is_err(),
+        "no answer while a worker has not answered"
+    );
+    // Killed: its replacement gets the unanswered DBSIZE again and answers for its keys,
+    // which died with it.
+    signal(pid, libc::SIGKILL);
+    c.0.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(c.reply(), format!(":{}\r\n", per[1]));
+    assert_eq!(c.call("DBSIZE"), format!(":{}\r\n", per[1]));
+    assert!(relay.worker_pid(0) != pid);
+}
+
+#[test]
+fn a_pool_member_that_cannot_come_back_ends_a_pool_wide_command_with_an_error() {
+    // Kv workers that serve until MARK exists, then exit 1 at every start.
+    let dir = scratch("kvwidefail");
+    let mark = dir.join("MARK");
+    let cmd = shell_worker(
+        &dir,
+        &format!(
+            "[ -e {} ] && exit 1\nexec {} worker kv",
+            mark.display(),
+            env!("CARGO_BIN_EXE_shmrelay")
+        ),
+    );
+    let relay = kv_pool_of("kvwidefail", 2, &cmd, &["--set", "crash_limit=3"]);
+    let mut c = Resp::connect(relay.addr);
+    let (keys, _) = spread("k", 20, 2);
+    for k in &keys {
+        assert_eq!(c.call(&format!("SET {k} v")), "+OK\r\n");
+    }
+    let pid = relay.worker_pid(0);
+    signal(pid, SIGSTOP);
+    c.0.write_all(b"*1\r\n$8\r\nFLUSHALL\r\n").unwrap();
+    std::fs::write(&mark, b"").unwrap();
+    signal(pid, libc::SIGKILL);
+    // The replacement never starts: the worker is failed, and the pool's connections get the
+    // codec's error and a close instead of waiting for ever.
+    c.0.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(c.reply(), "-ERR worker unavailable\r\n");
+    let mut rest = Vec::new();
+    let end = c.0.read_to_end(&mut rest);
+    let timed_out = matches!(&end, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    assert!(
+        rest.is_empty() && !timed_out,
+        "then a close: {end:?} {rest:?}"
+    );
 }

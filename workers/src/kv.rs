@@ -23,8 +23,9 @@
 //! Redis Cluster's `-CROSSSLOT` error rather than answered from this worker's share (give keys
 //! that go together one `{tag}`); the worker knows its pool from [`slot::POOL_SIZE_ENV`] and
 //! checks nothing when that is absent. KEYS and SCAN are refused in a pool (they would route
-//! by their pattern or cursor and list one worker's share). Keyless commands (`DBSIZE`,
-//! `INFO`, `FLUSHALL`) go to the connection's home worker and see or clear its share only.
+//! by their pattern or cursor and list one worker's share). `DBSIZE`, `FLUSHALL` and `FLUSHDB`
+//! answer for this worker's share: the front sends them to every worker of the pool and merges
+//! the replies. `INFO` goes to the connection's home worker and shows its share only.
 //! Data is lost when the worker restarts. Expired keys are removed when they are accessed, and
 //! by a small sweep every 1,024 commands.
 //!
@@ -425,7 +426,7 @@ impl Kv {
                     true
                 })
             }
-            b"DBSIZE" => {
+            b"DBSIZE" if argc == 1 => {
                 self.sweep(usize::MAX);
                 resp::int(out, self.map.len() as i64)
             }
@@ -495,7 +496,7 @@ impl Kv {
             | b"INCRBY" | b"LPUSH" | b"RPUSH" | b"LPOP" | b"RPOP" | b"LLEN" | b"EXPIRE"
             | b"PEXPIRE" | b"TTL" | b"SELECT" | b"CONFIG" | b"PTTL" | b"PERSIST" | b"MGET"
             | b"MSET" | b"SETEX" | b"PSETEX" | b"GETSET" | b"APPEND" | b"STRLEN" | b"TYPE"
-            | b"KEYS" | b"SCAN" => wrong_args(out),
+            | b"KEYS" | b"SCAN" | b"DBSIZE" => wrong_args(out),
             _ => {
                 let mut msg = format!(
                     "ERR unknown command '{}', with args beginning with:",

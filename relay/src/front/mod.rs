@@ -43,6 +43,7 @@ mod budget;
 mod channel;
 mod conn;
 mod event_loop;
+mod fanout;
 pub mod generation;
 mod lifecycle;
 mod liveness;

@@ -209,7 +209,10 @@ impl Front {
             return;
         };
         let mut early: Vec<Vec<u8>> = Vec::new();
-        self.routing.advance(key, r, &mut early);
+        let merged = self.routing.advance(key, r, &mut early);
+        if merged > 0 {
+            add(&fs.frames_out, merged as u64);
+        }
         // Written in slices of MAX_IOV; what the socket does not take is queued (and counted).
         for chunk in early.chunks(MAX_IOV) {
             let iov: Vec<IoSlice<'_>> = chunk.iter().map(|b| IoSlice::new(b)).collect();
@@ -340,6 +343,10 @@ pub(super) fn routed_reply(
         return true;
     }
     add(&fs.bytes_copied, payload.len() as u64);
+    if decision.reply == Reply::Merge {
+        // A part of a pool-wide command's reply; the merged reply is counted when written.
+        return false;
+    }
     add(&fs.frames_out, 1);
     // The client is not read past `max_pending` (routing.rs); held replies past it answer
     // requests already in the rings with more than the bound allows (they would go to the out

@@ -10,6 +10,10 @@
 //! bytes taken from the socket always fit. A frame split across reads is assembled in the
 //! connection's own buffer (the rest read straight into it), which is then spread over the
 //! pool the same way: never copied back and forth once per read.
+//!
+//! A pool-wide command (`DBSIZE`, `FLUSHALL`: `fanout.rs`) is copied into every worker's
+//! record instead, and becomes one request with a part per worker (`routing.rs` merges the
+//! replies).
 
 use std::io::{IoSliceMut, Read};
 
@@ -20,6 +24,7 @@ use shmrelay_worker::protocol::tag;
 use shmrelay_worker::{CloseReason, ConnId};
 
 use super::conn::Conn;
+use super::fanout::PoolWide;
 use super::read::{after_read, carry_want, read_error, read_into_carry, walk, ReadResult};
 use super::Chan;
 use crate::stats::{add, FrontStats};
@@ -43,8 +48,12 @@ pub(super) fn target(pool: &[usize], home: usize, frame: &[u8]) -> usize {
 #[derive(Default)]
 pub(super) struct Scratch {
     buf: Vec<u8>,
-    /// Per frame of the read: (start, len, worker, end offset in that worker's record).
-    frames: Vec<(usize, usize, usize, usize)>,
+    /// Per frame of the read: (start, len, worker, end offset in that worker's record,
+    /// pool-wide command). A pool-wide command has one entry per worker of the pool, in
+    /// pool order, one after the other.
+    frames: Vec<(usize, usize, usize, usize, Option<PoolWide>)>,
+    /// A pool-wide command's parts: (worker, position).
+    parts: Vec<(usize, u64)>,
     /// Per worker (global index): bytes of this read for it, and its record's payload position.
     per_worker: Vec<(usize, u64)>,
 }
@@ -195,6 +204,8 @@ pub(super) fn read_routed(
         }
         let mut pos = 0;
         let mut bad = None;
+        // Client frames in this read (a pool-wide command is one, with several entries).
+        let mut count = 0u64;
         while pos < filled {
             let (len, kind) = match c.codec.scan(&s.buf[pos..filled], max_frame as usize) {
                 Ok(Scan::Frame { len, kind }) => (len, kind),
@@ -206,10 +217,25 @@ pub(super) fn read_routed(
                 }
             };
             if kind == FrameKind::Data {
-                let w = target(pool, home, &s.buf[pos..pos + len]);
-                let acc = &mut s.per_worker[w].0;
-                *acc += len;
-                s.frames.push((pos, len, w, *acc));
+                let frame = &s.buf[pos..pos + len];
+                count += 1;
+                // Each worker gets a frame at most once, so each worker's total stays within
+                // the read, for which every ring has room.
+                match PoolWide::of(frame) {
+                    Some(cmd) => {
+                        for &w in pool {
+                            let acc = &mut s.per_worker[w].0;
+                            *acc += len;
+                            s.frames.push((pos, len, w, *acc, Some(cmd)));
+                        }
+                    }
+                    None => {
+                        let w = target(pool, home, frame);
+                        let acc = &mut s.per_worker[w].0;
+                        *acc += len;
+                        s.frames.push((pos, len, w, *acc, None));
+                    }
+                }
             }
             pos += len;
         }
@@ -226,7 +252,7 @@ pub(super) fn read_routed(
                 Err(e) => return done(ReadResult::Corrupt(e), w, new_head),
             };
             let mut at = 0;
-            for &(start, len, fw, _) in &s.frames {
+            for &(start, len, fw, _, _) in &s.frames {
                 if fw == w {
                     grant[at..at + len].copy_from_slice(&s.buf[start..start + len]);
                     at += len;
@@ -238,16 +264,33 @@ pub(super) fn read_routed(
             ch.wrote();
         }
         let route = c.route.as_mut().expect("a routed connection has its route");
-        for &(_, _, w, end) in &s.frames {
+        let mut i = 0;
+        while let Some(&(start, _, w, end, cmd)) = s.frames.get(i) {
             let p = s.per_worker[w].1 + end as u64;
-            if route.push(w, p) {
+            i += 1;
+            let first = match cmd {
+                None => route.push(w, p),
+                Some(cmd) => {
+                    s.parts.clear();
+                    s.parts.push((w, p));
+                    while let Some(&(st, _, pw, pend, _)) = s.frames.get(i) {
+                        if st != start {
+                            break;
+                        }
+                        s.parts.push((pw, s.per_worker[pw].1 + pend as u64));
+                        i += 1;
+                    }
+                    route.push_fan(cmd, &s.parts)
+                }
+            };
+            if first {
                 new_head = new_head.or(Some((w, p)));
             }
         }
-        if !s.frames.is_empty() {
+        if count > 0 {
             c.last_rx = now;
             c.last_data = now;
-            add(&fs.frames_in, s.frames.len() as u64);
+            add(&fs.frames_in, count);
         }
         if let Some(e) = bad {
             add(&fs.bytes_copied, (carry + pos) as u64);

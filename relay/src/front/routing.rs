@@ -32,6 +32,12 @@
 //! batch's requests, so once the front has seen a worker release past a frame and then read
 //! that worker's reply ring empty, every reply to the frame has been seen
 //! ([`Routing::complete`]).
+//!
+//! Pool-wide commands (`fanout.rs`: `DBSIZE`, `FLUSHALL`) are one request with a part per
+//! worker of the pool, each in its worker's lane under the request's one sequence number. The
+//! parts' replies are never written: they are kept (bounded) in the request, and once every
+//! part is answered in full the merged reply is written in the request's turn, as a held
+//! reply is.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -40,6 +46,7 @@ use std::mem::size_of;
 use shmrelay_worker::CloseReason;
 
 use super::conn::ConnKey;
+use super::fanout::{Fan, PoolWide};
 
 /// One outstanding request of a routed connection.
 struct Req {
@@ -52,6 +59,18 @@ struct Req {
     done: bool,
     /// Its replies that came before its turn, in arrival order.
     held: Vec<u8>,
+    /// A pool-wide command: its parts (then `pos`, `worker` and `done` are unused).
+    fan: Option<Box<Fan>>,
+}
+
+impl Req {
+    /// Every reply to it has been seen (as far as the connection's later replies tell).
+    fn answered(&self) -> bool {
+        match &self.fan {
+            Some(fan) => fan.all_done(),
+            None => self.done,
+        }
+    }
 }
 
 /// A routed connection's requests to one worker not yet passed by that worker's replies,
@@ -71,8 +90,10 @@ const IDLE_KEEP: usize = 4;
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct ReplyVerdict {
     /// Write it now, with the records around it (it answers the oldest request, or none);
-    /// false: it was copied to its request's held bytes.
+    /// false: it was copied to its request's held bytes, or to its fan-out part.
     pub direct: bool,
+    /// It answers a part of a pool-wide command: kept for the merged reply.
+    pub merged: bool,
     /// The oldest request changed or may be written: call [`Route::pop_answered`] (the
     /// front's `advance`) to write what it holds and wait on the new oldest.
     pub advance: bool,
@@ -92,6 +113,8 @@ pub(super) struct Route {
     lanes: Vec<Lane>,
     /// Bytes in the requests' held replies.
     held_bytes: usize,
+    /// Memory of the outstanding pool-wide commands ([`Fan::mem`]).
+    fan_bytes: usize,
     /// Workers (bit = global index) sent the CLOSE at the client's FIN, and those that
     /// acknowledged it.
     pub close_sent: u64,
@@ -122,7 +145,9 @@ impl Route {
     /// Memory the connection's outstanding requests and held replies take (what counts
     /// against its pending bound).
     pub fn state_bytes(&self) -> usize {
-        self.reqs.len() * (size_of::<Req>() + size_of::<(u64, u64)>()) + self.held_bytes
+        self.reqs.len() * (size_of::<Req>() + size_of::<(u64, u64)>())
+            + self.held_bytes
+            + self.fan_bytes
     }
 
     /// Allocated capacity of the queues, in requests (for the memory give-back test).
@@ -140,8 +165,38 @@ impl Route {
             worker: w as u32,
             done: false,
             held: Vec::new(),
+            fan: None,
         });
-        let lane = match self.lanes.iter().position(|l| l.worker == w) {
+        self.lane(w).reqs.push_back((pos, seq));
+        self.reqs.len() == 1
+    }
+
+    /// A new pool-wide command `cmd` whose frame went to every worker of `parts`, as
+    /// (worker, end position of the frame in its request ring), in pool order; true if it is
+    /// the only outstanding request (the caller waits on its first part).
+    pub fn push_fan(&mut self, cmd: PoolWide, parts: &[(usize, u64)]) -> bool {
+        let Some(&(w, pos)) = parts.first() else {
+            return false;
+        };
+        let seq = self.base + self.reqs.len() as u64;
+        for &(pw, ppos) in parts {
+            self.lane(pw).reqs.push_back((ppos, seq));
+        }
+        let fan = Box::new(Fan::new(cmd, parts));
+        self.fan_bytes += fan.mem();
+        self.reqs.push_back(Req {
+            pos,
+            worker: w as u32,
+            done: false,
+            held: Vec::new(),
+            fan: Some(fan),
+        });
+        self.reqs.len() == 1
+    }
+
+    /// Worker `w`'s lane, made on first use.
+    fn lane(&mut self, w: usize) -> &mut Lane {
+        match self.lanes.iter().position(|l| l.worker == w) {
             Some(i) => &mut self.lanes[i],
             None => {
                 self.lanes.push(Lane {
@@ -150,9 +205,7 @@ impl Route {
                 });
                 self.lanes.last_mut().expect("just pushed")
             }
-        };
-        lane.reqs.push_back((pos, seq));
-        self.reqs.len() == 1
+        }
     }
 
     /// A reply record of worker `w` answering the frame that ends at `aux`: passes the
@@ -175,7 +228,10 @@ impl Route {
                     .checked_sub(self.base)
                     .and_then(|i| self.reqs.get_mut(i as usize))
                 {
-                    r.done = true;
+                    match r.fan.as_mut().and_then(|f| f.part_mut(w)) {
+                        Some(part) => part.done = true,
+                        None => r.done = true,
+                    }
                     passed = true;
                 }
             }
@@ -189,22 +245,32 @@ impl Route {
             self.pop_front();
             moved = true;
         }
-        let front_done = self.reqs.front().is_some_and(|r| r.done);
+        let front_done = self.reqs.front().is_some_and(Req::answered);
         let advance = moved || (passed && front_done);
         let Some(seq) = seq else {
             // It answers no outstanding request: a push.
             return ReplyVerdict {
                 direct: true,
+                merged: false,
                 advance,
             };
         };
         let i = (seq - self.base) as usize;
         let r = &mut self.reqs[i];
+        if let Some(fan) = r.fan.as_mut() {
+            self.fan_bytes += fan.add_reply(w, payload);
+            return ReplyVerdict {
+                direct: false,
+                merged: true,
+                advance,
+            };
+        }
         // A request's replies go out in the order they came: once one is held, so are the rest
         // until the held ones are written.
         if i == 0 && r.held.is_empty() {
             return ReplyVerdict {
                 direct: true,
+                merged: false,
                 advance,
             };
         }
@@ -212,21 +278,39 @@ impl Route {
         self.held_bytes += payload.len();
         ReplyVerdict {
             direct: false,
+            merged: false,
             advance,
         }
     }
 
     /// Pops the requests that are answered in full from the front (`completed(w)`: every reply
     /// to a frame of worker `w` ending at or below it has been read), moving the held replies
-    /// of each new oldest one to `out` in order. Returns the oldest request still waiting, as
-    /// (worker, position), if any.
+    /// of each new oldest one (and the merged replies of pool-wide commands, counted in
+    /// `merged`) to `out` in order. Returns the oldest request still waiting, as (worker,
+    /// position), if any.
     pub fn pop_answered(
         &mut self,
         completed: impl Fn(usize) -> u64,
         out: &mut Vec<Vec<u8>>,
+        merged: &mut usize,
     ) -> Option<(usize, u64)> {
         let mut wait = None;
         while let Some(r) = self.reqs.front_mut() {
+            if let Some(fan) = &r.fan {
+                // Its merged reply, once every part is answered in full.
+                let pending = fan
+                    .parts()
+                    .iter()
+                    .find(|p| !p.done && completed(p.worker as usize) < p.pos);
+                if let Some(p) = pending {
+                    wait = Some((p.worker as usize, p.pos));
+                    break;
+                }
+                out.push(fan.merged());
+                *merged += 1;
+                self.pop_front();
+                continue;
+            }
             if !r.held.is_empty() {
                 let held = std::mem::take(&mut r.held);
                 self.held_bytes -= held.len();
@@ -262,7 +346,20 @@ impl Route {
         let seq = self.base;
         self.base += 1;
         self.held_bytes -= r.held.len();
-        if !r.done {
+        if let Some(fan) = &r.fan {
+            self.fan_bytes -= fan.mem();
+            for p in fan.parts().iter().filter(|p| !p.done) {
+                if let Some(lane) = self
+                    .lanes
+                    .iter_mut()
+                    .find(|l| l.worker == p.worker as usize)
+                {
+                    if lane.reqs.front().is_some_and(|&(_, s)| s == seq) {
+                        lane.reqs.pop_front();
+                    }
+                }
+            }
+        } else if !r.done {
             if let Some(lane) = self
                 .lanes
                 .iter_mut()
@@ -315,6 +412,8 @@ pub(super) enum Reply {
     Hold,
     /// Held, but the connection's held replies and out queue are past `max_pending`: close it.
     Close(CloseReason),
+    /// A part of a pool-wide command's reply: kept (bounded) for the merged reply.
+    Merge,
 }
 
 /// The decision on a reply record: the reply, and whether the connection's oldest request
@@ -377,6 +476,8 @@ impl Routing {
         let verdict = route.on_reply(w, aux, payload);
         let reply = if verdict.direct {
             Reply::Write
+        } else if verdict.merged {
+            Reply::Merge
         } else if queued + route.held_bytes() > max_pending {
             Reply::Close(CloseReason::SlowConsumer)
         } else {
@@ -409,12 +510,16 @@ impl Routing {
     }
 
     /// Pops connection `key`'s requests that are answered in full, moving the replies held
-    /// for each new oldest one to `out` in order, and waits on the first that is not.
-    pub fn advance(&mut self, key: ConnKey, route: &mut Route, out: &mut Vec<Vec<u8>>) {
-        let wait = route.pop_answered(|w| self.completed(w), out);
+    /// for each new oldest one to `out` in order, and waits on the first that is not. Returns
+    /// how many of them were merged replies of pool-wide commands (new frames for the client;
+    /// held replies were counted when they were held).
+    pub fn advance(&mut self, key: ConnKey, route: &mut Route, out: &mut Vec<Vec<u8>>) -> usize {
+        let mut merged = 0;
+        let wait = route.pop_answered(|w| self.completed(w), out, &mut merged);
         if let Some(wait) = wait {
             self.wait(key, wait);
         }
+        merged
     }
 
     /// Worker `w`'s rings were quarantined: nobody waits on it any more (its connections, and

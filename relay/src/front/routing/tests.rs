@@ -2,6 +2,8 @@
 
 use super::*;
 
+mod fan;
+
 /// xorshift64*: deterministic randomness without a dependency.
 struct Rng(u64);
 impl Rng {
@@ -79,7 +81,7 @@ impl Front {
         );
         match d.reply {
             Reply::Write => self.out.extend_from_slice(payload),
-            Reply::Hold => {}
+            Reply::Hold | Reply::Merge => {}
             Reply::Close(reason) => self.closed = Some(reason),
         }
         if d.advance {
