@@ -424,17 +424,157 @@ fn the_gil_is_released_while_the_worker_waits_and_sigterm_stops_it_cleanly() {
 }
 
 #[test]
-fn the_python_section_of_the_workers_readme_shows_examples_echo_py() {
+fn the_python_section_of_the_workers_readme_shows_examples_echo_py_and_asyncio_worker_py() {
     let readme = std::fs::read_to_string(repo().join("workers/README.md")).unwrap();
     let section = &readme[readme.find("\n## Python\n").expect("a Python section")..];
-    let start = section.find("```python\n").expect("a python block") + "```python\n".len();
-    let block = &section[start..start + section[start..].find("```").unwrap()];
-    let echo = std::fs::read_to_string(example("echo.py")).unwrap();
-    let code = echo[echo.find("import shmrelay_worker").unwrap()..].to_owned();
-    assert_eq!(
-        block, code,
-        "workers/README.md must show examples/echo.py as it is"
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |e| e + 1)];
+    let blocks: Vec<&str> = section
+        .split("```python\n")
+        .skip(1)
+        .map(|b| &b[..b.find("```").unwrap()])
+        .collect();
+    for (i, file) in ["echo.py", "asyncio_worker.py"].into_iter().enumerate() {
+        let text = std::fs::read_to_string(example(file)).unwrap();
+        // From the first import on (the docstring is the file's own).
+        let code = &text[text.find("\nimport ").unwrap() + 1..];
+        assert_eq!(
+            blocks.get(i).copied(),
+            Some(code),
+            "python block {i} of workers/README.md must show examples/{file} as it is"
+        );
+    }
+}
+
+#[test]
+fn asyncio_example_serves_frames_from_its_own_event_loop() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python asyncio", Duration::from_secs(180));
+    let relay = relay_with("pyasyncio", &py, &example("asyncio_worker.py"), 2, &[]);
+    // Pipelined on many connections: a lost wake-up (a frame published after the worker
+    // looked and before it slept, with nobody ringing) would leave a connection waiting.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered: u64 = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..40)
+            .map(|id| {
+                let (relay, stop) = (&relay, stop.clone());
+                s.spawn(move || pipelined(relay, id, 500, 16, stop))
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).sum()
+    });
+    assert_eq!(answered, 40 * 500);
+    // The loop's other task runs while the worker is idle, and an idle worker is woken by
+    // the doorbell alone (nothing else calls the example's `ready`).
+    let mut c = relay.connect();
+    let ticks = |c: &mut Client| match c.roundtrip_within(b"ticks", WAIT) {
+        Recv::Frame(p) => String::from_utf8(p).unwrap().parse::<u64>().unwrap(),
+        other => panic!("ticks: {other:?}"),
+    };
+    let before = ticks(&mut c);
+    std::thread::sleep(Duration::from_millis(1000));
+    for i in 0..20u32 {
+        let p = i.to_be_bytes();
+        assert_eq!(c.roundtrip_within(&p, WAIT), Recv::Frame(p.to_vec()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = ticks(&mut c);
+    assert!(
+        after >= before + 20,
+        "the clock task ticked {} times in 1.4 s",
+        after - before
     );
+    // SIGTERM: the program's own handler stops its loop and it exits 0 (not a crash); the
+    // relay starts another.
+    let pid = relay.worker_pid(0);
+    signal(pid, libc::SIGTERM);
+    assert!(eventually(WAIT, || {
+        let p = relay.worker_pid(0);
+        p != 0 && p != pid
+    }));
+    let crashes = relay.stats().worker(0).crashes.load(Ordering::Relaxed);
+    assert_eq!(crashes, 0, "a clean exit is no crash");
+    assert_eq!(
+        c.roundtrip_within(b"again", WAIT),
+        Recv::Frame(b"again".to_vec())
+    );
+}
+
+#[test]
+fn the_poll_api_refuses_nesting_and_reports_a_stop() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python poll api", Duration::from_secs(120));
+    let dir = std::env::temp_dir().join(format!("shmrelay-py-poll-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("poll.py");
+    // A select() loop over the doorbell (the plainest event loop) with a handler that probes
+    // the API from inside a callback.
+    std::fs::write(
+        &script,
+        r#"import select, sys
+import shmrelay_worker
+w = shmrelay_worker.Worker.from_env()
+out = w.out
+assert isinstance(w.fileno(), int) and w.fileno() > 2
+
+def on_frame(conn, frame, redelivered):
+    if frame == b"nest":
+        try:
+            w.poll_once(on_frame)
+            out.send(conn, b"nested poll ran")
+        except RuntimeError:
+            out.send(conn, b"RuntimeError")
+    elif frame == b"exit":
+        out.send(conn, b"bye")
+        raise SystemExit(0)
+    else:
+        out.send(conn, frame)
+
+try:
+    w.poll_once(42)  # not a handler: refused, w still usable
+except TypeError:
+    pass
+while not shmrelay_worker.stop_requested():
+    if w.poll_once(on_frame):
+        continue
+    if w.prepare_wait():
+        select.select([w.fileno()], [], [], 1.0)
+    w.finish_wait()
+"#,
+    )
+    .unwrap();
+    let relay = relay_with("pypoll", &py, &script, 1, &[]);
+    let mut c = relay.connect();
+    assert_eq!(
+        c.roundtrip_within(b"nest", WAIT),
+        Recv::Frame(b"RuntimeError".to_vec())
+    );
+    for i in 0..50u32 {
+        let p = i.to_be_bytes();
+        assert_eq!(c.roundtrip_within(&p, WAIT), Recv::Frame(p.to_vec()));
+    }
+    // SystemExit from a callback: raised by poll_once after the batch (the reply went out).
+    let pid = relay.worker_pid(0);
+    assert_eq!(
+        c.roundtrip_within(b"exit", WAIT),
+        Recv::Frame(b"bye".to_vec())
+    );
+    assert!(eventually(WAIT, || {
+        let p = relay.worker_pid(0);
+        p != 0 && p != pid
+    }));
+    assert_eq!(
+        relay.stats().worker(0).crashes.load(Ordering::Relaxed),
+        0,
+        "SystemExit(0) is a clean exit"
+    );
+    // SIGTERM: the SDK's handler sets stop_requested and the loop ends within its 1 s select.
+    let pid = relay.worker_pid(0);
+    signal(pid, libc::SIGTERM);
+    assert!(eventually(WAIT, || {
+        let p = relay.worker_pid(0);
+        p != 0 && p != pid
+    }));
+    assert_eq!(relay.stats().worker(0).crashes.load(Ordering::Relaxed), 0);
 }
 
 #[test]

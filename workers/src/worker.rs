@@ -587,9 +587,34 @@ impl Worker {
         Ok(total)
     }
 
-    /// Spins briefly, then sleeps on the doorbell until a front publishes (or a timeout, to
-    /// re-check the stop flag).
-    fn park(&mut self) -> Result<(), WorkerError> {
+    /// Waits for work as [`run`](Worker::run) does between batches: spins briefly, then
+    /// sleeps on the doorbell until a front publishes (or 100 ms pass, so that the caller
+    /// re-checks [`stop_requested`]). For a loop of one's own around
+    /// [`poll_once`](Worker::poll_once) that must do something around the wait (the Python
+    /// package releases the GIL for it, and holds it across a batch); a program with an event
+    /// loop of its own sleeps in that loop instead, between
+    /// [`prepare_wait`](Worker::prepare_wait) and [`finish_wait`](Worker::finish_wait).
+    ///
+    /// ```no_run
+    /// # use shmrelay_worker::{ConnId, Handler, Out, Worker};
+    /// # struct Echo;
+    /// # impl Handler for Echo {
+    /// #     fn on_frame(&mut self, c: ConnId, f: &[u8], _: bool, out: &mut Out<'_>) { let _ = out.send(c, f); }
+    /// # }
+    /// # fn main() -> Result<(), shmrelay_worker::WorkerError> {
+    /// let mut worker = Worker::from_env()?;
+    /// while !shmrelay_worker::stop_requested() {
+    ///     if worker.poll_once(&mut Echo)? == 0 {
+    ///         worker.park()?; // what `run` does
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`WorkerError::Corrupt`] if a request ring's header is corrupt.
+    pub fn park(&mut self) -> Result<(), WorkerError> {
         // A few microseconds, as in shm-ring's own `wait`, before paying for a park.
         for _ in 0..256 {
             if self.reqs.iter().flatten().any(Consumer::has_new) {

@@ -1,8 +1,10 @@
 //! `shmrelay_worker`: shmrelay workers written in Python, over the Rust worker SDK.
 //!
-//! The SDK's run loop does the waiting with the GIL released; each event re-attaches to the
-//! interpreter only for the Python callback. Frames reach Python as read-only `memoryview`s
-//! over the request ring, revoked when the callback returns (see [`frame`]).
+//! `run` holds the GIL across each batch of events and releases it while the worker waits
+//! (one GIL hand-off per batch, not per event). Frames reach Python as read-only
+//! `memoryview`s over the request ring, revoked when the callback returns (see [`frame`]).
+//! Programs with an event loop of their own use the poll API instead: `fileno`,
+//! `prepare_wait`, `finish_wait` and `poll_once`, as the Rust SDK's.
 //!
 //! ```python
 //! import shmrelay_worker
@@ -18,18 +20,19 @@
 //! worker.run(Echo(worker.out))  # returns on SIGTERM / SIGINT
 //! ```
 
+mod bridge;
 mod frame;
 mod out;
 
 use std::cell::RefCell;
-use std::io::Write;
+use std::os::fd::AsRawFd;
 
-use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::prelude::*;
-use sdk::{CloseReason, ConnId, Handler, Out as SdkOut, Worker as SdkWorker};
+use sdk::Worker as SdkWorker;
 
-use frame::{FrameView, Revoked};
-use out::{Out, OutScope, SendError};
+use bridge::Bridge;
+use out::{Out, SendError};
 
 pyo3::create_exception!(
     shmrelay_worker,
@@ -42,20 +45,54 @@ pyo3::create_exception!(
 /// Set by the first `Worker.from_env()` (Relaxed: a flag with no data behind it).
 static ATTACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Exit status of a worker whose handler kept a raw buffer of a frame past its callback.
-const EXIT_FRAME_ESCAPED: i32 = 70;
-
 /// A worker attached to the rings the relay handed over.
 ///
 /// `Worker.from_env()` attaches (and installs the SIGTERM/SIGINT handler that makes `run`
-/// return); `run(handler)` serves events until then. `out` is the worker's `Out`.
+/// return); `run(handler)` serves events until then. `out` is the worker's `Out`. A program
+/// with its own event loop polls instead: `fileno()`, `prepare_wait()`, `finish_wait()`,
+/// `poll_once(handler)`.
 #[pyclass(module = "shmrelay_worker", unsendable)]
 struct Worker {
-    /// Taken out while `run` runs, so that callbacks can still read `out` and the getters.
+    /// Taken out while `run` or `poll_once` runs, so that callbacks can still read `out` and
+    /// the getters (and a nested `run` or `poll_once` is refused).
     inner: RefCell<Option<SdkWorker>>,
     out: Py<Out>,
     index: usize,
     codec: String,
+    /// The doorbell's fd (owned by the SDK worker, which lives as long as this object).
+    doorbell: i32,
+    /// The bridge of the handler last given to `poll_once`, reused while it is given the same
+    /// handler (its callbacks are looked up once, not per poll).
+    polling: RefCell<Option<Bridge>>,
+}
+
+/// A `WorkerError` from the SDK's.
+fn worker_error(e: sdk::WorkerError) -> PyErr {
+    WorkerError::new_err(e.to_string())
+}
+
+impl Worker {
+    /// Takes the SDK worker out for a call that runs callbacks.
+    fn take(&self) -> PyResult<SdkWorker> {
+        self.inner
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut w| w.take())
+            .ok_or_else(|| {
+                PyRuntimeError::new_err(
+                    "this worker is serving already (run or poll_once cannot be called from \
+                     one of its callbacks)",
+                )
+            })
+    }
+
+    /// Runs `f` on the SDK worker when no call is serving it.
+    fn with<R>(&self, f: impl FnOnce(&mut SdkWorker) -> PyResult<R>) -> PyResult<R> {
+        let mut w = self.take()?;
+        let r = f(&mut w);
+        *self.inner.borrow_mut() = Some(w);
+        r
+    }
 }
 
 #[pymethods]
@@ -72,12 +109,14 @@ impl Worker {
                 "Worker.from_env() may be called once per process",
             ));
         }
-        let inner = SdkWorker::from_env().map_err(|e| WorkerError::new_err(e.to_string()))?;
+        let inner = SdkWorker::from_env().map_err(worker_error)?;
         Ok(Worker {
             index: inner.index(),
             codec: inner.codec().to_string(),
+            doorbell: inner.doorbell().as_raw_fd(),
             inner: RefCell::new(Some(inner)),
             out: Py::new(py, Out::new())?,
+            polling: RefCell::new(None),
         })
     }
 
@@ -102,151 +141,97 @@ impl Worker {
     /// Serves events until SIGTERM or SIGINT, calling `handler.on_open(conn, peer)`,
     /// `handler.on_frame(conn, frame, redelivered)` and `handler.on_close(conn, reason)`
     /// (`on_open` and `on_close` are optional); a plain callable is taken as `on_frame`. The
-    /// GIL is released while the worker waits.
+    /// GIL is held across each batch of events and released while the worker waits.
     ///
     /// An exception in a callback is printed to stderr and the worker goes on; a frame whose
     /// handler raised before queuing anything to its connection is answered with the codec's
     /// error reply. `SystemExit` or `KeyboardInterrupt` from a callback stops the worker after
     /// the current batch and is raised again from `run`.
     fn run(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<()> {
-        let optional = |name: &str| -> PyResult<Option<Py<PyAny>>> {
-            Ok(if handler.hasattr(name)? {
-                Some(handler.getattr(name)?.unbind())
-            } else {
-                None
-            })
-        };
-        let mut bridge = Bridge {
-            on_open: optional("on_open")?,
-            on_frame: if handler.hasattr("on_frame")? {
-                handler.getattr("on_frame")?.unbind()
-            } else if handler.is_callable() {
-                handler.clone().unbind()
-            } else {
-                return Err(PyTypeError::new_err(
-                    "handler must have an on_frame method or be callable as on_frame",
-                ));
-            },
-            on_close: optional("on_close")?,
-            out: self.out.clone_ref(py),
-            stop: None,
-        };
-        let mut worker = self
-            .inner
-            .borrow_mut()
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this worker is running already"))?;
-        let result = py.detach(|| worker.run(&mut bridge).map_err(|e| e.to_string()));
+        let mut bridge = Bridge::new(handler, self.out.clone_ref(py), true)?;
+        let mut worker = self.take()?;
+        let result = serve(py, &mut worker, &mut bridge);
         *self.inner.borrow_mut() = Some(worker);
         if let Some(e) = bridge.stop.take() {
             return Err(e);
         }
-        result.map_err(WorkerError::new_err)
+        result
     }
-}
 
-/// The SDK's handler that calls the Python one.
-struct Bridge {
-    on_open: Option<Py<PyAny>>,
-    on_frame: Py<PyAny>,
-    on_close: Option<Py<PyAny>>,
-    out: Py<Out>,
-    /// A `BaseException` that is not an `Exception` (SystemExit, KeyboardInterrupt) raised by
-    /// a callback: the worker stops and `run` raises it.
-    stop: Option<PyErr>,
-}
-
-impl Bridge {
-    /// Calls the optional callback `pick` (on_open or on_close) with `(conn, text)`.
-    fn notify(
-        &mut self,
-        pick: fn(&Bridge) -> Option<&Py<PyAny>>,
-        conn: ConnId,
-        text: &str,
-        out: &mut SdkOut<'_>,
-    ) {
-        if pick(self).is_none() {
-            return;
+    /// Handles the events waiting now, without blocking, calling `handler` as `run` does;
+    /// returns how many were handled (0: nothing was waiting). Replies are published and
+    /// requests released before it returns. For programs with their own event loop: see
+    /// `fileno` and `prepare_wait`. `SystemExit` or `KeyboardInterrupt` from a callback is
+    /// raised once the batch is done; other exceptions are handled as in `run`.
+    fn poll_once(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let mut worker = self.take()?;
+        let cached = self
+            .polling
+            .borrow_mut()
+            .take()
+            .filter(|b| b.handler.as_ptr() == handler.as_ptr());
+        let mut bridge = match cached {
+            Some(b) => b,
+            None => match Bridge::new(handler, self.out.clone_ref(py), false) {
+                Ok(b) => b,
+                Err(e) => {
+                    *self.inner.borrow_mut() = Some(worker);
+                    return Err(e);
+                }
+            },
+        };
+        let r = worker.poll_once(&mut bridge);
+        *self.inner.borrow_mut() = Some(worker);
+        let stop = bridge.stop.take();
+        *self.polling.borrow_mut() = Some(bridge);
+        if let Some(e) = stop {
+            return Err(e);
         }
-        Python::attach(|py| {
-            let Some(cb) = pick(self).map(|cb| cb.clone_ref(py)) else {
-                return;
-            };
-            let o = self.out.get();
-            let scope = OutScope::enter(o, out, None);
-            let r = cb.call1(py, (conn.raw(), text));
-            drop(scope);
-            if let Err(e) = r {
-                self.failed(py, e);
-            }
+        r.map_err(worker_error)
+    }
+
+    /// Tells the fronts that this worker is about to sleep on `fileno()`, so that the next
+    /// frame rings it (fronts ring only a worker that said so). Returns False if events are
+    /// already waiting: don't sleep, poll. Either way call `finish_wait()` once awake (at
+    /// once, on False) before the next `poll_once`.
+    fn prepare_wait(&self) -> PyResult<bool> {
+        self.with(|w| w.prepare_wait().map_err(worker_error))
+    }
+
+    /// After `prepare_wait`, once awake: takes back the "about to sleep" announcement and
+    /// resets the doorbell, so that the event loop does not see it readable again for a wake
+    /// already acted on.
+    fn finish_wait(&self) -> PyResult<()> {
+        self.with(|w| {
+            w.finish_wait();
+            Ok(())
         })
     }
 
-    fn failed(&mut self, py: Python<'_>, e: PyErr) {
-        if e.is_instance_of::<PyException>(py) {
-            e.display(py);
-            return;
-        }
-        if self.stop.is_none() {
-            self.stop = Some(e);
-            // The SDK's stop path: its SIGTERM handler sets the flag its run loop checks.
-            // SAFETY: raise(3) on our own process; the handler only stores an atomic.
-            unsafe { libc::raise(libc::SIGTERM) };
-        }
+    /// The doorbell: a file descriptor that becomes readable when a front has work for a
+    /// worker that called `prepare_wait` (for `select`, `poll` or `loop.add_reader`). Owned
+    /// by the worker: do not close it.
+    fn fileno(&self) -> i32 {
+        self.doorbell
     }
 }
 
-impl Handler for Bridge {
-    fn on_open(&mut self, conn: ConnId, peer: &str, out: &mut SdkOut<'_>) {
-        self.notify(|b| b.on_open.as_ref(), conn, peer, out);
+/// `run`'s loop: the GIL held across each batch of events (each callback's attach is then the
+/// cheap nested one) and released only while waiting for the next batch.
+fn serve(py: Python<'_>, worker: &mut SdkWorker, bridge: &mut Bridge) -> PyResult<()> {
+    while !sdk::stop_requested() && bridge.stop.is_none() {
+        if worker.poll_once(bridge).map_err(worker_error)? == 0 {
+            py.detach(|| worker.park()).map_err(worker_error)?;
+        }
     }
-
-    fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
-        Python::attach(|py| {
-            let o = self.out.get();
-            let scope = OutScope::enter(o, out, Some(conn));
-            let r = FrameView::new(py, frame).and_then(|view| {
-                let r = self
-                    .on_frame
-                    .call1(py, (conn.raw(), view.object(), redelivered));
-                if view.revoke() == Revoked::RawExport {
-                    frame_escaped(conn);
-                }
-                r
-            });
-            drop(scope);
-            if let Err(e) = r {
-                let touched = o.touched();
-                self.failed(py, e);
-                if !touched {
-                    let body = out
-                        .codec()
-                        .error_body("the worker's handler raised an exception");
-                    // A failure is noted by the SDK (this is the frame being answered),
-                    // which then settles the frame itself: its error reply, or a close.
-                    let _ = out.send(conn, &body);
-                }
-            }
-        })
-    }
-
-    fn on_close(&mut self, conn: ConnId, reason: CloseReason, out: &mut SdkOut<'_>) {
-        self.notify(|b| b.on_close.as_ref(), conn, reason.as_str(), out);
-    }
+    Ok(())
 }
 
-/// A raw buffer of the frame outlives its callback: its holder could read ring memory the
-/// front reuses. Ends the process before the SDK releases the frame, so the relay restarts
-/// the worker and redelivers the unanswered frames.
-fn frame_escaped(conn: ConnId) -> ! {
-    let _ = writeln!(
-        std::io::stderr(),
-        "shmrelay_worker: a buffer of the frame of connection {conn} is still held after \
-         on_frame returned (e.g. numpy.frombuffer(frame) kept); copy with bytes(frame) \
-         instead. Exiting with status {EXIT_FRAME_ESCAPED}."
-    );
-    // SAFETY: _exit ends the process at once; nothing here relies on destructors running.
-    unsafe { libc::_exit(EXIT_FRAME_ESCAPED) }
+/// True once SIGTERM or SIGINT arrived (after `Worker.from_env()` installed the handler): a
+/// program polling from its own loop stops on it.
+#[pyfunction]
+fn stop_requested() -> bool {
+    sdk::stop_requested()
 }
 
 /// Python workers for shmrelay (see the package README).
@@ -256,6 +241,7 @@ fn shmrelay_worker_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     frame::check_layout(py)?;
     m.add_class::<Worker>()?;
     m.add_class::<Out>()?;
+    m.add_function(wrap_pyfunction!(stop_requested, m)?)?;
     m.add("WorkerError", py.get_type::<WorkerError>())?;
     m.add("SendError", py.get_type::<SendError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,0 +1,156 @@
+//! The SDK handler that calls the Python one: one `Bridge` per `run`, or per handler given to
+//! `poll_once`.
+
+use std::io::Write;
+
+use pyo3::exceptions::{PyException, PyTypeError};
+use pyo3::prelude::*;
+use sdk::{CloseReason, ConnId, Handler, Out as SdkOut};
+
+use crate::frame::{FrameView, Revoked};
+use crate::out::{Out, OutScope};
+
+/// Exit status of a worker whose handler kept a raw buffer of a frame past its callback.
+const EXIT_FRAME_ESCAPED: i32 = 70;
+
+/// Calls the Python handler's callbacks for the SDK's events.
+pub struct Bridge {
+    /// The handler object itself (`poll_once` reuses a bridge while it is given the same).
+    pub handler: Py<PyAny>,
+    on_open: Option<Py<PyAny>>,
+    on_frame: Py<PyAny>,
+    on_close: Option<Py<PyAny>>,
+    out: Py<Out>,
+    /// In `run`: a stopping exception also stops the SDK's loop (through its SIGTERM flag).
+    /// In `poll_once` the caller's own loop stops when the call raises.
+    in_run: bool,
+    /// A `BaseException` that is not an `Exception` (SystemExit, KeyboardInterrupt) raised by
+    /// a callback: the worker stops after the batch and the call raises it.
+    pub stop: Option<PyErr>,
+}
+
+impl Bridge {
+    /// A bridge to `handler` (`on_open`, `on_frame`, `on_close`; the first and last optional;
+    /// a plain callable is `on_frame`).
+    pub fn new(handler: &Bound<'_, PyAny>, out: Py<Out>, in_run: bool) -> PyResult<Bridge> {
+        let optional = |name: &str| -> PyResult<Option<Py<PyAny>>> {
+            Ok(if handler.hasattr(name)? {
+                Some(handler.getattr(name)?.unbind())
+            } else {
+                None
+            })
+        };
+        Ok(Bridge {
+            handler: handler.clone().unbind(),
+            on_open: optional("on_open")?,
+            on_frame: if handler.hasattr("on_frame")? {
+                handler.getattr("on_frame")?.unbind()
+            } else if handler.is_callable() {
+                handler.clone().unbind()
+            } else {
+                return Err(PyTypeError::new_err(
+                    "handler must have an on_frame method or be callable as on_frame",
+                ));
+            },
+            on_close: optional("on_close")?,
+            out,
+            in_run,
+            stop: None,
+        })
+    }
+
+    /// Calls the optional callback `pick` (on_open or on_close) with `(conn, text)`.
+    fn notify(
+        &mut self,
+        pick: fn(&Bridge) -> Option<&Py<PyAny>>,
+        conn: ConnId,
+        text: &str,
+        out: &mut SdkOut<'_>,
+    ) {
+        if pick(self).is_none() {
+            return;
+        }
+        Python::attach(|py| {
+            let Some(cb) = pick(self).map(|cb| cb.clone_ref(py)) else {
+                return;
+            };
+            let o = self.out.get();
+            let scope = OutScope::enter(o, out, None);
+            let r = cb.call1(py, (conn.raw(), text));
+            drop(scope);
+            if let Err(e) = r {
+                self.failed(py, e);
+            }
+        })
+    }
+
+    fn failed(&mut self, py: Python<'_>, e: PyErr) {
+        if e.is_instance_of::<PyException>(py) {
+            e.display(py);
+            return;
+        }
+        if self.stop.is_none() {
+            self.stop = Some(e);
+            if self.in_run {
+                // The SDK's stop path: its SIGTERM handler sets the flag its run loop checks.
+                // SAFETY: raise(3) on our own process; the handler only stores an atomic.
+                unsafe { libc::raise(libc::SIGTERM) };
+            }
+        }
+    }
+}
+
+impl Handler for Bridge {
+    fn on_open(&mut self, conn: ConnId, peer: &str, out: &mut SdkOut<'_>) {
+        self.notify(|b| b.on_open.as_ref(), conn, peer, out);
+    }
+
+    fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
+        // The caller holds the GIL for the whole batch (`run`, `poll_once`): this is the cheap
+        // nested attach, not a GIL acquisition per frame.
+        Python::attach(|py| {
+            let o = self.out.get();
+            let scope = OutScope::enter(o, out, Some(conn));
+            let r = FrameView::new(py, frame).and_then(|view| {
+                let r = self
+                    .on_frame
+                    .call1(py, (conn.raw(), view.object(), redelivered));
+                if view.revoke() == Revoked::RawExport {
+                    frame_escaped(conn);
+                }
+                r
+            });
+            drop(scope);
+            if let Err(e) = r {
+                let touched = o.touched();
+                self.failed(py, e);
+                if !touched {
+                    let body = out
+                        .codec()
+                        .error_body("the worker's handler raised an exception");
+                    // A failure is noted by the SDK (this is the frame being answered),
+                    // which then settles the frame itself: its error reply, or a close.
+                    let _ = out.send(conn, &body);
+                }
+            }
+        })
+    }
+
+    fn on_close(&mut self, conn: ConnId, reason: CloseReason, out: &mut SdkOut<'_>) {
+        self.notify(|b| b.on_close.as_ref(), conn, reason.as_str(), out);
+    }
+}
+
+/// A raw buffer of the frame outlives its callback: its holder could read ring memory the
+/// front reuses. Ends the process before the SDK releases the frame, so the relay restarts
+/// the worker and redelivers the unanswered frames.
+fn frame_escaped(conn: ConnId) -> ! {
+    let _ = writeln!(
+        std::io::stderr(),
+        "shmrelay_worker: a buffer of the frame of connection {conn} is still held after \
+         on_frame returned (e.g. numpy.frombuffer(frame) kept); copy with bytes(frame) \
+         instead. Exiting with status {EXIT_FRAME_ESCAPED}."
+    );
+    // SAFETY: _exit ends the process at once; nothing here relies on destructors running.
+    unsafe { libc::_exit(EXIT_FRAME_ESCAPED) }
+}
