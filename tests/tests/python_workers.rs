@@ -208,7 +208,7 @@ fn python_worker_killed_under_pipelined_load_loses_no_request() {
 /// A worker that keeps frames and views of them past the callback and reports what they do
 /// later; raises on request; and notes in `MARK` that `run` returned.
 const PROBE_WORKER: &str = r#"
-import pickle, sys, threading, time
+import gc, pickle, sys, threading, time, weakref
 import shmrelay_worker
 
 MARK = sys.argv[1]
@@ -273,6 +273,20 @@ class Probe:
             self.out.send(conn, cmd + b":kept")
         elif cmd == b"ticks":
             self.out.send(conn, str(ticks[0]))
+        elif cmd.startswith(b"hash:"):
+            # A view reused for a new frame must not keep the previous frame's hash.
+            self.out.send(conn, str(hash(frame) == hash(cmd)))
+        elif cmd == b"weak":
+            kept["weak"] = weakref.ref(frame)
+            self.out.send(conn, b"weak")
+        elif cmd == b"weak-check":
+            w = kept["weak"]()
+            self.out.send(conn, "gone" if w is None else outcome(lambda: bytes(w)))
+        elif cmd == b"gc-scan":
+            # No other view the collector knows shows ring bytes.
+            seen = [o for o in gc.get_objects() if isinstance(o, memoryview) and o is not frame]
+            readable = [o for o in seen if outcome(lambda o=o: bytes(o)) == "readable" and len(o)]
+            self.out.send(conn, "readable views: %d" % len(readable))
         else:
             self.out.send(conn, frame)
 
@@ -325,6 +339,28 @@ fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
             b"frame:revoked slice:revoked cast:revoked view:revoked iter:revoked len:revoked"
                 .to_vec()
         )
+    );
+    // A view reused from frame to frame hashes each frame's bytes; one with a weak reference
+    // is never reused (the reference dies or shows a revoked view).
+    for p in ["hash:a", "hash:bb", "hash:a", "hash:ccc"] {
+        assert_eq!(
+            c.roundtrip_within(p.as_bytes(), WAIT),
+            Recv::Frame(b"True".to_vec()),
+            "{p}"
+        );
+    }
+    assert_eq!(
+        c.roundtrip_within(b"weak", WAIT),
+        Recv::Frame(b"weak".to_vec())
+    );
+    let check = c.roundtrip_within(b"weak-check", WAIT);
+    assert!(
+        check == Recv::Frame(b"gone".to_vec()) || check == Recv::Frame(b"revoked".to_vec()),
+        "{check:?}"
+    );
+    assert_eq!(
+        c.roundtrip_within(b"gc-scan", WAIT),
+        Recv::Frame(b"readable views: 0".to_vec())
     );
     // Out belongs to the worker thread: another thread cannot use it, even during a callback.
     assert_eq!(

@@ -7,7 +7,7 @@ use pyo3::exceptions::{PyException, PyTypeError};
 use pyo3::prelude::*;
 use sdk::{CloseReason, ConnId, Handler, Out as SdkOut};
 
-use crate::frame::{FrameView, Revoked};
+use crate::frame::{FrameView, Revoked, Spare};
 use crate::out::{Out, OutScope};
 
 /// Exit status of a worker whose handler kept a raw buffer of a frame past its callback.
@@ -27,6 +27,8 @@ pub struct Bridge {
     /// A `BaseException` that is not an `Exception` (SystemExit, KeyboardInterrupt) raised by
     /// a callback: the worker stops after the batch and the call raises it.
     pub stop: Option<PyErr>,
+    /// The last frame's view, kept for the next frame (see `frame.rs`).
+    spare: Option<Spare>,
 }
 
 impl Bridge {
@@ -56,6 +58,7 @@ impl Bridge {
             out,
             in_run,
             stop: None,
+            spare: None,
         })
     }
 
@@ -111,11 +114,11 @@ impl Handler for Bridge {
         Python::attach(|py| {
             let o = self.out.get();
             let scope = OutScope::enter(o, out, Some(conn));
-            let r = FrameView::new(py, frame).and_then(|view| {
+            let r = FrameView::new(py, frame, &mut self.spare).and_then(|view| {
                 let r = self
                     .on_frame
                     .call1(py, (conn.raw(), view.object(), redelivered));
-                if view.revoke() == Revoked::RawExport {
+                if view.finish(&mut self.spare) == Revoked::RawExport {
                     frame_escaped(conn);
                 }
                 r
