@@ -103,22 +103,27 @@ fn pipelined(relay: &Relay, id: usize, frames: usize, depth: usize, stop: Arc<At
     }
 }
 
+/// `clients` connections at once, each [`pipelined`] with `frames` frames, 16 in flight;
+/// returns how many were answered.
+fn pipelined_clients(relay: &Relay, clients: usize, frames: usize) -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let clients: Vec<_> = (0..clients)
+            .map(|id| {
+                let stop = stop.clone();
+                s.spawn(move || pipelined(relay, id, frames, 16, stop))
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).sum()
+    })
+}
+
 #[test]
 fn echo_example_answers_pipelined_frames_on_many_connections() {
     let Some(py) = python() else { return };
     let _dog = Watchdog::new("python echo", Duration::from_secs(180));
     let relay = relay_with("pyecho", &py, &example("echo.py"), 2, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered: u64 = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..40)
-            .map(|id| {
-                let (relay, stop) = (&relay, stop.clone());
-                s.spawn(move || pipelined(relay, id, 500, 16, stop))
-            })
-            .collect();
-        clients.into_iter().map(|c| c.join().unwrap()).sum()
-    });
-    assert_eq!(answered, 40 * 500);
+    assert_eq!(pipelined_clients(&relay, 40, 500), 40 * 500);
     drop(relay);
     // A long reply (split over ring records) comes back whole too.
     let relay = relay_with(
@@ -488,17 +493,7 @@ fn asyncio_example_serves_frames_from_its_own_event_loop() {
     let relay = relay_with("pyasyncio", &py, &example("asyncio_worker.py"), 2, &[]);
     // Pipelined on many connections: a lost wake-up (a frame published after the worker
     // looked and before it slept, with nobody ringing) would leave a connection waiting.
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered: u64 = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..40)
-            .map(|id| {
-                let (relay, stop) = (&relay, stop.clone());
-                s.spawn(move || pipelined(relay, id, 500, 16, stop))
-            })
-            .collect();
-        clients.into_iter().map(|c| c.join().unwrap()).sum()
-    });
-    assert_eq!(answered, 40 * 500);
+    assert_eq!(pipelined_clients(&relay, 40, 500), 40 * 500);
     // The loop's other task runs while the worker is idle, and an idle worker is woken by
     // the doorbell alone (nothing else calls the example's `ready`).
     let mut c = relay.connect();

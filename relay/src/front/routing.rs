@@ -349,25 +349,19 @@ impl Route {
         if let Some(fan) = &r.fan {
             self.fan_bytes -= fan.mem();
             for p in fan.parts().iter().filter(|p| !p.done) {
-                if let Some(lane) = self
-                    .lanes
-                    .iter_mut()
-                    .find(|l| l.worker == p.worker as usize)
-                {
-                    if lane.reqs.front().is_some_and(|&(_, s)| s == seq) {
-                        lane.reqs.pop_front();
-                    }
-                }
+                self.unlane(p.worker as usize, seq);
             }
         } else if !r.done {
-            if let Some(lane) = self
-                .lanes
-                .iter_mut()
-                .find(|l| l.worker == r.worker as usize)
-            {
-                if lane.reqs.front().is_some_and(|&(_, s)| s == seq) {
-                    lane.reqs.pop_front();
-                }
+            self.unlane(r.worker as usize, seq);
+        }
+    }
+
+    /// Takes request `seq` off worker `w`'s lane, if it is still there (at the front: the
+    /// lane's earlier requests are gone).
+    fn unlane(&mut self, w: usize, seq: u64) {
+        if let Some(lane) = self.lanes.iter_mut().find(|l| l.worker == w) {
+            if lane.reqs.front().is_some_and(|&(_, s)| s == seq) {
+                lane.reqs.pop_front();
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The routing table driven as the front drives it, without sockets or rings.
 
 use super::*;
+use crate::front::fanout::PoolWide;
 
 mod fan;
 
@@ -63,6 +64,11 @@ impl Front {
             self.routing.wait(K, (w, pos));
         }
     }
+    fn push_fan(&mut self, cmd: PoolWide, parts: &[(usize, u64)]) {
+        if self.route.push_fan(cmd, parts) {
+            self.routing.wait(K, parts[0]);
+        }
+    }
     fn advance(&mut self) {
         let mut early = Vec::new();
         self.routing.advance(K, &mut self.route, &mut early);
@@ -109,25 +115,52 @@ impl Front {
 #[test]
 fn replies_in_random_arrival_orders_come_out_in_request_order() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for trial in 0..300 {
+    for trial in 0..400 {
         let workers: Vec<usize> = [3, 7, 9][..1 + rng.below(3)].to_vec();
         let n = 1 + rng.below(400);
-        // Per request: its worker, its position, how many reply records it gets (0 to 3).
+        // Every other trial with a pool of several has pool-wide commands among its requests.
+        let fans = trial % 2 == 1 && workers.len() > 1;
+        // Per request: its parts (worker, position; one per worker of the pool for a pool-wide
+        // command) and how many reply records each part gets (0 to 3; 1 for a pool-wide one).
         let mut next_pos = [0u64; 16];
-        let mut reqs = Vec::new();
+        let mut reqs: Vec<(Vec<(usize, u64)>, usize)> = Vec::new();
         let mut expected = Vec::new();
         for i in 0..n {
-            let w = workers[rng.below(workers.len())];
-            next_pos[w] += 1 + rng.below(50) as u64;
-            let recs = [0, 1, 1, 1, 1, 2, 3][rng.below(7)];
-            for k in 0..recs {
-                expected.extend_from_slice(format!("<{i}.{k}>").as_bytes());
-            }
-            reqs.push((w, next_pos[w], recs));
+            let fan = fans && rng.below(4) == 0;
+            let ws = if fan {
+                workers.clone()
+            } else {
+                vec![workers[rng.below(workers.len())]]
+            };
+            let parts = ws
+                .iter()
+                .map(|&w| {
+                    next_pos[w] += 1 + rng.below(50) as u64;
+                    (w, next_pos[w])
+                })
+                .collect();
+            let recs = if fan {
+                // The merged reply: the sum of the parts' counts.
+                let sum: usize = workers.iter().map(|w| i * 10 + w).sum();
+                expected.extend_from_slice(format!(":{sum}\r\n").as_bytes());
+                1
+            } else {
+                let recs = [0, 1, 1, 1, 1, 2, 3][rng.below(7)];
+                for k in 0..recs {
+                    expected.extend_from_slice(format!("<{i}.{k}>").as_bytes());
+                }
+                recs
+            };
+            reqs.push((parts, recs));
         }
-        // Each worker's requests, in order, and its cursor: (index in its list, record).
-        let of: Vec<Vec<usize>> = (0..16)
-            .map(|w| (0..n).filter(|&i| reqs[i].0 == w).collect())
+        // Each worker's parts in order, (request, position), and its cursor: (index, record).
+        let of: Vec<Vec<(usize, u64)>> = (0..16)
+            .map(|w| {
+                let mine = |i: usize| reqs[i].0.iter().filter(move |p| p.0 == w);
+                (0..n)
+                    .flat_map(|i| mine(i).map(move |p| (i, p.1)))
+                    .collect()
+            })
             .collect();
         let mut cur = [(0usize, 0usize); 16];
         let mut f = Front::new();
@@ -136,7 +169,7 @@ fn replies_in_random_arrival_orders_come_out_in_request_order() {
             let emitting: Vec<usize> = workers
                 .iter()
                 .copied()
-                .filter(|&w| of[w].get(cur[w].0).is_some_and(|&i| i < pushed))
+                .filter(|&w| of[w].get(cur[w].0).is_some_and(|&(i, _)| i < pushed))
                 .collect();
             if pushed == n && emitting.is_empty() {
                 break;
@@ -146,8 +179,12 @@ fn replies_in_random_arrival_orders_come_out_in_request_order() {
                     // A read: a few more requests.
                     for _ in 0..1 + rng.below(20) {
                         if pushed < n {
-                            let (w, p, _) = reqs[pushed];
-                            f.push(w, p);
+                            let parts = &reqs[pushed].0;
+                            if parts.len() > 1 {
+                                f.push_fan(PoolWide::Dbsize, parts);
+                            } else {
+                                f.push(parts[0].0, parts[0].1);
+                            }
                             pushed += 1;
                         }
                     }
@@ -157,19 +194,25 @@ fn replies_in_random_arrival_orders_come_out_in_request_order() {
                     let w = workers[rng.below(workers.len())];
                     let done = cur[w].0;
                     if done > 0 {
-                        f.complete(w, reqs[of[w][done - 1]].1);
+                        f.complete(w, of[w][done - 1].1);
                     }
                 }
                 _ if !emitting.is_empty() => {
                     // A batch of one worker's replies.
                     let w = emitting[rng.below(emitting.len())];
                     for _ in 0..1 + rng.below(8) {
-                        let Some(&i) = of[w].get(cur[w].0).filter(|&&i| i < pushed) else {
+                        let Some(&(i, p)) = of[w].get(cur[w].0).filter(|&&(i, _)| i < pushed)
+                        else {
                             break;
                         };
-                        let (_, p, recs) = reqs[i];
+                        let recs = reqs[i].1;
                         if cur[w].1 < recs {
-                            f.reply(w, p, format!("<{i}.{}>", cur[w].1).as_bytes());
+                            let body = if reqs[i].0.len() > 1 {
+                                format!(":{}\r\n", i * 10 + w)
+                            } else {
+                                format!("<{i}.{}>", cur[w].1)
+                            };
+                            f.reply(w, p, body.as_bytes());
                             cur[w].1 += 1;
                         }
                         if cur[w].1 >= recs {
@@ -187,8 +230,8 @@ fn replies_in_random_arrival_orders_come_out_in_request_order() {
             );
         }
         for &w in &workers {
-            if let Some(&last) = of[w].last() {
-                f.complete(w, reqs[last].1);
+            if let Some(&(_, last)) = of[w].last() {
+                f.complete(w, last);
             }
         }
         assert_eq!(
