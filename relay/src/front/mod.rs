@@ -17,7 +17,8 @@
 //! 4. The worker answers (see `workers/`): reply records in its reply ring.
 //! 5. `pump.rs`: the reply pump reads them, frames them from the front's own copy of their
 //!    lengths (`reply.rs`) and groups them per connection; on a routed pool `routing.rs` (pure
-//!    logic, unit-tested) puts them back in request order.
+//!    logic, unit-tested) puts them back in request order, and merges the replies of the
+//!    pool-wide commands (`fanout.rs`: `DBSIZE`, `FLUSHALL`) into one.
 //! 6. `write.rs`: a group is written with `writev` straight from the reply ring, consecutive
 //!    records of one connection in one call. Only what a socket does not take at once is
 //!    copied to the connection's bounded out queue (and counted); past the bound the client is
