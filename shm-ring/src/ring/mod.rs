@@ -2,9 +2,11 @@
 
 mod consumer;
 mod producer;
+mod write;
 
 pub use consumer::{Consumer, Record, Records};
-pub use producer::{Producer, WriteGrant};
+pub use producer::Producer;
+pub use write::WriteGrant;
 
 use crate::error::AttachError;
 use crate::layout::Side;
