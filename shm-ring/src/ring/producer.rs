@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::write::WriteGrant;
-use super::{activity_ns, claim_side, release_side, SideStats, SPIN_LIMIT};
+use super::{claim_side, release_side, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError, ReserveError};
 use crate::layout::{self, record_size, MAX_POSITION, RECORD_HEADER_SIZE};
 use crate::storage::RingStorage;
@@ -235,26 +235,38 @@ impl<S: RingStorage> Producer<S> {
     }
 
     /// Makes every committed record visible and wakes the consumer if it sleeps.
+    #[inline]
     pub fn publish(&mut self) {
         if self.tail == self.published {
             return;
         }
-        let h = self.storage.header();
         // Release: pairs with the Acquire load of `tail` in `Consumer::refresh_tail`, so the
         // record bytes written before this store are visible to a consumer that sees it.
-        h.tail.store(self.tail, Ordering::Release);
+        self.storage
+            .header()
+            .tail
+            .store(self.tail, Ordering::Release);
         self.published = self.tail;
-        self.stats.active_ns = activity_ns();
         // SeqCst fence P2 of the wake protocol (wake.rs): orders the tail store before the
         // load of the sleep word; pairs with the consumer's fence C2 in `prepare_park`.
         fence(Ordering::SeqCst);
-        if h.consumer_sleep.load(Ordering::Relaxed) == 1
-            && h.consumer_sleep.swap(0, Ordering::Relaxed) == 1
-        {
-            self.doorbell.ring(&h.consumer_sleep, h);
-            self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
+        let sleeps = self.storage.header().consumer_sleep.load(Ordering::Relaxed) == 1;
+        let woke = sleeps && self.wake_consumer();
+        self.stats.after_move(&self.storage.header().producer, woke);
+    }
+
+    /// P4 of the wake protocol: takes the consumer's announcement and rings its doorbell.
+    /// True if this call woke it. Out of line: a producer under load never gets here.
+    #[cold]
+    #[inline(never)]
+    fn wake_consumer(&mut self) -> bool {
+        let h = self.storage.header();
+        if h.consumer_sleep.swap(0, Ordering::Relaxed) != 1 {
+            return false;
         }
-        self.stats.store(&h.producer);
+        self.doorbell.ring(&h.consumer_sleep, h);
+        self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
+        true
     }
 
     /// Reads and validates the consumer's position now. A producer that has room rarely reads
@@ -368,14 +380,12 @@ impl<S: RingStorage> Producer<S> {
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
         h.producer_sleep.swap(0, Ordering::Relaxed);
-        self.stats.active_ns = activity_ns();
-        self.stats.store(&h.producer);
+        self.stats.touch(&h.producer);
     }
 
     /// Records the producer as alive now (for an idle producer; publishing does it too).
     pub fn heartbeat(&mut self) {
-        self.stats.active_ns = activity_ns();
-        self.stats.store(&self.storage.header().producer);
+        self.stats.touch(&self.storage.header().producer);
     }
 
     /// Gives up the producer side without publishing anything committed since the last
@@ -396,6 +406,7 @@ impl<S: RingStorage> Producer<S> {
 impl<S: RingStorage> Drop for Producer<S> {
     fn drop(&mut self) {
         self.publish();
+        self.stats.touch(&self.storage.header().producer);
         release_side(&self.storage.header().producer);
     }
 }
