@@ -121,7 +121,7 @@ impl<S: RingStorage> Producer<S> {
     ///
     /// [`ReserveError::Full`] when the space is not free now, [`ReserveError::TooLarge`] when it
     /// never will be, [`ReserveError::Corrupt`] when the consumer's position is invalid.
-    #[inline]
+    #[inline(always)]
     pub fn reserve(&mut self, len: usize) -> Result<WriteGrant<'_, S>, ReserveError> {
         self.reserve_up_to(len, len)
     }
@@ -132,7 +132,7 @@ impl<S: RingStorage> Producer<S> {
     /// # Errors
     ///
     /// As [`reserve`](Producer::reserve), judged on `min`.
-    #[inline]
+    #[inline(always)]
     pub fn reserve_up_to(
         &mut self,
         min: usize,
@@ -196,7 +196,7 @@ impl<S: RingStorage> Producer<S> {
     /// Where a record of `need` bytes can start: `(padding before it, contiguous bytes there)`.
     /// Stays at the current offset when `want` bytes fit there (no padding wasted); otherwise
     /// takes whichever side has more room, so a read into the ring gets the larger piece.
-    #[inline]
+    #[inline(always)]
     fn fit_best(&self, need: u64, want: u64) -> Option<(u64, u64)> {
         let free = self.cap - (self.tail - self.cached_head);
         let to_end = self.cap - (self.tail & self.mask);
@@ -212,7 +212,7 @@ impl<S: RingStorage> Producer<S> {
     }
 
     /// [`fit_best`](Producer::fit_best) for a record of exactly `need` bytes.
-    #[inline]
+    #[inline(always)]
     fn fit(&self, need: u64) -> Option<(u64, u64)> {
         self.fit_best(need, need)
     }
