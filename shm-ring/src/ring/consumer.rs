@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use super::{claim_side, release_side, SideStats, SPIN_LIMIT};
+use super::{claim_side, release_side, wake_peer, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError};
 use crate::layout::{record_size, RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
@@ -194,27 +194,14 @@ impl<S: RingStorage> Consumer<S> {
         // SeqCst fence (mirror of P2 in wake.rs): orders the head store before the load of the
         // producer's sleep word; pairs with the fence in `Producer::prepare_park_for_space`.
         fence(Ordering::SeqCst);
-        let sleeps = self.storage.header().producer_sleep.load(Ordering::Relaxed) == 1;
-        let woke = sleeps && self.wake_producer();
+        let h = self.storage.header();
+        let sleeps = h.producer_sleep.load(Ordering::Relaxed) == 1;
+        let woke = sleeps && wake_peer(&h.producer_sleep, h, &self.doorbell, &mut self.stats);
         // A consumer that leaves records unreleased is stamped every time: that is when a
         // reader judges whether it stalls (records waiting, consumer idle).
         let backlog = to != self.cached_tail;
         self.stats
             .after_move(&self.storage.header().consumer, woke || backlog);
-    }
-
-    /// The mirror of P4 (wake.rs): takes the producer's announcement and rings its doorbell.
-    /// True if this call woke it. Out of line: a consumer under load never gets here.
-    #[cold]
-    #[inline(never)]
-    fn wake_producer(&mut self) -> bool {
-        let h = self.storage.header();
-        if h.producer_sleep.swap(0, Ordering::Relaxed) != 1 {
-            return false;
-        }
-        self.doorbell.ring(&h.producer_sleep, h);
-        self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
-        true
     }
 
     /// Waits for records beyond those [`records`](Consumer::records) last saw: spins briefly,

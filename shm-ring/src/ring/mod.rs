@@ -9,8 +9,9 @@ pub use producer::Producer;
 pub use write::WriteGrant;
 
 use crate::error::AttachError;
-use crate::layout::Side;
-use crate::sync::Ordering;
+use crate::layout::{RingHeader, Side};
+use crate::sync::{AtomicU32, Ordering};
+use crate::wake::Doorbell;
 
 /// Spins before parking. A spinning hand-off costs well under a microsecond and a futex wake
 /// 17-36 us on these machines, so a few microseconds of spinning pay for themselves under load;
@@ -152,6 +153,25 @@ impl SideStats {
         self.active_ns = activity_ns();
         self.store(s);
     }
+}
+
+/// P4 of the wake protocol (wake.rs), for either side: takes the peer's announcement in its
+/// sleep word `word` and rings `doorbell`. True if this call woke it. Out of line: a side under
+/// load never gets here.
+#[cold]
+#[inline(never)]
+pub(crate) fn wake_peer(
+    word: &AtomicU32,
+    h: &RingHeader,
+    doorbell: &Doorbell,
+    stats: &mut SideStats,
+) -> bool {
+    if word.swap(0, Ordering::Relaxed) != 1 {
+        return false;
+    }
+    doorbell.ring(word, h);
+    stats.wakeups_sent = stats.wakeups_sent.wrapping_add(1);
+    true
 }
 
 /// Marks this process as the holder of a side, refusing if a live other process holds it.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::write::WriteGrant;
-use super::{claim_side, release_side, SideStats, SPIN_LIMIT};
+use super::{claim_side, release_side, wake_peer, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError, ReserveError};
 use crate::layout::{self, record_size, MAX_POSITION, RECORD_HEADER_SIZE};
 use crate::storage::RingStorage;
@@ -250,23 +250,10 @@ impl<S: RingStorage> Producer<S> {
         // SeqCst fence P2 of the wake protocol (wake.rs): orders the tail store before the
         // load of the sleep word; pairs with the consumer's fence C2 in `prepare_park`.
         fence(Ordering::SeqCst);
-        let sleeps = self.storage.header().consumer_sleep.load(Ordering::Relaxed) == 1;
-        let woke = sleeps && self.wake_consumer();
-        self.stats.after_move(&self.storage.header().producer, woke);
-    }
-
-    /// P4 of the wake protocol: takes the consumer's announcement and rings its doorbell.
-    /// True if this call woke it. Out of line: a producer under load never gets here.
-    #[cold]
-    #[inline(never)]
-    fn wake_consumer(&mut self) -> bool {
         let h = self.storage.header();
-        if h.consumer_sleep.swap(0, Ordering::Relaxed) != 1 {
-            return false;
-        }
-        self.doorbell.ring(&h.consumer_sleep, h);
-        self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
-        true
+        let sleeps = h.consumer_sleep.load(Ordering::Relaxed) == 1;
+        let woke = sleeps && wake_peer(&h.consumer_sleep, h, &self.doorbell, &mut self.stats);
+        self.stats.after_move(&self.storage.header().producer, woke);
     }
 
     /// Reads and validates the consumer's position now. A producer that has room rarely reads

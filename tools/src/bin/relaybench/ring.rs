@@ -266,9 +266,27 @@ impl Clock {
         }
     }
 
-    /// True when a round-trip loop that starts an iteration `since` the start may stop.
-    fn rtt_done(&self, since: Duration, samples: &ring_data::RttSamples) -> bool {
-        since >= self.end && samples.len() >= ring_data::MIN_RTT_SAMPLES
+    /// Runs `round_trip(seq)` for `seq` = 0, 1, ... until the measured phase is over and at
+    /// least [`ring_data::MIN_RTT_SAMPLES`] were taken, timing every round trip that starts
+    /// after the warm-up. Returns the samples and the number of round trips.
+    fn ping_pong(
+        &self,
+        mut round_trip: impl FnMut(u64) -> Result<()>,
+    ) -> Result<(ring_data::RttSamples, u64)> {
+        let mut samples = ring_data::RttSamples::new();
+        let mut seq = 0;
+        loop {
+            let t0 = Instant::now();
+            let since = t0 - self.start;
+            if since >= self.end && samples.len() >= ring_data::MIN_RTT_SAMPLES {
+                return Ok((samples, seq));
+            }
+            round_trip(seq)?;
+            if since >= self.warm {
+                samples.record(t0);
+            }
+            seq += 1;
+        }
     }
 }
 

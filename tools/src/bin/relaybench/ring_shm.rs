@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use shm_ring::wake::{futex_wait_shared, futex_wake_shared};
 use shm_ring::{Consumer, Meta, Producer, ReserveError, RingStorage, ShmRing};
 
-use super::ring_data::{Payload, Report, RttSamples, RxState, TxState};
+use super::ring_data::{Payload, Report, RxState, TxState};
 use super::{
     pin_current_thread, Case, Clock, Config, Deadline, Mode, Outcome, ProducerApi,
     BATCH_RING_FRACTION,
@@ -264,15 +264,9 @@ pub fn rtt(cfg: &Config, case: Case) -> Result<Outcome> {
     let mut rx = Consumer::new(rep)?;
     let len = case.payload;
     let payload = Payload::new(len);
-    let mut samples = RttSamples::new();
-    let (mut seq, mut parks) = (0u64, 0u64);
+    let mut parks = 0u64;
     let clock = Clock::start(cfg);
-    loop {
-        let t0 = Instant::now();
-        let since = t0 - clock.start;
-        if clock.rtt_done(since, &samples) {
-            break;
-        }
+    let (samples, seq) = clock.ping_pong(|seq| {
         produce(&mut tx, cfg.api, len, Meta::tag(TAG_DATA), |b| {
             payload.fill(b, seq)
         })
@@ -289,11 +283,8 @@ pub fn rtt(cfg: &Config, case: Case) -> Result<Outcome> {
             last = Some(rec.end());
         }
         rx.release(last.ok_or_else(|| anyhow!("woken without a reply"))?);
-        if since >= clock.warm {
-            samples.record(t0);
-        }
-        seq += 1;
-    }
+        Ok(())
+    })?;
     control(&mut tx, TAG_END, &mut child, clock.deadline)?;
     let report = finish(child, cfg, &clock)?;
     if report.frames != seq {
@@ -393,26 +384,17 @@ pub fn futex_rtt(cfg: &Config, case: Case) -> Result<Outcome> {
     let mut child = spawn(cfg, Role::FutexEcho, &[&page])?;
     child.go()?;
     let (ping, pong) = futex_words(&page);
-    let mut samples = RttSamples::new();
-    let (mut seq, mut parks) = (0u64, 0u64);
+    let mut parks = 0u64;
     let clock = Clock::start(cfg);
-    loop {
-        let t0 = Instant::now();
-        let since = t0 - clock.start;
-        if clock.rtt_done(since, &samples) {
-            break;
-        }
+    let (samples, seq) = clock.ping_pong(|_| {
         // Release: pairs with the echo's Acquire load of `ping`.
         ping.store(1, Ordering::Release);
         futex_wake_shared(ping);
         let (_, n) = futex_await(pong, clock.deadline, &mut || child.check_running())?;
         parks += n;
         pong.store(0, Ordering::Relaxed);
-        if since >= clock.warm {
-            samples.record(t0);
-        }
-        seq += 1;
-    }
+        Ok(())
+    })?;
     ping.store(2, Ordering::Release);
     futex_wake_shared(ping);
     let report = finish(child, cfg, &clock)?;

@@ -3,7 +3,6 @@
 //! (the second pinned to the second CPU), both sides spinning.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use crossbeam_queue::ArrayQueue;
@@ -202,15 +201,8 @@ pub fn rtrb_rtt(cfg: &Config, case: Case) -> Result<Outcome> {
     let clock = Clock::start(cfg);
     let dl = clock.deadline;
     let client = |abort: &AtomicBool| -> Result<(RttSamples, u64)> {
-        let mut samples = RttSamples::new();
         let mut scratch = Vec::new();
-        let mut seq = 0u64;
-        loop {
-            let t0 = Instant::now();
-            let since = t0 - clock.start;
-            if clock.rtt_done(since, &samples) {
-                break;
-            }
+        let (samples, seq) = clock.ping_pong(|seq| {
             let mut chunk = req_tx.write_chunk_uninit(frame)?;
             let (a, b) = chunk.as_mut_slices();
             let mut w = SplitWriter::new(a, b);
@@ -230,11 +222,8 @@ pub fn rtrb_rtt(cfg: &Config, case: Case) -> Result<Outcome> {
             if got != 1 {
                 bail!("{got} replies to one ping");
             }
-            if since >= clock.warm {
-                samples.record(t0);
-            }
-            seq += 1;
-        }
+            Ok(())
+        })?;
         rtrb_control(&mut req_tx, LEN_END, dl, abort)?;
         Ok((samples, seq))
     };
