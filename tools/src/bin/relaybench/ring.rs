@@ -38,6 +38,8 @@ use nix::unistd::Pid;
 
 use crate::procs;
 
+#[path = "ring_case.rs"]
+mod ring_case;
 #[path = "ring_data.rs"]
 mod ring_data;
 #[path = "ring_report.rs"]
@@ -47,7 +49,7 @@ mod ring_shm;
 #[path = "ring_threads.rs"]
 mod ring_threads;
 
-use ring_data::Report;
+pub use ring_case::{Case, Mode, ModeArg, Outcome, ProducerApi, Transport};
 
 /// Options of `relaybench ring`.
 #[derive(clap::Args, Debug)]
@@ -117,106 +119,6 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok()
         .and_then(|n| n.checked_mul(mul))
         .ok_or_else(|| format!("not a size: {s:?}"))
-}
-
-/// A queue (or wake mechanism) under test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transport {
-    ShmRing,
-    Rtrb,
-    Crossbeam,
-    Futex,
-}
-
-impl Transport {
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::ShmRing => "shm-ring",
-            Transport::Rtrb => "rtrb",
-            Transport::Crossbeam => "crossbeam",
-            Transport::Futex => "futex",
-        }
-    }
-}
-
-/// How shm-ring producers write a record (`--api`).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-pub enum ProducerApi {
-    /// `Producer::reserve`, fill the grant, `WriteGrant::commit`.
-    Grant,
-    /// `Producer::push_with(len, meta, fill)`.
-    PushWith,
-}
-
-/// `--modes` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ModeArg {
-    Throughput,
-    Rtt,
-}
-
-/// What a case measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Throughput,
-    /// Round trip, both sides polling.
-    RttSpin,
-    /// Round trip, both sides sleeping in the kernel on every hop.
-    RttPark,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Throughput => "throughput",
-            Mode::RttSpin => "rtt spin",
-            Mode::RttPark => "rtt park",
-        }
-    }
-}
-
-/// One case of the plan.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Case {
-    pub transport: Transport,
-    pub mode: Mode,
-    pub payload: usize,
-}
-
-/// What one run of a case measured.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub case: Case,
-    pub frames_per_sec: Option<f64>,
-    pub rtt_p50_ns: Option<u64>,
-    pub rtt_p99_ns: Option<u64>,
-    /// Shown in the table only.
-    pub note: String,
-}
-
-impl Outcome {
-    fn throughput(case: Case, r: &Report, note: String) -> Outcome {
-        Outcome {
-            case,
-            frames_per_sec: Some(r.measured_frames as f64 * 1e9 / r.measured_ns as f64),
-            rtt_p50_ns: None,
-            rtt_p99_ns: None,
-            note,
-        }
-    }
-
-    fn rtt(case: Case, samples: &ring_data::RttSamples, note: String) -> Result<Outcome> {
-        let (p50, p99) = samples.percentiles()?;
-        Ok(Outcome {
-            case,
-            frames_per_sec: None,
-            rtt_p50_ns: Some(p50),
-            rtt_p99_ns: Some(p99),
-            note,
-        })
-    }
 }
 
 /// Settings shared by every case.
