@@ -12,8 +12,12 @@ use crate::wake::{futex_wait, Doorbell};
 
 /// The single writer of a ring.
 ///
-/// Records become visible to the consumer only at [`publish`](Producer::publish), so a batch of
-/// commits costs one position store (and at most one wakeup).
+/// Records are written in place: [`reserve`](Producer::reserve) /
+/// [`reserve_up_to`](Producer::reserve_up_to) + [`WriteGrant::commit`] when the length is
+/// known only after writing (a `read` into the ring), [`push_with`](Producer::push_with) when
+/// it is known up front. They become visible to the consumer only at
+/// [`publish`](Producer::publish), so a batch of commits costs one position store (and at most
+/// one wakeup).
 ///
 /// # Examples
 ///
