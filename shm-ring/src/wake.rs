@@ -31,6 +31,13 @@
 //!
 //! The futex is shared (no `FUTEX_PRIVATE_FLAG`): the word lives in memory mapped by two
 //! processes, and a private futex would key on the virtual address of one of them.
+//!
+//! Both fences stay SeqCst fences. An asymmetric pair (a compiler fence at P2, and at C2
+//! `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`, which runs a full barrier on every CPU that
+//! runs a registered process) would keep this argument, but only if every process on the ring
+//! registered: one that cannot (seccomp, an older binary) would lose wakeups against a peer
+//! that dropped its fence. Adopting it needs a per-ring agreement and a layout version bump;
+//! see "Issue 14" in the crate's README for the measurements.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
