@@ -146,6 +146,14 @@ pub fn cpu_model() -> Option<String> {
         .map(|m| m.trim().to_owned())
 }
 
+/// The 1-, 5- and 15-minute load averages of `/proc/loadavg` (what a benchmark prints next to
+/// its figures on a shared machine).
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut v = text.split_whitespace().map(|x| x.parse().ok());
+    Some([v.next()??, v.next()??, v.next()??])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,13 @@
 //!
 //! The futex is shared (no `FUTEX_PRIVATE_FLAG`): the word lives in memory mapped by two
 //! processes, and a private futex would key on the virtual address of one of them.
+//!
+//! Both fences stay SeqCst fences. An asymmetric pair (a compiler fence at P2, and at C2
+//! `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`, which runs a full barrier on every CPU that
+//! runs a registered process) would keep this argument, but only if every process on the ring
+//! registered: one that cannot (seccomp, an older binary) would lose wakeups against a peer
+//! that dropped its fence. Adopting it needs a per-ring agreement and a layout version bump;
+//! see "Issue 14" in the crate's README for the measurements.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -152,6 +159,34 @@ pub(crate) fn futex_wait(
     timeout: Option<Duration>,
     _h: &crate::layout::RingHeader,
 ) {
+    futex_wait_shared(word, expected, timeout);
+}
+
+/// Wakes one sleeper on `word`.
+#[cfg(not(loom))]
+pub(crate) fn futex_wake(word: &AtomicU32, _h: &crate::layout::RingHeader) {
+    futex_wake_shared(word);
+}
+
+/// `FUTEX_WAIT` on a word that may live in memory shared between processes (no
+/// `FUTEX_PRIVATE_FLAG`): sleeps while `*word == expected`, at most `timeout`, and returns on
+/// a wake, the timeout, a signal or a changed word; the caller re-checks its condition in every
+/// case. The ring parks with it; it is public for programs that park on a ring's sleep word
+/// after [`Consumer::prepare_park`](crate::Consumer::prepare_park) themselves (and for
+/// benchmarks that measure the raw futex against the ring).
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::AtomicU32;
+/// use std::time::Duration;
+///
+/// let word = AtomicU32::new(0);
+/// // The word is not 1: returns at once instead of sleeping.
+/// shm_ring::wake::futex_wait_shared(&word, 1, Some(Duration::from_secs(5)));
+/// ```
+#[cfg(not(loom))]
+pub fn futex_wait_shared(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
@@ -173,9 +208,10 @@ pub(crate) fn futex_wait(
     }
 }
 
-/// Wakes one sleeper on `word`.
+/// `FUTEX_WAKE` of one sleeper on `word`, shared between processes like
+/// [`futex_wait_shared`].
 #[cfg(not(loom))]
-pub(crate) fn futex_wake(word: &AtomicU32, _h: &crate::layout::RingHeader) {
+pub fn futex_wake_shared(word: &AtomicU32) {
     // SAFETY: `word` is a live aligned u32; FUTEX_WAKE only uses its address as a key.
     unsafe {
         libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, 1);

@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use super::{activity_ns, claim_side, release_side, SideStats, SPIN_LIMIT};
+use super::{claim_side, release_side, wake_peer, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError};
 use crate::layout::{record_size, RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
@@ -177,34 +177,31 @@ impl<S: RingStorage> Consumer<S> {
     ///
     /// If `to` is not between the released position and the last seen tail: only a position
     /// this consumer handed out is valid.
+    #[inline]
     pub fn release(&mut self, to: u64) {
-        assert!(
-            to >= self.released && to <= self.cached_tail && to % 8 == 0,
-            "release to {to} outside {}..={}",
-            self.released,
-            self.cached_tail
-        );
+        if to < self.released || to > self.cached_tail || to % 8 != 0 {
+            release_out_of_range(to, self.released, self.cached_tail);
+        }
         if to == self.released {
             return;
         }
-        let h = self.storage.header();
         // Release: pairs with the Acquire loads of `head` in the producer, so our reads of the
         // records before `to` happen before the producer overwrites them.
-        h.head.store(to, Ordering::Release);
+        self.storage.header().head.store(to, Ordering::Release);
         self.released = to;
         self.stats.records = self.stats.records.wrapping_add(self.counted.records.take());
         self.stats.bytes = self.stats.bytes.wrapping_add(self.counted.bytes.take());
-        self.stats.active_ns = activity_ns();
         // SeqCst fence (mirror of P2 in wake.rs): orders the head store before the load of the
         // producer's sleep word; pairs with the fence in `Producer::prepare_park_for_space`.
         fence(Ordering::SeqCst);
-        if h.producer_sleep.load(Ordering::Relaxed) == 1
-            && h.producer_sleep.swap(0, Ordering::Relaxed) == 1
-        {
-            self.doorbell.ring(&h.producer_sleep, h);
-            self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
-        }
-        self.stats.store(&h.consumer);
+        let h = self.storage.header();
+        let sleeps = h.producer_sleep.load(Ordering::Relaxed) == 1;
+        let woke = sleeps && wake_peer(&h.producer_sleep, h, &self.doorbell, &mut self.stats);
+        // A consumer that leaves records unreleased is stamped every time: that is when a
+        // reader judges whether it stalls (records waiting, consumer idle).
+        let backlog = to != self.cached_tail;
+        self.stats
+            .after_move(&self.storage.header().consumer, woke || backlog);
     }
 
     /// Waits for records beyond those [`records`](Consumer::records) last saw: spins briefly,
@@ -264,21 +261,26 @@ impl<S: RingStorage> Consumer<S> {
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
         h.consumer_sleep.swap(0, Ordering::Relaxed);
-        self.stats.active_ns = activity_ns();
-        self.stats.store(&h.consumer);
+        self.stats.touch(&h.consumer);
     }
 
     /// Records the consumer as alive now (an idle consumer's proof of life).
     pub fn heartbeat(&mut self) {
-        self.stats.active_ns = activity_ns();
-        self.stats.store(&self.storage.header().consumer);
+        self.stats.touch(&self.storage.header().consumer);
     }
 }
 
 impl<S: RingStorage> Drop for Consumer<S> {
     fn drop(&mut self) {
+        self.stats.touch(&self.storage.header().consumer);
         release_side(&self.storage.header().consumer);
     }
+}
+
+#[cold]
+#[inline(never)]
+fn release_out_of_range(to: u64, released: u64, seen_tail: u64) -> ! {
+    panic!("release to {to} outside {released}..={seen_tail}")
 }
 
 /// One record, read in place.

@@ -2,17 +2,22 @@
 
 use std::time::Duration;
 
-use super::{activity_ns, claim_side, release_side, Meta, SideStats, SPIN_LIMIT};
+use super::write::WriteGrant;
+use super::{claim_side, release_side, wake_peer, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError, ReserveError};
-use crate::layout::{self, record_size, RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
+use crate::layout::{self, record_size, MAX_POSITION, RECORD_HEADER_SIZE};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
 use crate::wake::{futex_wait, Doorbell};
 
 /// The single writer of a ring.
 ///
-/// Records become visible to the consumer only at [`publish`](Producer::publish), so a batch of
-/// commits costs one position store (and at most one wakeup).
+/// Records are written in place: [`reserve`](Producer::reserve) /
+/// [`reserve_up_to`](Producer::reserve_up_to) + [`WriteGrant::commit`] when the length is
+/// known only after writing (a `read` into the ring), [`push_with`](Producer::push_with) when
+/// it is known up front. They become visible to the consumer only at
+/// [`publish`](Producer::publish), so a batch of commits costs one position store (and at most
+/// one wakeup).
 ///
 /// # Examples
 ///
@@ -32,17 +37,17 @@ use crate::wake::{futex_wait, Doorbell};
 /// ```
 pub struct Producer<S: RingStorage> {
     storage: S,
-    data: *mut u8,
+    pub(super) data: *mut u8,
     cap: u64,
-    mask: u64,
+    pub(super) mask: u64,
     /// End of the last committed record. Invariant: `published <= tail <= cached_head + cap`.
-    tail: u64,
+    pub(super) tail: u64,
     /// The value last stored to the shared tail.
     published: u64,
     /// Last head read from shared memory (validated); lags the real head.
     cached_head: u64,
     doorbell: Doorbell,
-    stats: SideStats,
+    pub(super) stats: SideStats,
 }
 
 // SAFETY: the raw pointer targets memory owned by `storage`, which moves with the producer; the
@@ -120,6 +125,7 @@ impl<S: RingStorage> Producer<S> {
     ///
     /// [`ReserveError::Full`] when the space is not free now, [`ReserveError::TooLarge`] when it
     /// never will be, [`ReserveError::Corrupt`] when the consumer's position is invalid.
+    #[inline(always)]
     pub fn reserve(&mut self, len: usize) -> Result<WriteGrant<'_, S>, ReserveError> {
         self.reserve_up_to(len, len)
     }
@@ -130,7 +136,7 @@ impl<S: RingStorage> Producer<S> {
     /// # Errors
     ///
     /// As [`reserve`](Producer::reserve), judged on `min`.
-    #[inline]
+    #[inline(always)]
     pub fn reserve_up_to(
         &mut self,
         min: usize,
@@ -138,22 +144,15 @@ impl<S: RingStorage> Producer<S> {
     ) -> Result<WriteGrant<'_, S>, ReserveError> {
         let limit = self.max_payload();
         if min > limit {
-            return Err(ReserveError::TooLarge {
-                len: min,
-                max: limit,
-            });
+            return Err(too_large(min, limit));
         }
         let max = max.clamp(min, limit);
         let need = record_size(min);
         let want = record_size(max);
-        let mut fit = self.fit_best(need, want);
-        if fit.is_none_or(|(_, room)| room < record_size(max)) {
-            self.refresh_head()?;
-            fit = self.fit_best(need, want);
-        }
-        let Some((pad, room)) = fit else {
-            self.stats.full_events = self.stats.full_events.wrapping_add(1);
-            return Err(ReserveError::Full);
+        // The fast path reads no shared memory: the cached head usually leaves room.
+        let (pad, room) = match self.fit_best(need, want) {
+            Some(fit) if fit.1 >= want => fit,
+            _ => self.refit(need, want)?,
         };
         let len = max.min((room - RECORD_HEADER_SIZE as u64) as usize);
         Ok(WriteGrant {
@@ -163,39 +162,45 @@ impl<S: RingStorage> Producer<S> {
         })
     }
 
+    /// [`fit_best`](Producer::fit_best) against a fresh head: the slow path of a reservation,
+    /// out of line so that the fast path stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn refit(&mut self, need: u64, want: u64) -> Result<(u64, u64), ReserveError> {
+        self.refresh_head()?;
+        match self.fit_best(need, want) {
+            Some(fit) => Ok(fit),
+            None => {
+                self.stats.full_events = self.stats.full_events.wrapping_add(1);
+                Err(ReserveError::Full)
+            }
+        }
+    }
+
     /// True if [`reserve`](Producer::reserve) of `len` bytes would succeed now (a reservation
     /// right after a `true` cannot fail: the consumer only ever frees space).
     ///
     /// # Errors
     ///
     /// [`ReserveError::TooLarge`] or [`ReserveError::Corrupt`].
+    #[inline]
     pub fn has_space(&mut self, len: usize) -> Result<bool, ReserveError> {
         let limit = self.max_payload();
         if len > limit {
-            return Err(ReserveError::TooLarge { len, max: limit });
+            return Err(too_large(len, limit));
         }
         let need = record_size(len);
-        if self.fit(need).is_none() {
-            self.refresh_head()?;
+        if self.fit(need).is_some() {
+            return Ok(true);
         }
+        self.refresh_head()?;
         Ok(self.fit(need).is_some())
-    }
-
-    /// Copies `payload` into a new record (for small control records; data goes through
-    /// [`reserve`](Producer::reserve) to avoid the copy).
-    ///
-    /// # Errors
-    ///
-    /// As [`reserve`](Producer::reserve).
-    pub fn push(&mut self, meta: Meta, payload: &[u8]) -> Result<u64, ReserveError> {
-        let mut grant = self.reserve(payload.len())?;
-        grant.copy_from_slice(payload);
-        Ok(grant.commit(payload.len(), meta))
     }
 
     /// Where a record of `need` bytes can start: `(padding before it, contiguous bytes there)`.
     /// Stays at the current offset when `want` bytes fit there (no padding wasted); otherwise
     /// takes whichever side has more room, so a read into the ring gets the larger piece.
+    #[inline(always)]
     fn fit_best(&self, need: u64, want: u64) -> Option<(u64, u64)> {
         let free = self.cap - (self.tail - self.cached_head);
         let to_end = self.cap - (self.tail & self.mask);
@@ -211,6 +216,7 @@ impl<S: RingStorage> Producer<S> {
     }
 
     /// [`fit_best`](Producer::fit_best) for a record of exactly `need` bytes.
+    #[inline(always)]
     fn fit(&self, need: u64) -> Option<(u64, u64)> {
         self.fit_best(need, need)
     }
@@ -233,26 +239,25 @@ impl<S: RingStorage> Producer<S> {
     }
 
     /// Makes every committed record visible and wakes the consumer if it sleeps.
+    #[inline]
     pub fn publish(&mut self) {
         if self.tail == self.published {
             return;
         }
-        let h = self.storage.header();
         // Release: pairs with the Acquire load of `tail` in `Consumer::refresh_tail`, so the
         // record bytes written before this store are visible to a consumer that sees it.
-        h.tail.store(self.tail, Ordering::Release);
+        self.storage
+            .header()
+            .tail
+            .store(self.tail, Ordering::Release);
         self.published = self.tail;
-        self.stats.active_ns = activity_ns();
         // SeqCst fence P2 of the wake protocol (wake.rs): orders the tail store before the
         // load of the sleep word; pairs with the consumer's fence C2 in `prepare_park`.
         fence(Ordering::SeqCst);
-        if h.consumer_sleep.load(Ordering::Relaxed) == 1
-            && h.consumer_sleep.swap(0, Ordering::Relaxed) == 1
-        {
-            self.doorbell.ring(&h.consumer_sleep, h);
-            self.stats.wakeups_sent = self.stats.wakeups_sent.wrapping_add(1);
-        }
-        self.stats.store(&h.producer);
+        let h = self.storage.header();
+        let sleeps = h.consumer_sleep.load(Ordering::Relaxed) == 1;
+        let woke = sleeps && wake_peer(&h.consumer_sleep, h, &self.doorbell, &mut self.stats);
+        self.stats.after_move(&self.storage.header().producer, woke);
     }
 
     /// Reads and validates the consumer's position now. A producer that has room rarely reads
@@ -366,14 +371,12 @@ impl<S: RingStorage> Producer<S> {
     pub fn finish_park(&mut self) {
         let h = self.storage.header();
         h.producer_sleep.swap(0, Ordering::Relaxed);
-        self.stats.active_ns = activity_ns();
-        self.stats.store(&h.producer);
+        self.stats.touch(&h.producer);
     }
 
     /// Records the producer as alive now (for an idle producer; publishing does it too).
     pub fn heartbeat(&mut self) {
-        self.stats.active_ns = activity_ns();
-        self.stats.store(&self.storage.header().producer);
+        self.stats.touch(&self.storage.header().producer);
     }
 
     /// Gives up the producer side without publishing anything committed since the last
@@ -394,101 +397,14 @@ impl<S: RingStorage> Producer<S> {
 impl<S: RingStorage> Drop for Producer<S> {
     fn drop(&mut self) {
         self.publish();
+        self.stats.touch(&self.storage.header().producer);
         release_side(&self.storage.header().producer);
     }
 }
 
-/// Space reserved in the ring: a `&mut [u8]` inside the data area (shared memory for a
-/// [`ShmRing`](crate::ShmRing)). Dropping it without committing abandons it.
-pub struct WriteGrant<'a, S: RingStorage> {
-    producer: &'a mut Producer<S>,
-    pad: u64,
-    len: usize,
-}
-
-impl<S: RingStorage> WriteGrant<'_, S> {
-    /// Ring position of the record this grant will become.
-    pub fn position(&self) -> u64 {
-        self.producer.tail + self.pad
-    }
-
-    fn payload_ptr(&self) -> *mut u8 {
-        let off = (self.position() & self.producer.mask) as usize + RECORD_HEADER_SIZE;
-        // SAFETY: `fit` placed the record inside the data area: off + len <= capacity.
-        unsafe { self.producer.data.add(off) }
-    }
-
-    /// Writes the record header, making the first `len` bytes a record. It becomes visible at
-    /// the next [`Producer::publish`]. Returns the record's position.
-    ///
-    /// # Panics
-    ///
-    /// If `len` exceeds the grant or `meta.tag` is the reserved padding tag: both are bugs in
-    /// the caller, not conditions of the ring.
-    #[inline]
-    pub fn commit(self, len: usize, meta: Meta) -> u64 {
-        assert!(
-            len <= self.len,
-            "commit of {len} bytes on a grant of {}",
-            self.len
-        );
-        assert!(
-            meta.tag != TAG_PAD,
-            "tag {TAG_PAD:#x} is reserved for padding"
-        );
-        let p = self.producer;
-        if self.pad >= RECORD_HEADER_SIZE as u64 {
-            let pad_hdr = RecordHeader {
-                len: (self.pad - RECORD_HEADER_SIZE as u64) as u32,
-                tag: TAG_PAD,
-                flags: 0,
-                conn: 0,
-                aux: 0,
-            };
-            // SAFETY: the padding starts at the current tail, 8-aligned, with `pad` >= 24 bytes
-            // up to the end of the data area, all of it free (checked by `fit`).
-            unsafe {
-                let at = p
-                    .data
-                    .add((p.tail & p.mask) as usize)
-                    .cast::<RecordHeader>();
-                at.write_volatile(pad_hdr);
-            }
-        }
-        let pos = p.tail + self.pad;
-        let hdr = RecordHeader {
-            len: len as u32,
-            tag: meta.tag,
-            flags: meta.flags,
-            conn: meta.conn,
-            aux: meta.aux,
-        };
-        // SAFETY: `fit` guaranteed record_size(len) free, contiguous bytes at `pos`, 8-aligned.
-        unsafe {
-            p.data
-                .add((pos & p.mask) as usize)
-                .cast::<RecordHeader>()
-                .write_volatile(hdr);
-        }
-        p.tail = pos + record_size(len);
-        p.stats.records = p.stats.records.wrapping_add(1);
-        p.stats.bytes = p.stats.bytes.wrapping_add(len as u64);
-        pos
-    }
-}
-
-impl<S: RingStorage> std::ops::Deref for WriteGrant<'_, S> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: the range is inside the data area, reserved for this producer alone until it
-        // publishes; the grant borrows the producer, so no other grant aliases it.
-        unsafe { std::slice::from_raw_parts(self.payload_ptr(), self.len) }
-    }
-}
-
-impl<S: RingStorage> std::ops::DerefMut for WriteGrant<'_, S> {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`; exclusive because the grant is borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.payload_ptr(), self.len) }
-    }
+/// The error of a reservation larger than the ring can ever hold, built out of line.
+#[cold]
+#[inline(never)]
+fn too_large(len: usize, max: usize) -> ReserveError {
+    ReserveError::TooLarge { len, max }
 }

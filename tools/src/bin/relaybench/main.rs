@@ -1,7 +1,8 @@
 //! `relaybench`: benchmarks for shmrelay.
 //!
-//! - `relaybench ring`: shm-ring's throughput between two processes against rtrb and
-//!   crossbeam-queue (in one process), in one run on the same payloads.
+//! - `relaybench ring`: shm-ring's throughput and round trips between two processes against
+//!   rtrb and crossbeam-queue (in one process) and a raw futex ping-pong, in one run of
+//!   alternating rounds on the same payloads.
 //! - `relaybench load`: a load generator for the length-prefixed wire protocol.
 //! - `relaybench hold`: many idle long-lived connections with heartbeats, held for a while.
 //!
@@ -27,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// shm-ring's throughput against in-process queues, in one run.
+    /// shm-ring's throughput and round trips against in-process queues and a raw futex.
     Ring(ring::Args),
     /// Load generator for the length-prefixed wire protocol.
     Load(load::Args),

@@ -1,11 +1,13 @@
 //! What every queue of `relaybench ring` moves and how the receiver proves it read it: payload
 //! templates with a sequence number, a word-sum checksum over every payload byte, the
-//! receiver's bookkeeping and report, and the length-prefixed framing of rtrb's byte chunks.
+//! receiver's bookkeeping and report, round-trip samples, and the length-prefixed framing of
+//! rtrb's byte chunks.
 
 use std::mem::MaybeUninit;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
 use rtrb::CopyToUninit;
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +123,66 @@ impl Payload {
         } else {
             self.base
         }
+    }
+}
+
+impl Payload {
+    /// Bytes of a payload.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Checks that `got` is frame `seq`'s payload (length and checksum over every byte).
+    pub fn verify(&self, got: &[u8], seq: u64) -> Result<()> {
+        if got.len() != self.len() {
+            bail!(
+                "frame {seq}: payload of {} bytes, expected {}",
+                got.len(),
+                self.len()
+            );
+        }
+        let sum = sum_words(got);
+        if sum != self.expected_sum(seq) {
+            bail!(
+                "frame {seq}: checksum {sum:#x}, expected {:#x}",
+                self.expected_sum(seq)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A round-trip case goes on past its time until it has this many samples (on a saturated
+/// machine a parked round trip can take longer than a short run), within its deadline.
+pub const MIN_RTT_SAMPLES: u64 = 20;
+
+/// Round-trip times of one case, in nanoseconds.
+pub struct RttSamples(Histogram<u64>);
+
+impl RttSamples {
+    pub fn new() -> RttSamples {
+        RttSamples(Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"))
+    }
+
+    /// Records the round trip that started at `t0`.
+    #[inline]
+    pub fn record(&mut self, t0: Instant) {
+        self.0.saturating_record(t0.elapsed().as_nanos() as u64);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// `(p50, p99)` in nanoseconds; an error if nothing was recorded.
+    pub fn percentiles(&self) -> Result<(u64, u64)> {
+        if self.0.is_empty() {
+            bail!("no round trip was measured (the run was too short?)");
+        }
+        Ok((
+            self.0.value_at_quantile(0.5),
+            self.0.value_at_quantile(0.99),
+        ))
     }
 }
 

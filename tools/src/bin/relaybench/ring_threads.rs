@@ -1,6 +1,6 @@
-//! The in-process baselines of `relaybench ring`: rtrb and crossbeam-queue's `ArrayQueue`,
-//! each between two threads of this process (the consumer pinned to the second CPU), both
-//! sides spinning.
+//! The in-process baselines of `relaybench ring`: rtrb (throughput and spinning round trip)
+//! and crossbeam-queue's `ArrayQueue` (throughput), each between two threads of this process
+//! (the second pinned to the second CPU), both sides spinning.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -8,9 +8,10 @@ use anyhow::{anyhow, bail, Result};
 use crossbeam_queue::ArrayQueue;
 
 use super::ring_data::{
-    Frame, Payload, Report, RxState, SplitReader, SplitWriter, TxState, LEN_END, LEN_MARK, PREFIX,
+    Frame, Payload, Report, RttSamples, RxState, SplitReader, SplitWriter, TxState, LEN_END,
+    LEN_MARK, PREFIX,
 };
-use super::{pin_current_thread, Clock, Config, Deadline, Outcome, Transport, BATCH_RING_FRACTION};
+use super::{pin_current_thread, Case, Clock, Config, Deadline, Outcome, BATCH_RING_FRACTION};
 
 /// Spin iterations between deadline checks.
 const SPIN_CHECK: u32 = 1 << 16;
@@ -176,7 +177,8 @@ where
 }
 
 /// rtrb between two threads: the same length-prefixed bytes through its chunk API.
-pub fn rtrb_throughput(cfg: &Config, len: usize) -> Result<Outcome> {
+pub fn rtrb_throughput(cfg: &Config, case: Case) -> Result<Outcome> {
+    let len = case.payload;
     let (mut tx, mut rx) = rtrb::RingBuffer::<u8>::new(cfg.capacity);
     let clock = Clock::start(cfg);
     let dl = clock.deadline;
@@ -186,12 +188,75 @@ pub fn rtrb_throughput(cfg: &Config, len: usize) -> Result<Outcome> {
         |abort| rtrb_consume(&mut rx, len, dl, abort),
     )?;
     st.check(&report)?;
-    Ok(Outcome::new(
-        Transport::Rtrb,
-        len,
-        &report,
-        "both sides spin".into(),
-    ))
+    Ok(Outcome::throughput(case, &report, "both sides spin".into()))
+}
+
+/// rtrb ping-pong between two threads, both spinning: the in-process floor of a round trip.
+pub fn rtrb_rtt(cfg: &Config, case: Case) -> Result<Outcome> {
+    let (mut req_tx, mut req_rx) = rtrb::RingBuffer::<u8>::new(cfg.capacity);
+    let (mut rep_tx, mut rep_rx) = rtrb::RingBuffer::<u8>::new(cfg.capacity);
+    let len = case.payload;
+    let frame = PREFIX + len;
+    let payload = Payload::new(len);
+    let clock = Clock::start(cfg);
+    let dl = clock.deadline;
+    let client = |abort: &AtomicBool| -> Result<(RttSamples, u64)> {
+        let mut scratch = Vec::new();
+        let (samples, seq) = clock.ping_pong(|seq| {
+            let mut chunk = req_tx.write_chunk_uninit(frame)?;
+            let (a, b) = chunk.as_mut_slices();
+            let mut w = SplitWriter::new(a, b);
+            w.put(&(len as u32).to_be_bytes());
+            payload.fill_split(&mut w, seq);
+            // SAFETY: the prefix and the payload fill the whole chunk.
+            unsafe { chunk.commit_all() };
+            spin_until(|| rep_rx.slots() >= frame, dl, abort)?;
+            let mut got = 0;
+            rtrb_read_chunk(&mut rep_rx, usize::MAX, &mut scratch, |f| match f {
+                Frame::Data(d) => {
+                    got += 1;
+                    payload.verify(d, seq)
+                }
+                _ => bail!("unexpected control frame in a reply"),
+            })?;
+            if got != 1 {
+                bail!("{got} replies to one ping");
+            }
+            Ok(())
+        })?;
+        rtrb_control(&mut req_tx, LEN_END, dl, abort)?;
+        Ok((samples, seq))
+    };
+    let server = |abort: &AtomicBool| -> Result<u64> {
+        let mut scratch = Vec::new();
+        let (mut served, mut done) = (0u64, false);
+        while !done {
+            spin_until(|| !req_rx.is_empty(), dl, abort)?;
+            rtrb_read_chunk(&mut req_rx, usize::MAX, &mut scratch, |f| {
+                match f {
+                    Frame::Data(d) => {
+                        let mut chunk = rep_tx.write_chunk_uninit(PREFIX + d.len())?;
+                        let (a, b) = chunk.as_mut_slices();
+                        let mut w = SplitWriter::new(a, b);
+                        w.put(&(d.len() as u32).to_be_bytes());
+                        w.put(d);
+                        // SAFETY: the prefix and the copied payload fill the whole chunk.
+                        unsafe { chunk.commit_all() };
+                        served += 1;
+                    }
+                    Frame::End => done = true,
+                    Frame::Mark => {}
+                }
+                Ok(())
+            })?;
+        }
+        Ok(served)
+    };
+    let ((samples, seq), served) = two_threads(cfg, client, server)?;
+    if served != seq {
+        bail!("the rtrb echo answered {served} pings of {seq}");
+    }
+    Outcome::rtt(case, &samples, "both sides spin".into())
 }
 
 // ----- crossbeam-queue ------------------------------------------------------------------------
@@ -204,16 +269,16 @@ enum Item<const N: usize> {
 }
 
 /// crossbeam-queue's `ArrayQueue` between two threads, one record per slot, moved by value
-/// (its slots hold fixed-size values, so only 64 B and 1 KiB payloads); `None` for another
-/// size.
-pub fn crossbeam_throughput(cfg: &Config, len: usize) -> Result<Option<Outcome>> {
-    let report = match len {
+/// (its slots hold fixed-size values, so only 64 B and 1 KiB payloads: another size is an
+/// error).
+pub fn crossbeam_throughput(cfg: &Config, case: Case) -> Result<Outcome> {
+    let report = match case.payload {
         64 => crossbeam_run::<64>(cfg)?,
         1024 => crossbeam_run::<1024>(cfg)?,
-        _ => return Ok(None),
+        p => bail!("crossbeam runs 64 B and 1 KiB payloads only, not {p} B"),
     };
     let note = "one record per slot, by value".to_owned();
-    Ok(Some(Outcome::new(Transport::Crossbeam, len, &report, note)))
+    Ok(Outcome::throughput(case, &report, note))
 }
 
 fn crossbeam_run<const N: usize>(cfg: &Config) -> Result<Report> {
