@@ -191,12 +191,15 @@ pub(super) struct Slab {
 }
 
 impl Slab {
-    /// An empty table whose generations derive from `seed`.
-    pub fn new(seed: u32) -> Slab {
+    /// An empty table whose generations derive from `seed`, with room for `cap` connections
+    /// reserved up front. Reserved is not resident: the allocator maps the space and the kernel gives it pages only as slots are
+    /// filled, so a front costs what its connections use, without the up-to-2x slack of a
+    /// table that doubles as it grows (and without copying a large table while it does).
+    pub fn with_capacity(seed: u32, cap: usize) -> Slab {
         Slab {
-            conns: Vec::new(),
-            gens: Vec::new(),
-            free: Vec::new(),
+            conns: Vec::with_capacity(cap),
+            gens: Vec::with_capacity(cap),
+            free: Vec::with_capacity(cap),
             seed,
         }
     }
@@ -225,11 +228,6 @@ impl Slab {
             };
             Some((key, c.as_ref()?))
         })
-    }
-
-    /// Every open connection, in slot order.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Conn> {
-        self.conns.iter_mut().flatten()
     }
 
     /// Open connections.
@@ -290,7 +288,7 @@ mod tests {
 
     #[test]
     fn a_stale_key_never_reaches_the_slots_next_connection() {
-        let mut slab = Slab::new(0x9e37_79b9);
+        let mut slab = Slab::with_capacity(0x9e37_79b9, 0);
         let a = slab.insert(conn());
         assert!(slab.get(a).is_some());
         assert!(slab.remove(a).is_some());
@@ -305,6 +303,19 @@ mod tests {
         assert!(slab.remove(a).is_none(), "and cannot remove it");
         assert_eq!(slab.keys(), [b]);
         assert_eq!(slab.len(), 1);
+    }
+
+    /// The per-connection budget (issue 15: at most 256 B of private memory per connection,
+    /// table slot, timer entry and all): a field added here costs a million connections its
+    /// size in megabytes.
+    #[test]
+    fn a_connection_slot_stays_small() {
+        let slot = std::mem::size_of::<Option<Conn>>();
+        assert!(slot <= 152, "Option<Conn> is {slot} bytes");
+        assert_eq!(
+            std::mem::size_of::<Option<Conn>>(),
+            std::mem::size_of::<Conn>()
+        );
     }
 
     #[test]
