@@ -140,16 +140,31 @@ fn twenty_thousand_connections_over_auto_fronts_are_held_and_none_is_closed() {
         num(&v, "pings_answered") >= CONNS,
         "every connection pinged: {v}"
     );
-    // The relay closed nobody: every close it counted is the clients' own, at the end.
-    let s = relay.stats();
-    for f in 0..fronts {
-        let fs = s.front(f);
-        for reason in shmrelay_tests::CloseReason::ALL {
-            if reason == shmrelay_tests::CloseReason::ClientEof {
-                continue;
+    // The relay closed nobody: every close it counted is the clients' own, when the client
+    // processes cut their connections at the end (a FIN, or a reset: `io_error` of class
+    // `reset`, the client's doing).
+    let o = Command::new(env!("CARGO_BIN_EXE_relayctl"))
+        .args(["stat", "--json", &relay.instance])
+        .output()
+        .expect("relayctl");
+    let r: InstanceReport = serde_json::from_slice(&o.stdout).unwrap();
+    for f in &r.fronts {
+        eprintln!(
+            "front {}: closes {:?}, io errors {:?}",
+            f.index, f.closes, f.io_errors
+        );
+        for (reason, &n) in &f.closes {
+            if reason != "client_eof" && reason != "io_error" {
+                assert_eq!(n, 0, "front {}: {n} closed as {reason}", f.index);
             }
-            let n = fs.closes[reason as usize].load(std::sync::atomic::Ordering::Relaxed);
-            assert_eq!(n, 0, "front {f}: {n} closed as {}", reason.as_str());
         }
+        let resets = f.io_errors.get("reset").copied().unwrap_or(0);
+        assert_eq!(
+            f.closes.get("io_error").copied().unwrap_or(0),
+            resets,
+            "front {}: io errors other than the clients' resets: {:?}",
+            f.index,
+            f.io_errors
+        );
     }
 }
