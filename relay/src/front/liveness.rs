@@ -54,6 +54,13 @@ impl Liveness {
         self.timeout.unwrap_or(interval + interval / 2)
     }
 
+    /// The longest a healthy connection may be silent (ticks): the heartbeat timeout of a
+    /// client that beats on its own at the longest interval. The kernel's backstops are sized
+    /// from it, so they never act on a connection our own heartbeats still consider alive.
+    pub fn longest_timeout(&self) -> u32 {
+        self.timeout(self.ping_max)
+    }
+
     /// The first check of a new connection.
     pub fn first(&self, codec: Codec, now: u32) -> u64 {
         let next = now as u64 + self.interval(0) as u64;
@@ -170,17 +177,40 @@ impl FrontClock {
 }
 
 /// Turns on keepalive and TCP_USER_TIMEOUT, the kernel's backstops for a peer that vanished
-/// without a FIN (our own heartbeats normally notice first). Best effort: a socket that
-/// refuses an option is still served.
+/// without a FIN while the front cannot notice (our own heartbeats normally notice first).
+/// `timeout_ms` is the longest silence our heartbeats allow a healthy client
+/// ([`Liveness::longest_timeout`]). Best effort: a socket that refuses an option is still
+/// served.
+///
+/// Sized so that the kernel never acts first on a healthy connection (issue 15): keepalive
+/// starts probing only after twice that silence (a client beating every `ping_max` is never
+/// probed: its beats or our pings always come sooner), and `TCP_USER_TIMEOUT`, which
+/// overrides the probe count once any probe is out, leaves room for every probe
+/// (`idle + (count + 1) x interval`). Sized from `ping_min` instead (22.5 s), every connection
+/// of clients beating each 60 s was probed at 44 s and aborted (`ETIMEDOUT`, counted as
+/// `io_error` / `timed_out`) when one probe's answer was lost: 2,461 of 200,000 in
+/// `scale.sh --conns 200000` when the clients closed at once, and the likely cause of the
+/// mass `io_error` closes at a million.
 pub(super) fn configure_socket(stream: &mio::net::TcpStream, timeout_ms: u64) {
     use nix::sys::socket::{setsockopt, sockopt};
-    let secs = (timeout_ms / 1000).clamp(1, 3600) as u32;
+    let (idle, interval, count, user_timeout_ms) = backstops(timeout_ms);
     let _ = setsockopt(stream, sockopt::KeepAlive, &true);
-    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &(secs * 2));
-    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &secs);
-    let _ = setsockopt(stream, sockopt::TcpKeepCount, &3);
-    let user_timeout = (timeout_ms * 2).min(i32::MAX as u64) as u32;
-    let _ = setsockopt(stream, sockopt::TcpUserTimeout, &user_timeout);
+    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &idle);
+    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &interval);
+    let _ = setsockopt(stream, sockopt::TcpKeepCount, &count);
+    let _ = setsockopt(stream, sockopt::TcpUserTimeout, &user_timeout_ms);
+}
+
+/// Keepalive idle and interval (s), probe count, and TCP_USER_TIMEOUT (ms) for connections
+/// whose longest healthy silence is `timeout_ms`.
+fn backstops(timeout_ms: u64) -> (u32, u32, u32, u32) {
+    // The kernel takes at most 32767 s for the keepalive times.
+    let secs = timeout_ms.div_ceil(1000).clamp(1, 16_000) as u32;
+    let idle = 2 * secs;
+    let interval = (secs / 3).max(1);
+    let count = 3;
+    let user_timeout_ms = (idle + (count + 1) * interval) * 1000;
+    (idle, interval, count, user_timeout_ms)
 }
 
 /// Smoothed RTT (microseconds) and total retransmissions of a socket. (nix has no sockopt for
@@ -226,6 +256,26 @@ mod tests {
     use std::time::Duration;
 
     const MS: u64 = 1_000_000;
+
+    /// The kernel never acts before our heartbeats: keepalive waits twice the longest healthy
+    /// silence, and TCP_USER_TIMEOUT (which ends the connection as soon as it has passed with
+    /// any probe out) leaves time for every probe.
+    #[test]
+    fn the_kernels_backstops_wait_for_every_probe_after_our_longest_timeout() {
+        let cfg = Config::default();
+        let l = Liveness::new(&cfg);
+        let longest_ms = l.longest_timeout() as u64 * TICK_MS;
+        assert_eq!(longest_ms, 90_000, "1.5 x ping_max");
+        for t in [1_000, 2_000, 22_500, 90_000, 7 * 24 * 3_600_000] {
+            let (idle, interval, count, user) = backstops(t);
+            assert!(idle as u64 * 1000 >= 2 * t.min(16_000_000), "{t}");
+            assert!(idle <= 32_767 && interval >= 1);
+            assert!(
+                user as u64 >= (idle + (count + 1) * interval) as u64 * 1000,
+                "{t}: TCP_USER_TIMEOUT {user} ms cuts the probes short"
+            );
+        }
+    }
 
     #[test]
     fn the_clients_clock_stops_while_the_front_is_late() {
@@ -289,12 +339,12 @@ mod tests {
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (sock, _) = listener.accept().unwrap();
         let sock = mio::net::TcpStream::from_std(sock);
-        configure_socket(&sock, 20_000);
+        configure_socket(&sock, 90_000);
         assert!(getsockopt(&sock, sockopt::KeepAlive).unwrap());
-        assert_eq!(getsockopt(&sock, sockopt::TcpKeepIdle).unwrap(), 40);
-        assert_eq!(getsockopt(&sock, sockopt::TcpKeepInterval).unwrap(), 20);
+        assert_eq!(getsockopt(&sock, sockopt::TcpKeepIdle).unwrap(), 180);
+        assert_eq!(getsockopt(&sock, sockopt::TcpKeepInterval).unwrap(), 30);
         assert_eq!(getsockopt(&sock, sockopt::TcpKeepCount).unwrap(), 3);
-        assert_eq!(getsockopt(&sock, sockopt::TcpUserTimeout).unwrap(), 40_000);
+        assert_eq!(getsockopt(&sock, sockopt::TcpUserTimeout).unwrap(), 300_000);
         assert!(tcp_info(&sock).is_some(), "TCP_INFO of a connected socket");
     }
 }
