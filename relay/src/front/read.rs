@@ -75,7 +75,7 @@ impl Front {
                 }
                 (routed.result, 0, routed.worker)
             } else {
-                let w = c.worker;
+                let w = c.worker();
                 let ch = &mut self.chans[w];
                 if ch.is_broken() {
                     self.close_conn(key, CloseReason::WorkerGone);

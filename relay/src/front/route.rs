@@ -75,7 +75,7 @@ pub(super) fn read_routed(
     max_pending: usize,
     now: u32,
 ) -> Routed {
-    let home = c.worker;
+    let home = c.worker();
     let done = |result, worker, new_head| Routed {
         result,
         worker,
