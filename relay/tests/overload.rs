@@ -3,14 +3,14 @@
 //! clients (answering pings, beating on their own, sending frames or the rest of a frame
 //! while it was stopped), and still closes the one that really went silent.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use shmrelay_tests::{eventually, frame, signal, Relay, Watchdog, SIGCONT, SIGSTOP};
+use shmrelay_tests::{eventually, frame, read_frames, signal, Relay, Watchdog, SIGCONT, SIGSTOP};
 use shmrelay_worker::CloseReason;
 
 /// How a test client behaves.
@@ -36,30 +36,9 @@ impl TestClient {
     fn connect(addr: SocketAddr, kind: Kind) -> TestClient {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_nodelay(true).unwrap();
-        let mut reader = stream.try_clone().unwrap();
-        let (tx, frames) = channel();
-        thread::spawn(move || loop {
-            let mut h = [0u8; 4];
-            if reader.read_exact(&mut h).is_err() {
-                let _ = tx.send(None);
-                return;
-            }
-            let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
-            if reader.read_exact(&mut p).is_err() {
-                let _ = tx.send(None);
-                return;
-            }
-            if p.is_empty() {
-                // A ping (or the answer to a beat): answering a ping is what a healthy client
-                // does; an extra length-0 frame to a beater's answer is one more beat.
-                if kind != Kind::Silent && (&reader).write_all(&[0u8; 4]).is_err() {
-                    let _ = tx.send(None);
-                    return;
-                }
-            } else if tx.send(Some(p)).is_err() {
-                return;
-            }
-        });
+        // A ping (or the answer to a beat): answering a ping is what a healthy client does; an
+        // extra length-0 frame to a beater's answer is one more beat.
+        let frames = read_frames(stream.try_clone().unwrap(), kind != Kind::Silent);
         if kind == Kind::Beats {
             let mut w = stream.try_clone().unwrap();
             thread::spawn(move || {
