@@ -52,6 +52,11 @@ fn twenty_thousand_connections_over_auto_fronts_are_held_and_none_is_closed() {
     };
     assert_eq!(fronts, auto_fronts(&cfg, CONNS, &limits), "{limits:?}");
     assert!(fronts >= 2, "20,000 connections do not fit one front's fds");
+    // Client processes that each stay under the open-files limit (two here, at 20,000).
+    let procs = CONNS
+        .div_ceil(limits.nofile.saturating_sub(256).max(1))
+        .max(2)
+        .to_string();
 
     let mut hold = Command::new(env!("CARGO_BIN_EXE_relaybench"))
         .args([
@@ -61,7 +66,7 @@ fn twenty_thousand_connections_over_auto_fronts_are_held_and_none_is_closed() {
             "--conns",
             &CONNS.to_string(),
             "--procs",
-            "2",
+            &procs,
             "--src-ips",
             "127.0.0.2-127.0.0.3",
             "--seconds",
