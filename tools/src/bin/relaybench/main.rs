@@ -17,6 +17,7 @@ mod hold;
 mod load;
 mod procs;
 mod ring;
+mod ws;
 
 #[derive(Parser)]
 #[command(name = "relaybench", version, about = "Benchmarks for shmrelay")]
@@ -29,7 +30,7 @@ struct Cli {
 enum Cmd {
     /// shm-ring's throughput against in-process queues, in one run.
     Ring(ring::Args),
-    /// Load generator for the length-prefixed wire protocol.
+    /// Load generator for the length-prefixed wire protocol or WebSocket (`--codec`).
     Load(load::Args),
     /// Idle long-lived connections with heartbeats, held and counted.
     Hold(hold::Args),
