@@ -149,6 +149,13 @@ pub struct FrontStats {
     /// retries of the backlog after fds were freed (a close or the retry timer).
     pub accept_emfile: AtomicU64,
     pub accept_retries: AtomicU64,
+    // --- WebSocket listeners (issue 16) ---
+    /// Websocket handshakes completed (101 sent, the worker told).
+    pub ws_upgrades: AtomicU64,
+    /// Websocket handshakes refused, by status: 400, 403, 404, 405, 426.
+    pub ws_refused: [AtomicU64; 5],
+    /// Websocket handshakes not complete within 10 s (closed).
+    pub ws_handshake_timeouts: AtomicU64,
 }
 
 /// One worker slot's counters (written by the supervisor).

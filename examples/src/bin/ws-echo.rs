@@ -88,9 +88,9 @@ async fn serve(args: Args) -> Result<()> {
         )?;
         out.flush()?;
     }
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(args.max_message))
-        .max_frame_size(Some(args.max_message));
+    let mut config = WebSocketConfig::default();
+    config.max_message_size = Some(args.max_message);
+    config.max_frame_size = Some(args.max_message);
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use shmrelay_worker::codec::ProtocolError;
-use shmrelay_worker::protocol::FRAME_HEADER;
 use shmrelay_worker::CloseReason;
 use tracing::{debug, info, warn};
 
@@ -299,6 +298,16 @@ impl Front {
                 self.fail_conn(key, FRAME_TIMEOUT);
                 continue;
             }
+            // A websocket handshake not complete within HANDSHAKE_MS.
+            if c.handshaking() {
+                let deadline = super::websocket::handshake_deadline(c.last_rx);
+                if now.wrapping_sub(deadline) as i32 >= 0 {
+                    add(&self.fs.ws_handshake_timeouts, 1);
+                    debug!(slot = key.slot, "websocket handshake not complete in time");
+                    self.close_conn(key, CloseReason::ProtocolError);
+                    continue;
+                }
+            }
             // A cheap kernel sample, once per check rather than per frame, and only where the
             // ping interval needs it: a client that beats on its own sets its own pace.
             if c.rtt_us == 0 || !c.client_beats {
@@ -325,7 +334,8 @@ impl Front {
                     c.ping_outstanding = true;
                     c.ping_sent = now;
                     add(&self.fs.pings_sent, 1);
-                    if let Err(reason) = self.send(key, &[IoSlice::new(&[0u8; FRAME_HEADER])]) {
+                    let ping = c.codec.ping();
+                    if let Err(reason) = self.send(key, &[IoSlice::new(ping)]) {
                         self.close_conn(key, reason);
                         continue;
                     }

@@ -85,6 +85,9 @@ pub enum Codec {
     /// Frames are whole raw Redis commands; `send` writes its bytes as they are, which must
     /// be whole RESP values.
     Resp = 2,
+    /// Frames are whole WebSocket messages (text or binary); `send` writes one binary
+    /// message, or one of the kind being answered while answering.
+    WebSocket = 3,
 }
 
 impl From<shmrelay_worker::Codec> for Codec {
@@ -93,6 +96,7 @@ impl From<shmrelay_worker::Codec> for Codec {
             shmrelay_worker::Codec::LengthPrefixed => Codec::LengthPrefixed,
             shmrelay_worker::Codec::Line => Codec::Line,
             shmrelay_worker::Codec::Resp => Codec::Resp,
+            shmrelay_worker::Codec::WebSocket => Codec::WebSocket,
         }
     }
 }
