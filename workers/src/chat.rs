@@ -359,12 +359,13 @@ fn not_joined(room: &str) -> Refusal {
     Refusal("not_joined", format!("not in room {room:?}: join it first"))
 }
 
-/// Sends one event to one connection. A push to a connection that closed meanwhile is
+/// Sends one event to one connection, as a text message (JSON is text; on a listener of
+/// another codec the kind is simply not carried). A push to a connection that closed meanwhile is
 /// dropped by the front; a failure for the connection being answered is answered by the SDK
 /// (see [`Out::send`]), so nothing is left to do here.
 fn send<T: Serialize + ?Sized>(out: &mut Out<'_>, conn: ConnId, event: &T) {
-    if let Ok(json) = serde_json::to_vec(event) {
-        let _ = out.send(conn, &json);
+    if let Ok(json) = serde_json::to_string(event) {
+        let _ = out.send_text(conn, &json);
     }
 }
 
@@ -375,11 +376,11 @@ fn broadcast<T: Serialize + ?Sized>(
     except: Option<ConnId>,
     event: &T,
 ) {
-    let Ok(json) = serde_json::to_vec(event) else {
+    let Ok(json) = serde_json::to_string(event) else {
         return;
     };
     for &m in members.iter().filter(|&&m| Some(m) != except) {
-        let _ = out.send(m, &json);
+        let _ = out.send_text(m, &json);
     }
 }
 
