@@ -23,3 +23,12 @@ wait_port() {
     cat "$log" >&2 || true
     die "$name does not listen on 127.0.0.1:$port"
 }
+
+# stop_pid PID: SIGTERM, up to 5 s for it to exit, then SIGKILL (no-op for an empty PID).
+stop_pid() {
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+}

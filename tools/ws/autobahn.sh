@@ -74,11 +74,7 @@ fi
 work=$(mktemp -d /tmp/shmrelay-autobahn.XXXXXX)
 relay_pid=""
 cleanup() {
-    if [ -n "$relay_pid" ]; then
-        kill -TERM "$relay_pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$relay_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$relay_pid" 2>/dev/null || true
-    fi
+    stop_pid "$relay_pid"
     rm -rf "$work"
 }
 trap cleanup EXIT

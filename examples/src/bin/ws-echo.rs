@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -48,36 +48,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.threads == 0 {
-        bail!("--threads must be at least 1");
-    }
-    let mut builder = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(args.threads);
-        b
-    };
-    let rt = builder
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    rt.block_on(serve(args))
+    shmrelay_examples::runtime(args.threads)?.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> Result<()> {
-    let socket = match args.listen {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .context("cannot create the listening socket")?;
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(args.listen)
-        .with_context(|| format!("cannot bind {}", args.listen))?;
-    let listener = socket
-        .listen(args.backlog)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = shmrelay_examples::listen(args.listen, args.backlog)?;
     let local = listener.local_addr()?;
     {
         let mut out = std::io::stdout().lock();
@@ -88,9 +63,11 @@ async fn serve(args: Args) -> Result<()> {
         )?;
         out.flush()?;
     }
-    let mut config = WebSocketConfig::default();
-    config.max_message_size = Some(args.max_message);
-    config.max_frame_size = Some(args.max_message);
+    let config = WebSocketConfig {
+        max_message_size: Some(args.max_message),
+        max_frame_size: Some(args.max_message),
+        ..WebSocketConfig::default()
+    };
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
