@@ -300,8 +300,8 @@ impl Front {
             }
             // A websocket handshake not complete within HANDSHAKE_MS.
             if c.handshaking() {
-                let deadline = super::websocket::handshake_deadline(c.last_rx);
-                if now.wrapping_sub(deadline) as i32 >= 0 {
+                let limit = super::websocket::handshake_ticks(self.frame_ticks);
+                if now.wrapping_sub(c.last_rx) >= limit {
                     add(&self.fs.ws_handshake_timeouts, 1);
                     debug!(slot = key.slot, "websocket handshake not complete in time");
                     self.close_conn(key, CloseReason::ProtocolError);

@@ -22,7 +22,8 @@ use super::read::{read_error, read_into_carry, ReadResult, Walk};
 use super::Front;
 use crate::stats::add;
 
-/// How long a client has to send its whole handshake request.
+/// How long a client has at most to send its whole handshake request (less if
+/// `frame_timeout_ms` is less).
 pub(super) const HANDSHAKE_MS: u64 = 10_000;
 /// Control frames (pongs) held for a client that does not read: past this it is closed as a
 /// slow consumer.
@@ -301,7 +302,13 @@ pub(super) fn last_words(c: &mut Conn, reason: CloseReason) -> Option<Vec<u8>> {
     }
 }
 
-/// The handshake deadline of a connection accepted at tick `since`, in ticks.
-pub(super) fn handshake_deadline(since: u32) -> u32 {
-    since.wrapping_add((HANDSHAKE_MS / TICK_MS) as u32)
+/// How long a handshake may take, in ticks: [`HANDSHAKE_MS`], or `frame_timeout_ms` if that
+/// is shorter (`frame_ticks`, 0 when off).
+pub(super) fn handshake_ticks(frame_ticks: u32) -> u32 {
+    let limit = (HANDSHAKE_MS / TICK_MS) as u32;
+    if frame_ticks > 0 {
+        limit.min(frame_ticks)
+    } else {
+        limit
+    }
 }
