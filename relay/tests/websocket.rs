@@ -506,3 +506,34 @@ fn four_kib_messages_stay_zero_copy() {
         copied as f64 * 100.0 / moved as f64
     );
 }
+
+/// A reply longer than a ring record goes out as one frame in pieces: a ping answered while
+/// it is part way out waits for its end, so the stream stays frames.
+#[test]
+fn pongs_never_split_a_long_reply() {
+    let r = relay(
+        "ws-long-reply",
+        &["--set", "max_frame=65536", "--set", "ring_capacity=262144"],
+    );
+    let mut s = upgrade(r.addr, "");
+    for round in 0..10u8 {
+        send(&mut s, opcode::TEXT, b"big! 3000000");
+        // The reply's header and first bytes are out: its pieces are still coming.
+        let mut head = [0u8; 10];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(head[..2], [0x81, 127]);
+        assert_eq!(u64::from_be_bytes(head[2..].try_into().unwrap()), 3_000_000);
+        for i in 0..20u8 {
+            send(&mut s, opcode::PING, &[round, i]);
+        }
+        let mut body = vec![0u8; 3_000_000];
+        s.read_exact(&mut body).unwrap();
+        assert!(
+            body.iter().all(|&b| b == b'x'),
+            "a pong inside the reply's payload"
+        );
+        for i in 0..20u8 {
+            assert_eq!(recv(&mut s), Some((opcode::PONG, vec![round, i])));
+        }
+    }
+}

@@ -77,7 +77,8 @@ impl Handler for PubSub {
 /// worker is told: the frame `journal?` is answered with the last events, one per line
 /// (`open CONN PEER`, `close CONN REASON`; a websocket client's open also has
 /// `path=... protocol=... authorization=... cookie=...`), instead of being echoed. The frame
-/// `close! CODE REASON` closes the connection with that close code and reason (websocket).
+/// `close! CODE REASON` closes the connection with that close code and reason (websocket);
+/// `big! N` is answered with N bytes of `x` (a reply longer than a ring record).
 #[derive(Default)]
 pub struct Journal {
     events: VecDeque<String>,
@@ -116,6 +117,12 @@ impl Handler for Journal {
             {
                 let _ = out.send(conn, b"err bad close code");
             }
+        } else if let Some(n) = frame.strip_prefix(b"big! ") {
+            let n = std::str::from_utf8(n)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let _ = out.send(conn, &vec![b'x'; n]);
         } else if frame == b"journal?" {
             let text = self
                 .events
