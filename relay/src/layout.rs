@@ -154,7 +154,8 @@ pub struct FrontStats {
     pub ws_upgrades: AtomicU64,
     /// Websocket handshakes refused, by status: 400, 403, 404, 405, 426.
     pub ws_refused: [AtomicU64; 5],
-    /// Websocket handshakes not complete within 10 s (closed).
+    /// Websocket handshakes not complete in time (10 s, or `frame_timeout_ms` if shorter):
+    /// closed.
     pub ws_handshake_timeouts: AtomicU64,
 }
 

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::conn::Conn;
 use super::liveness::{self, TICK_MS};
 use super::routing::Route;
-use super::websocket::{Ws, HANDSHAKE_MS};
+use super::websocket::{handshake_ticks, Ws};
 use super::{Front, LISTENER_BASE};
 use crate::stats::add;
 
@@ -92,7 +92,7 @@ impl Front {
             let key = self.slab.insert(conn);
             let mut first = self.liveness.first(codec, now);
             if ws {
-                first = first.min(now as u64 + (HANDSHAKE_MS / TICK_MS));
+                first = first.min(now as u64 + handshake_ticks(self.frame_ticks) as u64);
             }
             let at = self.wheel.schedule(key.timer(), first);
             let c = self.slab.get(key).expect("just inserted");

@@ -278,7 +278,7 @@ impl Front {
         let now = self.now as u32;
         for (key, at) in due.drain(..) {
             let key = ConnKey::from_timer(key);
-            let Some(c) = self.slab.get(key) else {
+            let Some(mut c) = self.slab.get(key) else {
                 continue;
             };
             if c.timer_at != at {
@@ -298,10 +298,17 @@ impl Front {
                 self.fail_conn(key, FRAME_TIMEOUT);
                 continue;
             }
+            if super::websocket::control_waiting(c) {
+                self.ws_after_read(key);
+                let Some(again) = self.slab.get(key) else {
+                    continue;
+                };
+                c = again;
+            }
             // A websocket handshake not complete within HANDSHAKE_MS.
             if c.handshaking() {
-                let deadline = super::websocket::handshake_deadline(c.last_rx);
-                if now.wrapping_sub(deadline) as i32 >= 0 {
+                let limit = super::websocket::handshake_ticks(self.frame_ticks);
+                if now.wrapping_sub(c.last_rx) >= limit {
                     add(&self.fs.ws_handshake_timeouts, 1);
                     debug!(slot = key.slot, "websocket handshake not complete in time");
                     self.close_conn(key, CloseReason::ProtocolError);
@@ -330,6 +337,11 @@ impl Front {
                     self.close_conn(key, reason);
                     continue;
                 }
+                Verdict::Ping(next)
+                    if super::websocket::mid_reply(c, &self.chans, key.id(self.index).raw()) =>
+                {
+                    next.min(self.now + 1)
+                }
                 Verdict::Ping(next) => {
                     c.ping_outstanding = true;
                     c.ping_sent = now;
@@ -343,7 +355,15 @@ impl Front {
                 }
                 Verdict::Wait(next) => next,
             };
-            let next = partial_deadline.map_or(next, |d| next.min(d));
+            let mut next = partial_deadline.map_or(next, |d| next.min(d));
+            if self
+                .slab
+                .get(key)
+                .is_some_and(|c| super::websocket::control_waiting(c))
+            {
+                // Pongs held behind a long reply: looked at again next tick.
+                next = next.min(self.now + 1);
+            }
             let at = self.wheel.schedule(key.timer(), next);
             if let Some(c) = self.slab.get(key) {
                 c.timer_at = at;

@@ -301,6 +301,8 @@ mod tests {
         let open = Settings::default();
         let req = with("Origin: https://ok\r\n", "");
         let a = check(req.as_bytes(), &open, "p").unwrap().unwrap();
-        assert!(!String::from_utf8(a.response).unwrap().contains("Protocol"));
+        assert!(!String::from_utf8(a.response)
+            .unwrap()
+            .contains("Sec-WebSocket-Protocol"));
     }
 }

@@ -22,7 +22,8 @@ use super::read::{read_error, read_into_carry, ReadResult, Walk};
 use super::Front;
 use crate::stats::add;
 
-/// How long a client has to send its whole handshake request.
+/// How long a client has at most to send its whole handshake request (less if
+/// `frame_timeout_ms` is less).
 pub(super) const HANDSHAKE_MS: u64 = 10_000;
 /// Control frames (pongs) held for a client that does not read: past this it is closed as a
 /// slow consumer.
@@ -239,12 +240,29 @@ impl Front {
         let Some(c) = self.slab.get(key) else {
             return;
         };
+        let id = key.id(self.index).raw();
+        let mid = mid_reply(c, &self.chans, id);
         let Some(ws) = c.ws.as_mut() else {
             return;
         };
         let pings = std::mem::take(&mut ws.pings);
         let closing = ws.client_close.is_some();
-        let control = std::mem::take(&mut ws.control);
+        // Not in the middle of a long reply's frame: held until its last piece is out.
+        let control = if mid {
+            Vec::new()
+        } else {
+            std::mem::take(&mut ws.control)
+        };
+        if ws.control.len() > MAX_CONTROL_QUEUE {
+            return self.close_conn(key, CloseReason::SlowConsumer);
+        }
+        if mid && !ws.control.is_empty() {
+            // Looked at again at the next tick (check_timers), until the reply is out.
+            let soon = self.now + 1;
+            if soon < c.timer_at {
+                c.timer_at = self.wheel.schedule(key.timer(), soon);
+            }
+        }
         if closing {
             // Nothing after the close frame counts: whatever was carried is dropped.
             self.partial_total -= c.partial;
@@ -255,9 +273,6 @@ impl Front {
             add(&self.fs.heartbeats, pings);
         }
         if !control.is_empty() {
-            if control.len() > MAX_CONTROL_QUEUE {
-                return self.close_conn(key, CloseReason::SlowConsumer);
-            }
             if let Err(reason) = self.send(key, &[IoSlice::new(&control)]) {
                 return self.close_conn(key, reason);
             }
@@ -291,6 +306,22 @@ impl Front {
     }
 }
 
+/// True if a control frame may not be written to the connection now: its worker's long reply
+/// to it is part way out (the frame's payload continues in later records). Pongs wait for the
+/// next read or timer visit, pings for the next timer visit.
+pub(super) fn mid_reply(c: &Conn, chans: &[super::channel::Chan], id: u64) -> bool {
+    c.ws.is_some()
+        && chans
+            .get(c.worker)
+            .and_then(|ch| ch.split.as_ref())
+            .is_some_and(|s| s.conn == id)
+}
+
+/// True if pongs wait to be written (see [`mid_reply`]).
+pub(super) fn control_waiting(c: &Conn) -> bool {
+    c.ws.as_ref().is_some_and(|w| !w.control.is_empty())
+}
+
 /// The bytes a connection gets just before its socket closes: the codec's error reply after a
 /// protocol error, or a websocket close frame (see [`Ws::goodbye`]).
 pub(super) fn last_words(c: &mut Conn, reason: CloseReason) -> Option<Vec<u8>> {
@@ -301,7 +332,13 @@ pub(super) fn last_words(c: &mut Conn, reason: CloseReason) -> Option<Vec<u8>> {
     }
 }
 
-/// The handshake deadline of a connection accepted at tick `since`, in ticks.
-pub(super) fn handshake_deadline(since: u32) -> u32 {
-    since.wrapping_add((HANDSHAKE_MS / TICK_MS) as u32)
+/// How long a handshake may take, in ticks: [`HANDSHAKE_MS`], or `frame_timeout_ms` if that
+/// is shorter (`frame_ticks`, 0 when off).
+pub(super) fn handshake_ticks(frame_ticks: u32) -> u32 {
+    let limit = (HANDSHAKE_MS / TICK_MS) as u32;
+    if frame_ticks > 0 {
+        limit.min(frame_ticks)
+    } else {
+        limit
+    }
 }
