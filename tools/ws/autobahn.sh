@@ -72,9 +72,9 @@ fi
 [ -x "$bin" ] || die "no shmrelay binary at $bin"
 
 work=$(mktemp -d /tmp/shmrelay-autobahn.XXXXXX)
-relay_pid=""
+RELAY_PID=""
 cleanup() {
-    stop_pid "$relay_pid"
+    stop_pid "$RELAY_PID"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -82,19 +82,8 @@ trap cleanup EXIT
 port=$(free_ports 1)
 # 9.* echoes messages of up to 16 MiB: max_frame is that, the rings hold two of them
 # (ring_capacity's default) and a client may have one whole echo queued (max_pending).
-cat >"$work/relay.toml" <<EOF
-instance = "autobahn-$$"
-max_frame = 16777216
-max_pending = 67108864
-
-[[listener]]
-listen = "127.0.0.1:$port"
-codec = "websocket"
-workers = 1
-EOF
-RUST_LOG=${RUST_LOG:-warn} "$bin" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
-relay_pid=$!
-wait_port "$port" "$relay_pid" shmrelay "$work/relay.log"
+RUST_LOG=${RUST_LOG:-warn} start_ws_relay "$bin" "$work" "$port" "autobahn-$$" \
+    'max_frame = 16777216' 'max_pending = 67108864'
 
 include=()
 for c in "${cases[@]}"; do include+=(-i "$c"); done
@@ -110,7 +99,7 @@ set -e
 took=$(( $(date +%s) - start ))
 tail -n 30 "$work/kosoku.log" >&2
 [ $rc = 124 ] && die "kosoku did not finish within ${timeout_s} s"
-kill -0 "$relay_pid" 2>/dev/null || { cat "$work/relay.log" >&2; die "the relay died during the run"; }
+kill -0 "$RELAY_PID" 2>/dev/null || { cat "$work/relay.log" >&2; die "the relay died during the run"; }
 [ -f "$out/index.json" ] || die "kosoku wrote no report (exit $rc)"
 
 # kosoku exits 1 on any FAILED case, but NON-STRICT and INFORMATIONAL are passes here and

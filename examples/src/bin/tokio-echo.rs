@@ -9,12 +9,9 @@
 //! the next read. The read buffer starts small and grows when reads fill it (and shrinks back
 //! when the connection is quiet), so idle connections stay cheap.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Result;
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -31,62 +28,28 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the `listening on` line shows it).
     #[arg(long, default_value = "127.0.0.1:7879")]
     listen: SocketAddr,
-    /// Runtime threads: 1 = current-thread runtime, N > 1 = multi-thread runtime with N workers.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
     /// Largest payload accepted (bytes); a longer length closes that connection.
     #[arg(long, default_value_t = 1 << 20)]
     max_frame: u32,
-    /// Listen backlog.
-    #[arg(long, default_value_t = 4096)]
-    backlog: u32,
+    #[command(flatten)]
+    server: shmrelay_examples::ServerArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tokio-echo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(args: Args) -> Result<()> {
-    shmrelay_examples::runtime(args.threads)?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> Result<()> {
-    let listener = shmrelay_examples::listen(args.listen, args.backlog)?;
-    let local = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "tokio-echo: listening on {local} (threads {}, max frame {} bytes)",
-            args.threads, args.max_frame
-        )?;
-        out.flush()?;
-    }
     let max_frame = args.max_frame;
-    loop {
-        match listener.accept().await {
-            Ok((stream, _peer)) => {
-                // Latency matters more than packet count for small echoed frames.
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    // Errors (resets, a client vanishing) only end that connection.
-                    let _ = echo(stream, max_frame).await;
-                });
-            }
-            Err(e) => {
-                // EMFILE / ENFILE / ECONNABORTED: report, back off briefly, keep serving.
-                eprintln!("tokio-echo: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
+    let detail = format!("max frame {max_frame} bytes");
+    let server = shmrelay_examples::serve(
+        "tokio-echo",
+        args.listen,
+        &args.server,
+        &detail,
+        move |s| async move {
+            // Errors (resets, a client vanishing) only end that connection.
+            let _ = echo(s, max_frame).await;
+        },
+    );
+    shmrelay_examples::exit_code("tokio-echo", args.server.block_on(server))
 }
 
 /// Outcome of scanning the buffered bytes for complete frames.

@@ -6,12 +6,9 @@
 //! handshake is done by tungstenite. Efficiency: the messages that are already readable are
 //! echoed and then flushed together (one write for a batch, not one per message).
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Result;
 use clap::Parser;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -25,66 +22,32 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the `listening on` line shows it).
     #[arg(long, default_value = "127.0.0.1:7880")]
     listen: SocketAddr,
-    /// Runtime threads: 1 = current-thread runtime, N > 1 = multi-thread runtime with N workers.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
     /// Largest message accepted (bytes); a longer one closes that connection (1009).
     #[arg(long, default_value_t = 1 << 20)]
     max_message: usize,
-    /// Listen backlog.
-    #[arg(long, default_value_t = 4096)]
-    backlog: u32,
+    #[command(flatten)]
+    server: shmrelay_examples::ServerArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ws-echo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(args: Args) -> Result<()> {
-    shmrelay_examples::runtime(args.threads)?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> Result<()> {
-    let listener = shmrelay_examples::listen(args.listen, args.backlog)?;
-    let local = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "ws-echo: listening on {local} (threads {}, max message {} bytes)",
-            args.threads, args.max_message
-        )?;
-        out.flush()?;
-    }
     let config = WebSocketConfig {
         max_message_size: Some(args.max_message),
         max_frame_size: Some(args.max_message),
         ..WebSocketConfig::default()
     };
-    loop {
-        match listener.accept().await {
-            Ok((stream, _peer)) => {
-                // Latency matters more than packet count for small echoed messages.
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    // Errors (bad handshakes, resets) only end that connection.
-                    let _ = echo(stream, config).await;
-                });
-            }
-            Err(e) => {
-                // EMFILE / ENFILE / ECONNABORTED: report, back off briefly, keep serving.
-                eprintln!("ws-echo: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
+    let detail = format!("max message {} bytes", args.max_message);
+    let server = shmrelay_examples::serve(
+        "ws-echo",
+        args.listen,
+        &args.server,
+        &detail,
+        move |s| async move {
+            // Errors (bad handshakes, resets) only end that connection.
+            let _ = echo(s, config).await;
+        },
+    );
+    shmrelay_examples::exit_code("ws-echo", args.server.block_on(server))
 }
 
 async fn echo(stream: TcpStream, config: WebSocketConfig) -> Result<(), WsError> {
