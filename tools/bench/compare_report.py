@@ -19,12 +19,12 @@ LABEL = {
     "haproxy": "HAProxy + tokio-echo",
     "nginx": "nginx stream + tokio-echo",
     "tokio": "tokio-echo alone",
-    "shmrelay-ws": "shmrelay websocket listener (1 front + 1 worker)",
-    "nginx-ws": "nginx WebSocket proxy + ws-echo",
-    "ws-echo": "ws-echo (tokio-tungstenite) alone",
+    "shmrelay-ws": "shmrelay websocket",
+    "nginx-ws": "nginx ws + ws-echo",
+    "ws-echo": "ws-echo alone",
 }
 COLOR = {"shmrelay": "#d95f02", "shmrelay-base": "#e6ab02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888",
-         "shmrelay-ws": "#d95f02", "nginx-ws": "#7570b3", "ws-echo": "#888888"}
+         "shmrelay-ws": "#e7298a", "nginx-ws": "#66a61e", "ws-echo": "#a6761d"}
 
 
 def size_label(size):
@@ -307,8 +307,10 @@ def svg(runs_rows, title, subtitle=""):
     panel(top, "req_per_sec", "requests/s (higher is better)", human, axis_fmt=human)
     panel(top + panel_h, "p99_us", "p99 latency, ms (lower is better)", fmt_ms, axis_fmt=axis_ms)
     ly = top + 2 * panel_h + 8
+    # Five systems (a WebSocket run with the length-prefixed pair) share the width.
+    step = min(215, (W - left - right) // max(1, len(systems)))
     for i, s in enumerate(systems):
-        x = left + i * 215
+        x = left + i * step
         parts.append(f'<rect x="{x:.1f}" y="{ly}" width="14" height="14" fill="{COLOR.get(s, "#333")}"/>')
         parts.append(f'<text x="{x + 20:.1f}" y="{ly + 12}">{escape(LABEL.get(s, s))}</text>')
     if nruns > 1:

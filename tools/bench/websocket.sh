@@ -9,8 +9,8 @@
 #    /proc/PID/smaps_rollup, supervisor + front + worker) with no connection and with
 #    --idle-conns idle WebSocket connections (upgraded, no message), per connection.
 #
-# Usage: tools/bench/websocket.sh [--out DIR] [--idle-conns N] [--no-memory] [--no-build]
-#                                 [any compare.sh option, e.g. --repeat 5 --seconds 5]
+# Usage: tools/bench/websocket.sh [--out DIR] [--idle-conns N] [--no-memory] [--memory-only]
+#                                 [--no-build] [any compare.sh option, e.g. --repeat 5]
 # Default OUT: target/websocket. Targets (issue 16): >= 2x nginx and >= 0.8x ws-echo at 64 B and
 # 1,000 connections; <= 512 B of relay private memory per idle WebSocket connection.
 set -euo pipefail
@@ -23,6 +23,7 @@ say() { printf '[websocket] %s\n' "$*" >&2; }
 OUT="$ROOT/target/websocket"
 IDLE=10000
 MEMORY=1
+THROUGHPUT=1
 BUILD=1
 PASS=()
 while [ $# -gt 0 ]; do
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift 2 ;;
         --idle-conns) IDLE="$2"; shift 2 ;;
         --no-memory) MEMORY=0; shift ;;
+        --memory-only) THROUGHPUT=0; shift ;;
         --no-build) BUILD=0; shift ;;
         -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) PASS+=("$1"); shift ;;
@@ -45,8 +47,10 @@ fi
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
 # ---- 1. throughput (compare.sh starts, measures and stops the three systems)
-"$ROOT/tools/bench/compare.sh" --no-build --systems "shmrelay-ws nginx-ws ws-echo" \
-    --sizes 64 --conns 1000 --out "$OUT" "${PASS[@]}"
+if [ "$THROUGHPUT" = 1 ]; then
+    "$ROOT/tools/bench/compare.sh" --no-build --systems "shmrelay-ws nginx-ws ws-echo" \
+        --sizes 64 --conns 1000 --out "$OUT" "${PASS[@]}"
+fi
 [ "$MEMORY" = 1 ] || exit 0
 
 # ---- 2. private memory per idle WebSocket connection
