@@ -1,10 +1,12 @@
-//! The chat worker's unit tests: a real `Worker` on fake rings ([`crate::testing`]), requests
-//! written as a front writes them, replies read as a front reads them.
+//! The chat worker's unit tests: a real `Worker` of a websocket listener on fake rings
+//! ([`crate::testing`]), text messages written as a front writes them, replies read as a front
+//! reads them (each must be a text message).
 
 use serde_json::{json, Value};
 
 use super::*;
-use crate::protocol::tag;
+use crate::codec::websocket::{opcode, write_header, MAX_HEADER};
+use crate::protocol::{flags, tag};
 use crate::testing::{attach, FakeFront};
 use crate::{Codec, Worker};
 
@@ -20,7 +22,7 @@ fn conn(slot: u32) -> ConnId {
 
 impl Bench {
     fn new(limits: ChatLimits) -> Bench {
-        let (worker, front) = attach(0, Codec::LengthPrefixed, 1 << 20);
+        let (worker, front) = attach(0, Codec::WebSocket, 1 << 20);
         Bench {
             worker,
             front,
@@ -38,8 +40,11 @@ impl Bench {
     }
 
     fn send(&mut self, c: ConnId, msg: &str) {
-        let wire = Codec::LengthPrefixed.encode(msg.as_bytes());
-        self.front.push(tag::DATA, c, 0, &wire);
+        // A DATA record holds the message's frame as the front leaves it (unmasked in place).
+        let mut h = [0u8; MAX_HEADER];
+        let n = write_header(&mut h, true, opcode::TEXT, msg.len() as u64, Some([0; 4]));
+        self.front
+            .push(tag::DATA, c, 0, &[&h[..n], msg.as_bytes()].concat());
         self.poll();
     }
 
@@ -57,6 +62,7 @@ impl Bench {
             let rec = rec.unwrap();
             end = Some(rec.end());
             if rec.tag() == tag::SEND {
+                assert_ne!(rec.flags() & flags::TEXT, 0, "a text message");
                 let v: Value = serde_json::from_slice(&rec.payload_to_vec()).unwrap();
                 got.push((ConnId::from_raw(rec.conn()), v));
             }
