@@ -61,7 +61,9 @@ mod worker;
 
 pub use error::{shmrelay_last_error, Status};
 pub use out::{
-    shmrelay_close, shmrelay_commit, shmrelay_reserve, shmrelay_send, shmrelay_send_with, Fill, Out,
+    shmrelay_close, shmrelay_close_with, shmrelay_commit, shmrelay_message_kind, shmrelay_reserve,
+    shmrelay_send, shmrelay_send_kind, shmrelay_send_with, shmrelay_upgrade_info, Fill,
+    MessageKind, Out, Upgrade,
 };
 pub use worker::{
     shmrelay_stop_requested, shmrelay_worker_codec, shmrelay_worker_fd, shmrelay_worker_free,
