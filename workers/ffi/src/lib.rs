@@ -55,6 +55,8 @@ use std::sync::OnceLock;
 
 #[cfg(test)]
 mod abi_tests;
+#[cfg(test)]
+mod abi_ws_tests;
 mod error;
 mod out;
 mod worker;
