@@ -111,19 +111,10 @@ fn kinds_closes_and_handshake_fields() {
             Status::InvalidArgument
         ]
     );
-    let recs: Vec<(u16, u16, u64, Vec<u8>)> = front
-        .rep
-        .records()
-        .unwrap()
-        .map(|r| {
-            let r = r.unwrap();
-            (
-                r.tag(),
-                r.flags() & flags::TEXT,
-                r.aux(),
-                r.payload_to_vec(),
-            )
-        })
+    let recs: Vec<_> = front
+        .replies()
+        .into_iter()
+        .map(|(t, f, aux, p)| (t, f & flags::TEXT, aux, p))
         .collect();
     assert_eq!(
         recs[..2],
