@@ -197,6 +197,16 @@ impl Out<'_> {
         self.note(conn, r)
     }
 
+    /// The kind of the message being handled ([`MessageKind::Binary`] outside `on_message` /
+    /// `on_frame`, and for every codec but `websocket`): for bindings whose frame callback
+    /// has no kind argument.
+    pub fn message_kind(&self) -> MessageKind {
+        match self.answering_conn {
+            Some(_) => self.answering_kind,
+            None => MessageKind::Binary,
+        }
+    }
+
     /// The kind [`send`](Out::send) uses: that of the message being answered, else binary.
     fn default_kind(&self, conn: ConnId) -> MessageKind {
         if self.answering_conn == Some(conn) {

@@ -77,19 +77,10 @@ fn kinds_fields_and_closes_travel_both_ways() {
             (MessageKind::Text, b"bye".to_vec()),
         ]
     );
-    let got: Vec<(u16, u16, u64, Vec<u8>)> = front
-        .rep
-        .records()
-        .unwrap()
-        .map(|r| {
-            let r = r.unwrap();
-            (
-                r.tag(),
-                r.flags() & flags::TEXT,
-                r.aux(),
-                r.payload_to_vec(),
-            )
-        })
+    let got: Vec<_> = front
+        .replies()
+        .into_iter()
+        .map(|(t, f, aux, p)| (t, f & flags::TEXT, aux, p))
         .collect();
     let text = flags::TEXT;
     assert_eq!(got.len(), 5, "{got:?}");

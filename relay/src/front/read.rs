@@ -393,6 +393,7 @@ fn scan_carry(c: &Conn, max_frame: u32) -> Result<Scan, ProtocolError> {
 }
 
 /// What the start of a buffer holds, frame by frame.
+#[derive(Default)]
 pub(super) struct Walk {
     /// End of the whole frames.
     pub pos: usize,
@@ -421,15 +422,7 @@ fn walk_mut(c: &mut Conn, buf: &mut [u8], max_frame: u32) -> Walk {
 /// What `buf` holds, frame by frame: the whole frames (heartbeats counted apart), then
 /// malformed input or the size of the partial frame that follows them.
 pub(super) fn walk(c: &Conn, buf: &[u8], max_frame: u32) -> Walk {
-    let mut w = Walk {
-        pos: 0,
-        frames: 0,
-        beats: 0,
-        bad: None,
-        need: 0,
-        heard: false,
-        moved: 0,
-    };
+    let mut w = Walk::default();
     while w.pos < buf.len() {
         match c.codec.scan(&buf[w.pos..], max_frame as usize) {
             Ok(Scan::Frame { len, kind }) => {

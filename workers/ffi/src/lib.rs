@@ -55,13 +55,17 @@ use std::sync::OnceLock;
 
 #[cfg(test)]
 mod abi_tests;
+#[cfg(test)]
+mod abi_ws_tests;
 mod error;
 mod out;
 mod worker;
 
 pub use error::{shmrelay_last_error, Status};
 pub use out::{
-    shmrelay_close, shmrelay_commit, shmrelay_reserve, shmrelay_send, shmrelay_send_with, Fill, Out,
+    shmrelay_close, shmrelay_close_with, shmrelay_commit, shmrelay_message_kind, shmrelay_reserve,
+    shmrelay_send, shmrelay_send_kind, shmrelay_send_with, shmrelay_upgrade_info, Fill,
+    MessageKind, Out, Upgrade,
 };
 pub use worker::{
     shmrelay_stop_requested, shmrelay_worker_codec, shmrelay_worker_fd, shmrelay_worker_free,

@@ -201,6 +201,13 @@ impl Handler for Bridge {
         self.notify(|b| b.on_open.as_ref(), conn, peer, out);
     }
 
+    fn on_upgrade(&mut self, conn: ConnId, peer: &str, u: &sdk::Upgrade<'_>, out: &mut SdkOut<'_>) {
+        let fields = [u.path, u.subprotocol, u.authorization, u.cookie].map(str::to_owned);
+        self.out.get().set_upgrade(Some(fields));
+        self.on_open(conn, peer, out);
+        self.out.get().set_upgrade(None);
+    }
+
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
         Python::attach(|py| {
             let o = self.out.get();

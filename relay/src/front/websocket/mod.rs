@@ -104,12 +104,7 @@ pub(super) fn walk(c: &mut Conn, buf: &mut [u8], max_frame: u32) -> Walk {
         // Nothing after a close frame is read: dropped, never committed.
         return Walk {
             pos: buf.len(),
-            frames: 0,
-            beats: 0,
-            bad: None,
-            need: 0,
-            heard: false,
-            moved: 0,
+            ..Walk::default()
         };
     }
     let mut heard = frames::Heard::default();
