@@ -2,11 +2,16 @@
 //! default listener, and the client side of WebSocket (RFC 6455) for `codec = "websocket"`
 //! listeners and other WebSocket servers: the opening handshake, masked request frames of
 //! one kind (`--ws-kind text|binary`), and the server's frames found in the read buffer (a
-//! ping is answered with a pong, a close ends the connection).
+//! ping is answered with a pong, a close ends the connection). Frame headers and masking are
+//! the worker SDK's (`shmrelay_worker::codec::websocket`, the relay's own): one WebSocket
+//! framing in the workspace.
 
 use std::io;
 
 use serde::{Deserialize, Serialize};
+use shmrelay_worker::codec::websocket::{
+    apply_mask, client_frame, opcode, parse_header, write_header, MAX_HEADER,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -34,19 +39,11 @@ pub enum MessageKind {
 impl MessageKind {
     fn opcode(self) -> u8 {
         match self {
-            MessageKind::Text => OP_TEXT,
-            MessageKind::Binary => OP_BINARY,
+            MessageKind::Text => opcode::TEXT,
+            MessageKind::Binary => opcode::BINARY,
         }
     }
 }
-
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
-const FIN: u8 = 0x80;
-const MASKED: u8 = 0x80;
 
 /// A codec with its settings: what the connections of one run speak.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,7 +88,9 @@ impl Wire {
                 None
             }
             WireCodec::Websocket => {
-                frame_header(buf, FIN | self.kind.opcode(), len, Some(mask_key));
+                let mut h = [0u8; MAX_HEADER];
+                let n = write_header(&mut h, true, self.kind.opcode(), len as u64, Some(mask_key));
+                buf.extend_from_slice(&h[..n]);
                 Some(mask_key)
             }
         }
@@ -118,37 +117,25 @@ impl Wire {
     }
 
     fn next_ws(&self, buf: &[u8], max: u32) -> Next {
-        let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
+        let Some(h) = parse_header(buf) else {
             return Next::Need;
         };
-        if b1 & MASKED != 0 {
+        if h.mask.is_some() {
             return Next::Bad("a masked frame from the server");
         }
-        if b0 & 0x70 != 0 {
+        if h.rsv != 0 {
             return Next::Bad("reserved bits set (no extension was negotiated)");
         }
-        let (hdr, len) = match b1 & 0x7f {
-            126 => match buf.get(2..4) {
-                Some(b) => (4, u64::from(u16::from_be_bytes([b[0], b[1]]))),
-                None => return Next::Need,
-            },
-            127 => match buf.get(2..10) {
-                Some(b) => (10, u64::from_be_bytes(b.try_into().expect("8 bytes"))),
-                None => return Next::Need,
-            },
-            n => (2, u64::from(n)),
-        };
-        if len > u64::from(max) {
-            return Next::TooLong(len);
+        if h.payload > u64::from(max) {
+            return Next::TooLong(h.payload);
         }
-        let len = len as usize;
-        let opcode = b0 & 0x0f;
-        match opcode {
-            OP_PING => Next::Ping { hdr, len },
-            OP_PONG => Next::Skip { hdr, len },
-            OP_CLOSE => Next::Close,
-            _ if b0 & FIN == 0 || opcode == 0 => Next::Bad("a fragmented reply"),
-            _ if opcode != self.kind.opcode() => {
+        let (hdr, len) = (h.len, h.payload as usize);
+        match h.opcode {
+            opcode::PING => Next::Ping { hdr, len },
+            opcode::PONG => Next::Skip { hdr, len },
+            opcode::CLOSE => Next::Close,
+            op if !h.fin || op == opcode::CONTINUATION => Next::Bad("a fragmented reply"),
+            op if op != self.kind.opcode() => {
                 Next::Bad("a reply of another message kind than the request")
             }
             _ => Next::Data { hdr, len },
@@ -156,29 +143,9 @@ impl Wire {
     }
 }
 
-/// Appends a frame header: `b0` (FIN, opcode), the length and, for a client, the mask key.
-fn frame_header(buf: &mut Vec<u8>, b0: u8, len: usize, mask_key: Option<[u8; 4]>) {
-    let m = if mask_key.is_some() { MASKED } else { 0 };
-    buf.push(b0);
-    if len < 126 {
-        buf.push(m | len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        buf.push(m | 126);
-        buf.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        buf.push(m | 127);
-        buf.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    if let Some(k) = mask_key {
-        buf.extend_from_slice(&k);
-    }
-}
-
 /// XORs a payload with the mask key, as a client must (RFC 6455 5.3).
 pub fn mask(payload: &mut [u8], key: [u8; 4]) {
-    for (i, b) in payload.iter_mut().enumerate() {
-        *b ^= key[i & 3];
-    }
+    apply_mask(payload, key, 0);
 }
 
 /// The mask key of request `seq` of connection `id` (a client picks a fresh one per frame).
@@ -189,10 +156,7 @@ pub fn mask_key(id: usize, seq: u64) -> [u8; 4] {
 
 /// Appends a masked pong answering a ping with `payload`.
 pub fn pong(buf: &mut Vec<u8>, payload: &[u8], key: [u8; 4]) {
-    frame_header(buf, FIN | OP_PONG, payload.len(), Some(key));
-    let at = buf.len();
-    buf.extend_from_slice(payload);
-    mask(&mut buf[at..], key);
+    buf.extend_from_slice(&client_frame(opcode::PONG, payload, key));
 }
 
 /// Maps stamp bytes to ASCII ('0'..='o') for text messages: still different for every
@@ -302,8 +266,9 @@ mod tests {
     #[test]
     fn server_frames_are_found_and_checked() {
         let w = ws(MessageKind::Text);
-        let mut unmasked = Vec::new();
-        frame_header(&mut unmasked, 0x81, 300, None);
+        let mut h = [0u8; MAX_HEADER];
+        let n = write_header(&mut h, true, opcode::TEXT, 300, None);
+        let unmasked = h[..n].to_vec();
         assert_eq!(w.next(&unmasked, 1000), Next::Data { hdr: 4, len: 300 });
         assert_eq!(w.next(&unmasked[..3], 1000), Next::Need);
         assert_eq!(w.next(&unmasked, 100), Next::TooLong(300));
@@ -315,7 +280,10 @@ mod tests {
         assert_eq!(w.next(&[0x88, 0], 100), Next::Close);
         assert!(matches!(w.next(&[0x82, 0], 100), Next::Bad(_)), "kind");
         assert!(matches!(w.next(&[0x01, 0], 100), Next::Bad(_)), "fragment");
-        assert!(matches!(w.next(&[0x81, 0x80], 100), Next::Bad(_)), "masked");
+        assert!(
+            matches!(w.next(&[0x81, 0x80, 1, 2, 3, 4], 100), Next::Bad(_)),
+            "masked"
+        );
         assert!(matches!(w.next(&[0xc1, 0], 100), Next::Bad(_)), "rsv1");
     }
 
