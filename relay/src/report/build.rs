@@ -251,6 +251,13 @@ fn front_report(stats: &Stats, f: usize, now_ns: u64) -> FrontReport {
         rss_kb: ld(&proc.rss_kb),
         fds: ld(&proc.fds),
         rates: None,
+        ws_upgrades: ld(&fs.ws_upgrades),
+        ws_refused: ["400", "403", "404", "405", "426"]
+            .iter()
+            .zip(&fs.ws_refused)
+            .map(|(status, n)| (status.to_string(), ld(n)))
+            .collect(),
+        ws_handshake_timeouts: ld(&fs.ws_handshake_timeouts),
     }
 }
 

@@ -119,6 +119,16 @@ pub struct FrontReport {
     pub fds: u64,
     /// Per-second rates; `null` in a report taken on its own.
     pub rates: Option<FrontRates>,
+    /// `websocket` listeners: handshakes completed (101 sent).
+    #[serde(default)]
+    pub ws_upgrades: u64,
+    /// `websocket` listeners: handshakes refused, by HTTP status (`"400"`, `"403"`, `"404"`,
+    /// `"405"`, `"426"`).
+    #[serde(default)]
+    pub ws_refused: BTreeMap<String, u64>,
+    /// `websocket` listeners: handshakes not complete in time (closed).
+    #[serde(default)]
+    pub ws_handshake_timeouts: u64,
 }
 
 /// Connections of one front by state.

@@ -337,3 +337,19 @@ pub(super) fn handshake_ticks(frame_ticks: u32) -> u32 {
         limit
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle websocket connection's private memory in the front: its slot in the
+    /// connection table and its boxed state (buffers are freed once empty). The issue's
+    /// budget is 512 bytes; the timer entry and the kernel's socket are apart.
+    #[test]
+    fn an_idle_connection_fits_the_memory_budget() {
+        let slot = std::mem::size_of::<Option<Conn>>() + std::mem::size_of::<u32>();
+        let ws = std::mem::size_of::<Ws>();
+        eprintln!("connection slot {slot} B, websocket state {ws} B");
+        assert!(slot + ws + 16 <= 512, "{slot} + {ws}");
+    }
+}

@@ -483,7 +483,7 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             writeln!(
             out,
             "  front {}: rejects {}; closes {}; rtt {}; stale replies {}, ring-full stalls {}, \
-             corrupt rings {}, retransmits {}",
+             corrupt rings {}, retransmits {}; websocket upgrades {}, refused {}, handshake timeouts {}",
             f.index,
             nonzero(&f.rejects),
             nonzero(&f.closes),
@@ -492,6 +492,9 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             f.ring_full_stalls,
             f.corrupt_rings,
             f.retransmits,
+            f.ws_upgrades,
+            nonzero(&f.ws_refused),
+            f.ws_handshake_timeouts,
         );
     }
 }
