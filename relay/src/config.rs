@@ -32,7 +32,10 @@
 //! # worker_users = ["app-a", "app-b"]  # or one user per worker index (cycled)
 //! backlog = 4096             # listen backlog
 //! # metrics = "127.0.0.1:9187"  # serve Prometheus metrics at http://ADDR/metrics (off by default)
-//! codec = "length-prefixed"  # wire codec of the default listener: length-prefixed, line, resp
+//! codec = "length-prefixed"  # wire codec of the default listener: length-prefixed, line, resp, websocket
+//! # path = "/ws"            # websocket: the only request path accepted (404 otherwise; default any)
+//! # origins = ["https://example.com"]  # websocket: Origin allowlist (403 otherwise; default any)
+//! # subprotocols = ["chat.v1"]  # websocket: offered, in preference order (the first the client also offers is selected)
 //! pending_budget = 268435456 # reply bytes queued for slow clients in one front, all together
 //! partial_budget = 134217728 # bytes of partial frames held by one front, all together
 //! frame_timeout_ms = 30000   # a frame must be complete this long after its first byte (0: never)
@@ -55,6 +58,14 @@
 //! codec = "resp"
 //! workers = 2                # resp with several workers: commands are routed by key
 //! worker_cmd = "/usr/local/bin/kv-worker"
+//!
+//! [[listener]]
+//! listen = "127.0.0.1:8080"
+//! codec = "websocket"        # browsers and apps (RFC 6455; no permessage-deflate)
+//! path = "/chat"             # 404 for any other request path
+//! origins = ["https://chat.example.com"]  # 403 for another Origin (a request without one is a non-browser client: allowed)
+//! subprotocols = ["chat.v1"] # selected if the client offers it
+//! worker_cmd = "/usr/local/bin/chat-worker"
 //! ```
 //!
 //! Workers are indexed globally, in listener order. With `line` and `resp` there are no
@@ -80,7 +91,15 @@ pub const MAX_ACCEPT_TOKENS: u64 = (1 << 24) - 1;
 
 /// The top-level settings a `[[listener]]` table sets for itself: with tables they would be
 /// ignored, so setting one beside tables (in the file, by a flag or with `--set`) is an error.
-pub const PER_LISTENER: [&str; 4] = ["listen", "codec", "workers", "worker_cmd"];
+pub const PER_LISTENER: [&str; 7] = [
+    "listen",
+    "codec",
+    "workers",
+    "worker_cmd",
+    "path",
+    "origins",
+    "subprotocols",
+];
 
 /// Why a top-level `key` cannot be used with `[[listener]]` tables.
 pub fn per_listener_conflict(key: &str) -> String {
@@ -104,6 +123,18 @@ pub struct ListenerConfig {
     /// Worker command; `None` runs the built-in echo worker.
     #[serde(default)]
     pub worker_cmd: Option<WorkerCmd>,
+    /// `websocket`: the request path (without query) a handshake must name; `None` accepts
+    /// any (the worker sees it in its OPEN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `websocket`: the `Origin` values allowed (exact match); empty allows any. A request
+    /// without `Origin` (not a browser) is allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<String>,
+    /// `websocket`: the subprotocols offered, in preference order: the first of these the
+    /// client also offers is selected; none if there is no match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subprotocols: Vec<String>,
 }
 
 /// A worker command: a command line split with shell-word rules, or an argv array.
@@ -257,6 +288,13 @@ pub struct Config {
     /// Codec of the default listener (`length-prefixed`, `line`, `resp`).
     #[serde(with = "codec_name")]
     pub codec: Codec,
+    /// `websocket` listener settings of the default listener (see [`ListenerConfig::path`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// See [`ListenerConfig::origins`].
+    pub origins: Vec<String>,
+    /// See [`ListenerConfig::subprotocols`].
+    pub subprotocols: Vec<String>,
     /// `[[listener]]` tables; when empty, `listen`, `codec`, `workers` and `worker_cmd` make the
     /// single default listener.
     #[serde(rename = "listener")]
@@ -322,6 +360,9 @@ impl Default for Config {
             user: None,
             worker_users: Vec::new(),
             codec: Codec::LengthPrefixed,
+            path: None,
+            origins: Vec::new(),
+            subprotocols: Vec::new(),
             listeners: Vec::new(),
             pending_budget: 256 << 20,
             partial_budget: 128 << 20,
@@ -374,6 +415,9 @@ impl Config {
                 codec: self.codec,
                 workers: self.workers,
                 worker_cmd: self.worker_cmd.clone(),
+                path: self.path.clone(),
+                origins: self.origins.clone(),
+                subprotocols: self.subprotocols.clone(),
             }]
         } else {
             self.listeners.clone()

@@ -156,6 +156,14 @@ pub struct FrontStats {
     /// Milliseconds this front's loop was late (stopped, starved, a long turn) beyond what
     /// it asked to sleep: its clients' deadlines moved by as much.
     pub lag_ms: AtomicU64,
+    // --- WebSocket listeners (issue 16) ---
+    /// Websocket handshakes completed (101 sent, the worker told).
+    pub ws_upgrades: AtomicU64,
+    /// Websocket handshakes refused, by status: 400, 403, 404, 405, 426.
+    pub ws_refused: [AtomicU64; 5],
+    /// Websocket handshakes not complete in time (10 s, or `frame_timeout_ms` if shorter):
+    /// closed.
+    pub ws_handshake_timeouts: AtomicU64,
 }
 
 /// Errno classes counted for `io_error` closes (one slot per

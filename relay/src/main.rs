@@ -83,7 +83,7 @@ enum Cmd {
     /// Runs a built-in example worker (started by the supervisor).
     #[command(hide = true)]
     Worker {
-        /// `echo`, `pubsub`, `journal`, `kv`, or `scribbler` and `liar` (fault injection).
+        /// `echo`, `pubsub`, `journal`, `kv`, `chat`, or `scribbler` and `liar` (fault injection).
         kind: String,
     },
 }
@@ -247,6 +247,11 @@ fn run_worker(kind: &str) -> Result<()> {
             worker.run(&mut examples::PubSub::default())?
         }
         "journal" => worker.run(&mut examples::Journal::default())?,
+        "chat" => {
+            // Rooms live in the worker: one worker per listener (see workers/src/chat.rs).
+            shmrelay_worker::slot::require_pool_of_one()?;
+            worker.run(&mut shmrelay_worker::chat::Chat::default())?
+        }
         "kv" => worker.run(&mut shmrelay_worker::kv::Kv::default())?,
         "flipper" => worker.run(&mut faults_flip::Flipper::from_env())?,
         "scribbler" => {
@@ -254,7 +259,7 @@ fn run_worker(kind: &str) -> Result<()> {
             worker.run(&mut s)?
         }
         other => anyhow::bail!(
-            "unknown built-in worker {other:?} (echo, pubsub, journal, kv, scribbler, liar)"
+            "unknown built-in worker {other:?} (echo, pubsub, journal, kv, chat, scribbler, liar)"
         ),
     }
     Ok(())

@@ -24,6 +24,11 @@
 # --baseline-bin PATH: also measure system `shmrelay-base`, another build of the shmrelay binary
 # (e.g. an older commit: `git worktree add /tmp/base COMMIT && cargo build --release` there), run
 # exactly like `shmrelay`, so a change is measured against its baseline in the same run.
+# WebSocket systems (issue 16; tools/bench/websocket.sh runs them), loaded with
+# `relaybench load --codec websocket` (masked binary messages; WS_KIND=text for text):
+#   shmrelay-ws  shmrelay, one websocket listener, 1 front + the built-in echo worker
+#   nginx-ws     nginx http proxy (Upgrade), worker_processes 1, in front of ws-echo --threads 1
+#   ws-echo      ws-echo --threads 1 alone (tokio-tungstenite, in process: the upper bound)
 # --nice N: run every server process and the load generator at niceness N (e.g. -10, needs
 # root), the same for every system, so that other work on a shared machine disturbs the runs
 # less. With autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1) nice only
@@ -109,7 +114,7 @@ fi
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 BIN="$TARGET_DIR/release"
-for b in shmrelay relayctl relaybench tokio-echo; do
+for b in shmrelay relayctl relaybench tokio-echo ws-echo; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build --release -p shmrelay -p shmrelay-tools -p shmrelay-examples)"
 done
 
@@ -123,6 +128,7 @@ case " $SYSTEMS " in *" nginx "*)
         need_pkgs+=(libnginx-mod-stream)
     fi ;;
 esac
+case " $SYSTEMS " in *" nginx-ws "*) command -v nginx >/dev/null 2>&1 || need_pkgs+=(nginx) ;; esac
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     [ "$INSTALL" = 1 ] || die "missing packages: ${need_pkgs[*]} (run without --no-install)"
     say "installing ${need_pkgs[*]} with apt-get"
@@ -162,6 +168,7 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -f /dev/shm/shmrelay."$INSTANCE".* /dev/shm/shmrelay."$INSTANCE-base".* 2>/dev/null || true
+    rm -f /dev/shm/shmrelay."$INSTANCE-ws".* 2>/dev/null || true
     rm -rf "$TMP"
     exit "$rc"
 }
@@ -181,6 +188,16 @@ start_echo() { # NAME PORT -> sets LAST_PID
 }
 
 declare -A ADDR SERVER_PIDS
+
+start_nginx() { # NAME PORT: nginx with $TMP/NAME/nginx.conf, as system NAME -> sets LAST_PID
+    local d="$TMP/$1"
+    nginx -t -q -p "$d" -e "$d/logs/error.log" -c "$d/nginx.conf" || die "nginx rejects the generated $1 config"
+    $RUN nginx -p "$d" -e "$d/logs/error.log" -c "$d/nginx.conf" >"$TMP/$1.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    wait_port "$2" "$LAST_PID" "$1" "$TMP/$1.log"
+    ADDR[$1]="127.0.0.1:$2"
+}
 has() { case " $SYSTEMS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 if has shmrelay; then
@@ -253,19 +270,69 @@ stream {
     }
 }
 CFG
-    nginx -t -q -p "$TMP/nginx" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf" \
-        || die "nginx rejects the generated config"
-    $RUN nginx -p "$TMP/nginx" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx.log" 2>&1 &
-    NGX_PID=$!
-    PIDS+=("$NGX_PID")
-    wait_port "$P_NGX" "$NGX_PID" nginx "$TMP/nginx.log"
-    ADDR[nginx]="127.0.0.1:$P_NGX"
+    start_nginx nginx "$P_NGX"; NGX_PID=$LAST_PID
 fi
 
 if has tokio; then
     start_echo tokio "$P_TOK"; TOK_PID=$LAST_PID
     ADDR[tokio]="127.0.0.1:$P_TOK"
 fi
+
+# ---- WebSocket systems
+read -r P_SHMWS P_NGXWS P_WSE P_WSE_NGX < <(free_ports 4)
+WS_KIND=${WS_KIND:-binary}
+start_ws_echo() { # NAME PORT -> sets LAST_PID
+    $RUN "$BIN/ws-echo" --listen "127.0.0.1:$2" --threads 1 >"$TMP/$1.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    wait_port "$2" "$LAST_PID" "$1" "$TMP/$1.log"
+}
+if has shmrelay-ws; then
+    mkdir -p "$TMP/shmrelay-ws"
+    start_ws_relay "$BIN/shmrelay" "$TMP/shmrelay-ws" "$P_SHMWS" "$INSTANCE-ws" 'drain_ms = 500'
+    SHMWS_PID=$RELAY_PID
+    PIDS+=("$SHMWS_PID")
+    ADDR[shmrelay-ws]="127.0.0.1:$P_SHMWS"
+fi
+if has nginx-ws; then
+    start_ws_echo ws-echo-nginx "$P_WSE_NGX"; WSE_NGX_PID=$LAST_PID
+    mkdir -p "$TMP/nginx-ws/logs"
+    cat >"$TMP/nginx-ws/nginx.conf" <<CFG
+worker_processes 1;
+daemon off;
+pid $TMP/nginx-ws/nginx.pid;
+error_log $TMP/nginx-ws/logs/error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream wsecho { server 127.0.0.1:$P_WSE_NGX; }
+    server {
+        listen 127.0.0.1:$P_NGXWS;
+        location / {
+            proxy_pass http://wsecho;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_read_timeout 120s;
+            proxy_send_timeout 120s;
+        }
+    }
+}
+CFG
+    start_nginx nginx-ws "$P_NGXWS"; NGXWS_PID=$LAST_PID
+fi
+if has ws-echo; then
+    start_ws_echo ws-echo "$P_WSE"; WSE_PID=$LAST_PID
+    ADDR[ws-echo]="127.0.0.1:$P_WSE"
+fi
+# relaybench's codec flags for a system.
+codec_args() {
+    case "$1" in
+        shmrelay-ws|nginx-ws|ws-echo) echo "--codec websocket --ws-kind $WS_KIND" ;;
+    esac
+}
 
 # The server processes of a system right now (children looked up by parent PID).
 server_pids() {
@@ -275,6 +342,9 @@ server_pids() {
         haproxy) echo "$HAP_PID $ECHO_HAP_PID" ;;
         nginx) echo "$NGX_PID" $(pgrep -P "$NGX_PID" || true) "$ECHO_NGX_PID" ;;
         tokio) echo "$TOK_PID" ;;
+        shmrelay-ws) echo "$SHMWS_PID" $(pgrep -P "$SHMWS_PID" || true) ;;
+        nginx-ws) echo "$NGXWS_PID" $(pgrep -P "$NGXWS_PID" || true) "$WSE_NGX_PID" ;;
+        ws-echo) echo "$WSE_PID" ;;
     esac
 }
 
@@ -332,7 +402,7 @@ for size in $SIZES; do
             say "$sys  size=$size conns=$conns depth=$DEPTH seconds=$SECONDS_PER_RUN rep $rep/$REPEAT  (load avg $load_before)"
             json=$($RUN "$BIN/relaybench" load --addr "${ADDR[$sys]}" --conns "$conns" --size "$size" \
                 --depth "$DEPTH" --seconds "$SECONDS_PER_RUN" --warmup "$WARMUP" \
-                --threads "$CLIENT_THREADS" --json "${pid_args[@]}") \
+                --threads "$CLIENT_THREADS" --json "${pid_args[@]}" $(codec_args "$sys")) \
                 || die "relaybench load against $sys failed"
             load_after=$(cut -d' ' -f1-3 /proc/loadavg)
             extra='null'

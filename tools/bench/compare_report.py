@@ -12,15 +12,19 @@ import os
 import sys
 from xml.sax.saxutils import escape
 
-ORDER = ["shmrelay", "shmrelay-base", "haproxy", "nginx", "tokio"]
+ORDER = ["shmrelay", "shmrelay-base", "haproxy", "nginx", "tokio", "shmrelay-ws", "nginx-ws", "ws-echo"]
 LABEL = {
     "shmrelay": "shmrelay (1 front + 1 worker)",
     "shmrelay-base": "shmrelay baseline build (--baseline-bin)",
     "haproxy": "HAProxy + tokio-echo",
     "nginx": "nginx stream + tokio-echo",
     "tokio": "tokio-echo alone",
+    "shmrelay-ws": "shmrelay websocket",
+    "nginx-ws": "nginx ws + ws-echo",
+    "ws-echo": "ws-echo alone",
 }
-COLOR = {"shmrelay": "#d95f02", "shmrelay-base": "#e6ab02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888"}
+COLOR = {"shmrelay": "#d95f02", "shmrelay-base": "#e6ab02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888",
+         "shmrelay-ws": "#e7298a", "nginx-ws": "#66a61e", "ws-echo": "#a6761d"}
 
 
 def size_label(size):
@@ -66,7 +70,8 @@ def rows_of(runs):
         for name, rs in groups.items():
             rs = sorted(rs, key=lambda x: x["load"]["req_per_sec"])
             by_sys[name] = rs[(len(rs) - 1) // 2]
-        base = by_sys.get("shmrelay")
+        # A WebSocket-only run compares with the relay's websocket listener.
+        base = by_sys.get("shmrelay") or by_sys.get("shmrelay-ws")
         for sys_name in sorted(by_sys, key=lambda s: ORDER.index(s) if s in ORDER else 99):
             r = by_sys[sys_name]
             reps = groups[sys_name]
@@ -190,6 +195,14 @@ def targets(rows):
             f"- 64 B, 1,000 conns: shmrelay / tokio-echo req/s = {ratio:.2f}x (target >= 0.7x: "
             f"{'met' if ratio >= 0.7 else 'MISSED'})"
         )
+    # Issue 16's WebSocket targets: shmrelay-ws against each peer, at least `want` times its req/s.
+    sw = get.get(("shmrelay-ws", 64, 1000))
+    for peer, want in (("nginx-ws", 2.0), ("ws-echo", 0.8)):
+        p = get.get((peer, 64, 1000))
+        if sw and p:
+            x = sw["req_per_sec"] / p["req_per_sec"]
+            verdict = "met" if x >= want else "MISSED"
+            out.append(f"- WebSocket, 64 B, 1,000 conns: shmrelay / {peer} req/s = {x:.2f}x (target >= {want:g}x: {verdict})")
     for (sys_name, size, conns), r in sorted(get.items()):
         b = get.get(("shmrelay-base", size, conns))
         if sys_name == "shmrelay" and b:
@@ -294,8 +307,10 @@ def svg(runs_rows, title, subtitle=""):
     panel(top, "req_per_sec", "requests/s (higher is better)", human, axis_fmt=human)
     panel(top + panel_h, "p99_us", "p99 latency, ms (lower is better)", fmt_ms, axis_fmt=axis_ms)
     ly = top + 2 * panel_h + 8
+    # Five systems (a WebSocket run with the length-prefixed pair) share the width.
+    step = min(215, (W - left - right) // max(1, len(systems)))
     for i, s in enumerate(systems):
-        x = left + i * 215
+        x = left + i * step
         parts.append(f'<rect x="{x:.1f}" y="{ly}" width="14" height="14" fill="{COLOR.get(s, "#333")}"/>')
         parts.append(f'<text x="{x + 20:.1f}" y="{ly + 12}">{escape(LABEL.get(s, s))}</text>')
     if nruns > 1:

@@ -7,11 +7,16 @@
 //! | `length-prefixed` (default) | 4-byte big-endian length, payload | the payload | length prefix + bytes | length 0, answered by the front |
 //! | `line` | bytes up to `\n` (a `\r` before it is dropped); empty lines are ignored | the line without its end | bytes + `\n` | none |
 //! | `resp` | one Redis command: an array of bulk strings `*N\r\n$len\r\n...\r\n`, or an inline command line `PING\r\n`; empty lines are ignored | the raw command bytes ([`resp::args`] splits them) | bytes as they are (raw RESP) | none |
+//! | `websocket` | after an HTTP/1.1 upgrade handshake, RFC 6455 frames (client frames masked; fragments reassembled by the front) | one whole message, unmasked, and its [`MessageKind`] | one unmasked frame (text or binary, see [`Out::send`](crate::Out::send)) | ping/pong, answered and sent by the front |
 //!
 //! Limits: a length-prefixed payload, a line (without its end) and a whole RESP command are at
 //! most `max_frame` bytes; longer is a protocol error.
 
 use std::fmt;
+
+pub mod websocket;
+
+pub use websocket::MessageKind;
 
 use crate::protocol::{frame_len, is_whole_frames, FRAME_HEADER};
 
@@ -25,11 +30,13 @@ pub enum Codec {
     Line,
     /// The Redis serialization protocol (requests: arrays of bulk strings and inline commands).
     Resp,
+    /// WebSocket (RFC 6455) after an HTTP/1.1 upgrade; see [`websocket`].
+    WebSocket,
 }
 
 /// A codec name that is not one of `length-prefixed`, `line`, `resp`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown codec {0:?} (length-prefixed, line, resp)")]
+#[error("unknown codec {0:?} (length-prefixed, line, resp, websocket)")]
 pub struct UnknownCodec(pub String);
 
 impl std::str::FromStr for Codec {
@@ -39,6 +46,7 @@ impl std::str::FromStr for Codec {
             "length-prefixed" => Ok(Codec::LengthPrefixed),
             "line" => Ok(Codec::Line),
             "resp" => Ok(Codec::Resp),
+            "websocket" => Ok(Codec::WebSocket),
             other => Err(UnknownCodec(other.to_owned())),
         }
     }
@@ -59,6 +67,9 @@ pub enum ProtocolError {
     /// Anything else, with a message in the protocol's own words.
     #[error("{0}")]
     Invalid(&'static str),
+    /// A websocket text message that is not UTF-8 (close code 1007).
+    #[error("text message is not valid UTF-8")]
+    InvalidText,
 }
 
 /// What the start of a buffer holds.
@@ -89,7 +100,12 @@ const RESP_MAX_ARGS: usize = 1024 * 1024;
 
 impl Codec {
     /// Every codec.
-    pub const ALL: [Codec; 3] = [Codec::LengthPrefixed, Codec::Line, Codec::Resp];
+    pub const ALL: [Codec; 4] = [
+        Codec::LengthPrefixed,
+        Codec::Line,
+        Codec::Resp,
+        Codec::WebSocket,
+    ];
 
     /// The name used in settings and in `SHMRELAY_CODEC`.
     pub fn name(self) -> &'static str {
@@ -97,15 +113,27 @@ impl Codec {
             Codec::LengthPrefixed => "length-prefixed",
             Codec::Line => "line",
             Codec::Resp => "resp",
+            Codec::WebSocket => "websocket",
         }
     }
 
-    /// True for the codec with heartbeats (and so pings and heartbeat timeouts).
+    /// True for the codecs with heartbeats (and so pings and heartbeat timeouts): length-0
+    /// frames, websocket ping/pong.
     pub fn has_heartbeats(self) -> bool {
-        self == Codec::LengthPrefixed
+        matches!(self, Codec::LengthPrefixed | Codec::WebSocket)
     }
 
-    /// Finds the end of the first frame of `buf` (which must not be empty).
+    /// What the front sends to ping an idle client.
+    pub fn ping(self) -> &'static [u8] {
+        match self {
+            Codec::WebSocket => &[0x80 | websocket::opcode::PING, 0],
+            _ => &[0; FRAME_HEADER],
+        }
+    }
+
+    /// Finds the end of the first frame of `buf` (which must not be empty). For `websocket`
+    /// this reads the layout of a DATA record (see [`websocket`]), not raw client bytes: the
+    /// front's websocket reader does that.
     ///
     /// # Errors
     ///
@@ -158,16 +186,19 @@ impl Codec {
                 }),
             },
             Codec::Resp => scan_resp(buf, max_frame),
+            Codec::WebSocket => websocket::scan_record(buf, max_frame),
         }
     }
 
     /// Iterates the frames of a buffer of whole frames (a DATA record), yielding
-    /// `(end offset, what the worker gets)`; heartbeats and empty lines are skipped.
+    /// `(end offset, what the worker gets)`; heartbeats, empty lines and websocket control
+    /// frames are skipped. [`messages`](CodecFrames::messages) adds each message's kind.
     pub fn frames(self, buf: &[u8]) -> CodecFrames<'_> {
         CodecFrames {
             codec: self,
             buf,
             pos: 0,
+            kind: MessageKind::Binary,
         }
     }
 
@@ -176,7 +207,9 @@ impl Codec {
     pub fn reply_header(self, len: usize) -> ([u8; 4], usize) {
         match self {
             Codec::LengthPrefixed => ((len as u32).to_be_bytes(), FRAME_HEADER),
-            Codec::Line | Codec::Resp => ([0; 4], 0),
+            // The websocket header depends on the message kind too: see
+            // `websocket::server_header`.
+            Codec::Line | Codec::Resp | Codec::WebSocket => ([0; 4], 0),
         }
     }
 
@@ -184,7 +217,7 @@ impl Codec {
     pub fn reply_trailer(self) -> &'static [u8] {
         match self {
             Codec::Line => b"\n",
-            Codec::LengthPrefixed | Codec::Resp => b"",
+            Codec::LengthPrefixed | Codec::Resp | Codec::WebSocket => b"",
         }
     }
 
@@ -192,6 +225,10 @@ impl Codec {
     /// writes the header and trailer around what [`Out::send`](crate::Out::send) puts in the
     /// reply ring).
     pub fn encode(self, payload: &[u8]) -> Vec<u8> {
+        if self == Codec::WebSocket {
+            let (h, n) = websocket::server_header(websocket::opcode::BINARY, payload.len() as u64);
+            return [&h[..n], payload].concat();
+        }
         let (h, n) = self.reply_header(payload.len());
         let mut v = Vec::with_capacity(n + payload.len() + 1);
         v.extend_from_slice(&h[..n]);
@@ -217,6 +254,7 @@ impl Codec {
                 }
                 !buf.is_empty()
             }
+            Codec::WebSocket => true,
         }
     }
 
@@ -226,11 +264,22 @@ impl Codec {
             Codec::LengthPrefixed => self.encode(format!("shmrelay-error: {e}").as_bytes()),
             Codec::Line => format!("ERR protocol error: {e}\n").into_bytes(),
             Codec::Resp => format!("-ERR Protocol error: {e}\r\n").into_bytes(),
+            Codec::WebSocket => {
+                let code = match e {
+                    ProtocolError::TooLarge { .. } => websocket::close_code::TOO_BIG,
+                    ProtocolError::InvalidText => websocket::close_code::INVALID_DATA,
+                    ProtocolError::Invalid(_) => websocket::close_code::PROTOCOL,
+                };
+                websocket::close_frame(code, &e.to_string())
+            }
         }
     }
 
     /// An error the relay itself reports (e.g. `worker unavailable`), in the codec's form.
     pub fn error_reply(self, msg: &str) -> Vec<u8> {
+        if self == Codec::WebSocket {
+            return websocket::close_frame(websocket::close_code::INTERNAL, msg);
+        }
         self.encode(&self.error_body(msg))
     }
 
@@ -238,7 +287,9 @@ impl Codec {
     /// the header or trailer). `msg` should hold no line breaks.
     pub fn error_body(self, msg: &str) -> Vec<u8> {
         match self {
-            Codec::LengthPrefixed => format!("shmrelay-error: {msg}").into_bytes(),
+            Codec::LengthPrefixed | Codec::WebSocket => {
+                format!("shmrelay-error: {msg}").into_bytes()
+            }
             Codec::Line => format!("ERR {msg}").into_bytes(),
             Codec::Resp => format!("-ERR {msg}\r\n").into_bytes(),
         }
@@ -250,6 +301,16 @@ pub struct CodecFrames<'a> {
     codec: Codec,
     buf: &'a [u8],
     pos: usize,
+    /// The kind of the message last yielded.
+    kind: MessageKind,
+}
+
+impl CodecFrames<'_> {
+    /// The kind of the message [`next`](Iterator::next) last yielded: as the client sent it
+    /// for `websocket`, [`MessageKind::Binary`] for every other codec.
+    pub fn kind(&self) -> MessageKind {
+        self.kind
+    }
 }
 
 /// A DATA record that does not hold whole frames (the front never writes one).
@@ -283,6 +344,11 @@ impl<'a> Iterator for CodecFrames<'a> {
                 (FrameKind::Data, Codec::LengthPrefixed) => &frame[FRAME_HEADER..],
                 (FrameKind::Data, Codec::Line) => trim_cr(&frame[..len - 1]),
                 (FrameKind::Data, Codec::Resp) => frame,
+                (FrameKind::Data, Codec::WebSocket) => {
+                    let (payload, kind) = websocket::record_message(frame);
+                    self.kind = kind;
+                    payload
+                }
                 _ => continue,
             };
             return Some(Ok((self.pos, payload)));

@@ -75,7 +75,10 @@ impl Handler for PubSub {
 
 /// Echo that also keeps a journal of connection events, for tests and for watching what a
 /// worker is told: the frame `journal?` is answered with the last events, one per line
-/// (`open CONN PEER`, `close CONN REASON`), instead of being echoed.
+/// (`open CONN PEER`, `close CONN REASON`; a websocket client's open also has
+/// `path=... protocol=... authorization=... cookie=...`), instead of being echoed. The frame
+/// `close! CODE REASON` closes the connection with that close code and reason (websocket);
+/// `big! N` is answered with N bytes of `x` (a reply longer than a ring record).
 #[derive(Default)]
 pub struct Journal {
     events: VecDeque<String>,
@@ -97,8 +100,30 @@ impl Handler for Journal {
         self.log(format!("open {conn} {peer}"));
     }
 
+    fn on_upgrade(&mut self, conn: ConnId, peer: &str, u: &crate::Upgrade<'_>, _: &mut Out<'_>) {
+        self.log(format!(
+            "open {conn} {peer} path={} protocol={} authorization={} cookie={}",
+            u.path, u.subprotocol, u.authorization, u.cookie
+        ));
+    }
+
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
-        if frame == b"journal?" {
+        if let Some(rest) = frame.strip_prefix(b"close! ") {
+            let rest = String::from_utf8_lossy(rest);
+            let (code, reason) = rest.split_once(' ').unwrap_or((&rest, ""));
+            if out
+                .close_with(conn, code.parse().unwrap_or(0), reason)
+                .is_err()
+            {
+                let _ = out.send(conn, b"err bad close code");
+            }
+        } else if let Some(n) = frame.strip_prefix(b"big! ") {
+            let n = std::str::from_utf8(n)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let _ = out.send(conn, &vec![b'x'; n]);
+        } else if frame == b"journal?" {
             let text = self
                 .events
                 .iter()

@@ -33,6 +33,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod chat;
 pub mod codec;
 pub mod examples;
 pub mod kv;
@@ -41,7 +42,8 @@ pub mod slot;
 pub mod testing;
 mod worker;
 
-pub use codec::Codec;
+pub use codec::websocket::Upgrade;
+pub use codec::{Codec, MessageKind};
 pub use protocol::{CloseReason, ConnId};
 pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError, DEFAULT_MAX_REPLY};
 

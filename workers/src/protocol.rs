@@ -5,7 +5,7 @@
 //!
 //! | tag | conn | aux | payload |
 //! |---|---|---|---|
-//! | [`tag::OPEN`] | new connection | 0 | peer address, UTF-8 |
+//! | [`tag::OPEN`] | new connection | 0 | peer address, UTF-8; for a `websocket` listener followed by a NUL byte and the handshake's fields ([`Upgrade::encode_open`](crate::codec::websocket::Upgrade::encode_open)) |
 //! | [`tag::DATA`] | connection | 0 | one or more whole wire frames (4-byte big-endian length, payload), exactly as read from the socket; length-0 frames (heartbeats) may be among them and are skipped by the SDK |
 //! | [`tag::CLOSE`] | connection | [`CloseReason`] code | empty |
 //! | [`tag::FRONT_RESET`] | front index | 0 | empty (written by the supervisor after the front died) |
@@ -18,7 +18,9 @@
 //! | tag | conn | aux | payload |
 //! |---|---|---|---|
 //! | [`tag::SEND`] | connection | request position answered (0 for a push) | one reply message's bytes, without the codec's framing (see below) |
-//! | [`tag::CLOSE`] | connection | 0 | empty: close after sending what was queued before; the SDK also writes one after every `on_close`, which acknowledges the front's CLOSE (a client that half-closed its socket is closed on it, once its replies are out) |
+//! | [`tag::CLOSE`] | connection | 0, or a `websocket` close code | empty, or a `websocket` close reason (UTF-8, at most 123 bytes): close after sending what was queued before; the SDK also writes one after every `on_close`, which acknowledges the front's CLOSE (a client that half-closed its socket is closed on it, once its replies are out) |
+//!
+//! A SEND record flagged [`flags::TEXT`] is a `websocket` text message (otherwise binary).
 //!
 //! **The front frames replies itself.** A SEND record carries the message body only; the front
 //! writes the codec's header (`length-prefixed`: the 4-byte length) and trailer (`line`: the
@@ -67,6 +69,9 @@ pub mod flags {
     /// Reply ring, SEND: the message continues in the next record (a long reply split over
     /// several records; see the module documentation).
     pub const MORE: u16 = 2;
+    /// Reply ring, SEND: a `websocket` text message (opcode 1); without it, binary (opcode 2).
+    /// On a split reply, the first record's flag counts. Ignored by the other codecs.
+    pub const TEXT: u16 = 4;
 }
 
 /// Bytes at the start of the first record of a split reply that hold the whole message's

@@ -57,6 +57,25 @@ pub fn attach(index: usize, codec: Codec, capacity: usize) -> (Worker, FakeFront
 }
 
 impl FakeFront {
+    /// Every reply record the worker published, released: `(tag, flags, aux, payload)`.
+    ///
+    /// # Panics
+    ///
+    /// If the reply ring is corrupt.
+    pub fn replies(&mut self) -> Vec<(u16, u16, u64, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut end = None;
+        for rec in self.rep.records().expect("reply ring") {
+            let rec = rec.expect("reply record");
+            got.push((rec.tag(), rec.flags(), rec.aux(), rec.payload_to_vec()));
+            end = Some(rec.end());
+        }
+        if let Some(e) = end {
+            self.rep.release(e);
+        }
+        got
+    }
+
     /// Writes one request record and publishes it; returns the end position of its payload
     /// in the request ring (what a reply to it carries as `aux`).
     ///

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
 
-use crate::codec::Codec;
+use crate::codec::websocket::{self, Upgrade};
+use crate::codec::{Codec, MessageKind};
 use crate::protocol::{
     env, flags, inherited_fd, tag, Channel, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS,
     INFLIGHT_WORD, REDELIVERED_WORD, SKIPPED_WORD, SPLIT_HEADER,
@@ -60,6 +61,9 @@ pub enum SendError {
     /// The front corrupted the reply ring's positions.
     #[error("corrupt reply ring")]
     Corrupt,
+    /// [`Out::close_with`]: a close code an endpoint may not send (RFC 6455 section 7.4).
+    #[error("close code {0} may not be sent")]
+    InvalidCloseCode(u16),
 }
 
 /// What the worker code implements. Every method gets an [`Out`] to reply, push or close.
@@ -71,6 +75,26 @@ pub trait Handler {
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut Out<'_>);
     /// The connection closed; further sends to it are dropped by the front.
     fn on_close(&mut self, _conn: ConnId, _reason: CloseReason, _out: &mut Out<'_>) {}
+    /// A `websocket` client completed its handshake: what it asked for (path, the
+    /// subprotocol the front selected, its `Authorization` and `Cookie` headers), to
+    /// authorise it (close it with [`Out::close_with`] to refuse). By default
+    /// [`on_open`](Handler::on_open).
+    fn on_upgrade(&mut self, conn: ConnId, peer: &str, _upgrade: &Upgrade<'_>, out: &mut Out<'_>) {
+        self.on_open(conn, peer, out)
+    }
+    /// One whole message from `conn` and its kind (`websocket`: text or binary as the client
+    /// sent it; other codecs: always [`MessageKind::Binary`]). By default
+    /// [`on_frame`](Handler::on_frame), whose replies with [`Out::send`] keep the kind.
+    fn on_message(
+        &mut self,
+        conn: ConnId,
+        message: &[u8],
+        _kind: MessageKind,
+        redelivered: bool,
+        out: &mut Out<'_>,
+    ) {
+        self.on_frame(conn, message, redelivered, out)
+    }
 }
 
 /// Writes replies into the reply rings, in place.
@@ -81,6 +105,8 @@ pub struct Out<'w> {
     answering: u64,
     /// The connection whose frame is being handled, if any.
     answering_conn: Option<ConnId>,
+    /// The kind of the message being handled (what [`Out::send`] answers with).
+    answering_kind: MessageKind,
     /// The first send to `answering_conn` that failed, and whether part of a split reply
     /// was already in the ring when it failed.
     failure: Option<(SendError, bool)>,
@@ -95,7 +121,10 @@ impl Out<'_> {
     /// Queues one frame to `conn` (a reply, or a push to any live connection). The reply ring
     /// holds `payload` as it is; the front frames it for the listener's codec: a length prefix
     /// (`length-prefixed`), a newline after it (`line`), or nothing (`resp`: `payload` is raw
-    /// RESP, one or more whole values). A payload larger than one ring record is split over
+    /// RESP, one or more whole values), or a `websocket` frame header: a reply to the message
+    /// being handled has that message's kind, anything else is binary (say which with
+    /// [`send_text`](Out::send_text), [`send_binary`](Out::send_binary),
+    /// [`send_kind`](Out::send_kind)). A payload larger than one ring record is split over
     /// several records, which the front writes out as one reply.
     ///
     /// A failed reply to the frame being handled is not lost silently: after the handler
@@ -108,8 +137,83 @@ impl Out<'_> {
     /// See [`SendError`].
     #[must_use = "a reply that could not be queued is lost: handle the SendError"]
     pub fn send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        let r = self.try_send(conn, payload);
+        let kind = self.default_kind(conn);
+        let r = self.try_send(conn, kind, payload);
         self.note(conn, r)
+    }
+
+    /// Queues a `websocket` text message (for other codecs, the same as [`send`](Out::send)).
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
+    pub fn send_text(&mut self, conn: ConnId, text: &str) -> Result<(), SendError> {
+        self.send_kind(conn, MessageKind::Text, text.as_bytes())
+    }
+
+    /// Queues a `websocket` binary message (for other codecs, the same as
+    /// [`send`](Out::send)).
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
+    pub fn send_binary(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+        self.send_kind(conn, MessageKind::Binary, payload)
+    }
+
+    /// Queues a message of the kind given. A text message must be UTF-8: the front does not
+    /// check what a worker sends (a client closes on invalid text with 1007).
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
+    pub fn send_kind(
+        &mut self,
+        conn: ConnId,
+        kind: MessageKind,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
+        let r = self.try_send(conn, kind, payload);
+        self.note(conn, r)
+    }
+
+    /// [`send_with`](Out::send_with) for a message of the kind given.
+    ///
+    /// # Errors
+    ///
+    /// See [`SendError`].
+    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
+    pub fn send_kind_with(
+        &mut self,
+        conn: ConnId,
+        kind: MessageKind,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), SendError> {
+        let r = self.try_send_with(conn, kind, len, fill);
+        self.note(conn, r)
+    }
+
+    /// The kind of the message being handled ([`MessageKind::Binary`] outside `on_message` /
+    /// `on_frame`, and for every codec but `websocket`): for bindings whose frame callback
+    /// has no kind argument.
+    pub fn message_kind(&self) -> MessageKind {
+        match self.answering_conn {
+            Some(_) => self.answering_kind,
+            None => MessageKind::Binary,
+        }
+    }
+
+    /// The kind [`send`](Out::send) uses: that of the message being answered, else binary.
+    fn default_kind(&self, conn: ConnId) -> MessageKind {
+        if self.answering_conn == Some(conn) {
+            self.answering_kind
+        } else {
+            MessageKind::Binary
+        }
     }
 
     /// Queues one frame of `len` bytes that `fill` writes directly into the reply ring (or,
@@ -126,22 +230,29 @@ impl Out<'_> {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), SendError> {
-        let r = self.try_send_with(conn, len, fill);
+        let kind = self.default_kind(conn);
+        let r = self.try_send_with(conn, kind, len, fill);
         self.note(conn, r)
     }
 
-    fn try_send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+    fn try_send(
+        &mut self,
+        conn: ConnId,
+        kind: MessageKind,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
         self.check_len(payload.len())?;
         let max = self.ring(conn)?.max_payload();
         if payload.len() <= max {
-            return self.try_send_with(conn, payload.len(), |b| b.copy_from_slice(payload));
+            return self.try_send_with(conn, kind, payload.len(), |b| b.copy_from_slice(payload));
         }
-        self.send_split(conn, payload)
+        self.send_split(conn, kind, payload)
     }
 
     fn try_send_with(
         &mut self,
         conn: ConnId,
+        kind: MessageKind,
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(), SendError> {
@@ -151,11 +262,17 @@ impl Out<'_> {
         if len > rep.max_payload() {
             let mut buf = vec![0u8; len];
             fill(&mut buf);
-            return self.send_split(conn, &buf);
+            return self.send_split(conn, kind, &buf);
         }
         let mut grant = reserve_blocking(rep, len)?;
         fill(&mut grant[..len]);
-        grant.commit(len, Meta::tag(tag::SEND).conn(conn.raw()).aux(aux));
+        grant.commit(
+            len,
+            Meta::tag(tag::SEND)
+                .conn(conn.raw())
+                .aux(aux)
+                .flags(kind_flag(kind)),
+        );
         Ok(())
     }
 
@@ -172,7 +289,12 @@ impl Out<'_> {
 
     /// A reply longer than one record: consecutive SEND records, all but the last flagged
     /// MORE, the first led by the whole length (see the protocol module).
-    fn send_split(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+    fn send_split(
+        &mut self,
+        conn: ConnId,
+        kind: MessageKind,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
         self.check_len(payload.len())?;
         let aux = self.answering;
         let rep = self.ring(conn)?;
@@ -197,7 +319,7 @@ impl Out<'_> {
                 grant[..lead].copy_from_slice(&(payload.len() as u64).to_le_bytes());
             }
             grant[lead..lead + n].copy_from_slice(&payload[at..at + n]);
-            let flags = if last { 0 } else { flags::MORE };
+            let flags = if last { 0 } else { flags::MORE } | kind_flag(kind);
             grant.commit(
                 lead + n,
                 Meta::tag(tag::SEND).conn(conn.raw()).aux(aux).flags(flags),
@@ -226,7 +348,7 @@ impl Out<'_> {
         };
         if !partial {
             let body = self.codec.error_body(&format!("reply failed: {e}"));
-            if self.try_send(conn, &body).is_ok() {
+            if self.try_send(conn, MessageKind::Text, &body).is_ok() {
                 return;
             }
         }
@@ -251,6 +373,34 @@ impl Out<'_> {
         Ok(())
     }
 
+    /// Asks the front to close a `websocket` connection with a close code and reason (cut to
+    /// 123 bytes on a character boundary) once what was queued before is written; for other
+    /// codecs the same as [`close`](Out::close).
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::InvalidCloseCode`] for a code an endpoint may not send (1000-1003,
+    /// 1007-1011 and 3000-4999 may be sent), else see [`SendError`].
+    #[must_use = "a close that could not be queued is lost: handle the SendError"]
+    pub fn close_with(&mut self, conn: ConnId, code: u16, reason: &str) -> Result<(), SendError> {
+        if !websocket::close_code_valid(code) {
+            return Err(SendError::InvalidCloseCode(code));
+        }
+        let mut end = reason.len().min(websocket::MAX_CLOSE_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let reason = &reason.as_bytes()[..end];
+        let rep = self.ring(conn)?;
+        let mut grant = reserve_blocking(rep, reason.len())?;
+        grant[..reason.len()].copy_from_slice(reason);
+        grant.commit(
+            reason.len(),
+            Meta::tag(tag::CLOSE).conn(conn.raw()).aux(code as u64),
+        );
+        Ok(())
+    }
+
     fn ring(&mut self, conn: ConnId) -> Result<&mut Tx, SendError> {
         let f = conn.front();
         self.reps
@@ -263,6 +413,14 @@ impl Out<'_> {
         for rep in self.reps.iter_mut().flatten() {
             rep.publish();
         }
+    }
+}
+
+/// The SEND record flag of a message kind.
+fn kind_flag(kind: MessageKind) -> u16 {
+    match kind {
+        MessageKind::Text => flags::TEXT,
+        MessageKind::Binary => 0,
     }
 }
 
@@ -510,6 +668,7 @@ impl Worker {
                 reps: &mut self.reps,
                 answering: 0,
                 answering_conn: None,
+                answering_kind: MessageKind::Binary,
                 failure: None,
                 max_reply: self.max_reply,
             };
@@ -527,11 +686,17 @@ impl Worker {
                 match rec.tag() {
                     tag::OPEN => {
                         open.insert(conn);
-                        handler.on_open(conn, &String::from_utf8_lossy(rec.payload()), &mut out)
+                        match Upgrade::decode_open(rec.payload()) {
+                            (peer, Some(up)) if codec == Codec::WebSocket => {
+                                handler.on_upgrade(conn, &peer, &up, &mut out)
+                            }
+                            (peer, _) => handler.on_open(conn, &peer, &mut out),
+                        }
                     }
                     tag::DATA => {
                         let base = rec.payload_position();
-                        for frame in codec.frames(rec.payload()) {
+                        let mut frames = codec.frames(rec.payload());
+                        while let Some(frame) = frames.next() {
                             let (end, payload) = frame.map_err(|e| corrupt(e.to_string()))?;
                             out.answering = base + end as u64;
                             if out.answering <= answered || dead.contains(&out.answering) {
@@ -543,7 +708,8 @@ impl Worker {
                             inflight.store(out.answering, Ordering::Relaxed);
                             redelivered_frames += redelivered as u64;
                             out.answering_conn = Some(conn);
-                            handler.on_frame(conn, payload, redelivered, &mut out);
+                            out.answering_kind = frames.kind();
+                            handler.on_message(conn, payload, frames.kind(), redelivered, &mut out);
                             out.settle(conn);
                         }
                         out.answering = 0;

@@ -9,15 +9,12 @@
 //! the next read. The read buffer starts small and grows when reads fill it (and shrinks back
 //! when the connection is quiet), so idle connections stay cheap.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Smallest read buffer of a connection (bytes).
 const MIN_BUF: usize = 8 * 1024;
@@ -31,87 +28,28 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the `listening on` line shows it).
     #[arg(long, default_value = "127.0.0.1:7879")]
     listen: SocketAddr,
-    /// Runtime threads: 1 = current-thread runtime, N > 1 = multi-thread runtime with N workers.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
     /// Largest payload accepted (bytes); a longer length closes that connection.
     #[arg(long, default_value_t = 1 << 20)]
     max_frame: u32,
-    /// Listen backlog.
-    #[arg(long, default_value_t = 4096)]
-    backlog: u32,
+    #[command(flatten)]
+    server: shmrelay_examples::ServerArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tokio-echo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(args: Args) -> Result<()> {
-    if args.threads == 0 {
-        bail!("--threads must be at least 1");
-    }
-    let mut builder = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(args.threads);
-        b
-    };
-    let rt = builder
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    rt.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> Result<()> {
-    let socket = match args.listen {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .context("cannot create the listening socket")?;
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(args.listen)
-        .with_context(|| format!("cannot bind {}", args.listen))?;
-    let listener = socket
-        .listen(args.backlog)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = listener.local_addr()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "tokio-echo: listening on {local} (threads {}, max frame {} bytes)",
-            args.threads, args.max_frame
-        )?;
-        out.flush()?;
-    }
     let max_frame = args.max_frame;
-    loop {
-        match listener.accept().await {
-            Ok((stream, _peer)) => {
-                // Latency matters more than packet count for small echoed frames.
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    // Errors (resets, a client vanishing) only end that connection.
-                    let _ = echo(stream, max_frame).await;
-                });
-            }
-            Err(e) => {
-                // EMFILE / ENFILE / ECONNABORTED: report, back off briefly, keep serving.
-                eprintln!("tokio-echo: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
+    let detail = format!("max frame {max_frame} bytes");
+    let server = shmrelay_examples::serve(
+        "tokio-echo",
+        args.listen,
+        &args.server,
+        &detail,
+        move |s| async move {
+            // Errors (resets, a client vanishing) only end that connection.
+            let _ = echo(s, max_frame).await;
+        },
+    );
+    shmrelay_examples::exit_code("tokio-echo", args.server.block_on(server))
 }
 
 /// Outcome of scanning the buffered bytes for complete frames.

@@ -41,7 +41,7 @@ fn listener_tables() {
     let err = |t: &str| toml::from_str::<Config>(t).unwrap_err().to_string();
     let bad = err("[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"xml\"\n");
     assert!(
-        bad.contains("\"xml\" (length-prefixed, line, resp)"),
+        bad.contains("\"xml\" (length-prefixed, line, resp, websocket)"),
         "{bad}"
     );
     assert!(err("codec = \"Line\"\n").contains("unknown codec"));
@@ -269,4 +269,41 @@ fn budgets_and_push_scope_from_toml() {
     assert_eq!(c.frame_timeout_ms, 0);
     assert_eq!(Config::default().push_scope, PushScope::Listener);
     assert!(toml::from_str::<Config>("push_scope = \"anywhere\"").is_err());
+}
+
+#[test]
+fn websocket_settings_belong_to_websocket_listeners_and_are_checked() {
+    let c = valid(
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\ncodec = \"websocket\"\npath = \"/chat\"\norigins = [\"https://a.example\"]\nsubprotocols = [\"chat.v1\"]\n",
+    );
+    let l = &c.listeners()[0];
+    assert_eq!(l.codec(), Codec::WebSocket);
+    assert_eq!(l.path.as_deref(), Some("/chat"));
+    // The default listener takes them from the top level.
+    let set = |kvs: &[&str]| {
+        let kvs: Vec<String> = kvs.iter().map(|s| s.to_string()).collect();
+        Config::default().with_overrides(&kvs).unwrap()
+    };
+    let d = set(&["codec=websocket", "path=/ws", "subprotocols=[\"v2\"]"]);
+    d.validate().unwrap();
+    assert_eq!(d.listeners()[0].subprotocols, ["v2"]);
+    let invalid = |kvs: &[&str]| set(kvs).validate().unwrap_err().to_string();
+    assert!(invalid(&["path=/ws"]).contains("path is for codec = \"websocket\""));
+    assert!(invalid(&["codec=line", "origins=[\"https://a\"]"]).contains("origins"));
+    assert!(invalid(&["codec=websocket", "path=chat"]).contains("starts with /"));
+    assert!(invalid(&["codec=websocket", "path=/a?b=1"]).contains("no query"));
+    assert!(invalid(&["codec=websocket", "subprotocols=[\"a b\"]"]).contains("not an HTTP token"));
+    assert!(invalid(&["codec=websocket", "origins=[\"\"]"]).contains("not an origin"));
+    // Beside [[listener]] tables they are per listener.
+    let err = Config::default()
+        .with_overrides(&[
+            "listener=[{listen=\"127.0.0.1:0\"}]".into(),
+            "path=/x".into(),
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("path is not used with [[listener]] tables"),
+        "{err}"
+    );
 }

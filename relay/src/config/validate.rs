@@ -188,6 +188,7 @@ impl Config {
             if let Some(cmd) = &l.worker_cmd {
                 cmd.argv()?;
             }
+            l.validate_websocket()?;
         }
         for l in &self.listeners {
             if l.workers == 0 {
@@ -220,6 +221,58 @@ impl Config {
                     "{total} workers in all exceed {}",
                     crate::stats::MAX_WORKERS
                 ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ListenerConfig {
+    /// `path`, `origins` and `subprotocols` belong to a `websocket` listener, and each must be
+    /// something a handshake can match.
+    fn validate_websocket(&self) -> Result<(), ConfigError> {
+        let bad = |name, problem: String| Err(ConfigError::Invalid { name, problem });
+        let ws = self.codec == Codec::WebSocket;
+        for (name, set) in [
+            ("path", self.path.is_some()),
+            ("origins", !self.origins.is_empty()),
+            ("subprotocols", !self.subprotocols.is_empty()),
+        ] {
+            if set && !ws {
+                return bad(
+                    name,
+                    format!(
+                        "{} is a {} listener: {name} is for codec = \"websocket\"",
+                        self.listen, self.codec
+                    ),
+                );
+            }
+        }
+        if let Some(p) = &self.path {
+            if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+                return bad(
+                    "path",
+                    format!("{p:?}: a request path starts with / and has no query"),
+                );
+            }
+        }
+        // A token (RFC 7230): what may appear in Sec-WebSocket-Protocol.
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        if let Some(p) = self.subprotocols.iter().find(|p| !token(p)) {
+            return bad("subprotocols", format!("{p:?} is not an HTTP token"));
+        }
+        if let Some(o) = self
+            .origins
+            .iter()
+            .find(|o| o.is_empty() || o.contains(|c: char| c.is_whitespace() || c == ','))
+        {
+            return bad(
+                "origins",
+                format!("{o:?} is not an origin (scheme://host[:port])"),
             );
         }
         Ok(())

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use mio::{Interest, Token};
 use shmrelay_worker::protocol::tag;
-use shmrelay_worker::CloseReason;
+use shmrelay_worker::{CloseReason, Codec};
 use tracing::{debug, info, warn};
 
 use super::conn::Conn;
 use super::liveness::{self, TICK_MS};
 use super::routing::Route;
+use super::websocket::{handshake_ticks, Ws};
 use super::{Front, LISTENER_BASE};
 use crate::stats::add;
 
@@ -59,7 +60,12 @@ impl Front {
                     if reason == crate::stats::RejectReason::NoWorker {
                         // Best effort and non-blocking: the client learns why before the close.
                         let codec = self.listeners[l].codec;
-                        let _ = (&stream).write(&codec.error_reply("worker unavailable"));
+                        let reply = match codec {
+                            // Not upgraded yet: an HTTP client.
+                            Codec::WebSocket => b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 19\r\n\r\nworker unavailable\n".to_vec(),
+                            _ => codec.error_reply("worker unavailable"),
+                        };
+                        let _ = (&stream).write(&reply);
                     }
                     drop(stream);
                     continue;
@@ -76,8 +82,15 @@ impl Front {
             if lst.routed {
                 conn.route = Some(Box::new(Route::new(l)));
             }
+            let ws = codec == Codec::WebSocket;
+            if ws {
+                conn.ws = Some(Box::new(Ws::new(l)));
+            }
             let key = self.slab.insert(conn);
-            let first = self.liveness.first(codec, now);
+            let mut first = self.liveness.first(codec, now);
+            if ws {
+                first = first.min(now as u64 + handshake_ticks(self.frame_ticks) as u64);
+            }
             let at = self.wheel.schedule(key.timer(), first);
             let c = self.slab.get(key).expect("just inserted");
             c.timer_at = at;
@@ -94,7 +107,10 @@ impl Front {
             let id = key.id(self.index);
             // A routed connection may send frames to any worker of the pool: each hears of it
             // (and of its close), so none keeps state for a connection it was never told of.
-            let told = if self.listeners[l].routed {
+            let told = if ws {
+                // Told once the handshake succeeds (websocket/mod.rs).
+                vec![]
+            } else if self.listeners[l].routed {
                 workers.clone()
             } else {
                 vec![worker]

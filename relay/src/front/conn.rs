@@ -76,6 +76,8 @@ pub(super) struct Conn {
     /// Per-frame key routing (a `resp` listener with several workers); `worker` is then the
     /// home worker, which gets the commands that name no key.
     pub route: Option<Box<Route>>,
+    /// A `websocket` connection's own state (handshake, fragments, control frames, close).
+    pub ws: Option<Box<super::websocket::Ws>>,
 }
 
 impl Conn {
@@ -107,6 +109,7 @@ impl Conn {
             out_pos: 0,
             queued: 0,
             route: None,
+            ws: None,
         }
     }
 
@@ -139,7 +142,13 @@ impl Conn {
 
     /// True if the loop should read this connection now.
     pub fn wants_read(&self) -> bool {
-        self.readable && !self.blocked && self.state == ConnState::Open
+        self.readable && !self.blocked && (self.state == ConnState::Open || self.handshaking())
+    }
+
+    /// A `websocket` connection still reading its handshake request (in state `Accepted`:
+    /// its worker hears of it only once the handshake succeeds).
+    pub fn handshaking(&self) -> bool {
+        self.ws.as_ref().is_some_and(|w| w.handshaking)
     }
 }
 

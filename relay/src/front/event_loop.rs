@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use shmrelay_worker::codec::ProtocolError;
-use shmrelay_worker::protocol::FRAME_HEADER;
 use shmrelay_worker::CloseReason;
 use tracing::{debug, info, warn};
 
@@ -285,7 +284,7 @@ impl Front {
         let now = self.now as u32;
         for (key, at) in due.drain(..) {
             let key = ConnKey::from_timer(key);
-            let Some(c) = self.slab.get(key) else {
+            let Some(mut c) = self.slab.get(key) else {
                 continue;
             };
             if c.timer_at != at {
@@ -318,6 +317,23 @@ impl Front {
                 self.fail_conn(key, FRAME_TIMEOUT);
                 continue;
             }
+            if super::websocket::control_waiting(c) {
+                self.ws_after_read(key);
+                let Some(again) = self.slab.get(key) else {
+                    continue;
+                };
+                c = again;
+            }
+            // A websocket handshake not complete within HANDSHAKE_MS.
+            if c.handshaking() {
+                let limit = super::websocket::handshake_ticks(self.frame_ticks);
+                if now.wrapping_sub(c.last_rx) >= limit {
+                    add(&self.fs.ws_handshake_timeouts, 1);
+                    debug!(slot = key.slot, "websocket handshake not complete in time");
+                    self.close_conn(key, CloseReason::ProtocolError);
+                    continue;
+                }
+            }
             // A cheap kernel sample, once per check rather than per frame, and only where the
             // ping interval needs it: a client that beats on its own sets its own pace.
             if c.rtt_us == 0 || !c.client_beats {
@@ -338,11 +354,17 @@ impl Front {
                     self.close_conn(key, reason);
                     continue;
                 }
+                Verdict::Ping(next)
+                    if super::websocket::mid_reply(c, &self.chans, key.id(self.index).raw()) =>
+                {
+                    next.min(self.now + 1)
+                }
                 Verdict::Ping(next) => {
                     c.ping_outstanding = true;
                     c.ping_sent = now;
                     add(&self.fs.pings_sent, 1);
-                    if let Err(reason) = self.send(key, &[IoSlice::new(&[0u8; FRAME_HEADER])]) {
+                    let ping = c.codec.ping();
+                    if let Err(reason) = self.send(key, &[IoSlice::new(ping)]) {
                         self.close_conn(key, reason);
                         continue;
                     }
@@ -350,7 +372,15 @@ impl Front {
                 }
                 Verdict::Wait(next) => next,
             };
-            let next = partial_deadline.map_or(next, |d| next.min(d));
+            let mut next = partial_deadline.map_or(next, |d| next.min(d));
+            if self
+                .slab
+                .get(key)
+                .is_some_and(|c| super::websocket::control_waiting(c))
+            {
+                // Pongs held behind a long reply: looked at again next tick.
+                next = next.min(self.now + 1);
+            }
             let at = self.wheel.schedule(key.timer(), next);
             if let Some(c) = self.slab.get(key) {
                 c.timer_at = at;

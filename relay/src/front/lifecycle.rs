@@ -133,11 +133,12 @@ impl Front {
                 .queued_bytes
                 .store(self.queued_total as u64, Ordering::Relaxed);
         }
-        if let Some(e) = c.protocol_error.take() {
+        if let Some(bytes) = super::websocket::last_words(&mut c, reason) {
             if c.pending() == 0 {
-                // The error reply it is owed, after its replies. Best effort and never
-                // blocking: the connection closes either way, and the FIN follows it.
-                let _ = (&c.stream).write(&c.codec.protocol_error_reply(&e));
+                // The error reply it is owed (a websocket close frame), after its replies.
+                // Best effort and never blocking: the connection closes either way, and the
+                // FIN follows it.
+                let _ = (&c.stream).write(&bytes);
                 let _ = c.stream.shutdown(Shutdown::Write);
             }
         }

@@ -54,6 +54,7 @@ mod reply;
 mod route;
 mod routing;
 mod scope;
+mod websocket;
 mod write;
 
 use std::io::{self, Write};
@@ -137,6 +138,8 @@ struct Listener {
     next: usize,
     /// Frames are routed by key across the pool (`resp` with more than one worker).
     routed: bool,
+    /// `websocket`: the handshake's settings.
+    ws: websocket::Settings,
 }
 
 /// Runs a front until SIGTERM (then drains) and returns.
@@ -278,6 +281,11 @@ impl Front {
                 pool,
                 next: 0,
                 routed,
+                ws: websocket::Settings {
+                    path: spec.path.clone(),
+                    origins: spec.origins.clone(),
+                    subprotocols: spec.subprotocols.clone(),
+                },
             });
         }
         let worker_codecs = owner.iter().map(|&l| specs[l].codec()).collect();

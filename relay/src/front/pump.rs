@@ -3,8 +3,9 @@
 
 use std::io::IoSlice;
 
+use shmrelay_worker::codec::websocket::MAX_CLOSE_REASON;
 use shmrelay_worker::protocol::tag;
-use shmrelay_worker::{CloseReason, ConnId};
+use shmrelay_worker::{CloseReason, Codec, ConnId};
 use tracing::debug;
 
 use super::conn::{ConnKey, ConnState, Slab};
@@ -139,6 +140,17 @@ impl Front {
                     tag::CLOSE => {
                         deliver(slab, fs, me, &mut group, &mut todo);
                         let id = ConnId::from_raw(rec.conn());
+                        if id.front() == me && rec.aux() != 0 && codec == Codec::WebSocket {
+                            if let Some(c) = slab.get(ConnKey::of(id)) {
+                                // The close code and reason, copied out (a longer reason
+                                // than a close frame holds leaves the default close).
+                                let mut why = [0u8; MAX_CLOSE_REASON];
+                                if let Some(why) = why.get_mut(..rec.len()) {
+                                    rec.copy_payload(0, why);
+                                    Front::ws_worker_close(c, rec.aux(), why);
+                                }
+                            }
+                        }
                         if id.front() == me {
                             todo.push((ConnKey::of(id), Action::CloseAfterFlush(w)));
                         }

@@ -56,6 +56,10 @@ impl Front {
             if !c.wants_read() {
                 continue;
             }
+            if c.handshaking() {
+                self.ws_handshake(key);
+                continue;
+            }
             let id = key.id(self.index);
             let (result, heartbeats, w) = if let Some(l) = c.route.as_ref().map(|r| r.listener) {
                 let pool = &self.listeners[l].pool;
@@ -98,6 +102,9 @@ impl Front {
                 );
                 (result, heartbeats, w)
             };
+            if self.slab.get(key).is_some_and(|c| c.ws.is_some()) {
+                self.ws_after_read(key);
+            }
             if heartbeats > 0 {
                 // One answer per heartbeat read (a client may send several at once).
                 static ZEROS: [u8; FRAME_HEADER * 64] = [0; FRAME_HEADER * 64];
@@ -265,7 +272,7 @@ pub(super) fn read_conn(ch: &mut Chan, c: &mut Conn, at: ReadAt<'_>) -> (ReadRes
         add(&fs.bytes_in, n as u64);
         let (read, n) = (n, carried + n);
         // Walk the frames of this read.
-        let w = walk(c, &grant[..n], max_frame);
+        let w = walk_mut(c, &mut grant[..n], max_frame);
         apply(c, fs, &w, now, &mut heartbeats);
         if let Some(e) = w.bad {
             if w.frames > 0 {
@@ -306,7 +313,7 @@ pub(super) fn read_conn(ch: &mut Chan, c: &mut Conn, at: ReadAt<'_>) -> (ReadRes
 /// there, so it stays zero-copy); a chunk when it does not (a line).
 pub(super) fn carry_want(c: &mut Conn, max_frame: u32) -> usize {
     let len = c.carry.len();
-    let need = match c.codec.scan(&c.carry, max_frame as usize) {
+    let need = match scan_carry(c, max_frame) {
         Ok(Scan::NeedMore { need }) => need,
         // Only a partial frame is left behind.
         _ => len + 1,
@@ -356,7 +363,7 @@ pub(super) fn read_error(c: &mut Conn, e: &io::Error, fs: &FrontStats) -> Option
 
 /// The size of the partial frame in `carry`, whole (at least one byte more than it holds).
 fn carry_need(c: &Conn, max_frame: u32) -> usize {
-    match c.codec.scan(&c.carry, max_frame as usize) {
+    match scan_carry(c, max_frame) {
         Ok(Scan::NeedMore { need }) => need.max(c.carry.len() + 1),
         _ => c.carry.len() + 1,
     }
@@ -377,28 +384,48 @@ fn rest_is_waiting(c: &Conn, max_frame: u32, max_payload: usize) -> bool {
 /// Bytes read at a time into a partial frame whose size the codec cannot tell yet (a line).
 pub(super) const CARRY_CHUNK: usize = 64 * 1024;
 
+/// The partial frame in the connection's carry buffer, as its codec sees it (a websocket
+/// connection's carry holds raw client bytes, which its codec's `scan` does not read).
+fn scan_carry(c: &Conn, max_frame: u32) -> Result<Scan, ProtocolError> {
+    if c.ws.is_some() {
+        return Ok(Scan::NeedMore {
+            need: super::websocket::carry_need(c),
+        });
+    }
+    c.codec.scan(&c.carry, max_frame as usize)
+}
+
 /// What the start of a buffer holds, frame by frame.
+#[derive(Default)]
 pub(super) struct Walk {
     /// End of the whole frames.
     pub pos: usize,
-    frames: u64,
-    beats: u64,
+    pub frames: u64,
+    pub beats: u64,
     /// Malformed input after the whole frames.
     pub bad: Option<ProtocolError>,
     /// Bytes the partial frame after `pos` needs in all (when there is one).
-    need: usize,
+    pub need: usize,
+    /// A frame that proves the client alive arrived besides `frames` and `beats` (a
+    /// websocket control frame or fragment).
+    pub heard: bool,
+    /// Bytes moved in the buffer (websocket fragments reassembled), counted as copied.
+    pub moved: u64,
+}
+
+/// [`walk`], for every codec: a websocket connection's walk changes the buffer (unmasks and
+/// reassembles in place) and its state, so it runs once per byte.
+fn walk_mut(c: &mut Conn, buf: &mut [u8], max_frame: u32) -> Walk {
+    if c.ws.is_some() {
+        return super::websocket::walk(c, buf, max_frame);
+    }
+    walk(c, buf, max_frame)
 }
 
 /// What `buf` holds, frame by frame: the whole frames (heartbeats counted apart), then
 /// malformed input or the size of the partial frame that follows them.
 pub(super) fn walk(c: &Conn, buf: &[u8], max_frame: u32) -> Walk {
-    let mut w = Walk {
-        pos: 0,
-        frames: 0,
-        beats: 0,
-        bad: None,
-        need: 0,
-    };
+    let mut w = Walk::default();
     while w.pos < buf.len() {
         match c.codec.scan(&buf[w.pos..], max_frame as usize) {
             Ok(Scan::Frame { len, kind }) => {
@@ -439,8 +466,11 @@ fn apply(c: &mut Conn, fs: &FrontStats, w: &Walk, now: u32, heartbeats: &mut usi
         }
         add(&fs.heartbeats, w.beats);
     }
-    if w.frames + w.beats > 0 {
+    if w.frames + w.beats > 0 || w.heard {
         c.last_rx = now;
+    }
+    if w.moved > 0 {
+        add(&fs.bytes_copied, w.moved);
     }
     if w.frames > 0 {
         c.last_data = now;
@@ -456,8 +486,21 @@ fn flush_carry(
     at: ReadAt<'_>,
     heartbeats: &mut usize,
 ) -> Result<(), ReadResult> {
-    let w = walk(c, &c.carry, at.max_frame);
+    if super::websocket::closed(c) {
+        // Nothing after a websocket close frame is read.
+        c.carry = Vec::new();
+        return Ok(());
+    }
+    // A websocket walk changes the buffer and runs once: so the ring must take what it
+    // commits before it runs (the walk commits at most the whole buffer).
+    if c.ws.is_some() && !ch.req.has_space(c.carry.len()).unwrap_or(true) {
+        return Err(ReadResult::Blocked);
+    }
+    let mut carry = std::mem::take(&mut c.carry);
+    let w = walk_mut(c, &mut carry, at.max_frame);
+    c.carry = carry;
     if w.pos == 0 && w.bad.is_none() {
+        apply(c, at.fs, &w, at.now, heartbeats);
         return Ok(());
     }
     if w.frames > 0 {

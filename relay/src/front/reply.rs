@@ -21,7 +21,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use shm_ring::Record;
-use shmrelay_worker::protocol::{flags, FRAME_HEADER, SPLIT_HEADER};
+use shmrelay_worker::codec::websocket::{self, opcode, MAX_HEADER};
+use shmrelay_worker::protocol::{flags, SPLIT_HEADER};
 use shmrelay_worker::{CloseReason, Codec};
 
 use super::conn::Conn;
@@ -49,7 +50,7 @@ pub(super) enum Piece {
     /// Wire bytes for the connection: a header built here, the payload in the ring, a
     /// trailer; `whole` when it completes a message.
     Frame {
-        head: [u8; FRAME_HEADER],
+        head: [u8; MAX_HEADER],
         head_len: usize,
         body: *const u8,
         body_len: usize,
@@ -109,7 +110,7 @@ pub(super) fn piece(
             *split = None;
         }
         return Piece::Frame {
-            head: [0; FRAME_HEADER],
+            head: [0; MAX_HEADER],
             head_len: 0,
             body: ptr,
             body_len: len,
@@ -129,7 +130,7 @@ pub(super) fn piece(
         let limit = match codec {
             Codec::LengthPrefixed => u32::MAX as u64,
             Codec::Resp => max_copy as u64,
-            Codec::Line => u64::MAX / 2,
+            Codec::Line | Codec::WebSocket => u64::MAX / 2,
         };
         if total <= body_len as u64 || total > limit {
             return Piece::Broken("a split reply of an impossible length");
@@ -151,7 +152,7 @@ pub(super) fn piece(
         if resp {
             return Piece::Held;
         }
-        let (head, head_len) = codec.reply_header(total as usize);
+        let (head, head_len) = header(codec, total, rec.flags());
         return Piece::Frame {
             head,
             head_len,
@@ -174,7 +175,7 @@ pub(super) fn piece(
     if codec == Codec::LengthPrefixed && len > u32::MAX as usize {
         return Piece::Broken("a reply longer than a frame");
     }
-    let (head, head_len) = codec.reply_header(len);
+    let (head, head_len) = header(codec, len as u64, rec.flags());
     Piece::Frame {
         head,
         head_len,
@@ -183,6 +184,23 @@ pub(super) fn piece(
         tail: codec.reply_trailer(),
         whole: true,
     }
+}
+
+/// The header the front writes before a reply of `len` bytes, from its own copy of the length
+/// (and, for `websocket`, of the record's flags: text or binary).
+fn header(codec: Codec, len: u64, record_flags: u16) -> ([u8; MAX_HEADER], usize) {
+    if codec == Codec::WebSocket {
+        let op = if record_flags & flags::TEXT != 0 {
+            opcode::TEXT
+        } else {
+            opcode::BINARY
+        };
+        return websocket::server_header(op, len);
+    }
+    let (h, n) = codec.reply_header(len as usize);
+    let mut head = [0u8; MAX_HEADER];
+    head[..h.len()].copy_from_slice(&h);
+    (head, n)
 }
 
 /// The reply ring's producer attach count (a hint the worker could fake, which would only

@@ -256,6 +256,13 @@ fn front_report(stats: &Stats, f: usize, now_ns: u64) -> FrontReport {
             .map(|c| (c.as_str().to_owned(), ld(&fs.io_errors[*c as usize])))
             .collect(),
         lag_ms: ld(&fs.lag_ms),
+        ws_upgrades: ld(&fs.ws_upgrades),
+        ws_refused: ["400", "403", "404", "405", "426"]
+            .iter()
+            .zip(&fs.ws_refused)
+            .map(|(status, n)| (status.to_string(), ld(n)))
+            .collect(),
+        ws_handshake_timeouts: ld(&fs.ws_handshake_timeouts),
     }
 }
 

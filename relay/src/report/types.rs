@@ -128,6 +128,16 @@ pub struct FrontReport {
     /// deadlines were moved by as much.
     #[serde(default)]
     pub lag_ms: u64,
+    /// `websocket` listeners: handshakes completed (101 sent).
+    #[serde(default)]
+    pub ws_upgrades: u64,
+    /// `websocket` listeners: handshakes refused, by HTTP status (`"400"`, `"403"`, `"404"`,
+    /// `"405"`, `"426"`).
+    #[serde(default)]
+    pub ws_refused: BTreeMap<String, u64>,
+    /// `websocket` listeners: handshakes not complete in time (closed).
+    #[serde(default)]
+    pub ws_handshake_timeouts: u64,
 }
 
 /// Connections of one front by state.

@@ -17,7 +17,9 @@
  * - Every function that can fail returns a shmrelay_status; shmrelay_last_error() says why
  *   (per thread). No Rust panic crosses this ABI (SHMRELAY_STATUS_PANIC instead), and
  *   callbacks must not unwind into it either (no C++ exception or longjmp out of them).
- * - The websocket codec (issue 16) does not exist yet: frames carry no message kind.
+ * - On a websocket listener (issue 16) a frame is a whole message: shmrelay_message_kind says
+ *   text or binary, shmrelay_send_kind sends either, shmrelay_close_with closes with a code,
+ *   and shmrelay_upgrade_info (in on_open) gives the handshake's fields, borrowed like a frame.
  */
 
 #ifndef SHMRELAY_WORKER_H
@@ -67,6 +69,13 @@ typedef enum {
   SHMRELAY_STATUS_PANIC = 12,
 } shmrelay_status;
 
+// Whether a message is text (UTF-8, checked by the relay) or binary: the values are the
+// WebSocket opcodes. Every message of the other codecs is binary.
+typedef enum {
+  SHMRELAY_MESSAGE_KIND_TEXT = 1,
+  SHMRELAY_MESSAGE_KIND_BINARY = 2,
+} shmrelay_message_kind;
+
 // The codec of a worker's listener (`SHMRELAY_CODEC`), which decides what a frame is.
 typedef enum {
   // Frames are payloads; `send` adds the 4-byte big-endian length prefix.
@@ -76,6 +85,9 @@ typedef enum {
   // Frames are whole raw Redis commands; `send` writes its bytes as they are, which must
   // be whole RESP values.
   SHMRELAY_CODEC_RESP = 2,
+  // Frames are whole WebSocket messages (text or binary); `send` writes one binary
+  // message, or one of the kind being answered while answering.
+  SHMRELAY_CODEC_WEB_SOCKET = 3,
 } shmrelay_codec;
 
 // Why a connection closed: the `reason` of `on_close` (the relay's codes, also used in its
@@ -134,6 +146,23 @@ typedef uint64_t shmrelay_conn;
 // The fill function of `shmrelay_send_with`: writes exactly `len` bytes to `buf`, which
 // points into the reply ring. `ctx` is the pointer given to `shmrelay_send_with`.
 typedef void (*shmrelay_fill)(void *ctx, uint8_t *buf, size_t len);
+
+// A websocket client's handshake fields (`shmrelay_upgrade_info`): UTF-8 strings as pointer
+// and length (not NUL-terminated; empty when absent), valid until the callback returns.
+typedef struct {
+  // The request path, with its query.
+  const uint8_t *path;
+  size_t path_len;
+  // The subprotocol the relay selected.
+  const uint8_t *subprotocol;
+  size_t subprotocol_len;
+  // The `Authorization` header.
+  const uint8_t *authorization;
+  size_t authorization_len;
+  // The `Cookie` headers, joined with `; `.
+  const uint8_t *cookie;
+  size_t cookie_len;
+} shmrelay_upgrade;
 
 // A connection opened. `peer` is the client's address as text (`peer_len` bytes, then a
 // NUL), valid during the call only.
@@ -240,6 +269,45 @@ shmrelay_status shmrelay_commit(shmrelay_out *out, size_t len);
 //
 // `out` is the handle of the running callback.
 shmrelay_status shmrelay_close(shmrelay_out *out, shmrelay_conn conn);
+
+// The kind of the message being handled (valid in `on_frame`; `SHMRELAY_MESSAGE_KIND_BINARY`
+// in other callbacks and for codecs other than `websocket`). `out` null: binary.
+//
+// # Safety
+//
+// `out` is null or the handle of the running callback.
+shmrelay_message_kind shmrelay_message_kind(const shmrelay_out *out);
+
+// `shmrelay_send` with the message's kind given: on a `websocket` listener a text message
+// (which must be UTF-8: the relay does not check) or a binary one; for the other codecs the
+// same as `shmrelay_send`. (`shmrelay_send` itself answers with the kind of the message
+// being handled, and sends binary otherwise.)
+//
+// # Safety
+//
+// As `shmrelay_send`.
+shmrelay_status shmrelay_send_kind(shmrelay_out *out, shmrelay_conn conn, shmrelay_message_kind kind, const uint8_t *data, size_t len);
+
+// Closes a `websocket` connection with a close `code` (1000-1003, 1007-1011 or 3000-4999,
+// else `SHMRELAY_STATUS_INVALID_ARGUMENT`) and a UTF-8 `reason` of `reason_len` bytes (cut to
+// 123 on a character boundary; invalid UTF-8 is `SHMRELAY_STATUS_INVALID_ARGUMENT`), once
+// what was queued before is written. For the other codecs the same as `shmrelay_close`.
+//
+// # Safety
+//
+// `out` is the handle of the running callback; `reason` points to `reason_len` readable
+// bytes (it may be null when `reason_len` is 0).
+shmrelay_status shmrelay_close_with(shmrelay_out *out, shmrelay_conn conn, uint16_t code, const uint8_t *reason, size_t reason_len);
+
+// In `on_open` of a `websocket` client: fills `*info` with its handshake fields (the path,
+// the selected subprotocol, the `Authorization` and `Cookie` headers), valid until the
+// callback returns. `SHMRELAY_STATUS_INVALID_ARGUMENT` anywhere else (another codec,
+// another callback) or for a null pointer.
+//
+// # Safety
+//
+// `out` is null or the handle of the running callback; `info` is null or valid for writes.
+shmrelay_status shmrelay_upgrade_info(const shmrelay_out *out, shmrelay_upgrade *info);
 
 // Attaches to the rings described by the environment the relay sets for its workers
 // (`SHMRELAY_CHANNELS` and friends; see workers/README.md) and installs the SIGTERM and

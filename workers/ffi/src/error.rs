@@ -93,6 +93,7 @@ impl From<SendError> for Error {
             SendError::Partial { .. } => Status::Partial,
             SendError::Stopping => Status::Stopping,
             SendError::Corrupt => Status::CorruptReply,
+            SendError::InvalidCloseCode(_) => Status::InvalidArgument,
         };
         Error::new(status, e.to_string())
     }

@@ -55,13 +55,17 @@ use std::sync::OnceLock;
 
 #[cfg(test)]
 mod abi_tests;
+#[cfg(test)]
+mod abi_ws_tests;
 mod error;
 mod out;
 mod worker;
 
 pub use error::{shmrelay_last_error, Status};
 pub use out::{
-    shmrelay_close, shmrelay_commit, shmrelay_reserve, shmrelay_send, shmrelay_send_with, Fill, Out,
+    shmrelay_close, shmrelay_close_with, shmrelay_commit, shmrelay_message_kind, shmrelay_reserve,
+    shmrelay_send, shmrelay_send_kind, shmrelay_send_with, shmrelay_upgrade_info, Fill,
+    MessageKind, Out, Upgrade,
 };
 pub use worker::{
     shmrelay_stop_requested, shmrelay_worker_codec, shmrelay_worker_fd, shmrelay_worker_free,
@@ -85,6 +89,9 @@ pub enum Codec {
     /// Frames are whole raw Redis commands; `send` writes its bytes as they are, which must
     /// be whole RESP values.
     Resp = 2,
+    /// Frames are whole WebSocket messages (text or binary); `send` writes one binary
+    /// message, or one of the kind being answered while answering.
+    WebSocket = 3,
 }
 
 impl From<shmrelay_worker::Codec> for Codec {
@@ -93,6 +100,7 @@ impl From<shmrelay_worker::Codec> for Codec {
             shmrelay_worker::Codec::LengthPrefixed => Codec::LengthPrefixed,
             shmrelay_worker::Codec::Line => Codec::Line,
             shmrelay_worker::Codec::Resp => Codec::Resp,
+            shmrelay_worker::Codec::WebSocket => Codec::WebSocket,
         }
     }
 }

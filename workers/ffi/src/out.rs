@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::ffi::c_void;
 
-use shmrelay_worker::ConnId;
+use shmrelay_worker::{ConnId, MessageKind as SdkKind};
 
 use crate::error::{guard, Error, Status};
 use crate::Conn;
@@ -19,6 +19,62 @@ pub struct Out {
     /// The worker's reply limit, checked by `shmrelay_reserve` before it allocates.
     max_reply: usize,
     state: Cell<State>,
+    /// In the `on_open` of a websocket client: its handshake fields, borrowed for the
+    /// callback (`shmrelay_upgrade_info`).
+    upgrade: Option<Upgrade>,
+}
+
+/// A websocket client's handshake fields (`shmrelay_upgrade_info`): UTF-8 strings as pointer
+/// and length (not NUL-terminated; empty when absent), valid until the callback returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Upgrade {
+    /// The request path, with its query.
+    pub path: *const u8,
+    pub path_len: usize,
+    /// The subprotocol the relay selected.
+    pub subprotocol: *const u8,
+    pub subprotocol_len: usize,
+    /// The `Authorization` header.
+    pub authorization: *const u8,
+    pub authorization_len: usize,
+    /// The `Cookie` headers, joined with `; `.
+    pub cookie: *const u8,
+    pub cookie_len: usize,
+}
+
+impl Upgrade {
+    /// Pointers into `u`, valid as long as it is.
+    pub(crate) fn of(u: &shmrelay_worker::Upgrade<'_>) -> Upgrade {
+        Upgrade {
+            path: u.path.as_ptr(),
+            path_len: u.path.len(),
+            subprotocol: u.subprotocol.as_ptr(),
+            subprotocol_len: u.subprotocol.len(),
+            authorization: u.authorization.as_ptr(),
+            authorization_len: u.authorization.len(),
+            cookie: u.cookie.as_ptr(),
+            cookie_len: u.cookie.len(),
+        }
+    }
+}
+
+/// Whether a message is text (UTF-8, checked by the relay) or binary: the values are the
+/// WebSocket opcodes. Every message of the other codecs is binary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageKind {
+    Text = 1,
+    Binary = 2,
+}
+
+impl From<shmrelay_worker::MessageKind> for MessageKind {
+    fn from(k: shmrelay_worker::MessageKind) -> MessageKind {
+        match k {
+            shmrelay_worker::MessageKind::Text => MessageKind::Text,
+            shmrelay_worker::MessageKind::Binary => MessageKind::Binary,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +101,7 @@ impl Out {
         sdk: &mut shmrelay_worker::Out<'_>,
         stage: &mut Vec<u8>,
         max_reply: usize,
+        upgrade: Option<Upgrade>,
         f: impl FnOnce(*mut Out) -> R,
     ) -> R {
         let mut handle = Out {
@@ -52,6 +109,7 @@ impl Out {
             stage,
             max_reply,
             state: Cell::new(State::Idle),
+            upgrade,
         };
         f(&mut handle)
     }
@@ -279,4 +337,124 @@ pub unsafe extern "C" fn shmrelay_close(out: *mut Out, conn: Conn) -> Status {
         let out = unsafe { handle(out, "shmrelay_close") }?;
         out.with_sdk("shmrelay_close", |o| Ok(o.close(ConnId::from_raw(conn))?))
     })
+}
+
+/// The kind of the message being handled (valid in `on_frame`; `SHMRELAY_MESSAGE_KIND_BINARY`
+/// in other callbacks and for codecs other than `websocket`). `out` null: binary.
+///
+/// # Safety
+///
+/// `out` is null or the handle of the running callback.
+#[no_mangle]
+pub unsafe extern "C" fn shmrelay_message_kind(out: *const Out) -> MessageKind {
+    // SAFETY: per this function's contract.
+    let Ok(out) = (unsafe { handle(out, "shmrelay_message_kind") }) else {
+        return MessageKind::Binary;
+    };
+    out.with_sdk("shmrelay_message_kind", |o| Ok(o.message_kind().into()))
+        .unwrap_or(MessageKind::Binary)
+}
+
+/// `shmrelay_send` with the message's kind given: on a `websocket` listener a text message
+/// (which must be UTF-8: the relay does not check) or a binary one; for the other codecs the
+/// same as `shmrelay_send`. (`shmrelay_send` itself answers with the kind of the message
+/// being handled, and sends binary otherwise.)
+///
+/// # Safety
+///
+/// As `shmrelay_send`.
+#[no_mangle]
+pub unsafe extern "C" fn shmrelay_send_kind(
+    out: *mut Out,
+    conn: Conn,
+    kind: MessageKind,
+    data: *const u8,
+    len: usize,
+) -> Status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let out = unsafe { handle(out, "shmrelay_send_kind") }?;
+        // SAFETY: per this function's contract.
+        let payload = unsafe { bytes("shmrelay_send_kind", data, len) }?;
+        let kind = match kind {
+            MessageKind::Text => SdkKind::Text,
+            MessageKind::Binary => SdkKind::Binary,
+        };
+        out.with_sdk("shmrelay_send_kind", |o| {
+            Ok(o.send_kind(ConnId::from_raw(conn), kind, payload)?)
+        })
+    })
+}
+
+/// Closes a `websocket` connection with a close `code` (1000-1003, 1007-1011 or 3000-4999,
+/// else `SHMRELAY_STATUS_INVALID_ARGUMENT`) and a UTF-8 `reason` of `reason_len` bytes (cut to
+/// 123 on a character boundary; invalid UTF-8 is `SHMRELAY_STATUS_INVALID_ARGUMENT`), once
+/// what was queued before is written. For the other codecs the same as `shmrelay_close`.
+///
+/// # Safety
+///
+/// `out` is the handle of the running callback; `reason` points to `reason_len` readable
+/// bytes (it may be null when `reason_len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn shmrelay_close_with(
+    out: *mut Out,
+    conn: Conn,
+    code: u16,
+    reason: *const u8,
+    reason_len: usize,
+) -> Status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let out = unsafe { handle(out, "shmrelay_close_with") }?;
+        // SAFETY: per this function's contract.
+        let reason = unsafe { bytes("shmrelay_close_with", reason, reason_len) }?;
+        let reason = std::str::from_utf8(reason)
+            .map_err(|_| Error::invalid("shmrelay_close_with", "reason is not UTF-8"))?;
+        out.with_sdk("shmrelay_close_with", |o| {
+            Ok(o.close_with(ConnId::from_raw(conn), code, reason)?)
+        })
+    })
+}
+
+/// In `on_open` of a `websocket` client: fills `*info` with its handshake fields (the path,
+/// the selected subprotocol, the `Authorization` and `Cookie` headers), valid until the
+/// callback returns. `SHMRELAY_STATUS_INVALID_ARGUMENT` anywhere else (another codec,
+/// another callback) or for a null pointer.
+///
+/// # Safety
+///
+/// `out` is null or the handle of the running callback; `info` is null or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn shmrelay_upgrade_info(out: *const Out, info: *mut Upgrade) -> Status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let out = unsafe { handle(out, "shmrelay_upgrade_info") }?;
+        let up = out.upgrade.ok_or_else(|| {
+            Error::invalid(
+                "shmrelay_upgrade_info",
+                "not in on_open of a websocket client",
+            )
+        })?;
+        // SAFETY: per this function's contract, non-null means valid for writes.
+        let info = unsafe { info.as_mut() }
+            .ok_or_else(|| Error::invalid("shmrelay_upgrade_info", "info is null"))?;
+        *info = up;
+        Ok(())
+    })
+}
+
+/// `len` bytes at `data` (null allowed when `len` is 0).
+///
+/// # Safety
+///
+/// `data` points to `len` readable bytes that outlive the returned slice, or `len` is 0.
+unsafe fn bytes<'a>(function: &str, data: *const u8, len: usize) -> Result<&'a [u8], Error> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if data.is_null() {
+        return Err(Error::invalid(function, "data is null"));
+    }
+    // SAFETY: per this function's contract.
+    Ok(unsafe { std::slice::from_raw_parts(data, len) })
 }

@@ -147,6 +147,8 @@ struct Adapter<'a> {
     max_reply: usize,
     /// The first panic caught in this glue (a bug here; C callbacks cannot panic).
     fault: Option<String>,
+    /// A websocket client's handshake fields, for the `on_open` call being made.
+    upgrade: Option<crate::out::Upgrade>,
 }
 
 impl<'a> Adapter<'a> {
@@ -171,6 +173,7 @@ impl<'a> Adapter<'a> {
             stage,
             max_reply,
             fault: None,
+            upgrade: None,
         })
     }
 
@@ -180,7 +183,13 @@ impl<'a> Adapter<'a> {
     fn call(&mut self, out: &mut shmrelay_worker::Out<'_>, f: impl FnOnce(*mut c_void, *mut Out)) {
         let user = self.user;
         let r = catch_unwind(AssertUnwindSafe(|| {
-            Out::scope(out, self.stage, self.max_reply, |handle| f(user, handle))
+            Out::scope(
+                out,
+                self.stage,
+                self.max_reply,
+                self.upgrade.take(),
+                |handle| f(user, handle),
+            )
         }));
         if let Err(panic) = r {
             self.fault
@@ -197,6 +206,19 @@ impl<'a> Adapter<'a> {
 }
 
 impl Handler for Adapter<'_> {
+    fn on_upgrade(
+        &mut self,
+        conn: ConnId,
+        peer: &str,
+        upgrade: &shmrelay_worker::Upgrade<'_>,
+        out: &mut shmrelay_worker::Out<'_>,
+    ) {
+        // Pointers into `upgrade`, which outlives the on_open call below.
+        self.upgrade = Some(crate::out::Upgrade::of(upgrade));
+        self.on_open(conn, peer, out);
+        self.upgrade = None;
+    }
+
     fn on_open(&mut self, conn: ConnId, peer: &str, out: &mut shmrelay_worker::Out<'_>) {
         let Some(on_open) = self.on_open else {
             return;

@@ -108,6 +108,13 @@ impl Handler for Bridge {
         self.notify(|b| b.on_open.as_ref(), conn, peer, out);
     }
 
+    fn on_upgrade(&mut self, conn: ConnId, peer: &str, u: &sdk::Upgrade<'_>, out: &mut SdkOut<'_>) {
+        let fields = [u.path, u.subprotocol, u.authorization, u.cookie].map(str::to_owned);
+        self.out.get().set_upgrade(Some(fields));
+        self.on_open(conn, peer, out);
+        self.out.get().set_upgrade(None);
+    }
+
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
         // The caller holds the GIL for the whole batch (`run`, `poll_once`): this is the cheap
         // nested attach, not a GIL acquisition per frame.

@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
-use sdk::{ConnId, Out as SdkOut, SendError as SdkSendError};
+use sdk::{ConnId, MessageKind, Out as SdkOut, SendError as SdkSendError};
 
 pyo3::create_exception!(
     shmrelay_worker,
@@ -37,6 +37,8 @@ pub struct Out {
     answering: AtomicU64,
     answering_set: AtomicBool,
     touched: AtomicBool,
+    /// In `on_open` of a websocket client: path, subprotocol, authorization, cookie.
+    upgrade: std::sync::Mutex<Option<[String; 4]>>,
 }
 
 // Ordering: every field is written and read by `owner` alone (checked before any other
@@ -51,7 +53,13 @@ impl Out {
             answering: AtomicU64::new(0),
             answering_set: AtomicBool::new(false),
             touched: AtomicBool::new(false),
+            upgrade: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Sets (or clears) the websocket handshake fields `upgrade` shows during `on_open`.
+    pub fn set_upgrade(&self, fields: Option<[String; 4]>) {
+        *self.upgrade.lock().unwrap_or_else(|e| e.into_inner()) = fields;
     }
 
     /// Whether the handler queued a reply or close to the connection being answered.
@@ -135,10 +143,56 @@ impl Out {
         self.with_sdk(raw_conn(conn)?, |out, c| out.close(c))
     }
 
-    /// The listener's codec: `"length-prefixed"`, `"line"` or `"resp"`.
+    /// The listener's codec: `"length-prefixed"`, `"line"`, `"resp"` or `"websocket"`.
     #[getter]
     fn codec(&self) -> PyResult<String> {
         self.with_sdk(0, |out, _| Ok(out.codec().to_string()))
+    }
+
+    /// Queues a websocket text message (`data` must be UTF-8; a `str` is). For the other
+    /// codecs the same as `send`. (`send` answers with the kind of the message being
+    /// handled, and sends binary otherwise.)
+    fn send_text(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let conn = raw_conn(conn)?;
+        with_bytes(data, |bytes| {
+            self.with_sdk(conn, |out, c| out.send_kind(c, MessageKind::Text, bytes))
+        })
+    }
+
+    /// Queues a websocket binary message; for the other codecs the same as `send`.
+    fn send_binary(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let conn = raw_conn(conn)?;
+        with_bytes(data, |bytes| {
+            self.with_sdk(conn, |out, c| out.send_kind(c, MessageKind::Binary, bytes))
+        })
+    }
+
+    /// Closes a websocket connection with a close `code` (1000-1003, 1007-1011, 3000-4999;
+    /// others raise `SendError`) and a `reason` (cut to 123 bytes), after what was queued.
+    #[pyo3(signature = (conn, code, reason = ""))]
+    fn close_with(&self, conn: &Bound<'_, PyAny>, code: u16, reason: &str) -> PyResult<()> {
+        self.with_sdk(raw_conn(conn)?, |out, c| out.close_with(c, code, reason))
+    }
+
+    /// The kind of the message being handled: `"text"` or `"binary"` (always `"binary"`
+    /// for the other codecs and outside `on_frame`).
+    #[getter]
+    fn message_kind(&self) -> PyResult<&'static str> {
+        self.with_sdk(0, |out, _| {
+            Ok(match out.message_kind() {
+                MessageKind::Text => "text",
+                MessageKind::Binary => "binary",
+            })
+        })
+    }
+
+    /// In `on_open` of a websocket client: `(path, subprotocol, authorization, cookie)` from
+    /// its handshake (empty strings when absent); `None` elsewhere.
+    #[getter]
+    fn upgrade(&self) -> PyResult<Option<(String, String, String, String)>> {
+        self.with_sdk(0, |_, _| Ok(()))?;
+        let u = self.upgrade.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(u.clone().map(|[a, b, c, d]| (a, b, c, d)))
     }
 }
 

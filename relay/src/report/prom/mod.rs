@@ -248,6 +248,26 @@ fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
             "TCP retransmissions of closed connections (TCP_INFO at close).",
             |f| f.retransmits,
         ),
+        (
+            "front_ws_upgrades",
+            "WebSocket handshakes completed.",
+            |f| f.ws_upgrades,
+        ),
+        (
+            "front_ws_refused",
+            "WebSocket handshakes refused (any HTTP status).",
+            // Saturating: the counters are read from memory that may hold garbage.
+            |f| {
+                f.ws_refused
+                    .values()
+                    .fold(0u64, |a, &n| a.saturating_add(n))
+            },
+        ),
+        (
+            "front_ws_handshake_timeouts",
+            "WebSocket handshakes not complete in time.",
+            |f| f.ws_handshake_timeouts,
+        ),
     ];
     for &(name, help, get) in plain {
         counters(e, name, help, t.counts(get))?;

@@ -1,6 +1,7 @@
-//! `relaybench load`: a load generator for the length-prefixed wire protocol, a workload of the
-//! one load engine ([`crate::engine`]: connections, processes, threads, source addresses and
-//! the measured window are its business).
+//! `relaybench load`: a load generator for the length-prefixed wire protocol (or WebSocket,
+//! `--codec websocket`: [`crate::ws`]), a workload of the one load engine ([`crate::engine`]:
+//! connections, processes, threads, source addresses and the measured window are its
+//! business).
 //!
 //! Every connection sends frames of `--size` payload bytes and checks that each reply is the
 //! byte-for-byte echo of the request it answers, in order (payloads carry a per-connection
@@ -44,6 +45,7 @@ use tokio::net::TcpStream;
 use crate::engine::{
     self, counters, mix, secs_arg, Base, Common, ConnArgs, Defaults, Plan, Start, Window,
 };
+use crate::ws::{self, MessageKind, Next, Wire, WireCodec};
 
 /// Options of `relaybench load`.
 #[derive(clap::Args, Debug)]
@@ -68,6 +70,15 @@ pub struct Args {
     /// Largest reply payload accepted; a longer reply length is a protocol error.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_frame: u32,
+    /// Wire codec: length-prefixed frames, or WebSocket (handshake, then masked frames).
+    #[arg(long, value_enum, default_value = "length-prefixed")]
+    pub codec: WireCodec,
+    /// WebSocket: the kind of the messages sent (text payloads are ASCII).
+    #[arg(long, value_enum, default_value = "binary")]
+    pub ws_kind: MessageKind,
+    /// WebSocket: the request path of the handshake.
+    #[arg(long, default_value = "/")]
+    pub ws_path: String,
 }
 
 /// What every connection of a `load` run does (part of the plan children get).
@@ -82,6 +93,8 @@ pub struct Echo {
     drain: f64,
     /// Largest reply payload accepted.
     max_frame: u32,
+    /// What the connections speak.
+    wire: Wire,
 }
 
 counters! {
@@ -159,6 +172,8 @@ fn new_histogram() -> Histogram<u64> {
 pub struct LoadThread {
     work: Echo,
     conns: usize,
+    /// The server's address, for the WebSocket handshake's Host header.
+    host: String,
     stats: RefCell<Stats>,
     /// Settings of the run phase, made at the start (they hold its window).
     shared: OnceCell<Shared>,
@@ -188,6 +203,7 @@ impl engine::Workload for Echo {
         LoadThread {
             work: plan.work.clone(),
             conns: plan.conns,
+            host: plan.addr.to_string(),
             stats: RefCell::new(Stats::default()),
             shared: OnceCell::new(),
         }
@@ -197,7 +213,18 @@ impl engine::Workload for Echo {
         &th.stats
     }
 
-    async fn conn(th: Rc<LoadThread>, start: Rc<Start>, id: usize, stream: TcpStream) {
+    async fn conn(th: Rc<LoadThread>, start: Rc<Start>, id: usize, mut stream: TcpStream) {
+        let wire = &th.work.wire;
+        if wire.codec == WireCodec::Websocket {
+            // During the connect phase: the run starts with every connection upgraded.
+            let host = th.host.as_str();
+            if let Err(e) = ws::handshake(&mut stream, host, &wire.path, id).await {
+                let mut st = th.stats.borrow_mut();
+                st.counters.io_errors += 1;
+                st.counters.note_error(|| format!("connection {id}: {e}"));
+                return;
+            }
+        }
         let w = start.wait().await;
         let sh = th.shared.get_or_init(|| Shared::new(&th.work, th.conns, w));
         drive(id, stream, sh, &th.stats).await;
@@ -214,6 +241,10 @@ pub struct Summary {
     /// Connections open when the run started.
     pub connected: u64,
     pub size: u32,
+    /// "length-prefixed" or "websocket".
+    pub codec: WireCodec,
+    /// WebSocket: "text" or "binary" (null for length-prefixed).
+    pub ws_kind: Option<MessageKind>,
     /// Frames in flight per connection at most (null: unlimited).
     pub depth: Option<usize>,
     /// "closed" or "open".
@@ -281,6 +312,11 @@ fn make_work(args: &Args) -> Result<Echo> {
         warmup: secs_arg(args.warmup, "--warmup", true)?,
         drain: secs_arg(args.drain, "--drain", true)?,
         max_frame: args.max_frame,
+        wire: Wire {
+            codec: args.codec,
+            kind: args.ws_kind,
+            path: args.ws_path.clone(),
+        },
     })
 }
 
@@ -335,6 +371,8 @@ fn summarize(out: &engine::Outcome<Echo>) -> Summary {
         run: out.common(),
         connected: c.base.connected,
         size: work.size,
+        codec: work.wire.codec,
+        ws_kind: (work.wire.codec == WireCodec::Websocket).then_some(work.wire.kind),
         depth: (work.depth != usize::MAX).then_some(work.depth),
         mode: if work.rate.is_some() {
             "open"
@@ -418,14 +456,19 @@ struct Shared {
     interval: Option<Duration>,
     /// Payload bytes after the sequence stamp (same for every request).
     pattern: Vec<u8>,
+    wire: Wire,
 }
 
 impl Shared {
     fn new(work: &Echo, conns: usize, w: Window) -> Shared {
         let size = work.size as usize;
         let interval = work.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+        let text = work.wire.text();
         let pattern = (0..size)
-            .map(|i| (i.wrapping_mul(131).wrapping_add(17) as u8) ^ 0x5a)
+            .map(|i| match text {
+                true => b'a' + (i % 26) as u8,
+                false => (i.wrapping_mul(131).wrapping_add(17) as u8) ^ 0x5a,
+            })
             .collect();
         Shared {
             w,
@@ -434,6 +477,15 @@ impl Shared {
             max_frame: work.max_frame,
             interval,
             pattern,
+            wire: work.wire.clone(),
+        }
+    }
+
+    /// [`stamp`], in ASCII for text messages.
+    fn stamp(&self, id: usize, seq: u64) -> [u8; 8] {
+        match self.wire.text() {
+            true => ws::ascii(stamp(id, seq)),
+            false => stamp(id, seq),
         }
     }
 }
@@ -450,7 +502,9 @@ fn stamp(id: usize, seq: u64) -> [u8; 8] {
 enum ConnError {
     Io(std::io::Error),
     EarlyClose,
-    Protocol(u32),
+    Protocol(u64),
+    /// A WebSocket frame the client cannot follow.
+    Ws(&'static str),
 }
 
 struct Conn {
@@ -509,6 +563,10 @@ async fn drive(id: usize, mut stream: TcpStream, sh: &Shared, st: &RefCell<Stats
             counters.protocol_errors += 1;
             counters
                 .note_error(|| format!("connection {id}: reply length {len} is above --max-frame"));
+        }
+        Err(ConnError::Ws(what)) => {
+            counters.protocol_errors += 1;
+            counters.note_error(|| format!("connection {id}: {what}"));
         }
     }
     counters.unanswered += c.inflight.len() as u64;
@@ -594,10 +652,15 @@ impl Conn {
     /// Appends request `next_seq` to the write buffer, `intended` being its intended send time.
     fn enqueue(&mut self, sh: &Shared, intended: Instant) {
         let k = sh.size.min(8);
-        self.wbuf.extend_from_slice(&(sh.size as u32).to_be_bytes());
+        let key = ws::mask_key(self.id, self.next_seq);
+        let key = sh.wire.header(&mut self.wbuf, sh.size, key);
+        let at = self.wbuf.len();
         self.wbuf
-            .extend_from_slice(&stamp(self.id, self.next_seq)[..k]);
+            .extend_from_slice(&sh.stamp(self.id, self.next_seq)[..k]);
         self.wbuf.extend_from_slice(&sh.pattern[k..]);
+        if let Some(key) = key {
+            ws::mask(&mut self.wbuf[at..], key);
+        }
         self.next_seq += 1;
         self.inflight.push_back(intended);
     }
@@ -669,13 +732,21 @@ impl Conn {
         let mut stats = st.borrow_mut();
         let Stats { counters, hist } = &mut *stats;
         let mut answered = 0usize;
-        while self.rlen - pos >= 4 {
-            let b = &self.rbuf[pos..pos + 4];
-            let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-            if len > sh.max_frame {
-                return Err(ConnError::Protocol(len));
-            }
-            let end = pos + 4 + len as usize;
+        loop {
+            let (hdr, len, reply, ping) =
+                match sh.wire.next(&self.rbuf[pos..self.rlen], sh.max_frame) {
+                    Next::Need => break,
+                    Next::Data { hdr, len } => (hdr, len, true, false),
+                    Next::Ping { hdr, len } => (hdr, len, false, true),
+                    Next::Skip { hdr, len } => (hdr, len, false, false),
+                    Next::TooLong(len) => return Err(ConnError::Protocol(len)),
+                    Next::Bad(what) => return Err(ConnError::Ws(what)),
+                    Next::Close if self.sending || !self.inflight.is_empty() => {
+                        return Err(ConnError::EarlyClose)
+                    }
+                    Next::Close => break,
+                };
+            let end = pos + hdr + len;
             if end > self.rlen {
                 if end - pos > self.rbuf.len() {
                     // Make room for the whole frame after compaction below.
@@ -687,14 +758,23 @@ impl Conn {
                 }
                 break;
             }
-            let payload = &self.rbuf[pos + 4..end];
+            let payload = &self.rbuf[pos + hdr..end];
+            if !reply {
+                if ping {
+                    // A ping (the server's idle check): answered with the next write.
+                    let key = ws::mask_key(self.id, u64::MAX - self.next_seq);
+                    ws::pong(&mut self.wbuf, payload, key);
+                }
+                pos = end;
+                continue;
+            }
             counters.replies += 1;
             match self.inflight.pop_front() {
                 None => counters.mismatches += 1, // a frame nobody asked for
                 Some(intended) => {
                     let k = sh.size.min(8);
                     let ok = payload.len() == sh.size
-                        && payload[..k] == stamp(self.id, self.expect_seq)[..k]
+                        && payload[..k] == sh.stamp(self.id, self.expect_seq)[..k]
                         && payload[k..] == sh.pattern[k..];
                     self.expect_seq += 1;
                     answered += 1;

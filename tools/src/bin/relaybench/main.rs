@@ -18,6 +18,7 @@ mod hold;
 mod load;
 mod procs;
 mod ring;
+mod ws;
 
 #[derive(Parser)]
 #[command(name = "relaybench", version, about = "Benchmarks for shmrelay")]
@@ -30,7 +31,7 @@ struct Cli {
 enum Cmd {
     /// shm-ring's throughput and round trips against in-process queues and a raw futex.
     Ring(ring::Args),
-    /// Load generator for the length-prefixed wire protocol.
+    /// Load generator for the length-prefixed wire protocol or WebSocket (`--codec`).
     Load(load::Args),
     /// Idle long-lived connections with heartbeats, held and counted.
     Hold(hold::Args),

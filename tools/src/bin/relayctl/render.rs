@@ -482,7 +482,8 @@ fn fronts(r: &InstanceReport, out: &mut String) {
         let _ = writeln!(
             out,
             "  front {}: rejects {}; closes {}; io errors {}; rtt {}; stale replies {}, \
-             ring-full stalls {}, corrupt rings {}, retransmits {}",
+             ring-full stalls {}, corrupt rings {}, retransmits {}; websocket upgrades {}, \
+             refused {}, handshake timeouts {}",
             f.index,
             nonzero(&f.rejects),
             nonzero(&f.closes),
@@ -496,6 +497,9 @@ fn fronts(r: &InstanceReport, out: &mut String) {
             f.ring_full_stalls,
             f.corrupt_rings,
             f.retransmits,
+            f.ws_upgrades,
+            nonzero(&f.ws_refused),
+            f.ws_handshake_timeouts,
         );
     }
 }
