@@ -217,6 +217,9 @@ impl Config {
                 ),
             );
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         Ok(())
     }
 }
