@@ -15,7 +15,18 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hosts::{ask, next, report, required, serial, subscriber, Hosts, Nats, LONG};
-use shmrelay_tests::{eventually, Client, Watchdog};
+use shmrelay::report::types::ClusterReport;
+use shmrelay_tests::{eventually, Client, Relay, Watchdog};
+
+/// A child process killed (and reaped) when the test ends, even by a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// Asks `who TOPIC` on `c` until the members are exactly `want` (sorted ids).
 fn wait_members(c: &mut Client, topic: &str, want: &[String]) {
@@ -31,6 +42,25 @@ fn wait_members(c: &mut Client, topic: &str, want: &[String]) {
         last == expected
     });
     assert!(ok, "who {topic}: {last:?}, wanted {expected:?}");
+}
+
+/// Waits until the cluster counter `get`, summed over `relay`'s workers, reaches `min` (the
+/// view the report reads is published every 50 ms).
+fn wait_counter(relay: &Relay, what: &str, get: fn(&ClusterReport) -> u64, min: u64) {
+    let sum = || -> u64 {
+        report(relay)
+            .workers
+            .iter()
+            .filter_map(|w| w.cluster.as_ref())
+            .map(get)
+            .sum()
+    };
+    assert!(
+        eventually(LONG, || sum() >= min),
+        "{}: cluster {what} {} < {min}",
+        relay.instance,
+        sum()
+    );
 }
 
 fn whoami(c: &mut Client) -> String {
@@ -113,6 +143,8 @@ fn topics_reach_every_worker_of_every_node_once_and_in_order() {
     eprintln!("{left} unsubscribed and got nothing more");
 
     // Operations: the counters moved where the traffic went.
+    wait_counter(&relays[0], "messages_out", |c| c.messages_out, N as u64);
+    wait_counter(&relays[2], "messages_in", |c| c.messages_in, N as u64);
     let a = report(&relays[0]);
     let out: u64 = a
         .workers
@@ -188,13 +220,7 @@ fn pushes_reach_a_connection_on_another_node_and_gone_ids_are_reported() {
         "err unknown zz/0/",
     );
     ask(&mut sender, "push not-an-id x", "err bad id");
-    let errors: u64 = report(&relays[0])
-        .workers
-        .iter()
-        .filter_map(|w| w.cluster.as_ref())
-        .map(|c| c.errors)
-        .sum();
-    assert!(errors >= 2, "failed pushes are counted: {errors}");
+    wait_counter(&relays[0], "errors", |c| c.errors, 2);
 }
 
 #[test]
@@ -301,12 +327,7 @@ fn nats_down_keeps_local_delivery_and_cross_node_delivery_resumes() {
         );
         assert_eq!(next(&mut local, LONG), Some(format!("t during{i}")));
     }
-    let errors = report(&relays[0]).workers[0]
-        .cluster
-        .clone()
-        .unwrap()
-        .errors;
-    assert!(errors >= 5, "refused publishes are counted: {errors}");
+    wait_counter(&relays[0], "errors", |c| c.errors, 5);
     let text = Command::new(shmrelay_tests::workspace_bin(
         "shmrelay-tools",
         "relayctl",
@@ -333,8 +354,7 @@ fn nats_down_keeps_local_delivery_and_cross_node_delivery_resumes() {
         resumed,
         "cross-node delivery did not resume after NATS came back"
     );
-    let a = report(&relays[0]).workers[0].cluster.clone().unwrap();
-    assert!(a.reconnects >= 1 && a.connected, "{a:?}");
+    wait_counter(&relays[0], "reconnects", |c| c.reconnects, 1);
 }
 
 #[test]
@@ -358,7 +378,7 @@ fn haproxy_in_front_of_the_nodes() {
     let lb_port = hosts::free_port();
     let cfg =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster/haproxy.cfg");
-    let mut lb = Command::new(haproxy)
+    let lb = Command::new(haproxy)
         .args(["-db", "-f"])
         .arg(&cfg)
         .env("SHMRELAY_LB_BIND", format!("127.0.0.1:{lb_port}"))
@@ -369,6 +389,7 @@ fn haproxy_in_front_of_the_nodes() {
         .stdout(Stdio::null())
         .spawn()
         .expect("start haproxy");
+    let _lb = KillOnDrop(lb);
     let lb_addr = std::net::SocketAddr::from(([127, 0, 0, 1], lb_port));
     let try_client = || -> Option<(Client, String)> {
         let mut c =
@@ -402,8 +423,11 @@ fn haproxy_in_front_of_the_nodes() {
         ask(c, "sub lb", "ok");
     }
     wait_members(&mut clients[0].0, "lb", &ids);
-    ask(&mut clients[0].0, "pub lb hi", "ok ");
-    for (c, id) in clients.iter_mut() {
+    // The publisher is a subscriber too: its own worker pushes to it before answering.
+    clients[0].0.send(b"pub lb hi");
+    assert_eq!(next(&mut clients[0].0, LONG).as_deref(), Some("lb hi"));
+    assert!(next(&mut clients[0].0, LONG).unwrap().starts_with("ok "));
+    for (c, id) in clients.iter_mut().skip(1) {
         assert_eq!(next(c, LONG).as_deref(), Some("lb hi"), "{id}");
     }
 
@@ -412,8 +436,6 @@ fn haproxy_in_front_of_the_nodes() {
     let served = eventually(LONG, || {
         (0..6).all(|_| try_client().is_some_and(|(_, id)| !id.starts_with("b/")))
     });
-    let _ = lb.kill();
-    let _ = lb.wait();
     assert!(
         served,
         "new clients through haproxy are not all served after node b died"

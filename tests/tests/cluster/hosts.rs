@@ -5,6 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -116,8 +117,9 @@ impl Drop for Nats {
 
 /// Where the hosts are.
 enum Net {
-    /// Namespaces `ns[i]`, each with a veth link whose outer end is in this namespace.
-    Namespaces { ns: Vec<String>, base: u8 },
+    /// Namespaces `ns[i]`, each with a veth link whose outer end is in this namespace, on
+    /// subnet 10.BASE.(NET + i).0/24.
+    Namespaces { ns: Vec<String>, base: u8, net: u8 },
     /// Loopback addresses 127.0.0.2, 127.0.0.3, ...
     Loopback,
 }
@@ -140,14 +142,22 @@ impl Hosts {
     /// Network namespaces joined by veth links if this process may make them (root), else
     /// loopback addresses.
     pub fn new(n: usize) -> Hosts {
+        // Fresh names and subnets per set of hosts: the namespaces of an earlier set may
+        // outlive it for a moment (its relays' workers die after their supervisor).
+        static SETS: AtomicU32 = AtomicU32::new(0);
+        let k = SETS.fetch_add(1, Ordering::Relaxed) % 32;
         let pid = std::process::id();
         // One /24 per host under 10.BASE.0.0/16; BASE apart per test process.
         let base = 64 + (pid % 128) as u8;
         let mut ns = Vec::new();
         for i in 0..n {
-            let name = format!("shmr{pid}h{i}");
-            let (outer, inner) = (format!("sv{pid}h{i}"), format!("sp{pid}h{i}"));
-            let (o, inn) = (format!("10.{base}.{i}.1/24"), format!("10.{base}.{i}.2/24"));
+            let name = format!("shmr{pid}x{k}h{i}");
+            let (outer, inner) = (format!("sv{pid}x{k}h{i}"), format!("sp{pid}x{k}h{i}"));
+            let net = k as usize * 8 + i;
+            let (o, inn) = (
+                format!("10.{base}.{net}.1/24"),
+                format!("10.{base}.{net}.2/24"),
+            );
             let ok = ip(&["netns", "add", &name])
                 && {
                     ns.push(name.clone());
@@ -173,7 +183,11 @@ impl Hosts {
             }
         }
         Hosts {
-            net: Net::Namespaces { ns, base },
+            net: Net::Namespaces {
+                ns,
+                base,
+                net: k as u8 * 8,
+            },
         }
     }
 
@@ -185,7 +199,7 @@ impl Hosts {
     /// The address host `i`'s relay listens on.
     pub fn addr(&self, i: usize) -> Ipv4Addr {
         match &self.net {
-            Net::Namespaces { base, .. } => Ipv4Addr::new(10, *base, i as u8, 2),
+            Net::Namespaces { base, net, .. } => Ipv4Addr::new(10, *base, net + i as u8, 2),
             Net::Loopback => Ipv4Addr::new(127, 0, 0, 2 + i as u8),
         }
     }
@@ -193,7 +207,7 @@ impl Hosts {
     /// The address host `i` reaches this namespace's NATS server on.
     pub fn nats_addr(&self, i: usize) -> Ipv4Addr {
         match &self.net {
-            Net::Namespaces { base, .. } => Ipv4Addr::new(10, *base, i as u8, 1),
+            Net::Namespaces { base, net, .. } => Ipv4Addr::new(10, *base, net + i as u8, 1),
             Net::Loopback => Ipv4Addr::LOCALHOST,
         }
     }
