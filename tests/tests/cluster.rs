@@ -14,9 +14,9 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hosts::{ask, next, report, required, serial, subscriber, Hosts, Nats, LONG};
+use hosts::{ask, next, report, required, subscriber, Cluster, LONG};
 use shmrelay::report::types::ClusterReport;
-use shmrelay_tests::{eventually, Client, Relay, Watchdog};
+use shmrelay_tests::{eventually, Client, Relay};
 
 /// A child process killed (and reaped) when the test ends, even by a panic.
 struct KillOnDrop(std::process::Child);
@@ -76,25 +76,15 @@ fn quiet(c: &mut Client) {
 
 #[test]
 fn topics_reach_every_worker_of_every_node_once_and_in_order() {
-    let _serial = serial();
-    let Some(nats_bin) = required("nats-server", "NATS") else {
+    let Some(mut cluster) = Cluster::start("cluster topics", &["a", "b", "c"], 2) else {
         return;
     };
-    hosts::cluster_worker(); // a first build is not the test hanging
-    let _dog = Watchdog::new("cluster topics", Duration::from_secs(240));
-    let nats = Nats::start(nats_bin);
-    let hosts = Hosts::new(3);
-    eprintln!("hosts in network namespaces: {}", hosts.namespaced());
-    // Two workers per node: a publish must reach the other worker of its own node too.
-    let relays: Vec<_> = ["a", "b", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, n)| hosts.relay(i, n, 2, nats.port))
-        .collect();
+    eprintln!("hosts in network namespaces: {}", cluster.hosts.namespaced());
+    let relays = &mut cluster.relays;
     // Several subscribers per node, so that both workers of each node have some.
     let mut subs: Vec<Client> = Vec::new();
     let mut ids = Vec::new();
-    for relay in &relays {
+    for relay in relays.iter() {
         for _ in 0..3 {
             let mut c = subscriber(relay, "news");
             ids.push(whoami(&mut c));
@@ -175,19 +165,10 @@ fn topics_reach_every_worker_of_every_node_once_and_in_order() {
 
 #[test]
 fn pushes_reach_a_connection_on_another_node_and_gone_ids_are_reported() {
-    let _serial = serial();
-    let Some(nats_bin) = required("nats-server", "NATS") else {
+    let Some(mut cluster) = Cluster::start("cluster pushes", &["a", "b", "c"], 2) else {
         return;
     };
-    hosts::cluster_worker(); // a first build is not the test hanging
-    let _dog = Watchdog::new("cluster pushes", Duration::from_secs(240));
-    let nats = Nats::start(nats_bin);
-    let hosts = Hosts::new(3);
-    let relays: Vec<_> = ["a", "b", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, n)| hosts.relay(i, n, 2, nats.port))
-        .collect();
+    let relays = &mut cluster.relays;
     let mut target = relays[2].connect();
     let id = whoami(&mut target);
     assert!(id.starts_with("c/"), "{id}");
@@ -225,19 +206,10 @@ fn pushes_reach_a_connection_on_another_node_and_gone_ids_are_reported() {
 
 #[test]
 fn presence_converges_and_a_dead_node_leaves_the_others_working() {
-    let _serial = serial();
-    let Some(nats_bin) = required("nats-server", "NATS") else {
+    let Some(mut cluster) = Cluster::start("cluster presence", &["a", "b", "c"], 1) else {
         return;
     };
-    hosts::cluster_worker(); // a first build is not the test hanging
-    let _dog = Watchdog::new("cluster presence", Duration::from_secs(240));
-    let nats = Nats::start(nats_bin);
-    let hosts = Hosts::new(3);
-    let mut relays: Vec<_> = ["a", "b", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, n)| hosts.relay(i, n, 1, nats.port))
-        .collect();
+    let relays = &mut cluster.relays;
     let mut watcher = relays[0].connect();
     ask(&mut watcher, "presence room", "ok");
     let mut on_b = relays[1].connect();
@@ -287,19 +259,10 @@ fn presence_converges_and_a_dead_node_leaves_the_others_working() {
 
 #[test]
 fn nats_down_keeps_local_delivery_and_cross_node_delivery_resumes() {
-    let _serial = serial();
-    let Some(nats_bin) = required("nats-server", "NATS") else {
+    let Some(mut cluster) = Cluster::start("cluster nats restart", &["a", "c"], 1) else {
         return;
     };
-    hosts::cluster_worker(); // a first build is not the test hanging
-    let _dog = Watchdog::new("cluster nats restart", Duration::from_secs(240));
-    let mut nats = Nats::start(nats_bin);
-    let hosts = Hosts::new(2);
-    let relays: Vec<_> = ["a", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, n)| hosts.relay(i, n, 1, nats.port))
-        .collect();
+    let relays = &mut cluster.relays;
     let mut local = subscriber(&relays[0], "t");
     let mut remote = subscriber(&relays[1], "t");
     let remote_id = whoami(&mut remote);
@@ -310,7 +273,7 @@ fn nats_down_keeps_local_delivery_and_cross_node_delivery_resumes() {
     assert_eq!(next(&mut local, LONG).as_deref(), Some("t before"));
     assert_eq!(next(&mut remote, LONG).as_deref(), Some("t before"));
 
-    nats.kill();
+    cluster.nats.kill();
     let down = eventually(LONG, || {
         report(&relays[0])
             .workers
@@ -340,8 +303,8 @@ fn nats_down_keeps_local_delivery_and_cross_node_delivery_resumes() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("down"), "relayctl cluster: {text}");
 
-    nats.restart();
-    for r in &relays {
+    cluster.nats.restart();
+    for r in relays.iter() {
         hosts::wait_connected(r, 1);
     }
     // Subscriptions are restored on reconnect: cross-node delivery resumes.
@@ -359,22 +322,13 @@ fn nats_down_keeps_local_delivery_and_cross_node_delivery_resumes() {
 
 #[test]
 fn haproxy_in_front_of_the_nodes() {
-    let _serial = serial();
-    let Some(nats_bin) = required("nats-server", "NATS") else {
-        return;
-    };
     let Some(haproxy) = required("haproxy", "HAPROXY") else {
         return;
     };
-    hosts::cluster_worker(); // a first build is not the test hanging
-    let _dog = Watchdog::new("cluster haproxy", Duration::from_secs(240));
-    let nats = Nats::start(nats_bin);
-    let hosts = Hosts::new(3);
-    let mut relays: Vec<_> = ["a", "b", "c"]
-        .iter()
-        .enumerate()
-        .map(|(i, n)| hosts.relay(i, n, 1, nats.port))
-        .collect();
+    let Some(mut cluster) = Cluster::start("cluster haproxy", &["a", "b", "c"], 1) else {
+        return;
+    };
+    let relays = &mut cluster.relays;
     let lb_port = hosts::free_port();
     let cfg =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster/haproxy.cfg");

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use shmrelay::report::InstanceReport;
-use shmrelay_tests::{eventually, workspace_bin, Client, Recv, Relay};
+use shmrelay_tests::{eventually, workspace_bin, Client, Recv, Relay, Watchdog};
 
 /// Generous bound for anything to happen on a loaded machine.
 pub const LONG: Duration = Duration::from_secs(20);
@@ -316,4 +316,39 @@ pub fn subscriber(relay: &Relay, topic: &str) -> Client {
     let mut c = relay.connect();
     ask(&mut c, &format!("sub {topic}"), "ok");
     c
+}
+
+/// One test's cluster: a NATS server and a relay per node name, each on its own host, with
+/// `workers` cluster workers each, all connected. Taken one at a time (`serial`), under a
+/// watchdog. Dropped in field order: relays, hosts, NATS, watchdog, the serial lock.
+pub struct Cluster {
+    pub relays: Vec<Relay>,
+    pub hosts: Hosts,
+    pub nats: Nats,
+    _dog: Watchdog,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// None (the test skips) when `nats-server` is missing and not required.
+    pub fn start(label: &str, nodes: &[&str], workers: usize) -> Option<Cluster> {
+        let serial = serial();
+        let nats_bin = required("nats-server", "NATS")?;
+        cluster_worker(); // a first build is not the test hanging
+        let dog = Watchdog::new(label, Duration::from_secs(240));
+        let nats = Nats::start(nats_bin);
+        let hosts = Hosts::new(nodes.len());
+        let relays = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| hosts.relay(i, n, workers, nats.port))
+            .collect();
+        Some(Cluster {
+            relays,
+            hosts,
+            nats,
+            _dog: dog,
+            _serial: serial,
+        })
+    }
 }

@@ -221,11 +221,17 @@ impl Node {
         }
     }
 
-    fn announce(&self, topic: &[u8], conn: ConnId, what: &str) {
+    /// `join TOPIC ID` / `leave TOPIC ID`.
+    fn presence_event(&self, topic: &[u8], conn: ConnId, what: &str) -> Vec<u8> {
         let mut event = format!("{what} ").into_bytes();
         event.extend_from_slice(topic);
         event.push(b' ');
         event.extend_from_slice(self.id(conn).to_string().as_bytes());
+        event
+    }
+
+    fn announce(&self, topic: &[u8], conn: ConnId, what: &str) {
+        let event = self.presence_event(topic, conn, what);
         // Presence events are best effort; `who` is the reference.
         if self.counters.connected() {
             let _ = self.commands.try_send(Command::Presence {
@@ -236,10 +242,7 @@ impl Node {
     }
 
     fn announce_local(&self, topic: &[u8], conn: ConnId, what: &str, out: &mut Out<'_>) {
-        let mut event = format!("{what} ").into_bytes();
-        event.extend_from_slice(topic);
-        event.push(b' ');
-        event.extend_from_slice(self.id(conn).to_string().as_bytes());
+        let event = self.presence_event(topic, conn, what);
         for &w in self.watchers.get(topic).into_iter().flatten() {
             let _ = out.send(w, &event);
         }
@@ -409,23 +412,19 @@ impl Handler for Node {
         self.pending.retain(|_, p| match p {
             Pending::Push { conn: c, .. } | Pending::Who { conn: c, .. } => *c != conn,
         });
-        let topics: Vec<Vec<u8>> = self
-            .topics
-            .iter()
-            .filter(|(_, s)| s.contains(&conn))
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in topics {
+        for t in topics_of(&self.topics, conn) {
             self.unsubscribe(conn, &t, out);
         }
-        let watched: Vec<Vec<u8>> = self
-            .watchers
-            .iter()
-            .filter(|(_, s)| s.contains(&conn))
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in watched {
+        for t in topics_of(&self.watchers, conn) {
             self.unwatch(conn, &t);
         }
     }
+}
+
+/// The topics whose set holds `conn`.
+fn topics_of(map: &HashMap<Vec<u8>, HashSet<ConnId>>, conn: ConnId) -> Vec<Vec<u8>> {
+    map.iter()
+        .filter(|(_, s)| s.contains(&conn))
+        .map(|(t, _)| t.clone())
+        .collect()
 }
