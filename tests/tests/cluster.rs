@@ -79,7 +79,10 @@ fn topics_reach_every_worker_of_every_node_once_and_in_order() {
     let Some(mut cluster) = Cluster::start("cluster topics", &["a", "b", "c"], 2) else {
         return;
     };
-    eprintln!("hosts in network namespaces: {}", cluster.hosts.namespaced());
+    eprintln!(
+        "hosts in network namespaces: {}",
+        cluster.hosts.namespaced()
+    );
     let relays = &mut cluster.relays;
     // Several subscribers per node, so that both workers of each node have some.
     let mut subs: Vec<Client> = Vec::new();

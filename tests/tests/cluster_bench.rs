@@ -18,17 +18,26 @@ use shmrelay_tests::{Client, Recv};
 
 const SUBS: usize = 60;
 const MSGS: usize = 2000;
+/// Paced runs: this many messages, one every [`PACE`] (latency without queueing).
+const PACED: usize = 200;
+const PACE: Duration = Duration::from_millis(5);
 
-/// One run: `MSGS` publishes on `topic` from `publisher`, every subscriber reads them all.
-/// Returns (deliveries per second, p50 us, p99 us).
-fn run(publisher: &mut Client, subs: Vec<Client>, topic: &str) -> (f64, u64, u64, Vec<Client>) {
+/// One run: `msgs` publishes on `topic` from `publisher` (back to back, or one every `pace`),
+/// every subscriber reads them all. Returns (deliveries per second, p50 us, p99 us).
+fn run(
+    publisher: &mut Client,
+    subs: Vec<Client>,
+    topic: &str,
+    msgs: usize,
+    pace: Option<Duration>,
+) -> (f64, u64, u64, Vec<Client>) {
     let base = Instant::now();
     let readers: Vec<_> = subs
         .into_iter()
         .map(|mut c| {
             std::thread::spawn(move || {
-                let mut lat = Vec::with_capacity(MSGS);
-                for _ in 0..MSGS {
+                let mut lat = Vec::with_capacity(msgs);
+                for _ in 0..msgs {
                     let Recv::Frame(p) = c.recv_data(Duration::from_secs(60)) else {
                         panic!("subscriber starved");
                     };
@@ -46,11 +55,14 @@ fn run(publisher: &mut Client, subs: Vec<Client>, topic: &str) -> (f64, u64, u64
         })
         .collect();
     let start = Instant::now();
-    for _ in 0..MSGS {
+    for _ in 0..msgs {
         let now = base.elapsed().as_micros();
         publisher.send(format!("pub {topic} {now}").as_bytes());
+        if let Some(p) = pace {
+            std::thread::sleep(p);
+        }
     }
-    for _ in 0..MSGS {
+    for _ in 0..msgs {
         assert!(matches!(
             publisher.recv_data(Duration::from_secs(60)),
             Recv::Frame(_)
@@ -66,7 +78,7 @@ fn run(publisher: &mut Client, subs: Vec<Client>, topic: &str) -> (f64, u64, u64
     let secs = start.elapsed().as_secs_f64();
     all.sort_unstable();
     let p = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-    ((MSGS * SUBS) as f64 / secs, p(0.5), p(0.99), back)
+    ((msgs * SUBS) as f64 / secs, p(0.5), p(0.99), back)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -94,37 +106,47 @@ fn fan_out_one_node_against_three() {
             == SUBS + 1
     });
     assert!(ok);
-    let (mut rate1, mut p50_1, mut p99_1) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut rate3, mut p50_3, mut p99_3) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let (rate, p50, p99, back) = run(&mut publisher, one, "one");
-        one = back;
-        rate1.push(rate);
-        p50_1.push(p50 as f64);
-        p99_1.push(p99 as f64);
-        let (rate, p50, p99, back) = run(&mut publisher, three, "three");
-        three = back;
-        rate3.push(rate);
-        p50_3.push(p50 as f64);
-        p99_3.push(p99 as f64);
+    let mut stats: [Vec<Vec<f64>>; 2] = Default::default(); // [one, three] x [rate, p50, p99, paced p50, paced p99]
+    for s in stats.iter_mut() {
+        *s = vec![Vec::new(); 5];
     }
+    for _ in 0..3 {
+        for (k, topic) in ["one", "three"].into_iter().enumerate() {
+            let subs = std::mem::take(if k == 0 { &mut one } else { &mut three });
+            let (rate, p50, p99, subs) = run(&mut publisher, subs, topic, MSGS, None);
+            let (_, q50, q99, subs) = run(&mut publisher, subs, topic, PACED, Some(PACE));
+            *(if k == 0 { &mut one } else { &mut three }) = subs;
+            for (i, v) in [rate, p50 as f64, p99 as f64, q50 as f64, q99 as f64]
+                .into_iter()
+                .enumerate()
+            {
+                stats[k][i].push(v);
+            }
+        }
+    }
+    let m: Vec<Vec<f64>> = stats
+        .iter()
+        .map(|s| s.iter().cloned().map(median).collect())
+        .collect();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let (r1, r3) = (median(rate1), median(rate3));
     println!(
-        "fan-out, 1 publisher, {SUBS} subscribers, {MSGS} messages, medians of 3 alternating runs \
-         (namespaces: {}), load {}",
+        "fan-out, 1 publisher, {SUBS} subscribers: bursts of {MSGS} messages back to back, and \
+         {PACED} paced one every {PACE:?}; medians of 3 alternating runs (namespaces: {}), load {}",
         cluster.hosts.namespaced(),
         load.trim()
     );
+    for (k, name) in ["one node (60 on a)", "three nodes (20 on each)"]
+        .into_iter()
+        .enumerate()
+    {
+        println!(
+            "{name}: burst {:.0} deliveries/s, p50 {:.0} us, p99 {:.0} us; paced p50 {:.0} us, p99 {:.0} us",
+            m[k][0], m[k][1], m[k][2], m[k][3], m[k][4]
+        );
+    }
     println!(
-        "one node:    {r1:.0} deliveries/s, p50 {:.0} us, p99 {:.0} us",
-        median(p50_1),
-        median(p99_1)
-    );
-    println!(
-        "three nodes: {r3:.0} deliveries/s, p50 {:.0} us, p99 {:.0} us  (rate ratio {:.2})",
-        median(p50_3),
-        median(p99_3),
-        r3 / r1
+        "three nodes / one node: burst rate {:.2}, paced p50 {:.2}",
+        m[1][0] / m[0][0],
+        m[1][3] / m[0][3]
     );
 }
