@@ -225,6 +225,26 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_config_with_a_cluster_section_survives_overrides() {
+        let text = "fronts = 1\n[cluster]\nurls = [\"nats://n:4222\"]\nnode = \"edge-1\"\n";
+        let cfg: crate::config::Config = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        let over = cfg.with_overrides(&["fronts=2".into()]).unwrap();
+        assert_eq!(over.cluster, cfg.cluster);
+        assert_eq!(over.cluster.unwrap().node, "edge-1");
+        let mut bad = cfg.clone();
+        bad.cluster.as_mut().unwrap().urls.clear();
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                name: "cluster.urls",
+                ..
+            })
+        ));
+        assert!(crate::config::Config::default().cluster.is_none());
+    }
+
+    #[test]
     fn worker_env_carries_every_setting() {
         let c = cluster("token = \"t\"").unwrap();
         let env: Vec<_> = c.worker_env();
