@@ -27,6 +27,10 @@ pub const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a `who` query collects answers: the bound of presence's eventual consistency
 /// for nodes that died (they stop answering).
 pub const GATHER: Duration = Duration::from_millis(300);
+/// NATS events waiting for the worker loop: past it (the worker is behind, say blocked on a
+/// full reply ring) messages from NATS are dropped and counted as errors, so memory stays
+/// bounded (at-most-once). Answers to our own pushes and queries are never dropped.
+pub const INBOUND: usize = 65536;
 /// Reconnect backoff: 50 ms, doubling, at most this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -146,7 +150,7 @@ impl Bridge {
         let counters = Arc::new(Counters::default());
         let bell = Arc::new(EventFd::new()?);
         let (cmd_tx, cmd_rx) = tmpsc::channel(QUEUE);
-        let (ev_tx, ev_rx) = mpsc::channel();
+        let (ev_tx, ev_rx) = mpsc::sync_channel(INBOUND);
         let opts = rt.block_on(options(settings, worker, counters.clone()))?;
         let nats = Nats {
             subjects: Subjects::new(&settings.prefix),
@@ -224,7 +228,7 @@ struct Nats {
     subjects: Subjects,
     node: String,
     worker: usize,
-    events: mpsc::Sender<Event>,
+    events: mpsc::SyncSender<Event>,
     bell: Arc<EventFd>,
     counters: Arc<Counters>,
     /// Per topic with local subscribers: the tasks reading its message and `who` subjects.
@@ -332,8 +336,7 @@ impl Nats {
                 let (client, tx, bell) = (client.clone(), self.events.clone(), self.bell.clone());
                 tokio::spawn(async move {
                     let outcome = push(&client, subject, payload).await;
-                    let _ = tx.send(Event::PushDone { token, outcome });
-                    bell.notify();
+                    complete(&tx, &bell, Event::PushDone { token, outcome }).await;
                 });
             }
             Command::Who { token, topic } => {
@@ -343,8 +346,7 @@ impl Nats {
                 let counters = self.counters.clone();
                 tokio::spawn(async move {
                     let members = gather(&client, subject, &counters).await;
-                    let _ = tx.send(Event::WhoDone { token, members });
-                    bell.notify();
+                    complete(&tx, &bell, Event::WhoDone { token, members }).await;
                 });
             }
         }
@@ -382,10 +384,11 @@ impl Nats {
             let mut sub = sub;
             while let Some(m) = sub.next().await {
                 Counters::bump(&counters.messages_in);
-                if tx.send(to_event(m)).is_err() {
-                    break; // the worker loop is gone
+                match tx.try_send(to_event(m)) {
+                    Ok(()) => bell.notify(),
+                    Err(mpsc::TrySendError::Full(_)) => Counters::bump(&counters.errors),
+                    Err(mpsc::TrySendError::Disconnected(_)) => break, // the worker loop is gone
                 }
-                bell.notify();
             }
         })
     }
@@ -397,6 +400,23 @@ impl Nats {
             .subjects
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Hands the worker loop the end of one of its round trips, waiting (without blocking the
+/// runtime) while the channel is full: a client waits for this answer.
+async fn complete(tx: &mpsc::SyncSender<Event>, bell: &EventFd, mut event: Event) {
+    loop {
+        match tx.try_send(event) {
+            Ok(()) => break,
+            Err(mpsc::TrySendError::Full(e)) => {
+                event = e;
+                bell.notify();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return,
+        }
+    }
+    bell.notify();
 }
 
 async fn push(client: &Client, subject: String, payload: Vec<u8>) -> PushOutcome {

@@ -25,7 +25,8 @@ pub struct Counters {
     /// Messages sent to NATS.
     pub messages_out: AtomicU64,
     /// Cross-node operations that failed: publishes refused while NATS is unreachable or its
-    /// queue is full, pushes to unknown or gone connections, timeouts.
+    /// queue is full, pushes to unknown or gone connections, timeouts, and messages from NATS
+    /// dropped because the worker loop was [`INBOUND`](crate::bridge::INBOUND) behind.
     pub errors: AtomicU64,
     /// Times the connection to NATS was re-established.
     pub reconnects: AtomicU64,
