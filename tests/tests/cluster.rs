@@ -138,26 +138,7 @@ fn topics_reach_every_worker_of_every_node_once_and_in_order() {
     // Operations: the counters moved where the traffic went.
     wait_counter(&relays[0], "messages_out", |c| c.messages_out, N as u64);
     wait_counter(&relays[2], "messages_in", |c| c.messages_in, N as u64);
-    let a = report(&relays[0]);
-    let out: u64 = a
-        .workers
-        .iter()
-        .filter_map(|w| w.cluster.as_ref())
-        .map(|c| c.messages_out)
-        .sum();
-    assert!(
-        out >= N as u64,
-        "node a sent {out} messages to NATS: {:?}",
-        a.workers
-    );
     let c = report(&relays[2]);
-    let inn: u64 = c
-        .workers
-        .iter()
-        .filter_map(|w| w.cluster.as_ref())
-        .map(|c| c.messages_in)
-        .sum();
-    assert!(inn >= N as u64, "node c received {inn}: {:?}", c.workers);
     let prom = shmrelay::report::prometheus(&c);
     assert!(prom.contains("shmrelay_cluster_connected{"), "{prom}");
     assert!(
