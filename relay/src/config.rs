@@ -68,6 +68,15 @@
 //! worker_cmd = "/usr/local/bin/chat-worker"
 //! ```
 //!
+//! Beyond one host (the `cluster-worker` pub/sub workers of crate `shmrelay-cluster` join a
+//! NATS cluster; see [`ClusterConfig`]):
+//!
+//! ```toml
+//! [cluster]
+//! urls = ["nats://10.0.0.5:4222"]
+//! node = "edge-1"
+//! ```
+//!
 //! Workers are indexed globally, in listener order. With `line` and `resp` there are no
 //! heartbeats, so no pings and no heartbeat timeout: only `idle_timeout_ms` (if set) and TCP
 //! keepalive close a silent connection.
@@ -315,6 +324,10 @@ pub struct Config {
     /// default: connections of its own listener) or `relay` (any connection of the relay).
     /// A record outside the scope is dropped and counted (`push_out_of_scope`).
     pub push_scope: PushScope,
+    // --- Beyond one host over NATS (issue 19) ---
+    /// `[cluster]`: NATS servers and this node's name, handed to every worker in its
+    /// environment (the relay itself never connects to NATS). Off when absent.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Which connections a worker may write to.
@@ -368,6 +381,7 @@ impl Default for Config {
             partial_budget: 128 << 20,
             frame_timeout_ms: 30_000,
             push_scope: PushScope::Listener,
+            cluster: None,
         }
     }
 }
@@ -492,8 +506,11 @@ impl Config {
     }
 }
 
+mod cluster;
 pub mod fronts;
 mod validate;
+
+pub use cluster::ClusterConfig;
 
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ use shmrelay_worker::CloseReason;
 /// `b"SHMRSTAT"` as a little-endian u64.
 pub const STATS_MAGIC: u64 = u64::from_le_bytes(*b"SHMRSTAT");
 /// Bumped on any layout change.
-pub const STATS_VERSION: u32 = 2;
+pub const STATS_VERSION: u32 = 3;
 /// Fronts one instance can have.
 pub const MAX_FRONTS: usize = 64;
 /// Workers one instance can have.
@@ -220,8 +220,9 @@ pub const STATS_SIZE: usize = ADDRS_AT + MAX_FRONTS * ADDR_SLOTS * 4;
 
 const _: () = {
     assert!(HEADER_BYTES == 256);
-    // 512 until issue 12 (budgets, push scope, doorbell and EMFILE counters): 640.
-    assert!(FRONT_BYTES == 640);
+    // 512 until issue 12 (budgets, push scope, doorbell and EMFILE counters), 640 until
+    // issues 15 and 16 (io_error classes, lag, WebSocket handshakes): 768.
+    assert!(FRONT_BYTES == 768);
     assert!(WORKER_BYTES == 128);
     assert!(CloseReason::ALL.len() <= REASONS);
 };

@@ -22,7 +22,7 @@ mod relay;
 pub use client::{
     raw_connect, read_frames, set_linger_zero, Client, Probe, ProbeReport, Recv, SocketOpts,
 };
-pub use relay::{shmrelay_bin, Relay, Watchdog};
+pub use relay::{shmrelay_bin, workspace_bin, Relay, Watchdog};
 
 /// Bytes of the frame length prefix.
 pub const HEADER: usize = 4;

@@ -23,6 +23,16 @@ pub fn shmrelay_bin() -> &'static Path {
         if let Some(p) = std::env::var_os("SHMRELAY_BIN") {
             return PathBuf::from(p);
         }
+        workspace_bin("shmrelay", "shmrelay", &[])
+    })
+}
+
+/// Path of binary `bin` of workspace package `package` (say `cluster-worker` of
+/// `shmrelay-cluster`), found next to the test executable and built with `cargo build -p
+/// PACKAGE --bin BIN` (same profile and target directory) when it is missing or older than the
+/// relay's sources or the folders `sources` (relative to the workspace root).
+pub fn workspace_bin(package: &str, bin: &str, sources: &[&str]) -> PathBuf {
+    {
         let exe = std::env::current_exe().expect("current_exe");
         // target/<profile>/deps/<test-hash>  ->  target/<profile>
         let profile_dir = exe
@@ -31,25 +41,25 @@ pub fn shmrelay_bin() -> &'static Path {
             .and_then(Path::parent)
             .unwrap_or_else(|| exe.parent().expect("exe has a parent"))
             .to_path_buf();
-        let bin = profile_dir.join("shmrelay");
+        let path = profile_dir.join(bin);
         // `cargo test -p shmrelay-tests` rebuilds the relay's library for the harness, never
         // its binary: a binary older than the sources would test old code against new stats
         // layouts, so it is rebuilt then too.
-        if !bin.exists() || older_than_sources(&bin) {
-            build_shmrelay(&profile_dir);
+        if !path.exists() || older_than_sources(&path, sources) {
+            build_bin(&profile_dir, package, bin);
         }
         assert!(
-            bin.exists(),
-            "{} missing after `cargo build -p shmrelay`",
-            bin.display()
+            path.exists(),
+            "{} missing after `cargo build -p {package}`",
+            path.display()
         );
-        bin
-    })
+        path
+    }
 }
 
-/// True if a source of the binary (relay, worker SDK, ring, workspace manifest or lock file)
-/// was modified after `bin`.
-fn older_than_sources(bin: &Path) -> bool {
+/// True if a source of the binary (relay, worker SDK, ring, workspace manifest or lock file,
+/// or one of `extra`) was modified after `bin`.
+fn older_than_sources(bin: &Path, extra: &[&str]) -> bool {
     fn newest(path: &Path, acc: &mut std::time::SystemTime) {
         let Ok(meta) = std::fs::metadata(path) else {
             return;
@@ -78,14 +88,18 @@ fn older_than_sources(bin: &Path) -> bool {
         "workers/src",
         "shm-ring/Cargo.toml",
         "shm-ring/src",
-    ] {
+    ]
+    .iter()
+    .chain(extra)
+    {
         newest(&root.join(p), &mut latest);
     }
     latest > built
 }
 
-/// Runs `cargo build -p shmrelay` into the target directory and profile of this test binary.
-fn build_shmrelay(profile_dir: &Path) {
+/// Runs `cargo build -p PACKAGE --bin BIN` into the target directory and profile of this
+/// test binary.
+fn build_bin(profile_dir: &Path, package: &str, bin: &str) {
     let profile = profile_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -98,7 +112,7 @@ fn build_shmrelay(profile_dir: &Path) {
         .expect("workspace root");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "-p", "shmrelay", "--bin", "shmrelay"]);
+        .args(["build", "-p", package, "--bin", bin]);
     // <target>/<triple>/<profile>: cross builds put the profile one level deeper.
     if !target_dir.join("CACHEDIR.TAG").exists() {
         if let Some(triple) = target_dir.file_name().and_then(|n| n.to_str()) {
@@ -116,9 +130,12 @@ fn build_shmrelay(profile_dir: &Path) {
             cmd.args(["--profile", other]);
         }
     }
-    eprintln!("building shmrelay: {cmd:?}");
-    let status = cmd.status().expect("run cargo build -p shmrelay");
-    assert!(status.success(), "cargo build -p shmrelay failed: {status}");
+    eprintln!("building {bin}: {cmd:?}");
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build -p {package} failed: {status}"
+    );
 }
 
 /// The instance name of a test relay: `t-NAME-PID`, unique across concurrent test binaries.
@@ -216,7 +233,32 @@ impl Relay {
 
     /// Starts `shmrelay` and waits for `n` listening lines.
     pub fn start_n(name: &str, args: &[&str], n: usize) -> (Relay, Vec<SocketAddr>) {
-        Relay::spawn(&instance_name(name), args, n, "warn", None)
+        Relay::spawn(&instance_name(name), args, n, "warn", None, &[])
+    }
+
+    /// As [`Relay::start_config`], with the relay's command line after `wrapper` (say
+    /// `ip netns exec NS`, to run it as another host; the wrapper must exec the relay, so
+    /// that the child's pid is the supervisor's).
+    pub fn start_config_wrapped(
+        name: &str,
+        wrapper: &[&str],
+        toml: &str,
+        listeners: usize,
+    ) -> (Relay, Vec<SocketAddr>) {
+        let path =
+            std::env::temp_dir().join(format!("shmrelay-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).expect("write config");
+        let args = ["--config", path.to_str().unwrap()];
+        let r = Relay::spawn(
+            &instance_name(name),
+            &args,
+            listeners,
+            "warn",
+            None,
+            wrapper,
+        );
+        let _ = std::fs::remove_file(&path);
+        r
     }
 
     /// Starts `shmrelay --listen 127.0.0.1:0 --instance INSTANCE ARGS...` under exactly that
@@ -224,7 +266,7 @@ impl Relay {
     /// name (relayctl). On drop it gets SIGTERM first, so its supervisor stops its children and
     /// removes its files, then SIGKILL after 10 s.
     pub fn start_named(instance: &str, args: &[&str], shm_dir: Option<&Path>) -> Relay {
-        let (mut relay, _) = Relay::spawn(instance, args, 1, "warn", shm_dir);
+        let (mut relay, _) = Relay::spawn(instance, args, 1, "warn", shm_dir, &[]);
         relay.graceful = true;
         relay
     }
@@ -232,7 +274,7 @@ impl Relay {
     /// Starts `shmrelay` (logging only errors, for tests that provoke many warnings) and
     /// waits until it serves: one round trip echoed, and that connection closed again.
     pub fn start_serving(name: &str, args: &[&str]) -> Relay {
-        let (relay, _) = Relay::spawn(&instance_name(name), args, 1, "error", None);
+        let (relay, _) = Relay::spawn(&instance_name(name), args, 1, "error", None, &[]);
         // Workers start after `listening on`: wait until one round trip works.
         let mut c = relay.connect();
         assert_eq!(
@@ -250,16 +292,25 @@ impl Relay {
     }
 
     /// Starts `shmrelay --listen 127.0.0.1:0 --instance INSTANCE ARGS...` (in `shm_dir` if
-    /// given) with `RUST_LOG` (unless set) at `log`, and waits for `n` `listening on` lines.
+    /// given, after the command `wrapper` if not empty) with `RUST_LOG` (unless set) at `log`,
+    /// and waits for `n` `listening on` lines.
     fn spawn(
         instance: &str,
         args: &[&str],
         n: usize,
         log: &str,
         shm_dir: Option<&Path>,
+        wrapper: &[&str],
     ) -> (Relay, Vec<SocketAddr>) {
         let instance = instance.to_owned();
-        let mut cmd = Command::new(shmrelay_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(shmrelay_bin());
+                c
+            }
+            None => Command::new(shmrelay_bin()),
+        };
         // A config file with `[[listener]]` tables gives every address itself (`--listen`
         // beside them is an error).
         let tables = args.windows(2).any(|w| {

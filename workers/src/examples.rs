@@ -26,7 +26,8 @@ impl Handler for Echo {
 /// - anything else: answered `err unknown command`.
 ///
 /// One pub/sub worker sees only the connections routed to it, so run one worker
-/// (`--workers 1`) for a single topic space.
+/// (`--workers 1`) for a single topic space, or `cluster-worker` (crate `shmrelay-cluster`),
+/// the same commands over NATS, for a pool or several hosts.
 #[derive(Default)]
 pub struct PubSub {
     topics: HashMap<Vec<u8>, HashSet<ConnId>>,

@@ -107,6 +107,13 @@ pub const INFLIGHT_WORD: usize = 8;
 /// ending at one of them (its connection is closed with an error by the front).
 pub const DEAD_LETTER_WORDS: [usize; 2] = [4, 5];
 
+/// Indices of the user words of a worker's request ring from front 0 in which a cluster
+/// worker (`shmrelay-cluster`) publishes its NATS state for operators, in this order:
+/// state (0: not a cluster worker, 1: not connected, 2: connected), subjects subscribed,
+/// messages in, messages out, errors, reconnects. Operators' statistics only: the relay never
+/// acts on them (the supervisor copies them into its view like the other user words).
+pub const CLUSTER_WORDS: [usize; 6] = [9, 10, 11, 12, 13, 14];
+
 /// Bytes of the frame length prefix.
 pub const FRAME_HEADER: usize = 4;
 
@@ -348,6 +355,22 @@ pub mod env {
     /// Every relay process and tool: the directory of the instance's named files (default
     /// `/dev/shm`).
     pub const SHM_DIR: &str = "SHMRELAY_SHM_DIR";
+    // --- Cluster over NATS (issue 19): set for workers only when the relay's config has a
+    // `[cluster]` section; read by `shmrelay-cluster`'s `cluster-worker`. ---
+    /// Worker: the NATS server URLs, comma separated (`nats://host:4222,...`).
+    pub const CLUSTER_URLS: &str = "SHMRELAY_CLUSTER_URLS";
+    /// Worker: this node's name in the cluster (`[A-Za-z0-9_-]`, 1-64 bytes).
+    pub const CLUSTER_NODE: &str = "SHMRELAY_CLUSTER_NODE";
+    /// Worker: the first token(s) of every NATS subject the cluster uses (default `shmrelay`).
+    pub const CLUSTER_PREFIX: &str = "SHMRELAY_CLUSTER_PREFIX";
+    /// Worker: a NATS credentials file (JWT and nkey seed), if the cluster needs one.
+    pub const CLUSTER_CREDS: &str = "SHMRELAY_CLUSTER_CREDS";
+    /// Worker: NATS user name (with [`CLUSTER_PASSWORD`]), if the cluster needs one.
+    pub const CLUSTER_USER: &str = "SHMRELAY_CLUSTER_USER";
+    /// Worker: NATS password for [`CLUSTER_USER`].
+    pub const CLUSTER_PASSWORD: &str = "SHMRELAY_CLUSTER_PASSWORD";
+    /// Worker: NATS authentication token, if the cluster needs one.
+    pub const CLUSTER_TOKEN: &str = "SHMRELAY_CLUSTER_TOKEN";
 }
 
 /// One channel between a front and a worker as the supervisor names it in [`env::CHANNELS`]:

@@ -624,6 +624,44 @@ impl Worker {
         &self.doorbell
     }
 
+    /// Runs `f` with an [`Out`] outside any frame, for programs with their own event loop
+    /// that push to connections because of something else than a frame (a message from
+    /// another process, a timer); what `f` queued is published when it returns.
+    ///
+    /// ```no_run
+    /// # use shmrelay_worker::{ConnId, Worker};
+    /// # fn main() -> Result<(), shmrelay_worker::WorkerError> {
+    /// let mut worker = Worker::from_env()?;
+    /// let conn = ConnId::new(0, 1, 7); // remembered from an earlier on_open
+    /// let pushed = worker.with_out(|out| out.send(conn, b"tick"));
+    /// # let _ = pushed;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_out<R>(&mut self, f: impl FnOnce(&mut Out<'_>) -> R) -> R {
+        let mut out = Out {
+            codec: self.codec,
+            reps: &mut self.reps,
+            answering: 0,
+            answering_conn: None,
+            answering_kind: MessageKind::Binary,
+            failure: None,
+            max_reply: self.max_reply,
+        };
+        let r = f(&mut out);
+        out.publish();
+        r
+    }
+
+    /// The user words of the request ring from front 0 named by
+    /// [`CLUSTER_WORDS`](crate::protocol::CLUSTER_WORDS), in that order, where a cluster
+    /// worker publishes its state for operators (`None` before a ring from front 0 is
+    /// attached). Only this worker writes them; the relay only copies them for display.
+    pub fn cluster_words(&self) -> Option<[&std::sync::atomic::AtomicU64; 6]> {
+        let rx = self.reqs.first()?.as_ref()?;
+        let words = rx.storage().user_words();
+        Some(crate::protocol::CLUSTER_WORDS.map(|i| &words[i]))
+    }
+
     /// Serves events until SIGTERM or SIGINT.
     ///
     /// # Errors

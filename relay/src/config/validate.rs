@@ -223,6 +223,9 @@ impl Config {
                 ),
             );
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         Ok(())
     }
 }

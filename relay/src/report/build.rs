@@ -118,6 +118,7 @@ impl InstanceReport {
                             unix_ms: ld(&ws.dead_letter_unix_ms),
                         }
                     }),
+                    cluster: cluster_report(view, w),
                 }
             })
             .collect();
@@ -280,6 +281,21 @@ fn request_words(view: Option<&View>, fronts: usize, w: usize, word: usize) -> u
         .filter_map(|f| view.ring(f, w, Dir::Request))
         .map(|r| r.user.get(word).copied().unwrap_or(0))
         .fold(0, u64::saturating_add)
+}
+
+/// Worker `w`'s cluster words (in its request ring from front 0), if it published any.
+fn cluster_report(view: Option<&View>, w: usize) -> Option<super::types::ClusterReport> {
+    let ring = view?.ring(0, w, Dir::Request)?;
+    let [state, subjects, messages_in, messages_out, errors, reconnects] =
+        shmrelay_worker::protocol::CLUSTER_WORDS.map(|i| ring.user.get(i).copied().unwrap_or(0));
+    (state != 0).then_some(super::types::ClusterReport {
+        connected: state == 2,
+        subjects,
+        messages_in,
+        messages_out,
+        errors,
+        reconnects,
+    })
 }
 
 fn ring_report(

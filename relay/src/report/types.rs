@@ -211,6 +211,30 @@ pub struct WorkerReport {
     /// The last dead-lettered frame, if any.
     #[serde(default)]
     pub last_dead_letter: Option<DeadLetter>,
+    /// The worker's NATS state, if it is a cluster worker (`shmrelay-cluster`); `null`
+    /// otherwise. Published by the worker itself: for display only.
+    #[serde(default)]
+    pub cluster: Option<ClusterReport>,
+}
+
+/// A cluster worker's NATS connection and traffic, as it last published them (see
+/// `shmrelay_worker::protocol::CLUSTER_WORDS`). Counters restart from zero with the worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterReport {
+    /// Connected to NATS now.
+    pub connected: bool,
+    /// NATS subjects subscribed now (two per topic with local subscribers, one per watched
+    /// presence, one for direct pushes).
+    pub subjects: u64,
+    /// Messages received from NATS.
+    pub messages_in: u64,
+    /// Messages sent to NATS.
+    pub messages_out: u64,
+    /// Cross-node operations that failed (refused while NATS is unreachable, queue full,
+    /// pushes to unknown or gone connections, timeouts).
+    pub errors: u64,
+    /// Times the NATS connection was re-established.
+    pub reconnects: u64,
 }
 
 /// A dead-lettered frame.

@@ -136,6 +136,9 @@ impl Instance {
                     .env(env::CODEC, spec.codec().name())
                     .env(env::POOL_SIZE, spec.workers.to_string())
                     .env(env::CHANNELS, Channel::join(&channels));
+                if let Some(cluster) = &self.cfg.cluster {
+                    cmd.envs(cluster.worker_env());
+                }
                 if let Some(name) = self.cfg.worker_user(w) {
                     let user = nix::unistd::User::from_name(name)
                         .with_context(|| format!("looking up user {name:?}"))?

@@ -172,7 +172,7 @@ impl Front {
             let n = match read_into_carry(c, want.min(2048)) {
                 Ok(0) => return self.close_conn(key, CloseReason::ClientEof),
                 Ok(n) => n,
-                Err(e) => match read_error(c, &e) {
+                Err(e) => match read_error(c, &e, &self.fs) {
                     Some(ReadResult::Close(reason)) => return self.close_conn(key, reason),
                     Some(_) => break,
                     None => continue,
@@ -213,7 +213,7 @@ impl Front {
                     // Read on once the worker has the OPEN (see `flush_backlog`): the carry, and
                     // whatever the socket holds, without waiting for a new edge.
                     c.readable = true;
-                    let worker = c.worker;
+                    let worker = c.worker();
                     add(&self.fs.ws_upgrades, 1);
                     let id = key.id(self.index);
                     if let Err(reason) = self.send(key, &[IoSlice::new(&accepted.response)]) {
@@ -260,7 +260,7 @@ impl Front {
         }
         if closing {
             // Nothing after the close frame counts: whatever was carried is dropped.
-            self.partial_total -= c.partial;
+            self.partial_total -= c.partial as usize;
             c.partial = 0;
             c.carry = Vec::new();
         }
@@ -307,7 +307,7 @@ impl Front {
 pub(super) fn mid_reply(c: &Conn, chans: &[super::channel::Chan], id: u64) -> bool {
     c.ws.is_some()
         && chans
-            .get(c.worker)
+            .get(c.worker())
             .and_then(|ch| ch.split.as_ref())
             .is_some_and(|s| s.conn == id)
 }

@@ -119,6 +119,7 @@ impl Collector for ReportCollector {
         )?;
         fronts(e, &r.fronts)?;
         workers(e, &r.workers)?;
+        cluster(e, &r.workers)?;
         rings(e, &r.rings)?;
 
         let lk = &r.leaks;
@@ -323,6 +324,57 @@ fn fronts(e: &mut DescriptorEncoder, fronts: &[FrontReport]) -> fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// The cluster workers' NATS state (workers that are not cluster workers have no samples).
+fn cluster(e: &mut DescriptorEncoder, workers: &[WorkerReport]) -> fmt::Result {
+    let rows: Vec<(usize, super::types::ClusterReport)> = workers
+        .iter()
+        .filter_map(|w| w.cluster.clone().map(|c| (w.index, c)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let t = Rows {
+        rows: &rows,
+        labels: |(w, _)| vec![("worker", w.to_string())],
+    };
+    gauges(
+        e,
+        "cluster_connected",
+        "1 while the cluster worker is connected to NATS.",
+        t.ints(|(_, c)| c.connected.into()),
+    )?;
+    gauges(
+        e,
+        "cluster_subjects",
+        "NATS subjects the cluster worker subscribes to.",
+        t.ints(|(_, c)| c.subjects),
+    )?;
+    counters(
+        e,
+        "cluster_messages_in",
+        "Messages the cluster worker received from NATS.",
+        t.counts(|(_, c)| c.messages_in),
+    )?;
+    counters(
+        e,
+        "cluster_messages_out",
+        "Messages the cluster worker sent to NATS.",
+        t.counts(|(_, c)| c.messages_out),
+    )?;
+    counters(
+        e,
+        "cluster_errors",
+        "Cross-node operations that failed (NATS unreachable, queue full, unknown or gone push targets, timeouts).",
+        t.counts(|(_, c)| c.errors),
+    )?;
+    counters(
+        e,
+        "cluster_reconnects",
+        "Times the cluster worker's NATS connection was re-established.",
+        t.counts(|(_, c)| c.reconnects),
+    )
 }
 
 fn workers(e: &mut DescriptorEncoder, workers: &[WorkerReport]) -> fmt::Result {

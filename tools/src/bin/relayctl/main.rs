@@ -96,6 +96,12 @@ enum Cmd {
         /// Instance name [default: the only live instance].
         instance: Option<String>,
     },
+    /// Show the cluster workers' NATS state: connected, subjects subscribed, messages in and
+    /// out, errors, reconnects (workers of a relay with a `[cluster]` section).
+    Cluster {
+        /// Instance name [default: the only live instance].
+        instance: Option<String>,
+    },
     /// Show leaks: dead instances' segments, orphan files, stale rings, leak counters.
     ///
     /// Dead instances and orphan files are looked for host-wide; the leak counters and stale
@@ -119,7 +125,7 @@ enum Cmd {
 }
 
 /// What `--json` prints, by subcommand: its help there, in place of the global one.
-const JSON_HELP: [(&str, &str); 6] = [
+const JSON_HELP: [(&str, &str); 7] = [
     (
         "list",
         "Print JSON: one `host::ListReport`, every instance with its pid, liveness and files",
@@ -135,6 +141,10 @@ const JSON_HELP: [(&str, &str); 6] = [
     (
         "dead-letters",
         "Print JSON: the `WorkerReport`s of the workers that dead-lettered frames",
+    ),
+    (
+        "cluster",
+        "Print JSON: the `WorkerReport`s of the cluster workers (their `cluster` field)",
     ),
     (
         "leaks",
@@ -238,6 +248,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::DeadLetters { instance } => {
             let name = resolve(instance)?;
             dead_letters(&mut out, &name, cli.json)
+        }
+        Cmd::Cluster { instance } => {
+            let name = resolve(instance)?;
+            let r = sample(&name, Duration::ZERO)?;
+            let workers: Vec<&report::WorkerReport> =
+                r.workers.iter().filter(|w| w.cluster.is_some()).collect();
+            emit(&mut out, cli.json, &workers, || render::cluster(&name, &r))?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Leaks { instance } => {
             let l = host::leaks(instance.as_deref()).map_err(not_found_hint)?;

@@ -528,6 +528,35 @@ fn workers_table(r: &InstanceReport) -> Table {
     t
 }
 
+/// The cluster workers' NATS state (`relayctl stat`, `relayctl cluster`).
+fn cluster_table(r: &InstanceReport) -> Table {
+    let mut t = Table::new(
+        &[
+            "WORKER",
+            "NATS",
+            "SUBJECTS",
+            "MSGS_IN",
+            "MSGS_OUT",
+            "ERRORS",
+            "RECONNECTS",
+        ],
+        1,
+    );
+    for w in &r.workers {
+        let Some(c) = &w.cluster else { continue };
+        t.row(vec![
+            w.index.to_string(),
+            if c.connected { "connected" } else { "down" }.to_owned(),
+            c.subjects.to_string(),
+            c.messages_in.to_string(),
+            c.messages_out.to_string(),
+            c.errors.to_string(),
+            c.reconnects.to_string(),
+        ]);
+    }
+    t
+}
+
 fn leak_counters(l: &LeakReport) -> String {
     format!(
         "stale segments removed {}, leaked conns {}, fd growth {}, rss growth {}, \
@@ -563,8 +592,24 @@ pub fn stat(r: &InstanceReport) -> String {
     fronts(r, &mut out);
     out.push_str("\nWORKERS\n");
     workers_table(r).render(&mut out, "  ");
+    if r.workers.iter().any(|w| w.cluster.is_some()) {
+        out.push_str("\nCLUSTER\n");
+        cluster_table(r).render(&mut out, "  ");
+    }
     let _ = writeln!(out, "\nLEAKS\n  {}\n", leak_counters(&r.leaks));
     problems(&r.problems, &mut out);
+    out
+}
+
+/// `relayctl cluster`: the cluster workers' NATS state.
+pub fn cluster(name: &str, r: &InstanceReport) -> String {
+    if !r.workers.iter().any(|w| w.cluster.is_some()) {
+        return format!(
+            "{name}: no cluster worker (no [cluster] section, or workers not started yet)\n"
+        );
+    }
+    let mut out = String::new();
+    cluster_table(r).render(&mut out, "");
     out
 }
 
