@@ -120,6 +120,7 @@ pub(super) fn run(plan: &Plan<Heartbeats>, mut ctl: ThreadCtl<HoldTally>) -> Res
         }
     }
     lp.tally.counters.open_at_end = lp.open;
+    lp.cut();
     Ok(lp.tally)
 }
 
@@ -392,6 +393,17 @@ impl<'p> HoldLoop<'p> {
         let at = Instant::now() + hb.mul_f64(f);
         self.wheel.schedule((i as u32, 0), self.tick(at));
         self.flush(i);
+    }
+
+    /// Closes every connection at the end of the run. What the server sent last (a ping) is
+    /// read first: closing a socket with unread bytes sends a reset instead of a FIN, which the
+    /// server would count as an error of its own.
+    fn cut(&mut self) {
+        for c in &mut self.conns {
+            if let Some(mut sock) = c.sock.take() {
+                while matches!(sock.read(&mut self.scratch), Ok(n) if n > 0) {}
+            }
+        }
     }
 
     /// The server ended connection `i`: with a FIN (`None`) or an error.
