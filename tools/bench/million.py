@@ -33,6 +33,7 @@ fs.nr_open, fs.file-max (and net.netfilter.nf_conntrack_max where conntrack is l
 Everything started is stopped on exit.
 """
 
+import argparse
 import json
 import math
 import os
@@ -85,59 +86,32 @@ def die(msg):
 
 
 def parse_args(argv):
-    o = {
-        "conns": 1_000_000, "seconds": 600.0, "variants": ["beats", "pings"], "fronts": None,
-        "workers": 2, "procs": None, "src_ips": "127.0.0.2-127.0.0.101", "sample": 10.0,
-        "beat": 60.0, "concurrency": 1024, "ramp_limit": 900.0, "sets": [], "out": None,
-        "build": True, "sysctl": True, "bin": None,
-    }
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        val = argv[i + 1] if i + 1 < len(argv) else None
-        step = 2
-        if a == "--conns":
-            o["conns"] = int(val)
-        elif a == "--seconds":
-            o["seconds"] = float(val)
-        elif a == "--variants":
-            o["variants"] = [v for v in val.split(",") if v]
-            if any(v not in ("beats", "pings") for v in o["variants"]):
-                die("--variants takes beats, pings or both")
-        elif a == "--fronts":
-            o["fronts"] = val
-        elif a == "--workers":
-            o["workers"] = int(val)
-        elif a == "--procs":
-            o["procs"] = int(val)
-        elif a == "--src-ips":
-            o["src_ips"] = val
-        elif a == "--sample":
-            o["sample"] = float(val)
-        elif a == "--beat":
-            o["beat"] = float(val)
-        elif a == "--connect-concurrency":
-            o["concurrency"] = int(val)
-        elif a == "--ramp-limit":
-            o["ramp_limit"] = float(val)
-        elif a == "--relay-set":
-            o["sets"].append(val)
-        elif a == "--out":
-            o["out"] = val
-        elif a == "--bin":
-            o["bin"], o["build"] = val, False
-        elif a == "--no-build":
-            o["build"], step = False, 1
-        elif a == "--no-sysctl":
-            o["sysctl"], step = False, 1
-        elif a in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        else:
-            die(f"unknown option {a} (see --help)")
-        if step == 2 and val is None:
-            die(f"{a} needs a value")
-        i += step
+    ap = argparse.ArgumentParser(prog="scale.sh --million", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conns", type=int, default=1_000_000)
+    ap.add_argument("--seconds", type=float, default=600.0)
+    ap.add_argument("--variants", default="beats,pings")
+    ap.add_argument("--fronts")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--procs", type=int)
+    ap.add_argument("--src-ips", default="127.0.0.2-127.0.0.101")
+    ap.add_argument("--sample", type=float, default=10.0)
+    ap.add_argument("--beat", type=float, default=60.0)
+    ap.add_argument("--connect-concurrency", type=int, default=1024)
+    ap.add_argument("--ramp-limit", type=float, default=900.0)
+    ap.add_argument("--relay-set", action="append", default=[])
+    ap.add_argument("--out")
+    ap.add_argument("--bin")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-sysctl", action="store_true")
+    a = ap.parse_args(argv)
+    o = dict(vars(a))
+    o["variants"] = [v for v in a.variants.split(",") if v]
+    if any(v not in ("beats", "pings") for v in o["variants"]):
+        ap.error("--variants takes beats, pings or both")
+    o["concurrency"], o["sets"] = a.connect_concurrency, list(a.relay_set)
+    o["build"] = not (a.no_build or a.bin)
+    o["sysctl"] = not a.no_sysctl
     if not any(s.startswith("ping_min_ms=") for s in o["sets"]):
         o["sets"].append("ping_min_ms=60000")
     if o["procs"] is None:
