@@ -3,7 +3,7 @@
 //! counted; what a connection does once open is its workload's business.
 //!
 //! Scale: connections are spread over `--threads` OS threads per process (a tokio
-//! current-thread runtime each), over `--procs` processes (this binary re-executed as
+//! current-thread runtime each, or the workload's own event loop), over `--procs` processes (this binary re-executed as
 //! `relaybench SUB --child-plan PLAN`, see [`crate::procs`]) and over source addresses
 //! (`--src-ips`), because a process may hold only so many open files and a source address only
 //! ~28K ports towards one destination.
@@ -57,7 +57,7 @@ pub struct ConnArgs {
     /// are open (`load`: after `--warmup`) [default: load 5, hold 60].
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// OS threads per process, each with a tokio current-thread runtime.
+    /// OS threads per process, each with its own event loop.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Processes to spread the connections over (open files are capped per process).
