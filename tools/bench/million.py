@@ -300,10 +300,12 @@ def relay_report(bin_dir, instance):
         return None
 
 
-def closes_by_reason(rep):
+def sum_fronts(rep, key):
+    """A per-front map of the report (`closes` by reason, `io_errors` by errno class) summed
+    over the fronts, non-zero entries only."""
     out = {}
     for f in (rep or {}).get("fronts", []):
-        for k, v in f.get("closes", {}).items():
+        for k, v in (f.get(key) or {}).items():
             if v:
                 out[k] = out.get(k, 0) + v
     return out
@@ -443,7 +445,8 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
             if not rep or rep.get("connections", 0) == 0 or time.time() > deadline:
                 break
             time.sleep(1)
-        res["closes"] = closes_by_reason(rep)
+        res["closes"] = sum_fronts(rep, "closes")
+        res["io_errors"] = sum_fronts(rep, "io_errors")
         res["problems"] = (rep or {}).get("problems", [])
         try:
             res["hold"] = json.load(open(os.path.join(outdir, "hold.json")))
@@ -508,6 +511,8 @@ def summary(o, results, notes, fronts):
             p(f"| closes in the window by minute | {', '.join('%d-%d s: %d' % (b['from_secs'], b['to_secs'], b['closes']) for b in h['closes_by_time']) or 'none'} |")
             p(f"| heartbeats sent / answered / skipped; pings answered | {h['heartbeats_sent']:,} / {h['heartbeats_answered']:,} / {h['heartbeats_skipped']:,}; {h['pings_answered']:,} |")
         p(f"| relay closes by reason (the clients' own closes at the end included) | {fmt_kinds(r.get('closes')) or 'none'} |")
+        if r.get("io_errors"):
+            p(f"| of which io_error, by errno class | {fmt_kinds(r['io_errors'])} |")
         p(f"| problems relayctl listed | {'; '.join(r.get('problems', [])) or 'none'} |")
         p(f"| kernel TCP counters over the run (nstat, machine-wide, non-zero only) | {fmt_kinds(r.get('nstat')) or 'none'} |")
         st = r.get("steady")
