@@ -3,12 +3,14 @@
 //! ```toml
 //! instance = "default"       # names the shared memory segments; one live relay per name
 //! listen = "127.0.0.1:7878"
-//! fronts = 1                 # front processes (sharing one listening socket)
+//! fronts = "auto"            # front processes (sharing one listening socket); "auto": enough
+//!                            # for max_conns under the open-files limit, at least one per core
 //! workers = 2                # worker processes
 //! # worker_cmd = "/usr/local/bin/my-worker --flag"   # default: the built-in echo worker
 //! # worker_cmd = ["/bin/sh", "-c", "exec my-worker 2>>/var/log/w.log"]  # or an argv array
 //! max_frame = 1048576        # largest frame payload from a client, bytes
-//! max_conns = 100000         # connections across all fronts
+//! # max_conns = 100000       # connections across all fronts (default: 100000, or what explicit
+//!                            # fronts hold under the open-files limit if less; more than that: refused)
 //! max_conns_per_addr = 0     # connections per client IP address across all fronts (0: no cap)
 //! accept_rate = 0            # new connections per second across all fronts (0: no limit)
 //! accept_burst = 1000        # token bucket depth for accept_rate
@@ -186,7 +188,9 @@ pub struct Config {
     pub instance: String,
     /// Address to listen on (`IP:port`; port 0 picks one).
     pub listen: SocketAddr,
-    /// Front processes.
+    /// Front processes; [`fronts::AUTO`] (0, written `"auto"`, the default) until
+    /// [`Config::resolve`] works it out from `max_conns` and the open-files limit.
+    #[serde(with = "fronts::setting")]
     pub fronts: usize,
     /// Worker processes.
     pub workers: usize,
@@ -194,8 +198,9 @@ pub struct Config {
     pub worker_cmd: Option<WorkerCmd>,
     /// Largest frame payload accepted from a client.
     pub max_frame: u32,
-    /// Connections open at once across all fronts.
-    pub max_conns: u64,
+    /// Connections open at once across all fronts; `None` (not set): see
+    /// [`fronts::DEFAULT_MAX_CONNS`] and [`Config::resolve`].
+    pub max_conns: Option<u64>,
     /// Connections per client IP address across all fronts; 0 for no cap.
     pub max_conns_per_addr: u64,
     /// New connections per second across all fronts; 0 for no limit.
@@ -290,11 +295,11 @@ impl Default for Config {
         Config {
             instance: "default".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
-            fronts: 1,
+            fronts: fronts::AUTO,
             workers: 2,
             worker_cmd: None,
             max_frame: 1 << 20,
-            max_conns: 100_000,
+            max_conns: None,
             max_conns_per_addr: 0,
             accept_rate: 0,
             accept_burst: 1000,
@@ -443,6 +448,7 @@ impl Config {
     }
 }
 
+pub mod fronts;
 mod validate;
 
 #[cfg(test)]

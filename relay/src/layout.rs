@@ -149,7 +149,18 @@ pub struct FrontStats {
     /// retries of the backlog after fds were freed (a close or the retry timer).
     pub accept_emfile: AtomicU64,
     pub accept_retries: AtomicU64,
+    // --- Connections at scale (issue 15) ---
+    /// `io_error` closes by the errno class of the failed socket call
+    /// ([`IoErrorClass`](crate::stats::IoErrorClass) code): which side gave up, and why.
+    pub io_errors: [AtomicU64; IO_ERROR_CLASSES],
+    /// Milliseconds this front's loop was late (stopped, starved, a long turn) beyond what
+    /// it asked to sleep: its clients' deadlines moved by as much.
+    pub lag_ms: AtomicU64,
 }
+
+/// Errno classes counted for `io_error` closes (one slot per
+/// [`IoErrorClass`](crate::stats::IoErrorClass) code).
+pub const IO_ERROR_CLASSES: usize = 6;
 
 /// One worker slot's counters (written by the supervisor).
 #[repr(C, align(128))]

@@ -43,8 +43,9 @@ struct RunArgs {
     /// Address to listen on (port 0 picks one). [default: 127.0.0.1:7878]
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
-    /// Front processes. [default: 1]
-    #[arg(long, value_name = "N")]
+    /// Front processes, or `auto`: enough for --max-conns under the open-files limit, at
+    /// least one per core. [default: auto]
+    #[arg(long, value_name = "N|auto", value_parser = shmrelay::config::fronts::parse)]
     fronts: Option<usize>,
     /// Worker processes. [default: 2]
     #[arg(long, value_name = "N")]
@@ -56,7 +57,8 @@ struct RunArgs {
     /// Largest frame payload from a client, in bytes (1 to 1 GiB). [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     max_frame: Option<u32>,
-    /// Open connections across all fronts. [default: 100000]
+    /// Open connections across all fronts; more than the fronts can hold under the
+    /// open-files limit is refused. [default: 100000, or what --fronts N hold if less]
     #[arg(long, value_name = "N")]
     max_conns: Option<u64>,
     /// Bytes per ring (power of two). [default: fits two maximum frames, at least 4 MiB]
@@ -139,7 +141,7 @@ fn settings(a: RunArgs) -> Result<Config> {
         c.max_frame = v;
     }
     if let Some(v) = a.max_conns {
-        c.max_conns = v;
+        c.max_conns = Some(v);
     }
     if let Some(v) = a.ring_capacity {
         c.ring_capacity = Some(v);

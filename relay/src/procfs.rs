@@ -84,6 +84,23 @@ pub fn pids() -> impl Iterator<Item = u32> {
 /// assert!(shmrelay::procfs::rss_kib(None).unwrap() > 0);
 /// ```
 pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Private resident memory of `pid` (this process if `None`) in KiB: `RssAnon` of
+/// `/proc/PID/status` (heap, stacks), without the shared memory it maps (rings, which are
+/// counted once for the relay, not once per process) or its program's pages.
+///
+/// ```
+/// let private = shmrelay::procfs::private_kib(None).unwrap();
+/// assert!(private > 0 && private <= shmrelay::procfs::rss_kib(None).unwrap());
+/// ```
+pub fn private_kib(pid: Option<u32>) -> Option<u64> {
+    status_kib(pid, "RssAnon:")
+}
+
+/// A `NAME:   N kB` line of `/proc/PID/status`.
+fn status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".to_owned(),
@@ -91,7 +108,7 @@ pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(path).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::{Mmap, MmapOptions, MmapRaw};
 
+pub use crate::layout::IO_ERROR_CLASSES;
 pub use crate::layout::{
     FrontStats, ProcessStats, StatsHeader, WorkerStats, ADDR_SLOTS, COUNTERS_BYTES, MAX_FRONTS,
     MAX_WORKERS, REASONS, RTT_BUCKETS, STATS_MAGIC, STATS_SIZE, STATS_VERSION,
@@ -58,6 +59,80 @@ impl RejectReason {
             RejectReason::NoWorker => "no_worker",
         }
     }
+}
+
+/// The errno class of a socket call that failed and closed its connection (`io_error`):
+/// which side gave up, so operators can tell a client's reset from this host's timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum IoErrorClass {
+    /// `ECONNRESET`: the peer aborted the connection (it sent an RST: it closed with unread
+    /// data, set a zero linger, or its own kernel gave up).
+    Reset = 0,
+    /// `ETIMEDOUT`: this host's kernel gave up on the peer (retransmissions unacknowledged for
+    /// `TCP_USER_TIMEOUT`, or keepalive probes unanswered).
+    TimedOut = 1,
+    /// `EPIPE`: written after the connection was shut down.
+    BrokenPipe = 2,
+    /// `ECONNREFUSED`, `EHOSTUNREACH`, `ENETUNREACH`, `ENETDOWN`: an ICMP error on the path.
+    Unreachable = 3,
+    /// `ENOMEM`, `ENOBUFS`: the kernel had no memory for the socket.
+    NoMemory = 4,
+    /// Anything else.
+    Other = 5,
+}
+
+impl IoErrorClass {
+    /// Every class, in index order.
+    pub const ALL: [IoErrorClass; IO_ERROR_CLASSES] = [
+        IoErrorClass::Reset,
+        IoErrorClass::TimedOut,
+        IoErrorClass::BrokenPipe,
+        IoErrorClass::Unreachable,
+        IoErrorClass::NoMemory,
+        IoErrorClass::Other,
+    ];
+
+    /// The class of a failed socket call's error.
+    ///
+    /// ```
+    /// use shmrelay::stats::IoErrorClass;
+    /// let e = std::io::Error::from_raw_os_error(libc::ETIMEDOUT);
+    /// assert_eq!(IoErrorClass::of(&e), IoErrorClass::TimedOut);
+    /// assert_eq!(IoErrorClass::of(&std::io::Error::other("x")), IoErrorClass::Other);
+    /// ```
+    pub fn of(e: &io::Error) -> IoErrorClass {
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) => IoErrorClass::Reset,
+            Some(libc::ETIMEDOUT) => IoErrorClass::TimedOut,
+            Some(libc::EPIPE) => IoErrorClass::BrokenPipe,
+            Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::ENETDOWN) => {
+                IoErrorClass::Unreachable
+            }
+            Some(libc::ENOMEM | libc::ENOBUFS) => IoErrorClass::NoMemory,
+            _ => IoErrorClass::Other,
+        }
+    }
+
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoErrorClass::Reset => "reset",
+            IoErrorClass::TimedOut => "timed_out",
+            IoErrorClass::BrokenPipe => "broken_pipe",
+            IoErrorClass::Unreachable => "unreachable",
+            IoErrorClass::NoMemory => "no_memory",
+            IoErrorClass::Other => "other",
+        }
+    }
+}
+
+/// Counts a socket error that closes its connection as `io_error`, by class, and logs its
+/// errno (debug level: at scale there may be many).
+pub fn count_io_error(fs: &FrontStats, e: &io::Error) {
+    let class = IoErrorClass::of(e);
+    add(&fs.io_errors[class as usize], 1);
+    tracing::debug!(error = %e, class = class.as_str(), "socket error: closing (io_error)");
 }
 
 /// One worker slot's state, as the supervisor sees it; serialised (in reports' `--json`

@@ -9,11 +9,27 @@ use shmrelay::procfs;
 
 use std::sync::atomic::Ordering;
 
+/// What /proc says of a process's memory and fds.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessMetrics {
+    /// Resident memory, KiB (shared ring pages it touched included).
+    pub rss_kb: u64,
+    /// Private resident memory, KiB: what a leak grows (rings are shared and are touched
+    /// lazily, so they grow a process's RSS as traffic reaches their pages).
+    pub private_kb: u64,
+    pub fds: u64,
+}
+
 /// Resident memory (KiB) and open fds of a process, from /proc.
-pub fn process_metrics(pid: u32) -> Option<(u64, u64)> {
-    let rss = procfs::rss_kib(Some(pid)).unwrap_or(0);
+pub fn process_metrics(pid: u32) -> Option<ProcessMetrics> {
+    let rss_kb = procfs::rss_kib(Some(pid)).unwrap_or(0);
+    let private_kb = procfs::private_kib(Some(pid)).unwrap_or(rss_kb);
     let fds = procfs::open_fds(Some(pid))?;
-    Some((rss, fds))
+    Some(ProcessMetrics {
+        rss_kb,
+        private_kb,
+        fds,
+    })
 }
 
 /// Tracks one process's memory and fds against a baseline taken once it has settled, and
@@ -215,7 +231,8 @@ mod tests {
 
     #[test]
     fn metrics_of_this_process() {
-        let (rss, fds) = process_metrics(std::process::id()).unwrap();
-        assert!(rss > 0 && fds > 0);
+        let m = process_metrics(std::process::id()).unwrap();
+        assert!(m.rss_kb > 0 && m.fds > 0);
+        assert!(m.private_kb > 0 && m.private_kb <= m.rss_kb);
     }
 }

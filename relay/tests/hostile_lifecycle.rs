@@ -400,26 +400,8 @@ fn a_late_front_does_not_blame_its_clients() {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     // A client that answers every ping and reports its replies.
-    let mut reader = c.stream.try_clone().unwrap();
     let mut writer = c.stream.try_clone().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Option<Vec<u8>>>();
-    std::thread::spawn(move || loop {
-        let mut h = [0u8; 4];
-        if reader.read_exact(&mut h).is_err() {
-            let _ = tx.send(None);
-            return;
-        }
-        let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
-        if reader.read_exact(&mut p).is_err() {
-            let _ = tx.send(None);
-            return;
-        }
-        if p.is_empty() {
-            let _ = (&reader).write_all(&[0u8; 4]);
-        } else if tx.send(Some(p)).is_err() {
-            return;
-        }
-    });
+    let rx = shmrelay_tests::read_frames(c.stream.try_clone().unwrap(), true);
     let send = |w: &mut std::net::TcpStream, p: &[u8]| {
         let mut b = (p.len() as u32).to_be_bytes().to_vec();
         b.extend_from_slice(p);

@@ -426,3 +426,50 @@ fn listener_flags_beside_listener_tables_are_refused_naming_the_conflict() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("top-level workers is not used"), "{err}");
 }
+
+/// Issue 15: every connection is an fd of its front, so a `max_conns` the fronts cannot hold
+/// under the open-files limit is refused at start, naming what fits; `fronts = "auto"` takes
+/// as many fronts as it needs.
+#[test]
+fn a_max_conns_the_fronts_cannot_hold_is_refused_and_auto_sizes_the_fronts() {
+    let _w = Watchdog::new("fronts_fit", Duration::from_secs(120));
+    let (code, err) = refused(
+        "fit",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--fronts",
+            "1",
+            "--max-conns",
+            "1000000",
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("invalid setting max_conns: "), "{err}");
+    assert!(err.contains("do not fit 1 front(s)"), "{err}");
+    assert!(err.contains("RLIMIT_NOFILE"), "{err}");
+    let (code, err) = refused("fit-zero", &["--listen", "127.0.0.1:0", "--fronts", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("auto"), "{err}");
+    // Auto: enough fronts for 100,000 connections (each front holds what its fds allow).
+    let relay = Relay::start("fit-auto", &["--fronts", "auto", "--workers", "1"]);
+    let fronts = relay
+        .stats()
+        .header()
+        .fronts
+        .load(std::sync::atomic::Ordering::Relaxed) as usize;
+    let limits = shmrelay::config::fronts::Limits::of_this_process();
+    let cfg = shmrelay::config::Config {
+        workers: 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        fronts,
+        shmrelay::config::fronts::auto_fronts(&cfg, 100_000, &limits)
+    );
+    let mut c = relay.connect();
+    assert_eq!(
+        c.roundtrip_within(b"auto", Duration::from_secs(20)),
+        shmrelay_tests::Recv::Frame(b"auto".to_vec())
+    );
+}

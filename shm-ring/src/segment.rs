@@ -2,8 +2,12 @@
 //!
 //! A segment holds exactly one ring: the 1 KiB header, then the data area. It is either an
 //! anonymous memfd (sealed against resizing, handed to other processes as an fd) or a file under
-//! `/dev/shm` (mode 0600) that tools can find by name. Either way the whole size is allocated at
-//! creation with `fallocate`, so a full tmpfs is an error then, never a SIGBUS later.
+//! `/dev/shm` (mode 0600) that tools can find by name. A named file's whole size is allocated
+//! at creation with `fallocate`, so a full tmpfs is an error then, never a SIGBUS later. A
+//! memfd lives on the kernel's internal tmpfs, which has no size limit to run into: its pages
+//! are taken when first touched, by whichever process writes there, so an idle or lightly used
+//! ring costs its header and the pages its records reached, not its capacity (a relay with
+//! hundreds of rings). No mapping pre-faults the data area either.
 
 use std::fs::File;
 use std::io;
@@ -79,7 +83,9 @@ impl ShmRing {
         let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
             .map_err(|e| io_err(e.into()))?;
         let file = File::from(fd);
-        allocate(&file, name, capacity)?;
+        // Sized, not allocated: pages come as records reach them (see the module doc).
+        file.set_len((HEADER_SIZE + capacity) as u64)
+            .map_err(io_err)?;
         let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
         fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| io_err(e.into()))?;
         Self::init(file, None, capacity)
@@ -185,15 +191,9 @@ impl ShmRing {
             let map = map_rw(&file, HEADER_SIZE)?;
             // SAFETY: a read-only shared mapping of a segment that is never resized (sealed
             // memfd, or a file the supervisor owns); its bytes are only reached through raw
-            // pointers (`RingStorage::data`), never held as references. Pre-faulted like the
-            // read-write mapping, so resident memory does not creep up as the ring is first
-            // traversed (the soak test watches it).
-            let ro = unsafe {
-                MmapOptions::new()
-                    .len(file_len as usize)
-                    .populate()
-                    .map(&file)?
-            };
+            // pointers (`RingStorage::data`), never held as references. Not pre-faulted: the
+            // pages a ring's records never reached cost nothing.
+            let ro = unsafe { MmapOptions::new().len(file_len as usize).map(&file)? };
             (map, Some(ro))
         } else {
             (map_rw(&file, file_len as usize)?, None)
@@ -411,8 +411,9 @@ fn allocate(file: &File, name: &str, capacity: usize) -> Result<(), CreateError>
 fn map_rw(file: &File, len: usize) -> io::Result<MmapRaw> {
     // SAFETY: MmapRaw hands out only a raw pointer, never a reference, so concurrent writes by
     // other processes do not alias any Rust reference; the file is never shrunk (sealed or
-    // owned by the supervisor), so no access past its end can SIGBUS; `populate` pre-faults.
-    MmapOptions::new().len(len).populate().map_raw(file)
+    // owned by the supervisor), so no access past its end can SIGBUS. Not pre-faulted: pages
+    // are touched as records reach them (the header at once).
+    MmapOptions::new().len(len).map_raw(file)
 }
 
 /// Waits (bounded) until the file is large enough for a header and the magic is set; returns

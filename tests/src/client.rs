@@ -26,6 +26,42 @@ pub enum Recv {
     Timeout,
 }
 
+/// Reads `stream`'s frames on a thread of its own until the connection ends: answers each
+/// length-0 frame (the front's ping) with one if `answer_pings` (what a healthy client
+/// does), and passes every other frame's payload on; `None` once the connection is closed
+/// (or the receiver gone). For tests that keep many clients answering while they do
+/// something else.
+pub fn read_frames(
+    stream: TcpStream,
+    answer_pings: bool,
+) -> std::sync::mpsc::Receiver<Option<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = stream;
+        loop {
+            let mut h = [0u8; HEADER];
+            if reader.read_exact(&mut h).is_err() {
+                let _ = tx.send(None);
+                return;
+            }
+            let mut p = vec![0u8; u32::from_be_bytes(h) as usize];
+            if reader.read_exact(&mut p).is_err() {
+                let _ = tx.send(None);
+                return;
+            }
+            if p.is_empty() {
+                if answer_pings && (&reader).write_all(&[0u8; HEADER]).is_err() {
+                    let _ = tx.send(None);
+                    return;
+                }
+            } else if tx.send(Some(p)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// A blocking wire-protocol client, with two ways to read:
 /// - buffered ([`recv_within`](Client::recv_within), [`roundtrip_within`](Client::roundtrip_within),
 ///   [`recv_data`](Client::recv_data), [`wait_closed`](Client::wait_closed), ...): its own read

@@ -19,7 +19,9 @@ pub use shmrelay_worker::CloseReason;
 mod client;
 mod relay;
 
-pub use client::{raw_connect, set_linger_zero, Client, Probe, ProbeReport, Recv, SocketOpts};
+pub use client::{
+    raw_connect, read_frames, set_linger_zero, Client, Probe, ProbeReport, Recv, SocketOpts,
+};
 pub use relay::{shmrelay_bin, Relay, Watchdog};
 
 /// Bytes of the frame length prefix.

@@ -269,6 +269,16 @@ impl Relay {
         if !tables {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        // One front unless the test asks (the relay's default, `fronts = "auto"`, sizes the
+        // fronts for 100,000 connections: six here), so `front(0)` is every client's front.
+        let names_fronts = args.iter().any(|a| a.contains("fronts"))
+            || args.windows(2).any(|w| {
+                w[0] == "--config"
+                    && std::fs::read_to_string(w[1]).is_ok_and(|t| t.contains("fronts"))
+            });
+        if !names_fronts {
+            cmd.args(["--fronts", "1"]);
+        }
         cmd.args(["--instance", &instance])
             .args(args)
             .env(

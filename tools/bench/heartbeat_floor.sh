@@ -46,7 +46,7 @@ start() {
     PORT=$(free_ports 1)
     case "$1" in
     tokio) "$BIN/tokio-echo" --listen "127.0.0.1:$PORT" --threads 1 >"$TMP/$1.log" 2>&1 & ;;
-    shmrelay) "$BIN/shmrelay" --fronts 1 --workers 1 --max-conns $((CONNS * 2)) \
+    shmrelay) "$BIN/shmrelay" --fronts 1 --workers 1 --max-conns $((CONNS + CONNS / 50 + 100)) \
         --instance "hbfloor-$$" --listen "127.0.0.1:$PORT" >"$TMP/$1.log" 2>&1 & ;;
     esac
     SERVER_PID=$!

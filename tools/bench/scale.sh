@@ -201,7 +201,9 @@ kernel_slab() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
 
 # --- start the relay ----------------------------------------------------------------------
 log "uptime before start: $(uptime)"
-"$BIN/shmrelay" --fronts "$FRONTS" --workers "$WORKERS" --max-conns 120000 \
+# A little over the connections asked for; more than the fronts' fds hold is refused at start.
+MAX_CONNS=$((CONNS + CONNS / 50 + 100))
+"$BIN/shmrelay" --fronts "$FRONTS" --workers "$WORKERS" --max-conns "$MAX_CONNS" \
     --instance "$INSTANCE" --listen 127.0.0.1:0 ${RELAY_SETS[@]+"${RELAY_SETS[@]}"} >"$OUT/relay.log" 2>&1 &
 RELAY_PID=$!
 ADDR=""
@@ -325,7 +327,7 @@ fi
     echo "## shmrelay $MODE: $CONNS connections, $FRONTS fronts, $WORKERS workers, hold ${SECONDS_HOLD} s, heartbeat ${HEARTBEAT} s"
     echo
     echo "machine: $(nproc) cores, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), kernel $(uname -r), $(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
-    echo "shmrelay --fronts $FRONTS --workers $WORKERS --max-conns 120000 --instance $INSTANCE --listen 127.0.0.1:0 ${RELAY_SETS[*]:-}"
+    echo "shmrelay --fronts $FRONTS --workers $WORKERS --max-conns $MAX_CONNS --instance $INSTANCE --listen 127.0.0.1:0 ${RELAY_SETS[*]:-}"
     echo "relaybench ${HOLD_ARGS[*]}"
     echo
     echo "| figure | value | load avg (1 min) |"

@@ -17,10 +17,15 @@ impl Config {
                 format!("{:?}: use 1-64 of [A-Za-z0-9_-]", self.instance),
             );
         }
-        if self.fronts == 0 || self.fronts > crate::stats::MAX_FRONTS {
+        // 0 is "auto" (fronts::AUTO), worked out at start by `Config::resolve`.
+        if self.fronts > crate::stats::MAX_FRONTS {
             return bad(
                 "fronts",
-                format!("{} not in 1..={}", self.fronts, crate::stats::MAX_FRONTS),
+                format!(
+                    "{} not in 1..={} (or \"auto\")",
+                    self.fronts,
+                    crate::stats::MAX_FRONTS
+                ),
             );
         }
         if self.workers == 0 || self.workers > crate::stats::MAX_WORKERS {
@@ -49,7 +54,7 @@ impl Config {
         )?;
         range(
             "max_conns",
-            self.max_conns,
+            self.max_conns(),
             1,
             u64::MAX,
             "0 refuses every connection",

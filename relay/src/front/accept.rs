@@ -67,10 +67,7 @@ impl Front {
             };
             let _ = stream.set_nodelay(true);
             let now = self.now as u32;
-            liveness::configure_socket(
-                &stream,
-                self.liveness.timeout(self.liveness.interval(0)) as u64 * TICK_MS,
-            );
+            liveness::configure_socket(&stream, self.liveness.longest_timeout() as u64 * TICK_MS);
             let lst = &mut self.listeners[l];
             let worker = workers[lst.next % workers.len()];
             lst.next = lst.next.wrapping_add(1);

@@ -24,7 +24,7 @@ pub(super) struct Admission {
 impl Admission {
     pub fn new(cfg: &Config, index: usize) -> Admission {
         Admission {
-            max_conns: cfg.max_conns,
+            max_conns: cfg.max_conns(),
             per_addr: cfg.max_conns_per_addr,
             rate: cfg.accept_rate,
             burst: cfg.accept_burst.clamp(1, TOKEN_MASK),

@@ -33,11 +33,12 @@ impl Front {
         let Some(c) = self.slab.get(key) else {
             return;
         };
-        let cap = c.carry.capacity();
+        // At most max_frame (1 GiB) plus a header, doubled by the Vec at worst: a u32.
+        let cap = c.carry.capacity().min(u32::MAX as usize) as u32;
         if cap == c.partial {
             return;
         }
-        self.partial_total = self.partial_total - c.partial + cap;
+        self.partial_total = self.partial_total - c.partial as usize + cap as usize;
         c.partial = cap;
         if self.frame_ticks > 0 && !c.carry.is_empty() {
             let since = (now as u32).wrapping_sub(c.partial_since) as u64;
@@ -62,7 +63,7 @@ impl Front {
     /// reply queues as slow consumers.
     pub(super) fn shed(&mut self, which: Budget) {
         let (budget, held): (usize, fn(&Conn) -> usize) = match which {
-            Budget::Partial => (self.cfg.partial_budget, |c| c.partial),
+            Budget::Partial => (self.cfg.partial_budget, |c| c.partial as usize),
             Budget::Queued => (self.cfg.pending_budget, |c| c.queued),
         };
         for (n, key) in largest_holders(&self.slab, held) {

@@ -362,7 +362,7 @@ impl Front {
         // The id came from a ring the worker could write: only a connection served by that
         // worker is closed (a worker can close its own clients anyway).
         let Some(c) = self.slab.get(ConnKey::of(id)).filter(|c| {
-            c.worker == w
+            c.worker() == w
                 || c.route
                     .as_ref()
                     .is_some_and(|r| listeners[r.listener].pool.contains(&w))
@@ -401,7 +401,7 @@ impl Front {
             .slab
             .iter()
             .filter(|(_, c)| {
-                c.worker == w
+                c.worker() == w
                     || c.route
                         .as_ref()
                         .is_some_and(|r| listeners[r.listener].pool.contains(&w))

@@ -26,7 +26,9 @@ pub(super) enum ConnState {
 /// One client connection of this front.
 pub(super) struct Conn {
     pub stream: TcpStream,
-    pub worker: usize,
+    /// Its worker (home worker of a routed connection): [`Conn::worker`]. A u16 (workers
+    /// are at most `MAX_WORKERS`): every byte here is a megabyte at a million connections.
+    worker: u16,
     /// Its listener's codec.
     pub codec: Codec,
     pub state: ConnState,
@@ -62,8 +64,9 @@ pub(super) struct Conn {
     /// it must be complete within `frame_timeout_ms`.
     pub partial_since: u32,
     /// The part of `carry`'s capacity counted in the front's total of partial-frame memory
-    /// (brought up to date after each read and at the close).
-    pub partial: usize,
+    /// (brought up to date after each read and at the close). A partial frame is at most
+    /// `max_frame` (1 GiB) plus a header: a u32.
+    pub partial: u32,
     /// Reply bytes the socket did not take yet.
     pub out: Vec<u8>,
     pub out_pos: usize,
@@ -80,7 +83,7 @@ impl Conn {
     pub fn new(stream: TcpStream, worker: usize, codec: Codec, addr_slot: u16, now: u32) -> Conn {
         Conn {
             stream,
-            worker,
+            worker: worker as u16,
             codec,
             state: ConnState::Accepted,
             readable: false,
@@ -105,6 +108,12 @@ impl Conn {
             queued: 0,
             route: None,
         }
+    }
+
+    /// Its worker (the home worker of a routed connection), a global worker index.
+    #[inline]
+    pub fn worker(&self) -> usize {
+        self.worker as usize
     }
 
     /// Reply bytes queued and not yet written.
@@ -191,12 +200,15 @@ pub(super) struct Slab {
 }
 
 impl Slab {
-    /// An empty table whose generations derive from `seed`.
-    pub fn new(seed: u32) -> Slab {
+    /// An empty table whose generations derive from `seed`, with room for `cap` connections
+    /// reserved up front. Reserved is not resident: the allocator maps the space and the kernel gives it pages only as slots are
+    /// filled, so a front costs what its connections use, without the up-to-2x slack of a
+    /// table that doubles as it grows (and without copying a large table while it does).
+    pub fn with_capacity(seed: u32, cap: usize) -> Slab {
         Slab {
-            conns: Vec::new(),
-            gens: Vec::new(),
-            free: Vec::new(),
+            conns: Vec::with_capacity(cap),
+            gens: Vec::with_capacity(cap),
+            free: Vec::with_capacity(cap),
             seed,
         }
     }
@@ -225,11 +237,6 @@ impl Slab {
             };
             Some((key, c.as_ref()?))
         })
-    }
-
-    /// Every open connection, in slot order.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Conn> {
-        self.conns.iter_mut().flatten()
     }
 
     /// Open connections.
@@ -290,7 +297,7 @@ mod tests {
 
     #[test]
     fn a_stale_key_never_reaches_the_slots_next_connection() {
-        let mut slab = Slab::new(0x9e37_79b9);
+        let mut slab = Slab::with_capacity(0x9e37_79b9, 0);
         let a = slab.insert(conn());
         assert!(slab.get(a).is_some());
         assert!(slab.remove(a).is_some());
@@ -305,6 +312,21 @@ mod tests {
         assert!(slab.remove(a).is_none(), "and cannot remove it");
         assert_eq!(slab.keys(), [b]);
         assert_eq!(slab.len(), 1);
+    }
+
+    /// The per-connection budget (issue 15: at most 256 B of private memory per connection,
+    /// table slot, timer entry and all): a field added here costs a million connections its
+    /// size in megabytes.
+    #[test]
+    fn a_connection_slot_stays_small() {
+        let slot = std::mem::size_of::<Option<Conn>>();
+        // Debug builds carry mio's selector id (8 bytes and padding) in every TcpStream.
+        let budget = if cfg!(debug_assertions) { 144 } else { 136 };
+        assert!(slot <= budget, "Option<Conn> is {slot} bytes");
+        assert_eq!(
+            std::mem::size_of::<Option<Conn>>(),
+            std::mem::size_of::<Conn>()
+        );
     }
 
     #[test]

@@ -25,28 +25,33 @@ const BELL_EMPTY_LIMIT: u32 = 16;
 const BELL_PAUSE: Duration = Duration::from_millis(10);
 /// Shortest sleep for timers alone: how late a ping or timeout may fire on an idle front.
 const TIMER_SLACK: Duration = Duration::from_millis(50);
+/// Lateness of the loop logged as a warning (less is logged at debug level: a loaded machine
+/// makes plenty).
+const LAG_WARN_MS: u64 = 500;
 /// The error of a connection whose partial frame outlived `frame_timeout_ms`.
 const FRAME_TIMEOUT: ProtocolError =
     ProtocolError::Invalid("frame not complete within frame_timeout_ms");
 
 impl Front {
-    /// Brings the clock up to date, forgiving the clients the time this process lost if the
-    /// loop was late, and stamps the front's activity for the supervisor's hang check.
+    /// Brings the clients' clock up to date (real time minus this front's own lateness: see
+    /// `FrontClock`) and stamps the front's activity for the supervisor's hang check.
     pub(super) fn tick(&mut self) {
         let ns = shm_ring::monotonic_ns();
-        self.now = (ns - self.start_ns) / (TICK_MS * 1_000_000);
-        let gap = ns.saturating_sub(self.last_tick_ns);
-        self.last_tick_ns = ns;
-        if let Some(ticks) = liveness::stall_ticks(gap) {
-            // This process was stopped or starved: its clients could not be heard meanwhile,
-            // so the time does not count against them.
-            warn!(
-                front = self.index,
-                late_ms = gap / 1_000_000,
-                "front loop was late: extending every connection's deadlines"
-            );
-            for c in self.slab.iter_mut() {
-                liveness::forgive(c, ticks);
+        let (now, late) = self.clock.tick(ns);
+        self.now = now;
+        if let Some(late) = late {
+            // This process was stopped, starved or busy: its clients could not be heard
+            // meanwhile, so the time does not count against them.
+            let ms = late / 1_000_000;
+            add(&self.fs.lag_ms, ms);
+            if ms >= LAG_WARN_MS {
+                warn!(
+                    front = self.index,
+                    late_ms = ms,
+                    "front loop was late: every connection's deadlines move by as much"
+                );
+            } else {
+                debug!(front = self.index, late_ms = ms, "front loop was late");
             }
         }
         self.fs.active_ns.store(ns, Ordering::Relaxed);
@@ -106,6 +111,7 @@ impl Front {
                 self.prepare_park()
             };
             let timeout = self.doorbell_rearm(timeout);
+            self.clock.sleeping(timeout);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -290,6 +296,19 @@ impl Front {
                 (self.now + self.frame_ticks as u64)
                     .saturating_sub(now.wrapping_sub(c.partial_since) as u64)
             });
+            // The rest of the frame already waiting in the kernel (not read yet: its ring is
+            // full, or its edge comes later in this turn) is the front's delay, not the
+            // client's: it gets a turn to be read first.
+            let waiting = |c: &super::conn::Conn| {
+                c.readable || c.blocked || liveness::unread_bytes(&c.stream) > 0
+            };
+            let partial_deadline = partial_deadline.map(|d| {
+                if d <= self.now && waiting(c) {
+                    self.now + 1
+                } else {
+                    d
+                }
+            });
             if partial_deadline.is_some_and(|d| d <= self.now) && c.state == ConnState::Open {
                 add(&self.fs.frame_timeouts, 1);
                 debug!(
@@ -308,11 +327,9 @@ impl Front {
                 }
             }
             let mut verdict = self.liveness.check(c, now, self.now);
-            if matches!(verdict, Verdict::Close(CloseReason::HeartbeatTimeout))
-                && (c.blocked || liveness::unread_bytes(&c.stream) > 0)
-            {
-                // Its bytes wait unread (its worker's ring is full, or its edge comes later in
-                // this loop): the peer spoke, it is not silent.
+            if matches!(verdict, Verdict::Close(CloseReason::HeartbeatTimeout)) && waiting(c) {
+                // Its bytes wait unread (its worker's ring is full, or its edge was seen and it
+                // was not read yet): the peer spoke, it is not silent.
                 c.last_rx = now;
                 verdict = self.liveness.check(c, now, self.now);
             }

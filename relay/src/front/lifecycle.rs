@@ -34,7 +34,7 @@ impl Front {
             self.close_conn(key, reason);
             return;
         }
-        let worker = c.worker;
+        let worker = c.worker();
         c.told_close = true;
         c.state = ConnState::Draining(reason);
         // A routed connection's frames went to any worker of its pool: each acknowledges.
@@ -103,7 +103,7 @@ impl Front {
         let Some(c) = self.slab.get(key) else {
             return;
         };
-        self.partial_total -= c.partial;
+        self.partial_total -= c.partial as usize;
         c.partial = 0;
         c.carry = Vec::new();
         c.protocol_error = Some(Box::new(e));
@@ -122,7 +122,7 @@ impl Front {
             return;
         };
         if c.partial > 0 {
-            self.partial_total -= c.partial;
+            self.partial_total -= c.partial as usize;
             self.fs
                 .partial_bytes
                 .store(self.partial_total as u64, Ordering::Relaxed);
@@ -146,6 +146,7 @@ impl Front {
         if let Some((_, retrans)) = liveness::tcp_info(&c.stream) {
             add(&self.fs.retransmits, retrans as u64);
         }
+        let worker = c.worker();
         drop(c.stream);
         self.fd_freed = true;
         self.admission.release(self.stats, c.addr_slot);
@@ -167,12 +168,12 @@ impl Front {
             }
         } else if c.state == ConnState::Accepted {
             // A connection whose OPEN never reached the worker needs no CLOSE either.
-            self.chans[c.worker].forget(id);
+            self.chans[worker].forget(id);
         } else if c.told_close {
             // The worker got its CLOSE at the client's FIN (or protocol error): one is enough,
             // or its `on_close` would run twice.
         } else {
-            self.send_close(c.worker, id, reason);
+            self.send_close(worker, id, reason);
         }
         if matches!(c.state, ConnState::Draining(_)) {
             self.draining -= 1;

@@ -72,7 +72,7 @@ use crate::timer::Wheel;
 use admission::Admission;
 use channel::Chan;
 use conn::{ConnKey, Slab};
-use liveness::{Liveness, TICK_MS};
+use liveness::{FrontClock, Liveness, TICK_MS};
 use route::Scratch;
 use routing::Routing;
 use scope::Scope;
@@ -196,10 +196,9 @@ struct Front {
     liveness: Liveness,
     wheel: Wheel,
     due: Vec<(crate::timer::Key, u64)>,
-    start_ns: u64,
-    /// When `tick` last ran (CLOCK_MONOTONIC ns): a long gap means this process was late.
-    last_tick_ns: u64,
-    /// Current tick (TICK_MS each) since the front started.
+    /// The clients' clock: real time minus this front's own lateness.
+    clock: FrontClock,
+    /// Current tick (TICK_MS each) of `clock`: every deadline of a connection is in these.
     now: u64,
     open: u64,
     draining: u64,
@@ -232,6 +231,14 @@ struct Front {
     bell_logged: bool,
     /// The supervisor's control socket (new ring generations for replaced workers).
     control: Option<std::os::unix::net::UnixStream>,
+}
+
+/// Connections this front can hold at most: `max_conns`, and never more than its open-files
+/// limit (each is an fd).
+fn slab_capacity(max_conns: u64) -> usize {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    max_conns.min(nofile).min(1 << 24) as usize
 }
 
 impl Front {
@@ -292,6 +299,7 @@ impl Front {
         fs.paused.store(0, Ordering::Relaxed);
         fs.quarantined.store(0, Ordering::Relaxed);
         let scope = Scope::new(&s.config);
+        let s_max_conns = s.config.max_conns();
         let s_frame_ticks = match s.config.frame_timeout_ms {
             0 => 0,
             ms => (ms / TICK_MS).clamp(1, u32::MAX as u64 / 4) as u32,
@@ -311,14 +319,16 @@ impl Front {
             doorbell,
             chans,
             // Generations differ from any earlier incarnation of this front.
-            slab: Slab::new((shm_ring::monotonic_ns() as u32) | 1),
+            slab: Slab::with_capacity(
+                (shm_ring::monotonic_ns() as u32) | 1,
+                slab_capacity(s_max_conns),
+            ),
             ready: Vec::new(),
             stats,
             fs,
             wheel: Wheel::new(4096, 0),
             due: Vec::new(),
-            start_ns: shm_ring::monotonic_ns(),
-            last_tick_ns: shm_ring::monotonic_ns(),
+            clock: FrontClock::new(shm_ring::monotonic_ns()),
             now: 0,
             open: 0,
             draining: 0,

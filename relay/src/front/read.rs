@@ -75,7 +75,7 @@ impl Front {
                 }
                 (routed.result, 0, routed.worker)
             } else {
-                let w = c.worker;
+                let w = c.worker();
                 let ch = &mut self.chans[w];
                 if ch.is_broken() {
                     self.close_conn(key, CloseReason::WorkerGone);
@@ -221,7 +221,7 @@ pub(super) fn read_conn(ch: &mut Chan, c: &mut Conn, at: ReadAt<'_>) -> (ReadRes
             let n = match read_into_carry(c, want) {
                 Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
                 Ok(n) => n,
-                Err(e) => match read_error(c, &e) {
+                Err(e) => match read_error(c, &e, fs) {
                     Some(r) => return (r, heartbeats),
                     None => continue,
                 },
@@ -253,7 +253,7 @@ pub(super) fn read_conn(ch: &mut Chan, c: &mut Conn, at: ReadAt<'_>) -> (ReadRes
             Ok(0) => return (ReadResult::Close(CloseReason::ClientEof), heartbeats),
             Ok(n) => n,
             // A partial frame is still in `carry` then: nothing was lost.
-            Err(e) => match read_error(c, &e) {
+            Err(e) => match read_error(c, &e, fs) {
                 Some(r) => return (r, heartbeats),
                 None => continue,
             },
@@ -340,14 +340,17 @@ pub(super) fn after_read(
 
 /// What a failed read means: `None` to read again (EINTR), else the loop's outcome (the socket
 /// is drained, or the connection is broken).
-pub(super) fn read_error(c: &mut Conn, e: &io::Error) -> Option<ReadResult> {
+pub(super) fn read_error(c: &mut Conn, e: &io::Error, fs: &FrontStats) -> Option<ReadResult> {
     match e.kind() {
         io::ErrorKind::WouldBlock => {
             c.readable = false;
             Some(ReadResult::Drained)
         }
         io::ErrorKind::Interrupted => None,
-        _ => Some(ReadResult::Close(CloseReason::IoError)),
+        _ => {
+            crate::stats::count_io_error(fs, e);
+            Some(ReadResult::Close(CloseReason::IoError))
+        }
     }
 }
 

@@ -367,10 +367,14 @@ pub(super) fn write_group(c: &mut Conn, g: &mut Group, fs: &FrontStats) -> Resul
                 written = n as usize;
                 break;
             }
-            match io::Error::last_os_error().kind() {
+            let e = io::Error::last_os_error();
+            match e.kind() {
                 io::ErrorKind::WouldBlock => break,
                 io::ErrorKind::Interrupted => {}
-                _ => return Err(CloseReason::IoError),
+                _ => {
+                    crate::stats::count_io_error(fs, &e);
+                    return Err(CloseReason::IoError);
+                }
             }
         }
         add(&fs.bytes_out, written as u64);

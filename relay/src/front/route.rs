@@ -75,7 +75,7 @@ pub(super) fn read_routed(
     max_pending: usize,
     now: u32,
 ) -> Routed {
-    let home = c.worker;
+    let home = c.worker();
     let done = |result, worker, new_head| Routed {
         result,
         worker,
@@ -128,7 +128,7 @@ pub(super) fn read_routed(
                         return done(ReadResult::Close(CloseReason::ClientEof), home, new_head)
                     }
                     Ok(n) => n,
-                    Err(e) => match read_error(c, &e) {
+                    Err(e) => match read_error(c, &e, fs) {
                         Some(r) => return done(r, home, new_head),
                         None => continue,
                     },
@@ -180,7 +180,7 @@ pub(super) fn read_routed(
             let n = match (&c.stream).read_vectored(&mut [IoSliceMut::new(&mut s.buf[..want])]) {
                 Ok(0) => return done(ReadResult::Close(CloseReason::ClientEof), home, new_head),
                 Ok(n) => n,
-                Err(e) => match read_error(c, &e) {
+                Err(e) => match read_error(c, &e, fs) {
                     Some(r) => return done(r, home, new_head),
                     None => continue,
                 },

@@ -43,7 +43,7 @@ impl Scope {
             // A connection's home worker belongs to the listener that accepted it.
             Some(c) => self
                 .owner
-                .get(c.worker)
+                .get(c.worker())
                 .is_some_and(|&l| self.owner.get(w) == Some(&l)),
             None => true,
         }

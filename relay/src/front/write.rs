@@ -85,7 +85,8 @@ impl Front {
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
+                Err(e) => {
+                    crate::stats::count_io_error(self.fs, &e);
                     self.close_conn(key, CloseReason::IoError);
                     return;
                 }
@@ -130,7 +131,10 @@ pub(super) fn send_to(
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(CloseReason::IoError),
+                Err(e) => {
+                    crate::stats::count_io_error(fs, &e);
+                    return Err(CloseReason::IoError);
+                }
             }
         }
         add(&fs.bytes_out, written as u64);

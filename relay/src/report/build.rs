@@ -251,6 +251,11 @@ fn front_report(stats: &Stats, f: usize, now_ns: u64) -> FrontReport {
         rss_kb: ld(&proc.rss_kb),
         fds: ld(&proc.fds),
         rates: None,
+        io_errors: crate::stats::IoErrorClass::ALL
+            .iter()
+            .map(|c| (c.as_str().to_owned(), ld(&fs.io_errors[*c as usize])))
+            .collect(),
+        lag_ms: ld(&fs.lag_ms),
     }
 }
 
@@ -402,6 +407,8 @@ mod tests {
         crate::stats::add(&stats.front(0).bytes_in, 100);
         crate::stats::add(&stats.front(0).bytes_copied, 1);
         crate::stats::add(&stats.front(0).closes[CloseReason::ClientEof as usize], 2);
+        let reset = std::io::Error::from_raw_os_error(libc::ECONNRESET);
+        crate::stats::count_io_error(stats.front(0), &reset);
         let a = InstanceReport::from_stats("unit-nonexistent", &path, &stats);
         assert!(a.alive);
         assert_eq!(a.fronts.len(), 1);
@@ -409,6 +416,8 @@ mod tests {
         assert_eq!(a.rings.len(), 4);
         assert!(a.rings.iter().all(|r| r.error.is_some()));
         assert_eq!(a.fronts[0].closes["client_eof"], 2);
+        assert_eq!(a.fronts[0].io_errors["reset"], 1);
+        assert_eq!(a.fronts[0].io_errors["timed_out"], 0);
         assert_eq!(a.fronts[0].rejects.len(), RejectReason::ALL.len());
         assert!((a.fronts[0].copied_ratio - 0.01).abs() < 1e-9);
         crate::stats::add(&stats.front(0).bytes_in, 500);

@@ -119,6 +119,15 @@ pub struct FrontReport {
     pub fds: u64,
     /// Per-second rates; `null` in a report taken on its own.
     pub rates: Option<FrontRates>,
+    /// `io_error` closes by the errno class of the failed socket call: `reset`
+    /// (`ECONNRESET`: the client aborted), `timed_out` (`ETIMEDOUT`: this host's kernel gave
+    /// up on the client), `broken_pipe`, `unreachable`, `no_memory`, `other`.
+    #[serde(default)]
+    pub io_errors: BTreeMap<String, u64>,
+    /// Milliseconds the front's loop was late (stopped, starved, a long turn): its clients'
+    /// deadlines were moved by as much.
+    #[serde(default)]
+    pub lag_ms: u64,
 }
 
 /// Connections of one front by state.

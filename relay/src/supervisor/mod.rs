@@ -118,6 +118,16 @@ struct Instance {
 /// Runs the relay until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> Result<()> {
     cfg.validate()?;
+    // `fronts = "auto"` and the default `max_conns`, for this host's open-files limit (which
+    // it raises to the hard limit first: the fronts inherit it).
+    let limits = shmrelay::config::fronts::Limits::of_this_process();
+    let cfg = cfg.resolve(&limits)?;
+    info!(
+        fronts = cfg.fronts,
+        max_conns = cfg.max_conns(),
+        nofile = limits.nofile,
+        "fronts sized"
+    );
     let addrs: Vec<_> = cfg.listeners().iter().map(|l| l.listen).collect();
     listen::check_distinct(&addrs)?;
     // Stop on SIGINT/SIGTERM/SIGHUP, retry failed workers on SIGUSR1.

@@ -95,10 +95,10 @@ impl Instance {
     pub(super) fn sample_processes(&mut self) {
         let h = self.stats.header();
         let me = std::process::id();
-        if let Some((rss, fds)) = watchdog::process_metrics(me) {
-            h.supervisor_rss_kb.store(rss, Ordering::Relaxed);
-            h.supervisor_fds.store(fds, Ordering::Relaxed);
-            self.note_growth(None, me, rss, fds, 0);
+        if let Some(m) = watchdog::process_metrics(me) {
+            h.supervisor_rss_kb.store(m.rss_kb, Ordering::Relaxed);
+            h.supervisor_fds.store(m.fds, Ordering::Relaxed);
+            self.note_growth(None, me, m, 0);
         }
         let roles: Vec<(Role, Pid)> = self
             .slots
@@ -106,7 +106,7 @@ impl Instance {
             .filter_map(|(r, s)| Some((*r, s.pid?)))
             .collect();
         for (role, pid) in roles {
-            let Some((rss, fds)) = watchdog::process_metrics(pid.as_raw() as u32) else {
+            let Some(m) = watchdog::process_metrics(pid.as_raw() as u32) else {
                 continue;
             };
             let (block, conns) = match role {
@@ -116,13 +116,21 @@ impl Instance {
                     self.stats.front(f).conns_open.load(Ordering::Relaxed),
                 ),
             };
-            block.rss_kb.store(rss, Ordering::Relaxed);
-            block.fds.store(fds, Ordering::Relaxed);
-            self.note_growth(Some(role), pid.as_raw() as u32, rss, fds, conns);
+            block.rss_kb.store(m.rss_kb, Ordering::Relaxed);
+            block.fds.store(m.fds, Ordering::Relaxed);
+            self.note_growth(Some(role), pid.as_raw() as u32, m, conns);
         }
     }
 
-    fn note_growth(&mut self, role: Option<Role>, pid: u32, rss: u64, fds: u64, conns: u64) {
+    fn note_growth(
+        &mut self,
+        role: Option<Role>,
+        pid: u32,
+        m: watchdog::ProcessMetrics,
+        conns: u64,
+    ) {
+        // Private memory, not RSS: ring pages are shared and touched as traffic reaches them.
+        let (rss, fds) = (m.private_kb, m.fds);
         // A connection legitimately holds one fd and a few KiB (socket buffers are the kernel's).
         let g = match role {
             Some(r) => match self.slots.get_mut(&r) {
@@ -146,8 +154,8 @@ impl Instance {
             warn!(
                 process = who,
                 pid,
-                rss_kb = rss,
-                "resident memory doubled beyond the baseline: possible leak"
+                private_kb = rss,
+                "private memory doubled beyond the baseline: possible leak"
             );
         }
     }

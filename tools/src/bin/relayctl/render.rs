@@ -479,15 +479,19 @@ fn fronts(r: &InstanceReport, out: &mut String) {
                 None => format!("more {}", b.count),
             })
             .collect();
-        let _ =
-            writeln!(
+        let _ = writeln!(
             out,
-            "  front {}: rejects {}; closes {}; rtt {}; stale replies {}, ring-full stalls {}, \
-             corrupt rings {}, retransmits {}",
+            "  front {}: rejects {}; closes {}; io errors {}; rtt {}; stale replies {}, \
+             ring-full stalls {}, corrupt rings {}, retransmits {}",
             f.index,
             nonzero(&f.rejects),
             nonzero(&f.closes),
-            if rtt.is_empty() { "no samples".to_owned() } else { rtt.join(", ") },
+            nonzero(&f.io_errors),
+            if rtt.is_empty() {
+                "no samples".to_owned()
+            } else {
+                rtt.join(", ")
+            },
             f.stale_replies,
             f.ring_full_stalls,
             f.corrupt_rings,
