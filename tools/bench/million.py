@@ -20,6 +20,8 @@ Options (defaults in brackets):
   --fronts F|auto [auto if the relay takes it, else conns / 18000]   --workers W [2]
   --procs P [conns / 16000]  --src-ips LIST [127.0.0.2-127.0.0.101]  --sample S [10]
   --beat S [60]              --connect-concurrency N [1024]          --ramp-limit S [900]
+  --connect-timeout S [30]   (one attempt; relaybench's 5 s default failed 119 of 1,000,000
+                              connects at load 100)
   --relay-set KEY=VALUE      (repeatable, shmrelay --set; default ping_min_ms=60000 so the
                               front pings idle clients every 60 s, the rate of the beats)
   --out DIR                  --no-build (use the release binaries already built)
@@ -98,6 +100,7 @@ def parse_args(argv):
     ap.add_argument("--sample", type=float, default=10.0)
     ap.add_argument("--beat", type=float, default=60.0)
     ap.add_argument("--connect-concurrency", type=int, default=1024)
+    ap.add_argument("--connect-timeout", type=float, default=30.0)
     ap.add_argument("--ramp-limit", type=float, default=900.0)
     ap.add_argument("--relay-set", action="append", default=[])
     ap.add_argument("--out")
@@ -372,6 +375,7 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
                      "--procs", str(o["procs"]), "--src-ips", o["src_ips"],
                      "--seconds", str(o["seconds"]), "--heartbeat", str(beat),
                      "--connect-concurrency", str(o["concurrency"]),
+                     "--connect-timeout", str(o["connect_timeout"]),
                      "--ramp-limit", str(o["ramp_limit"]), "--bucket", "60",
                      "--server-pid", str(relay.pid), "--json"]
         res["hold_cmd"] = "relaybench " + " ".join(hold_args[1:])
