@@ -6,6 +6,10 @@
 #   tools/bench/scale.sh --quick    10,000 connections for 30 s over 2 fronts (about 1 minute)
 #   tools/bench/scale.sh --memory   resident memory with 0 and with 10,000 idle connections
 #                                   (what tools/bench/memory.sh runs)
+#   tools/bench/scale.sh --million  1,000,000 connections held 10 minutes, clients beating and
+#                                   clients only answering pings, with samples over time, an SVG
+#                                   chart and bytes per connection against the anchors (issue 15;
+#                                   tools/bench/million.py, its options: --million --help)
 #
 # Options (after the mode): --conns N --seconds S --fronts F --workers W --procs P
 #   --src-ips LIST --heartbeat S --sample S --settle S --out DIR
@@ -29,6 +33,9 @@ CONNS=100000 SECONDS_HOLD=300 FRONTS=6 WORKERS=2 PROCS=8 SRC_IPS=127.0.0.2-127.0
 HEARTBEAT=30 SAMPLE=10 SETTLE=30 OUT="" BUILD=1
 RELAY_SETS=()
 case "${1:-}" in
+--million)
+    shift
+    exec python3 "$(dirname "$0")/million.py" "$@" ;;
 --quick)
     MODE=quick; CONNS=10000 SECONDS_HOLD=30 FRONTS=2 PROCS=2 SRC_IPS=127.0.0.2-127.0.0.3
     SAMPLE=5 SETTLE=5

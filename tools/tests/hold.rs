@@ -194,4 +194,74 @@ fn spreads_over_processes_and_source_addresses() {
 fn a_refused_address_is_an_error() {
     let (v, _) = common::against_refused("hold", &[]);
     assert_eq!(num(&v, "opened"), 0, "{v}");
+    // Connect errors are counted apart from closes, by errno.
+    assert_eq!(num(&v["connect_error_kinds"], "ECONNREFUSED"), 2, "{v}");
+    assert_eq!(num(&v, "server_closes"), 0, "{v}");
+}
+
+#[test]
+fn resets_are_told_apart_from_fins_and_named() {
+    // Connections 0 and 2 get a FIN after 200 ms, 1 and 3 a reset (SO_LINGER 0).
+    let server = start_server(|n, s| {
+        std::thread::sleep(Duration::from_millis(200));
+        if n % 2 == 1 {
+            use nix::sys::socket::{setsockopt, sockopt::Linger};
+            let l = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            setsockopt(&s, Linger, &l).unwrap();
+        }
+        drop(s);
+    });
+    let v = hold_json(
+        &server.addr,
+        &["--conns", "4", "--seconds", "1", "--heartbeat", "0"],
+    );
+    assert_eq!(num(&v, "opened"), 4, "{v}");
+    assert_eq!(num(&v, "server_closes"), 4, "{v}");
+    assert_eq!(num(&v, "reset_closes"), 2, "{v}");
+    assert_eq!(num(&v["reset_kinds"], "ECONNRESET"), 2, "{v}");
+    assert_eq!(num(&v, "connect_errors"), 0, "{v}");
+    assert!(
+        v["connect_error_kinds"].as_object().unwrap().is_empty(),
+        "{v}"
+    );
+    assert_eq!(num(&v, "open_at_end"), 0, "{v}");
+}
+
+/// Accepts connections on a free loopback port and keeps them open, silent, until the test
+/// ends; one thread, so it can hold thousands.
+fn start_silent_holder() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// Client memory per connection, from the difference between a small and a large run (so the
+/// fixed costs of the process drop out): issue 15 wants at most 1 KiB.
+#[test]
+fn a_held_connection_costs_the_client_under_a_kibibyte() {
+    let rss_kb = |conns: u64| {
+        let addr = start_silent_holder();
+        let n = conns.to_string();
+        let v = hold_json(
+            &addr,
+            &["--conns", &n, "--seconds", "0.5", "--heartbeat", "60"],
+        );
+        assert_eq!(num(&v, "open_at_end"), conns, "{v}");
+        num(&v, "client_rss_kb")
+    };
+    let (small, large) = (rss_kb(1000), rss_kb(9000));
+    let per_conn = large.saturating_sub(small) as f64 * 1024.0 / 8000.0;
+    eprintln!(
+        "client RSS {small} KiB at 1,000, {large} KiB at 9,000: {per_conn:.0} B per connection"
+    );
+    assert!(per_conn < 1024.0, "{per_conn:.0} B per connection");
 }

@@ -1,9 +1,9 @@
 //! The one load engine of `relaybench load` and `relaybench hold`: it opens the connections,
 //! starts the run everywhere at once, measures a window and merges what every connection
-//! counted; what a connection does once open is its [`Workload`]'s business.
+//! counted; what a connection does once open is its workload's business.
 //!
 //! Scale: connections are spread over `--threads` OS threads per process (a tokio
-//! current-thread runtime each), over `--procs` processes (this binary re-executed as
+//! current-thread runtime each, or the workload's own event loop), over `--procs` processes (this binary re-executed as
 //! `relaybench SUB --child-plan PLAN`, see [`crate::procs`]) and over source addresses
 //! (`--src-ips`), because a process may hold only so many open files and a source address only
 //! ~28K ports towards one destination.
@@ -11,17 +11,18 @@
 //! Phases, the same in every thread:
 //! 1. **connect**: open the thread's connections, at most `connect_concurrency` at a time per
 //!    process (so a burst of SYNs cannot overflow the server's listen backlog), each bound to
-//!    its source address first when `--src-ips` is given. Each connection is a task that runs
-//!    [`Workload::conn`] as soon as it is open (a holding connection answers pings during the
-//!    ramp; a load connection waits for the start);
+//!    its source address first when `--src-ips` is given. A [`Workload`] runs each connection
+//!    as a tokio task ([`Workload::conn`]) as soon as it is open (a load connection waits for
+//!    the start); a [`Bench`] with its own thread body (`hold`'s epoll loop, no task per
+//!    connection) connects in that loop and answers pings during the ramp;
 //! 2. **wait for go**: report to the process's coordinator, which (in a child process) reports
 //!    to the parent and waits for its go, so all connections of all processes are open (or
 //!    failed) before the run starts;
 //! 3. **run**: warm-up, measurement window, drain ([`Window`]); then the connections end by
 //!    themselves ([`Workload::ENDS_ITSELF`]) or are cut at the end of the window.
 //!
-//! This file holds the contracts (flags, plan, [`Workload`], [`Tally`]) and the parent's side;
-//! the threads of one process are in `engine_process.rs`.
+//! This file holds the contracts (flags, plan, [`Bench`], [`Workload`], [`Tally`]) and the
+//! parent's side; the threads of one process are in `engine_process.rs`.
 
 use std::cell::{Cell, RefCell};
 use std::fmt::Debug;
@@ -41,6 +42,7 @@ use crate::procs::{self, Children};
 #[path = "engine_process.rs"]
 mod process;
 use process::run_process;
+pub(crate) use process::{set_bind_address_no_port, ThreadCtl};
 
 /// The flags every workload shares (`#[command(flatten)]`ed into `load` and `hold`).
 #[derive(clap::Args, Debug, Clone)]
@@ -55,7 +57,7 @@ pub struct ConnArgs {
     /// are open (`load`: after `--warmup`) [default: load 5, hold 60].
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// OS threads per process, each with a tokio current-thread runtime.
+    /// OS threads per process, each with its own event loop.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Processes to spread the connections over (open files are capped per process).
@@ -127,7 +129,50 @@ impl<W> Plan<W> {
     }
 }
 
-/// What a connection does once open: the part of a run that differs between `load` and `hold`.
+/// A kind of run the engine drives: its name, defaults and counts, and the body of each of
+/// its threads, from the first connect to the end of the run. Every [`Workload`] is one (its
+/// threads are the engine's tokio loop with a task per connection); `hold` implements it
+/// directly with an epoll loop of its own, where a connection is a few words, not a task.
+pub(crate) trait Bench:
+    Clone + Debug + Serialize + DeserializeOwned + Send + 'static
+{
+    /// The subcommand: children are re-run with it; it names threads and messages.
+    const NAME: &'static str;
+    /// Defaults of the shared flags.
+    const DEFAULTS: Defaults;
+    /// What a thread, a process and the whole run count.
+    type Tally: Tally;
+    /// Seconds of load before the measurement window, not counted.
+    fn warmup(&self) -> f64;
+    /// Seconds after the window for replies still in flight.
+    fn drain(&self) -> f64;
+    /// One thread of a process: connects `ctl.ids` (at most `ctl.concurrency` attempts at a
+    /// time), reports its connect counts with [`ThreadCtl::ready`], runs from the go to the
+    /// stop ([`ThreadCtl::poll_go`], [`ThreadCtl::should_stop`]) and returns its counts.
+    fn run_thread(plan: &Plan<Self>, ctl: ThreadCtl<Self::Tally>) -> Result<Self::Tally>;
+    /// In the parent once every connection was tried, `ramp_secs` after the start.
+    fn on_start(plan: &Plan<Self>, connect: &Self::Tally, ramp_secs: f64);
+}
+
+impl<W: Workload> Bench for W {
+    const NAME: &'static str = <W as Workload>::NAME;
+    const DEFAULTS: Defaults = <W as Workload>::DEFAULTS;
+    type Tally = <W as Workload>::Tally;
+    fn warmup(&self) -> f64 {
+        Workload::warmup(self)
+    }
+    fn drain(&self) -> f64 {
+        Workload::drain(self)
+    }
+    fn run_thread(plan: &Plan<W>, ctl: ThreadCtl<W::Tally>) -> Result<W::Tally> {
+        process::thread_main(plan, ctl)
+    }
+    fn on_start(plan: &Plan<W>, connect: &W::Tally, ramp_secs: f64) {
+        <W as Workload>::on_start(plan, connect, ramp_secs)
+    }
+}
+
+/// What a connection does once open, as one tokio task per connection (`load`).
 pub(crate) trait Workload:
     Clone + Debug + Serialize + DeserializeOwned + Send + 'static
 {
@@ -249,7 +294,7 @@ pub struct Window {
 }
 
 impl Window {
-    fn new<W: Workload>(plan: &Plan<W>, start: Instant) -> Window {
+    fn new<W: Bench>(plan: &Plan<W>, start: Instant) -> Window {
         let measure_start = start + Duration::from_secs_f64(plan.work.warmup());
         let measure_end = measure_start + Duration::from_secs_f64(plan.seconds);
         Window {
@@ -269,11 +314,6 @@ pub struct Start {
 }
 
 impl Start {
-    /// The window, once the run has started.
-    pub fn get(&self) -> Option<Window> {
-        self.window.get()
-    }
-
     /// Waits for the start of the run.
     pub async fn wait(&self) -> Window {
         loop {
@@ -310,7 +350,7 @@ impl<T: Tally> ProcReport<T> {
 }
 
 /// The result of a run, for the workload's summary.
-pub struct Outcome<W: Workload> {
+pub struct Outcome<W: Bench> {
     pub plan: Plan<W>,
     pub report: ProcReport<W::Tally>,
     /// CPU seconds of the `--server-pid` processes and their descendants inside the window.
@@ -321,7 +361,7 @@ pub struct Outcome<W: Workload> {
 
 /// Runs a workload as the parent of the run; `None` when this process is a child of a
 /// `--procs` run (it has reported to its parent).
-pub(crate) fn run<W: Workload>(args: &ConnArgs, work: W) -> Result<Option<Outcome<W>>> {
+pub(crate) fn run<W: Bench>(args: &ConnArgs, work: W) -> Result<Option<Outcome<W>>> {
     if let Some(plan) = &args.child_plan {
         procs::run_child(plan, |plan: Plan<W>, gate| run_process(&plan, gate, |_| {}))?;
         return Ok(None);
@@ -382,7 +422,7 @@ pub struct Common {
     pub first_error: Option<String>,
 }
 
-impl<W: Workload> Outcome<W> {
+impl<W: Bench> Outcome<W> {
     /// The figures of [`Common`].
     pub fn common(&self) -> Common {
         let (plan, base) = (&self.plan, self.report.tally.base());
@@ -427,7 +467,7 @@ impl<W: Workload> Outcome<W> {
 
 impl ConnArgs {
     /// Checks the flags and builds the plan of process 0.
-    pub(crate) fn plan<W: Workload>(&self, work: W) -> Result<Plan<W>> {
+    pub(crate) fn plan<W: Bench>(&self, work: W) -> Result<Plan<W>> {
         let d = W::DEFAULTS;
         let conns = self.conns.unwrap_or(d.conns);
         let addr = self
@@ -615,7 +655,7 @@ fn sleep_until(t: Instant) {
 
 /// The parent of a `--procs` run: every child connects, then all start at once; the server is
 /// sampled over the same window as the children.
-fn run_procs<W: Workload>(
+fn run_procs<W: Bench>(
     plan: &Plan<W>,
     server_pids: &[u32],
     on_start: impl FnOnce(&W::Tally),

@@ -1,24 +1,30 @@
 //! The threads of one process of a load-engine run: each connects its share of the
-//! connections, reports, waits for the go, runs its connections' [`Workload::conn`] tasks and
-//! hands its counts back; `run_process` drives them and measures the window.
+//! connections, reports, waits for the go, runs its connections (a [`Workload`]'s tasks, or a
+//! [`Bench`]'s own loop) and hands its counts back; `run_process` drives them and measures the
+//! window.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::sync::mpsc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::oneshot::{self, error::TryRecvError};
+use tokio::sync::{Notify, Semaphore};
 
-use super::{self_cpu_seconds, sleep_until, Plan, ProcReport, Start, Tally, Window, Workload};
+use super::{
+    self_cpu_seconds, sleep_until, Bench, Plan, ProcReport, Start, Tally, Window, Workload,
+};
 
 /// Runs this process's share of the plan. `gate` is called once every connection attempt has
 /// finished, with the connect counts, and returns when the run may start (a child process
 /// reports to its parent and waits for the go there). `at_window` is called at the start and
 /// at the end of the measurement window (the caller samples server CPU there).
-pub(super) fn run_process<W: Workload>(
+pub(super) fn run_process<W: Bench>(
     plan: &Plan<W>,
     gate: impl FnOnce(&W::Tally) -> Result<()>,
     mut at_window: impl FnMut(bool),
@@ -31,7 +37,14 @@ pub(super) fn run_process<W: Workload>(
         go_txs.push(go_tx);
         stop_txs.push(stop_tx);
         let plan = plan.clone();
-        move || thread_main(&plan, share, go_rx, stop_rx)
+        let ctl = ThreadCtl {
+            ids: share.ids,
+            concurrency: share.concurrency,
+            ready_tx: share.ready_tx,
+            go_rx,
+            stop_rx,
+        };
+        move || W::run_thread(&plan, ctl)
     })?;
     let mut connect = W::Tally::default();
     let failure = threads
@@ -150,6 +163,42 @@ impl<C: Send + 'static> Threads<C> {
     }
 }
 
+/// What the body of one thread is given: its share of the connections and its line to the
+/// process's coordinator.
+pub(crate) struct ThreadCtl<C> {
+    /// Global indices of its connections.
+    pub ids: Vec<usize>,
+    /// Its connection attempts in flight at once.
+    pub concurrency: usize,
+    ready_tx: mpsc::Sender<C>,
+    go_rx: oneshot::Receiver<Instant>,
+    stop_rx: oneshot::Receiver<()>,
+}
+
+impl<C> ThreadCtl<C> {
+    /// Hands over the thread's connect counts: every attempt of the thread has finished.
+    pub fn ready(&self, counts: C) {
+        // The coordinator is gone only if it failed; the go that never comes says so.
+        let _ = self.ready_tx.send(counts);
+    }
+
+    /// Whether the run has started, without waiting: `Ready(Some(t))` started at `t`,
+    /// `Ready(None)` never will (something failed elsewhere: stop at once), `Pending` not yet.
+    pub fn poll_go(&mut self) -> Poll<Option<Instant>> {
+        match self.go_rx.try_recv() {
+            Ok(t) => Poll::Ready(Some(t)),
+            Err(TryRecvError::Closed) => Poll::Ready(None),
+            Err(TryRecvError::Empty) => Poll::Pending,
+        }
+    }
+
+    /// True once the thread is to cut its connections and end (the window is over, or the
+    /// coordinator gave up).
+    pub fn should_stop(&mut self) -> bool {
+        !matches!(self.stop_rx.try_recv(), Err(TryRecvError::Empty))
+    }
+}
+
 /// Connection attempts of a thread not finished yet, and the wakeup for when they are.
 struct Attempts {
     left: Cell<usize>,
@@ -166,12 +215,19 @@ impl Attempts {
     }
 }
 
-fn thread_main<W: Workload>(
+/// The body of a [`Workload`]'s thread: a tokio current-thread runtime with one task per
+/// connection.
+pub(super) fn thread_main<W: Workload>(
     plan: &Plan<W>,
-    share: ThreadShare<W::Tally>,
-    go_rx: oneshot::Receiver<Instant>,
-    stop_rx: oneshot::Receiver<()>,
+    ctl: ThreadCtl<W::Tally>,
 ) -> Result<W::Tally> {
+    let ThreadCtl {
+        ids,
+        concurrency,
+        ready_tx,
+        go_rx,
+        stop_rx,
+    } = ctl;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -180,13 +236,12 @@ fn thread_main<W: Workload>(
     let th = Rc::new(W::thread(plan));
     let start = Rc::new(Start::default());
     let attempts = Rc::new(Attempts {
-        left: Cell::new(share.ids.len()),
+        left: Cell::new(ids.len()),
         done: Notify::new(),
     });
     rt.block_on(local.run_until(async {
-        let connector = Rc::new(Connector::new(plan, share.concurrency));
-        let tasks: Vec<_> = share
-            .ids
+        let connector = Rc::new(Connector::new(plan, concurrency));
+        let tasks: Vec<_> = ids
             .iter()
             .map(|&id| {
                 let task = conn_task::<W>(
@@ -199,10 +254,10 @@ fn thread_main<W: Workload>(
                 tokio::task::spawn_local(task)
             })
             .collect();
-        if !share.ids.is_empty() {
+        if !ids.is_empty() {
             attempts.done.notified().await;
         }
-        let _ = share.ready_tx.send(W::tally(&th).borrow().clone());
+        let _ = ready_tx.send(W::tally(&th).borrow().clone());
         let started = match go_rx.await {
             Ok(t0) => {
                 start.set(Window::new(plan, t0));
@@ -328,7 +383,7 @@ async fn connect_one(addr: SocketAddr, src: Option<IpAddr>) -> Result<TcpStream>
 /// Without IP_BIND_ADDRESS_NO_PORT, bind(ip, 0) reserves an ephemeral port for every
 /// destination, capping a source address at ~28K connections in total instead of per
 /// destination; with it the port is chosen at connect time from the whole 4-tuple.
-fn set_bind_address_no_port(sock: &TcpSocket) {
+pub(crate) fn set_bind_address_no_port(sock: &impl AsFd) {
     use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
     // Best effort: without it a source address only holds fewer connections.
     let _ = setsockopt(sock, IpBindAddressNoPort, &true);

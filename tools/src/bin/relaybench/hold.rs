@@ -16,34 +16,34 @@
 //! - skips any other frame (`data_frames`; the relay sends one only before a protocol close).
 //!
 //! Scale is the one load engine's ([`crate::engine`], shared with `relaybench load`: the same
-//! `--procs`, `--threads` and `--src-ips`). Each connection starts answering pings as soon as it
-//! is open, so a slow connect ramp cannot make the server time out the first ones. The hold
-//! window of `--seconds` starts when every connection of every process has been tried; at its
-//! end the connections still open are counted and cut.
+//! `--procs`, `--threads` and `--src-ips`); the threads are hold's own. Each connection starts
+//! answering pings as soon as it is open, so a slow connect ramp cannot make the server time
+//! out the first ones. The hold window of `--seconds` starts when every connection of every
+//! process has been tried; at its end the connections still open are counted and cut.
 //!
-//! Memory: a connection is one small task (its socket, one timer and a few words of state, no
-//! buffers of its own: reads go through one scratch buffer per thread, and the only bytes it
-//! ever writes are zeros from a static buffer). Measured with tokio's per-task and per-socket
-//! allocations included: ~1.3-1.6 KB per connection (17 MiB for 10,000 in one process, 191 MiB
-//! for 100,000 in eight). `client_rss_kb` reports what the client processes actually used.
+//! Memory: a thread is one epoll loop (`hold_loop.rs`) over a table of compact connection
+//! slots and one timing wheel; a connection is a 20-byte slot, its index and one timer entry
+//! (about 50 bytes), with no task, future or buffer of its own: reads go through one scratch
+//! buffer per thread, and the only bytes it ever writes are zeros from a static buffer.
+//! `client_rss_kb` reports what the client processes actually used, and
+//! `client_bytes_per_conn` that divided by the connections opened (fixed costs included).
+//!
+//! What went wrong is counted by kind (the errno's name): `connect_error_kinds` for connects
+//! that failed, `reset_kinds` for open connections that ended with an error.
 //!
 //! Output: a short human summary, or with `--json` exactly one JSON object on stdout (the
 //! fields of [`Summary`]). A progress line goes to stderr when the hold window starts.
 
-use std::cell::{Cell, RefCell};
-use std::io::ErrorKind;
-use std::pin::Pin;
-use std::rc::Rc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::ReadHalf;
-use tokio::net::TcpStream;
 
-use crate::engine::{self, counters, secs_arg, Base, Common, ConnArgs, Defaults, Plan, Start};
+use crate::engine::{self, counters, secs_arg, Base, Common, ConnArgs, Defaults, Plan, ThreadCtl};
+
+#[path = "hold_loop.rs"]
+mod event_loop;
 
 /// Options of `relaybench hold`.
 #[derive(clap::Args, Debug)]
@@ -102,6 +102,52 @@ pub struct HoldTally {
     /// Closes inside the hold window by time into it: entry i counts closes in
     /// `[i * bucket, (i + 1) * bucket)` seconds.
     close_buckets: Vec<u64>,
+    /// Failed connects by kind (errno name, `TimedOut`, `RampLimit`).
+    connect_error_kinds: BTreeMap<String, u64>,
+    /// Connections ended by an error, by kind (errno name).
+    reset_kinds: BTreeMap<String, u64>,
+}
+
+impl HoldTally {
+    /// Counts the end of connection `id` by the server: a FIN (`None`) or an error; `window`
+    /// is the start of the hold window, if it began.
+    fn closed(
+        &mut self,
+        error: Option<std::io::Error>,
+        id: usize,
+        window: Option<Instant>,
+        bucket: f64,
+    ) {
+        let c = &mut self.counters;
+        match error {
+            None => c.server_closes += 1,
+            Some(e) => {
+                c.reset_closes += 1;
+                *self
+                    .reset_kinds
+                    .entry(event_loop::kind_name(&e))
+                    .or_default() += 1;
+                c.note_error(|| format!("connection {id}: {e}"));
+            }
+        }
+        match window {
+            None => c.closes_during_ramp += 1,
+            Some(start) => {
+                let i = (start.elapsed().as_secs_f64() / bucket) as usize;
+                if self.close_buckets.len() <= i {
+                    self.close_buckets.resize(i + 1, 0);
+                }
+                self.close_buckets[i] += 1;
+            }
+        }
+    }
+}
+
+/// Adds the counts of `b` to those of `a`, key by key.
+fn add_kinds(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    for (k, n) in b {
+        *a.entry(k.clone()).or_default() += n;
+    }
 }
 
 impl engine::Tally for HoldTally {
@@ -113,6 +159,8 @@ impl engine::Tally for HoldTally {
         for (a, b) in self.close_buckets.iter_mut().zip(&o.close_buckets) {
             *a += b;
         }
+        add_kinds(&mut self.connect_error_kinds, &o.connect_error_kinds);
+        add_kinds(&mut self.reset_kinds, &o.reset_kinds);
         Ok(())
     }
 
@@ -162,8 +210,15 @@ pub struct Summary {
     pub heartbeats_skipped: u64,
     pub pings_answered: u64,
     pub data_frames: u64,
+    /// Failed connects by kind (errno name, `TimedOut`, `RampLimit`); empty if none failed.
+    pub connect_error_kinds: BTreeMap<String, u64>,
+    /// Of `server_closes`, the resets and other errors by kind (errno name).
+    pub reset_kinds: BTreeMap<String, u64>,
     /// Resident memory of the client processes at the end of the hold window, KiB.
     pub client_rss_kb: u64,
+    /// `client_rss_kb` in bytes per connection opened, fixed costs (binary, threads, buffers)
+    /// included: an upper bound of what a connection costs the client.
+    pub client_bytes_per_conn: Option<f64>,
     /// `server_cpu_seconds` as a percentage of one core over the hold window.
     pub server_cpu_percent: Option<f64>,
 }
@@ -183,84 +238,25 @@ pub fn run(args: Args) -> Result<()> {
     out.print(args.conn.json, &summarize(&out), print_human)
 }
 
-/// State of one thread, shared by its connection tasks (current-thread runtime: no locks).
-pub struct HoldThread {
-    tally: RefCell<HoldTally>,
-    /// Connections open now.
-    open: Cell<u64>,
-    /// One read buffer for all connections of the thread: a read is handled before the next.
-    scratch: RefCell<Vec<u8>>,
-    heartbeat: Option<Duration>,
-    jitter: f64,
-    bucket: f64,
-}
-
-impl HoldThread {
-    /// Counts the end of an open connection; `start` is that of the hold window, if it began.
-    fn closed(&self, error: Option<String>, start: Option<Instant>) {
-        self.open.set(self.open.get() - 1);
-        let mut t = self.tally.borrow_mut();
-        let HoldTally {
-            counters: c,
-            close_buckets,
-        } = &mut *t;
-        match error {
-            None => c.server_closes += 1,
-            Some(e) => {
-                c.reset_closes += 1;
-                c.note_error(|| e);
-            }
-        }
-        match start {
-            None => c.closes_during_ramp += 1,
-            Some(start) => {
-                let i = (start.elapsed().as_secs_f64() / self.bucket) as usize;
-                if close_buckets.len() <= i {
-                    close_buckets.resize(i + 1, 0);
-                }
-                close_buckets[i] += 1;
-            }
-        }
-    }
-}
-
-impl engine::Workload for Heartbeats {
+impl engine::Bench for Heartbeats {
     const NAME: &'static str = "hold";
     const DEFAULTS: Defaults = Defaults {
         conns: 1000,
         seconds: 60.0,
         ramp_limit: 180.0,
     };
-    const ENDS_ITSELF: bool = false;
     type Tally = HoldTally;
-    type Thread = HoldThread;
 
-    fn thread(plan: &Plan<Heartbeats>) -> HoldThread {
-        let w = &plan.work;
-        HoldThread {
-            tally: RefCell::new(HoldTally::default()),
-            open: Cell::new(0),
-            scratch: RefCell::new(vec![0; 16 * 1024]),
-            heartbeat: (w.heartbeat > 0.0).then(|| Duration::from_secs_f64(w.heartbeat)),
-            jitter: w.jitter,
-            bucket: w.bucket,
-        }
+    fn warmup(&self) -> f64 {
+        0.0
     }
 
-    fn tally(th: &HoldThread) -> &RefCell<HoldTally> {
-        &th.tally
+    fn drain(&self) -> f64 {
+        0.0
     }
 
-    /// Holds the connection until the server closes it or the task is cut.
-    async fn conn(th: Rc<HoldThread>, start: Rc<Start>, id: usize, mut stream: TcpStream) {
-        th.open.set(th.open.get() + 1);
-        let end = hold(id, &mut stream, &th).await;
-        let error = end.err().map(|e| format!("connection {id}: {e}"));
-        th.closed(error, start.get().map(|w| w.start));
-    }
-
-    fn at_end(th: &HoldThread) {
-        th.tally.borrow_mut().counters.open_at_end = th.open.get();
+    fn run_thread(plan: &Plan<Heartbeats>, ctl: ThreadCtl<HoldTally>) -> Result<HoldTally> {
+        event_loop::run(plan, ctl)
     }
 
     fn on_start(plan: &Plan<Heartbeats>, t: &HoldTally, ramp_secs: f64) {
@@ -275,114 +271,9 @@ impl engine::Workload for Heartbeats {
     }
 }
 
-/// Zero bytes: every frame a holding connection sends is a length-0 frame.
-static ZEROS: [u8; 64] = [0; 64];
-
 /// A uniform number in [0, 1) from a connection index and a counter.
 fn unit(id: usize, n: u64) -> f64 {
     (engine::mix((id as u64) << 32 ^ n) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Reads once into the thread's scratch buffer, which is borrowed only inside each poll (never
-/// across an await), so every task of the thread can use it; the caller handles the bytes before
-/// it awaits again. Reading through `AsyncRead` lets tokio take a short read as "drained", so an
-/// event costs one read, not a second one that only says EAGAIN.
-async fn read_scratch(rd: &mut ReadHalf<'_>, scratch: &RefCell<Vec<u8>>) -> std::io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        let mut buf = scratch.borrow_mut();
-        let mut rb = ReadBuf::new(&mut buf[..]);
-        match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
-}
-
-/// Holds an open connection; `Ok` when the server ended it with a FIN.
-async fn hold(id: usize, stream: &mut TcpStream, st: &HoldThread) -> std::io::Result<()> {
-    let (mut rd, wr) = stream.split();
-    // Own heartbeat sent and not yet answered.
-    let mut outstanding = false;
-    // Zero bytes still to write (answers and heartbeats the socket did not take at once).
-    let mut pending: usize = 0;
-    // Frame parser: header bytes so far, then payload bytes of a data frame left to skip.
-    let mut head = [0u8; 4];
-    let mut head_len = 0usize;
-    let mut skip: u64 = 0;
-    let mut beats: u64 = 0;
-    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
-    let first = st.heartbeat.map_or(far, |hb| {
-        tokio::time::Instant::now() + hb.mul_f64(unit(id, 0))
-    });
-    let timer = tokio::time::sleep_until(first);
-    tokio::pin!(timer);
-    loop {
-        tokio::select! {
-            biased;
-            r = read_scratch(&mut rd, &st.scratch) => {
-                let n = r?;
-                if n == 0 {
-                    return Ok(());
-                }
-                let buf = st.scratch.borrow();
-                let mut t = st.tally.borrow_mut();
-                let c = &mut t.counters;
-                let mut p = 0;
-                while p < n {
-                    if skip > 0 {
-                        let k = skip.min((n - p) as u64);
-                        skip -= k;
-                        p += k as usize;
-                        continue;
-                    }
-                    head[head_len] = buf[p];
-                    head_len += 1;
-                    p += 1;
-                    if head_len == 4 {
-                        head_len = 0;
-                        let len = u32::from_be_bytes(head);
-                        if len > 0 {
-                            c.data_frames += 1;
-                            skip = len as u64;
-                        } else if outstanding {
-                            outstanding = false;
-                            c.heartbeats_answered += 1;
-                        } else {
-                            pending += 4;
-                            c.pings_answered += 1;
-                        }
-                    }
-                }
-            }
-            r = wr.writable(), if pending > 0 => {
-                r?; // the write below sends
-            }
-            _ = &mut timer => {
-                beats += 1;
-                if outstanding {
-                    st.tally.borrow_mut().counters.heartbeats_skipped += 1;
-                } else {
-                    outstanding = true;
-                    pending += 4;
-                    st.tally.borrow_mut().counters.heartbeats_sent += 1;
-                }
-                if let Some(hb) = st.heartbeat {
-                    let f = 1.0 + st.jitter * (2.0 * unit(id, beats) - 1.0);
-                    timer.as_mut().reset(tokio::time::Instant::now() + hb.mul_f64(f));
-                }
-            }
-        }
-        while pending > 0 {
-            match wr.try_write(&ZEROS[..pending.min(ZEROS.len())]) {
-                Ok(n) => pending -= n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
 }
 
 fn summarize(out: &engine::Outcome<Heartbeats>) -> Summary {
@@ -416,7 +307,11 @@ fn summarize(out: &engine::Outcome<Heartbeats>) -> Summary {
         heartbeats_skipped: c.heartbeats_skipped,
         pings_answered: c.pings_answered,
         data_frames: c.data_frames,
+        connect_error_kinds: r.tally.connect_error_kinds.clone(),
+        reset_kinds: r.tally.reset_kinds.clone(),
         client_rss_kb: r.rss_kb,
+        client_bytes_per_conn: (c.base.connected > 0)
+            .then(|| r.rss_kb as f64 * 1024.0 / c.base.connected as f64),
         server_cpu_percent: server_cpu.map(|s| 100.0 * s / plan.seconds),
     }
 }
@@ -428,8 +323,12 @@ fn print_human(s: &Summary) {
         r.addr, r.conns, r.procs, r.threads, r.src_ips, r.seconds, s.heartbeat
     );
     println!(
-        "  connections  opened {} (ramp {:.1} s), connect errors {}, open at the end {}",
-        s.opened, s.ramp_secs, r.connect_errors, s.open_at_end
+        "  connections  opened {} (ramp {:.1} s), connect errors {}{}, open at the end {}",
+        s.opened,
+        s.ramp_secs,
+        r.connect_errors,
+        kinds(&s.connect_error_kinds),
+        s.open_at_end
     );
     let by_time: Vec<String> = s
         .closes_by_time
@@ -437,9 +336,10 @@ fn print_human(s: &Summary) {
         .map(|b| format!("{}-{} s: {}", b.from_secs, b.to_secs, b.closes))
         .collect();
     println!(
-        "  server closes {} (resets {}, during the ramp {}){}{}",
+        "  server closes {} (resets {}{}, during the ramp {}){}{}",
         s.server_closes,
         s.reset_closes,
+        kinds(&s.reset_kinds),
         s.closes_during_ramp,
         if by_time.is_empty() {
             ""
@@ -460,13 +360,25 @@ fn print_human(s: &Summary) {
         (Some(c), Some(p)) => format!("; server {c:.2} s ({p:.2}% of one core)"),
         _ => String::new(),
     };
+    let per_conn = s
+        .client_bytes_per_conn
+        .map_or(String::new(), |b| format!(" ({b:.0} B per connection)"));
     println!(
-        "  cpu seconds in window: client {:.2}{server}; client rss {} KiB",
+        "  cpu seconds in window: client {:.2}{server}; client rss {} KiB{per_conn}",
         r.client_cpu_seconds, s.client_rss_kb
     );
     if let Some(e) = &r.first_error {
         println!("  first error: {e}");
     }
+}
+
+/// " [A: n, B: m]" for counts by kind, or nothing.
+fn kinds(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let v: Vec<String> = m.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    format!(" [{}]", v.join(", "))
 }
 
 #[cfg(test)]
@@ -482,6 +394,7 @@ mod tests {
                 heartbeats_sent: 3,
                 ..Counters::default()
             },
+            ..HoldTally::default()
         };
         let b = HoldTally {
             close_buckets: vec![0, 0, 1, 0, 5],
@@ -493,9 +406,15 @@ mod tests {
                 },
                 ..Counters::default()
             },
+            reset_kinds: [("ECONNRESET".to_string(), 2)].into(),
+            ..HoldTally::default()
         };
+        a.reset_kinds.insert("ECONNRESET".into(), 1);
+        a.reset_kinds.insert("ETIMEDOUT".into(), 4);
         a.add(&b).unwrap();
         assert_eq!(a.close_buckets, [1, 0, 3, 0, 5]);
+        assert_eq!(a.reset_kinds["ECONNRESET"], 3);
+        assert_eq!(a.reset_kinds["ETIMEDOUT"], 4);
         assert_eq!(a.counters.heartbeats_sent, 5);
         assert_eq!(a.counters.base.first_error.as_deref(), Some("x"));
     }
