@@ -7,6 +7,8 @@
 #   haproxy   HAProxy, TCP mode, nbthread 1, in front of tokio-echo --threads 1
 #   nginx     nginx stream proxy, worker_processes 1, in front of tokio-echo --threads 1
 #   tokio     tokio-echo --threads 1 alone (no second process: the upper bound)
+#   cepoll    examples/c/epoll-echo.c (built here with cc -O2): a plain C epoll echo server in one
+#             process and one thread, the hand-written upper bound (issue 14)
 # Cases: payload 64 B and 4 KiB x 100 and 1,000 connections, --depth 16 (change with options).
 # Every server process (proxy, echo backend, shmrelay supervisor, front and worker) is passed as
 # --server-pid, so the server CPU seconds are comparable. All four stacks are started once, on
@@ -18,7 +20,8 @@
 #
 # Usage: tools/bench/compare.sh [--seconds N] [--warmup N] [--quick] [--out DIR]
 #                               [--depth N] [--sizes "64 4096"] [--conns "100 1000"]
-#                               [--systems "shmrelay haproxy nginx tokio"] [--client-threads N]
+#                               [--systems "shmrelay haproxy nginx tokio cepoll"]
+#                               [--client-threads N]
 #                               [--max-load L [--max-load-wait S]] [--nice N] [--repeat N]
 #                               [--no-build] [--no-install] [--baseline-bin PATH]
 # --baseline-bin PATH: also measure system `shmrelay-base`, another build of the shmrelay binary
@@ -45,7 +48,7 @@ OUT=""
 DEPTH=16
 SIZES="64 4096"
 CONNS="100 1000"
-SYSTEMS="shmrelay haproxy nginx tokio"
+SYSTEMS="shmrelay haproxy nginx tokio cepoll"
 CLIENT_THREADS=2
 BUILD=1
 INSTALL=1
@@ -113,6 +116,11 @@ for b in shmrelay relayctl relaybench tokio-echo; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build --release -p shmrelay -p shmrelay-tools -p shmrelay-examples)"
 done
 
+if case " $SYSTEMS " in *" cepoll "*) true ;; *) false ;; esac; then
+    command -v "${CC:-cc}" >/dev/null 2>&1 || die "the cepoll system needs a C compiler (${CC:-cc})"
+    "${CC:-cc}" -O2 -o "$BIN/epoll-echo" "$ROOT/examples/c/epoll-echo.c" || die "cc failed on examples/c/epoll-echo.c"
+fi
+
 NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
 need_pkgs=()
 case " $SYSTEMS " in *" haproxy "*) command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy) ;; esac
@@ -171,7 +179,7 @@ trap 'exit 143' TERM
 
 # shellcheck source=tools/bench/lib.sh
 . "$ROOT/tools/bench/lib.sh"
-read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX P_BASE < <(free_ports 7)
+read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX P_BASE P_CEP < <(free_ports 8)
 
 start_echo() { # NAME PORT -> sets LAST_PID
     $RUN "$BIN/tokio-echo" --listen "127.0.0.1:$2" --threads 1 >"$TMP/$1.log" 2>&1 &
@@ -267,6 +275,14 @@ if has tokio; then
     ADDR[tokio]="127.0.0.1:$P_TOK"
 fi
 
+if has cepoll; then
+    $RUN "$BIN/epoll-echo" --listen "127.0.0.1:$P_CEP" >"$TMP/cepoll.log" 2>&1 &
+    CEP_PID=$!
+    PIDS+=("$CEP_PID")
+    wait_port "$P_CEP" "$CEP_PID" cepoll "$TMP/cepoll.log"
+    ADDR[cepoll]="127.0.0.1:$P_CEP"
+fi
+
 # The server processes of a system right now (children looked up by parent PID).
 server_pids() {
     case "$1" in
@@ -275,6 +291,7 @@ server_pids() {
         haproxy) echo "$HAP_PID $ECHO_HAP_PID" ;;
         nginx) echo "$NGX_PID" $(pgrep -P "$NGX_PID" || true) "$ECHO_NGX_PID" ;;
         tokio) echo "$TOK_PID" ;;
+        cepoll) echo "$CEP_PID" ;;
     esac
 }
 
