@@ -190,6 +190,8 @@ struct Front {
     chans: Vec<Chan>,
     slab: Slab,
     ready: Vec<ConnKey>,
+    /// `unblock`'s list of resumed connections (kept for its allocation).
+    resumed: Vec<ConnKey>,
     stats: &'static Stats,
     fs: &'static FrontStats,
     admission: Admission,
@@ -313,6 +315,7 @@ impl Front {
             // Generations differ from any earlier incarnation of this front.
             slab: Slab::new((shm_ring::monotonic_ns() as u32) | 1),
             ready: Vec::new(),
+            resumed: Vec::new(),
             stats,
             fs,
             wheel: Wheel::new(4096, 0),
