@@ -6,16 +6,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
+use shm_ring::{Consumer, Doorbell, EventFd, Producer, ShmRing};
 
 use crate::codec::Codec;
 use crate::protocol::{
     env, flags, inherited_fd, tag, Channel, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS,
-    INFLIGHT_WORD, REDELIVERED_WORD, SKIPPED_WORD, SPLIT_HEADER,
+    INFLIGHT_WORD, REDELIVERED_WORD, SKIPPED_WORD,
 };
 
+mod out;
+
+use out::Tx;
+pub use out::{Out, Reservation, SendError, DEFAULT_MAX_REPLY};
+
 type Rx = Consumer<Arc<ShmRing>>;
-type Tx = Producer<Arc<ShmRing>>;
 
 /// How long a blocked worker sleeps before re-checking its stop flag.
 const PARK_TIMEOUT: Duration = Duration::from_millis(100);
@@ -40,28 +44,6 @@ pub enum WorkerError {
     Corrupt { front: usize, detail: String },
 }
 
-/// Why a reply could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// The connection id names a front this worker has no ring to.
-    #[error("no ring to front {0}")]
-    UnknownFront(usize),
-    /// The reply is larger than the worker's reply limit (see [`Worker::set_max_reply`]; for
-    /// `length-prefixed` also at most `u32::MAX`).
-    #[error("reply of {len} bytes exceeds the maximum of {max}")]
-    TooLarge { len: usize, max: usize },
-    /// A long reply failed after its first pieces were in the ring (the front closes the
-    /// connection rather than let the stream shift).
-    #[error("long reply broken off after {sent} of {len} bytes (the worker is stopping or the ring is corrupt)")]
-    Partial { sent: usize, len: usize },
-    /// The worker is stopping (SIGTERM) while waiting for ring space.
-    #[error("worker stopping")]
-    Stopping,
-    /// The front corrupted the reply ring's positions.
-    #[error("corrupt reply ring")]
-    Corrupt,
-}
-
 /// What the worker code implements. Every method gets an [`Out`] to reply, push or close.
 pub trait Handler {
     /// A client connected (`peer` is its address).
@@ -71,216 +53,6 @@ pub trait Handler {
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut Out<'_>);
     /// The connection closed; further sends to it are dropped by the front.
     fn on_close(&mut self, _conn: ConnId, _reason: CloseReason, _out: &mut Out<'_>) {}
-}
-
-/// Writes replies into the reply rings, in place.
-pub struct Out<'w> {
-    reps: &'w mut [Option<Tx>],
-    codec: Codec,
-    /// Request position being answered; carried in reply records (aux).
-    answering: u64,
-    /// The connection whose frame is being handled, if any.
-    answering_conn: Option<ConnId>,
-    /// The first send to `answering_conn` that failed, and whether part of a split reply
-    /// was already in the ring when it failed.
-    failure: Option<(SendError, bool)>,
-    max_reply: usize,
-}
-
-/// The largest reply message [`Out::send`] accepts by default (see
-/// [`Worker::set_max_reply`]). Longer than a ring record is fine: it is split over records.
-pub const DEFAULT_MAX_REPLY: usize = 256 << 20;
-
-impl Out<'_> {
-    /// Queues one frame to `conn` (a reply, or a push to any live connection). The reply ring
-    /// holds `payload` as it is; the front frames it for the listener's codec: a length prefix
-    /// (`length-prefixed`), a newline after it (`line`), or nothing (`resp`: `payload` is raw
-    /// RESP, one or more whole values). A payload larger than one ring record is split over
-    /// several records, which the front writes out as one reply.
-    ///
-    /// A failed reply to the frame being handled is not lost silently: after the handler
-    /// returns, the SDK answers that frame with the codec's error reply (or, if part of a
-    /// long reply had gone out, closes the connection), so the client's stream of replies
-    /// never shifts.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        let r = self.try_send(conn, payload);
-        self.note(conn, r)
-    }
-
-    /// Queues one frame of `len` bytes that `fill` writes directly into the reply ring (or,
-    /// for a payload larger than one record, into a buffer that is then split over records).
-    /// Blocks (publishing first) while the ring is full.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send_with(
-        &mut self,
-        conn: ConnId,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Result<(), SendError> {
-        let r = self.try_send_with(conn, len, fill);
-        self.note(conn, r)
-    }
-
-    fn try_send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        self.check_len(payload.len())?;
-        let max = self.ring(conn)?.max_payload();
-        if payload.len() <= max {
-            return self.try_send_with(conn, payload.len(), |b| b.copy_from_slice(payload));
-        }
-        self.send_split(conn, payload)
-    }
-
-    fn try_send_with(
-        &mut self,
-        conn: ConnId,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Result<(), SendError> {
-        self.check_len(len)?;
-        let aux = self.answering;
-        let rep = self.ring(conn)?;
-        if len > rep.max_payload() {
-            let mut buf = vec![0u8; len];
-            fill(&mut buf);
-            return self.send_split(conn, &buf);
-        }
-        let mut grant = reserve_blocking(rep, len)?;
-        fill(&mut grant[..len]);
-        grant.commit(len, Meta::tag(tag::SEND).conn(conn.raw()).aux(aux));
-        Ok(())
-    }
-
-    fn check_len(&self, len: usize) -> Result<(), SendError> {
-        let mut max = self.max_reply;
-        if self.codec == Codec::LengthPrefixed {
-            max = max.min(u32::MAX as usize);
-        }
-        if len > max {
-            return Err(SendError::TooLarge { len, max });
-        }
-        Ok(())
-    }
-
-    /// A reply longer than one record: consecutive SEND records, all but the last flagged
-    /// MORE, the first led by the whole length (see the protocol module).
-    fn send_split(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        self.check_len(payload.len())?;
-        let aux = self.answering;
-        let rep = self.ring(conn)?;
-        let piece = rep.max_payload() - SPLIT_HEADER;
-        let mut at = 0;
-        while at < payload.len() {
-            let lead = if at == 0 { SPLIT_HEADER } else { 0 };
-            let n = piece.min(payload.len() - at);
-            let last = at + n == payload.len();
-            let mut grant = match reserve_blocking(rep, lead + n) {
-                Ok(g) => g,
-                // Part of the message is in the ring already: the front must close.
-                Err(_) if at > 0 => {
-                    return Err(SendError::Partial {
-                        sent: at,
-                        len: payload.len(),
-                    })
-                }
-                Err(e) => return Err(e),
-            };
-            if lead > 0 {
-                grant[..lead].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-            }
-            grant[lead..lead + n].copy_from_slice(&payload[at..at + n]);
-            let flags = if last { 0 } else { flags::MORE };
-            grant.commit(
-                lead + n,
-                Meta::tag(tag::SEND).conn(conn.raw()).aux(aux).flags(flags),
-            );
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// Remembers the first failed send to the connection whose frame is being handled.
-    fn note(&mut self, conn: ConnId, r: Result<(), SendError>) -> Result<(), SendError> {
-        if let Err(e) = &r {
-            if self.answering_conn == Some(conn) && self.failure.is_none() {
-                self.failure = Some((*e, matches!(e, SendError::Partial { .. })));
-            }
-        }
-        r
-    }
-
-    /// After a handler returned for a frame of `conn`: if a reply to it failed, answer it with
-    /// the codec's error reply, or close the connection if part of a reply went out.
-    fn settle(&mut self, conn: ConnId) {
-        self.answering_conn = None;
-        let Some((e, partial)) = self.failure.take() else {
-            return;
-        };
-        if !partial {
-            let body = self.codec.error_body(&format!("reply failed: {e}"));
-            if self.try_send(conn, &body).is_ok() {
-                return;
-            }
-        }
-        let _ = self.close(conn);
-    }
-
-    /// The codec of this worker's listener.
-    pub fn codec(&self) -> Codec {
-        self.codec
-    }
-
-    /// Asks the front to close `conn` once what was queued before is written.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a close that could not be queued is lost: handle the SendError"]
-    pub fn close(&mut self, conn: ConnId) -> Result<(), SendError> {
-        let rep = self.ring(conn)?;
-        let grant = reserve_blocking(rep, 0)?;
-        grant.commit(0, Meta::tag(tag::CLOSE).conn(conn.raw()));
-        Ok(())
-    }
-
-    fn ring(&mut self, conn: ConnId) -> Result<&mut Tx, SendError> {
-        let f = conn.front();
-        self.reps
-            .get_mut(f)
-            .and_then(Option::as_mut)
-            .ok_or(SendError::UnknownFront(f))
-    }
-
-    fn publish(&mut self) {
-        for rep in self.reps.iter_mut().flatten() {
-            rep.publish();
-        }
-    }
-}
-
-fn reserve_blocking(
-    rep: &mut Tx,
-    len: usize,
-) -> Result<shm_ring::WriteGrant<'_, Arc<ShmRing>>, SendError> {
-    let fail = |e| match e {
-        ReserveError::TooLarge { len, max } => SendError::TooLarge { len, max },
-        _ => SendError::Corrupt,
-    };
-    while !rep.has_space(len).map_err(fail)? {
-        if stop_requested() {
-            return Err(SendError::Stopping);
-        }
-        rep.wait_for_space(len, Some(PARK_TIMEOUT)).map_err(fail)?;
-    }
-    rep.reserve(len).map_err(fail)
 }
 
 /// A worker attached to its rings: one request ring and one reply ring per front.
@@ -505,14 +277,7 @@ impl Worker {
             let inflight = &ring.user_words()[INFLIGHT_WORD];
             let open = &mut self.open[front];
             let codec = self.codec;
-            let mut out = Out {
-                codec,
-                reps: &mut self.reps,
-                answering: 0,
-                answering_conn: None,
-                failure: None,
-                max_reply: self.max_reply,
-            };
+            let mut out = Out::new(&mut self.reps, codec, self.max_reply);
             let mut end = None;
             let mut n = 0;
             let (mut redelivered_frames, mut skipped) = (0u64, 0u64);
