@@ -87,13 +87,18 @@ fn one_connection_started(relay: &Relay, seen: &mut Seen, start: &[u8]) {
     }
 }
 
-#[test]
-fn worker_rewriting_published_replies_never_unframes_the_stream() {
+/// A relay whose one worker is the flipper fault worker.
+fn flipper_relay(name: &str) -> Relay {
     let w = format!(
         "worker_cmd={:?}",
         format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
     );
-    let relay = Relay::start("flip", &["--workers", "1", "--set", &w]);
+    Relay::start(name, &["--workers", "1", "--set", &w])
+}
+
+#[test]
+fn worker_rewriting_published_replies_never_unframes_the_stream() {
+    let relay = flipper_relay("flip");
     let mut seen = Seen::default();
     let mut closes = 0;
     let end = Instant::now() + Duration::from_secs(20);
@@ -125,13 +130,8 @@ fn worker_rewriting_published_replies_never_unframes_the_stream() {
 #[test]
 fn worker_rewriting_coalesced_entry_lengths_only_closes_its_connections() {
     use std::sync::atomic::Ordering::Relaxed;
-    let w = format!(
-        "worker_cmd={:?}",
-        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
-    );
-    let relay = Relay::start("fliplen", &["--workers", "1", "--set", &w]);
-    let mut seen = Seen::default();
-    let mut closes = 0;
+    let relay = flipper_relay("fliplen");
+    let (mut seen, mut closes) = (Seen::default(), 0);
     let end = Instant::now() + Duration::from_secs(20);
     while (seen.frames < 2_000 || closes < 3) && Instant::now() < end {
         seen.closed = false;
@@ -155,11 +155,7 @@ fn worker_rewriting_coalesced_entry_lengths_only_closes_its_connections() {
 /// follows it in step.
 #[test]
 fn a_reply_longer_than_a_ring_record_is_one_frame() {
-    let w = format!(
-        "worker_cmd={:?}",
-        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
-    );
-    let relay = Relay::start("bigframe", &["--workers", "1", "--set", &w]);
+    let relay = flipper_relay("bigframe");
     let mut c = relay.connect();
     for n in [5_000_000usize, 2 << 20, 100] {
         c.send(format!("big:{n}").as_bytes());
@@ -235,11 +231,7 @@ fn four_kib_replies_stay_zero_copy() {
 #[test]
 fn a_long_reply_broken_off_by_a_crash_closes_its_connection() {
     use std::sync::atomic::Ordering::Relaxed;
-    let w = format!(
-        "worker_cmd={:?}",
-        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
-    );
-    let relay = Relay::start("bigdie", &["--workers", "1", "--set", &w]);
+    let relay = flipper_relay("bigdie");
     let mut c = relay.connect();
     assert_eq!(c.roundtrip(b"hello").as_deref(), Some(&b"hello"[..]));
     let n = 6_000_000usize;

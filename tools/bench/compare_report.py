@@ -49,6 +49,14 @@ def machine(out):
     return m
 
 
+def ratios(ld, ref):
+    """(req/s, p99, CPU per request) of a run's load figures over a reference run's."""
+    def over(a, b):
+        return a / b if a and b else None
+    return (over(ld["req_per_sec"], ref["req_per_sec"]), over(ld["p99_us"], ref["p99_us"]),
+            over(ref.get("req_per_server_cpu_sec"), ld.get("req_per_server_cpu_sec")))
+
+
 def rows_of(runs):
     cases = []
     for r in runs:
@@ -110,21 +118,10 @@ def rows_of(runs):
                 rl = sum(x["shmrelay"]["bytes_relayed"] for x in reps)
                 row["copied_ratio"] = cp / rl if rl else 0.0
             if base:
-                bl = base["load"]
-                if bl["req_per_sec"]:
-                    row["rps_vs_shmrelay"] = ld["req_per_sec"] / bl["req_per_sec"]
-                if bl["p99_us"]:
-                    row["p99_vs_shmrelay"] = ld["p99_us"] / bl["p99_us"]
-                if bl.get("req_per_server_cpu_sec") and ld.get("req_per_server_cpu_sec"):
-                    row["eff_vs_shmrelay"] = ld["req_per_server_cpu_sec"] / bl["req_per_server_cpu_sec"]
+                row["rps_vs_shmrelay"], row["p99_vs_shmrelay"], eff = ratios(ld, base["load"])
+                row["eff_vs_shmrelay"] = None if eff is None else 1 / eff
             if cep:
-                cl = cep["load"]
-                if cl["req_per_sec"]:
-                    row["rps_vs_cepoll"] = ld["req_per_sec"] / cl["req_per_sec"]
-                if cl["p99_us"]:
-                    row["p99_vs_cepoll"] = ld["p99_us"] / cl["p99_us"]
-                if cl.get("req_per_server_cpu_sec") and ld.get("req_per_server_cpu_sec"):
-                    row["cpu_per_req_vs_cepoll"] = cl["req_per_server_cpu_sec"] / ld["req_per_server_cpu_sec"]
+                row["rps_vs_cepoll"], row["p99_vs_cepoll"], row["cpu_per_req_vs_cepoll"] = ratios(ld, cep["load"])
             rows.append(row)
     return rows
 
