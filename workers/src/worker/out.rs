@@ -237,11 +237,12 @@ impl<'w> Out<'w> {
         } else {
             need
         };
-        let mut grant = reserve_blocking_up_to(rep, need, want)?;
-        let (base, cap) = (grant.as_mut_ptr(), grant.len());
-        // Dropped uncommitted: the space stays reserved for us alone as long as nothing else
-        // is committed to this ring (the invariant of `Run`).
-        drop(grant);
+        // The grant ends here uncommitted: the space stays reserved for us alone as long as
+        // nothing else is committed to this ring (the invariant of `Run`).
+        let (base, cap) = {
+            let mut grant = reserve_blocking_up_to(rep, need, want)?;
+            (grant.as_mut_ptr(), grant.len())
+        };
         self.run = Some(Run {
             conn,
             batch,
