@@ -23,7 +23,9 @@
 #                               [--systems "shmrelay haproxy nginx tokio cepoll"]
 #                               [--client-threads N]
 #                               [--max-load L [--max-load-wait S]] [--nice N] [--repeat N]
-#                               [--no-build] [--no-install] [--baseline-bin PATH]
+#                               [--no-build] [--no-install] [--baseline-bin PATH] [--no-hold-wait]
+# --no-hold-wait: do not wait while a `relaybench hold` runs (on a machine shared with other
+# benchmarks; the systems still alternate in every round, so a hold disturbs them alike).
 # --baseline-bin PATH: also measure system `shmrelay-base`, another build of the shmrelay binary
 # (e.g. an older commit: `git worktree add /tmp/base COMMIT && cargo build --release` there), run
 # exactly like `shmrelay`, so a change is measured against its baseline in the same run.
@@ -57,6 +59,7 @@ MAX_LOAD_WAIT=120
 NICE=0
 REPEAT=1
 BASE_BIN=""
+HOLD_WAIT=1
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -78,6 +81,7 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0; shift ;;
         --no-install) INSTALL=0; shift ;;
         --baseline-bin) BASE_BIN="$2"; SYSTEMS="$SYSTEMS shmrelay-base"; shift 2 ;;
+        --no-hold-wait) HOLD_WAIT=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -297,7 +301,7 @@ server_pids() {
 
 wait_no_hold() {
     local waited=0
-    while pgrep -f "relaybench hold" >/dev/null 2>&1; do
+    while [ "$HOLD_WAIT" = 1 ] && pgrep -f "relaybench hold" >/dev/null 2>&1; do
         [ "$waited" = 0 ] && say "a 'relaybench hold' is running: waiting for it to end"
         sleep 5; waited=$((waited + 5))
     done
