@@ -1,24 +1,42 @@
-//! tokio-echo and frame-client together, as real processes on loopback.
+//! tokio-echo and frame-client together, as real processes on loopback; the C epoll echo
+//! (examples/c/epoll-echo.c, built here with `cc`) passes the same echo tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// A running tokio-echo, killed when dropped (also when a test panics).
+/// A running echo server, killed when dropped (also when a test panics).
 struct Server {
     child: Child,
     addr: String,
 }
 
+/// The echo servers under test: tokio-echo and the C epoll echo.
+#[derive(Clone, Copy, Debug)]
+enum Echo {
+    Tokio,
+    C,
+}
+
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tokio-echo"))
+        Server::start_echo(Echo::Tokio, extra)
+    }
+
+    fn start_echo(which: Echo, extra: &[&str]) -> Server {
+        let program = match which {
+            Echo::Tokio => PathBuf::from(env!("CARGO_BIN_EXE_tokio-echo")),
+            Echo::C => c_echo(),
+        };
+        let mut child = Command::new(&program)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()
-            .expect("start tokio-echo");
+            .unwrap_or_else(|e| panic!("start {program:?}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -42,6 +60,26 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Compiles examples/c/epoll-echo.c with `cc` (or `$CC`) once per test binary.
+fn c_echo() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/epoll-echo.c");
+            let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("epoll-echo");
+            let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+            let status = Command::new(&cc)
+                .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+                .arg(&bin)
+                .arg(&src)
+                .status()
+                .unwrap_or_else(|e| panic!("run {cc:?} (a C compiler is needed): {e}"));
+            assert!(status.success(), "{cc:?} failed on {src:?}");
+            bin
+        })
+        .clone()
 }
 
 fn client(args: &[&str], stdin: Option<&str>) -> Output {
@@ -142,7 +180,16 @@ fn frame_client_reports_an_early_close() {
 
 #[test]
 fn pipelined_frames_come_back_byte_for_byte() {
-    let server = Server::start(&[]);
+    pipelined(Echo::Tokio);
+}
+
+#[test]
+fn c_echo_pipelined_frames_come_back_byte_for_byte() {
+    pipelined(Echo::C);
+}
+
+fn pipelined(which: Echo) {
+    let server = Server::start_echo(which, &[]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut sent = Vec::new();
@@ -168,7 +215,16 @@ fn pipelined_frames_come_back_byte_for_byte() {
 
 #[test]
 fn oversized_frame_closes_only_that_connection() {
-    let server = Server::start(&["--max-frame", "1000"]);
+    oversized(Echo::Tokio);
+}
+
+#[test]
+fn c_echo_oversized_frame_closes_only_that_connection() {
+    oversized(Echo::C);
+}
+
+fn oversized(which: Echo) {
+    let server = Server::start_echo(which, &["--max-frame", "1000"]);
     let mut bad = TcpStream::connect(&server.addr).unwrap();
     let mut good = TcpStream::connect(&server.addr).unwrap();
     for s in [&bad, &good] {

@@ -84,8 +84,12 @@ impl Handler for Scribbler {
                 std::process::exit(1);
             }
             b"scribble:record" => {
-                // A legitimate reply, then its header rewritten to claim 1 GiB.
+                // A legitimate reply, then its header rewritten to claim 1 GiB. The reply joins
+                // the SDK's coalesced record for this connection; a push to another connection
+                // (none such: the front counts it stale) ends that record, committing it now.
                 let _ = out.send(conn, b"soon corrupt");
+                let nobody = ConnId::new(conn.front() as u8, 0, u32::MAX);
+                let _ = out.send(nobody, b"");
                 let tail = {
                     let mut b = [0u8; 8];
                     // SAFETY: as in `poke`.

@@ -3,7 +3,10 @@
 //! `bigdie:N` publishes the first piece of such a reply by hand and exits), but
 //! the first frame `flip` on a connection starts a thread that keeps rewriting the
 //! first four payload bytes of every reply record it has published and the front has not
-//! released yet, alternating `7f ff ff ff` with the original bytes. Under the old reply format
+//! released yet, alternating `7f ff ff ff` with the original bytes (in a coalesced record,
+//! the first four bytes of its first reply's body: the entry headers before them are what
+//! the front validates). The first frame `flen` starts it on those entry headers instead:
+//! their length fields, which a worker rewriting can only break its own connections with. Under the old reply format
 //! those four bytes were the frame's length prefix, which the front validated in shared memory
 //! and then wrote from shared memory again: a client could receive an unframed `7fffffff`
 //! header. The front must frame what it writes from its own copy of the lengths, so that such a
@@ -12,7 +15,7 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shmrelay_worker::protocol::{env, tag};
+use shmrelay_worker::protocol::{env, flags, tag, BATCH_ENTRY_HEADER};
 use shmrelay_worker::{ConnId, Handler, Out};
 
 /// The bytes the thread writes over the start of each reply payload.
@@ -26,6 +29,8 @@ pub struct Flipper {
 }
 
 static STARTED: AtomicBool = AtomicBool::new(false);
+/// The thread rewrites coalesced records' first entry length (`flen`), not payload bytes.
+static LENGTHS: AtomicBool = AtomicBool::new(false);
 
 impl Flipper {
     /// Reads the reply ring fds from the environment the supervisor set (the SDK owns them;
@@ -167,10 +172,18 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
         if pos >= tail && (tg != tag::SEND || len > 1 << 20) {
             break;
         }
-        if tg == tag::SEND && len >= 4 {
-            // SAFETY: `size <= cap - off` and `len >= 4`: the payload's first 4 bytes are in
+        // SAFETY: as above.
+        let fl = unsafe { base.add(rec + 6).cast::<u16>().read_volatile() };
+        // A coalesced record: the first entry's body (or its length field).
+        let skip = if fl & flags::BATCH != 0 && !LENGTHS.load(Ordering::Relaxed) {
+            BATCH_ENTRY_HEADER
+        } else {
+            0
+        };
+        if tg == tag::SEND && len as usize >= skip + 4 {
+            // SAFETY: `size <= cap - off` and `len >= skip + 4`: those 4 payload bytes are in
             // the mapping.
-            let p = unsafe { base.add(rec + 24) }.cast::<[u8; 4]>();
+            let p = unsafe { base.add(rec + 24 + skip) }.cast::<[u8; 4]>();
             // SAFETY: as above (volatile: the SDK and the front use the bytes concurrently).
             let orig = unsafe { p.read_volatile() };
             if orig != FLIPPED {
@@ -196,6 +209,11 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
 impl Handler for Flipper {
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
         if frame == b"flip" {
+            self.start();
+        }
+        if frame == b"flen" {
+            // Relaxed: read by the thread `start` spawns after this store.
+            LENGTHS.store(true, Ordering::Relaxed);
             self.start();
         }
         // `bigdie:N`: the first piece of a split reply announcing N bytes, written into the

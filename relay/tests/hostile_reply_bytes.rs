@@ -40,11 +40,16 @@ fn read_frame(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
 }
 
 fn one_connection(relay: &Relay, seen: &mut Seen) {
+    one_connection_started(relay, seen, b"flip");
+}
+
+/// As `one_connection`, the flipper started by `start` (`flip` or `flen`).
+fn one_connection_started(relay: &Relay, seen: &mut Seen, start: &[u8]) {
     let mut c = relay.connect();
     c.stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    c.send(b"flip");
+    c.send(start);
     match read_frame(&mut c.stream) {
         Some(b) if b.len() == 4 => {}
         _ => {
@@ -73,7 +78,7 @@ fn one_connection(relay: &Relay, seen: &mut Seen) {
             assert_eq!(&body[4..], &want[4..], "payload beyond the rewritten bytes");
             let head: [u8; 4] = body[..4].try_into().unwrap();
             assert!(
-                [*b"ABCD", *b"flip", [0x7f, 0xff, 0xff, 0xff]].contains(&head),
+                [*b"ABCD", *b"flip", *b"flen", [0x7f, 0xff, 0xff, 0xff]].contains(&head),
                 "{head:02x?}"
             );
             seen.frames += 1;
@@ -82,13 +87,18 @@ fn one_connection(relay: &Relay, seen: &mut Seen) {
     }
 }
 
-#[test]
-fn worker_rewriting_published_replies_never_unframes_the_stream() {
+/// A relay whose one worker is the flipper fault worker.
+fn flipper_relay(name: &str) -> Relay {
     let w = format!(
         "worker_cmd={:?}",
         format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
     );
-    let relay = Relay::start("flip", &["--workers", "1", "--set", &w]);
+    Relay::start(name, &["--workers", "1", "--set", &w])
+}
+
+#[test]
+fn worker_rewriting_published_replies_never_unframes_the_stream() {
+    let relay = flipper_relay("flip");
     let mut seen = Seen::default();
     let mut closes = 0;
     let end = Instant::now() + Duration::from_secs(20);
@@ -112,16 +122,40 @@ fn worker_rewriting_published_replies_never_unframes_the_stream() {
     assert_eq!(closes, 0, "connections closed: {seen:?}");
 }
 
+/// Issue 14: replies to a pipelined batch come as one coalesced record whose entry headers
+/// (lengths, positions) the worker can rewrite too. A worker racing the front on its entry
+/// lengths can break only its own connections: every frame a client gets is whole and framed
+/// by the front, a broken record closes its connection (counted as a protocol error), and the
+/// worker's rings stay in use (no quarantine).
+#[test]
+fn worker_rewriting_coalesced_entry_lengths_only_closes_its_connections() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let relay = flipper_relay("fliplen");
+    let (mut seen, mut closes) = (Seen::default(), 0);
+    let end = Instant::now() + Duration::from_secs(20);
+    while (seen.frames < 2_000 || closes < 3) && Instant::now() < end {
+        seen.closed = false;
+        one_connection_started(&relay, &mut seen, b"flen");
+        closes += seen.closed as usize;
+    }
+    eprintln!("{seen:?}, {closes} connections closed");
+    assert!(seen.frames > 0, "no replies: {seen:?}");
+    assert!(
+        closes > 0,
+        "the rewritten lengths were never caught: {seen:?}"
+    );
+    assert_eq!(seen.flipped, 0, "payload bytes changed: {seen:?}");
+    let stats = relay.stats();
+    assert!(stats.front(0).protocol_errors.load(Relaxed) > 0);
+    assert_eq!(stats.front(0).quarantined.load(Relaxed), 0);
+}
+
 /// Issue 12.9 on a length-prefixed listener: a reply longer than a ring record (the default
 /// ring holds records of up to 2 MiB) reaches the client as one frame, and the next reply
 /// follows it in step.
 #[test]
 fn a_reply_longer_than_a_ring_record_is_one_frame() {
-    let w = format!(
-        "worker_cmd={:?}",
-        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
-    );
-    let relay = Relay::start("bigframe", &["--workers", "1", "--set", &w]);
+    let relay = flipper_relay("bigframe");
     let mut c = relay.connect();
     for n in [5_000_000usize, 2 << 20, 100] {
         c.send(format!("big:{n}").as_bytes());
@@ -197,11 +231,7 @@ fn four_kib_replies_stay_zero_copy() {
 #[test]
 fn a_long_reply_broken_off_by_a_crash_closes_its_connection() {
     use std::sync::atomic::Ordering::Relaxed;
-    let w = format!(
-        "worker_cmd={:?}",
-        format!("{} worker flipper", env!("CARGO_BIN_EXE_shmrelay"))
-    );
-    let relay = Relay::start("bigdie", &["--workers", "1", "--set", &w]);
+    let relay = flipper_relay("bigdie");
     let mut c = relay.connect();
     assert_eq!(c.roundtrip(b"hello").as_deref(), Some(&b"hello"[..]));
     let n = 6_000_000usize;

@@ -7,6 +7,8 @@
 #   haproxy   HAProxy, TCP mode, nbthread 1, in front of tokio-echo --threads 1
 #   nginx     nginx stream proxy, worker_processes 1, in front of tokio-echo --threads 1
 #   tokio     tokio-echo --threads 1 alone (no second process: the upper bound)
+#   cepoll    examples/c/epoll-echo.c (built here with cc -O2): a plain C epoll echo server in one
+#             process and one thread, the hand-written upper bound (issue 14)
 # Cases: payload 64 B and 4 KiB x 100 and 1,000 connections, --depth 16 (change with options).
 # Every server process (proxy, echo backend, shmrelay supervisor, front and worker) is passed as
 # --server-pid, so the server CPU seconds are comparable. All four stacks are started once, on
@@ -18,9 +20,12 @@
 #
 # Usage: tools/bench/compare.sh [--seconds N] [--warmup N] [--quick] [--out DIR]
 #                               [--depth N] [--sizes "64 4096"] [--conns "100 1000"]
-#                               [--systems "shmrelay haproxy nginx tokio"] [--client-threads N]
+#                               [--systems "shmrelay haproxy nginx tokio cepoll"]
+#                               [--client-threads N]
 #                               [--max-load L [--max-load-wait S]] [--nice N] [--repeat N]
-#                               [--no-build] [--no-install] [--baseline-bin PATH]
+#                               [--no-build] [--no-install] [--baseline-bin PATH] [--no-hold-wait]
+# --no-hold-wait: do not wait while a `relaybench hold` runs (on a machine shared with other
+# benchmarks; the systems still alternate in every round, so a hold disturbs them alike).
 # --baseline-bin PATH: also measure system `shmrelay-base`, another build of the shmrelay binary
 # (e.g. an older commit: `git worktree add /tmp/base COMMIT && cargo build --release` there), run
 # exactly like `shmrelay`, so a change is measured against its baseline in the same run.
@@ -50,7 +55,7 @@ OUT=""
 DEPTH=16
 SIZES="64 4096"
 CONNS="100 1000"
-SYSTEMS="shmrelay haproxy nginx tokio"
+SYSTEMS="shmrelay haproxy nginx tokio cepoll"
 CLIENT_THREADS=2
 BUILD=1
 INSTALL=1
@@ -59,6 +64,7 @@ MAX_LOAD_WAIT=120
 NICE=0
 REPEAT=1
 BASE_BIN=""
+HOLD_WAIT=1
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -80,6 +86,7 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0; shift ;;
         --no-install) INSTALL=0; shift ;;
         --baseline-bin) BASE_BIN="$2"; SYSTEMS="$SYSTEMS shmrelay-base"; shift 2 ;;
+        --no-hold-wait) HOLD_WAIT=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -117,6 +124,11 @@ BIN="$TARGET_DIR/release"
 for b in shmrelay relayctl relaybench tokio-echo ws-echo; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build --release -p shmrelay -p shmrelay-tools -p shmrelay-examples)"
 done
+
+if case " $SYSTEMS " in *" cepoll "*) true ;; *) false ;; esac; then
+    command -v "${CC:-cc}" >/dev/null 2>&1 || die "the cepoll system needs a C compiler (${CC:-cc})"
+    "${CC:-cc}" -O2 -o "$BIN/epoll-echo" "$ROOT/examples/c/epoll-echo.c" || die "cc failed on examples/c/epoll-echo.c"
+fi
 
 NGINX_STREAM_SO=/usr/lib/nginx/modules/ngx_stream_module.so
 need_pkgs=()
@@ -178,7 +190,7 @@ trap 'exit 143' TERM
 
 # shellcheck source=tools/bench/lib.sh
 . "$ROOT/tools/bench/lib.sh"
-read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX P_BASE < <(free_ports 7)
+read -r P_SHM P_HAP P_NGX P_TOK P_ECHO_HAP P_ECHO_NGX P_BASE P_CEP < <(free_ports 8)
 
 start_echo() { # NAME PORT -> sets LAST_PID
     $RUN "$BIN/tokio-echo" --listen "127.0.0.1:$2" --threads 1 >"$TMP/$1.log" 2>&1 &
@@ -333,6 +345,13 @@ codec_args() {
         shmrelay-ws|nginx-ws|ws-echo) echo "--codec websocket --ws-kind $WS_KIND" ;;
     esac
 }
+if has cepoll; then
+    $RUN "$BIN/epoll-echo" --listen "127.0.0.1:$P_CEP" >"$TMP/cepoll.log" 2>&1 &
+    CEP_PID=$!
+    PIDS+=("$CEP_PID")
+    wait_port "$P_CEP" "$CEP_PID" cepoll "$TMP/cepoll.log"
+    ADDR[cepoll]="127.0.0.1:$P_CEP"
+fi
 
 # The server processes of a system right now (children looked up by parent PID).
 server_pids() {
@@ -345,12 +364,13 @@ server_pids() {
         shmrelay-ws) echo "$SHMWS_PID" $(pgrep -P "$SHMWS_PID" || true) ;;
         nginx-ws) echo "$NGXWS_PID" $(pgrep -P "$NGXWS_PID" || true) "$WSE_NGX_PID" ;;
         ws-echo) echo "$WSE_PID" ;;
+        cepoll) echo "$CEP_PID" ;;
     esac
 }
 
 wait_no_hold() {
     local waited=0
-    while pgrep -f "relaybench hold" >/dev/null 2>&1; do
+    while [ "$HOLD_WAIT" = 1 ] && pgrep -f "relaybench hold" >/dev/null 2>&1; do
         [ "$waited" = 0 ] && say "a 'relaybench hold' is running: waiting for it to end"
         sleep 5; waited=$((waited + 5))
     done

@@ -12,19 +12,20 @@ import os
 import sys
 from xml.sax.saxutils import escape
 
-ORDER = ["shmrelay", "shmrelay-base", "haproxy", "nginx", "tokio", "shmrelay-ws", "nginx-ws", "ws-echo"]
+ORDER = ["shmrelay", "shmrelay-base", "haproxy", "nginx", "tokio", "cepoll", "shmrelay-ws", "nginx-ws", "ws-echo"]
 LABEL = {
     "shmrelay": "shmrelay (1 front + 1 worker)",
     "shmrelay-base": "shmrelay baseline build (--baseline-bin)",
     "haproxy": "HAProxy + tokio-echo",
     "nginx": "nginx stream + tokio-echo",
     "tokio": "tokio-echo alone",
+    "cepoll": "C epoll echo alone",
     "shmrelay-ws": "shmrelay websocket",
     "nginx-ws": "nginx ws + ws-echo",
     "ws-echo": "ws-echo alone",
 }
 COLOR = {"shmrelay": "#d95f02", "shmrelay-base": "#e6ab02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888",
-         "shmrelay-ws": "#e7298a", "nginx-ws": "#66a61e", "ws-echo": "#a6761d"}
+         "cepoll": "#444444", "shmrelay-ws": "#e7298a", "nginx-ws": "#66a61e", "ws-echo": "#a6761d"}
 
 
 def size_label(size):
@@ -52,6 +53,14 @@ def machine(out):
     return m
 
 
+def ratios(ld, ref):
+    """(req/s, p99, CPU per request) of a run's load figures over a reference run's."""
+    def over(a, b):
+        return a / b if a and b else None
+    return (over(ld["req_per_sec"], ref["req_per_sec"]), over(ld["p99_us"], ref["p99_us"]),
+            over(ref.get("req_per_server_cpu_sec"), ld.get("req_per_server_cpu_sec")))
+
+
 def rows_of(runs):
     cases = []
     for r in runs:
@@ -72,6 +81,7 @@ def rows_of(runs):
             by_sys[name] = rs[(len(rs) - 1) // 2]
         # A WebSocket-only run compares with the relay's websocket listener.
         base = by_sys.get("shmrelay") or by_sys.get("shmrelay-ws")
+        cep = by_sys.get("cepoll")
         for sys_name in sorted(by_sys, key=lambda s: ORDER.index(s) if s in ORDER else 99):
             r = by_sys[sys_name]
             reps = groups[sys_name]
@@ -101,6 +111,11 @@ def rows_of(runs):
                 "rps_vs_shmrelay": None,
                 "p99_vs_shmrelay": None,
                 "eff_vs_shmrelay": None,
+                # Server CPU (user + system of every server process, from /proc) per request.
+                "cpu_us_per_req": (1e6 / ld["req_per_server_cpu_sec"]) if ld.get("req_per_server_cpu_sec") else None,
+                "rps_vs_cepoll": None,
+                "p99_vs_cepoll": None,
+                "cpu_per_req_vs_cepoll": None,
             }
             if r.get("shmrelay"):
                 # Over all runs of the case.
@@ -108,13 +123,10 @@ def rows_of(runs):
                 rl = sum(x["shmrelay"]["bytes_relayed"] for x in reps)
                 row["copied_ratio"] = cp / rl if rl else 0.0
             if base:
-                bl = base["load"]
-                if bl["req_per_sec"]:
-                    row["rps_vs_shmrelay"] = ld["req_per_sec"] / bl["req_per_sec"]
-                if bl["p99_us"]:
-                    row["p99_vs_shmrelay"] = ld["p99_us"] / bl["p99_us"]
-                if bl.get("req_per_server_cpu_sec") and ld.get("req_per_server_cpu_sec"):
-                    row["eff_vs_shmrelay"] = ld["req_per_server_cpu_sec"] / bl["req_per_server_cpu_sec"]
+                row["rps_vs_shmrelay"], row["p99_vs_shmrelay"], eff = ratios(ld, base["load"])
+                row["eff_vs_shmrelay"] = None if eff is None else 1 / eff
+            if cep:
+                row["rps_vs_cepoll"], row["p99_vs_cepoll"], row["cpu_per_req_vs_cepoll"] = ratios(ld, cep["load"])
             rows.append(row)
     return rows
 
@@ -140,6 +152,9 @@ def table(rows):
         head += ["req/s", "p50 ms", "p99 ms"]
     head += ["server CPU s", "req per server CPU-s", "req/s vs shmrelay", "p99 vs shmrelay",
              "req/CPU-s vs shmrelay", "copied/relayed", "load avg (1/5/15 min)"]
+    cep = any(r["rps_vs_cepoll"] is not None for r in rows)
+    if cep:
+        head += ["server CPU us/req", "req/s vs C epoll", "p99 vs C epoll", "CPU/req vs C epoll"]
     lines = [
         "| " + " | ".join(head) + " |",
         "|---|---|" + "--:|" * (len(head) - 3) + "---|",
@@ -166,6 +181,10 @@ def table(rows):
             "" if cr is None else f"{cr * 100:.3f}%",
             r["loadavg_before"],
         ]
+        if cep:
+            c = r["cpu_us_per_req"]
+            cells += ["" if c is None else f"{c:.2f}", fmt_x(r["rps_vs_cepoll"]),
+                      fmt_x(r["p99_vs_cepoll"]), fmt_x(r["cpu_per_req_vs_cepoll"])]
         lines.append("| " + " | ".join(cells) + " |")
     if multi:
         reps = max(r["reps"] for r in rows)
@@ -203,6 +222,19 @@ def targets(rows):
             x = sw["req_per_sec"] / p["req_per_sec"]
             verdict = "met" if x >= want else "MISSED"
             out.append(f"- WebSocket, 64 B, 1,000 conns: shmrelay / {peer} req/s = {x:.2f}x (target >= {want:g}x: {verdict})")
+    for (sys_name, size, conns), r in sorted(get.items()):
+        c = get.get(("cepoll", size, conns))
+        if sys_name == "shmrelay" and c:
+            ratio = r["req_per_sec"] / c["req_per_sec"]
+            line = (f"- {size_label(size)}, {conns} conns: shmrelay / C epoll echo req/s = {ratio:.2f}x "
+                    f"(target >= 1x: {'met' if ratio >= 1 else 'MISSED'}); p99 {fmt_ms(r['p99_us'])} ms vs "
+                    f"{fmt_ms(c['p99_us'])} ms")
+            if size >= 4096:
+                line += f" (target no worse: {'met' if r['p99_us'] <= c['p99_us'] else 'MISSED'})"
+            if r["cpu_us_per_req"] and c["cpu_us_per_req"]:
+                line += (f"; server CPU per request {r['cpu_us_per_req']:.2f} us (all relay processes) "
+                         f"vs {c['cpu_us_per_req']:.2f} us")
+            out.append(line)
     for (sys_name, size, conns), r in sorted(get.items()):
         b = get.get(("shmrelay-base", size, conns))
         if sys_name == "shmrelay" and b:

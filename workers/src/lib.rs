@@ -45,7 +45,9 @@ mod worker;
 pub use codec::websocket::Upgrade;
 pub use codec::{Codec, MessageKind};
 pub use protocol::{CloseReason, ConnId};
-pub use worker::{stop_requested, Handler, Out, SendError, Worker, WorkerError, DEFAULT_MAX_REPLY};
+pub use worker::{
+    stop_requested, Handler, Out, Reservation, SendError, Worker, WorkerError, DEFAULT_MAX_REPLY,
+};
 
 /// The README's examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -37,6 +37,20 @@
 //! record comes first, or the lengths disagree) closes its connection: the client gets a
 //! close, never a shifted stream.
 //!
+//! **Coalesced replies**: a SEND record flagged [`flags::BATCH`] carries several whole reply
+//! messages to its connection, each an entry of [`BATCH_ENTRY_HEADER`] bytes (the body length,
+//! u32 little-endian; the low 32 bits of the request position the entry answers, u32
+//! little-endian) and then the body. The record's aux is the position the last entry answers;
+//! entries answer non-decreasing positions (so every entry's position is known exactly from the
+//! record's aux: a record's entries span less than 4 GiB of request ring). The SDK writes one
+//! such record for a run of consecutive replies to the connection whose frames it is handling,
+//! so a pipelined batch of requests costs the front one record and one `writev`. The front
+//! reads each entry header once into its own copy, checks it against the record and the
+//! entry before (one pass: it frames each entry as it validates it) and writes the codec's
+//! framing around each body; an entry that does not fit, or positions out of order, break the
+//! record: the entries before it go out, then the connection closes. Not for `resp` (whose
+//! replies the front copies and validates whole).
+//!
 //! The front validates every reply record (connection id, lengths) before use: a worker is
 //! another process and its memory is untrusted.
 //!
@@ -72,7 +86,16 @@ pub mod flags {
     /// Reply ring, SEND: a `websocket` text message (opcode 1); without it, binary (opcode 2).
     /// On a split reply, the first record's flag counts. Ignored by the other codecs.
     pub const TEXT: u16 = 4;
+    /// Reply ring, SEND: the record holds several replies to its connection, each led by a
+    /// [`BATCH_ENTRY_HEADER`](super::BATCH_ENTRY_HEADER) (see the module documentation).
+    /// Never together with [`MORE`].
+    pub const BATCH: u16 = 8;
 }
+
+/// Bytes before each reply body in a [`flags::BATCH`] record: the body length (u32,
+/// little-endian), then the low 32 bits of the request position the reply answers (u32,
+/// little-endian).
+pub const BATCH_ENTRY_HEADER: usize = 8;
 
 /// Bytes at the start of the first record of a split reply that hold the whole message's
 /// length (u64, little-endian); see [`flags::MORE`].

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use shm_ring::layout::RECORD_HEADER_SIZE;
 use shm_ring::{Consumer, EventFd, Meta, Producer, ShmRing};
 
+use crate::protocol::{flags, tag, BATCH_ENTRY_HEADER};
 use crate::{Codec, ConnId, Worker};
 
 /// The front's ends of a worker's rings: it writes requests, reads replies.
@@ -28,9 +29,9 @@ pub struct FakeFront {
 /// let end = front.push(tag::DATA, conn, 0, &Codec::LengthPrefixed.encode(b"hi"));
 /// let mut echo = shmrelay_worker::examples::Echo;
 /// assert!(worker.poll_once(&mut echo).unwrap() > 0);
-/// let reply = front.rep.records().unwrap().next().unwrap().unwrap();
-/// assert_eq!((reply.tag(), reply.aux()), (tag::SEND, end));
-/// assert_eq!(reply.payload_to_vec(), b"hi");
+/// let replies = front.replies();
+/// assert_eq!((replies[0].tag, replies[0].aux), (tag::SEND, end));
+/// assert_eq!(replies[0].body, b"hi");
 /// ```
 ///
 /// # Panics
@@ -57,25 +58,6 @@ pub fn attach(index: usize, codec: Codec, capacity: usize) -> (Worker, FakeFront
 }
 
 impl FakeFront {
-    /// Every reply record the worker published, released: `(tag, flags, aux, payload)`.
-    ///
-    /// # Panics
-    ///
-    /// If the reply ring is corrupt.
-    pub fn replies(&mut self) -> Vec<(u16, u16, u64, Vec<u8>)> {
-        let mut got = Vec::new();
-        let mut end = None;
-        for rec in self.rep.records().expect("reply ring") {
-            let rec = rec.expect("reply record");
-            got.push((rec.tag(), rec.flags(), rec.aux(), rec.payload_to_vec()));
-            end = Some(rec.end());
-        }
-        if let Some(e) = end {
-            self.rep.release(e);
-        }
-        got
-    }
-
     /// Writes one request record and publishes it; returns the end position of its payload
     /// in the request ring (what a reply to it carries as `aux`).
     ///
@@ -91,5 +73,65 @@ impl FakeFront {
         let at = g.commit(payload.len(), Meta::tag(tag).conn(conn.raw()).aux(aux));
         self.req.publish();
         at + RECORD_HEADER_SIZE as u64 + payload.len() as u64
+    }
+}
+
+/// One message of the reply ring as the front takes it: a record, or one entry of a coalesced
+/// ([`BATCH`](flags::BATCH)) record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub tag: u16,
+    pub conn: ConnId,
+    /// The request position it answers (an entry's, rebuilt from the record's aux).
+    pub aux: u64,
+    /// The record's flags, without `BATCH`.
+    pub flags: u16,
+    pub body: Vec<u8>,
+}
+
+impl FakeFront {
+    /// Reads and releases every published reply record, coalesced ones split into their
+    /// entries.
+    ///
+    /// # Panics
+    ///
+    /// If the reply ring or a coalesced record is malformed.
+    pub fn replies(&mut self) -> Vec<Reply> {
+        let mut got = Vec::new();
+        let mut end = None;
+        for rec in self.rep.records().expect("reply ring") {
+            let rec = rec.expect("reply record");
+            end = Some(rec.end());
+            let (conn, aux) = (ConnId::from_raw(rec.conn()), rec.aux());
+            let payload = rec.payload_to_vec();
+            if rec.tag() != tag::SEND || rec.flags() & flags::BATCH == 0 {
+                got.push(Reply {
+                    tag: rec.tag(),
+                    conn,
+                    aux,
+                    flags: rec.flags(),
+                    body: payload,
+                });
+                continue;
+            }
+            let mut rest = &payload[..];
+            while !rest.is_empty() {
+                let (head, body) = rest.split_at(BATCH_ENTRY_HEADER);
+                let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+                let low = u32::from_le_bytes(head[4..].try_into().unwrap());
+                got.push(Reply {
+                    tag: tag::SEND,
+                    conn,
+                    aux: aux - (aux as u32).wrapping_sub(low) as u64,
+                    flags: rec.flags() & !flags::BATCH,
+                    body: body[..len].to_vec(),
+                });
+                rest = &body[len..];
+            }
+        }
+        if let Some(e) = end {
+            self.rep.release(e);
+        }
+        got
     }
 }

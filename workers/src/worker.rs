@@ -6,17 +6,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use shm_ring::{Consumer, Doorbell, EventFd, Meta, Producer, ReserveError, ShmRing};
+use shm_ring::{Consumer, Doorbell, EventFd, Producer, ShmRing};
 
-use crate::codec::websocket::{self, Upgrade};
+use crate::codec::websocket::Upgrade;
 use crate::codec::{Codec, MessageKind};
 use crate::protocol::{
     env, flags, inherited_fd, tag, Channel, CloseReason, ConnId, ANSWERED_WORD, DEAD_LETTER_WORDS,
-    INFLIGHT_WORD, REDELIVERED_WORD, SKIPPED_WORD, SPLIT_HEADER,
+    INFLIGHT_WORD, REDELIVERED_WORD, SKIPPED_WORD,
 };
 
+mod out;
+
+use out::Tx;
+pub use out::{Out, Reservation, SendError, DEFAULT_MAX_REPLY};
+
 type Rx = Consumer<Arc<ShmRing>>;
-type Tx = Producer<Arc<ShmRing>>;
 
 /// How long a blocked worker sleeps before re-checking its stop flag.
 const PARK_TIMEOUT: Duration = Duration::from_millis(100);
@@ -39,31 +43,6 @@ pub enum WorkerError {
     /// A front wrote invalid positions or records into a request ring.
     #[error("corrupt request ring from front {front}: {detail}")]
     Corrupt { front: usize, detail: String },
-}
-
-/// Why a reply could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// The connection id names a front this worker has no ring to.
-    #[error("no ring to front {0}")]
-    UnknownFront(usize),
-    /// The reply is larger than the worker's reply limit (see [`Worker::set_max_reply`]; for
-    /// `length-prefixed` also at most `u32::MAX`).
-    #[error("reply of {len} bytes exceeds the maximum of {max}")]
-    TooLarge { len: usize, max: usize },
-    /// A long reply failed after its first pieces were in the ring (the front closes the
-    /// connection rather than let the stream shift).
-    #[error("long reply broken off after {sent} of {len} bytes (the worker is stopping or the ring is corrupt)")]
-    Partial { sent: usize, len: usize },
-    /// The worker is stopping (SIGTERM) while waiting for ring space.
-    #[error("worker stopping")]
-    Stopping,
-    /// The front corrupted the reply ring's positions.
-    #[error("corrupt reply ring")]
-    Corrupt,
-    /// [`Out::close_with`]: a close code an endpoint may not send (RFC 6455 section 7.4).
-    #[error("close code {0} may not be sent")]
-    InvalidCloseCode(u16),
 }
 
 /// What the worker code implements. Every method gets an [`Out`] to reply, push or close.
@@ -95,350 +74,6 @@ pub trait Handler {
     ) {
         self.on_frame(conn, message, redelivered, out)
     }
-}
-
-/// Writes replies into the reply rings, in place.
-pub struct Out<'w> {
-    reps: &'w mut [Option<Tx>],
-    codec: Codec,
-    /// Request position being answered; carried in reply records (aux).
-    answering: u64,
-    /// The connection whose frame is being handled, if any.
-    answering_conn: Option<ConnId>,
-    /// The kind of the message being handled (what [`Out::send`] answers with).
-    answering_kind: MessageKind,
-    /// The first send to `answering_conn` that failed, and whether part of a split reply
-    /// was already in the ring when it failed.
-    failure: Option<(SendError, bool)>,
-    max_reply: usize,
-}
-
-/// The largest reply message [`Out::send`] accepts by default (see
-/// [`Worker::set_max_reply`]). Longer than a ring record is fine: it is split over records.
-pub const DEFAULT_MAX_REPLY: usize = 256 << 20;
-
-impl Out<'_> {
-    /// Queues one frame to `conn` (a reply, or a push to any live connection). The reply ring
-    /// holds `payload` as it is; the front frames it for the listener's codec: a length prefix
-    /// (`length-prefixed`), a newline after it (`line`), or nothing (`resp`: `payload` is raw
-    /// RESP, one or more whole values), or a `websocket` frame header: a reply to the message
-    /// being handled has that message's kind, anything else is binary (say which with
-    /// [`send_text`](Out::send_text), [`send_binary`](Out::send_binary),
-    /// [`send_kind`](Out::send_kind)). A payload larger than one ring record is split over
-    /// several records, which the front writes out as one reply.
-    ///
-    /// A failed reply to the frame being handled is not lost silently: after the handler
-    /// returns, the SDK answers that frame with the codec's error reply (or, if part of a
-    /// long reply had gone out, closes the connection), so the client's stream of replies
-    /// never shifts.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        let kind = self.default_kind(conn);
-        let r = self.try_send(conn, kind, payload);
-        self.note(conn, r)
-    }
-
-    /// Queues a `websocket` text message (for other codecs, the same as [`send`](Out::send)).
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send_text(&mut self, conn: ConnId, text: &str) -> Result<(), SendError> {
-        self.send_kind(conn, MessageKind::Text, text.as_bytes())
-    }
-
-    /// Queues a `websocket` binary message (for other codecs, the same as
-    /// [`send`](Out::send)).
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send_binary(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
-        self.send_kind(conn, MessageKind::Binary, payload)
-    }
-
-    /// Queues a message of the kind given. A text message must be UTF-8: the front does not
-    /// check what a worker sends (a client closes on invalid text with 1007).
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send_kind(
-        &mut self,
-        conn: ConnId,
-        kind: MessageKind,
-        payload: &[u8],
-    ) -> Result<(), SendError> {
-        let r = self.try_send(conn, kind, payload);
-        self.note(conn, r)
-    }
-
-    /// [`send_with`](Out::send_with) for a message of the kind given.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send_kind_with(
-        &mut self,
-        conn: ConnId,
-        kind: MessageKind,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Result<(), SendError> {
-        let r = self.try_send_with(conn, kind, len, fill);
-        self.note(conn, r)
-    }
-
-    /// The kind of the message being handled ([`MessageKind::Binary`] outside `on_message` /
-    /// `on_frame`, and for every codec but `websocket`): for bindings whose frame callback
-    /// has no kind argument.
-    pub fn message_kind(&self) -> MessageKind {
-        match self.answering_conn {
-            Some(_) => self.answering_kind,
-            None => MessageKind::Binary,
-        }
-    }
-
-    /// The kind [`send`](Out::send) uses: that of the message being answered, else binary.
-    fn default_kind(&self, conn: ConnId) -> MessageKind {
-        if self.answering_conn == Some(conn) {
-            self.answering_kind
-        } else {
-            MessageKind::Binary
-        }
-    }
-
-    /// Queues one frame of `len` bytes that `fill` writes directly into the reply ring (or,
-    /// for a payload larger than one record, into a buffer that is then split over records).
-    /// Blocks (publishing first) while the ring is full.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a reply that could not be queued is lost: handle the SendError"]
-    pub fn send_with(
-        &mut self,
-        conn: ConnId,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Result<(), SendError> {
-        let kind = self.default_kind(conn);
-        let r = self.try_send_with(conn, kind, len, fill);
-        self.note(conn, r)
-    }
-
-    fn try_send(
-        &mut self,
-        conn: ConnId,
-        kind: MessageKind,
-        payload: &[u8],
-    ) -> Result<(), SendError> {
-        self.check_len(payload.len())?;
-        let max = self.ring(conn)?.max_payload();
-        if payload.len() <= max {
-            return self.try_send_with(conn, kind, payload.len(), |b| b.copy_from_slice(payload));
-        }
-        self.send_split(conn, kind, payload)
-    }
-
-    fn try_send_with(
-        &mut self,
-        conn: ConnId,
-        kind: MessageKind,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]),
-    ) -> Result<(), SendError> {
-        self.check_len(len)?;
-        let aux = self.answering;
-        let rep = self.ring(conn)?;
-        if len > rep.max_payload() {
-            let mut buf = vec![0u8; len];
-            fill(&mut buf);
-            return self.send_split(conn, kind, &buf);
-        }
-        let mut grant = reserve_blocking(rep, len)?;
-        fill(&mut grant[..len]);
-        grant.commit(
-            len,
-            Meta::tag(tag::SEND)
-                .conn(conn.raw())
-                .aux(aux)
-                .flags(kind_flag(kind)),
-        );
-        Ok(())
-    }
-
-    fn check_len(&self, len: usize) -> Result<(), SendError> {
-        let mut max = self.max_reply;
-        if self.codec == Codec::LengthPrefixed {
-            max = max.min(u32::MAX as usize);
-        }
-        if len > max {
-            return Err(SendError::TooLarge { len, max });
-        }
-        Ok(())
-    }
-
-    /// A reply longer than one record: consecutive SEND records, all but the last flagged
-    /// MORE, the first led by the whole length (see the protocol module).
-    fn send_split(
-        &mut self,
-        conn: ConnId,
-        kind: MessageKind,
-        payload: &[u8],
-    ) -> Result<(), SendError> {
-        self.check_len(payload.len())?;
-        let aux = self.answering;
-        let rep = self.ring(conn)?;
-        let piece = rep.max_payload() - SPLIT_HEADER;
-        let mut at = 0;
-        while at < payload.len() {
-            let lead = if at == 0 { SPLIT_HEADER } else { 0 };
-            let n = piece.min(payload.len() - at);
-            let last = at + n == payload.len();
-            let mut grant = match reserve_blocking(rep, lead + n) {
-                Ok(g) => g,
-                // Part of the message is in the ring already: the front must close.
-                Err(_) if at > 0 => {
-                    return Err(SendError::Partial {
-                        sent: at,
-                        len: payload.len(),
-                    })
-                }
-                Err(e) => return Err(e),
-            };
-            if lead > 0 {
-                grant[..lead].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-            }
-            grant[lead..lead + n].copy_from_slice(&payload[at..at + n]);
-            let flags = if last { 0 } else { flags::MORE } | kind_flag(kind);
-            grant.commit(
-                lead + n,
-                Meta::tag(tag::SEND).conn(conn.raw()).aux(aux).flags(flags),
-            );
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// Remembers the first failed send to the connection whose frame is being handled.
-    fn note(&mut self, conn: ConnId, r: Result<(), SendError>) -> Result<(), SendError> {
-        if let Err(e) = &r {
-            if self.answering_conn == Some(conn) && self.failure.is_none() {
-                self.failure = Some((*e, matches!(e, SendError::Partial { .. })));
-            }
-        }
-        r
-    }
-
-    /// After a handler returned for a frame of `conn`: if a reply to it failed, answer it with
-    /// the codec's error reply, or close the connection if part of a reply went out.
-    fn settle(&mut self, conn: ConnId) {
-        self.answering_conn = None;
-        let Some((e, partial)) = self.failure.take() else {
-            return;
-        };
-        if !partial {
-            let body = self.codec.error_body(&format!("reply failed: {e}"));
-            if self.try_send(conn, MessageKind::Text, &body).is_ok() {
-                return;
-            }
-        }
-        let _ = self.close(conn);
-    }
-
-    /// The codec of this worker's listener.
-    pub fn codec(&self) -> Codec {
-        self.codec
-    }
-
-    /// Asks the front to close `conn` once what was queued before is written.
-    ///
-    /// # Errors
-    ///
-    /// See [`SendError`].
-    #[must_use = "a close that could not be queued is lost: handle the SendError"]
-    pub fn close(&mut self, conn: ConnId) -> Result<(), SendError> {
-        let rep = self.ring(conn)?;
-        let grant = reserve_blocking(rep, 0)?;
-        grant.commit(0, Meta::tag(tag::CLOSE).conn(conn.raw()));
-        Ok(())
-    }
-
-    /// Asks the front to close a `websocket` connection with a close code and reason (cut to
-    /// 123 bytes on a character boundary) once what was queued before is written; for other
-    /// codecs the same as [`close`](Out::close).
-    ///
-    /// # Errors
-    ///
-    /// [`SendError::InvalidCloseCode`] for a code an endpoint may not send (1000-1003,
-    /// 1007-1011 and 3000-4999 may be sent), else see [`SendError`].
-    #[must_use = "a close that could not be queued is lost: handle the SendError"]
-    pub fn close_with(&mut self, conn: ConnId, code: u16, reason: &str) -> Result<(), SendError> {
-        if !websocket::close_code_valid(code) {
-            return Err(SendError::InvalidCloseCode(code));
-        }
-        let mut end = reason.len().min(websocket::MAX_CLOSE_REASON);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        let reason = &reason.as_bytes()[..end];
-        let rep = self.ring(conn)?;
-        let mut grant = reserve_blocking(rep, reason.len())?;
-        grant[..reason.len()].copy_from_slice(reason);
-        grant.commit(
-            reason.len(),
-            Meta::tag(tag::CLOSE).conn(conn.raw()).aux(code as u64),
-        );
-        Ok(())
-    }
-
-    fn ring(&mut self, conn: ConnId) -> Result<&mut Tx, SendError> {
-        let f = conn.front();
-        self.reps
-            .get_mut(f)
-            .and_then(Option::as_mut)
-            .ok_or(SendError::UnknownFront(f))
-    }
-
-    fn publish(&mut self) {
-        for rep in self.reps.iter_mut().flatten() {
-            rep.publish();
-        }
-    }
-}
-
-/// The SEND record flag of a message kind.
-fn kind_flag(kind: MessageKind) -> u16 {
-    match kind {
-        MessageKind::Text => flags::TEXT,
-        MessageKind::Binary => 0,
-    }
-}
-
-fn reserve_blocking(
-    rep: &mut Tx,
-    len: usize,
-) -> Result<shm_ring::WriteGrant<'_, Arc<ShmRing>>, SendError> {
-    let fail = |e| match e {
-        ReserveError::TooLarge { len, max } => SendError::TooLarge { len, max },
-        _ => SendError::Corrupt,
-    };
-    while !rep.has_space(len).map_err(fail)? {
-        if stop_requested() {
-            return Err(SendError::Stopping);
-        }
-        rep.wait_for_space(len, Some(PARK_TIMEOUT)).map_err(fail)?;
-    }
-    rep.reserve(len).map_err(fail)
 }
 
 /// A worker attached to its rings: one request ring and one reply ring per front.
@@ -638,15 +273,7 @@ impl Worker {
     /// # Ok(()) }
     /// ```
     pub fn with_out<R>(&mut self, f: impl FnOnce(&mut Out<'_>) -> R) -> R {
-        let mut out = Out {
-            codec: self.codec,
-            reps: &mut self.reps,
-            answering: 0,
-            answering_conn: None,
-            answering_kind: MessageKind::Binary,
-            failure: None,
-            max_reply: self.max_reply,
-        };
+        let mut out = Out::new(&mut self.reps, self.codec, self.max_reply);
         let r = f(&mut out);
         out.publish();
         r
@@ -701,15 +328,7 @@ impl Worker {
             let inflight = &ring.user_words()[INFLIGHT_WORD];
             let open = &mut self.open[front];
             let codec = self.codec;
-            let mut out = Out {
-                codec,
-                reps: &mut self.reps,
-                answering: 0,
-                answering_conn: None,
-                answering_kind: MessageKind::Binary,
-                failure: None,
-                max_reply: self.max_reply,
-            };
+            let mut out = Out::new(&mut self.reps, codec, self.max_reply);
             let mut end = None;
             let mut n = 0;
             let (mut redelivered_frames, mut skipped) = (0u64, 0u64);

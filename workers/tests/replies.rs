@@ -53,7 +53,7 @@ fn request(f: &mut FakeFront, codec: Codec, text: &str) -> u64 {
     f.push(tag::DATA, conn(), 0, &codec.encode(text.as_bytes()))
 }
 
-/// Reads SEND records like the front, until one without MORE: (message, records, aux seen).
+/// Reads SEND messages like the front, until one without MORE: (message, records, aux seen).
 fn reply(f: &mut FakeFront) -> (Vec<u8>, usize, Vec<u64>) {
     let mut msg = Vec::new();
     let mut total = None;
@@ -62,35 +62,24 @@ fn reply(f: &mut FakeFront) -> (Vec<u8>, usize, Vec<u64>) {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         assert!(Instant::now() < end, "no whole reply within 20 s");
-        let mut last = None;
-        let mut done = false;
-        for rec in f.rep.records().unwrap() {
-            let rec = rec.unwrap();
-            assert_eq!(rec.tag(), tag::SEND);
-            assert_eq!(rec.conn(), conn().raw());
-            let mut body = rec.payload_to_vec();
-            if records == 0 && rec.flags() & flags::MORE != 0 {
+        for r in f.replies() {
+            assert_eq!(r.tag, tag::SEND);
+            assert_eq!(r.conn, conn());
+            let mut body = r.body;
+            if records == 0 && r.flags & flags::MORE != 0 {
                 let t = u64::from_le_bytes(body[..SPLIT_HEADER].try_into().unwrap());
                 total = Some(t as usize);
                 body.drain(..SPLIT_HEADER);
             }
             msg.extend(body);
             records += 1;
-            auxes.push(rec.aux());
-            last = Some(rec.end());
-            if rec.flags() & flags::MORE == 0 {
-                done = true;
-                break;
+            auxes.push(r.aux);
+            if r.flags & flags::MORE == 0 {
+                if let Some(t) = total {
+                    assert_eq!(t, msg.len(), "split header disagrees with the pieces");
+                }
+                return (msg, records, auxes);
             }
-        }
-        if let Some(e) = last {
-            f.rep.release(e);
-        }
-        if done {
-            if let Some(t) = total {
-                assert_eq!(t, msg.len(), "split header disagrees with the pieces");
-            }
-            return (msg, records, auxes);
         }
         std::thread::sleep(Duration::from_micros(100));
     }

@@ -80,7 +80,7 @@ fn kinds_fields_and_closes_travel_both_ways() {
     let got: Vec<_> = front
         .replies()
         .into_iter()
-        .map(|(t, f, aux, p)| (t, f & flags::TEXT, aux, p))
+        .map(|r| (r.tag, r.flags & flags::TEXT, r.aux, r.body))
         .collect();
     let text = flags::TEXT;
     assert_eq!(got.len(), 5, "{got:?}");

@@ -34,7 +34,8 @@ pub(super) struct Chan {
     pub(super) rep: Consumer<Arc<ShmRing>>,
     /// OPEN and CLOSE records waiting for ring space, in order, ahead of any data.
     backlog: VecDeque<Ctrl>,
-    /// Connections not read because `req` was full.
+    /// Connections not read because `req` was full, in the order they asked (they resume in
+    /// that order: first come, first read).
     blocked: Vec<ConnKey>,
     /// Records were committed to `req` this turn and not yet published.
     dirty: bool,

@@ -195,6 +195,8 @@ struct Front {
     chans: Vec<Chan>,
     slab: Slab,
     ready: Vec<ConnKey>,
+    /// `unblock`'s list of resumed connections (kept for its allocation).
+    resumed: Vec<ConnKey>,
     stats: &'static Stats,
     fs: &'static FrontStats,
     admission: Admission,
@@ -334,6 +336,7 @@ impl Front {
                 slab_capacity(s_max_conns),
             ),
             ready: Vec::new(),
+            resumed: Vec::new(),
             stats,
             fs,
             wheel: Wheel::new(4096, 0),

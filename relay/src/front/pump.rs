@@ -4,7 +4,7 @@
 use std::io::IoSlice;
 
 use shmrelay_worker::codec::websocket::MAX_CLOSE_REASON;
-use shmrelay_worker::protocol::tag;
+use shmrelay_worker::protocol::{flags, tag};
 use shmrelay_worker::{CloseReason, Codec, ConnId};
 use tracing::debug;
 
@@ -78,7 +78,11 @@ impl Front {
                 // A long reply in progress takes only its own next piece: anything else
                 // means it broke off, and its connection, part of a frame written, closes.
                 if let Some(sp) = split.as_ref() {
-                    if rec.tag() != tag::SEND || rec.conn() != sp.conn || sp.attach != attach {
+                    if rec.tag() != tag::SEND
+                        || rec.conn() != sp.conn
+                        || sp.attach != attach
+                        || rec.flags() & flags::BATCH != 0
+                    {
                         let broken = sp.conn;
                         *split = None;
                         close_broken(slab, fs, me, broken, &mut group, &mut todo);
@@ -98,6 +102,21 @@ impl Front {
                     tag::SEND | tag::CLOSE if !scope.allows(slab, me, w, rec.conn()) => {
                         // Another listener's connection (push_scope): dropped, counted below.
                         out_of_scope += 1;
+                    }
+                    tag::SEND if rec.flags() & flags::BATCH != 0 => {
+                        // Coalesced replies to one connection (the aux check above covers the
+                        // last entry's position; the entries are checked against it).
+                        let conn = rec.conn();
+                        if conn != group.conn || group.is_full() {
+                            deliver(slab, fs, me, &mut group, &mut todo);
+                            group.conn = conn;
+                        }
+                        let flush = |g: &mut reply::Group| deliver(slab, fs, me, g, &mut todo);
+                        if let Err(why) = reply::push_batch(codec, &rec, &mut group, flush) {
+                            debug!(front = me, worker = w, "coalesced reply broken: {why}");
+                            close_broken(slab, fs, me, conn, &mut group, &mut todo);
+                        }
+                        answered = answered.max(rec.aux());
                     }
                     tag::SEND => {
                         let conn = rec.conn();

@@ -16,13 +16,19 @@
 //! the header from it before the first piece and streams the pieces; `line` writes the newline
 //! after the last piece; `resp` collects the pieces privately (bounded by `max_pending`) and
 //! validates the whole. A split that breaks off closes its connection.
+//!
+//! A coalesced record ([`BATCH`](shmrelay_worker::protocol::flags::BATCH)) holds several
+//! replies to one connection, each behind an entry header. [`push_batch`] walks it once: each
+//! entry header is copied out of the ring, checked against the record and the entry before,
+//! and framed at once (validation fused with the walk, no separate pass), so a batch of small
+//! replies becomes one run of the group's own bytes: one iovec.
 
 use std::io;
 use std::os::fd::AsRawFd;
 
 use shm_ring::Record;
 use shmrelay_worker::codec::websocket::{self, opcode, MAX_HEADER};
-use shmrelay_worker::protocol::{flags, SPLIT_HEADER};
+use shmrelay_worker::protocol::{flags, BATCH_ENTRY_HEADER, SPLIT_HEADER};
 use shmrelay_worker::{CloseReason, Codec};
 
 use super::conn::Conn;
@@ -201,6 +207,77 @@ fn header(codec: Codec, len: u64, record_flags: u16) -> ([u8; MAX_HEADER], usize
     let mut head = [0u8; MAX_HEADER];
     head[..h.len()].copy_from_slice(&h);
     (head, n)
+}
+
+/// Frames every entry of a coalesced SEND record (flagged `BATCH`) into `group`, in one pass
+/// that validates each entry as it reaches it: its header (length, position) is copied out
+/// of the ring once, the length must fit the rest of the record, positions must not go
+/// backwards and the last must be the record's aux (which the caller checked against what
+/// this front wrote). `flush` writes out a full group (of the same connection) and empties it.
+///
+/// # Errors
+///
+/// Why the record is broken: the entries before the bad one are in `group` (whole replies);
+/// the caller closes the connection after them, so the client never sees a shifted stream.
+pub(super) fn push_batch(
+    codec: Codec,
+    rec: &Record<'_>,
+    group: &mut Group,
+    mut flush: impl FnMut(&mut Group),
+) -> Result<(), &'static str> {
+    if codec == Codec::Resp {
+        return Err("a coalesced reply on a resp listener");
+    }
+    if rec.flags() & flags::MORE != 0 {
+        return Err("a coalesced reply flagged as a piece of a long reply");
+    }
+    let (len, aux, base) = (rec.len(), rec.aux(), rec.payload_ptr());
+    if len == 0 {
+        return Err("an empty coalesced reply");
+    }
+    let (tail, aux_low) = (codec.reply_trailer(), aux as u32);
+    // How far below the record's aux the previous entry's position was.
+    let mut prev_back = aux;
+    let mut at = 0;
+    while at < len {
+        if len - at < BATCH_ENTRY_HEADER {
+            return Err("a coalesced reply entry cut off");
+        }
+        let mut h = [0u8; BATCH_ENTRY_HEADER];
+        // SAFETY: at + BATCH_ENTRY_HEADER <= len (checked above): inside the record's payload,
+        // which lies in the ring's mapping until the caller releases it; copied into our own
+        // array with a raw copy, never read through a reference a worker could change.
+        unsafe { std::ptr::copy_nonoverlapping(base.add(at), h.as_mut_ptr(), h.len()) };
+        let [l0, l1, l2, l3, p0, p1, p2, p3] = h;
+        let n = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+        let back = aux_low.wrapping_sub(u32::from_le_bytes([p0, p1, p2, p3])) as u64;
+        at += BATCH_ENTRY_HEADER;
+        if n > len - at {
+            return Err("a coalesced reply entry longer than its record");
+        }
+        if back > prev_back {
+            return Err("coalesced reply entries answer positions out of order");
+        }
+        prev_back = back;
+        if group.is_full() {
+            flush(group);
+        }
+        let (head, head_len) = header(codec, n as u64, 0);
+        group.push(Piece::Frame {
+            head,
+            head_len,
+            // SAFETY: at + n <= len (checked above): inside the payload.
+            body: unsafe { base.add(at) },
+            body_len: n,
+            tail,
+            whole: true,
+        });
+        at += n;
+    }
+    if prev_back != 0 {
+        return Err("the last coalesced reply entry does not answer the record's position");
+    }
+    Ok(())
 }
 
 /// The reply ring's producer attach count (a hint the worker could fake, which would only
@@ -425,3 +502,6 @@ pub(super) fn write_group(c: &mut Conn, g: &mut Group, fs: &FrontStats) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -235,18 +235,17 @@ shmrelay_status shmrelay_send(shmrelay_out *out, shmrelay_conn conn, const uint8
 // unwind (no C++ exception, no longjmp out of it).
 shmrelay_status shmrelay_send_with(shmrelay_out *out, shmrelay_conn conn, size_t len, shmrelay_fill fill, void *ctx);
 
-// Hands out a writable buffer of `cap` bytes in `*buf` for one frame to `conn`; send it
-// with `shmrelay_commit(out, len)` once its length is known (up to `cap`). For replies
-// whose length is known only after they are written (formatted text, for instance); a
-// reply whose length is known up front goes straight into the ring with
-// `shmrelay_send_with`.
+// Reserves `cap` bytes of the reply ring for one frame to `conn` and puts their address in
+// `*buf`; send the first `len` of them with `shmrelay_commit(out, len)` once the length is
+// known (up to `cap`). For replies whose length is known only after they are written
+// (formatted text, for instance): zero-copy, the bytes are written where the front sends
+// them from. A `cap` larger than one ring record (about half the ring) is a buffer of the
+// library's instead, split over records at the commit (one copy).
 //
-// The buffer is the worker's own and reused: `commit` copies the bytes into the reply ring
-// (one copy; the Rust SDK does not expose a ring reservation yet). It stays valid until
-// `shmrelay_commit` or the end of the callback, whichever comes first; a reservation not
-// committed by then is dropped. One reservation at a time (a second one returns
-// `SHMRELAY_STATUS_BUSY`); other sends may come in between, and the frame takes its place
-// among the replies when it is committed, not when it was reserved.
+// The buffer stays valid until `shmrelay_commit` or the end of the callback, whichever comes
+// first; a reservation not committed by then is dropped (nothing is sent). One reservation
+// at a time, and nothing else in between: until the commit, every other function on `out`
+// (a second reserve, send, send_with, close) returns `SHMRELAY_STATUS_BUSY`.
 //
 // # Safety
 //
@@ -255,7 +254,8 @@ shmrelay_status shmrelay_send_with(shmrelay_out *out, shmrelay_conn conn, size_t
 shmrelay_status shmrelay_reserve(shmrelay_out *out, shmrelay_conn conn, size_t cap, uint8_t **buf);
 
 // Sends the first `len` bytes of the open reservation (see `shmrelay_reserve`) as one frame
-// to its connection, and ends the reservation (also when the send fails).
+// to its connection, and ends the reservation (also when the send fails). A `len` larger
+// than the reservation is refused and leaves it open.
 //
 // # Safety
 //

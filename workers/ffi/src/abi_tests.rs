@@ -19,19 +19,13 @@ impl Front {
         self.0.push(tag, conn, aux, payload);
     }
 
-    /// Every record the worker published: (tag, conn, payload).
+    /// Every message the worker published: (tag, conn, payload).
     fn replies(&mut self) -> Vec<(u16, u64, Vec<u8>)> {
-        let mut got = Vec::new();
-        let mut end = None;
-        for rec in self.0.rep.records().unwrap() {
-            let rec = rec.unwrap();
-            got.push((rec.tag(), rec.conn(), rec.payload_to_vec()));
-            end = Some(rec.end());
-        }
-        if let Some(e) = end {
-            self.0.rep.release(e);
-        }
-        got
+        self.0
+            .replies()
+            .into_iter()
+            .map(|r| (r.tag, r.conn.raw(), r.body))
+            .collect()
     }
 }
 

@@ -114,7 +114,7 @@ fn kinds_closes_and_handshake_fields() {
     let recs: Vec<_> = front
         .replies()
         .into_iter()
-        .map(|(t, f, aux, p)| (t, f & flags::TEXT, aux, p))
+        .map(|r| (r.tag, r.flags & flags::TEXT, r.aux, r.body))
         .collect();
     assert_eq!(
         recs[..2],

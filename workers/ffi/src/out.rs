@@ -1,6 +1,6 @@
 //! `shmrelay_out`: replies, pushes and closes from inside a callback, over the SDK's `Out`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 
 use shmrelay_worker::{ConnId, MessageKind as SdkKind};
@@ -14,11 +14,13 @@ pub struct Out {
     /// The SDK's writer, borrowed for one callback (its lifetime is erased: this handle never
     /// outlives the callback, see `Out::scope`).
     sdk: *mut shmrelay_worker::Out<'static>,
-    /// The worker's staging buffer for `shmrelay_reserve`, borrowed for the same callback.
-    stage: *mut Vec<u8>,
-    /// The worker's reply limit, checked by `shmrelay_reserve` before it allocates.
+    /// The worker's reply limit, checked by `shmrelay_reserve` first (for its message).
     max_reply: usize,
     state: Cell<State>,
+    /// `shmrelay_reserve`'s reservation in the reply ring. It borrows the SDK's writer (its
+    /// lifetimes erased: it is dropped at the latest with this handle, inside `scope`), so
+    /// while it is open every other use of `sdk` is refused (`State::Reserved`).
+    reservation: RefCell<Option<shmrelay_worker::Reservation<'static, 'static>>>,
     /// In the `on_open` of a websocket client: its handshake fields, borrowed for the
     /// callback (`shmrelay_upgrade_info`).
     upgrade: Option<Upgrade>,
@@ -82,11 +84,8 @@ enum State {
     Idle,
     /// Inside `shmrelay_send_with`'s fill function: the ring space is reserved by the SDK.
     Filling,
-    /// `shmrelay_reserve` handed out `cap` bytes of the staging buffer for `conn`.
-    Reserved {
-        conn: ConnId,
-        cap: usize,
-    },
+    /// `shmrelay_reserve` handed out a reservation, not committed yet.
+    Reserved,
 }
 
 /// The fill function of `shmrelay_send_with`: writes exactly `len` bytes to `buf`, which
@@ -94,24 +93,26 @@ enum State {
 pub type Fill = Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut u8, len: usize)>;
 
 impl Out {
-    /// Runs `f` with a handle over `sdk` and `stage`. The handle lives on this stack frame
-    /// only, so a pointer C kept after its callback returned is never one this function
-    /// still reads (using it is the caller's undefined behaviour, as documented).
+    /// Runs `f` with a handle over `sdk`. The handle lives on this stack frame only, so a
+    /// pointer C kept after its callback returned is never one this function still reads
+    /// (using it is the caller's undefined behaviour, as documented). A reservation left
+    /// open is abandoned here, while `sdk` is still borrowed.
     pub(crate) fn scope<R>(
         sdk: &mut shmrelay_worker::Out<'_>,
-        stage: &mut Vec<u8>,
         max_reply: usize,
         upgrade: Option<Upgrade>,
         f: impl FnOnce(*mut Out) -> R,
     ) -> R {
         let mut handle = Out {
             sdk: (sdk as *mut shmrelay_worker::Out<'_>).cast(),
-            stage,
             max_reply,
             state: Cell::new(State::Idle),
             upgrade,
+            reservation: RefCell::new(None),
         };
-        f(&mut handle)
+        let r = f(&mut handle);
+        drop(handle.reservation.get_mut().take());
+        r
     }
 
     /// Runs `f` on the SDK's writer unless the handle is inside a fill function.
@@ -120,15 +121,24 @@ impl Out {
         function: &str,
         f: impl FnOnce(&mut shmrelay_worker::Out<'static>) -> Result<R, Error>,
     ) -> Result<R, Error> {
-        if self.state.get() == State::Filling {
-            return Err(Error::new(
-                Status::Busy,
-                format!("{function}: called from a send_with fill function"),
-            ));
+        match self.state.get() {
+            State::Idle => {}
+            State::Filling => {
+                return Err(Error::new(
+                    Status::Busy,
+                    format!("{function}: called from a send_with fill function"),
+                ))
+            }
+            State::Reserved => {
+                return Err(Error::new(
+                    Status::Busy,
+                    format!("{function}: a reservation is open (commit it first)"),
+                ))
+            }
         }
         // SAFETY: `sdk` came from a `&mut` that `scope` holds for the whole callback and does
-        // not use while C runs; no other reference to it is live (the Filling check above
-        // refuses the one nested use, from inside `send_with`).
+        // not use while C runs; no other reference to it is live (the checks above refuse
+        // the nested use from inside `send_with`, and use while a reservation holds it).
         f(unsafe { &mut *self.sdk })
     }
 }
@@ -216,18 +226,17 @@ pub unsafe extern "C" fn shmrelay_send_with(
     })
 }
 
-/// Hands out a writable buffer of `cap` bytes in `*buf` for one frame to `conn`; send it
-/// with `shmrelay_commit(out, len)` once its length is known (up to `cap`). For replies
-/// whose length is known only after they are written (formatted text, for instance); a
-/// reply whose length is known up front goes straight into the ring with
-/// `shmrelay_send_with`.
+/// Reserves `cap` bytes of the reply ring for one frame to `conn` and puts their address in
+/// `*buf`; send the first `len` of them with `shmrelay_commit(out, len)` once the length is
+/// known (up to `cap`). For replies whose length is known only after they are written
+/// (formatted text, for instance): zero-copy, the bytes are written where the front sends
+/// them from. A `cap` larger than one ring record (about half the ring) is a buffer of the
+/// library's instead, split over records at the commit (one copy).
 ///
-/// The buffer is the worker's own and reused: `commit` copies the bytes into the reply ring
-/// (one copy; the Rust SDK does not expose a ring reservation yet). It stays valid until
-/// `shmrelay_commit` or the end of the callback, whichever comes first; a reservation not
-/// committed by then is dropped. One reservation at a time (a second one returns
-/// `SHMRELAY_STATUS_BUSY`); other sends may come in between, and the frame takes its place
-/// among the replies when it is committed, not when it was reserved.
+/// The buffer stays valid until `shmrelay_commit` or the end of the callback, whichever comes
+/// first; a reservation not committed by then is dropped (nothing is sent). One reservation
+/// at a time, and nothing else in between: until the commit, every other function on `out`
+/// (a second reserve, send, send_with, close) returns `SHMRELAY_STATUS_BUSY`.
 ///
 /// # Safety
 ///
@@ -254,7 +263,7 @@ pub unsafe extern "C" fn shmrelay_reserve(
                     "shmrelay_reserve: called from a send_with fill function",
                 ))
             }
-            State::Reserved { .. } => {
+            State::Reserved => {
                 return Err(Error::new(
                     Status::Busy,
                     "shmrelay_reserve: the previous reservation is not committed",
@@ -270,32 +279,24 @@ pub unsafe extern "C" fn shmrelay_reserve(
                 ),
             ));
         }
-        // SAFETY: `stage` is the worker's staging buffer, borrowed by `Out::scope` for this
-        // callback; no other reference to it is live while C runs.
-        let stage = unsafe { &mut *out.stage };
-        if stage.len() < cap {
-            // Grows to the largest reservation seen; later ones reuse it as it is. A failed
-            // allocation is an error here, not the abort `resize` would make of it.
-            stage.try_reserve(cap - stage.len()).map_err(|_| {
-                Error::new(
-                    Status::TooLarge,
-                    format!("shmrelay_reserve: cannot allocate {cap} bytes"),
-                )
-            })?;
-            stage.resize(cap, 0);
-        }
-        out.state.set(State::Reserved {
-            conn: ConnId::from_raw(conn),
-            cap,
-        });
+        // SAFETY: `sdk` came from a `&mut` that `scope` holds for the whole callback and does
+        // not use while C runs; no other reference to it is live (state Idle: no fill
+        // function runs and no reservation holds it). The reservation made from it is kept in
+        // `out.reservation`, which `scope` empties before its borrow ends, and while it lives
+        // `with_sdk` makes no other reference (state Reserved).
+        let sdk: &'static mut shmrelay_worker::Out<'static> = unsafe { &mut *out.sdk };
+        let mut r = sdk.reserve(ConnId::from_raw(conn), cap)?;
         // SAFETY: `buf` is non-null and writable per this function's contract.
-        unsafe { *buf = stage.as_mut_ptr() };
+        unsafe { *buf = r.as_mut_ptr() };
+        *out.reservation.borrow_mut() = Some(r);
+        out.state.set(State::Reserved);
         Ok(())
     })
 }
 
 /// Sends the first `len` bytes of the open reservation (see `shmrelay_reserve`) as one frame
-/// to its connection, and ends the reservation (also when the send fails).
+/// to its connection, and ends the reservation (also when the send fails). A `len` larger
+/// than the reservation is refused and leaves it open.
 ///
 /// # Safety
 ///
@@ -305,7 +306,8 @@ pub unsafe extern "C" fn shmrelay_commit(out: *mut Out, len: usize) -> Status {
     guard(|| {
         // SAFETY: per this function's contract.
         let out = unsafe { handle(out, "shmrelay_commit") }?;
-        let State::Reserved { conn, cap } = out.state.get() else {
+        let mut open = out.reservation.borrow_mut();
+        let Some(cap) = open.as_ref().map(|r| r.len()) else {
             return Err(Error::new(
                 Status::NoReservation,
                 "shmrelay_commit: no open reservation",
@@ -317,10 +319,13 @@ pub unsafe extern "C" fn shmrelay_commit(out: *mut Out, len: usize) -> Status {
                 &format!("length {len} exceeds the {cap} bytes reserved"),
             ));
         }
+        let r = open.take();
+        drop(open);
         out.state.set(State::Idle);
-        // SAFETY: as in `shmrelay_reserve`; the SDK's writer does not touch this buffer.
-        let stage = unsafe { &*out.stage };
-        out.with_sdk("shmrelay_commit", |o| Ok(o.send(conn, &stage[..len])?))
+        match r {
+            Some(r) => Ok(r.commit(len)?),
+            None => Ok(()),
+        }
     })
 }
 

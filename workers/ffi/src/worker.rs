@@ -67,8 +67,6 @@ pub struct Worker {
     /// Set while a call uses `sdk`: refuses re-entry from a callback and concurrent use.
     busy: AtomicBool,
     sdk: UnsafeCell<shmrelay_worker::Worker>,
-    /// The staging buffer of `shmrelay_reserve` (grows to the largest reservation).
-    stage: UnsafeCell<Vec<u8>>,
     max_reply: UnsafeCell<usize>,
     // Read without entering: they never change after attach.
     doorbell_fd: c_int,
@@ -87,7 +85,6 @@ impl Worker {
             index: sdk.index(),
             codec: sdk.codec().into(),
             sdk: UnsafeCell::new(sdk),
-            stage: UnsafeCell::new(Vec::new()),
             max_reply: UnsafeCell::new(shmrelay_worker::DEFAULT_MAX_REPLY),
         }
     }
@@ -106,17 +103,11 @@ impl Worker {
 }
 
 impl Entered<'_> {
-    /// The SDK worker, the staging buffer and the reply limit.
-    fn parts(&mut self) -> (&mut shmrelay_worker::Worker, &mut Vec<u8>, &mut usize) {
+    /// The SDK worker and the reply limit.
+    fn parts(&mut self) -> (&mut shmrelay_worker::Worker, &mut usize) {
         // SAFETY: `busy` is held by this `Entered` alone (see `Worker::enter`), and it is
         // borrowed mutably here, so these are the only references to the cells' contents.
-        unsafe {
-            (
-                &mut *self.0.sdk.get(),
-                &mut *self.0.stage.get(),
-                &mut *self.0.max_reply.get(),
-            )
-        }
+        unsafe { (&mut *self.0.sdk.get(), &mut *self.0.max_reply.get()) }
     }
 }
 
@@ -138,12 +129,11 @@ unsafe fn worker<'a>(w: *const Worker, function: &str) -> Result<&'a Worker, Err
 }
 
 /// The SDK's `Handler` that calls the C callbacks.
-struct Adapter<'a> {
+struct Adapter {
     on_open: OnOpen,
     on_frame: unsafe extern "C" fn(*mut c_void, Conn, *const u8, usize, bool, *mut Out),
     on_close: OnClose,
     user: *mut c_void,
-    stage: &'a mut Vec<u8>,
     max_reply: usize,
     /// The first panic caught in this glue (a bug here; C callbacks cannot panic).
     fault: Option<String>,
@@ -151,14 +141,13 @@ struct Adapter<'a> {
     upgrade: Option<crate::out::Upgrade>,
 }
 
-impl<'a> Adapter<'a> {
+impl Adapter {
     fn new(
         callbacks: *const Callbacks,
         user: *mut c_void,
-        stage: &'a mut Vec<u8>,
         max_reply: usize,
         function: &str,
-    ) -> Result<Adapter<'a>, Error> {
+    ) -> Result<Adapter, Error> {
         // SAFETY: `callbacks` is null or valid for reads, per the contract of the exported
         // functions that call this.
         let cb = unsafe { callbacks.as_ref() }
@@ -170,7 +159,6 @@ impl<'a> Adapter<'a> {
                 .ok_or_else(|| Error::invalid(function, "callbacks->on_frame is null"))?,
             on_close: cb.on_close,
             user,
-            stage,
             max_reply,
             fault: None,
             upgrade: None,
@@ -183,13 +171,7 @@ impl<'a> Adapter<'a> {
     fn call(&mut self, out: &mut shmrelay_worker::Out<'_>, f: impl FnOnce(*mut c_void, *mut Out)) {
         let user = self.user;
         let r = catch_unwind(AssertUnwindSafe(|| {
-            Out::scope(
-                out,
-                self.stage,
-                self.max_reply,
-                self.upgrade.take(),
-                |handle| f(user, handle),
-            )
+            Out::scope(out, self.max_reply, self.upgrade.take(), |handle| f(user, handle))
         }));
         if let Err(panic) = r {
             self.fault
@@ -205,7 +187,7 @@ impl<'a> Adapter<'a> {
     }
 }
 
-impl Handler for Adapter<'_> {
+impl Handler for Adapter {
     fn on_upgrade(
         &mut self,
         conn: ConnId,
@@ -384,7 +366,7 @@ pub unsafe extern "C" fn shmrelay_worker_poll_once(
     user: *mut c_void,
     handled: *mut usize,
 ) -> Status {
-    let poll = |sdk: &mut shmrelay_worker::Worker, adapter: &mut Adapter<'_>| {
+    let poll = |sdk: &mut shmrelay_worker::Worker, adapter: &mut Adapter| {
         let n = sdk.poll_once(adapter)?;
         // SAFETY: null or writable per this function's contract.
         if let Some(handled) = unsafe { handled.as_mut() } {
@@ -409,15 +391,15 @@ unsafe fn serve(
     function: &str,
     serve: impl FnOnce(
         &mut shmrelay_worker::Worker,
-        &mut Adapter<'_>,
+        &mut Adapter,
     ) -> Result<(), shmrelay_worker::WorkerError>,
 ) -> Status {
     guard(|| {
         // SAFETY: per this function's contract.
         let w = unsafe { self::worker(worker, function) }?;
         let mut entered = w.enter(function)?;
-        let (sdk, stage, max_reply) = entered.parts();
-        let mut adapter = Adapter::new(callbacks, user, stage, *max_reply, function)?;
+        let (sdk, max_reply) = entered.parts();
+        let mut adapter = Adapter::new(callbacks, user, *max_reply, function)?;
         serve(sdk, &mut adapter)?;
         adapter.finish()
     })
@@ -448,7 +430,7 @@ pub unsafe extern "C" fn shmrelay_worker_prepare_wait(
         let out =
             unsafe { may_sleep.as_mut() }.ok_or_else(|| Error::invalid(F, "may_sleep is null"))?;
         let mut entered = w.enter(F)?;
-        let (sdk, _, _) = entered.parts();
+        let (sdk, _) = entered.parts();
         *out = c_int::from(sdk.prepare_wait()?);
         Ok(())
     })
@@ -470,7 +452,7 @@ pub unsafe extern "C" fn shmrelay_worker_finish_wait(worker: *mut Worker) -> Sta
         // SAFETY: per this function's contract.
         let w = unsafe { self::worker(worker, F) }?;
         let mut entered = w.enter(F)?;
-        let (sdk, _, _) = entered.parts();
+        let (sdk, _) = entered.parts();
         sdk.finish_wait();
         Ok(())
     })
@@ -533,7 +515,7 @@ pub unsafe extern "C" fn shmrelay_worker_set_max_reply(worker: *mut Worker, max:
         // SAFETY: per this function's contract.
         let w = unsafe { self::worker(worker, "shmrelay_worker_set_max_reply") }?;
         let mut entered = w.enter("shmrelay_worker_set_max_reply")?;
-        let (sdk, _, max_reply) = entered.parts();
+        let (sdk, max_reply) = entered.parts();
         sdk.set_max_reply(max);
         *max_reply = max;
         Ok(())
