@@ -171,7 +171,9 @@ impl Adapter {
     fn call(&mut self, out: &mut shmrelay_worker::Out<'_>, f: impl FnOnce(*mut c_void, *mut Out)) {
         let user = self.user;
         let r = catch_unwind(AssertUnwindSafe(|| {
-            Out::scope(out, self.max_reply, self.upgrade.take(), |handle| f(user, handle))
+            Out::scope(out, self.max_reply, self.upgrade.take(), |handle| {
+                f(user, handle)
+            })
         }));
         if let Err(panic) = r {
             self.fault

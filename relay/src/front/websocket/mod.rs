@@ -172,7 +172,7 @@ impl Front {
             let n = match read_into_carry(c, want.min(2048)) {
                 Ok(0) => return self.close_conn(key, CloseReason::ClientEof),
                 Ok(n) => n,
-                Err(e) => match read_error(c, &e, &self.fs) {
+                Err(e) => match read_error(c, &e, self.fs) {
                     Some(ReadResult::Close(reason)) => return self.close_conn(key, reason),
                     Some(_) => break,
                     None => continue,
