@@ -69,6 +69,13 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(stat(pid).ok()?.cpu_ticks as f64 / clock_ticks_per_sec())
 }
 
+/// Nanoseconds `pid`'s main thread has spent runnable but waiting for a CPU (the second field
+/// of `/proc/PID/schedstat`): on an overloaded machine this is how late the kernel made it.
+pub fn run_queue_wait_ns(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Every pid in `/proc` (empty if `/proc` cannot be read).
 pub fn pids() -> impl Iterator<Item = u32> {
     std::fs::read_dir("/proc")

@@ -329,8 +329,9 @@ mod tests {
     #[test]
     fn a_connection_slot_stays_small() {
         let slot = std::mem::size_of::<Option<Conn>>();
-        // Debug builds carry mio's selector id (8 bytes and padding) in every TcpStream.
-        let budget = if cfg!(debug_assertions) { 144 } else { 136 };
+        // Debug builds carry mio's selector id (8 bytes and padding) in every TcpStream; the
+        // last 8 bytes are the websocket state's pointer (issue 16), null for other codecs.
+        let budget = if cfg!(debug_assertions) { 152 } else { 144 };
         assert!(slot <= budget, "Option<Conn> is {slot} bytes");
         assert_eq!(
             std::mem::size_of::<Option<Conn>>(),

@@ -104,6 +104,8 @@ struct Instance {
     suspects: Vec<Vec<(u64, u32)>>,
     /// Per front: its last published activity stamp and when it last changed (stall watch).
     front_seen: Vec<(u64, Instant)>,
+    /// Per front: its run-queue wait (ns) when its activity stamp last changed.
+    front_waited: Vec<u64>,
     /// Some worker attached to its rings at least once.
     ever_attached: bool,
     /// Every worker failed before any attached: the relay cannot serve and exits.
@@ -240,6 +242,7 @@ impl Instance {
             supervisor_growth: Growth::default(),
             suspects: vec![vec![(0, 0); workers]; fronts],
             front_seen: vec![(0, Instant::now()); fronts],
+            front_waited: vec![0; fronts],
             ever_attached: false,
             startup_failure: None,
             inherited_children: watchdog::children(std::process::id())
