@@ -17,7 +17,7 @@
  * - Every function that can fail returns a shmrelay_status; shmrelay_last_error() says why
  *   (per thread). No Rust panic crosses this ABI (SHMRELAY_STATUS_PANIC instead), and
  *   callbacks must not unwind into it either (no C++ exception or longjmp out of them).
- * - On a websocket listener (issue 16) a frame is a whole message: shmrelay_message_kind says
+ * - On a websocket listener (issue 16) a frame is a whole message: shmrelay_frame_kind says
  *   text or binary, shmrelay_send_kind sends either, shmrelay_close_with closes with a code,
  *   and shmrelay_upgrade_info (in on_open) gives the handshake's fields, borrowed like a frame.
  */
@@ -276,7 +276,7 @@ shmrelay_status shmrelay_close(shmrelay_out *out, shmrelay_conn conn);
 // # Safety
 //
 // `out` is null or the handle of the running callback.
-shmrelay_message_kind shmrelay_message_kind(const shmrelay_out *out);
+shmrelay_message_kind shmrelay_frame_kind(const shmrelay_out *out);
 
 // `shmrelay_send` with the message's kind given: on a `websocket` listener a text message
 // (which must be UTF-8: the relay does not check) or a binary one; for the other codecs the

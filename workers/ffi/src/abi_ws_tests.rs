@@ -58,7 +58,7 @@ unsafe extern "C" fn on_frame(
 ) {
     // SAFETY: (every call) `out` is this callback's handle, buffers are live.
     unsafe {
-        let kind = shmrelay_message_kind(out);
+        let kind = shmrelay_frame_kind(out);
         seen(user)
             .events
             .push(format!("{kind:?} {}", text(frame, len)));

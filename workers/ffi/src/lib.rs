@@ -63,7 +63,7 @@ mod worker;
 
 pub use error::{shmrelay_last_error, Status};
 pub use out::{
-    shmrelay_close, shmrelay_close_with, shmrelay_commit, shmrelay_message_kind, shmrelay_reserve,
+    shmrelay_close, shmrelay_close_with, shmrelay_commit, shmrelay_frame_kind, shmrelay_reserve,
     shmrelay_send, shmrelay_send_kind, shmrelay_send_with, shmrelay_upgrade_info, Fill,
     MessageKind, Out, Upgrade,
 };

@@ -351,12 +351,12 @@ pub unsafe extern "C" fn shmrelay_close(out: *mut Out, conn: Conn) -> Status {
 ///
 /// `out` is null or the handle of the running callback.
 #[no_mangle]
-pub unsafe extern "C" fn shmrelay_message_kind(out: *const Out) -> MessageKind {
+pub unsafe extern "C" fn shmrelay_frame_kind(out: *const Out) -> MessageKind {
     // SAFETY: per this function's contract.
-    let Ok(out) = (unsafe { handle(out, "shmrelay_message_kind") }) else {
+    let Ok(out) = (unsafe { handle(out, "shmrelay_frame_kind") }) else {
         return MessageKind::Binary;
     };
-    out.with_sdk("shmrelay_message_kind", |o| Ok(o.message_kind().into()))
+    out.with_sdk("shmrelay_frame_kind", |o| Ok(o.message_kind().into()))
         .unwrap_or(MessageKind::Binary)
 }
 
