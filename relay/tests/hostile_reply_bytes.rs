@@ -60,7 +60,12 @@ fn one_connection_started(relay: &Relay, seen: &mut Seen, start: &[u8]) {
     let want = payload();
     for _ in 0..40 {
         for _ in 0..PIPE {
-            c.send(&want);
+            // The relay may close the connection mid-pipeline (a caught lie): a refused
+            // write is that close.
+            if c.try_send(&want).is_err() {
+                seen.closed = true;
+                return;
+            }
         }
         for _ in 0..PIPE {
             let Some(body) = read_frame(&mut c.stream) else {

@@ -63,22 +63,12 @@ impl Rig {
 
     /// Frames sent to connections since the last call, as (conn, text); closes left out.
     fn sent(&mut self) -> Vec<(ConnId, String)> {
-        let mut v = Vec::new();
-        let mut end = None;
-        for rec in self.front.rep.records().unwrap() {
-            let rec = rec.unwrap();
-            end = Some(rec.end());
-            if rec.tag() == tag::SEND {
-                v.push((
-                    ConnId::from_raw(rec.conn()),
-                    String::from_utf8(rec.payload_to_vec()).unwrap(),
-                ));
-            }
-        }
-        if let Some(end) = end {
-            self.front.rep.release(end);
-        }
-        v
+        self.front
+            .replies()
+            .into_iter()
+            .filter(|r| r.tag == tag::SEND)
+            .map(|r| (r.conn, String::from_utf8(r.body).unwrap()))
+            .collect()
     }
 
     fn asked(&mut self) -> Vec<String> {
