@@ -14,8 +14,12 @@
  * the buffer, and the connection is not read again until it is out (TCP pushes back).
  *
  * Build: cc -O2 -o epoll-echo examples/c/epoll-echo.c
- * Usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N]
+ * Usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N] [--procs N]
  * Prints "epoll-echo: listening on IP:PORT" (the real port when 0 was asked) once ready.
+ * --procs N: N copies of the server in N processes, each with its own SO_REUSEPORT listening
+ * socket on the same port (the kernel spreads connections over them), so the open-files limit
+ * of one process does not cap it: the floor for a million held connections
+ * (tools/bench/million_floor.sh). The copies die with the first process.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -28,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -174,7 +179,9 @@ static void on_writable(int ep, struct conn *c) {
     }
 }
 
-static int listen_on(const char *spec, int backlog) {
+static int reuseport;
+
+static int listen_on(const char *spec, int backlog, int quiet) {
     char host[64];
     const char *colon = strrchr(spec, ':');
     if (!colon || (size_t)(colon - spec) >= sizeof host) {
@@ -192,10 +199,13 @@ static int listen_on(const char *spec, int backlog) {
     if (fd < 0) die("socket");
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
+        die("SO_REUSEPORT");
     if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) die("bind");
     if (listen(fd, backlog) < 0) die("listen");
     socklen_t alen = sizeof a;
     getsockname(fd, (struct sockaddr *)&a, &alen);
+    if (quiet) return fd;
     printf("epoll-echo: listening on %s:%u (max frame %u bytes)\n", host, ntohs(a.sin_port),
            max_frame);
     fflush(stdout);
@@ -205,6 +215,7 @@ static int listen_on(const char *spec, int backlog) {
 int main(int argc, char **argv) {
     const char *spec = "127.0.0.1:7880";
     int backlog = 4096;
+    int procs = 1;
     for (int i = 1; i < argc; i++) {
         if (i + 1 < argc && strcmp(argv[i], "--listen") == 0) {
             spec = argv[++i];
@@ -212,13 +223,36 @@ int main(int argc, char **argv) {
             max_frame = (uint32_t)strtoul(argv[++i], NULL, 10);
         } else if (i + 1 < argc && strcmp(argv[i], "--backlog") == 0) {
             backlog = atoi(argv[++i]);
+        } else if (i + 1 < argc && strcmp(argv[i], "--procs") == 0) {
+            procs = atoi(argv[++i]);
         } else {
-            fprintf(stderr, "usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N]\n");
+            fprintf(stderr, "usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N] [--procs N]\n");
             return 2;
         }
     }
     signal(SIGPIPE, SIG_IGN);
-    int lfd = listen_on(spec, backlog);
+    reuseport = procs > 1;
+    int lfd = listen_on(spec, backlog, 0);
+    if (procs > 1) {
+        /* The copies bind the port the first socket got (port 0 picks one). */
+        struct sockaddr_in a;
+        socklen_t alen = sizeof a;
+        getsockname(lfd, (struct sockaddr *)&a, &alen);
+        char port_spec[80];
+        snprintf(port_spec, sizeof port_spec, "%s:%u", inet_ntoa(a.sin_addr), ntohs(a.sin_port));
+        pid_t parent = getpid();
+        for (int p = 1; p < procs; p++) {
+            pid_t pid = fork();
+            if (pid < 0) die("fork");
+            if (pid == 0) {
+                prctl(PR_SET_PDEATHSIG, SIGTERM);
+                if (getppid() != parent) _exit(0);
+                close(lfd);
+                lfd = listen_on(port_spec, backlog, 1);
+                break;
+            }
+        }
+    }
     int ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};

@@ -113,11 +113,14 @@ fn build_bin(profile_dir: &Path, package: &str, bin: &str) {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
         .args(["build", "-p", package, "--bin", bin]);
-    // <target>/<triple>/<profile>: cross builds put the profile one level deeper.
-    if !target_dir.join("CACHEDIR.TAG").exists() {
-        if let Some(triple) = target_dir.file_name().and_then(|n| n.to_str()) {
-            cmd.args(["--target", triple]);
-        }
+    // <target>/<triple>/<profile>: cross builds put the profile one level deeper. Asked of
+    // rustc, not guessed from files in the directory (a copied target directory lacks them).
+    if let Some(triple) = target_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| is_target_triple(n))
+    {
+        cmd.args(["--target", triple]);
         target_dir = target_dir.parent().expect("target directory");
     }
     cmd.env("CARGO_TARGET_DIR", target_dir);
@@ -136,6 +139,23 @@ fn build_bin(profile_dir: &Path, package: &str, bin: &str) {
         status.success(),
         "cargo build -p {package} failed: {status}"
     );
+}
+
+/// Whether `name` is a target triple rustc knows (`rustc --print target-list`).
+fn is_target_triple(name: &str) -> bool {
+    if name.matches('-').count() < 2 {
+        return false;
+    }
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    Command::new(rustc)
+        .args(["--print", "target-list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == name)
+        })
+        .unwrap_or(false)
 }
 
 /// The instance name of a test relay: `t-NAME-PID`, unique across concurrent test binaries.
