@@ -18,11 +18,13 @@ pub use shmrelay_worker::CloseReason;
 
 mod client;
 mod relay;
+mod ws;
 
 pub use client::{
     raw_connect, read_frames, set_linger_zero, Client, Probe, ProbeReport, Recv, SocketOpts,
 };
 pub use relay::{shmrelay_bin, workspace_bin, Relay, Watchdog};
+pub use ws::{check_ws_echo_example, expect_close, tungstenite, ws_connect, ws_next, Ws};
 
 /// Bytes of the frame length prefix.
 pub const HEADER: usize = 4;
