@@ -44,10 +44,6 @@ class WsEcho:
             self.out.send_text(conn, frame)
 
 
-def main():
+if __name__ == "__main__":
     worker = shmrelay_worker.Worker.from_env()
     worker.run(WsEcho(worker.out))  # returns on SIGTERM / SIGINT
-
-
-if __name__ == "__main__":
-    main()
