@@ -2,7 +2,9 @@
 //! hostile-input tests (`tests/tests`): the `shmrelay` binary started as a real process tree
 //! on a free loopback port ([`Relay`]), a wire-protocol [`Client`], a [`Probe`] client that
 //! keeps doing round trips in the background, a [`Watchdog`] that kills every relay and aborts
-//! when a test hangs, and small helpers (polling, payloads, /proc).
+//! when a test hangs, and small helpers (polling, payloads, /proc). Relays with a websocket
+//! listener: [`Relay::start_websocket`], [`ws_connect`] (a `tungstenite` client) and the
+//! driver of the `ws_echo` example workers, [`check_ws_echo_example`].
 //!
 //! The binary lives in another package, so it is found next to the test executable
 //! (`target/<profile>/deps/<test>` -> `target/<profile>/shmrelay`), and built once with
