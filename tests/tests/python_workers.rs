@@ -280,6 +280,27 @@ class Probe:
                 frame.release()
             kept["raw"] = pickle.PickleBuffer(view)
             self.out.send(conn, cmd + b":kept")
+        elif cmd == b"edges":
+            # What out.send refuses, and what it reads in place (a slice, an equal int).
+            released = memoryview(b"abcdef")
+            released.release()
+            r = []
+            for name, f in [
+                ("released", lambda: self.out.send(conn, released)),
+                ("revoked", lambda: self.out.send(conn, kept["frame"])),
+                ("strided", lambda: self.out.send(conn, memoryview(b"abcdef")[::2])),
+                ("one-arg", lambda: self.out.send(conn)),
+                ("keywords", lambda: self.out.send(conn=conn, data=b"x")),
+                ("bad-conn", lambda: self.out.send("1", b"x")),
+            ]:
+                try:
+                    f()
+                    r.append(name + ":sent")
+                except Exception as e:
+                    r.append(name + ":" + type(e).__name__)
+            self.out.send(int(str(conn)), frame[1:3])
+            self.out.push(conn, bytearray(b"pushed"))
+            self.out.send(conn, " ".join(r))
         elif cmd == b"ticks":
             self.out.send(conn, str(ticks[0]))
         elif cmd.startswith(b"hash:"):
@@ -379,6 +400,18 @@ fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
         c.roundtrip_within(b"gc-scan", WAIT),
         Recv::Frame(b"readable views: 0".to_vec())
     );
+    // out.send's fast paths refuse what the buffer protocol refuses (a released, revoked or
+    // strided view), take positional arguments only, and read a slice of the frame in place;
+    // an int equal to the callback's `conn` but another object works too.
+    c.try_send(b"edges").unwrap();
+    for want in [
+        &b"dg"[..],
+        b"pushed",
+        b"released:TypeError revoked:TypeError strided:TypeError one-arg:TypeError \
+          keywords:TypeError bad-conn:TypeError",
+    ] {
+        assert_eq!(c.recv_data(WAIT), Recv::Frame(want.to_vec()));
+    }
     // Out belongs to the worker thread: another thread cannot use it, even during a callback.
     assert_eq!(
         c.roundtrip_within(b"thread-out", WAIT),
