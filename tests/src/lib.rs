@@ -2,7 +2,9 @@
 //! hostile-input tests (`tests/tests`): the `shmrelay` binary started as a real process tree
 //! on a free loopback port ([`Relay`]), a wire-protocol [`Client`], a [`Probe`] client that
 //! keeps doing round trips in the background, a [`Watchdog`] that kills every relay and aborts
-//! when a test hangs, and small helpers (polling, payloads, /proc).
+//! when a test hangs, and small helpers (polling, payloads, /proc). Relays with a websocket
+//! listener: [`Relay::start_websocket`], [`ws_connect`] (a `tungstenite` client) and the
+//! driver of the `ws_echo` example workers, [`check_ws_echo_example`].
 //!
 //! The binary lives in another package, so it is found next to the test executable
 //! (`target/<profile>/deps/<test>` -> `target/<profile>/shmrelay`), and built once with
@@ -18,11 +20,13 @@ pub use shmrelay_worker::CloseReason;
 
 mod client;
 mod relay;
+mod ws;
 
 pub use client::{
     raw_connect, read_frames, set_linger_zero, Client, Probe, ProbeReport, Recv, SocketOpts,
 };
 pub use relay::{shmrelay_bin, workspace_bin, Relay, Watchdog};
+pub use ws::{check_ws_echo_example, expect_close, tungstenite, ws_connect, ws_next, Ws};
 
 /// Bytes of the frame length prefix.
 pub const HEADER: usize = 4;

@@ -12,7 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shmrelay_tests::{eventually, pattern, signal, Client, Recv, Relay, Watchdog};
+use shmrelay_tests::tungstenite::Message;
+use shmrelay_tests::{
+    check_ws_echo_example, eventually, pattern, signal, ws_connect, ws_next, Client, Recv, Relay,
+    Watchdog,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -276,6 +280,27 @@ class Probe:
                 frame.release()
             kept["raw"] = pickle.PickleBuffer(view)
             self.out.send(conn, cmd + b":kept")
+        elif cmd == b"edges":
+            # What out.send refuses, and what it reads in place (a slice, an equal int).
+            released = memoryview(b"abcdef")
+            released.release()
+            r = []
+            for name, f in [
+                ("released", lambda: self.out.send(conn, released)),
+                ("revoked", lambda: self.out.send(conn, kept["frame"])),
+                ("strided", lambda: self.out.send(conn, memoryview(b"abcdef")[::2])),
+                ("one-arg", lambda: self.out.send(conn)),
+                ("keywords", lambda: self.out.send(conn=conn, data=b"x")),
+                ("bad-conn", lambda: self.out.send("1", b"x")),
+            ]:
+                try:
+                    f()
+                    r.append(name + ":sent")
+                except Exception as e:
+                    r.append(name + ":" + type(e).__name__)
+            self.out.send(int(str(conn)), frame[1:3])
+            self.out.push(conn, bytearray(b"pushed"))
+            self.out.send(conn, " ".join(r))
         elif cmd == b"ticks":
             self.out.send(conn, str(ticks[0]))
         elif cmd.startswith(b"hash:"):
@@ -312,16 +337,24 @@ with open(MARK, "a") as f:
 fn probe_relay(name: &str) -> Option<(Relay, Watchdog, PathBuf, Client)> {
     let py = python()?;
     let dog = Watchdog::new(name, Duration::from_secs(120));
+    let (cmd, mark) = probe_cmd(name, &py);
+    let relay = Relay::start_serving(name, &["--workers", "1", "--worker-cmd", &cmd]);
+    let client = relay.connect();
+    Some((relay, dog, mark, client))
+}
+
+/// The command that runs `PROBE_WORKER` with `py`, and the path of its `MARK` file.
+fn probe_cmd(name: &str, py: &str) -> (String, PathBuf) {
     let dir = std::env::temp_dir().join(format!("shmrelay-py-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = dir.join("probe.py");
     let mark = dir.join("MARK");
     let _ = std::fs::remove_file(&mark);
     std::fs::write(&script, PROBE_WORKER).unwrap();
-    let cmd = format!("{py} {} {}", script.display(), mark.display());
-    let relay = Relay::start_serving(name, &["--workers", "1", "--worker-cmd", &cmd]);
-    let client = relay.connect();
-    Some((relay, dog, mark, client))
+    (
+        format!("{py} {} {}", script.display(), mark.display()),
+        mark,
+    )
 }
 
 #[test]
@@ -367,6 +400,18 @@ fn frame_views_kept_past_the_callback_raise_instead_of_reading_the_ring() {
         c.roundtrip_within(b"gc-scan", WAIT),
         Recv::Frame(b"readable views: 0".to_vec())
     );
+    // out.send's fast paths refuse what the buffer protocol refuses (a released, revoked or
+    // strided view), take positional arguments only, and read a slice of the frame in place;
+    // an int equal to the callback's `conn` but another object works too.
+    c.try_send(b"edges").unwrap();
+    for want in [
+        &b"dg"[..],
+        b"pushed",
+        b"released:TypeError revoked:TypeError strided:TypeError one-arg:TypeError \
+          keywords:TypeError bad-conn:TypeError",
+    ] {
+        assert_eq!(c.recv_data(WAIT), Recv::Frame(want.to_vec()));
+    }
     // Out belongs to the worker thread: another thread cannot use it, even during a callback.
     assert_eq!(
         c.roundtrip_within(b"thread-out", WAIT),
@@ -634,4 +679,75 @@ fn a_plain_function_is_a_handler_too_and_a_second_attach_is_refused() {
         c.roundtrip_within(b"plain", WAIT),
         Recv::Frame(b"plain".to_vec())
     );
+}
+
+#[test]
+fn ws_echo_example_keeps_kinds_closes_with_codes_and_sees_the_handshake() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python ws echo", Duration::from_secs(180));
+    let cmd = format!("{py} {}", example("ws_echo.py").display());
+    let relay = Relay::start_ws_echo("pywsecho", &cmd);
+    let pid = relay.worker_pid(0);
+    check_ws_echo_example(&relay);
+    // What Python raised for each refused close (caught by the example, which answers it).
+    let (mut ws, _) = ws_connect(relay.addr, "/", &[]);
+    let _greeting = ws_next(&mut ws);
+    for (code, raised) in [
+        ("1005", "SendError: "),
+        ("999", "SendError: "),
+        ("70000", "OverflowError: "),
+        ("-1", "OverflowError: "),
+        ("x", "ValueError: "),
+    ] {
+        ws.send(Message::Text(format!("close {code} no"))).unwrap();
+        let want = format!("close refused: {raised}");
+        match ws_next(&mut ws) {
+            Message::Text(t) if t.starts_with(&want) => {}
+            other => panic!("close {code}: {other:?}, not {want}..."),
+        }
+    }
+    assert_eq!(relay.worker_pid(0), pid, "the worker kept serving");
+    assert_eq!(relay.stats().worker(0).crashes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn on_a_websocket_listener_views_are_revoked_and_a_raising_handler_gets_the_error_reply() {
+    let Some(py) = python() else { return };
+    let _dog = Watchdog::new("python ws probe", Duration::from_secs(120));
+    let (cmd, _) = probe_cmd("pywsprobe", &py);
+    let relay = Relay::start_websocket("pywsprobe", &["--workers", "1", "--worker-cmd", &cmd]);
+    let (mut ws, _) = ws_connect(relay.addr, "/", &[]);
+    let mut roundtrip = |m: Message| {
+        ws.send(m).unwrap();
+        ws_next(&mut ws)
+    };
+    // `send` answers with the kind of the message being handled.
+    assert_eq!(
+        roundtrip(Message::Text("keep".into())),
+        Message::Text("kept".into())
+    );
+    for i in 0..50u32 {
+        let m = Message::Binary(i.to_be_bytes().to_vec());
+        assert_eq!(roundtrip(m.clone()), m);
+    }
+    assert_eq!(
+        roundtrip(Message::Text("probe".into())),
+        Message::Text(
+            "frame:revoked slice:revoked cast:revoked view:revoked iter:revoked len:revoked".into()
+        )
+    );
+    assert_eq!(
+        roundtrip(Message::Binary(b"gc-scan".to_vec())),
+        Message::Binary(b"readable views: 0".to_vec())
+    );
+    let pid = relay.worker_pid(0);
+    assert_eq!(
+        roundtrip(Message::Text("raise".into())),
+        Message::Text("shmrelay-error: the worker's handler raised an exception".into())
+    );
+    assert_eq!(
+        roundtrip(Message::Text("next".into())),
+        Message::Text("next".into())
+    );
+    assert_eq!(relay.worker_pid(0), pid, "the worker did not restart");
 }

@@ -1,6 +1,7 @@
 //! The C examples, compiled with `cc` against the static library and started by the real
-//! relay with `--worker-cmd`, serving real clients: echo round trips, chat pushes, and no
-//! request lost when the C worker is killed under pipelined load.
+//! relay with `--worker-cmd`, serving real clients: echo round trips, chat pushes, no
+//! request lost when the C worker is killed under pipelined load, and the websocket echo's
+//! kinds, close codes and handshake fields with a real websocket client.
 //!
 //! The static library is the one cargo built for this test run, beside the test executable in
 //! `target/<profile>/deps/` (the copy in `target/<profile>/` is refreshed only by `cargo
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shmrelay_tests::{eventually, pattern, signal, Recv, Relay, Watchdog};
+use shmrelay_tests::{check_ws_echo_example, eventually, pattern, signal, Recv, Relay, Watchdog};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -374,6 +375,17 @@ fn c_worker_killed_under_pipelined_load_loses_no_request() {
         "{answered} requests answered exactly once across {KILLS} kills of the C worker \
          (the last replacements: {redelivered} frames redelivered, {skipped} skipped as answered)"
     );
+}
+
+#[test]
+fn c_ws_echo_keeps_kinds_closes_with_codes_and_reads_the_handshake() {
+    let _w = Watchdog::new("c_ws_echo", Duration::from_secs(120));
+    let relay = Relay::start_ws_echo("cwsecho", &worker_cmd("ws_echo", Link::Static));
+    let pid = relay.worker_pid(0);
+    check_ws_echo_example(&relay);
+    assert_eq!(relay.worker_pid(0), pid, "the worker kept serving");
+    let crashes = relay.stats().worker(0).crashes.load(Ordering::Relaxed);
+    assert_eq!(crashes, 0);
 }
 
 #[test]

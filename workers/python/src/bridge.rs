@@ -29,6 +29,41 @@ pub struct Bridge {
     pub stop: Option<PyErr>,
     /// The last frame's view, kept for the next frame (see `frame.rs`).
     spare: Option<Spare>,
+    conn_ints: ConnInts,
+}
+
+/// Slots of [`ConnInts`]: a power of two.
+const CONN_INTS: usize = 1024;
+
+/// The Python `int`s of recent connection ids, so that a frame's callback does not allocate
+/// (and free) one: a connection id is above 2^32, so never one of CPython's cached small ints,
+/// and consecutive frames often come from one connection (a client's pipelined frames share a
+/// record) or from a set of connections that fits. Direct-mapped by the id's slot; an `int` is
+/// immutable, so handing the same object out again is invisible to Python code.
+struct ConnInts(Box<[Option<ConnInt>]>);
+
+/// A connection id and its `int`.
+type ConnInt = (u64, Py<PyAny>);
+
+impl ConnInts {
+    fn new() -> ConnInts {
+        ConnInts((0..CONN_INTS).map(|_| None).collect())
+    }
+
+    /// The `int` of the connection id `raw`.
+    fn get<'a, 'py>(&'a mut self, py: Python<'py>, raw: u64) -> PyResult<&'a Bound<'py, PyAny>> {
+        // The slot index (low bits) mixed with the front (top byte).
+        let at = (raw ^ (raw >> 56)) as usize & (CONN_INTS - 1);
+        let slot = &mut self.0[at];
+        let hit = matches!(slot, Some((r, _)) if *r == raw);
+        if !hit {
+            *slot = Some((raw, raw.into_pyobject(py)?.into_any().unbind()));
+        }
+        match slot {
+            Some((_, int)) => Ok(int.bind(py)),
+            None => unreachable!("filled above"),
+        }
+    }
 }
 
 impl Bridge {
@@ -59,6 +94,7 @@ impl Bridge {
             in_run,
             stop: None,
             spare: None,
+            conn_ints: ConnInts::new(),
         })
     }
 
@@ -73,18 +109,20 @@ impl Bridge {
         if pick(self).is_none() {
             return;
         }
-        Python::attach(|py| {
-            let Some(cb) = pick(self).map(|cb| cb.clone_ref(py)) else {
-                return;
-            };
-            let o = self.out.get();
-            let scope = OutScope::enter(o, out, None);
-            let r = cb.call1(py, (conn.raw(), text));
-            drop(scope);
-            if let Err(e) = r {
-                self.failed(py, e);
-            }
-        })
+        let py = gil_held();
+        let Some(cb) = pick(self).map(|cb| cb.clone_ref(py)) else {
+            return;
+        };
+        let o = self.out.get();
+        let scope = OutScope::enter(o, out, None);
+        let r = self
+            .conn_ints
+            .get(py, conn.raw())
+            .and_then(|c| cb.call1(py, (c, text)));
+        drop(scope);
+        if let Err(e) = r {
+            self.failed(py, e);
+        }
     }
 
     fn failed(&mut self, py: Python<'_>, e: PyErr) {
@@ -116,39 +154,51 @@ impl Handler for Bridge {
     }
 
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], redelivered: bool, out: &mut SdkOut<'_>) {
-        // The caller holds the GIL for the whole batch (`run`, `poll_once`): this is the cheap
-        // nested attach, not a GIL acquisition per frame.
-        Python::attach(|py| {
-            let o = self.out.get();
-            let scope = OutScope::enter(o, out, Some(conn));
-            let r = FrameView::new(py, frame, &mut self.spare).and_then(|view| {
-                let r = self
-                    .on_frame
-                    .call1(py, (conn.raw(), view.object(), redelivered));
-                if view.finish(&mut self.spare) == Revoked::RawExport {
-                    frame_escaped(conn);
-                }
-                r
-            });
-            drop(scope);
-            if let Err(e) = r {
-                let touched = o.touched();
-                self.failed(py, e);
-                if !touched {
-                    let body = out
-                        .codec()
-                        .error_body("the worker's handler raised an exception");
-                    // A failure is noted by the SDK (this is the frame being answered),
-                    // which then settles the frame itself: its error reply, or a close.
-                    let _ = out.send(conn, &body);
-                }
+        let py = gil_held();
+        let o = self.out.get();
+        let r = match self.conn_ints.get(py, conn.raw()) {
+            Ok(conn_int) => {
+                let scope = OutScope::enter(o, out, Some((conn, conn_int)));
+                let r = FrameView::new(py, frame, &mut self.spare).and_then(|view| {
+                    let r = self
+                        .on_frame
+                        .call1(py, (conn_int, view.object(), redelivered));
+                    if view.finish(&mut self.spare) == Revoked::RawExport {
+                        frame_escaped(conn);
+                    }
+                    r
+                });
+                drop(scope);
+                r.map_err(|e| (e, o.touched()))
             }
-        })
+            Err(e) => Err((e, false)),
+        };
+        if let Err((e, touched)) = r {
+            self.failed(py, e);
+            if !touched {
+                let body = out
+                    .codec()
+                    .error_body("the worker's handler raised an exception");
+                // A failure is noted by the SDK (this is the frame being answered),
+                // which then settles the frame itself: its error reply, or a close.
+                let _ = out.send(conn, &body);
+            }
+        }
     }
 
     fn on_close(&mut self, conn: ConnId, reason: CloseReason, out: &mut SdkOut<'_>) {
         self.notify(|b| b.on_close.as_ref(), conn, reason.as_str(), out);
     }
+}
+
+/// The GIL token for a callback. The SDK calls the bridge only from `Worker.run` and
+/// `Worker.poll_once`, which hold the GIL across each batch (`run` releases it only around the
+/// SDK's park, outside any callback); `Python::attach` would only re-check that, at two
+/// thread-local accesses per event (each a `__tls_get_addr` call in a shared library).
+fn gil_held() -> Python<'static> {
+    // SAFETY: the GIL is held by this thread whenever the SDK calls the bridge (above), and
+    // the token does not leave the callback that took it.
+    unsafe { Python::assume_attached() }
 }
 
 /// A raw buffer of the frame outlives its callback: its holder could read ring memory the

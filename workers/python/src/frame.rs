@@ -64,6 +64,8 @@ struct MemoryView {
 const MANAGED_BUFFER_RELEASED: c_int = 0x001;
 /// `_Py_MEMORYVIEW_RELEASED`: this memoryview was released (`frame.release()`).
 const MEMORYVIEW_RELEASED: c_int = 0x001;
+/// `_Py_MEMORYVIEW_C`: the view's bytes are C-contiguous (`view.len` bytes at `view.buf`).
+const MEMORYVIEW_C: c_int = 0x002;
 
 /// A frame view that is alive during one callback.
 pub struct FrameView<'py> {
@@ -226,6 +228,41 @@ impl<'py> FrameView<'py> {
     }
 }
 
+/// The bytes of `data` if it is a `memoryview` (exactly) that is usable and C-contiguous:
+/// what `PyObject_GetBuffer(data, PyBUF_SIMPLE)` would give, without the export. None for
+/// anything else (the caller takes the buffer protocol's path, with its errors).
+///
+/// The slice is valid while the GIL is held and no Python code runs: only Python code can
+/// release the view, and a view that is not released keeps its exporter alive.
+pub fn contiguous_view_bytes<'a>(data: &'a Bound<'_, PyAny>) -> Option<&'a [u8]> {
+    let p = data.as_ptr();
+    // SAFETY: a live object (we hold a reference and the GIL); the type is compared, not
+    // called.
+    if unsafe { ffi::Py_TYPE(p) } != std::ptr::addr_of_mut!(ffi::PyMemoryView_Type) {
+        return None;
+    }
+    let mv = p.cast::<MemoryView>();
+    // SAFETY: a memoryview (exact type checked), layout proven by `check_layout` at import;
+    // `mbuf` is checked non-null before it is read. A view that is not released, on a managed
+    // buffer that is not released, shows `view.len` bytes at `view.buf` when it is
+    // C-contiguous (what memory_getbuf checks before exporting them).
+    unsafe {
+        let m = (*mv).mbuf;
+        let usable = (*mv).flags & (MEMORYVIEW_RELEASED | MEMORYVIEW_C) == MEMORYVIEW_C
+            && !m.is_null()
+            && (*m).flags & MANAGED_BUFFER_RELEASED == 0;
+        let len = usize::try_from((*mv).view.len).ok()?;
+        if !usable {
+            return None;
+        }
+        Some(if len == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts((*mv).view.buf.cast_const().cast::<u8>(), len)
+        })
+    }
+}
+
 /// Whether a view that shares `mbuf` (a slice or cast of the frame kept past the callback)
 /// has raw buffers exported. Only runs when such views exist, which is a bug in the handler;
 /// it walks the garbage collector's objects.
@@ -292,6 +329,15 @@ pub fn check_layout(py: Python<'_>) -> PyResult<()> {
     if !second {
         return Err(bad("managed buffer sharing"));
     }
+    // What reading a view's bytes in place relies on (`contiguous_view_bytes`): the flags
+    // say which views are C-contiguous, and where a slice starts.
+    let strided = view.get_item(pyo3::types::PySlice::new(py, 0, 8, 2))?;
+    let flags_ok = contiguous_view_bytes(&slice).is_some_and(|b| b == b"hmr")
+        && contiguous_view_bytes(&strided).is_none()
+        && contiguous_view_bytes(&view).is_some_and(|b| b == b"shmrelay");
+    if !flags_ok {
+        return Err(bad("memoryview contiguity flags"));
+    }
     // What reusing a frame view relies on: where a view made over raw memory keeps its
     // shape, that it caches no hash yet, and where its weak references are listed.
     let mem = *b"shmrelay";
@@ -302,7 +348,8 @@ pub fn check_layout(py: Python<'_>) -> PyResult<()> {
     // the last declared field, inside the object whatever the layout.
     let third = unsafe {
         let m = (*fv).mbuf;
-        (*fv).view.ndim == 1
+        (*fv).flags & (MEMORYVIEW_RELEASED | MEMORYVIEW_C) == MEMORYVIEW_C
+            && (*fv).view.ndim == 1
             && (*fv).view.itemsize == 1
             && (*fv).view.shape == std::ptr::addr_of_mut!((*fv).ob_array).cast()
             && (*fv).ob_array[0] == 8

@@ -21,6 +21,7 @@
 //! ```
 
 mod bridge;
+mod fastcall;
 mod frame;
 mod out;
 
@@ -241,6 +242,7 @@ fn shmrelay_worker_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     frame::check_layout(py)?;
     m.add_class::<Worker>()?;
     m.add_class::<Out>()?;
+    fastcall::install(py)?;
     m.add_function(wrap_pyfunction!(stop_requested, m)?)?;
     m.add("WorkerError", py.get_type::<WorkerError>())?;
     m.add("SendError", py.get_type::<SendError>())?;

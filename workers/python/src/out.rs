@@ -2,7 +2,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64};
-use std::thread::ThreadId;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::ffi;
@@ -27,7 +26,10 @@ pyo3::create_exception!(
 #[pyclass(module = "shmrelay_worker", frozen)]
 pub struct Out {
     /// The worker's thread: the only one that runs callbacks, so the only one that may send.
-    owner: ThreadId,
+    /// A `pthread_t` rather than a `ThreadId`: `pthread_self` is one load, while
+    /// `thread::current()` takes and drops a reference to the thread's handle (two atomic
+    /// read-modify-writes) on every send.
+    owner: libc::pthread_t,
     /// The SDK's `Out` of the callback running now; null outside callbacks. Set and cleared
     /// by [`OutScope`] on `owner`.
     sdk: AtomicPtr<SdkOut<'static>>,
@@ -36,6 +38,10 @@ pub struct Out {
     /// gets the codec's error reply instead of leaving the client waiting).
     answering: AtomicU64,
     answering_set: AtomicBool,
+    /// The Python `int` the callback was given for `answering` (null if none): a `conn`
+    /// argument that is this very object needs no conversion (the object is alive for the
+    /// whole callback, and an `int` never changes).
+    answering_int: AtomicPtr<ffi::PyObject>,
     touched: AtomicBool,
     /// In `on_open` of a websocket client: path, subprotocol, authorization, cookie.
     upgrade: std::sync::Mutex<Option<[String; 4]>>,
@@ -48,10 +54,11 @@ pub struct Out {
 impl Out {
     pub fn new() -> Out {
         Out {
-            owner: std::thread::current().id(),
+            owner: this_thread(),
             sdk: AtomicPtr::new(std::ptr::null_mut()),
             answering: AtomicU64::new(0),
             answering_set: AtomicBool::new(false),
+            answering_int: AtomicPtr::new(std::ptr::null_mut()),
             touched: AtomicBool::new(false),
             upgrade: std::sync::Mutex::new(None),
         }
@@ -72,7 +79,7 @@ impl Out {
         conn: u64,
         f: impl FnOnce(&mut SdkOut<'static>, ConnId) -> Result<R, SdkSendError>,
     ) -> PyResult<R> {
-        if std::thread::current().id() != self.owner {
+        if this_thread() != self.owner {
             return Err(PyRuntimeError::new_err(
                 "shmrelay_worker.Out is usable only on the worker's thread, during a callback",
             ));
@@ -94,19 +101,36 @@ impl Out {
     }
 }
 
+/// The calling thread (a live thread's id is unique in the process; compared, never
+/// dereferenced).
+fn this_thread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions and cannot fail.
+    unsafe { libc::pthread_self() }
+}
+
 /// Points `out` at the SDK's `Out` for the duration of one callback.
 pub struct OutScope<'a> {
     out: &'a Out,
 }
 
 impl<'a> OutScope<'a> {
-    /// Must be called on the thread that created `out` (the worker's).
-    pub fn enter(out: &'a Out, sdk: &mut SdkOut<'_>, answering: Option<ConnId>) -> OutScope<'a> {
-        debug_assert_eq!(std::thread::current().id(), out.owner);
+    /// Must be called on the thread that created `out` (the worker's). `answering`: the
+    /// connection whose frame is being handled, and the `int` the callback gets for it, which
+    /// must stay alive until the scope ends.
+    pub fn enter(
+        out: &'a Out,
+        sdk: &mut SdkOut<'_>,
+        answering: Option<(ConnId, &Bound<'_, PyAny>)>,
+    ) -> OutScope<'a> {
+        debug_assert_eq!(this_thread(), out.owner);
         out.sdk.store((sdk as *mut SdkOut<'_>).cast(), Relaxed);
         out.answering
-            .store(answering.map_or(0, ConnId::raw), Relaxed);
+            .store(answering.map_or(0, |(c, _)| c.raw()), Relaxed);
         out.answering_set.store(answering.is_some(), Relaxed);
+        out.answering_int.store(
+            answering.map_or(std::ptr::null_mut(), |(_, int)| int.as_ptr()),
+            Relaxed,
+        );
         out.touched.store(false, Relaxed);
         OutScope { out }
     }
@@ -116,28 +140,29 @@ impl Drop for OutScope<'_> {
     fn drop(&mut self) {
         self.out.sdk.store(std::ptr::null_mut(), Relaxed);
         self.out.answering_set.store(false, Relaxed);
+        self.out.answering_int.store(std::ptr::null_mut(), Relaxed);
+    }
+}
+
+impl Out {
+    /// `send(conn, data)` and `push(conn, data)` (see `fastcall.rs`, which makes them the
+    /// type's methods): queues `data` as one frame to `conn`. Blocks while the reply ring is
+    /// full; `SendError` if it cannot be queued.
+    pub fn send_data(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let conn = if conn.as_ptr() == self.answering_int.load(Relaxed) {
+            // The `conn` the callback was given (null never matches a live object).
+            self.answering.load(Relaxed)
+        } else {
+            raw_conn(conn)?
+        };
+        with_bytes(data, |bytes| {
+            self.with_sdk(conn, |out, c| out.send(c, bytes))
+        })
     }
 }
 
 #[pymethods]
 impl Out {
-    /// Queues `data` as one frame to `conn` (normally the reply to the frame being handled).
-    ///
-    /// Blocks while the reply ring is full. Raises `SendError` if it cannot be queued; a
-    /// failed reply to the frame being handled is then answered with the codec's error reply.
-    fn send(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let conn = raw_conn(conn)?;
-        with_bytes(data, |bytes| {
-            self.with_sdk(conn, |out, c| out.send(c, bytes))
-        })
-    }
-
-    /// Queues `data` as one frame to another live connection `conn` (a push). The same as
-    /// `send`; a push to a connection that closed meanwhile is dropped by the front.
-    fn push(&self, conn: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.send(conn, data)
-    }
-
     /// Asks the front to close `conn` once what was queued to it before is written.
     fn close(&self, conn: &Bound<'_, PyAny>) -> PyResult<()> {
         self.with_sdk(raw_conn(conn)?, |out, c| out.close(c))
@@ -214,9 +239,17 @@ fn raw_conn(conn: &Bound<'_, PyAny>) -> PyResult<u64> {
 }
 
 /// Calls `f` with the bytes of `data` (bytes, str, or any object with a contiguous buffer).
+///
+/// `f` must not run Python code: the bytes of a `memoryview` are read without taking a
+/// buffer from it, so only the GIL keeps it from being released meanwhile.
 fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> PyResult<R>) -> PyResult<R> {
     if let Ok(b) = data.cast::<PyBytes>() {
         return f(b.as_bytes());
+    }
+    // The frame itself (an echo), or a slice of it: read in place, as the buffer protocol
+    // would give it, without its export and release per reply.
+    if let Some(bytes) = crate::frame::contiguous_view_bytes(data) {
+        return f(bytes);
     }
     if let Ok(s) = data.cast::<PyString>() {
         return f(s.to_str()?.as_bytes());
