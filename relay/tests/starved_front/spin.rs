@@ -22,10 +22,8 @@ pub fn make_spin(pid: u32) -> io::Result<()> {
     let pid = pid as libc::pid_t;
     let null = std::ptr::null_mut::<libc::c_void>();
     // SAFETY: PTRACE_ATTACH takes no pointers; it stops the tracee with SIGSTOP.
-    check(
-        unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, null, null) },
-        "PTRACE_ATTACH",
-    )?;
+    let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, null, null) };
+    check(r, "PTRACE_ATTACH")?;
     let result = rewrite(pid);
     // SAFETY: PTRACE_DETACH with signal 0 resumes the tracee and drops the attach's SIGSTOP.
     let detached = unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, null, null) };
@@ -54,17 +52,15 @@ fn rewrite(pid: libc::pid_t) -> io::Result<()> {
     // SAFETY: user_regs_struct is plain integers; all zeros is a valid value.
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
     // SAFETY: PTRACE_GETREGS writes one user_regs_struct into `regs`, which lives across it.
-    check(
-        unsafe {
-            libc::ptrace(
-                libc::PTRACE_GETREGS,
-                pid,
-                null,
-                &mut regs as *mut libc::user_regs_struct,
-            )
-        },
-        "PTRACE_GETREGS",
-    )?;
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGS,
+            pid,
+            null,
+            &mut regs as *mut libc::user_regs_struct,
+        )
+    };
+    check(r, "PTRACE_GETREGS")?;
     let at = regs.rip as *mut libc::c_void;
     // PEEKTEXT returns the word itself, so -1 is only an error if errno says so.
     // SAFETY: __errno_location is this thread's errno; PEEKTEXT reads the tracee, not us.
@@ -78,23 +74,19 @@ fn rewrite(pid: libc::pid_t) -> io::Result<()> {
     };
     let patched = (word & !0xFFFF) | JMP_SELF;
     // SAFETY: POKETEXT writes one word into the tracee's (private, copied-on-write) text.
-    check(
-        unsafe { libc::ptrace(libc::PTRACE_POKETEXT, pid, at, patched as *mut libc::c_void) },
-        "PTRACE_POKETEXT",
-    )?;
+    let r = unsafe { libc::ptrace(libc::PTRACE_POKETEXT, pid, at, patched as *mut libc::c_void) };
+    check(r, "PTRACE_POKETEXT")?;
     // Not inside a system call any more: no restart, so it resumes at `at`.
     regs.orig_rax = u64::MAX;
     // SAFETY: PTRACE_SETREGS reads one user_regs_struct from `regs`.
-    check(
-        unsafe {
-            libc::ptrace(
-                libc::PTRACE_SETREGS,
-                pid,
-                null,
-                &regs as *const libc::user_regs_struct,
-            )
-        },
-        "PTRACE_SETREGS",
-    )?;
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGS,
+            pid,
+            null,
+            &regs as *const libc::user_regs_struct,
+        )
+    };
+    check(r, "PTRACE_SETREGS")?;
     Ok(())
 }
