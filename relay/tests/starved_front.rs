@@ -39,12 +39,27 @@ fn waited_ns(pid: u32) -> u64 {
     procfs::sched_times(pid).map_or(0, |t| t.run_queue_wait_ns)
 }
 
-/// A new client is served (by the replaced front) within a generous wait.
-fn replacement_serves(relay: &Relay) -> bool {
-    eventually(Duration::from_secs(30), || {
+/// Whether front 0 (pid `front`) is replaced within a generous wait; `also` runs at each
+/// look.
+fn replaced(relay: &Relay, front: u32, mut also: impl FnMut()) -> bool {
+    eventually(Duration::from_secs(60), || {
+        also();
+        let now = relay.front_pid(0);
+        now != front && now != 0
+    })
+}
+
+/// After a replacement: the watchdog counted the stall, the front was restarted, and the new
+/// front serves a new client.
+fn the_watchdog_replaced_it(relay: &Relay, before: (u32, u32, u64)) {
+    let (_, restarts, hangs) = front_state(relay);
+    assert!(hangs > before.2, "the replacement was not the watchdog's");
+    assert!(restarts > before.1);
+    let served = eventually(Duration::from_secs(30), || {
         let mut c = relay.connect();
         c.roundtrip_within(b"again", Duration::from_secs(5)) == Recv::Frame(b"again".to_vec())
-    })
+    });
+    assert!(served, "the replacement front does not serve");
 }
 
 #[test]
@@ -135,26 +150,17 @@ fn a_front_starved_of_cpu_is_not_killed_but_a_stopped_one_is() {
     // had the slice it needs to stop), so the watchdog still replaces it.
     let throttle = cgroup::Throttle::start(front).expect("throttled once already");
     signal(front, SIGSTOP);
-    let replaced = eventually(Duration::from_secs(60), || {
-        let now = relay.front_pid(0);
-        now != front && now != 0
-    });
+    let replaced = replaced(&relay, front, || {});
     drop(throttle);
     assert!(
         replaced,
         "a stopped front in the starved group was never replaced"
     );
-    let (_, restarts, hangs) = front_state(&relay);
-    assert!(hangs > before.2, "the replacement was not the watchdog's");
-    assert!(restarts > before.1);
-    assert!(
-        replacement_serves(&relay),
-        "the replacement front does not serve"
-    );
+    the_watchdog_replaced_it(&relay, before);
 }
 
 /// A front whose loop spins (runnable and on the CPU, no loop activity) is killed like a
-/// stopped one: the run-queue discount must not cover it.
+/// stopped one: the starvation rule must not cover it (it is charged the CPU it burns).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn a_front_spinning_without_loop_activity_is_killed() {
@@ -174,25 +180,17 @@ fn a_front_spinning_without_loop_activity_is_killed() {
     let cpu0 = procfs::stat(front).expect("front alive").cpu_ticks;
     spin::make_spin(front).expect("ptrace the front into a spin");
     let mut spun = None;
-    let replaced = eventually(Duration::from_secs(60), || {
+    let replaced = replaced(&relay, front, || {
         if let Ok(s) = procfs::stat(front) {
             if s.state == 'R' && s.cpu_ticks > cpu0 {
                 spun = Some(s.cpu_ticks - cpu0);
             }
         }
-        let now = relay.front_pid(0);
-        now != front && now != 0
     });
     if !replaced {
         signal(front, libc::SIGKILL);
     }
     println!("spinning front: {spun:?} clock ticks seen running");
     assert!(replaced, "a spinning front was never replaced");
-    let (_, restarts, hangs) = front_state(&relay);
-    assert!(hangs > before.2, "the replacement was not the watchdog's");
-    assert!(restarts > before.1);
-    assert!(
-        replacement_serves(&relay),
-        "the replacement front does not serve"
-    );
+    the_watchdog_replaced_it(&relay, before);
 }

@@ -548,7 +548,9 @@ def cpu_rows(r, floor):
     out = []
     cpu, bps = r.get("steady_cpu"), r.get("steady_beats_per_s")
     if cpu is None or not bps:
-        return ["| relay CPU per heartbeat | n/a (no heartbeats counted in the steady samples) |"]
+        return ["| relay CPU per heartbeat | n/a (no heartbeat exchanges in the steady samples: in "
+                "`pings` the front pings a connection after ping_min_ms of silence, so the window "
+                "must be longer than that) |"]
     us = cpu / 100 * 1e6 / bps
     what = "answered ping" if r["variant"] == "pings" else "heartbeat"
     out.append(f"| relay CPU per {what} (steady CPU / heartbeat exchanges per second) | "
