@@ -69,11 +69,34 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(stat(pid).ok()?.cpu_ticks as f64 / clock_ticks_per_sec())
 }
 
-/// Nanoseconds `pid`'s main thread has spent runnable but waiting for a CPU (the second field
-/// of `/proc/PID/schedstat`): on an overloaded machine this is how late the kernel made it.
-pub fn run_queue_wait_ns(pid: u32) -> Option<u64> {
+/// The scheduler's times of a thread, from `/proc/PID/schedstat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedTimes {
+    /// Nanoseconds on a CPU (kept current while it runs, to within a scheduler tick).
+    pub on_cpu_ns: u64,
+    /// Nanoseconds runnable but waiting for a CPU (held back by other work, or by a cgroup's
+    /// CPU quota). A wait is added when the thread next gets a CPU: one still going on is
+    /// not in it yet, however long it has lasted.
+    pub run_queue_wait_ns: u64,
+}
+
+/// [`SchedTimes`] of `pid`'s main thread (`None` if it is gone or the kernel keeps no such
+/// statistics).
+///
+/// ```
+/// use shmrelay::procfs::sched_times;
+/// // (A thread still in its first slice may show 0 ns on a CPU: the figure is brought up to
+/// // date at scheduler ticks.)
+/// assert!(sched_times(std::process::id()).is_some());
+/// assert_eq!(sched_times(u32::MAX), None);
+/// ```
+pub fn sched_times(pid: u32) -> Option<SchedTimes> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
-    s.split_whitespace().nth(1)?.parse().ok()
+    let mut f = s.split_whitespace().map(str::parse::<u64>);
+    Some(SchedTimes {
+        on_cpu_ns: f.next()?.ok()?,
+        run_queue_wait_ns: f.next()?.ok()?,
+    })
 }
 
 /// Every pid in `/proc` (empty if `/proc` cannot be read).

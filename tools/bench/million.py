@@ -27,6 +27,20 @@ Options (defaults in brackets):
   --out DIR                  --no-build (use the release binaries already built)
   --bin DIR                  (use the binaries in DIR, e.g. target/debug, without building)
   --no-sysctl                (check the kernel settings but do not change them)
+  --floor / --no-floor       [--floor] measure the heartbeat floor first (below)
+  --floor-conns N [16000]    --floor-seconds S [60]   (the floor's server is one process,
+                             relaybench one too: both under the 20,000 open-files limit)
+
+CPU per heartbeat: issue 15 asks for steady relay CPU per heartbeat within 1.2x of the floor
+measured in the same run, as % of a core at 1M with 60-s beats. Before the variants,
+tools/bench/heartbeat_floor.sh --servers tokio measures the floor (a one-thread tokio echo
+answering length-0 frames) at the million run's beat rate (conns / beat per second, 16,667/s
+for 1M at 60 s) with fewer connections (--floor-conns beating every floor-conns / rate s,
+0.96 s by default). Per variant the summary gives the relay's steady CPU divided by the
+heartbeat exchanges it answered per second over the same samples (length-0 frames in; in
+`pings` those are the answers to its pings), the floor's CPU per heartbeat, their ratio, the
+relay's CPU as % of a core, and both projected to 1M with 60-s beats (CPU per heartbeat x
+16,667/s).
 
 The kernel settings a million loopback connections need are checked first and, as root,
 raised (never lowered) with a note of the old value: net.core.somaxconn,
@@ -107,6 +121,9 @@ def parse_args(argv):
     ap.add_argument("--bin")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-sysctl", action="store_true")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--floor-conns", type=int, default=16_000)
+    ap.add_argument("--floor-seconds", type=float, default=60.0)
     a = ap.parse_args(argv)
     o = dict(vars(a))
     o["variants"] = [v for v in a.variants.split(",") if v]
@@ -349,7 +366,7 @@ def stop(p, sig=signal.SIGTERM, wait=30):
 
 COLUMNS = ["t_s", "phase", "conns", "relay_private_mib", "rings_mib", "supervisor_mib",
            "slab_delta_mib", "socket_slabs_mib", "tcp_mem_mib", "relay_cpu_pct", "client_cpu_pct", "client_rss_mib",
-           "load1"]
+           "load1", "beats_per_s"]
 
 
 def run_variant(o, variant, bin_dir, fronts, outdir):
@@ -385,7 +402,7 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
         hold = subprocess.Popen(hold_args, stdout=hold_out, stderr=open(hold_log, "w"),
                                 start_new_session=True)
         t0 = time.time()
-        rows, hold_at, prev = [], None, None
+        rows, hold_at, prev, prev_beats = [], None, None, None
         tsv = open(os.path.join(outdir, "samples.tsv"), "w")
         tsv.write("\t".join(COLUMNS) + "\n")
         log(" ".join(f"{c[:9]:>9}" for c in COLUMNS))
@@ -404,6 +421,8 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
             c = Usage(hold.pid, procs)
             rep = relay_report(bin_dir, instance)
             conns = rep.get("connections", 0) if rep else 0
+            # Heartbeat exchanges: length-0 frames in (beats, and answers to the front's pings).
+            beats = sum(f.get("heartbeats", 0) for f in rep.get("fronts", [])) if rep else None
             _, tcpmem = sockstat()
             if prev is not None:
                 dt = now - prev[0]
@@ -412,17 +431,22 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
             else:
                 rcpu = ccpu = 0.0
             prev = (now, u.ticks, c.ticks)
+            bps = None
+            if beats is not None:
+                if prev_beats is not None:
+                    bps = max(0, beats - prev_beats[1]) / (now - prev_beats[0])
+                prev_beats = (now, beats)
             phase = "ramp" if hold_at is None else (
                 "hold" if now <= hold_at + o["seconds"] else "end")
             row = [round(now, 1), phase, conns, u.anon / 1024, u.shmem / 1024, u.root_rss / 1024,
                    (meminfo_kb("Slab") - slab0) / 1024,
                    ((socket_slabs_kb() or 0) - (sock0 or 0)) / 1024,
                    (tcpmem - tcpmem0) * PAGE / 2**20,
-                   rcpu, ccpu, c.rss / 1024, load1()]
+                   rcpu, ccpu, c.rss / 1024, load1(), bps]
             rows.append(row)
             tsv.write("\t".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + "\n")
             tsv.flush()
-            log(" ".join(f"{v:>9.1f}" if isinstance(v, float) else f"{v:>9}" for v in row))
+            log(" ".join(f"{v:>9.1f}" if isinstance(v, float) else f"{str(v):>9}" for v in row))
             if rep is not None:
                 with open(os.path.join(outdir, "report-last.json"), "w") as f:
                     json.dump(rep, f)
@@ -466,6 +490,9 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
         ci, li = COLUMNS.index("relay_cpu_pct"), COLUMNS.index("load1")
         res["steady_cpu"] = (sum(r[ci] for r in steady) / len(steady)) if steady else None
         res["steady_load"] = (sum(r[li] for r in steady) / len(steady)) if steady else None
+        bi = COLUMNS.index("beats_per_s")
+        rated = [r[bi] for r in steady if r[bi] is not None]
+        res["steady_beats_per_s"] = (sum(rated) / len(rated)) if rated else None
     finally:
         stop(hold)
         stop(relay)
@@ -478,13 +505,78 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
     return res
 
 
+# --- the heartbeat floor --------------------------------------------------------------------
+
+def measure_floor(o, bin_dir, outdir):
+    """CPU per heartbeat of a one-thread tokio echo at the million run's beat rate, with
+    --floor-conns connections: tools/bench/heartbeat_floor.sh --servers tokio."""
+    os.makedirs(outdir, exist_ok=True)
+    rate = o["conns"] / o["beat"]
+    conns = min(o["floor_conns"], o["conns"])
+    beat = conns / rate
+    path = os.path.join(outdir, "floor.json")
+    if os.path.exists(path):
+        os.unlink(path)
+    args = ["--servers", "tokio", "--bin", os.path.abspath(bin_dir), "--conns", str(conns), "--heartbeat", f"{beat:g}",
+            "--seconds", f"{o['floor_seconds']:g}", "--rounds", "1", "--json", path]
+    res = {"cmd": "tools/bench/heartbeat_floor.sh " + " ".join(args), "conns": conns,
+           "heartbeat": beat, "rate": rate}
+    log(f"[floor] {res['cmd']}")
+    with open(os.path.join(outdir, "floor.log"), "w") as logf:
+        rc = subprocess.run([os.path.join(HERE, "heartbeat_floor.sh")] + args, stdout=logf,
+                            stderr=subprocess.STDOUT).returncode
+    try:
+        with open(path) as f:
+            row = json.loads(f.readline())
+    except (OSError, ValueError):
+        res["error"] = f"heartbeat_floor.sh failed ({rc}), see {outdir}/floor.log"
+        log(f"[floor] {res['error']}")
+        return res
+    res.update({k: row[k] for k in ("us_per_beat", "beats_per_s", "cpu_percent", "closes", "load1")})
+    log(f"[floor] {res['us_per_beat']:.2f} µs of CPU per heartbeat at {res['beats_per_s']:,.0f}/s "
+        f"({res['cpu_percent']:.1f}% of one core, load {res['load1']:.2f})")
+    return res
+
+
+# Heartbeats per second of a million connections beating every 60 s: the rate issue 15 asks
+# CPU at.
+MILLION_RATE = 1_000_000 / 60
+
+
+def cpu_rows(r, floor):
+    """The summary rows of CPU per heartbeat for variant result `r` against the floor."""
+    out = []
+    cpu, bps = r.get("steady_cpu"), r.get("steady_beats_per_s")
+    if cpu is None or not bps:
+        return ["| relay CPU per heartbeat | n/a (no heartbeat exchanges in the steady samples: in "
+                "`pings` the front pings a connection after ping_min_ms of silence, so the window "
+                "must be longer than that) |"]
+    us = cpu / 100 * 1e6 / bps
+    what = "answered ping" if r["variant"] == "pings" else "heartbeat"
+    out.append(f"| relay CPU per {what} (steady CPU / heartbeat exchanges per second) | "
+               f"{us:.2f} µs ({cpu:.1f}% of one core at {bps:,.0f}/s) |")
+    if floor and floor.get("us_per_beat"):
+        f = floor["us_per_beat"]
+        out.append(f"| floor: one-thread tokio echo, {floor['conns']:,} connections beating every "
+                   f"{floor['heartbeat']:g} s | {f:.2f} µs ({floor['cpu_percent']:.1f}% of one core at "
+                   f"{floor['beats_per_s']:,.0f}/s, load {floor['load1']:.2f}) |")
+        out.append(f"| **relay / floor, CPU per heartbeat** (target at most 1.2x) | **{us / f:.2f}x** |")
+        out.append(f"| at 1M with 60-s beats ({MILLION_RATE:,.0f}/s, projected) | relay "
+                   f"{us * MILLION_RATE / 1e4:.1f}% of one core; floor {f * MILLION_RATE / 1e4:.1f}% |")
+    else:
+        out.append(f"| floor | {'not measured (--no-floor)' if floor is None else floor.get('error', 'n/a')} |")
+        out.append(f"| at 1M with 60-s beats ({MILLION_RATE:,.0f}/s, projected) | relay "
+                   f"{us * MILLION_RATE / 1e4:.1f}% of one core |")
+    return out
+
+
 # --- the summary ----------------------------------------------------------------------------
 
 def per_conn(kb, n):
     return f"{kb * 1024 / n:,.0f} B" if n else "n/a"
 
 
-def summary(o, results, notes, fronts):
+def summary(o, results, notes, fronts, floor=None):
     out = []
     p = out.append
     p(f"## One million connections (issue 15): {o['conns']:,} connections, {fronts} fronts, "
@@ -495,6 +587,8 @@ def summary(o, results, notes, fronts):
       f"`tools/bench/scale.sh --million {' '.join(sys.argv[1:])}`")
     for n in notes:
         p(f"- {n}")
+    if floor is not None:
+        p(f"- heartbeat floor, measured first at {floor['rate']:,.0f} heartbeats/s: `{floor['cmd']}`")
     for r in results:
         h = r.get("hold") or {}
         v = r["variant"]
@@ -507,7 +601,7 @@ def summary(o, results, notes, fronts):
         p("")
         p("| figure | value |")
         p("|---|---|")
-        p(f"| opened / open at the end of the window | {h.get('opened', '?'):,} / {h.get('open_at_end', '?'):,} (ramp {h.get('ramp_secs', 0):.1f} s) |"
+        p(f"| opened / open at the end of the window | {h.get('opened', '?'):,} / {h.get('open_at_end', '?'):,} (ramp {h.get('ramp_secs', 0):.1f} s, {connect_rate(h)}) |"
           if h else "| relaybench hold | failed, see hold.log |")
         if h:
             p(f"| connect errors | {h['connect_errors']:,} {fmt_kinds(h.get('connect_error_kinds'))} |")
@@ -526,6 +620,8 @@ def summary(o, results, notes, fronts):
             if pf:
                 p(f"| connections per front (min / mean / max) | {min(pf):,} / {sum(pf) / len(pf):,.0f} / {max(pf):,} |")
             p(f"| relay CPU, steady hold (from {r.get('settle', 60):.0f} s in) | {fmt(r.get('steady_cpu'), '%.1f')}% of one core (load {fmt(r.get('steady_load'), '%.2f')}) |")
+            for row in cpu_rows(r, floor):
+                p(row)
             if h:
                 p(f"| relay CPU over the whole window (relaybench) | {fmt(h.get('server_cpu_percent'), '%.1f')}% of one core |")
                 p(f"| client CPU over the window | {h['client_cpu_seconds']:.1f} s |")
@@ -554,6 +650,14 @@ def summary(o, results, notes, fronts):
     return "\n".join(out) + "\n"
 
 
+def connect_rate(h):
+    """Connections opened per second of the ramp (relaybench's own figure where it has one)."""
+    if h.get("connect_rate"):
+        return f"{h['connect_rate']:,.0f} connects/s"
+    ramp = h.get("ramp_secs") or 0
+    return f"{h.get('opened', 0) / ramp:,.0f} connects/s" if ramp > 0 else "connect rate n/a"
+
+
 def fmt(v, f):
     return "n/a" if v is None else f % v
 
@@ -576,12 +680,14 @@ def main():
     target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
     if o["build"]:
         log("building (release)...")
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "shmrelay", "-p", "shmrelay-tools"],
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "shmrelay", "-p", "shmrelay-tools"]
+                       + (["-p", "shmrelay-examples"] if o["floor"] else []),
                        cwd=ROOT, check=True)
     bin_dir = o["bin"] or os.path.join(target, "release")
-    for b in ("shmrelay", "relaybench", "relayctl"):
+    for b in ("shmrelay", "relaybench", "relayctl") + (("tokio-echo",) if o["floor"] else ()):
         if not os.access(os.path.join(bin_dir, b), os.X_OK):
-            die(f"{bin_dir}/{b} not found (build it, or drop --no-build)")
+            die(f"{bin_dir}/{b} not found (build it, or drop --no-build"
+                + ("; tokio-echo: cargo build -p shmrelay-examples, or --no-floor)" if b == "tokio-echo" else ")"))
     fronts = o["fronts"]
     if fronts is None:
         fronts = "auto" if relay_takes_auto(os.path.join(bin_dir, "shmrelay")) else None
@@ -589,12 +695,13 @@ def main():
         fronts = str(math.ceil(o["conns"] / 18000))
         notes.append(f"this shmrelay does not take `--fronts auto`: {fronts} fronts (18,000 connections each)")
     log(f"load average {open('/proc/loadavg').read().strip()}; output in {out}")
+    floor = measure_floor(o, bin_dir, os.path.join(out, "floor")) if o["floor"] else None
     results = []
     for v in o["variants"]:
         results.append(run_variant(o, v, bin_dir, fronts, os.path.join(out, v)))
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, default=str)
-    text = summary(o, results, notes, fronts)
+    text = summary(o, results, notes, fronts, floor)
     million_chart.write_svg(os.path.join(out, "million.svg"), COLUMNS,
                             {r["variant"]: r.get("rows", []) for r in results}, o["conns"])
     with open(os.path.join(out, "summary.md"), "w") as f:

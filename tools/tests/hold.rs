@@ -119,6 +119,13 @@ fn answers_pings_sends_heartbeats_and_stays_connected() {
     assert!(num(&v, "pings_answered") + num(&v, "heartbeats_answered") <= server_sent);
     assert!(v["client_cpu_seconds"].as_f64().is_some(), "{v}");
     assert!(num(&v, "client_rss_kb") > 0, "{v}");
+    // The ramp and its rate: every connection opened within it.
+    let (ramp, rate) = (
+        v["ramp_secs"].as_f64().unwrap(),
+        v["connect_rate"].as_f64().unwrap(),
+    );
+    assert!(ramp > 0.0, "{v}");
+    assert!((rate * ramp - 4.0).abs() < 1e-6, "{v}");
 }
 
 #[test]

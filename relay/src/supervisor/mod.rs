@@ -17,6 +17,7 @@ mod restart;
 mod rings;
 mod shutdown;
 mod spawn;
+mod stall;
 mod strays;
 mod watch;
 
@@ -104,8 +105,8 @@ struct Instance {
     suspects: Vec<Vec<(u64, u32)>>,
     /// Per front: its last published activity stamp and when it last changed (stall watch).
     front_seen: Vec<(u64, Instant)>,
-    /// Per front: its run-queue wait (ns) when its activity stamp last changed.
-    front_waited: Vec<u64>,
+    /// Per front: its own time without loop activity (stall watch).
+    front_stall: Vec<stall::StallClock>,
     /// Some worker attached to its rings at least once.
     ever_attached: bool,
     /// Every worker failed before any attached: the relay cannot serve and exits.
@@ -242,7 +243,7 @@ impl Instance {
             supervisor_growth: Growth::default(),
             suspects: vec![vec![(0, 0); workers]; fronts],
             front_seen: vec![(0, Instant::now()); fronts],
-            front_waited: vec![0; fronts],
+            front_stall: vec![stall::StallClock::default(); fronts],
             ever_attached: false,
             startup_failure: None,
             inherited_children: watchdog::children(std::process::id())

@@ -203,7 +203,7 @@ impl Instance {
                     self.stats.front(f).active_ns.load(Ordering::Relaxed),
                     Instant::now(),
                 );
-                self.front_waited[f] = 0;
+                self.front_stall[f] = Default::default();
                 let fp = self.stats.front_process(f);
                 fp.pid.store(pid.as_raw() as u32, Ordering::Relaxed);
                 fp.restarts.store(starts, Ordering::Relaxed);

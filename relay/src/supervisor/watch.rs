@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use shmrelay::procfs;
 use shmrelay::stats::WorkerState;
 use tracing::{error, info, warn};
 
+use super::stall::Look;
 use super::{Instance, Role};
 use crate::watchdog::{self, Hang};
 
@@ -51,10 +51,11 @@ impl Instance {
     /// A front whose loop stopped publishing activity (SIGSTOP, stuck) for `hang_timeout_ms`
     /// is killed and replaced, like a hung worker: its clients are disconnected and can
     /// reconnect at once to the others (or to its replacement). Time the kernel kept the front
-    /// runnable but off the CPU (an overloaded machine) does not count: a starved front is late,
-    /// not stuck, and killing it would drop every one of its connections (issue 15: at load 100
-    /// a million-connection run lost 47 of 51 fronts that way). SIGSTOP, a deadlock or a spin
-    /// are still caught within `hang_timeout_ms` of the front's own time.
+    /// runnable but off the CPU (an overloaded machine, a spent cgroup CPU quota) does not
+    /// count (`stall::StallClock`): a starved front is late, not stuck, and killing it would drop
+    /// every one of its connections (issue 15: at load 100 a million-connection run lost 47 of
+    /// 51 fronts that way). SIGSTOP, a deadlock or a spin are still caught within
+    /// `hang_timeout_ms` of the front's own time.
     pub(super) fn watch_fronts(&mut self) {
         let timeout = Duration::from_millis(self.cfg.hang_timeout_ms);
         for f in 0..self.cfg.fronts {
@@ -63,20 +64,19 @@ impl Instance {
             };
             let Some(pid) = s.pid else { continue };
             let active = self.stats.front(f).active_ns.load(Ordering::Relaxed);
-            let waited = procfs::run_queue_wait_ns(pid.as_raw() as u32).unwrap_or(0);
+            let look = Look::of(pid.as_raw() as u32);
             let seen = &mut self.front_seen[f];
             if active != seen.0 {
                 *seen = (active, Instant::now());
-                self.front_waited[f] = waited;
+                self.front_stall[f].restart(look);
                 continue;
             }
-            let starved = Duration::from_nanos(waited.saturating_sub(self.front_waited[f]));
-            let stalled = seen.1.elapsed().saturating_sub(starved);
+            let stalled = self.front_stall[f].advance(look);
             if stalled < timeout || s.started.elapsed() < timeout {
                 continue;
             }
             seen.1 = Instant::now();
-            self.front_waited[f] = waited;
+            self.front_stall[f].restart(look);
             self.stats
                 .front_process(f)
                 .hangs

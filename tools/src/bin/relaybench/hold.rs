@@ -191,6 +191,8 @@ pub struct Summary {
     pub heartbeat: f64,
     /// Seconds from the start until every connection had been tried (the connect ramp).
     pub ramp_secs: f64,
+    /// Connections opened per second of the ramp (`opened / ramp_secs`; 0 without a ramp).
+    pub connect_rate: f64,
     /// Connections that opened.
     pub opened: u64,
     /// Connections still open at the end of the hold window.
@@ -284,6 +286,11 @@ fn summarize(out: &engine::Outcome<Heartbeats>) -> Summary {
         run: out.common(),
         heartbeat: plan.work.heartbeat,
         ramp_secs: out.ramp_secs,
+        connect_rate: if out.ramp_secs > 0.0 {
+            c.base.connected as f64 / out.ramp_secs
+        } else {
+            0.0
+        },
         opened: c.base.connected,
         open_at_end: c.open_at_end,
         server_closes: c.server_closes + c.reset_closes,
@@ -323,9 +330,10 @@ fn print_human(s: &Summary) {
         r.addr, r.conns, r.procs, r.threads, r.src_ips, r.seconds, s.heartbeat
     );
     println!(
-        "  connections  opened {} (ramp {:.1} s), connect errors {}{}, open at the end {}",
+        "  connections  opened {} (ramp {:.1} s, {:.0} connects/s), connect errors {}{}, open at the end {}",
         s.opened,
         s.ramp_secs,
+        s.connect_rate,
         r.connect_errors,
         kinds(&s.connect_error_kinds),
         s.open_at_end
