@@ -282,7 +282,7 @@ fn many_connections(server: &Server, conns: usize) {
     let sizes = [0usize, 64, 65536, 64, 0, 64, 65536, 65536, 0, 64];
     let clients: Vec<_> = (0..conns)
         .map(|c| {
-            let mut s = TcpStream::connect(&server.addr).unwrap();
+            let s = TcpStream::connect(&server.addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             let mut wire = Vec::new();
             for (i, &len) in sizes.iter().enumerate() {

@@ -67,7 +67,7 @@ const OP_CANCEL: u64 = 3;
 const BUF_GROUP: u16 = 0;
 
 fn user_data(slot: usize, op: u64) -> u64 {
-    (slot as u64) << 8 | op
+    ((slot as u64) << 8) | op
 }
 
 /// Setting up io_uring failed in a way that means "not here" rather than "broken".
@@ -294,7 +294,9 @@ impl Server {
             if !self.starved.is_empty() && self.bufs.available() > 0 {
                 for slot in std::mem::take(&mut self.starved) {
                     let c = self.conns[slot].as_ref();
-                    if c.is_some_and(|c| !c.recv_armed && !c.paused && !c.bad && !c.dead) {
+                    if c.is_some_and(|c| {
+                        !c.recv_armed && !c.paused && !c.bad && !c.dead && !c.read_done
+                    }) {
                         self.arm_recv(slot)?;
                     }
                 }
