@@ -333,30 +333,30 @@ fn uring_echo_with_few_small_buffers_splits_frames_and_waits_for_buffers() {
 
 #[test]
 fn uring_echo_client_that_does_not_read_does_not_stall_others() {
-    let args = [
-        "--buffers",
-        "64",
-        "--buffer-size",
-        "4096",
-        "--max-pending",
-        "65536",
-    ];
+    hog_beside_others(&["--max-pending", "65536"]);
+}
+
+/// 64 buffers of 4 KiB; a client writes 64 B frames (so its echoes hold provided buffers until
+/// they are sent) without ever reading: once the kernel's socket buffers are full, its echoes
+/// stall, and without `--max-pending` it would end up holding every buffer; 20 other clients
+/// must still be served.
+fn hog_beside_others(extra: &[&str]) {
+    let mut args = vec!["--buffers", "64", "--buffer-size", "4096"];
+    args.extend(extra);
     let Some(server) = Server::start_echo(Echo::Uring, &args) else {
         return;
     };
-    // A client that writes 8 MiB of frames and never reads: its socket fills, the server's
-    // sends to it stall, and it must stop receiving before it holds every buffer.
     let hog = TcpStream::connect(&server.addr).unwrap();
     let mut w = hog.try_clone().unwrap();
     let hog_writer = std::thread::spawn(move || {
-        let chunk = frame(&[9u8; 60_000]);
-        for _ in 0..140 {
+        let chunk: Vec<u8> = (0..1000).flat_map(|_| frame(&[9u8; 60])).collect();
+        for _ in 0..1000 {
             if w.write_all(&chunk).is_err() {
                 break;
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     many_connections(&server, 20);
     // Ends the hog's blocked write too (the writer holds a clone of the same socket).
     hog.shutdown(std::net::Shutdown::Both).unwrap();
