@@ -440,9 +440,14 @@ pub(super) fn walk(c: &Conn, buf: &[u8], max_frame: u32) -> Walk {
     if c.codec == Codec::LengthPrefixed {
         return walk_length_prefixed(buf, max_frame);
     }
+    walk_scan(c.codec, buf, max_frame)
+}
+
+/// [`walk`] through the codec's general scan, frame by frame.
+fn walk_scan(codec: Codec, buf: &[u8], max_frame: u32) -> Walk {
     let mut w = Walk::default();
     while w.pos < buf.len() {
-        match c.codec.scan(&buf[w.pos..], max_frame as usize) {
+        match codec.scan(&buf[w.pos..], max_frame as usize) {
             Ok(Scan::Frame { len, kind }) => {
                 match kind {
                     FrameKind::Heartbeat => w.beats += 1,
@@ -605,31 +610,6 @@ mod tests {
 
     use super::*;
 
-    /// The general walk's verdicts for `length-prefixed`, through `Codec::scan`.
-    fn general(buf: &[u8], max_frame: u32) -> (usize, u64, u64, Option<ProtocolError>, usize) {
-        let mut w = Walk::default();
-        while w.pos < buf.len() {
-            match Codec::LengthPrefixed.scan(&buf[w.pos..], max_frame as usize) {
-                Ok(Scan::Frame { len, kind }) => {
-                    match kind {
-                        FrameKind::Heartbeat => w.beats += 1,
-                        _ => w.frames += 1,
-                    }
-                    w.pos += len;
-                }
-                Ok(Scan::NeedMore { need }) => {
-                    w.need = need;
-                    break;
-                }
-                Err(e) => {
-                    w.bad = Some(e);
-                    break;
-                }
-            }
-        }
-        (w.pos, w.frames, w.beats, w.bad, w.need)
-    }
-
     proptest! {
         #[test]
         fn length_prefixed_walk_matches_the_general_scan(
@@ -642,8 +622,11 @@ mod tests {
                 buf.extend(std::iter::repeat_n(7u8, len));
             }
             buf.extend(&garbage);
-            let w = walk_length_prefixed(&buf, max_frame);
-            prop_assert_eq!((w.pos, w.frames, w.beats, w.bad, w.need), general(&buf, max_frame));
+            let verdicts = |w: Walk| (w.pos, w.frames, w.beats, w.bad, w.need);
+            prop_assert_eq!(
+                verdicts(walk_length_prefixed(&buf, max_frame)),
+                verdicts(walk_scan(Codec::LengthPrefixed, &buf, max_frame))
+            );
         }
     }
 }
