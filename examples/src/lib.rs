@@ -1,6 +1,6 @@
-//! What the example servers (`tokio-echo`, `ws-echo`) share: their flags, their tokio runtime,
-//! their listening socket and accept loop, so that the baselines the relay is measured against
-//! are set up alike.
+//! What the example servers (`tokio-echo`, `ws-echo`, `uring-echo`) share: their flags, their
+//! tokio runtime, their listening socket and accept loop, the frame scan, so that the baselines
+//! the relay is measured against are set up alike.
 
 use std::future::Future;
 use std::io::Write as _;
@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::net::{TcpSocket, TcpStream};
+
+pub mod frames;
 
 /// The flags every example server takes besides its address (`#[command(flatten)]`).
 #[derive(clap::Args, Debug, Clone)]

@@ -9,6 +9,10 @@
 #   tokio     tokio-echo --threads 1 alone (no second process: the upper bound)
 #   cepoll    examples/c/epoll-echo.c (built here with cc -O2): a plain C epoll echo server in one
 #             process and one thread, the hand-written upper bound (issue 14)
+#   uring     uring-echo (examples/src/bin/uring-echo): the same echo on io_uring, one thread
+#             (multishot receive into provided buffers, batched sends, one io_uring_enter per
+#             loop turn): the prototype of an io_uring front's socket I/O (issue 14; not in the
+#             default --systems)
 # Cases: payload 64 B and 4 KiB x 100 and 1,000 connections, --depth 16 (change with options).
 # Every server process (proxy, echo backend, shmrelay supervisor, front and worker) is passed as
 # --server-pid, so the server CPU seconds are comparable. All four stacks are started once, on
@@ -124,6 +128,10 @@ BIN="$TARGET_DIR/release"
 for b in shmrelay relayctl relaybench tokio-echo ws-echo; do
     [ -x "$BIN/$b" ] || die "$BIN/$b is missing (build with: cargo build --release -p shmrelay -p shmrelay-tools -p shmrelay-examples)"
 done
+
+if case " $SYSTEMS " in *" uring "*) true ;; *) false ;; esac; then
+    [ -x "$BIN/uring-echo" ] || die "$BIN/uring-echo is missing (cargo build --release -p shmrelay-examples)"
+fi
 
 if case " $SYSTEMS " in *" cepoll "*) true ;; *) false ;; esac; then
     command -v "${CC:-cc}" >/dev/null 2>&1 || die "the cepoll system needs a C compiler (${CC:-cc})"
@@ -352,6 +360,14 @@ if has cepoll; then
     wait_port "$P_CEP" "$CEP_PID" cepoll "$TMP/cepoll.log"
     ADDR[cepoll]="127.0.0.1:$P_CEP"
 fi
+if has uring; then
+    read -r P_URI < <(free_ports 1)
+    $RUN "$BIN/uring-echo" --listen "127.0.0.1:$P_URI" >"$TMP/uring.log" 2>&1 &
+    URI_PID=$!
+    PIDS+=("$URI_PID")
+    wait_port "$P_URI" "$URI_PID" uring "$TMP/uring.log"
+    ADDR[uring]="127.0.0.1:$P_URI"
+fi
 
 # The server processes of a system right now (children looked up by parent PID).
 server_pids() {
@@ -365,6 +381,7 @@ server_pids() {
         nginx-ws) echo "$NGXWS_PID" $(pgrep -P "$NGXWS_PID" || true) "$WSE_NGX_PID" ;;
         ws-echo) echo "$WSE_PID" ;;
         cepoll) echo "$CEP_PID" ;;
+        uring) echo "$URI_PID" ;;
     esac
 }
 

@@ -26,6 +26,10 @@ LABEL = {
 }
 COLOR = {"shmrelay": "#d95f02", "shmrelay-base": "#e6ab02", "haproxy": "#1b9e77", "nginx": "#7570b3", "tokio": "#888888",
          "cepoll": "#444444", "shmrelay-ws": "#e7298a", "nginx-ws": "#66a61e", "ws-echo": "#a6761d"}
+# The io_uring echo prototype (issue 14), next to the C epoll echo.
+ORDER.insert(ORDER.index("cepoll") + 1, "uring")
+LABEL["uring"] = "io_uring echo alone (uring-echo)"
+COLOR["uring"] = "#1f78b4"
 
 
 def size_label(size):

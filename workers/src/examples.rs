@@ -10,6 +10,7 @@ use crate::{CloseReason, ConnId, Handler, Out};
 pub struct Echo;
 
 impl Handler for Echo {
+    #[inline]
     fn on_frame(&mut self, conn: ConnId, frame: &[u8], _redelivered: bool, out: &mut Out<'_>) {
         // A failed send means the worker is stopping or the front broke the ring; the
         // request stays unreleased and is redelivered to the replacement.

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
+use shmrelay_examples::frames::scan;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -52,47 +53,6 @@ fn main() -> ExitCode {
     shmrelay_examples::exit_code("tokio-echo", args.server.block_on(server))
 }
 
-/// Outcome of scanning the buffered bytes for complete frames.
-struct Scan {
-    /// Bytes `[0, complete)` are whole frames.
-    complete: usize,
-    /// A frame header announced a length above the maximum.
-    oversized: bool,
-    /// Size (header included) of the partial frame at `complete`, when its header is known.
-    pending_frame: Option<usize>,
-}
-
-fn scan(buf: &[u8], max_frame: u32) -> Scan {
-    let mut pos = 0;
-    loop {
-        let rest = &buf[pos..];
-        if rest.len() < 4 {
-            return Scan {
-                complete: pos,
-                oversized: false,
-                pending_frame: None,
-            };
-        }
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        if len > max_frame {
-            return Scan {
-                complete: pos,
-                oversized: true,
-                pending_frame: None,
-            };
-        }
-        let frame = 4 + len as usize;
-        if rest.len() < frame {
-            return Scan {
-                complete: pos,
-                oversized: false,
-                pending_frame: Some(frame),
-            };
-        }
-        pos += frame;
-    }
-}
-
 async fn echo(mut stream: TcpStream, max_frame: u32) -> std::io::Result<()> {
     let mut buf = vec![0u8; MIN_BUF];
     let mut filled = 0usize;
@@ -130,44 +90,5 @@ async fn echo(mut stream: TcpStream, max_frame: u32) -> std::io::Result<()> {
             buf.truncate(MIN_BUF);
             buf.shrink_to_fit();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::scan;
-
-    fn frame(payload: &[u8]) -> Vec<u8> {
-        let mut v = (payload.len() as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(payload);
-        v
-    }
-
-    #[test]
-    fn scan_finds_whole_frames_and_the_partial_one() {
-        let mut b = frame(b"abc");
-        b.extend(frame(b""));
-        let whole = b.len();
-        b.extend(&frame(b"hello")[..6]);
-        let s = scan(&b, 100);
-        assert_eq!(s.complete, whole);
-        assert!(!s.oversized);
-        assert_eq!(s.pending_frame, Some(9));
-    }
-
-    #[test]
-    fn scan_flags_oversized_frames() {
-        let mut b = frame(b"ok");
-        b.extend(frame(&[0u8; 11]));
-        let s = scan(&b, 10);
-        assert_eq!(s.complete, 6);
-        assert!(s.oversized);
-    }
-
-    #[test]
-    fn scan_of_a_short_header_is_empty() {
-        let s = scan(&[0, 0], 10);
-        assert_eq!(s.complete, 0);
-        assert_eq!(s.pending_frame, None);
     }
 }

@@ -72,7 +72,9 @@ pub struct Out<'w> {
     /// The first send to `answering_conn` that failed, and whether part of a split reply
     /// was already in the ring when it failed.
     failure: Option<(SendError, bool)>,
-    max_reply: usize,
+    /// The longest reply accepted: the worker's reply limit, and for `length-prefixed` at
+    /// most `u32::MAX` (computed once: it is checked on every send).
+    max_len: usize,
     /// The record being built, reserved in its ring and not committed yet.
     run: Option<Run>,
 }
@@ -108,7 +110,11 @@ impl<'w> Out<'w> {
             answering_conn: None,
             answering_kind: MessageKind::Binary,
             failure: None,
-            max_reply,
+            max_len: if codec == Codec::LengthPrefixed {
+                max_reply.min(u32::MAX as usize)
+            } else {
+                max_reply
+            },
             run: None,
         }
     }
@@ -133,10 +139,49 @@ impl<'w> Out<'w> {
     ///
     /// See [`SendError`].
     #[must_use = "a reply that could not be queued is lost: handle the SendError"]
+    #[inline]
     pub fn send(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
+        if self.append_to_run(conn, payload) {
+            return Ok(());
+        }
+        self.send_slow(conn, payload)
+    }
+
+    /// [`send`](Out::send) when the reply does not simply join the open run.
+    #[inline(never)]
+    fn send_slow(&mut self, conn: ConnId, payload: &[u8]) -> Result<(), SendError> {
         let kind = self.default_kind(conn);
         let r = self.try_send(conn, kind, payload);
         self.note(conn, r)
+    }
+
+    /// The hot path of a reply (issue 14): `payload` answers the frame being handled, the
+    /// open run is a batch to the same connection and has room for it: it is appended there
+    /// as one entry, with no ring call. Returns false, having written nothing, otherwise.
+    #[inline(always)]
+    fn append_to_run(&mut self, conn: ConnId, payload: &[u8]) -> bool {
+        let len = payload.len();
+        let fits = match &self.run {
+            Some(run) => {
+                run.batch && run.conn == conn && run.len + BATCH_ENTRY_HEADER + len <= run.cap
+            }
+            None => false,
+        };
+        if !fits || !self.coalesces(conn) || self.check_len(len).is_err() {
+            return false;
+        }
+        let Some(run) = &self.run else {
+            return false;
+        };
+        // SAFETY: run.len + 8 + len <= run.cap (checked above): the body lies inside the run's
+        // reservation, ours alone until the commit (see `Run`); `payload` is the caller's
+        // memory, not the ring's, so the two do not overlap.
+        unsafe {
+            let body = run.base.add(run.len + BATCH_ENTRY_HEADER);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), body, len);
+        }
+        self.end_entry(len);
+        true
     }
 
     /// Queues a `websocket` text message (for other codecs, the same as [`send`](Out::send)).
@@ -285,6 +330,7 @@ impl<'w> Out<'w> {
     /// True if a reply to `conn` joins the run of coalesced replies: it answers the frame
     /// being handled, on a codec the front frames itself (not `websocket`, whose records carry
     /// the message kind).
+    #[inline(always)]
     fn coalesces(&self, conn: ConnId) -> bool {
         self.answering_conn == Some(conn)
             && self.answering > 0
@@ -310,6 +356,7 @@ impl<'w> Out<'w> {
     }
 
     /// Completes the entry `begin_entry` made room for, with `len` body bytes written.
+    #[inline(always)]
     fn end_entry(&mut self, len: usize) {
         let answering = self.answering;
         let Some(run) = self.run.as_mut() else {
@@ -387,11 +434,9 @@ impl<'w> Out<'w> {
         Ok(())
     }
 
+    #[inline(always)]
     fn check_len(&self, len: usize) -> Result<(), SendError> {
-        let mut max = self.max_reply;
-        if self.codec == Codec::LengthPrefixed {
-            max = max.min(u32::MAX as usize);
-        }
+        let max = self.max_len;
         if len > max {
             return Err(SendError::TooLarge { len, max });
         }
@@ -453,11 +498,17 @@ impl<'w> Out<'w> {
 
     /// After a handler returned for a frame of `conn`: if a reply to it failed, answer it with
     /// the codec's error reply, or close the connection if part of a reply went out.
+    #[inline(always)]
     pub(super) fn settle(&mut self, conn: ConnId) {
-        let Some((e, partial)) = self.failure.take() else {
-            self.answering_conn = None;
-            return;
-        };
+        match self.failure.take() {
+            None => self.answering_conn = None,
+            Some(failure) => self.settle_failure(conn, failure),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn settle_failure(&mut self, conn: ConnId, (e, partial): (SendError, bool)) {
         if !partial {
             let body = self.codec.error_body(&format!("reply failed: {e}"));
             // Still answering `conn`: the error reply takes the failed reply's place.
