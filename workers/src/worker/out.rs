@@ -4,22 +4,22 @@
 
 use std::sync::Arc;
 
-use shm_ring::{Meta, Producer, ReserveError, ShmRing};
+use shm_ring::{Meta, Producer, ShmRing};
 
-use super::{stop_requested, PARK_TIMEOUT};
 use crate::codec::websocket;
 use crate::codec::{Codec, MessageKind};
-use crate::protocol::{flags, tag, ConnId, BATCH_ENTRY_HEADER, SPLIT_HEADER};
+use crate::protocol::{flags, tag, ConnId, BATCH_ENTRY_HEADER};
 
 mod reservation;
+mod run;
+mod split;
+
+use run::Run;
+use split::reserve_blocking;
 
 pub use reservation::Reservation;
 
 pub(super) type Tx = Producer<Arc<ShmRing>>;
-
-/// A coalesced record grows up to this many payload bytes (or the ring's record limit): 16
-/// pipelined 4 KiB replies fit one.
-const RUN_MAX: usize = 128 * 1024;
 
 /// Why a reply could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -79,28 +79,6 @@ pub struct Out<'w> {
     run: Option<Run>,
 }
 
-/// A record being built in a reply ring: space reserved there (not committed, so invisible
-/// to the front and lost, never half-visible, if this process dies) and filled in place.
-///
-/// Invariant: nothing else is committed to the ring of `conn.front()` while a run is open
-/// (every other record goes through [`Out::finish_run`] first), so the space stays ours.
-struct Run {
-    conn: ConnId,
-    /// Entries with their headers (`BATCH`), or one plain reply body (a reservation that
-    /// cannot be coalesced).
-    batch: bool,
-    /// Start of the record's payload in the ring's data area.
-    base: *mut u8,
-    /// Bytes reserved at `base`.
-    cap: usize,
-    /// Bytes written so far.
-    len: usize,
-    /// The request position of the last entry (the record's aux).
-    last: u64,
-    /// The record's flags when it is not a batch (the message kind of a reservation).
-    flags: u16,
-}
-
 impl<'w> Out<'w> {
     pub(super) fn new(reps: &'w mut [Option<Tx>], codec: Codec, max_reply: usize) -> Out<'w> {
         Out {
@@ -153,35 +131,6 @@ impl<'w> Out<'w> {
         let kind = self.default_kind(conn);
         let r = self.try_send(conn, kind, payload);
         self.note(conn, r)
-    }
-
-    /// The hot path of a reply (issue 14): `payload` answers the frame being handled, the
-    /// open run is a batch to the same connection and has room for it: it is appended there
-    /// as one entry, with no ring call. Returns false, having written nothing, otherwise.
-    #[inline(always)]
-    fn append_to_run(&mut self, conn: ConnId, payload: &[u8]) -> bool {
-        let len = payload.len();
-        let fits = match &self.run {
-            Some(run) => {
-                run.batch && run.conn == conn && run.len + BATCH_ENTRY_HEADER + len <= run.cap
-            }
-            None => false,
-        };
-        if !fits || !self.coalesces(conn) || self.check_len(len).is_err() {
-            return false;
-        }
-        let Some(run) = &self.run else {
-            return false;
-        };
-        // SAFETY: run.len + 8 + len <= run.cap (checked above): the body lies inside the run's
-        // reservation, ours alone until the commit (see `Run`); `payload` is the caller's
-        // memory, not the ring's, so the two do not overlap.
-        unsafe {
-            let body = run.base.add(run.len + BATCH_ENTRY_HEADER);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), body, len);
-        }
-        self.end_entry(len);
-        true
     }
 
     /// Queues a `websocket` text message (for other codecs, the same as [`send`](Out::send)).
@@ -327,161 +276,11 @@ impl<'w> Out<'w> {
         Ok(())
     }
 
-    /// True if a reply to `conn` joins the run of coalesced replies: it answers the frame
-    /// being handled, on a codec the front frames itself (not `websocket`, whose records carry
-    /// the message kind).
-    #[inline(always)]
-    fn coalesces(&self, conn: ConnId) -> bool {
-        self.answering_conn == Some(conn)
-            && self.answering > 0
-            && matches!(self.codec, Codec::LengthPrefixed | Codec::Line)
-    }
-
-    /// Makes room for an entry of `len` body bytes in the run of `conn` (ending a run of
-    /// another connection, or one without room, first); returns where its body goes.
-    fn begin_entry(&mut self, conn: ConnId, len: usize) -> Result<*mut u8, SendError> {
-        let need = BATCH_ENTRY_HEADER + len;
-        if let Some(run) = &self.run {
-            if run.conn != conn || !run.batch || run.len + need > run.cap {
-                self.finish_run()?;
-            }
-        }
-        if self.run.is_none() {
-            self.open_run(conn, need, true)?;
-        }
-        let run = self.run.as_ref().ok_or(SendError::Corrupt)?;
-        // SAFETY: run.len + need <= run.cap (checked above, or the run was just opened with
-        // at least `need` bytes): inside the reservation.
-        Ok(unsafe { run.base.add(run.len + BATCH_ENTRY_HEADER) })
-    }
-
-    /// Completes the entry `begin_entry` made room for, with `len` body bytes written.
-    #[inline(always)]
-    fn end_entry(&mut self, len: usize) {
-        let answering = self.answering;
-        let Some(run) = self.run.as_mut() else {
-            return;
-        };
-        let mut head = [0u8; BATCH_ENTRY_HEADER];
-        head[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        // The low half: the front rebuilds the whole position from the record's aux.
-        head[4..].copy_from_slice(&(answering as u32).to_le_bytes());
-        // SAFETY: the header's 8 bytes at run.len lie inside the reservation (begin_entry
-        // checked run.len + 8 + len <= cap); ours alone until the commit (see `Run`).
-        unsafe {
-            std::ptr::copy_nonoverlapping(head.as_ptr(), run.base.add(run.len), head.len());
-        }
-        run.len += BATCH_ENTRY_HEADER + len;
-        run.last = answering;
-    }
-
-    /// Reserves ring space for a new run to `conn` of at least `need` bytes (as much as
-    /// `RUN_MAX` for a batch), waiting for the front to make room.
-    fn open_run(&mut self, conn: ConnId, need: usize, batch: bool) -> Result<(), SendError> {
-        let last = self.answering;
-        let rep = self.ring(conn)?;
-        let want = if batch {
-            RUN_MAX.min(rep.max_payload()).max(need)
-        } else {
-            need
-        };
-        // The grant ends here uncommitted: the space stays reserved for us alone as long as
-        // nothing else is committed to this ring (the invariant of `Run`).
-        let (base, cap) = {
-            let mut grant = reserve_blocking_up_to(rep, need, want)?;
-            (grant.as_mut_ptr(), grant.len())
-        };
-        self.run = Some(Run {
-            conn,
-            batch,
-            base,
-            cap,
-            len: 0,
-            last,
-            flags: kind_flag(self.answering_kind),
-        });
-        Ok(())
-    }
-
-    /// Commits the open run as a record (it becomes visible at the next publish).
-    fn finish_run(&mut self) -> Result<(), SendError> {
-        let Some(run) = self.run.take() else {
-            return Ok(());
-        };
-        if run.batch && run.len == 0 {
-            return Ok(());
-        }
-        let rep = self.ring(run.conn)?;
-        // Nothing was committed to this ring since the run was reserved, and the front only
-        // frees space: this fits, where the run was (see below for the other case).
-        let mut grant = rep.reserve(run.len).map_err(reserve_error)?;
-        let at = grant.as_mut_ptr();
-        if at != run.base {
-            // The ring placed the record elsewhere (not with shm-ring's placement today,
-            // which keeps a reservation where it fits): move the bytes there.
-            // SAFETY: both ranges are `run.len` bytes of reserved space in this ring's data
-            // area, ours alone; `copy` allows them to overlap.
-            unsafe { std::ptr::copy(run.base, at, run.len) };
-        }
-        let flags = if run.batch { flags::BATCH } else { run.flags };
-        grant.commit(
-            run.len,
-            Meta::tag(tag::SEND)
-                .conn(run.conn.raw())
-                .aux(run.last)
-                .flags(flags),
-        );
-        Ok(())
-    }
-
     #[inline(always)]
     fn check_len(&self, len: usize) -> Result<(), SendError> {
         let max = self.max_len;
         if len > max {
             return Err(SendError::TooLarge { len, max });
-        }
-        Ok(())
-    }
-
-    /// A reply longer than one record: consecutive SEND records, all but the last flagged
-    /// MORE, the first led by the whole length (see the protocol module).
-    fn send_split(
-        &mut self,
-        conn: ConnId,
-        kind: MessageKind,
-        payload: &[u8],
-    ) -> Result<(), SendError> {
-        self.check_len(payload.len())?;
-        self.finish_run()?;
-        let aux = self.answering;
-        let rep = self.ring(conn)?;
-        let piece = rep.max_payload() - SPLIT_HEADER;
-        let mut at = 0;
-        while at < payload.len() {
-            let lead = if at == 0 { SPLIT_HEADER } else { 0 };
-            let n = piece.min(payload.len() - at);
-            let last = at + n == payload.len();
-            let mut grant = match reserve_blocking(rep, lead + n) {
-                Ok(g) => g,
-                // Part of the message is in the ring already: the front must close.
-                Err(_) if at > 0 => {
-                    return Err(SendError::Partial {
-                        sent: at,
-                        len: payload.len(),
-                    })
-                }
-                Err(e) => return Err(e),
-            };
-            if lead > 0 {
-                grant[..lead].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-            }
-            grant[lead..lead + n].copy_from_slice(&payload[at..at + n]);
-            let flags = if last { 0 } else { flags::MORE } | kind_flag(kind);
-            grant.commit(
-                lead + n,
-                Meta::tag(tag::SEND).conn(conn.raw()).aux(aux).flags(flags),
-            );
-            at += n;
         }
         Ok(())
     }
@@ -593,35 +392,4 @@ fn kind_flag(kind: MessageKind) -> u16 {
         MessageKind::Text => flags::TEXT,
         MessageKind::Binary => 0,
     }
-}
-
-fn reserve_error(e: ReserveError) -> SendError {
-    match e {
-        ReserveError::TooLarge { len, max } => SendError::TooLarge { len, max },
-        _ => SendError::Corrupt,
-    }
-}
-
-fn reserve_blocking(
-    rep: &mut Tx,
-    len: usize,
-) -> Result<shm_ring::WriteGrant<'_, Arc<ShmRing>>, SendError> {
-    reserve_blocking_up_to(rep, len, len)
-}
-
-/// Reserves at least `min` and up to `max` bytes, waiting (and publishing) while the ring has
-/// less than `min` free.
-fn reserve_blocking_up_to(
-    rep: &mut Tx,
-    min: usize,
-    max: usize,
-) -> Result<shm_ring::WriteGrant<'_, Arc<ShmRing>>, SendError> {
-    while !rep.has_space(min).map_err(reserve_error)? {
-        if stop_requested() {
-            return Err(SendError::Stopping);
-        }
-        rep.wait_for_space(min, Some(PARK_TIMEOUT))
-            .map_err(reserve_error)?;
-    }
-    rep.reserve_up_to(min, max).map_err(reserve_error)
 }
