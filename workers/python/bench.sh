@@ -2,8 +2,9 @@
 # Python benchmark (issue 18): the Python echo worker behind shmrelay against a Python asyncio
 # echo server doing the same work alone, in one run, alternating, with `relaybench load`.
 #
-#   pyshmrelay  shmrelay --workers 1 --worker-cmd "$PY workers/python/examples/echo.py"
-#               (one Rust front, one Python worker process)
+#   pyshmrelay  shmrelay --fronts 1 --workers 1 --worker-cmd "$PY workers/python/examples/echo.py"
+#               (one Rust front, one Python worker process; without --fronts, "auto" would start
+#               as many fronts as 100,000 connections need under the open-files limit: 6 here)
 #   asyncio     $PY workers/python/examples/asyncio_echo.py (one process)
 #
 # Both are started once on free loopback ports and stay idle while the other is measured; each
@@ -12,9 +13,9 @@
 # server CPU seconds are comparable. The 1-minute load average is recorded before each run.
 #
 # Usage: [ROUNDS=3] [RUN_SECONDS=5] [WARMUP=1] [CONNS=1000] [SIZE=64] [DEPTH=16] [THREADS=2]
-#        [WORKERS=1] [NICE=0] [OUT=DIR] [SHMRELAY_PYTHON=PY] workers/python/bench.sh
+#        [FRONTS=1] [WORKERS=1] [NICE=0] [OUT=DIR] [SHMRELAY_PYTHON=PY] workers/python/bench.sh
 # PY defaults to target/pyvenv/bin/python (see ci-setup.sh); THREADS are the load generator's;
-# WORKERS the relay's Python workers. NICE=-10 (root) runs servers and load generator at that
+# FRONTS and WORKERS the relay's fronts and Python workers. NICE=-10 (root) runs servers and load generator at that
 # niceness, in a session of their own whose autogroup gets it too (as compare.sh --nice), so
 # other work on a shared machine disturbs the runs less.
 # Needs the release build: cargo build --release -p shmrelay -p shmrelay-tools.
@@ -25,7 +26,7 @@ target=${CARGO_TARGET_DIR:-$root/target}
 PY=${SHMRELAY_PYTHON:-$root/target/pyvenv/bin/python}
 ROUNDS=${ROUNDS:-3} SECS=${RUN_SECONDS:-5} WARMUP=${WARMUP:-1} CONNS=${CONNS:-1000}
 SIZE=${SIZE:-64} DEPTH=${DEPTH:-16} THREADS=${THREADS:-2} OUT=${OUT:-}
-WORKERS=${WORKERS:-1} NICE=${NICE:-0}
+FRONTS=${FRONTS:-1} WORKERS=${WORKERS:-1} NICE=${NICE:-0}
 RUN=()
 if [ "$NICE" != 0 ]; then
     if [ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ] && [ -z "${PYBENCH_SESSION:-}" ]; then
@@ -57,7 +58,7 @@ wait_listening() { # PORT
 }
 
 port_relay=$(free_port)
-RUST_LOG=error "${RUN[@]}" "$relay" --listen "127.0.0.1:$port_relay" --instance "pybench-$$" --workers "$WORKERS" \
+RUST_LOG=error "${RUN[@]}" "$relay" --listen "127.0.0.1:$port_relay" --instance "pybench-$$" --fronts "$FRONTS" --workers "$WORKERS" \
     --worker-cmd "$PY $root/workers/python/examples/echo.py" >"$OUT/shmrelay.log" 2>&1 &
 pid_relay=$!; pids+=("$pid_relay")
 port_aio=$(free_port)
@@ -71,7 +72,7 @@ run() { # SYSTEM ROUND PORT PID
     local json
     json=$("${RUN[@]}" "$bench" load --addr "127.0.0.1:$3" --conns "$CONNS" --size "$SIZE" --depth "$DEPTH" \
         --seconds "$SECS" --warmup "$WARMUP" --threads "$THREADS" --server-pid "$4" --json)
-    echo "$json" | "$PY" -c "import json,sys; d=json.load(sys.stdin); d.update(system='$1', round=$2, loadavg=$load, workers=$WORKERS, nice=$NICE); print(json.dumps(d))" >>"$OUT/runs.jsonl"
+    echo "$json" | "$PY" -c "import json,sys; d=json.load(sys.stdin); d.update(system='$1', round=$2, loadavg=$load, fronts=$FRONTS, workers=$WORKERS, nice=$NICE); print(json.dumps(d))" >>"$OUT/runs.jsonl"
     echo "round $2 $1: $(echo "$json" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("%.0f req/s, p99 %d us, server cpu %.2f s, errors %d" % (d["req_per_sec"], d["p99_us"], d["server_cpu_seconds"], d["errors"]))') (load $load)"
 }
 
