@@ -28,15 +28,21 @@ Options (defaults in brackets):
   --bin DIR                  (use the binaries in DIR, e.g. target/debug, without building)
   --no-sysctl                (check the kernel settings but do not change them)
   --floor / --no-floor       [--floor] measure the heartbeat floor first (below)
-  --floor-conns N [16000]    --floor-seconds S [60]   (the floor's server is one process,
-                             relaybench one too: both under the 20,000 open-files limit)
+  --floor-server cepoll|tokio [cepoll]  --floor-seconds S [240 for cepoll, 60 for tokio]
+  --floor-conns N [16000]    (tokio only: the floor's server is one process, relaybench one
+                             too: both under the 20,000 open-files limit)
 
 CPU per heartbeat: issue 15 asks for steady relay CPU per heartbeat within 1.2x of the floor
-measured in the same run, as % of a core at 1M with 60-s beats. Before the variants,
-tools/bench/heartbeat_floor.sh --servers tokio measures the floor (a one-thread tokio echo
-answering length-0 frames) at the million run's beat rate (conns / beat per second, 16,667/s
-for 1M at 60 s) with fewer connections (--floor-conns beating every floor-conns / rate s,
-0.96 s by default). Per variant the summary gives the relay's steady CPU divided by the
+measured in the same run, as % of a core at 1M with 60-s beats. Before the variants, the floor
+is measured at the million run's scale and beat rate: tools/bench/million_floor.sh holds the
+same --conns connections with the same client command against examples/c/epoll-echo.c in
+SO_REUSEPORT processes (64 at 1M, as many per connection for fewer: one cannot hold a million
+sockets under the open-files limit), so the
+floor pays what a million sockets cost the kernel too. `--floor-server tokio` measures the
+small-scale floor instead: tools/bench/heartbeat_floor.sh --servers tokio (a one-thread tokio
+echo answering length-0 frames) at the same beat rate (conns / beat per second, 16,667/s for
+1M at 60 s) with fewer connections (--floor-conns beating every floor-conns / rate s, 0.96 s
+by default), which leaves out the cost of cold socket memory. Per variant the summary gives the relay's steady CPU divided by the
 heartbeat exchanges it answered per second over the same samples (length-0 frames in; in
 `pings` those are the answers to its pings), the floor's CPU per heartbeat, their ratio, the
 relay's CPU as % of a core, and both projected to 1M with 60-s beats (CPU per heartbeat x
@@ -122,8 +128,9 @@ def parse_args(argv):
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-sysctl", action="store_true")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--floor-server", choices=("cepoll", "tokio"), default="cepoll")
     ap.add_argument("--floor-conns", type=int, default=16_000)
-    ap.add_argument("--floor-seconds", type=float, default=60.0)
+    ap.add_argument("--floor-seconds", type=float)
     a = ap.parse_args(argv)
     o = dict(vars(a))
     o["variants"] = [v for v in a.variants.split(",") if v]
@@ -136,6 +143,8 @@ def parse_args(argv):
         o["sets"].append("ping_min_ms=60000")
     if o["procs"] is None:
         o["procs"] = max(1, math.ceil(o["conns"] / 16000))
+    if o["floor_seconds"] is None:
+        o["floor_seconds"] = 240.0 if o["floor_server"] == "cepoll" else 60.0
     return o
 
 
@@ -508,28 +517,42 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
 # --- the heartbeat floor --------------------------------------------------------------------
 
 def measure_floor(o, bin_dir, outdir):
-    """CPU per heartbeat of a one-thread tokio echo at the million run's beat rate, with
-    --floor-conns connections: tools/bench/heartbeat_floor.sh --servers tokio."""
+    """CPU per heartbeat of the floor at the million run's beat rate: the C epoll echo holding
+    the same connections (tools/bench/million_floor.sh), or with `--floor-server tokio` a
+    one-thread tokio echo with --floor-conns connections (tools/bench/heartbeat_floor.sh)."""
     os.makedirs(outdir, exist_ok=True)
     rate = o["conns"] / o["beat"]
-    conns = min(o["floor_conns"], o["conns"])
-    beat = conns / rate
     path = os.path.join(outdir, "floor.json")
     if os.path.exists(path):
         os.unlink(path)
-    args = ["--servers", "tokio", "--bin", os.path.abspath(bin_dir), "--conns", str(conns), "--heartbeat", f"{beat:g}",
-            "--seconds", f"{o['floor_seconds']:g}", "--rounds", "1", "--json", path]
-    res = {"cmd": "tools/bench/heartbeat_floor.sh " + " ".join(args), "conns": conns,
-           "heartbeat": beat, "rate": rate}
+    if o["floor_server"] == "cepoll":
+        conns, beat, script = o["conns"], o["beat"], "million_floor.sh"
+        # As many server processes per connection as at 1M (64: 15,625 each, under the
+        # open-files limit), so a smaller run is not charged 64 processes' wake-ups.
+        procs = max(1, math.ceil(conns / 15_625))
+        args = ["--no-build", "--conns", str(conns), "--procs", str(procs), "--beat", f"{beat:g}", "--seconds",
+                f"{o['floor_seconds']:g}", "--client-procs", str(o["procs"]), "--src-ips",
+                o["src_ips"], "--json", path]
+        what = f"C epoll echo in {procs} processes, {conns:,} connections beating every {beat:g} s"
+    else:
+        conns = min(o["floor_conns"], o["conns"])
+        beat, script = conns / rate, "heartbeat_floor.sh"
+        args = ["--servers", "tokio", "--bin", os.path.abspath(bin_dir), "--conns", str(conns),
+                "--heartbeat", f"{beat:g}", "--seconds", f"{o['floor_seconds']:g}", "--rounds", "1",
+                "--json", path]
+        what = f"one-thread tokio echo, {conns:,} connections beating every {beat:g} s"
+    res = {"cmd": f"tools/bench/{script} " + " ".join(args), "conns": conns,
+           "heartbeat": beat, "rate": rate, "what": what}
     log(f"[floor] {res['cmd']}")
+    env = dict(os.environ, CARGO_TARGET_DIR=os.path.dirname(os.path.abspath(bin_dir)))
     with open(os.path.join(outdir, "floor.log"), "w") as logf:
-        rc = subprocess.run([os.path.join(HERE, "heartbeat_floor.sh")] + args, stdout=logf,
-                            stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([os.path.join(HERE, script)] + args, stdout=logf,
+                            stderr=subprocess.STDOUT, env=env).returncode
     try:
         with open(path) as f:
             row = json.loads(f.readline())
     except (OSError, ValueError):
-        res["error"] = f"heartbeat_floor.sh failed ({rc}), see {outdir}/floor.log"
+        res["error"] = f"{script} failed ({rc}), see {outdir}/floor.log"
         log(f"[floor] {res['error']}")
         return res
     res.update({k: row[k] for k in ("us_per_beat", "beats_per_s", "cpu_percent", "closes", "load1")})
@@ -557,8 +580,7 @@ def cpu_rows(r, floor):
                f"{us:.2f} µs ({cpu:.1f}% of one core at {bps:,.0f}/s) |")
     if floor and floor.get("us_per_beat"):
         f = floor["us_per_beat"]
-        out.append(f"| floor: one-thread tokio echo, {floor['conns']:,} connections beating every "
-                   f"{floor['heartbeat']:g} s | {f:.2f} µs ({floor['cpu_percent']:.1f}% of one core at "
+        out.append(f"| floor: {floor['what']} | {f:.2f} µs ({floor['cpu_percent']:.1f}% of one core at "
                    f"{floor['beats_per_s']:,.0f}/s, load {floor['load1']:.2f}) |")
         out.append(f"| **relay / floor, CPU per heartbeat** (target at most 1.2x) | **{us / f:.2f}x** |")
         out.append(f"| at 1M with 60-s beats ({MILLION_RATE:,.0f}/s, projected) | relay "
@@ -681,10 +703,11 @@ def main():
     if o["build"]:
         log("building (release)...")
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "shmrelay", "-p", "shmrelay-tools"]
-                       + (["-p", "shmrelay-examples"] if o["floor"] else []),
+                       + (["-p", "shmrelay-examples"] if o["floor"] and o["floor_server"] == "tokio" else []),
                        cwd=ROOT, check=True)
     bin_dir = o["bin"] or os.path.join(target, "release")
-    for b in ("shmrelay", "relaybench", "relayctl") + (("tokio-echo",) if o["floor"] else ()):
+    tokio_floor = o["floor"] and o["floor_server"] == "tokio"
+    for b in ("shmrelay", "relaybench", "relayctl") + (("tokio-echo",) if tokio_floor else ()):
         if not os.access(os.path.join(bin_dir, b), os.X_OK):
             die(f"{bin_dir}/{b} not found (build it, or drop --no-build"
                 + ("; tokio-echo: cargo build -p shmrelay-examples, or --no-floor)" if b == "tokio-echo" else ")"))

@@ -11,12 +11,14 @@
 #
 # Usage: tools/bench/million_floor.sh [--conns N] [--seconds S] [--beat S] [--procs P]
 #                                     [--client-procs P] [--src-ips LIST] [--no-build]
+#                                     [--json PATH]
 # Defaults: 1,000,000 connections beating every 60 s, held 240 s, 64 server processes, 63
 # client processes over 127.0.0.2-127.0.0.101.
 # Prints the server's CPU over the hold window (% of one core, from relaybench hold
-# --server-pid: user + system of the server and its children) and CPU microseconds per beat.
+# --server-pid: user + system of the server and its children) and CPU microseconds per beat;
+# --json PATH also writes them as one JSON object (million.py's --floor reads it).
 set -euo pipefail
-CONNS=1000000 SECS=240 BEAT=60 PROCS=64 CLIENT_PROCS=63 SRC_IPS=127.0.0.2-127.0.0.101 BUILD=1
+CONNS=1000000 SECS=240 BEAT=60 PROCS=64 CLIENT_PROCS=63 SRC_IPS=127.0.0.2-127.0.0.101 BUILD=1 JSON=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --conns) CONNS=$2; shift 2 ;;
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --client-procs) CLIENT_PROCS=$2; shift 2 ;;
     --src-ips) SRC_IPS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
+    --json) JSON=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "million_floor.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -51,7 +54,7 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); epoll-echo x $PROCS on 127.
     --connect-concurrency 1024 --connect-timeout 30 --ramp-limit 900 \
     --server-pid "$SERVER_PID" --json >"$TMP/hold.json" 2>"$TMP/hold.log" ||
     { tail -5 "$TMP/hold.log" >&2; die "relaybench hold failed"; }
-python3 - "$TMP/hold.json" "$SECS" <<'PY'
+python3 - "$TMP/hold.json" "$SECS" "$PROCS" "$JSON" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); secs = float(sys.argv[2])
 beats = d["heartbeats_answered"]; cpu = d["server_cpu_seconds"] or 0.0
@@ -60,4 +63,12 @@ print(f"opened {d['opened']}, open at end {d['open_at_end']}, connect errors {d[
       f'closed by server {d["server_closes"]}')
 print(f'floor: {d["server_cpu_percent"]:.1f}% of one core, {beats / secs:.0f} beats/s answered, '
       f'{cpu * 1e6 / max(beats, 1):.1f} us CPU per beat')
+if sys.argv[4]:
+    with open(sys.argv[4], "w") as f:
+        json.dump({"server": f"epoll-echo.c x {sys.argv[3]}", "conns": d["opened"], "seconds": secs,
+                   "beats": beats, "beats_per_s": beats / secs, "server_cpu_seconds": cpu,
+                   "cpu_percent": d["server_cpu_percent"], "us_per_beat": cpu * 1e6 / max(beats, 1),
+                   "closes": d["server_closes"], "connect_errors": d["connect_errors"],
+                   "load1": float(open("/proc/loadavg").read().split()[0])}, f)
+        f.write("\n")
 PY
