@@ -665,25 +665,18 @@ fn record_past_the_tail() {
     tx.push(Meta::tag(1).aux(9), &[0; 200]).unwrap(); // [240, 464): 216 and the aux word
     tx.publish();
     assert_eq!(tx.position(), 464);
-    seg.put_u64(OFF_TAIL, 240 + 64);
-    assert_eq!(
-        read_all(&mut rx).1,
-        Some(CorruptError::RecordPastTail {
-            pos: 240,
-            len: 200 | LEN_AUX,
-            tail: 304
-        })
-    );
-    // Cut off just the aux word: still past the tail.
-    seg.put_u64(OFF_TAIL, 456);
-    assert_eq!(
-        read_all(&mut rx).1,
-        Some(CorruptError::RecordPastTail {
-            pos: 240,
-            len: 200 | LEN_AUX,
-            tail: 456
-        })
-    );
+    // A tail in the middle of it, then one that cuts off just the aux word: past the tail.
+    for tail in [240 + 64, 456] {
+        seg.put_u64(OFF_TAIL, tail);
+        assert_eq!(
+            read_all(&mut rx).1,
+            Some(CorruptError::RecordPastTail {
+                pos: 240,
+                len: 200 | LEN_AUX,
+                tail
+            })
+        );
+    }
     seg.put_u64(OFF_TAIL, 464);
     assert_eq!(read_all(&mut rx), (vec![(240, 200)], None));
 }
