@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use shm_ring::layout::{RecordHeader, MAX_POSITION, TAG_PAD};
+use shm_ring::layout::{RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
 use shm_ring::{Consumer, HeapRing, Meta, Producer, RingStorage};
 
 /// A position: one of a few bases (0, mid-range, around the attach limit, just below 2^64, or
@@ -146,7 +146,7 @@ fn read(c: &mut Consumer<Arc<HeapRing>>, ring: &HeapRing, take: u8, release: u8)
     let mut prev = released;
     for &(pos, end, ptr, len) in &seen {
         assert!(
-            pos >= prev && end > pos && end <= tail,
+            pos >= prev && end >= pos + (RECORD_HEADER_SIZE + len) as u64 && end <= tail,
             "record {pos}..{end} outside {released}..{tail}"
         );
         assert!(
@@ -182,7 +182,6 @@ fuzz_target!(|input: Input| {
                     tag,
                     flags: 0,
                     conn: 0,
-                    aux: 0,
                 },
             ),
             Op::Pad { at, len } => write_header(
@@ -193,7 +192,6 @@ fuzz_target!(|input: Input| {
                     tag: TAG_PAD,
                     flags: 0,
                     conn: 0,
-                    aux: 0,
                 },
             ),
             Op::Bytes { at, bytes } => write_bytes(&ring, at as usize, &bytes),
@@ -207,7 +205,9 @@ fuzz_target!(|input: Input| {
                 if let Some(p) = producer.as_mut() {
                     let tag = if tag == TAG_PAD { 0 } else { tag };
                     let payload = vec![0xA5u8; len as usize % 3000];
-                    if p.push(Meta::tag(tag).conn(len as u64), &payload).is_ok() {
+                    // Odd lengths also carry an aux word after the payload.
+                    let meta = Meta::tag(tag).conn(len as u64).aux(len as u64 & 1);
+                    if p.push(meta, &payload).is_ok() {
                         p.publish();
                     }
                 }

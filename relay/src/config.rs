@@ -500,7 +500,7 @@ impl Config {
     /// in one record, and a record can use at most half a ring.
     pub fn ring_capacity(&self) -> usize {
         self.ring_capacity.unwrap_or_else(|| {
-            let need = 2 * (self.max_frame as usize + 4 + shm_ring::layout::RECORD_HEADER_SIZE);
+            let need = 2 * shm_ring::layout::reserved_size(self.max_frame as usize + 4) as usize;
             need.next_power_of_two().max(4 << 20)
         })
     }

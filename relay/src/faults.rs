@@ -78,7 +78,7 @@ impl Handler for Scribbler {
                 // SAFETY: as in `poke`.
                 let fd = unsafe { BorrowedFd::borrow_raw(req) };
                 let _ = nix::sys::uio::pread(fd, &mut b, 128);
-                // Every record is at least 24 bytes: 8 before the tail is inside the last one.
+                // Every record is at least 16 bytes: 8 before the tail is inside the last one.
                 let mid = u64::from_ne_bytes(b).saturating_sub(8);
                 self.poke(req, 256, &mid.to_ne_bytes());
                 std::process::exit(1);

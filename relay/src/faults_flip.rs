@@ -15,6 +15,7 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use shm_ring::layout::{record_size, AUX_SIZE, LEN_AUX, RECORD_HEADER_SIZE};
 use shmrelay_worker::protocol::{env, flags, tag, BATCH_ENTRY_HEADER};
 use shmrelay_worker::{ConnId, Handler, Out};
 
@@ -66,14 +67,13 @@ impl Flipper {
         let tail = u64::from_ne_bytes(t);
         const PIECE: usize = 1000;
         let len = (8 + PIECE) as u32;
-        let rec_size = (24 + len as u64 + 7) & !7;
+        let rec_size = record_size(len as usize); // no aux word
         if cap.is_power_of_two() && cap - (tail & (cap - 1)) >= rec_size {
             let mut rec = Vec::with_capacity(rec_size as usize);
             rec.extend_from_slice(&len.to_ne_bytes());
             rec.extend_from_slice(&tag::SEND.to_ne_bytes());
             rec.extend_from_slice(&shmrelay_worker::protocol::flags::MORE.to_ne_bytes());
             rec.extend_from_slice(&conn.raw().to_ne_bytes());
-            rec.extend_from_slice(&0u64.to_ne_bytes());
             rec.extend_from_slice(&total.to_le_bytes());
             rec.extend((0..PIECE).map(|i| (i % 251) as u8));
             let at = 1024 + (tail & (cap - 1));
@@ -152,20 +152,26 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
     let mut pos = head;
     while pos < tail + cap / 2 && recs.len() < 256 {
         let off = pos & (cap - 1);
-        if cap - off < 24 {
+        if cap - off < RECORD_HEADER_SIZE as u64 {
             pos += cap - off;
             continue;
         }
         let rec = 1024 + off as usize;
-        // SAFETY: `rec` + 24 <= 1024 + cap (checked above): a record header in the mapping.
-        let len = unsafe { base.add(rec).cast::<u32>().read_volatile() } as u64;
+        // SAFETY: `rec` + 16 <= 1024 + cap (checked above): a record header in the mapping.
+        let word = unsafe { base.add(rec).cast::<u32>().read_volatile() };
+        let len = (word & !LEN_AUX) as u64;
         // SAFETY: as above.
         let tg = unsafe { base.add(rec + 4).cast::<u16>().read_volatile() };
         if tg == 0xFFFF {
             pos += cap - off;
             continue;
         }
-        let size = (24 + len + 7) & !7;
+        let aux = if word & LEN_AUX != 0 {
+            AUX_SIZE as u64
+        } else {
+            0
+        };
+        let size = record_size(len as usize) + aux;
         if size > cap - off {
             break;
         }
@@ -183,7 +189,7 @@ unsafe fn flip_ring(base: *mut u8, size: usize) {
         if tg == tag::SEND && len as usize >= skip + 4 {
             // SAFETY: `size <= cap - off` and `len >= skip + 4`: those 4 payload bytes are in
             // the mapping.
-            let p = unsafe { base.add(rec + 24 + skip) }.cast::<[u8; 4]>();
+            let p = unsafe { base.add(rec + RECORD_HEADER_SIZE + skip) }.cast::<[u8; 4]>();
             // SAFETY: as above (volatile: the SDK and the front use the bytes concurrently).
             let orig = unsafe { p.read_volatile() };
             if orig != FLIPPED {

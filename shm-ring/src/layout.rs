@@ -27,14 +27,19 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"SHMRING1"` read as a little-endian u64. Written last by the creator.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SHMRING1");
 /// Bumped on any change to this module's layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Bytes before the data area.
 pub const HEADER_SIZE: usize = 1024;
 /// Separation between fields written by different sides. 128 rather than 64 because x86's
 /// adjacent-line prefetcher pulls lines in pairs (crossbeam's `CachePadded` does the same).
 pub const LINE: usize = 128;
-/// Size of [`RecordHeader`].
-pub const RECORD_HEADER_SIZE: usize = 24;
+/// Size of [`RecordHeader`]; the payload starts this far into a record.
+pub const RECORD_HEADER_SIZE: usize = 16;
+/// Size of the `aux` word a record carries after its payload when [`LEN_AUX`] is set.
+pub const AUX_SIZE: usize = 8;
+/// Bit of [`RecordHeader::len`] that says the record ends with an `aux` word (its payload
+/// length is the other bits). Records without one (`aux` zero) are 8 bytes shorter.
+pub const LEN_AUX: u32 = 1 << 31;
 /// Every record starts on this alignment.
 pub const RECORD_ALIGN: usize = 8;
 /// Smallest data area a ring may have.
@@ -154,8 +159,15 @@ impl RingHeader {
 
 /// What precedes every payload in the data area. Native endianness: both sides are on one host.
 ///
-/// `len` is the payload length; the record occupies `align8(24 + len)` bytes. `tag` and `flags`
-/// belong to the application except [`TAG_PAD`].
+/// `len` is the payload length, with [`LEN_AUX`] set when the record carries an `aux` word:
+/// the record occupies `align8(16 + len)` bytes, plus 8 for that word, which follows the
+/// payload's padding (`aux` is only where used: the header of a record without it is 16 bytes,
+/// against 24 when every record carried one). `tag` and `flags` belong to the application
+/// except [`TAG_PAD`].
+///
+/// ```text
+/// record at pos:  len|LEN_AUX u32, tag u16, flags u16 | conn u64 | payload, padded to 8 | aux u64
+/// ```
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
@@ -163,7 +175,6 @@ pub struct RecordHeader {
     pub tag: u16,
     pub flags: u16,
     pub conn: u64,
-    pub aux: u64,
 }
 
 /// Rounds `n` up to [`RECORD_ALIGN`].
@@ -172,10 +183,18 @@ pub const fn align_up(n: u64) -> u64 {
     (n + (RECORD_ALIGN as u64 - 1)) & !(RECORD_ALIGN as u64 - 1)
 }
 
-/// Ring bytes one record with a payload of `len` bytes occupies.
+/// Ring bytes one record with a payload of `len` bytes and no `aux` word occupies (one with
+/// an `aux` word occupies [`AUX_SIZE`] more).
 #[inline]
 pub const fn record_size(len: usize) -> u64 {
     align_up(RECORD_HEADER_SIZE as u64 + len as u64)
+}
+
+/// Ring bytes a reservation of `len` payload bytes needs: the record with room for an `aux`
+/// word, which is known only at commit.
+#[inline]
+pub const fn reserved_size(len: usize) -> u64 {
+    record_size(len) + AUX_SIZE as u64
 }
 
 /// Checks a capacity read from an untrusted header or asked for by a caller.
@@ -186,8 +205,14 @@ pub fn valid_capacity(cap: u64) -> bool {
 /// The largest payload a ring of `capacity` accepts: a record of half the ring always fits an
 /// empty ring wherever its positions stand (either the part before or after the wrap is at
 /// least half), so a producer waiting for space always makes progress.
+/// Also below [`LEN_AUX`], so the length never reaches that bit.
 pub const fn max_payload(capacity: usize) -> usize {
-    capacity / 2 - RECORD_HEADER_SIZE
+    let half = capacity / 2 - RECORD_HEADER_SIZE - AUX_SIZE;
+    if half < (LEN_AUX - 1) as usize {
+        half
+    } else {
+        (LEN_AUX - 1) as usize
+    }
 }
 
 #[cfg(test)]
@@ -196,10 +221,11 @@ mod tests {
 
     #[test]
     fn record_sizes_are_aligned() {
-        assert_eq!(record_size(0), 24);
-        assert_eq!(record_size(1), 32);
-        assert_eq!(record_size(8), 32);
-        assert_eq!(record_size(9), 40);
+        assert_eq!(record_size(0), 16);
+        assert_eq!(record_size(1), 24);
+        assert_eq!(record_size(8), 24);
+        assert_eq!(record_size(9), 32);
+        assert_eq!(reserved_size(9), 40);
         for len in 0..100 {
             assert_eq!(record_size(len) % RECORD_ALIGN as u64, 0);
             assert!(record_size(len) >= (RECORD_HEADER_SIZE + len) as u64);
@@ -214,5 +240,7 @@ mod tests {
         assert!(!valid_capacity(0));
         assert!(!valid_capacity(1 << 41));
         assert_eq!(max_payload(4096), 2048 - 24);
+        assert_eq!(max_payload(1 << 40), (1 << 31) - 1);
+        assert!(max_payload(1 << 33) as u32 & LEN_AUX == 0);
     }
 }

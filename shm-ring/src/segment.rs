@@ -582,8 +582,8 @@ mod tests {
             matches!(
                 e,
                 AttachError::VersionMismatch {
-                    found: 2,
-                    expected: 1
+                    found: 3,
+                    expected: 2
                 }
             ),
             "{e}"
@@ -633,7 +633,7 @@ mod tests {
         tx.publish();
         let snap = RingView::open(&p).unwrap().snapshot();
         assert_eq!(snap.capacity, 4096);
-        assert_eq!(snap.tail, 128);
+        assert_eq!(snap.tail, 16 + 104); // header, payload padded to 8, no aux word
         assert_eq!(snap.producer.records, 1);
         assert_eq!(snap.producer.bytes, 100);
         assert_eq!(snap.producer.pid, std::process::id());

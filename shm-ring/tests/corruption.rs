@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use shm_ring::layout::{record_size, LAYOUT_VERSION, MAGIC, RECORD_HEADER_SIZE, TAG_PAD};
+use shm_ring::layout::{
+    record_size, reserved_size, LAYOUT_VERSION, LEN_AUX, MAGIC, RECORD_HEADER_SIZE, TAG_PAD,
+};
 use shm_ring::{
     AttachError, Consumer, CorruptError, Meta, Producer, ReserveError, RingView, ShmRing,
 };
@@ -435,7 +437,7 @@ fn tail_beyond_head_plus_capacity() {
         Some(CorruptError::TailOutOfRange { .. })
     ));
     // The real tail back: everything before the bad value is intact.
-    seg.put_u64(OFF_TAIL, 128);
+    seg.put_u64(OFF_TAIL, 120);
     assert_eq!(read_all(&mut rx), (vec![(0, 100)], None));
     // Exactly head + capacity is a legal tail (a full ring); then it is the unwritten bytes
     // after the real records that must be caught (here zeros: empty records, then whatever
@@ -451,25 +453,25 @@ fn tail_beyond_head_plus_capacity() {
 #[test]
 fn tail_going_backwards() {
     let (seg, mut tx, mut rx) = ring("tail-back");
-    push_publish(&mut tx, &[8, 8, 8]); // records of 32 bytes: tail 96
+    push_publish(&mut tx, &[8, 8, 8]); // records of 24 bytes: tail 72
     assert_eq!(read_all(&mut rx).0.len(), 3);
-    assert_eq!(rx.seen_tail(), 96);
-    seg.put_u64(OFF_TAIL, 64);
+    assert_eq!(rx.seen_tail(), 72);
+    seg.put_u64(OFF_TAIL, 48);
     let want = CorruptError::TailOutOfRange {
-        tail: 64,
+        tail: 48,
         head: 0,
         capacity: 4096,
     };
     assert_eq!(rx.records().err(), Some(want));
     // Also behind the released position.
-    seg.put_u64(OFF_TAIL, 96);
+    seg.put_u64(OFF_TAIL, 72);
     release_all(&mut rx);
     seg.put_u64(OFF_TAIL, 0);
     assert_eq!(
         rx.records().err(),
         Some(CorruptError::TailOutOfRange {
             tail: 0,
-            head: 96,
+            head: 72,
             capacity: 4096
         })
     );
@@ -495,22 +497,22 @@ fn unaligned_tail() {
 #[test]
 fn head_beyond_tail_on_the_producer_side() {
     let (seg, mut tx, _rx) = ring("head-far");
-    push_publish(&mut tx, &[100]); // tail 128
-    seg.put_u64(OFF_HEAD, 136);
+    push_publish(&mut tx, &[100]); // tail 120
+    seg.put_u64(OFF_HEAD, 128);
     let want = CorruptError::HeadOutOfRange {
-        head: 136,
-        tail: 128,
+        head: 128,
+        tail: 120,
         capacity: 4096,
     };
     assert_eq!(tx.is_drained().err(), Some(want));
     // Beyond the published tail but within committed, unpublished records: still corrupt.
     tx.push(Meta::tag(1), &[0; 8]).unwrap();
     assert_eq!(tx.is_drained().err(), Some(want));
-    tx.publish(); // tail 160
-    seg.put_u64(OFF_HEAD, 168);
+    tx.publish(); // tail 144
+    seg.put_u64(OFF_HEAD, 152);
     let want = CorruptError::HeadOutOfRange {
-        head: 168,
-        tail: 160,
+        head: 152,
+        tail: 144,
         capacity: 4096,
     };
     assert_eq!(tx.is_drained().err(), Some(want));
@@ -550,27 +552,27 @@ fn head_beyond_tail_on_the_producer_side() {
 fn head_going_backwards_or_unaligned() {
     let (seg, mut tx, mut rx) = ring("head-back");
     push_publish(&mut tx, &[8, 8, 8]);
-    release_all(&mut rx); // head 96
+    release_all(&mut rx); // head 72
     assert!(tx.is_drained().unwrap());
-    seg.put_u64(OFF_HEAD, 64);
+    seg.put_u64(OFF_HEAD, 48);
     assert_eq!(
         tx.is_drained().err(),
         Some(CorruptError::HeadOutOfRange {
-            head: 64,
-            tail: 96,
+            head: 48,
+            tail: 72,
             capacity: 4096
         })
     );
-    seg.put_u64(OFF_HEAD, 92);
+    seg.put_u64(OFF_HEAD, 68);
     assert_eq!(
         tx.is_drained().err(),
         Some(CorruptError::HeadOutOfRange {
-            head: 92,
-            tail: 96,
+            head: 68,
+            tail: 72,
             capacity: 4096
         })
     );
-    seg.put_u64(OFF_HEAD, 96);
+    seg.put_u64(OFF_HEAD, 72);
     assert!(tx.is_drained().unwrap());
 }
 
@@ -580,41 +582,51 @@ fn head_going_backwards_or_unaligned() {
 #[test]
 fn record_length_crossing_the_end() {
     let (seg, mut tx, mut rx) = ring("crosses");
-    // Move to offset 3072 and put two records there: [3072, 3200) and [3200, 3328).
-    push_publish(
-        &mut tx,
-        &[3072 - RECORD_HEADER_SIZE - 1024, 1024 - RECORD_HEADER_SIZE],
-    );
+    // Move to offset 3072 and put two records there: [3072, 3192) and [3192, 3312).
+    push_publish(&mut tx, &[1024 - RECORD_HEADER_SIZE; 3]);
     release_all(&mut rx);
     let pos = push_publish(&mut tx, &[100, 100]);
-    assert_eq!(pos, [3072, 3200]);
-    // The second claims 1000 bytes: 1024 > the 896 left before the end.
-    seg.put_record_len(4096, 3200, 1000);
+    assert_eq!(pos, [3072, 3192]);
+    // The second claims 1000 bytes: 1016 > the 904 left before the end.
+    seg.put_record_len(4096, 3192, 1000);
     let (ok, err) = read_all(&mut rx);
     assert_eq!(ok, vec![(3072, 100)]);
     assert_eq!(
         err,
         Some(CorruptError::RecordCrossesEnd {
-            pos: 3200,
+            pos: 3192,
             len: 1000
         })
     );
     // The largest length there is: no overflow.
-    seg.put_record_len(4096, 3200, u32::MAX);
+    seg.put_record_len(4096, 3192, u32::MAX);
     assert_eq!(
         read_all(&mut rx).1,
         Some(CorruptError::RecordCrossesEnd {
-            pos: 3200,
+            pos: 3192,
             len: u32::MAX
         })
     );
-    // One byte too many for the end (record_size rounds 873 up to 904 > 896).
-    seg.put_record_len(4096, 3200, 873);
+    // One byte too many for the end (record_size rounds 16 + 889 up to 912 > 904).
+    seg.put_record_len(4096, 3192, 889);
     assert_eq!(
         read_all(&mut rx).1,
         Some(CorruptError::RecordCrossesEnd {
-            pos: 3200,
-            len: 873
+            pos: 3192,
+            len: 889
+        })
+    );
+    // A length that fits exactly (with a tail at the end), but with an aux word declared
+    // after it: 8 bytes too many.
+    seg.put_u64(OFF_TAIL, 4096);
+    seg.put_record_len(4096, 3192, 888);
+    assert_eq!(read_all(&mut rx), (vec![(3072, 100), (3192, 888)], None));
+    seg.put_record_len(4096, 3192, 888 | LEN_AUX);
+    assert_eq!(
+        read_all(&mut rx).1,
+        Some(CorruptError::RecordCrossesEnd {
+            pos: 3192,
+            len: 888 | LEN_AUX
         })
     );
 }
@@ -622,45 +634,58 @@ fn record_length_crossing_the_end() {
 #[test]
 fn record_past_the_tail() {
     let (seg, mut tx, mut rx) = ring("past-tail");
-    let pos = push_publish(&mut tx, &[100, 100]); // [0,128) [128,256), tail 256
-    assert_eq!(pos, [0, 128]);
-    seg.put_record_len(4096, 128, 105); // needs 136 bytes: 264 > 256
+    let pos = push_publish(&mut tx, &[100, 100]); // [0,120) [120,240), tail 240
+    assert_eq!(pos, [0, 120]);
+    seg.put_record_len(4096, 120, 105); // needs 128 bytes: 248 > 240
     let (ok, err) = read_all(&mut rx);
     assert_eq!(ok, vec![(0, 100)]);
     assert_eq!(
         err,
         Some(CorruptError::RecordPastTail {
-            pos: 128,
+            pos: 120,
             len: 105,
-            tail: 256
+            tail: 240
+        })
+    );
+    // The right length with an aux word declared: 8 bytes past the tail as well.
+    seg.put_record_len(4096, 120, 100 | LEN_AUX);
+    assert_eq!(
+        read_all(&mut rx).1,
+        Some(CorruptError::RecordPastTail {
+            pos: 120,
+            len: 100 | LEN_AUX,
+            tail: 240
         })
     );
     // A record beyond the tail is fine as long as it is not published: restore, then publish a
     // tail that cuts the second record in half.
-    seg.put_record_len(4096, 128, 100);
-    assert_eq!(read_all(&mut rx), (vec![(0, 100), (128, 100)], None));
+    seg.put_record_len(4096, 120, 100);
+    assert_eq!(read_all(&mut rx), (vec![(0, 100), (120, 100)], None));
     release_all(&mut rx);
-    tx.push(Meta::tag(1), &[0; 200]).unwrap(); // [256, 480)
+    tx.push(Meta::tag(1).aux(9), &[0; 200]).unwrap(); // [240, 464): 216 and the aux word
     tx.publish();
-    seg.put_u64(OFF_TAIL, 256 + 64);
-    assert_eq!(
-        read_all(&mut rx).1,
-        Some(CorruptError::RecordPastTail {
-            pos: 256,
-            len: 200,
-            tail: 320
-        })
-    );
+    assert_eq!(tx.position(), 464);
+    // A tail in the middle of it, then one that cuts off just the aux word: past the tail.
+    for tail in [240 + 64, 456] {
+        seg.put_u64(OFF_TAIL, tail);
+        assert_eq!(
+            read_all(&mut rx).1,
+            Some(CorruptError::RecordPastTail {
+                pos: 240,
+                len: 200 | LEN_AUX,
+                tail
+            })
+        );
+    }
+    seg.put_u64(OFF_TAIL, 464);
+    assert_eq!(read_all(&mut rx), (vec![(240, 200)], None));
 }
 
 /// Positions with a padding record from `pad_at` to the end and the next record at 4096.
 fn ring_with_padding(tag: &str) -> (Seg, Tx, Rx, u64) {
     let (seg, mut tx, mut rx) = ring(tag);
-    // [0, 2048) [2048, 3072) released; then a record that does not fit the 1024 bytes left.
-    push_publish(
-        &mut tx,
-        &[2048 - RECORD_HEADER_SIZE, 1024 - RECORD_HEADER_SIZE],
-    );
+    // [0, 3072) released; then a record that does not fit the 1024 bytes left.
+    push_publish(&mut tx, &[1024 - RECORD_HEADER_SIZE; 3]);
     release_all(&mut rx);
     let pos = push_publish(&mut tx, &[1500]);
     assert_eq!(pos, [4096]);
@@ -672,7 +697,13 @@ fn bad_padding_length() {
     let (seg, _tx, mut rx, pad_at) = ring_with_padding("pad-len");
     assert_eq!(read_all(&mut rx), (vec![(4096, 1500)], None));
     let expected = 4096 - pad_at - RECORD_HEADER_SIZE as u64;
-    for bad in [0, expected as u32 - 8, expected as u32 + 8, u32::MAX] {
+    for bad in [
+        0,
+        expected as u32 - 8,
+        expected as u32 + 8,
+        expected as u32 | LEN_AUX,
+        u32::MAX,
+    ] {
         seg.put_record_len(4096, pad_at, bad);
         assert_eq!(
             read_all(&mut rx),
@@ -694,15 +725,15 @@ fn bad_padding_length() {
 fn padding_tag_in_the_middle_of_the_ring() {
     let (seg, mut tx, mut rx) = ring("pad-middle");
     push_publish(&mut tx, &[100, 100]);
-    seg.put_record_tag(4096, 128, TAG_PAD);
+    seg.put_record_tag(4096, 120, TAG_PAD);
     let (ok, err) = read_all(&mut rx);
     assert_eq!(ok, vec![(0, 100)]);
     assert_eq!(
         err,
         Some(CorruptError::BadPadding {
-            pos: 128,
+            pos: 120,
             len: 100,
-            expected: 4096 - 128 - 24
+            expected: 4096 - 120 - 16
         })
     );
 }
@@ -718,33 +749,17 @@ fn tail_inside_a_padding_record_or_an_implicit_wrap() {
             vec![],
             Some(CorruptError::BadPadding {
                 pos: pad_at,
-                len: 1024 - 24,
-                expected: 1024 - 24
+                len: 1024 - 16,
+                expected: 1024 - 16
             })
         )
     );
 
-    // Records ending 16 bytes before the end (an implicit wrap) and a tail 8 bytes further.
-    let (seg, mut tx, mut rx) = ring("implicit-tail");
-    push_publish(
-        &mut tx,
-        &[2048 - RECORD_HEADER_SIZE, 2048 - 16 - RECORD_HEADER_SIZE],
-    );
-    assert_eq!(release_all(&mut rx), 4096 - 16);
-    seg.put_u64(OFF_TAIL, 4096 - 8);
-    assert_eq!(
-        read_all(&mut rx),
-        (
-            vec![],
-            Some(CorruptError::BadPadding {
-                pos: 4096 - 16,
-                len: 0,
-                expected: 16
-            })
-        )
-    );
-    // The correct continuation: the producer wraps implicitly and the consumer follows.
-    seg.put_u64(OFF_TAIL, 4096 - 16);
+    // Records ending 8 bytes before the end: too few for a header, so the producer wraps
+    // implicitly. (A tail inside those 8 bytes would be unaligned: see `unaligned_tail`.)
+    let (_seg, mut tx, mut rx) = ring("implicit-tail");
+    push_publish(&mut tx, &[1008, 1008, 1008, 1000]);
+    assert_eq!(release_all(&mut rx), 4096 - 8);
     tx.push(Meta::tag(1), &[1; 40]).unwrap();
     tx.publish();
     assert_eq!(read_all(&mut rx), (vec![(4096, 40)], None));
@@ -803,10 +818,12 @@ proptest! {
         let mut tx = Producer::new(ring.clone()).unwrap();
         let mut rx = Consumer::new(ring.clone()).unwrap();
         for (i, &n) in lens.iter().enumerate() {
-            if tx.push(Meta::tag(1), &vec![i as u8; n]).is_err() {
+            // Every other record with an aux word after its payload.
+            let meta = Meta::tag(1).aux(i as u64 % 2);
+            if tx.push(meta, &vec![i as u8; n]).is_err() {
                 tx.publish();
                 release_all(&mut rx);
-                let _ = tx.push(Meta::tag(1), &vec![i as u8; n]);
+                let _ = tx.push(meta, &vec![i as u8; n]);
             }
             if i == released {
                 tx.publish();
@@ -838,7 +855,9 @@ proptest! {
                         prop_assert!(rec.position() >= last);
                         prop_assert!(rec.position() % 8 == 0);
                         let off = rec.position() % 4096;
-                        prop_assert!(off + record_size(rec.payload().len()) <= 4096);
+                        let size = rec.end() - rec.position();
+                        prop_assert!(size >= record_size(rec.payload().len()));
+                        prop_assert!(off + size <= 4096);
                         last = rec.end();
                     }
                     Err(_) => break,
@@ -854,7 +873,7 @@ proptest! {
                 Ok(g) => {
                     prop_assert_eq!(g.len(), len);
                     let off = g.position() % 4096;
-                    prop_assert!(off + record_size(len) <= 4096);
+                    prop_assert!(off + reserved_size(len) <= 4096);
                     g.commit(len, Meta::tag(2));
                 }
                 Err(ReserveError::Full) | Err(ReserveError::Corrupt(_)) => {}

@@ -86,13 +86,22 @@ fn byte(rec: usize, i: usize) -> u8 {
 }
 
 /// Commits record `n` of `len` bytes if it fits now; false if the ring is full.
+/// Odd records carry an aux word after their payload (8 bytes more), even ones none.
+fn aux_of(n: usize) -> u64 {
+    if n % 2 == 1 {
+        n as u64
+    } else {
+        0
+    }
+}
+
 fn try_push(tx: &mut Tx, n: usize, len: usize) -> bool {
     match tx.reserve(len) {
         Ok(mut g) => {
             for (i, b) in g.iter_mut().enumerate() {
                 *b = byte(n, i);
             }
-            g.commit(len, Meta::tag(n as u16).conn(n as u64));
+            g.commit(len, Meta::tag(n as u16).conn(n as u64).aux(aux_of(n)));
             true
         }
         Err(ReserveError::Full) => false,
@@ -110,6 +119,7 @@ fn read_batch(rx: &mut Rx, next: &mut usize, lens: &[usize]) -> usize {
         assert!(*next < lens.len(), "more records than were sent");
         assert_eq!(rec.tag() as usize, *next);
         assert_eq!(rec.conn() as usize, *next);
+        assert_eq!(rec.aux(), aux_of(*next));
         assert_eq!(rec.payload().len(), lens[*next]);
         for (i, &b) in rec.payload().iter().enumerate() {
             assert_eq!(b, byte(*next, i), "record {next} byte {i}");
@@ -155,8 +165,9 @@ fn spin_transfer(lens: &'static [usize]) -> u64 {
 #[test]
 fn records_arrive_in_order_across_the_wrap() {
     model("records_arrive_in_order_across_the_wrap", false, || {
-        // The third record went behind a padding record at the start of the second lap.
-        assert_eq!(spin_transfer(&[1500, 1500, 1500]), 4096 + 1528);
+        // 1520 + 1528 (with its aux word) = 3048; the third went behind a padding record at
+        // the start of the second lap.
+        assert_eq!(spin_transfer(&[1500, 1500, 1500]), 4096 + 1520);
         false
     });
 }
@@ -169,8 +180,9 @@ fn records_arrive_in_order_across_an_implicit_wrap() {
         "records_arrive_in_order_across_an_implicit_wrap",
         false,
         || {
-            // 2048 + 2040 = 4088; the third (128 bytes) starts the second lap.
-            assert_eq!(spin_transfer(&[2024, 2016, 100]), 4096 + 128);
+            // 2040 + 2048 (with its aux word) = 4088; the third (120 bytes) starts the
+            // second lap.
+            assert_eq!(spin_transfer(&[2024, 2024, 100]), 4096 + 120);
             false
         },
     );

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
-use shm_ring::layout::{max_payload, record_size, RECORD_HEADER_SIZE, TAG_PAD};
+use shm_ring::layout::{
+    max_payload, record_size, reserved_size, AUX_SIZE, RECORD_HEADER_SIZE, TAG_PAD,
+};
 use shm_ring::{Consumer, HeapRing, Meta, Producer, ReserveError, RingStorage, ShmRing};
 
 /// SplitMix64: the payload bytes of record `id` are a function of `id` alone.
@@ -44,7 +46,12 @@ fn meta_for(id: u64) -> Meta {
     Meta::tag((h % 0xFFFF) as u16) // never TAG_PAD
         .flags((h >> 16) as u16)
         .conn(id)
-        .aux(h)
+        .aux(if h & 0x300 == 0 { 0 } else { h }) // a quarter of the records carry no aux word
+}
+
+/// Ring bytes of a committed record of `len` payload bytes with `aux`.
+fn size_with(len: usize, aux: u64) -> u64 {
+    record_size(len) + if aux != 0 { AUX_SIZE as u64 } else { 0 }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -83,7 +90,7 @@ proptest! {
         tag in 0u16..TAG_PAD,
         flags in any::<u16>(),
         conn in any::<u64>(),
-        aux in any::<u64>(),
+        aux in prop_oneof![Just(0u64), any::<u64>()],
         use_up_to in any::<bool>(),
     ) {
         let (mut tx, mut rx) = HeapRing::channel(cap).unwrap();
@@ -105,14 +112,14 @@ proptest! {
         // Either in place, or after the wrap (padding or an implicit wrap).
         let to_end = cap as u64 - offset;
         prop_assert!(pos == start || pos == start + to_end, "pos {} start {}", pos, start);
-        prop_assert!((pos % cap as u64) + record_size(payload.len()) <= cap as u64);
+        prop_assert!((pos % cap as u64) + size_with(payload.len(), aux) <= cap as u64);
         tx.publish();
 
         let mut it = rx.records().unwrap();
         let rec = it.next().unwrap().unwrap();
         prop_assert_eq!(rec.position(), pos);
         prop_assert_eq!(rec.payload_position(), pos + RECORD_HEADER_SIZE as u64);
-        prop_assert_eq!(rec.end(), pos + record_size(payload.len()));
+        prop_assert_eq!(rec.end(), pos + size_with(payload.len(), aux));
         prop_assert_eq!(rec.end() % 8, 0);
         prop_assert_eq!((rec.tag(), rec.flags(), rec.conn(), rec.aux()), (tag, flags, conn, aux));
         prop_assert_eq!(rec.payload(), &payload[..]);
@@ -176,7 +183,8 @@ fn too_large_is_exactly_above_max_payload() {
     for cap in [4096usize, 8192, 1 << 20] {
         let (mut tx, _rx) = HeapRing::channel(cap).unwrap();
         let max = tx.max_payload();
-        assert_eq!(max, cap / 2 - RECORD_HEADER_SIZE);
+        assert_eq!(max, cap / 2 - RECORD_HEADER_SIZE - AUX_SIZE);
+        assert_eq!(reserved_size(max), cap as u64 / 2);
         assert_eq!(
             tx.reserve(max + 1).err(),
             Some(ReserveError::TooLarge { len: max + 1, max })
@@ -324,7 +332,7 @@ struct ModelRec {
 
 impl ModelRec {
     fn end(&self) -> u64 {
-        self.pos + record_size(self.len)
+        self.pos + size_with(self.len, meta_for(self.id).aux)
     }
 }
 
@@ -401,7 +409,7 @@ fn check_reservation<S: RingStorage>(
         cov.too_large += 1;
         return Ok(());
     }
-    let need = record_size(min);
+    let need = reserved_size(min);
     let best = m.here().max(m.wrapped());
     let mut grant = match res {
         Err(ReserveError::Full) => {
@@ -437,7 +445,7 @@ fn check_reservation<S: RingStorage>(
     };
     let glen = grant.len();
     prop_assert!(
-        record_size(glen) <= room,
+        reserved_size(glen) <= room,
         "grant of {} in a piece of {}",
         glen,
         room
@@ -455,7 +463,7 @@ fn check_reservation<S: RingStorage>(
             );
             if glen < max {
                 // Short of max: must be all of the largest free piece.
-                prop_assert_eq!(record_size(glen), best);
+                prop_assert_eq!(reserved_size(glen), best);
                 prop_assert_eq!(room, best);
                 cov.partial_grants += 1;
             }
@@ -484,7 +492,7 @@ fn check_reservation<S: RingStorage>(
             cov.short_commits += u64::from(len < glen);
             cov.max_records += u64::from(len == limit);
             m.queue.push_back(ModelRec { id, pos, len });
-            m.tail = pos + record_size(len);
+            m.tail = pos + size_with(len, meta_for(id).aux);
             prop_assert_eq!(tx.position(), m.tail);
         }
     }
@@ -638,17 +646,21 @@ fn model_reaches_every_case() {
     assert!(cov.max_records > 0, "{cov:?}");
 }
 
-/// The two wrap forms, forced: a padding record when 24 or more bytes remain, an implicit wrap
-/// when fewer remain.
+/// The two wrap forms, forced: a padding record when 16 or more bytes remain (a header), an
+/// implicit wrap when fewer remain.
 #[test]
 fn both_wrap_forms() {
     for left in [8u64, 16, 24, 32, 1000] {
         let (mut tx, mut rx) = HeapRing::channel(4096).unwrap();
-        // Fill to `left` bytes before the end with two records, release them.
-        let first = 2048 - RECORD_HEADER_SIZE;
-        let second = (4096 - 2048 - left) as usize - RECORD_HEADER_SIZE;
-        tx.push(Meta::tag(1), &vec![1; first]).unwrap();
-        tx.push(Meta::tag(2), &vec![2; second]).unwrap();
+        // Fill to `left` bytes before the end with records of at most 1 KiB (no aux word),
+        // release them.
+        let mut fill = 4096 - left as usize;
+        while fill > 0 {
+            let chunk = fill.min(1024);
+            tx.push(Meta::tag(1), &vec![1; chunk - RECORD_HEADER_SIZE])
+                .unwrap();
+            fill -= chunk;
+        }
         tx.publish();
         let end = rx
             .records()
@@ -659,7 +671,7 @@ fn both_wrap_forms() {
         assert_eq!(end, 4096 - left);
         rx.release(end);
         // A record that does not fit in `left` goes to the start.
-        let big = left as usize; // record_size(left) > left
+        let big = left as usize; // reserved_size(left) > left
         let pos = tx.push(Meta::tag(3), &vec![3; big]).unwrap();
         assert_eq!(pos, 4096, "left {left}");
         tx.publish();

@@ -57,7 +57,7 @@ fn frames_seen(words: &[(usize, u64)]) -> Vec<Vec<u8>> {
 #[test]
 fn answered_and_dead_letter_positions_beyond_the_tail_are_ignored() {
     let both = vec![b"a".to_vec(), b"b".to_vec()];
-    // The record's payload starts after its 24-byte header: "a" ends at 29, "b" at 34.
+    // The record's payload starts after its 16-byte header: "a" ends at 21, "b" at 26.
     let a_end = shm_ring::layout::RECORD_HEADER_SIZE as u64 + 5;
     assert_eq!(frames_seen(&[]), both);
     assert_eq!(

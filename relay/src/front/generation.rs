@@ -213,7 +213,9 @@ impl Front {
         // Every reply the dead worker published, read and delivered as usual (a corrupt one
         // quarantines the channel, as always).
         // The dead producer adds nothing: this ends once the ring is read (bounded anyway).
-        let most = 2 + self.chans[w].rep.capacity() / (REPLY_BATCH * 24);
+        // (the smallest record is a bare header).
+        let most =
+            2 + self.chans[w].rep.capacity() / (REPLY_BATCH * shm_ring::layout::RECORD_HEADER_SIZE);
         for _ in 0..most {
             if self.pump_replies(w) < REPLY_BATCH {
                 break;

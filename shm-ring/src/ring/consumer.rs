@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::{claim_side, release_side, wake_peer, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError};
-use crate::layout::{record_size, RecordHeader, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD};
+use crate::layout::{
+    record_size, RecordHeader, AUX_SIZE, LEN_AUX, MAX_POSITION, RECORD_HEADER_SIZE, TAG_PAD,
+};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
 use crate::wake::{futex_wait, Doorbell};
@@ -294,8 +296,13 @@ fn release_out_of_range(to: u64, released: u64, seen_tail: u64) -> ! {
 #[derive(Clone, Copy, Debug)]
 pub struct Record<'a> {
     header: RecordHeader,
+    /// The `aux` word (0 when the record carries none); `header.len` is the payload length
+    /// alone (without [`LEN_AUX`]).
+    aux: u64,
     payload: *const u8,
     pos: u64,
+    /// Just past the record, as validated (an `aux` word of 0 still counts when present).
+    end: u64,
     _borrow: PhantomData<&'a [u8]>,
 }
 
@@ -321,7 +328,7 @@ impl<'a> Record<'a> {
     }
     /// The 64-bit word the producer attached besides the connection.
     pub fn aux(&self) -> u64 {
-        self.header.aux
+        self.aux
     }
     /// Payload length, from the private copy of the header (validated against the ring).
     pub fn len(&self) -> usize {
@@ -388,7 +395,7 @@ impl<'a> Record<'a> {
     }
     /// Position just past the record: pass it to [`Consumer::release`].
     pub fn end(&self) -> u64 {
-        self.pos + record_size(self.header.len as usize)
+        self.end
     }
 }
 
@@ -463,16 +470,17 @@ impl<'a> Records<'a> {
                 self.pos += to_end;
                 continue;
             }
-            // SAFETY: off + 24 <= capacity and off is 8-aligned (positions are validated
+            // SAFETY: off + 16 <= capacity and off is 8-aligned (positions are validated
             // multiples of 8), so the header lies inside the mapping. read_volatile takes one
             // private copy that all checks below use, so a peer changing it cannot race them.
-            let hdr = unsafe {
+            let mut hdr = unsafe {
                 self.data
                     .add(off as usize)
                     .cast::<RecordHeader>()
                     .read_volatile()
             };
             if hdr.tag == TAG_PAD {
+                // A padding record never has an aux word: `LEN_AUX` makes `len` mismatch.
                 let expected = to_end - RECORD_HEADER_SIZE as u64;
                 if hdr.len as u64 != expected || self.pos + to_end > self.end {
                     return Err(CorruptError::BadPadding {
@@ -484,27 +492,45 @@ impl<'a> Records<'a> {
                 self.pos += to_end;
                 continue;
             }
-            let size = record_size(hdr.len as usize);
+            let declared = hdr.len;
+            hdr.len &= !LEN_AUX;
+            let body = record_size(hdr.len as usize);
+            let has_aux = declared & LEN_AUX != 0;
+            let size = body + if has_aux { AUX_SIZE as u64 } else { 0 };
             if size > to_end {
                 return Err(CorruptError::RecordCrossesEnd {
                     pos: self.pos,
-                    len: hdr.len,
+                    len: declared,
                 });
             }
             if self.pos + size > self.end {
                 return Err(CorruptError::RecordPastTail {
                     pos: self.pos,
-                    len: hdr.len,
+                    len: declared,
                     tail: self.end,
                 });
             }
+            let aux = if has_aux {
+                // SAFETY: `body + 8 = size <= to_end` (checked above), so the word lies inside
+                // the data area, 8-aligned; one private copy, as for the header.
+                unsafe {
+                    self.data
+                        .add((off + body) as usize)
+                        .cast::<u64>()
+                        .read_volatile()
+                }
+            } else {
+                0
+            };
             // SAFETY: the payload lies inside the data area (checked above against the private
             // copy of its length), which stays mapped for 'a; only a pointer is kept.
             let payload = unsafe { self.data.add(off as usize + RECORD_HEADER_SIZE) };
             let rec = Record {
                 header: hdr,
+                aux,
                 payload,
                 pos: self.pos,
+                end: self.pos + size,
                 _borrow: PhantomData,
             };
             self.pos += size;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::write::WriteGrant;
 use super::{claim_side, release_side, wake_peer, SideStats, SPIN_LIMIT};
 use crate::error::{AttachError, CorruptError, ReserveError};
-use crate::layout::{self, record_size, MAX_POSITION, RECORD_HEADER_SIZE};
+use crate::layout::{self, reserved_size, AUX_SIZE, MAX_POSITION, RECORD_HEADER_SIZE};
 use crate::storage::RingStorage;
 use crate::sync::{fence, Ordering};
 use crate::wake::{futex_wait, Doorbell};
@@ -147,14 +147,15 @@ impl<S: RingStorage> Producer<S> {
             return Err(too_large(min, limit));
         }
         let max = max.clamp(min, limit);
-        let need = record_size(min);
-        let want = record_size(max);
+        let need = reserved_size(min);
+        let want = reserved_size(max);
         // The fast path reads no shared memory: the cached head usually leaves room.
         let (pad, room) = match self.fit_best(need, want) {
             Some(fit) if fit.1 >= want => fit,
             _ => self.refit(need, want)?,
         };
-        let len = max.min((room - RECORD_HEADER_SIZE as u64) as usize);
+        // Room for the header and an `aux` word, which is known only at commit.
+        let len = max.min((room - (RECORD_HEADER_SIZE + AUX_SIZE) as u64) as usize);
         Ok(WriteGrant {
             producer: self,
             pad,
@@ -189,7 +190,7 @@ impl<S: RingStorage> Producer<S> {
         if len > limit {
             return Err(too_large(len, limit));
         }
-        let need = record_size(len);
+        let need = reserved_size(len);
         if self.fit(need).is_some() {
             return Ok(true);
         }
@@ -320,7 +321,7 @@ impl<S: RingStorage> Producer<S> {
             return Err(ReserveError::TooLarge { len, max: limit });
         }
         self.publish();
-        let need = record_size(len);
+        let need = reserved_size(len);
         for _ in 0..SPIN_LIMIT {
             self.refresh_head()?;
             if self.fit(need).is_some() {
@@ -356,7 +357,7 @@ impl<S: RingStorage> Producer<S> {
         // the head; pairs with the fence in `Consumer::release`.
         fence(Ordering::SeqCst);
         self.refresh_head()?;
-        if self.fit(record_size(len)).is_some() {
+        if self.fit(reserved_size(len)).is_some() {
             self.storage
                 .header()
                 .producer_sleep

@@ -13,7 +13,7 @@
 
 use super::{Meta, Producer};
 use crate::error::ReserveError;
-use crate::layout::{record_size, RecordHeader, RECORD_HEADER_SIZE, TAG_PAD};
+use crate::layout::{record_size, AUX_SIZE, LEN_AUX, RECORD_HEADER_SIZE, TAG_PAD};
 use crate::storage::RingStorage;
 
 /// Space reserved in the ring: a `&mut [u8]` inside the data area (shared memory for a
@@ -45,8 +45,8 @@ impl<S: RingStorage> WriteGrant<'_, S> {
             commit_too_long(len, self.len);
         }
         check_tag(meta.tag);
-        // SAFETY: `fit` reserved `pad` bytes of padding and `record_size(self.len)` bytes after
-        // them, and `len <= self.len` (checked above).
+        // SAFETY: `fit` reserved `pad` bytes of padding and `reserved_size(self.len)` bytes
+        // after them, and `len <= self.len` (checked above).
         unsafe { self.producer.write_record(self.pad, len, meta) }
     }
 }
@@ -147,13 +147,15 @@ impl<S: RingStorage> Producer<S> {
         unsafe { self.data.add(off) }
     }
 
-    /// Writes the padding (if any) and the record header of a `len`-byte record after `pad`
-    /// bytes of padding, and moves the tail past it. Returns the record's position.
+    /// Writes the padding (if any), the record header and, if `meta.aux` is not zero, the
+    /// `aux` word after the payload of a `len`-byte record after `pad` bytes of padding, and
+    /// moves the tail past it. Returns the record's position.
     ///
     /// # Safety
     ///
-    /// `fit` reserved `pad` bytes from the tail and `record_size(len)` bytes after them, and no
-    /// publish happened since; `meta.tag` is not [`TAG_PAD`].
+    /// `fit` reserved `pad` bytes from the tail and `reserved_size(len)` bytes after them, and
+    /// no publish happened since; `meta.tag` is not [`TAG_PAD`]; `len` is below [`LEN_AUX`]
+    /// (every reservation is: `max_payload` keeps it there).
     #[inline(always)]
     pub(super) unsafe fn write_record(&mut self, pad: u64, len: usize, meta: Meta) -> u64 {
         if pad >= RECORD_HEADER_SIZE as u64 {
@@ -161,22 +163,31 @@ impl<S: RingStorage> Producer<S> {
             unsafe { self.write_padding(pad) };
         }
         let pos = self.tail + pad;
-        let hdr = RecordHeader {
-            len: len as u32,
-            tag: meta.tag,
-            flags: meta.flags,
-            conn: meta.conn,
-            aux: meta.aux,
-        };
-        // SAFETY: the caller's reservation covers record_size(len) free, contiguous bytes at
-        // `pos`, which is 8-aligned (positions and record sizes are multiples of 8).
+        let at = (pos & self.mask) as usize;
+        let body = record_size(len);
+        let has_aux = meta.aux != 0;
+        let first = header_word(
+            len as u32 | if has_aux { LEN_AUX } else { 0 },
+            meta.tag,
+            meta.flags,
+        );
+        // SAFETY: the caller's reservation covers reserved_size(len) = body + 8 free,
+        // contiguous bytes at `pos`, which is 8-aligned (positions and record sizes are
+        // multiples of 8): the two header words at 0 and 8 and the aux word at `body`. Two
+        // word stores rather than one of the struct: a volatile store of the struct went
+        // through the stack field by field (callgrind: 18 instructions per record, now 4).
         unsafe {
-            self.data
-                .add((pos & self.mask) as usize)
-                .cast::<RecordHeader>()
-                .write_volatile(hdr);
+            let rec = self.data.add(at).cast::<u64>();
+            rec.write_volatile(first);
+            rec.add(1).write_volatile(meta.conn);
+            if has_aux {
+                self.data
+                    .add(at + body as usize)
+                    .cast::<u64>()
+                    .write_volatile(meta.aux);
+            }
         }
-        self.tail = pos + record_size(len);
+        self.tail = pos + body + if has_aux { AUX_SIZE as u64 } else { 0 };
         self.stats.records = self.stats.records.wrapping_add(1);
         self.stats.bytes = self.stats.bytes.wrapping_add(len as u64);
         pos
@@ -186,26 +197,33 @@ impl<S: RingStorage> Producer<S> {
     ///
     /// # Safety
     ///
-    /// `pad` >= 24 bytes from the tail to the end of the data area are reserved.
+    /// `pad` >= 16 bytes from the tail to the end of the data area are reserved.
     #[cold]
     #[inline(never)]
     unsafe fn write_padding(&mut self, pad: u64) {
-        let pad_hdr = RecordHeader {
-            len: (pad - RECORD_HEADER_SIZE as u64) as u32,
-            tag: TAG_PAD,
-            flags: 0,
-            conn: 0,
-            aux: 0,
-        };
-        // SAFETY: the padding starts at the current tail, 8-aligned, with `pad` >= 24 bytes up
+        let first = header_word((pad - RECORD_HEADER_SIZE as u64) as u32, TAG_PAD, 0);
+        // SAFETY: the padding starts at the current tail, 8-aligned, with `pad` >= 16 bytes up
         // to the end of the data area, all of it free (the caller's contract).
         unsafe {
-            self.data
+            let rec = self
+                .data
                 .add((self.tail & self.mask) as usize)
-                .cast::<RecordHeader>()
-                .write_volatile(pad_hdr);
+                .cast::<u64>();
+            rec.write_volatile(first);
+            rec.add(1).write_volatile(0);
         }
     }
+}
+
+/// The first 8 bytes of a [`RecordHeader`](crate::layout::RecordHeader) (`len`, `tag`,
+/// `flags` in native byte order) as one word.
+#[inline(always)]
+fn header_word(len: u32, tag: u16, flags: u16) -> u64 {
+    let mut w = [0u8; 8];
+    w[..4].copy_from_slice(&len.to_ne_bytes());
+    w[4..6].copy_from_slice(&tag.to_ne_bytes());
+    w[6..].copy_from_slice(&flags.to_ne_bytes());
+    u64::from_ne_bytes(w)
 }
 
 /// Panics if `tag` is the ring's padding tag; the message is out of line.

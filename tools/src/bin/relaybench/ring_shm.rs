@@ -172,7 +172,10 @@ pub fn throughput(cfg: &Config, case: Case) -> Result<Outcome> {
     let report = finish(child, cfg, &clock)?;
     st.check(&report)?;
     let tx_parks = tx.storage().header().producer.parks.load(Ordering::Relaxed);
-    let note = format!("parks: consumer {}, producer {}", report.parks, tx_parks);
+    let note = format!(
+        "parks: consumer {}, producer {}; {} records",
+        report.parks, tx_parks, report.frames
+    );
     Ok(Outcome::throughput(case, &report, note))
 }
 
