@@ -131,11 +131,33 @@ pub fn private_kib(pid: Option<u32>) -> Option<u64> {
 
 /// A `NAME:   N kB` line of `/proc/PID/status`.
 fn status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    status_field(&read_status(pid)?, field)
+}
+
+/// Resident and private resident memory of `pid` in KiB ([`rss_kib`], [`private_kib`]) from
+/// one read of `/proc/PID/status` (the supervisor samples every process each second).
+///
+/// ```
+/// let (rss, private) = shmrelay::procfs::rss_and_private_kib(None).unwrap();
+/// assert!(private.unwrap() <= rss);
+/// ```
+pub fn rss_and_private_kib(pid: Option<u32>) -> Option<(u64, Option<u64>)> {
+    let status = read_status(pid)?;
+    Some((
+        status_field(&status, "VmRSS:")?,
+        status_field(&status, "RssAnon:"),
+    ))
+}
+
+fn read_status(pid: Option<u32>) -> Option<String> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".to_owned(),
     };
-    let status = std::fs::read_to_string(path).ok()?;
+    std::fs::read_to_string(path).ok()
+}
+
+fn status_field(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))

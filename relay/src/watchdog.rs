@@ -22,8 +22,8 @@ pub struct ProcessMetrics {
 
 /// Resident memory (KiB) and open fds of a process, from /proc.
 pub fn process_metrics(pid: u32) -> Option<ProcessMetrics> {
-    let rss_kb = procfs::rss_kib(Some(pid)).unwrap_or(0);
-    let private_kb = procfs::private_kib(Some(pid)).unwrap_or(rss_kb);
+    let (rss_kb, private_kb) = procfs::rss_and_private_kib(Some(pid)).unwrap_or((0, None));
+    let private_kb = private_kb.unwrap_or(rss_kb);
     let fds = procfs::open_fds(Some(pid))?;
     Some(ProcessMetrics {
         rss_kb,

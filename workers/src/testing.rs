@@ -38,23 +38,42 @@ pub struct FakeFront {
 ///
 /// If the memfds cannot be made or attached (out of memory or fds).
 pub fn attach(index: usize, codec: Codec, capacity: usize) -> (Worker, FakeFront) {
+    let mut worker = Worker::new(index, Arc::new(EventFd::new().expect("eventfd")), codec);
+    let front = attach_front(&mut worker, 0, capacity);
+    (worker, front)
+}
+
+/// Attaches `worker` as front `front`'s to two new rings of `capacity` bytes (a worker of a
+/// relay with many fronts) and returns the front's ends of them.
+///
+/// ```
+/// use shmrelay_worker::{protocol::tag, testing, Codec, ConnId};
+/// let (mut worker, _front0) = testing::attach(0, Codec::LengthPrefixed, 1 << 16);
+/// let mut front3 = testing::attach_front(&mut worker, 3, 1 << 16);
+/// front3.push(tag::DATA, ConnId::new(3, 1, 5), 0, &Codec::LengthPrefixed.encode(b"hi"));
+/// assert!(worker.poll_once(&mut shmrelay_worker::examples::Echo).unwrap() > 0);
+/// assert_eq!(front3.replies()[0].body, b"hi");
+/// ```
+///
+/// # Panics
+///
+/// If the memfds cannot be made or attached (out of memory or fds).
+pub fn attach_front(worker: &mut Worker, front: usize, capacity: usize) -> FakeFront {
     let req = ShmRing::create_memfd("req", capacity).expect("request ring");
     let rep = ShmRing::create_memfd("rep", capacity).expect("reply ring");
-    let mut worker = Worker::new(index, Arc::new(EventFd::new().expect("eventfd")), codec);
     worker
         .attach(
-            0,
+            front,
             req.fd().try_clone_to_owned().expect("dup"),
             rep.fd().try_clone_to_owned().expect("dup"),
             Arc::new(EventFd::new().expect("eventfd")),
             false,
         )
         .expect("attach");
-    let front = FakeFront {
+    FakeFront {
         req: Producer::new(Arc::new(req)).expect("request producer"),
         rep: Consumer::new(Arc::new(rep)).expect("reply consumer"),
-    };
-    (worker, front)
+    }
 }
 
 impl FakeFront {

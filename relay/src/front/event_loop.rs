@@ -27,6 +27,10 @@ const TIMER_SLACK: Duration = Duration::from_millis(50);
 /// Lateness of the loop logged as a warning (less is logged at debug level: a loaded machine
 /// makes plenty).
 const LAG_WARN_MS: u64 = 500;
+/// Period of the workers' and long replies' checks (ns).
+const CHECKS_EVERY_NS: u64 = 100_000_000;
+/// Period of the open-fds self-check (ns).
+const FD_CHECK_EVERY_NS: u64 = 5_000_000_000;
 /// The error of a connection whose partial frame outlived `frame_timeout_ms`.
 const FRAME_TIMEOUT: ProtocolError =
     ProtocolError::Invalid("frame not complete within frame_timeout_ms");
@@ -36,6 +40,7 @@ impl Front {
     /// `FrontClock`) and stamps the front's activity for the supervisor's hang check.
     pub(super) fn tick(&mut self) {
         let ns = shm_ring::monotonic_ns();
+        self.tick_ns = ns;
         let (now, late) = self.clock.tick(ns);
         self.now = now;
         if let Some(late) = late {
@@ -91,13 +96,13 @@ impl Front {
                 self.read_ready();
                 self.check_timers();
                 self.pause_when_overloaded();
-                if self.last_checks.elapsed() >= Duration::from_millis(100) {
-                    self.last_checks = Instant::now();
+                if self.tick_ns.saturating_sub(self.last_checks) >= CHECKS_EVERY_NS {
+                    self.last_checks = self.tick_ns;
                     self.check_workers();
                     self.check_splits();
                 }
-                if self.last_fd_check.elapsed() >= Duration::from_secs(5) {
-                    self.last_fd_check = Instant::now();
+                if self.tick_ns.saturating_sub(self.last_fd_check) >= FD_CHECK_EVERY_NS {
+                    self.last_fd_check = self.tick_ns;
                     self.check_fds();
                 }
             }

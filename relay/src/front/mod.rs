@@ -212,8 +212,11 @@ struct Front {
     /// Open fds besides the connections' sockets: the fd self-check's baseline (0 until the
     /// first check takes it).
     base_fds: u64,
-    last_checks: Instant,
-    last_fd_check: Instant,
+    /// CLOCK_MONOTONIC (ns) of the last `tick`: the periodic checks are timed by it, not by
+    /// clock reads of their own on every turn of the loop.
+    tick_ns: u64,
+    last_checks: u64,
+    last_fd_check: u64,
     /// Which connections each worker may write to.
     scope: Scope,
     /// Reply bytes queued in every connection's out queue (the sum of their `queued`), held
@@ -346,8 +349,9 @@ impl Front {
             open: 0,
             draining: 0,
             base_fds: 0,
-            last_checks: Instant::now(),
-            last_fd_check: Instant::now(),
+            tick_ns: shm_ring::monotonic_ns(),
+            last_checks: shm_ring::monotonic_ns(),
+            last_fd_check: shm_ring::monotonic_ns(),
             scope,
             queued_total: 0,
             reply_group: reply::Group::default(),

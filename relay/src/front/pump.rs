@@ -26,6 +26,13 @@ impl Front {
         if self.chans[w].is_broken() {
             return 0;
         }
+        // Nothing published since the last look and nothing left unread: with one wake per
+        // heartbeat and most wakes not the workers', this is most calls. (A routed worker's
+        // release alone is news: looked at below.)
+        let rep = &self.chans[w].rep;
+        if !routed && !rep.has_new() && rep.position() == rep.seen_tail() {
+            return 0;
+        }
         // Key routing: how far the worker had released its requests before the replies below
         // were read (see routing.rs on when a request is answered in full).
         let released_before = if routed {

@@ -64,19 +64,23 @@ impl Instance {
             };
             let Some(pid) = s.pid else { continue };
             let active = self.stats.front(f).active_ns.load(Ordering::Relaxed);
-            let look = Look::of(pid.as_raw() as u32);
             let seen = &mut self.front_seen[f];
-            if active != seen.0 {
+            let moved = active != seen.0;
+            if moved {
                 *seen = (active, Instant::now());
-                self.front_stall[f].restart(look);
-                continue;
             }
-            let stalled = self.front_stall[f].advance(look);
+            // `/proc` is read only for a front that looks stalled (stall.rs).
+            let Some(stalled) =
+                self.front_stall[f].observe(moved, || Look::of(pid.as_raw() as u32))
+            else {
+                continue;
+            };
             if stalled < timeout || s.started.elapsed() < timeout {
                 continue;
             }
             seen.1 = Instant::now();
-            self.front_stall[f].restart(look);
+            // Counts again from the next look that finds it still.
+            self.front_stall[f] = Default::default();
             self.stats
                 .front_process(f)
                 .hangs

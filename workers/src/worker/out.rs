@@ -77,6 +77,10 @@ pub struct Out<'w> {
     max_len: usize,
     /// The record being built, reserved in its ring and not committed yet.
     run: Option<Run>,
+    /// The reply rings written to, to publish only those: bit `f` for front `f` below 63,
+    /// bit 63 for any front from 63 on (each `poll_once` batch comes from one front, and
+    /// publishing all 56 rings of a 56-front relay after each was most of a worker's wake).
+    touched: u64,
 }
 
 impl<'w> Out<'w> {
@@ -94,6 +98,7 @@ impl<'w> Out<'w> {
                 max_reply
             },
             run: None,
+            touched: 0,
         }
     }
 }
@@ -370,18 +375,25 @@ impl<'w> Out<'w> {
 
     fn ring(&mut self, conn: ConnId) -> Result<&mut Tx, SendError> {
         let f = conn.front();
+        self.touched |= 1 << f.min(63);
         self.reps
             .get_mut(f)
             .and_then(Option::as_mut)
             .ok_or(SendError::UnknownFront(f))
     }
 
-    /// Commits the open run and publishes every ring. A run that cannot be committed (only
-    /// when the front corrupted the ring) is lost with the ring.
+    /// Commits the open run and publishes every ring written to. A run that cannot be
+    /// committed (only when the front corrupted the ring) is lost with the ring.
     pub(super) fn publish(&mut self) {
         let _ = self.finish_run();
-        for rep in self.reps.iter_mut().flatten() {
-            rep.publish();
+        let mut touched = std::mem::take(&mut self.touched);
+        while touched != 0 {
+            let f = touched.trailing_zeros() as usize;
+            touched &= touched - 1;
+            let rings = if f < 63 { f..f + 1 } else { f..self.reps.len() };
+            for rep in self.reps.get_mut(rings).into_iter().flatten().flatten() {
+                rep.publish();
+            }
         }
     }
 }
