@@ -74,7 +74,7 @@ hold() {
     python3 - "$TMP/hold.json" "$SECS" "$1" "$2" "$JSON" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); secs = float(sys.argv[2])
-beats = d["heartbeats_answered"]
+beats = d["heartbeats_answered_in_window"]  # the window of the server CPU seconds
 cpu = d["server_cpu_seconds"] or 0.0
 print(f'{d["server_cpu_percent"]:.2f} {beats / secs:.0f} {cpu * 1e6 / max(beats, 1):.1f} {d["server_closes"]}')
 if sys.argv[5]:

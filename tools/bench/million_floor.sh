@@ -57,11 +57,13 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); epoll-echo x $PROCS on 127.
 python3 - "$TMP/hold.json" "$SECS" "$PROCS" "$JSON" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); secs = float(sys.argv[2])
-beats = d["heartbeats_answered"]; cpu = d["server_cpu_seconds"] or 0.0
+# The beats answered inside the hold window, the window of the server's CPU seconds (the
+# whole run's count would add the ramp's beats to that CPU and understate the floor).
+beats = d["heartbeats_answered_in_window"]; cpu = d["server_cpu_seconds"] or 0.0
 print(f'load after: {open("/proc/loadavg").read().split()[0]}')
 print(f"opened {d['opened']}, open at end {d['open_at_end']}, connect errors {d['connect_errors']}, ramp {d['ramp_secs']:.0f} s, "
       f'closed by server {d["server_closes"]}')
-print(f'floor: {d["server_cpu_percent"]:.1f}% of one core, {beats / secs:.0f} beats/s answered, '
+print(f'floor: {d["server_cpu_percent"]:.1f}% of one core, {beats / secs:.0f} beats/s answered in the hold window, '
       f'{cpu * 1e6 / max(beats, 1):.1f} us CPU per beat')
 if sys.argv[4]:
     with open(sys.argv[4], "w") as f:

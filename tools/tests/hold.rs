@@ -110,6 +110,12 @@ fn answers_pings_sends_heartbeats_and_stays_connected() {
     assert!(num(&v, "heartbeats_sent") > 0, "{v}");
     assert!(num(&v, "heartbeats_answered") > 0, "{v}");
     assert!(num(&v, "heartbeats_answered") <= num(&v, "heartbeats_sent"));
+    // The counts inside the hold window (the window of the server's CPU seconds): a 1-s window
+    // of 0.3-s beats holds some of each connection's beats, never more than the whole run.
+    for what in ["heartbeats_answered", "pings_answered"] {
+        let in_window = num(&v, &format!("{what}_in_window"));
+        assert!(in_window > 0 && in_window <= num(&v, what), "{what}: {v}");
+    }
     // It never sent anything but length-0 frames, and never bounced frames back and forth: every
     // answer it counted matches a frame the server sent.
     assert_eq!(seen.garbage.load(Ordering::Relaxed), 0);

@@ -86,10 +86,15 @@ counters! {
         heartbeats_sent,
         /// Own heartbeats answered by a length-0 frame.
         heartbeats_answered,
+        /// Of those, the ones answered inside the hold window (the window the server's CPU
+        /// is measured over: a rate per CPU second needs this count, not the whole run's).
+        heartbeats_answered_in_window,
         /// Heartbeats not sent because the previous one was still unanswered.
         heartbeats_skipped,
         /// Server pings (length-0 frames while no heartbeat of ours was outstanding) answered.
         pings_answered,
+        /// Of those, the ones answered inside the hold window.
+        pings_answered_in_window,
         /// Frames of non-zero length received (skipped).
         data_frames,
     }
@@ -209,8 +214,13 @@ pub struct Summary {
     pub closes_by_time: Vec<CloseBucket>,
     pub heartbeats_sent: u64,
     pub heartbeats_answered: u64,
+    /// Of `heartbeats_answered`, those inside the hold window (the window of
+    /// `server_cpu_seconds`).
+    pub heartbeats_answered_in_window: u64,
     pub heartbeats_skipped: u64,
     pub pings_answered: u64,
+    /// Of `pings_answered`, those inside the hold window.
+    pub pings_answered_in_window: u64,
     pub data_frames: u64,
     /// Failed connects by kind (errno name, `TimedOut`, `RampLimit`); empty if none failed.
     pub connect_error_kinds: BTreeMap<String, u64>,
@@ -311,6 +321,8 @@ fn summarize(out: &engine::Outcome<Heartbeats>) -> Summary {
             .collect(),
         heartbeats_sent: c.heartbeats_sent,
         heartbeats_answered: c.heartbeats_answered,
+        heartbeats_answered_in_window: c.heartbeats_answered_in_window,
+        pings_answered_in_window: c.pings_answered_in_window,
         heartbeats_skipped: c.heartbeats_skipped,
         pings_answered: c.pings_answered,
         data_frames: c.data_frames,
@@ -357,11 +369,13 @@ fn print_human(s: &Summary) {
         by_time.join(", ")
     );
     println!(
-        "  heartbeats sent {}, answered {}, skipped {}; pings answered {}; data frames {}",
+        "  heartbeats sent {}, answered {} ({} in the window), skipped {}; pings answered {} ({} in the window); data frames {}",
         s.heartbeats_sent,
         s.heartbeats_answered,
+        s.heartbeats_answered_in_window,
         s.heartbeats_skipped,
         s.pings_answered,
+        s.pings_answered_in_window,
         s.data_frames
     );
     let server = match (r.server_cpu_seconds, s.server_cpu_percent) {

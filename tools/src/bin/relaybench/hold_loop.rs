@@ -115,9 +115,14 @@ pub(super) fn run(plan: &Plan<Heartbeats>, mut ctl: ThreadCtl<HoldTally>) -> Res
     };
     if let Some(t0) = started {
         lp.window = Some(t0);
+        let c = &lp.tally.counters;
+        let before = (c.heartbeats_answered, c.pings_answered);
         while !ctl.should_stop() {
             lp.turn(&mut events)?;
         }
+        let c = &mut lp.tally.counters;
+        c.heartbeats_answered_in_window = c.heartbeats_answered - before.0;
+        c.pings_answered_in_window = c.pings_answered - before.1;
     }
     lp.tally.counters.open_at_end = lp.open;
     lp.cut();
