@@ -103,8 +103,8 @@ struct Instance {
     /// suspects[f][w]: the request position a crash of worker `w` left in flight in ring
     /// (f, w), and how many crashes in a row left it there (dead-lettering).
     suspects: Vec<Vec<(u64, u32)>>,
-    /// Per front: its last published activity stamp and when it last changed (stall watch).
-    front_seen: Vec<(u64, Instant)>,
+    /// Per front: its last published activity stamp (stall watch).
+    front_seen: Vec<u64>,
     /// Per front: its own time without loop activity (stall watch).
     front_stall: Vec<stall::StallClock>,
     /// Some worker attached to its rings at least once.
@@ -242,7 +242,7 @@ impl Instance {
                 .collect(),
             supervisor_growth: Growth::default(),
             suspects: vec![vec![(0, 0); workers]; fronts],
-            front_seen: vec![(0, Instant::now()); fronts],
+            front_seen: vec![0; fronts],
             front_stall: vec![stall::StallClock::default(); fronts],
             ever_attached: false,
             startup_failure: None,

@@ -199,10 +199,7 @@ impl Instance {
                 }
             }
             Role::Front(f) => {
-                self.front_seen[f] = (
-                    self.stats.front(f).active_ns.load(Ordering::Relaxed),
-                    Instant::now(),
-                );
+                self.front_seen[f] = self.stats.front(f).active_ns.load(Ordering::Relaxed);
                 self.front_stall[f] = Default::default();
                 let fp = self.stats.front_process(f);
                 fp.pid.store(pid.as_raw() as u32, Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! Health watch: hung workers, stalled fronts, and memory or fd growth of every process.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -64,11 +64,7 @@ impl Instance {
             };
             let Some(pid) = s.pid else { continue };
             let active = self.stats.front(f).active_ns.load(Ordering::Relaxed);
-            let seen = &mut self.front_seen[f];
-            let moved = active != seen.0;
-            if moved {
-                *seen = (active, Instant::now());
-            }
+            let moved = active != std::mem::replace(&mut self.front_seen[f], active);
             // `/proc` is read only for a front that looks stalled (stall.rs).
             let Some(stalled) =
                 self.front_stall[f].observe(moved, || Look::of(pid.as_raw() as u32))
@@ -78,7 +74,6 @@ impl Instance {
             if stalled < timeout || s.started.elapsed() < timeout {
                 continue;
             }
-            seen.1 = Instant::now();
             // Counts again from the next look that finds it still.
             self.front_stall[f] = Default::default();
             self.stats
