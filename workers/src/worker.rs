@@ -324,7 +324,7 @@ impl Worker {
             // Nothing published since the last look and nothing seen left unreleased (a batch
             // cut at BATCH, or what a restarted worker found at attach): skip the ring before
             // paying for its reply handle (with 56 fronts most rings are empty at every wake).
-            if !rx.has_new() && rx.position() == rx.seen_tail() {
+            if rx.is_idle() {
                 continue;
             }
             let corrupt = |detail: String| WorkerError::Corrupt { front, detail };

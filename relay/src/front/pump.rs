@@ -29,8 +29,7 @@ impl Front {
         // Nothing published since the last look and nothing left unread: with one wake per
         // heartbeat and most wakes not the workers', this is most calls. (A routed worker's
         // release alone is news: looked at below.)
-        let rep = &self.chans[w].rep;
-        if !routed && !rep.has_new() && rep.position() == rep.seen_tail() {
+        if !routed && self.chans[w].rep.is_idle() {
             return 0;
         }
         // Key routing: how far the worker had released its requests before the replies below

@@ -151,6 +151,28 @@ impl<S: RingStorage> Consumer<S> {
         self.storage.header().tail.load(Ordering::Relaxed) != self.cached_tail
     }
 
+    /// True if nothing was published beyond what [`records`](Consumer::records) last saw and
+    /// every record it saw was released: one relaxed load, no validation (a corrupt tail shows
+    /// as "not idle", and [`records`](Consumer::records) then reports it). Lets a consumer of
+    /// many rings skip the empty ones cheaply.
+    ///
+    /// ```
+    /// use shm_ring::{HeapRing, Meta};
+    ///
+    /// let (mut tx, mut rx) = HeapRing::channel(4096).unwrap();
+    /// assert!(rx.is_idle());
+    /// tx.push(Meta::tag(1), b"hi").unwrap();
+    /// tx.publish();
+    /// assert!(!rx.is_idle()); // published, not read yet
+    /// let end = rx.records().unwrap().next().unwrap().unwrap().end();
+    /// assert!(!rx.is_idle()); // read, not released yet
+    /// rx.release(end);
+    /// assert!(rx.is_idle());
+    /// ```
+    pub fn is_idle(&self) -> bool {
+        !self.has_new() && self.released == self.cached_tail
+    }
+
     /// True if there are published records not yet released.
     pub fn is_empty(&mut self) -> Result<bool, CorruptError> {
         self.refresh_tail()?;
