@@ -75,12 +75,15 @@ hold() {
 import json, sys
 d = json.load(open(sys.argv[1])); secs = float(sys.argv[2])
 beats = d["heartbeats_answered_in_window"]  # the window of the server CPU seconds
-cpu = d["server_cpu_seconds"] or 0.0
-print(f'{d["server_cpu_percent"]:.2f} {beats / secs:.0f} {cpu * 1e6 / max(beats, 1):.1f} {d["server_closes"]}')
+us = d["server_us_per_heartbeat"]  # server CPU over that window / those beats
+if us is None:
+    sys.exit(f"heartbeat_floor.sh: no server CPU per heartbeat against {sys.argv[4]}: {beats} "
+             f"heartbeats answered in the hold window (see {sys.argv[1]})")
+print(f'{d["server_cpu_percent"]:.2f} {beats / secs:.0f} {us:.1f} {d["server_closes"]}')
 if sys.argv[5]:
     row = {"round": int(sys.argv[3]), "server": sys.argv[4], "conns": d["conns"],
            "heartbeat": d["heartbeat"], "cpu_percent": d["server_cpu_percent"],
-           "beats_per_s": beats / secs, "us_per_beat": cpu * 1e6 / max(beats, 1),
+           "beats_per_s": beats / secs, "us_per_beat": us,
            "closes": d["server_closes"], "load1": float(open("/proc/loadavg").read().split()[0]),
            "hold": d}
     with open(sys.argv[5], "a") as f:

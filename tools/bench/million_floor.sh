@@ -57,19 +57,23 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); epoll-echo x $PROCS on 127.
 python3 - "$TMP/hold.json" "$SECS" "$PROCS" "$JSON" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); secs = float(sys.argv[2])
-# The beats answered inside the hold window, the window of the server's CPU seconds (the
-# whole run's count would add the ramp's beats to that CPU and understate the floor).
+# Beats answered inside the hold window, the window of the server's CPU seconds (relaybench
+# divides the one by the other: server_us_per_heartbeat).
 beats = d["heartbeats_answered_in_window"]; cpu = d["server_cpu_seconds"] or 0.0
+us = d["server_us_per_heartbeat"]
+if us is None:
+    sys.exit(f"million_floor.sh: no server CPU per heartbeat: {beats} heartbeats answered in the "
+             f"hold window, server CPU {d['server_cpu_seconds']} s (see {sys.argv[1]})")
 print(f'load after: {open("/proc/loadavg").read().split()[0]}')
 print(f"opened {d['opened']}, open at end {d['open_at_end']}, connect errors {d['connect_errors']}, ramp {d['ramp_secs']:.0f} s, "
       f'closed by server {d["server_closes"]}')
 print(f'floor: {d["server_cpu_percent"]:.1f}% of one core, {beats / secs:.0f} beats/s answered in the hold window, '
-      f'{cpu * 1e6 / max(beats, 1):.1f} us CPU per beat')
+      f'{us:.1f} us CPU per beat')
 if sys.argv[4]:
     with open(sys.argv[4], "w") as f:
         json.dump({"server": f"epoll-echo.c x {sys.argv[3]}", "conns": d["opened"], "seconds": secs,
                    "beats": beats, "beats_per_s": beats / secs, "server_cpu_seconds": cpu,
-                   "cpu_percent": d["server_cpu_percent"], "us_per_beat": cpu * 1e6 / max(beats, 1),
+                   "cpu_percent": d["server_cpu_percent"], "us_per_beat": us,
                    "closes": d["server_closes"], "connect_errors": d["connect_errors"],
                    "load1": float(open("/proc/loadavg").read().split()[0])}, f)
         f.write("\n")

@@ -116,6 +116,8 @@ fn answers_pings_sends_heartbeats_and_stays_connected() {
         let in_window = num(&v, &format!("{what}_in_window"));
         assert!(in_window > 0 && in_window <= num(&v, what), "{what}: {v}");
     }
+    // Without --server-pid there is no server CPU to divide.
+    assert!(v["server_us_per_heartbeat"].is_null(), "{v}");
     // It never sent anything but length-0 frames, and never bounced frames back and forth: every
     // answer it counted matches a frame the server sent.
     assert_eq!(seen.garbage.load(Ordering::Relaxed), 0);
@@ -132,6 +134,38 @@ fn answers_pings_sends_heartbeats_and_stays_connected() {
     );
     assert!(ramp > 0.0, "{v}");
     assert!((rate * ramp - 4.0).abs() < 1e-6, "{v}");
+}
+
+#[test]
+fn server_cpu_per_heartbeat_is_the_windows_cpu_over_the_windows_heartbeats() {
+    // The pinger runs in this process: its CPU is this process's.
+    let (server, _seen) = start_pinger(Duration::from_millis(100), None);
+    let pid = std::process::id().to_string();
+    let v = hold_json(
+        &server.addr,
+        &[
+            "--conns",
+            "4",
+            "--seconds",
+            "1",
+            "--heartbeat",
+            "0.2",
+            "--server-pid",
+            &pid,
+        ],
+    );
+    let beats = num(&v, "heartbeats_answered_in_window");
+    assert!(beats > 0, "{v}");
+    let cpu = v["server_cpu_seconds"]
+        .as_f64()
+        .expect("server CPU measured");
+    let us = v["server_us_per_heartbeat"]
+        .as_f64()
+        .expect("a figure per heartbeat");
+    assert!(
+        (us - cpu * 1e6 / beats as f64).abs() < 1e-6 * us.max(1.0),
+        "{v}"
+    );
 }
 
 #[test]

@@ -233,6 +233,10 @@ pub struct Summary {
     pub client_bytes_per_conn: Option<f64>,
     /// `server_cpu_seconds` as a percentage of one core over the hold window.
     pub server_cpu_percent: Option<f64>,
+    /// Server CPU microseconds per own heartbeat answered in the hold window (both figures of
+    /// that window: `server_cpu_seconds` / `heartbeats_answered_in_window`); `None` without a
+    /// server pid or with no heartbeat answered.
+    pub server_us_per_heartbeat: Option<f64>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -332,6 +336,9 @@ fn summarize(out: &engine::Outcome<Heartbeats>) -> Summary {
         client_bytes_per_conn: (c.base.connected > 0)
             .then(|| r.rss_kb as f64 * 1024.0 / c.base.connected as f64),
         server_cpu_percent: server_cpu.map(|s| 100.0 * s / plan.seconds),
+        server_us_per_heartbeat: server_cpu
+            .filter(|_| c.heartbeats_answered_in_window > 0)
+            .map(|s| s * 1e6 / c.heartbeats_answered_in_window as f64),
     }
 }
 
@@ -381,7 +388,9 @@ fn print_human(s: &Summary) {
     let server = match (r.server_cpu_seconds, s.server_cpu_percent) {
         (Some(c), Some(p)) => format!("; server {c:.2} s ({p:.2}% of one core)"),
         _ => String::new(),
-    };
+    } + &s
+        .server_us_per_heartbeat
+        .map_or(String::new(), |us| format!(", {us:.1} us per heartbeat"));
     let per_conn = s
         .client_bytes_per_conn
         .map_or(String::new(), |b| format!(" ({b:.0} B per connection)"));
