@@ -50,6 +50,9 @@ pub struct Consumer<S: RingStorage> {
     counted: Counted,
     doorbell: Doorbell,
     stats: SideStats,
+    /// This handle's sleep announcement may still stand (`prepare_park` made it and no
+    /// `finish_park` withdrew it yet).
+    parked: bool,
 }
 
 // SAFETY: see `Producer`'s Send impl; the Cells are only touched through `&self` on one thread
@@ -95,6 +98,7 @@ impl<S: RingStorage> Consumer<S> {
             },
             doorbell: Doorbell::Futex,
             stats,
+            parked: false,
         })
     }
 
@@ -265,6 +269,7 @@ impl<S: RingStorage> Consumer<S> {
     pub fn prepare_park(&mut self) -> Result<bool, CorruptError> {
         let h = self.storage.header();
         h.consumer_sleep.swap(1, Ordering::Relaxed);
+        self.parked = true;
         // SeqCst fence C2 (wake.rs): orders the announcement before re-reading the tail; pairs
         // with fence P2 in `Producer::publish`.
         fence(Ordering::SeqCst);
@@ -275,17 +280,28 @@ impl<S: RingStorage> Consumer<S> {
                 .header()
                 .consumer_sleep
                 .swap(0, Ordering::Relaxed);
+            self.parked = false;
             return Ok(false);
         }
         self.stats.parks = self.stats.parks.wrapping_add(1);
         Ok(true)
     }
 
-    /// Withdraws the announcement made by [`prepare_park`](Consumer::prepare_park).
+    /// Withdraws the announcement made by [`prepare_park`](Consumer::prepare_park) (nothing to
+    /// do if none stands: an event loop may call it after every sleep).
+    ///
+    /// The liveness stamp that comes with it costs a clock read, so it is taken only where a
+    /// reader judges stalls by it (records wait unreleased) and every 16th park otherwise: an
+    /// event loop that wakes for its other work (a front answering heartbeats) parks on every
+    /// wake.
     pub fn finish_park(&mut self) {
+        if !std::mem::take(&mut self.parked) {
+            return;
+        }
         let h = self.storage.header();
         h.consumer_sleep.swap(0, Ordering::Relaxed);
-        self.stats.touch(&h.consumer);
+        let backlog = self.released != self.cached_tail;
+        self.stats.after_park(&h.consumer, backlog);
     }
 
     /// Records the consumer as alive now (an idle consumer's proof of life).

@@ -48,6 +48,8 @@ pub struct Producer<S: RingStorage> {
     cached_head: u64,
     doorbell: Doorbell,
     pub(super) stats: SideStats,
+    /// This handle's sleep announcement may still stand (see `Consumer::parked`).
+    parked: bool,
 }
 
 // SAFETY: the raw pointer targets memory owned by `storage`, which moves with the producer; the
@@ -96,6 +98,7 @@ impl<S: RingStorage> Producer<S> {
             cached_head: head,
             doorbell: Doorbell::Futex,
             stats,
+            parked: false,
         })
     }
 
@@ -353,6 +356,7 @@ impl<S: RingStorage> Producer<S> {
             .header()
             .producer_sleep
             .swap(1, Ordering::Relaxed);
+        self.parked = true;
         // SeqCst fence C2 (mirrored, see wake.rs): orders the announcement before re-reading
         // the head; pairs with the fence in `Consumer::release`.
         fence(Ordering::SeqCst);
@@ -362,17 +366,24 @@ impl<S: RingStorage> Producer<S> {
                 .header()
                 .producer_sleep
                 .swap(0, Ordering::Relaxed);
+            self.parked = false;
             return Ok(false);
         }
         self.stats.parks = self.stats.parks.wrapping_add(1);
         Ok(true)
     }
 
-    /// Withdraws the announcement made by [`prepare_park_for_space`](Producer::prepare_park_for_space).
+    /// Withdraws the announcement made by
+    /// [`prepare_park_for_space`](Producer::prepare_park_for_space) (nothing to do if none
+    /// stands). Its liveness stamp comes every 16th park: no reader judges a producer's
+    /// stall by it.
     pub fn finish_park(&mut self) {
+        if !std::mem::take(&mut self.parked) {
+            return;
+        }
         let h = self.storage.header();
         h.producer_sleep.swap(0, Ordering::Relaxed);
-        self.stats.touch(&h.producer);
+        self.stats.after_park(&h.producer, false);
     }
 
     /// Records the producer as alive now (for an idle producer; publishing does it too).
