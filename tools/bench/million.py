@@ -490,10 +490,13 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
         except ValueError:
             res["hold"] = None
             log(f"[{variant}] relaybench hold failed ({hold.returncode}):\n" + open(hold_log).read())
-        # CPU over the steady part of the hold window: from a minute (a quarter of a short
-        # window) into it to its end.
+        # CPU over the steady part of the hold window: from one beat interval into it (at most
+        # half the window) to its end. A connection's first liveness check comes one ping
+        # interval (the beat's, by default) after it connected, and takes its one TCP_INFO
+        # sample (RTT): for the connections of the ramp's end that falls inside the hold's
+        # first minute, and is part of connecting, not of holding.
         hold_rows = [r for r in rows if r[1] == "hold"]
-        settle = min(60.0, o["seconds"] / 4)
+        settle = min(max(60.0, o["beat"]), o["seconds"] / 2)
         res["settle"] = settle
         steady = [r for r in hold_rows if hold_at is not None and r[0] >= hold_at + settle]
         ci, li = COLUMNS.index("relay_cpu_pct"), COLUMNS.index("load1")
