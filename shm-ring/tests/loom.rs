@@ -69,31 +69,24 @@ fn model<F: Fn() -> bool + Sync + Send + 'static>(name: &str, must_park: bool, f
     assert!(!must_park || woken > 0, "no execution parked and woke");
 }
 
-/// True if the consumer parked and the producer sent it a wakeup (from the ring's counters,
-/// which a side stores in full only now and then and when it is dropped: so the model's
-/// consumer has ended, and `tx` is dropped here).
-fn consumer_was_woken(tx: Tx) -> bool {
+/// The ring of `tx` once `tx` is dropped: a side stores its counters in full only now and
+/// then and when it is dropped, so the counters below are read after both sides ended.
+fn ended(tx: Tx) -> Arc<HeapRing> {
     let ring = tx.storage().clone();
     drop(tx);
+    ring
+}
+
+/// True if the consumer parked and the producer sent it a wakeup (from the ring's counters).
+fn consumer_was_woken(ring: &Arc<HeapRing>) -> bool {
     let h = ring.header();
     h.consumer.parks.load(Relaxed) > 0 && h.producer.wakeups_sent.load(Relaxed) > 0
 }
 
-/// True if the producer parked and the consumer sent it a wakeup (as above).
-fn producer_was_woken(tx: Tx) -> bool {
-    let ring = tx.storage().clone();
-    drop(tx);
+/// True if the producer parked and the consumer sent it a wakeup.
+fn producer_was_woken(ring: &Arc<HeapRing>) -> bool {
     let h = ring.header();
     h.producer.parks.load(Relaxed) > 0 && h.consumer.wakeups_sent.load(Relaxed) > 0
-}
-
-/// Either side parked and was woken.
-fn either_was_woken(tx: Tx) -> bool {
-    let ring = tx.storage().clone();
-    drop(tx);
-    let h = ring.header();
-    (h.consumer.parks.load(Relaxed) > 0 && h.producer.wakeups_sent.load(Relaxed) > 0)
-        || (h.producer.parks.load(Relaxed) > 0 && h.consumer.wakeups_sent.load(Relaxed) > 0)
 }
 
 fn byte(rec: usize, i: usize) -> u8 {
@@ -241,7 +234,7 @@ fn consumer_wait_never_misses_a_publish() {
         let consumer = thread::spawn(move || futex_consumer(rx, LENS));
         produce(&mut tx, LENS, &[]);
         consumer.join().unwrap();
-        consumer_was_woken(tx)
+        consumer_was_woken(&ended(tx))
     });
 }
 
@@ -267,7 +260,7 @@ fn consumer_wait_across_two_park_cycles() {
         let consumer = thread::spawn(move || futex_consumer(rx, LENS));
         produce(&mut tx, LENS, &[0]);
         consumer.join().unwrap();
-        consumer_was_woken(tx)
+        consumer_was_woken(&ended(tx))
     });
 }
 
@@ -305,7 +298,7 @@ fn producer_wait_for_space_never_misses_a_release() {
             let mut rx = consumer.join().unwrap();
             let mut next = 2;
             assert_eq!(read_batch(&mut rx, &mut next, &[max, max, max]), 1);
-            producer_was_woken(tx)
+            producer_was_woken(&ended(tx))
         },
     );
 }
@@ -328,7 +321,8 @@ fn both_sides_block() {
             tx.publish();
         }
         consumer.join().unwrap();
-        either_was_woken(tx)
+        let ring = ended(tx);
+        consumer_was_woken(&ring) || producer_was_woken(&ring)
     });
 }
 
@@ -363,7 +357,7 @@ fn event_loop_consumer_never_misses_a_publish() {
         let consumer = thread::spawn(move || event_loop_consumer(rx, bell, LENS));
         produce(&mut tx, LENS, &[]);
         consumer.join().unwrap();
-        consumer_was_woken(tx)
+        consumer_was_woken(&ended(tx))
     });
 }
 
@@ -380,7 +374,7 @@ fn event_loop_consumer_across_two_park_cycles() {
         let consumer = thread::spawn(move || event_loop_consumer(rx, bell, LENS));
         produce(&mut tx, LENS, &[0]);
         consumer.join().unwrap();
-        consumer_was_woken(tx)
+        consumer_was_woken(&ended(tx))
     });
 }
 
@@ -411,6 +405,6 @@ fn event_loop_producer_never_misses_a_release() {
         }
         tx.publish();
         consumer.join().unwrap();
-        producer_was_woken(tx)
+        producer_was_woken(&ended(tx))
     });
 }

@@ -301,7 +301,7 @@ impl<S: RingStorage> Consumer<S> {
         let h = self.storage.header();
         h.consumer_sleep.swap(0, Ordering::Relaxed);
         let backlog = self.released != self.cached_tail;
-        self.stats.after_park(&h.consumer, backlog);
+        self.stats.touch_now_and_then(&h.consumer, backlog);
     }
 
     /// Records the consumer as alive now (an idle consumer's proof of life).

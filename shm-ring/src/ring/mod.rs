@@ -141,16 +141,13 @@ impl SideStats {
     pub fn after_move(&mut self, s: &Side, stamp: bool) {
         s.records.store(self.records, Ordering::Relaxed);
         s.bytes.store(self.bytes, Ordering::Relaxed);
-        self.since_touch += 1;
-        if stamp || self.since_touch >= LIVENESS_EVERY {
-            self.touch(s);
-        }
+        self.touch_now_and_then(s, stamp);
     }
 
-    /// After a park: every [`LIVENESS_EVERY`]-th time, or now if `stamp`, the liveness stamp
-    /// and every counter.
+    /// After a publish, a release or a park: every [`LIVENESS_EVERY`]-th time, or now if
+    /// `stamp`, the liveness stamp and every counter.
     #[inline]
-    pub fn after_park(&mut self, s: &Side, stamp: bool) {
+    pub fn touch_now_and_then(&mut self, s: &Side, stamp: bool) {
         self.since_touch += 1;
         if stamp || self.since_touch >= LIVENESS_EVERY {
             self.touch(s);

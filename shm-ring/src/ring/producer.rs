@@ -383,7 +383,7 @@ impl<S: RingStorage> Producer<S> {
         }
         let h = self.storage.header();
         h.producer_sleep.swap(0, Ordering::Relaxed);
-        self.stats.after_park(&h.producer, false);
+        self.stats.touch_now_and_then(&h.producer, false);
     }
 
     /// Records the producer as alive now (for an idle producer; publishing does it too).
