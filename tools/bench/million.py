@@ -256,7 +256,7 @@ NSTAT_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPAbortOnTim
 # --- processes ------------------------------------------------------------------------------
 
 def all_procs():
-    """{pid: (ppid, cpu ticks)} of every process."""
+    """{pid: (ppid, cpu ticks, user-space cpu ticks)} of every process."""
     out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -267,7 +267,7 @@ def all_procs():
         except OSError:
             continue
         rest = s[s.rindex(")") + 2:].split()
-        out[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
+        out[int(d)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[11]))
     return out
 
 
@@ -276,7 +276,7 @@ def tree(root, procs):
     changed = True
     while changed:
         changed = False
-        for pid, (ppid, _) in procs.items():
+        for pid, (ppid, _, _) in procs.items():
             if pid not in keep and ppid in keep:
                 keep.add(pid)
                 changed = True
@@ -303,6 +303,7 @@ class Usage:
     def __init__(self, root, procs):
         pids = tree(root, procs)
         self.ticks = sum(procs[p][1] for p in pids)
+        self.uticks = sum(procs[p][2] for p in pids)
         self.nprocs = len(pids)
         self.anon = self.shmem = self.rss = 0
         for p in pids:
@@ -375,7 +376,7 @@ def stop(p, sig=signal.SIGTERM, wait=30):
 
 COLUMNS = ["t_s", "phase", "conns", "relay_private_mib", "rings_mib", "supervisor_mib",
            "slab_delta_mib", "socket_slabs_mib", "tcp_mem_mib", "relay_cpu_pct", "client_cpu_pct", "client_rss_mib",
-           "load1", "beats_per_s"]
+           "load1", "beats_per_s", "relay_user_pct"]
 
 
 def run_variant(o, variant, bin_dir, fronts, outdir):
@@ -437,9 +438,10 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
                 dt = now - prev[0]
                 rcpu = 100 * (u.ticks - prev[1]) / CLK_TCK / dt
                 ccpu = 100 * (c.ticks - prev[2]) / CLK_TCK / dt
+                ucpu = 100 * (u.uticks - prev[3]) / CLK_TCK / dt
             else:
-                rcpu = ccpu = 0.0
-            prev = (now, u.ticks, c.ticks)
+                rcpu = ccpu = ucpu = 0.0
+            prev = (now, u.ticks, c.ticks, u.uticks)
             bps = None
             if beats is not None:
                 if prev_beats is not None:
@@ -451,7 +453,7 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
                    (meminfo_kb("Slab") - slab0) / 1024,
                    ((socket_slabs_kb() or 0) - (sock0 or 0)) / 1024,
                    (tcpmem - tcpmem0) * PAGE / 2**20,
-                   rcpu, ccpu, c.rss / 1024, load1(), bps]
+                   rcpu, ccpu, c.rss / 1024, load1(), bps, ucpu]
             rows.append(row)
             tsv.write("\t".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + "\n")
             tsv.flush()
@@ -501,6 +503,8 @@ def run_variant(o, variant, bin_dir, fronts, outdir):
         steady = [r for r in hold_rows if hold_at is not None and r[0] >= hold_at + settle]
         ci, li = COLUMNS.index("relay_cpu_pct"), COLUMNS.index("load1")
         res["steady_cpu"] = (sum(r[ci] for r in steady) / len(steady)) if steady else None
+        ui = COLUMNS.index("relay_user_pct")
+        res["steady_user_cpu"] = (sum(r[ui] for r in steady) / len(steady)) if steady else None
         res["steady_load"] = (sum(r[li] for r in steady) / len(steady)) if steady else None
         bi = COLUMNS.index("beats_per_s")
         rated = [r[bi] for r in steady if r[bi] is not None]
@@ -581,6 +585,10 @@ def cpu_rows(r, floor):
     what = "answered ping" if r["variant"] == "pings" else "heartbeat"
     out.append(f"| relay CPU per {what} (steady CPU / heartbeat exchanges per second) | "
                f"{us:.2f} µs ({cpu:.1f}% of one core at {bps:,.0f}/s) |")
+    if r.get("steady_user_cpu") is not None:
+        user = r["steady_user_cpu"]
+        out.append(f"| of which user space (the relay's own code; the rest is the kernel's) | "
+                   f"{user / 100 * 1e6 / bps:.2f} µs ({user:.1f}% of one core) |")
     if floor and floor.get("us_per_beat"):
         f = floor["us_per_beat"]
         out.append(f"| floor: {floor['what']} | {f:.2f} µs ({floor['cpu_percent']:.1f}% of one core at "
