@@ -15,11 +15,17 @@
  *
  * Build: cc -O2 -o epoll-echo examples/c/epoll-echo.c
  * Usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N] [--procs N]
+ *                   [--touch-pages K]
  * Prints "epoll-echo: listening on IP:PORT" (the real port when 0 was asked) once ready.
  * --procs N: N copies of the server in N processes, each with its own SO_REUSEPORT listening
  * socket on the same port (the kernel spreads connections over them), so the open-files limit
  * of one process does not cap it: the floor for a million held connections
  * (tools/bench/million_floor.sh). The copies die with the first process.
+ * --touch-pages K: a probe, not a server feature: after every wake-up each process visits one
+ * line in each of K private pages of its own, as if its loop used K more pages of memory per
+ * wake (issue 15: what pages touched per wake cost when dozens of processes share two cores).
+ * The visits are a chain (each line holds the next page's offset, in shuffled order), so the
+ * misses come one after another, as a program's pointer-following does, not overlapped.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -216,6 +222,7 @@ int main(int argc, char **argv) {
     const char *spec = "127.0.0.1:7880";
     int backlog = 4096;
     int procs = 1;
+    int touch_pages = 0;
     for (int i = 1; i < argc; i++) {
         if (i + 1 < argc && strcmp(argv[i], "--listen") == 0) {
             spec = argv[++i];
@@ -225,8 +232,11 @@ int main(int argc, char **argv) {
             backlog = atoi(argv[++i]);
         } else if (i + 1 < argc && strcmp(argv[i], "--procs") == 0) {
             procs = atoi(argv[++i]);
+        } else if (i + 1 < argc && strcmp(argv[i], "--touch-pages") == 0) {
+            touch_pages = atoi(argv[++i]);
         } else {
-            fprintf(stderr, "usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N] [--procs N]\n");
+            fprintf(stderr, "usage: epoll-echo [--listen IP:PORT] [--max-frame BYTES] [--backlog N] [--procs N] "
+                            "[--touch-pages K]\n");
             return 2;
         }
     }
@@ -253,6 +263,30 @@ int main(int argc, char **argv) {
             }
         }
     }
+    /* Allocated after the fork: every process has pages of its own. A different line in each
+     * page, so the K lines do not compete for one cache set. */
+    volatile unsigned char *pages = NULL;
+    if (touch_pages > 0) {
+        pages = calloc((size_t)touch_pages, 4096);
+        if (!pages) die("calloc");
+        /* A shuffled cycle through the pages, line k % 64 of page k holding the next offset. */
+        size_t *order = malloc((size_t)touch_pages * sizeof *order);
+        if (!order) die("malloc");
+        for (int k = 0; k < touch_pages; k++) order[k] = (size_t)k;
+        srand((unsigned)getpid());
+        for (int k = touch_pages - 1; k > 0; k--) {
+            int j = rand() % (k + 1);
+            size_t t = order[k];
+            order[k] = order[j];
+            order[j] = t;
+        }
+        for (int k = 0; k < touch_pages; k++) {
+            size_t at = order[k] * 4096 + (order[k] % 64) * 64;
+            size_t next = order[(k + 1) % touch_pages];
+            *(volatile size_t *)(pages + at) = next * 4096 + (next % 64) * 64;
+        }
+        free(order);
+    }
     int ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
@@ -263,6 +297,11 @@ int main(int argc, char **argv) {
         if (n < 0) {
             if (errno == EINTR) continue;
             die("epoll_wait");
+        }
+        size_t at = 0;
+        for (int k = 0; k < touch_pages; k++) {
+            at = *(volatile size_t *)(pages + at); /* the next page, known only now */
+            pages[at + 8]++;
         }
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;

@@ -11,14 +11,16 @@
 #
 # Usage: tools/bench/million_floor.sh [--conns N] [--seconds S] [--beat S] [--procs P]
 #                                     [--client-procs P] [--src-ips LIST] [--no-build]
-#                                     [--json PATH]
+#                                     [--json PATH] [--touch-pages K]
 # Defaults: 1,000,000 connections beating every 60 s, held 240 s, 64 server processes, 63
 # client processes over 127.0.0.2-127.0.0.101.
 # Prints the server's CPU over the hold window (% of one core, from relaybench hold
 # --server-pid: user + system of the server and its children) and CPU microseconds per beat;
 # --json PATH also writes them as one JSON object (million.py's --floor reads it).
+# --touch-pages K: each server process writes a line in each of K pages of its own after every
+# wake, one after another (epoll-echo's probe): what K more pages per wake cost at this scale.
 set -euo pipefail
-CONNS=1000000 SECS=240 BEAT=60 PROCS=64 CLIENT_PROCS=63 SRC_IPS=127.0.0.2-127.0.0.101 BUILD=1 JSON=""
+CONNS=1000000 SECS=240 BEAT=60 PROCS=64 CLIENT_PROCS=63 SRC_IPS=127.0.0.2-127.0.0.101 BUILD=1 JSON="" TOUCH=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --conns) CONNS=$2; shift 2 ;;
@@ -29,6 +31,7 @@ while [ $# -gt 0 ]; do
     --src-ips) SRC_IPS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --json) JSON=$2; shift 2 ;;
+    --touch-pages) TOUCH=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "million_floor.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -45,7 +48,8 @@ cc -O2 -o "$TMP/epoll-echo" examples/c/epoll-echo.c || die "cc failed (install a
 SERVER_PID=""
 trap 'stop_pid "$SERVER_PID"' EXIT
 PORT=$(free_ports 1)
-"$TMP/epoll-echo" --listen "127.0.0.1:$PORT" --procs "$PROCS" --backlog 65535 >"$TMP/echo.log" 2>&1 &
+"$TMP/epoll-echo" --listen "127.0.0.1:$PORT" --procs "$PROCS" --backlog 65535 \
+    --touch-pages "$TOUCH" >"$TMP/echo.log" 2>&1 &
 SERVER_PID=$!
 wait_port "$PORT" "$SERVER_PID" epoll-echo "$TMP/echo.log"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); epoll-echo x $PROCS on 127.0.0.1:$PORT; raw data in $TMP"
