@@ -263,13 +263,13 @@ int main(int argc, char **argv) {
             }
         }
     }
-    /* Allocated after the fork: every process has pages of its own. A different line in each
-     * page, so the K lines do not compete for one cache set. */
+    /* Allocated after the fork: every process has pages of its own. A shuffled cycle through
+     * them, line k % 64 of page k (so the K lines do not compete for one cache set) holding
+     * the next one's offset. */
     volatile unsigned char *pages = NULL;
     if (touch_pages > 0) {
         pages = calloc((size_t)touch_pages, 4096);
         if (!pages) die("calloc");
-        /* A shuffled cycle through the pages, line k % 64 of page k holding the next offset. */
         size_t *order = malloc((size_t)touch_pages * sizeof *order);
         if (!order) die("malloc");
         for (int k = 0; k < touch_pages; k++) order[k] = (size_t)k;

@@ -21,15 +21,18 @@ wake by mapping, and per function (instructions, code lines, data lines; --top N
 --pages lists the data pages most wakes touch (with the source lines that touch them first),
 --where N the N instructions that first touch the most data lines, --by-source N the
 instructions and first-touched data lines per wake grouped by the outermost N source lines of
-each instruction's inline chain. Use the million's per-front shape (--conns 18000; a beat
-every 60-90 s: lackey slows the front some 100x, so a faster beat batches several per wake).
+each instruction's inline chain. The defaults are the million's per-front shape (18,000
+connections; a beat every 90 s rather than 60: lackey slows the front some 100x, and a faster
+beat batches several per wake). --order-file PATH writes the binary's functions run in the
+window, hottest first, for lld's --symbol-ordering-file.
 Compare builds with this script: the counts do not depend on the machine's load, as long as
 wakes hold the same number of beats (see the wakes printed); timings come from
 `scale.sh --million`.
 
-Usage: tools/bench/footprint.py [--server relay|cecho] [--conns N (2000)] [--beat S (20)]
+Usage: tools/bench/footprint.py [--server relay|cecho] [--conns N (18000)] [--beat S (90)]
                                 [--seconds S (20)] [--bin DIR (target/release)] [--out DIR]
                                 [--top N] [--pages] [--where N] [--by-source N]
+                                [--order-file PATH]
 The window starts once the last connection's first beat is due (1.1 x --beat after the ramp).
 Needs valgrind, binutils and a C compiler (cecho).
 """
@@ -49,6 +52,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 LINE, PAGE = 64, 4096
+# The servers' own executables (told apart from libraries in the traced process's mappings).
+BINARIES = ("/shmrelay", "/epoll-echo")
 
 
 def die(msg):
@@ -111,53 +116,71 @@ def maps_of(pid):
         elif path.startswith("["):
             name = path.strip("[]")
         else:
-            name = "binary" if path.endswith(("/shmrelay", "/epoll-echo")) else os.path.basename(path)
+            name = "binary" if path.endswith(BINARIES) else os.path.basename(path)
         out.append((lo, hi, name))
     return out
 
 
-def epoll_wait_range(pid):
-    """Address range of libc's epoll_wait in the traced process (its entries cut the trace)."""
+def file_bases(pid):
+    """{path: load address} of the files mapped from their start in the traced process."""
+    out = {}
     for line in open(f"/proc/{pid}/maps"):
         f = line.split()
-        if len(f) > 5 and "libc.so" in f[5] and f[2] == "00000000":
-            base, libc = int(f[0].split("-")[0], 16), f[5]
-            break
-    else:
-        die(f"no libc mapping in /proc/{pid}/maps")
-    syms = subprocess.run(["nm", "-D", "-S", "--defined-only", libc], capture_output=True,
-                          text=True, check=True).stdout
-    for line in syms.splitlines():
-        f = line.split()
-        if len(f) == 4 and f[3].split("@")[0] == "epoll_wait":
-            return base + int(f[0], 16), base + int(f[0], 16) + int(f[1], 16)
+        if len(f) > 5 and f[2] == "00000000" and f[5].startswith("/") and f[5] not in out:
+            out[f[5]] = int(f[0].split("-")[0], 16)
+    return out
+
+
+def functions(path, base, demangle=True, dynamic=False):
+    """Sorted [(start, end, name)] of the functions in `path`, at their addresses in the
+    traced process (loaded at `base`): demangled with the hash cut, or linker names."""
+    pie = b"DYN" in subprocess.run(["readelf", "-h", path], capture_output=True).stdout
+    nm = ["nm", "-S", "--defined-only"] + (["-C"] if demangle else []) + (["-D"] if dynamic else [])
+    out = []
+    for line in subprocess.run(nm + [path], capture_output=True, text=True).stdout.splitlines():
+        f = line.split(maxsplit=3)
+        if len(f) == 4 and f[2] in "tTwW":
+            lo = int(f[0], 16) + (base if pie else 0)
+            name = re.sub(r"::h[0-9a-f]{16}$", "", f[3]) if demangle else f[3]
+            out.append((lo, lo + int(f[1], 16), name))
+    out.sort()
+    return out
+
+
+def finder(table):
+    """A function from an address to the name of the entry of sorted `table` holding it ("?")."""
+    starts = [x[0] for x in table]
+    cache = {}
+
+    def find(addr):
+        name = cache.get(addr)
+        if name is None:
+            i = bisect.bisect_right(starts, addr) - 1
+            name = table[i][2] if i >= 0 and addr < table[i][1] else "?"
+            cache[addr] = name
+        return name
+    return find
+
+
+def epoll_wait_range(bases):
+    """Address range of libc's epoll_wait in the traced process (its entries cut the trace)."""
+    libc = next((p for p in bases if "libc.so" in p), None)
+    if libc is None:
+        die("no libc mapped in the traced process")
+    for lo, hi, name in functions(libc, bases[libc], demangle=False, dynamic=True):
+        if name.split("@")[0] == "epoll_wait":
+            return lo, hi
     die(f"no epoll_wait in {libc}")
 
 
-def symbols(pid):
-    """Sorted [(start, end, name)] of the functions of the binary and libc, at their addresses
-    in the traced process (demangled, hashes cut)."""
-    bases = {}
-    for line in open(f"/proc/{pid}/maps"):
-        f = line.split()
-        if len(f) > 5 and f[2] == "00000000" and f[5].startswith("/") and f[5] not in bases:
-            bases[f[5]] = int(f[0].split("-")[0], 16)
+def symbols(bases):
+    """Sorted [(start, end, name)] of the functions of the binary and libc (demangled)."""
     out = []
     for path, base in bases.items():
-        if not (path.endswith(("/shmrelay", "/epoll-echo")) or "libc.so" in path):
-            continue
-        pie = b"DYN" in subprocess.run(["readelf", "-h", path], capture_output=True).stdout
-        nm = subprocess.run(["nm", "-C", "-S", "--defined-only", path], capture_output=True,
-                            text=True).stdout
-        if "libc.so" in path:
-            nm += subprocess.run(["nm", "-D", "-S", "--defined-only", path],
-                                 capture_output=True, text=True).stdout
-        for line in nm.splitlines():
-            f = line.split(maxsplit=3)
-            if len(f) == 4 and f[2] in "tTwW":
-                lo = int(f[0], 16) + (base if pie else 0)
-                name = re.sub(r"::h[0-9a-f]{16}$", "", f[3])
-                out.append((lo, lo + int(f[1], 16), name))
+        if path.endswith(BINARIES):
+            out += functions(path, base)
+        elif "libc.so" in path:
+            out += functions(path, base) + functions(path, base, dynamic=True)
     out.sort()
     return out
 
@@ -166,16 +189,7 @@ def analyse(trace, start, end, ew, maps, syms):
     """Per-wake counts over trace bytes [start, end): lists of dicts."""
     lo, hi = ew
     wakes, cur, inside = [], None, False
-    starts = [x[0] for x in syms]
-    fn_of = {}
-
-    def fn(addr):
-        name = fn_of.get(addr)
-        if name is None:
-            i = bisect.bisect_right(starts, addr) - 1
-            name = syms[i][2] if i >= 0 and addr < syms[i][1] else "?"
-            fn_of[addr] = name
-        return name
+    fn = finder(syms)
     here = "?"
     pc = 0
     first_touch = collections.Counter()  # instruction -> data lines it touched first in a wake
@@ -272,8 +286,8 @@ def where(pcs, pid_maps_bin):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", choices=["relay", "cecho"], default="relay")
-    ap.add_argument("--conns", type=int, default=2000)
-    ap.add_argument("--beat", type=float, default=20)
+    ap.add_argument("--conns", type=int, default=18000)
+    ap.add_argument("--beat", type=float, default=90)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
     ap.add_argument("--top", type=int, default=25)
@@ -330,12 +344,10 @@ def main():
         time.sleep(o.seconds)
         end = os.path.getsize(trace)
         maps = maps_of(pid)
-        ew = epoll_wait_range(pid)
-        syms = symbols(pid)
-        binmap = next(((f.split()[5], int(f.split()[0].split("-")[0], 16))
-                       for f in open(f"/proc/{pid}/maps")
-                       if len(f.split()) > 5 and f.split()[2] == "00000000"
-                       and f.split()[5].endswith(("/shmrelay", "/epoll-echo"))), None)
+        bases = file_bases(pid)
+        ew = epoll_wait_range(bases)
+        syms = symbols(bases)
+        binmap = next(((p, b) for p, b in bases.items() if p.endswith(BINARIES)), None)
         hold.wait()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -370,15 +382,19 @@ def main():
         print("data pages touched in most wakes: share of wakes, lines per wake touched")
         n = len(rows)
         rest = [0, 0]
-        for pg, (k, lines) in sorted(pages.items(), key=lambda x: -x[1][0]):
+        common = [(pg, k, lines) for pg, (k, lines) in sorted(pages.items(), key=lambda x: -x[1][0])]
+        for pg, k, lines in common:
             if k < n / 2:
                 rest[0] += k
                 rest[1] += lines
-                continue
+        common = [(pg, k, lines) for pg, k, lines in common if k >= n / 2]
+        tops = {pg: [p for p, _ in page_pcs[pg].most_common(3)] for pg, _, _ in common}
+        at = where([p for pcs in tops.values() for p in pcs if p >= binmap[1]],
+                   binmap) if binmap else {}
+        for pg, k, lines in common:
             a = pg * PAGE
             m = next(((nm, s_, a - s_) for s_, e, nm in maps if s_ <= a < e), ("other", 0, 0))
-            pcs = [p for p, _ in page_pcs[pg].most_common(3)]
-            at = where([p for p in pcs if binmap and p >= binmap[1]], binmap) if binmap else {}
+            pcs = tops[pg]
             src = "; ".join(at.get(p, hex(p)).split(" <- ")[0] + " <- "
                             + at.get(p, "?").split(" <- ")[-1] for p in pcs)
             print(f"  {k / n:>5.0%} {lines / n:>6.1f}  {m[0][:12]} {m[1]:#x}+{m[2]:#x}  {src[:150]}")
@@ -406,23 +422,11 @@ def main():
     if o.order_file and binmap:
         # The binary's functions by instructions executed per wake, hottest first, by their
         # linker names: a `--symbol-ordering-file` for lld that packs the wake's code together.
-        path, base = binmap
-        pie = b"DYN" in subprocess.run(["readelf", "-h", path], capture_output=True).stdout
-        raw = subprocess.run(["nm", "-S", "--defined-only", path], capture_output=True,
-                             text=True).stdout
-        funcs = []
-        for line in raw.splitlines():
-            f = line.split(maxsplit=3)
-            if len(f) == 4 and f[2] in "tTwW":
-                lo = int(f[0], 16) + (base if pie else 0)
-                funcs.append((lo, lo + int(f[1], 16), f[3]))
-        funcs.sort()
-        fstarts = [x[0] for x in funcs]
+        linker_name = finder(functions(*binmap, demangle=False))
         heat = collections.Counter()
         for pc, n in executed.items():
-            i = bisect.bisect_right(fstarts, pc) - 1
-            if i >= 0 and pc < funcs[i][1]:
-                heat[funcs[i][2]] += n
+            heat[linker_name(pc)] += n
+        heat.pop("?", None)
         with open(o.order_file, "w") as f:
             for name, _ in heat.most_common():
                 f.write(name + "\n")

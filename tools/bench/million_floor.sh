@@ -17,7 +17,7 @@
 # Prints the server's CPU over the hold window (% of one core, from relaybench hold
 # --server-pid: user + system of the server and its children) and CPU microseconds per beat;
 # --json PATH also writes them as one JSON object (million.py's --floor reads it).
-# --touch-pages K: each server process writes a line in each of K pages of its own after every
+# --touch-pages K: each server process visits a line in each of K pages of its own after every
 # wake, one after another (epoll-echo's probe): what K more pages per wake cost at this scale.
 set -euo pipefail
 CONNS=1000000 SECS=240 BEAT=60 PROCS=64 CLIENT_PROCS=63 SRC_IPS=127.0.0.2-127.0.0.101 BUILD=1 JSON="" TOUCH=0
