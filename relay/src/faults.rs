@@ -17,7 +17,9 @@
 //! - `poison`: panics (the worker crashes on this frame, and on each redelivery of it).
 //!
 //! `shmrelay worker liar` (see [`liar`]) answers its first frame claiming an impossible
-//! request position, then exits; its replacements echo.
+//! request position, then exits; its replacements echo. `shmrelay worker quiet-liar` does the
+//! same without waking the front, which then first reads the lie when it switches to the
+//! replacement's rings.
 
 use std::os::fd::{BorrowedFd, RawFd};
 
@@ -151,12 +153,14 @@ pub fn channels_by_front() -> Vec<Option<Channel>> {
 /// reply record whose `aux` (the request position it answers) is 2^62, far beyond anything
 /// the front published, then exits 1. A front that believed it would make every replacement
 /// skip every frame. Later generations (`SHMRELAY_RESTARTS` > 0) are plain echo workers.
-pub fn liar() -> anyhow::Result<()> {
+/// `quiet`: the record's tail is stored without the wake `publish` would do, so the front finds
+/// the lie at its next wake, typically the ring generation the supervisor hands it.
+pub fn liar(quiet: bool) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use anyhow::Context;
-    use shm_ring::{Consumer, Meta, Producer, ShmRing};
+    use shm_ring::{Consumer, Meta, Producer, RingStorage, ShmRing};
     use shmrelay_worker::protocol::tag;
 
     let restarts: u32 = std::env::var(env::RESTARTS)
@@ -195,7 +199,16 @@ pub fn liar() -> anyhow::Result<()> {
         if let Some((conn, _end)) = target {
             let reply = [&3u32.to_be_bytes()[..], b"lie"].concat();
             tx.push(Meta::tag(tag::SEND).conn(conn).aux(1 << 62), &reply)?;
-            tx.publish();
+            if quiet {
+                // Release: pairs with the front's Acquire load of the tail (as `publish`),
+                // but without waking it: the front reads the lie only at its next wake.
+                tx.storage()
+                    .header()
+                    .tail
+                    .store(tx.position(), std::sync::atomic::Ordering::Release);
+            } else {
+                tx.publish();
+            }
             // Exit without releasing: the frame stays for the replacement.
             std::process::exit(1);
         }

@@ -83,7 +83,8 @@ enum Cmd {
     /// Runs a built-in example worker (started by the supervisor).
     #[command(hide = true)]
     Worker {
-        /// `echo`, `pubsub`, `journal`, `kv`, `chat`, or `scribbler` and `liar` (fault injection).
+        /// `echo`, `pubsub`, `journal`, `kv`, `chat`, or `scribbler`, `liar` and `quiet-liar` (fault
+        /// injection).
         kind: String,
     },
 }
@@ -236,8 +237,8 @@ fn run_front(a: FrontArgs) -> Result<()> {
 
 fn run_worker(kind: &str) -> Result<()> {
     use shmrelay_worker::{examples, Worker};
-    if kind == "liar" {
-        return faults::liar();
+    if kind == "liar" || kind == "quiet-liar" {
+        return faults::liar(kind == "quiet-liar");
     }
     let mut worker = Worker::from_env()?;
     match kind {
@@ -259,7 +260,7 @@ fn run_worker(kind: &str) -> Result<()> {
             worker.run(&mut s)?
         }
         other => anyhow::bail!(
-            "unknown built-in worker {other:?} (echo, pubsub, journal, kv, chat, scribbler, liar)"
+            "unknown built-in worker {other:?} (echo, pubsub, journal, kv, chat, scribbler, liar, quiet-liar)"
         ),
     }
     Ok(())

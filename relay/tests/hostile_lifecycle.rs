@@ -33,8 +33,19 @@ fn pids_in(file: &Path) -> Vec<u32> {
 /// rings (the liar's client gets an error), and new clients are served by the replacement.
 #[test]
 fn lying_answered_position_is_quarantined_and_new_clients_are_served() {
-    let w = format!("worker_cmd={:?}", format!("{BIN} worker liar"));
-    let relay = Relay::start("liar", &["--workers", "1", "--set", &w]);
+    lie_is_quarantined("liar");
+}
+
+/// 12.2, the lie read late: the liar publishes its record without waking the front and exits,
+/// so the front may first read it while it switches to the replacement's rings.
+#[test]
+fn lying_answer_read_at_the_ring_switch_is_quarantined() {
+    lie_is_quarantined("quiet-liar");
+}
+
+fn lie_is_quarantined(kind: &str) {
+    let w = format!("worker_cmd={:?}", format!("{BIN} worker {kind}"));
+    let relay = Relay::start(kind, &["--workers", "1", "--set", &w]);
     let mut first = relay.connect();
     first
         .stream
