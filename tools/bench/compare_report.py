@@ -198,8 +198,26 @@ def table(rows):
     return "\n".join(lines)
 
 
-def targets(rows):
-    """The issue's targets, checked on whatever cases were run."""
+def per_round(runs, a, b, size, conns):
+    """`a`'s req/s over `b`'s, round by round (runs of the same `rep`), as
+    " (per round: median M [min-max])", or "" without two paired rounds. The systems alternate
+    within a round, so a change in the host's speed between rounds cancels out of each ratio:
+    on a shared host this is steadier than the ratio of the two medians."""
+    def by_rep(name):
+        return {r.get("rep", 1): r["load"]["req_per_sec"] for r in runs
+                if r["system"] == name and (r["size"], r["conns"]) == (size, conns)}
+    ra, rb = by_rep(a), by_rep(b)
+    xs = sorted(ra[k] / rb[k] for k in ra if k in rb and rb[k])
+    if len(xs) < 2:
+        return ""
+    mid = len(xs) // 2
+    med = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    return f" (per round: median {med:.2f}x [{xs[0]:.2f}-{xs[-1]:.2f}])"
+
+
+def targets(rows, runs=()):
+    """The issue's targets, checked on whatever cases were run; with `runs`, each ratio also
+    as the median of its per-round ratios."""
     out = []
     get = {(r["system"], r["size"], r["conns"]): r for r in rows}
     s = get.get(("shmrelay", 64, 1000))
@@ -209,7 +227,7 @@ def targets(rows):
         ratio = s["req_per_sec"] / h["req_per_sec"]
         out.append(
             f"- 64 B, 1,000 conns: shmrelay / HAProxy req/s = {ratio:.2f}x (target >= 2x: "
-            f"{'met' if ratio >= 2 else 'MISSED'}); p99 {fmt_ms(s['p99_us'])} ms vs "
+            f"{'met' if ratio >= 2 else 'MISSED'}){per_round(runs, 'shmrelay', 'haproxy', 64, 1000)}; p99 {fmt_ms(s['p99_us'])} ms vs "
             f"{fmt_ms(h['p99_us'])} ms (target lower: {'met' if s['p99_us'] < h['p99_us'] else 'MISSED'})"
         )
     if s and t:
@@ -231,7 +249,8 @@ def targets(rows):
         if sys_name == "shmrelay" and c:
             ratio = r["req_per_sec"] / c["req_per_sec"]
             line = (f"- {size_label(size)}, {conns} conns: shmrelay / C epoll echo req/s = {ratio:.2f}x "
-                    f"(target >= 1x: {'met' if ratio >= 1 else 'MISSED'}); p99 {fmt_ms(r['p99_us'])} ms vs "
+                    f"(target >= 1x: {'met' if ratio >= 1 else 'MISSED'})"
+                    f"{per_round(runs, 'shmrelay', 'cepoll', size, conns)}; p99 {fmt_ms(r['p99_us'])} ms vs "
                     f"{fmt_ms(c['p99_us'])} ms")
             if size >= 4096:
                 line += f" (target no worse: {'met' if r['p99_us'] <= c['p99_us'] else 'MISSED'})"
@@ -246,6 +265,7 @@ def targets(rows):
             out.append(
                 f"- {size_label(size)}, {conns} conns: shmrelay / baseline build req/s = "
                 f"{ratio:.3f}x (target within 5%: {'met' if ratio >= 0.95 else 'MISSED'})"
+                f"{per_round(runs, 'shmrelay', 'shmrelay-base', size, conns)}"
             )
     for r in rows:
         if r["system"] == "shmrelay" and r["size"] >= 4096 and r["copied_ratio"] is not None:
@@ -398,7 +418,7 @@ def main():
         title = (f"Echo through one core's worth of server: closed loop, depth {depth}, {secs:g} s per measurement"
                  + (f", median of {reps}" if reps > 1 else ""))
     tbl = table(rows)
-    tg = targets(rows)
+    tg = targets(rows, runs)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"machine": m, "rows": rows, "runs": runs}, f, indent=1)
     with open(os.path.join(out, "table.md"), "w") as f:
