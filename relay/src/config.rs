@@ -264,6 +264,10 @@ pub struct Config {
     /// it: slow consumer).
     pub max_pending: usize,
     /// Ring data bytes (a power of two); default: enough for two maximum frames, at least 4 MiB.
+    /// Larger is not faster: the front sends each reply from the ring, and the further the ring
+    /// outgrows the CPU caches, the colder those bytes are. With 4 KiB frames, 16 MiB rings gave
+    /// 0.81x the throughput of 4 MiB ones, and 1 MiB rings 0.94x, which stall on a full ring
+    /// (BENCHMARKS.md, "4 KiB against the C echo").
     pub ring_capacity: Option<usize>,
     /// Shutdown drain time in milliseconds.
     pub drain_ms: u64,
