@@ -9,6 +9,7 @@ Usage: compare_report.py OUT_DIR [--title TEXT]
 """
 import json
 import os
+import statistics
 import sys
 from xml.sax.saxutils import escape
 
@@ -210,9 +211,7 @@ def per_round(runs, a, b, size, conns):
     xs = sorted(ra[k] / rb[k] for k in ra if k in rb and rb[k])
     if len(xs) < 2:
         return ""
-    mid = len(xs) // 2
-    med = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-    return f" (per round: median {med:.2f}x [{xs[0]:.2f}-{xs[-1]:.2f}])"
+    return f" (per round: median {statistics.median(xs):.2f}x [{xs[0]:.2f}-{xs[-1]:.2f}])"
 
 
 def targets(rows, runs=()):
