@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::Submitter;
 
+/// `IOU_PBUF_RING_INC`: the kernel consumes each buffer incrementally (Linux 6.12).
+const IOU_PBUF_RING_INC: u16 = 2;
+
 /// One entry of the ring, as the kernel reads it (`struct io_uring_buf`). The `resv` field of
 /// entry 0 is the ring's tail, which only this process writes.
 #[repr(C)]
@@ -22,9 +25,15 @@ const TAIL_OFFSET: usize = 14;
 
 /// A registered buffer ring of `count` buffers of `size` bytes (buffer group `group`).
 ///
-/// Invariant: a buffer id is either in the kernel's hands (pushed and published, not yet
-/// handed back in a completion) or `held` here; the kernel writes only buffers in its hands,
-/// so the bytes of a held buffer can be read and sent from without a race.
+/// Invariant: the kernel writes a buffer only past its `consumed` bytes, and only while it is
+/// `in_kernel` (pushed and published, not yet finished in a completion). Bytes below
+/// `consumed` were handed over in completions, so they can be read and sent from without a
+/// race; a buffer goes back to the kernel (and `consumed` to 0) only when the kernel is done
+/// with it and no segment refers to it (`refs`).
+///
+/// Without incremental consumption every completion finishes its buffer. With it
+/// (`IOU_PBUF_RING_INC`, Linux 6.12) the kernel fills one buffer with several receives, of any
+/// connections, and says so with `IORING_CQE_F_BUF_MORE` until it is full.
 pub struct BufRing {
     ring: NonNull<RawBuf>,
     ring_bytes: usize,
@@ -34,7 +43,9 @@ pub struct BufRing {
     size: u32,
     /// Next entry to fill, free-running (the kernel masks it with `count - 1`).
     tail: u16,
-    held: Vec<bool>,
+    in_kernel: Vec<bool>,
+    consumed: Vec<u32>,
+    refs: Vec<u32>,
     nheld: usize,
     /// The buffer group id receives name.
     pub group: u16,
@@ -60,13 +71,21 @@ fn map(bytes: usize) -> io::Result<NonNull<u8>> {
 }
 
 impl BufRing {
-    /// Maps the ring and the buffers, registers them as buffer group `group` and gives every
-    /// buffer to the kernel. `count` must be a power of two up to 32768.
+    /// Maps the ring and the buffers, registers them as buffer group `group` (consumed
+    /// incrementally if `incremental`) and gives every buffer to the kernel. `count` must be a
+    /// power of two up to 32768.
     ///
     /// # Errors
     ///
-    /// The mappings fail, or the kernel refuses the registration (EINVAL before 5.19).
-    pub fn new(submitter: &Submitter<'_>, count: u16, size: u32, group: u16) -> io::Result<Self> {
+    /// The mappings fail, or the kernel refuses the registration (EINVAL before 5.19, or
+    /// before 6.12 with `incremental`).
+    pub fn new(
+        submitter: &Submitter<'_>,
+        count: u16,
+        size: u32,
+        group: u16,
+        incremental: bool,
+    ) -> io::Result<Self> {
         if !count.is_power_of_two() || count > 32768 || size == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -92,53 +111,84 @@ impl BufRing {
             count,
             size,
             tail: 0,
-            held: vec![true; usize::from(count)],
+            in_kernel: vec![false; usize::from(count)],
+            consumed: vec![0; usize::from(count)],
+            refs: vec![0; usize::from(count)],
             nheld: usize::from(count),
             group,
         };
+        let flags = if incremental { IOU_PBUF_RING_INC } else { 0 };
         // SAFETY: the ring mapping is page-aligned, `count` entries long, and lives until
         // `Drop`, which unregisters it first.
-        unsafe { submitter.register_buf_ring_with_flags(ring.as_ptr() as u64, count, group, 0)? };
+        unsafe {
+            submitter.register_buf_ring_with_flags(ring.as_ptr() as u64, count, group, flags)?
+        };
         for bid in 0..count {
-            me.give_back(bid);
+            me.settle(bid);
         }
         me.publish();
         Ok(me)
     }
 
-    /// Takes buffer `bid` out of the kernel's hands (its completion named it).
+    /// A completion handed over `len` more bytes of buffer `bid`; `more` is its
+    /// `IORING_CQE_F_BUF_MORE` (the kernel keeps filling the buffer). Returns where in the
+    /// buffer those bytes start. Settle the buffer with [`settle`](Self::settle) afterwards.
     ///
     /// # Panics
     ///
-    /// `bid` is out of range or already held: the kernel broke the protocol.
-    pub fn take(&mut self, bid: u16) {
-        let h = &mut self.held[usize::from(bid)];
-        assert!(!*h, "buffer {bid} handed out twice");
-        *h = true;
-        self.nheld += 1;
+    /// `bid` is not in the kernel's hands, or the bytes overrun it: the kernel broke the
+    /// protocol.
+    pub fn received(&mut self, bid: u16, len: usize, more: bool) -> usize {
+        let i = usize::from(bid);
+        assert!(self.in_kernel[i], "buffer {bid} handed out while not lent");
+        let off = self.consumed[i] as usize;
+        assert!(off + len <= self.size as usize, "buffer {bid} overrun");
+        self.consumed[i] = (off + len) as u32;
+        if !more {
+            self.in_kernel[i] = false;
+            self.nheld += 1;
+        }
+        off
     }
 
-    /// The first `len` bytes of held buffer `bid`.
-    pub fn data(&self, bid: u16, len: usize) -> &[u8] {
-        assert!(self.held[usize::from(bid)] && len <= self.size as usize);
-        // SAFETY: `bid` is held (checked), so the kernel does not write it (type invariant)
-        // until `give_back`, which needs `&mut self` and so ends this borrow; the range is
-        // inside the buffer mapping.
+    /// `len` bytes at `off` of buffer `bid`, all of them handed over by completions.
+    pub fn data(&self, bid: u16, off: usize, len: usize) -> &[u8] {
+        assert!(off + len <= self.consumed[usize::from(bid)] as usize);
+        // SAFETY: the range is below `consumed`, which the kernel no longer writes (type
+        // invariant) until the buffer is given back, which needs `&mut self` and so ends this
+        // borrow; it is inside the buffer mapping (`consumed` <= `size`).
         unsafe {
             std::slice::from_raw_parts(
                 self.bufs
                     .as_ptr()
-                    .add(usize::from(bid) * self.size as usize),
+                    .add(usize::from(bid) * self.size as usize + off),
                 len,
             )
         }
     }
 
-    /// Gives held buffer `bid` back to the kernel (visible to it at the next `publish`).
-    pub fn give_back(&mut self, bid: u16) {
-        let h = &mut self.held[usize::from(bid)];
-        assert!(*h, "buffer {bid} given back twice");
-        *h = false;
+    /// A segment now refers to buffer `bid`.
+    pub fn hold(&mut self, bid: u16) {
+        self.refs[usize::from(bid)] += 1;
+    }
+
+    /// A segment referring to buffer `bid` is gone (sent or dropped).
+    pub fn release(&mut self, bid: u16) {
+        let r = &mut self.refs[usize::from(bid)];
+        assert!(*r > 0, "buffer {bid} released more often than held");
+        *r -= 1;
+        self.settle(bid);
+    }
+
+    /// Gives buffer `bid` back to the kernel (visible to it at the next `publish`) if the
+    /// kernel is done with it and nothing refers to it.
+    pub fn settle(&mut self, bid: u16) {
+        let i = usize::from(bid);
+        if self.in_kernel[i] || self.refs[i] > 0 {
+            return;
+        }
+        self.in_kernel[i] = true;
+        self.consumed[i] = 0;
         self.nheld -= 1;
         let slot = usize::from(self.tail & (self.count - 1));
         let addr = self.bufs.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
@@ -176,9 +226,10 @@ impl BufRing {
         usize::from(self.count) - self.nheld
     }
 
-    /// Address of byte `off` of held buffer `bid`, for an iovec.
+    /// Address of byte `off` of buffer `bid` (below what completions handed over), for an
+    /// iovec.
     pub fn addr(&self, bid: u16, off: usize) -> *const u8 {
-        self.data(bid, off).as_ptr_range().end
+        self.data(bid, 0, off).as_ptr_range().end
     }
 
     /// Size of every buffer.

@@ -14,8 +14,14 @@ const MAX_IOV: usize = 1024;
 
 /// Bytes to send, in arrival order.
 enum Seg {
-    /// `len` bytes at `off` of held provided buffer `bid` (given back once sent).
-    Buf { bid: u16, off: usize, len: usize },
+    /// `len` bytes at `off` of provided buffer `bid` (released once sent); `weight` is what
+    /// it counts towards `pending` (the whole buffer when a segment holds one buffer alone).
+    Buf {
+        bid: u16,
+        off: usize,
+        len: usize,
+        weight: usize,
+    },
     /// A frame that arrived split across buffers, collected here; `.1` bytes already sent.
     Owned(Vec<u8>, usize),
 }
@@ -77,18 +83,25 @@ impl Conn {
         })
     }
 
-    fn push(&mut self, seg: Seg, buf_size: usize) {
+    fn push(&mut self, seg: Seg) {
         self.pending += match seg {
-            Seg::Buf { .. } => buf_size,
+            Seg::Buf { weight, .. } => weight,
             Seg::Owned(ref v, _) => v.len(),
         };
         self.queue.push_back(seg);
     }
 
-    /// Takes the `data` the kernel received into held buffer `bid`. Returns whether a segment
-    /// now refers to the buffer (then it is given back once sent); if not, the caller gives it
-    /// back at once. Sets `bad` on a frame over `max_frame`.
-    pub fn ingest(&mut self, bid: u16, data: &[u8], max_frame: u32, buf_size: usize) -> bool {
+    /// Takes the `data` the kernel received into buffer `bid` at offset `base`. Returns
+    /// whether a segment now refers to the buffer (the caller holds it until the segment is
+    /// sent); it weighs `weight` in `pending`. Sets `bad` on a frame over `max_frame`.
+    pub fn ingest(
+        &mut self,
+        bid: u16,
+        base: usize,
+        data: &[u8],
+        max_frame: u32,
+        weight: usize,
+    ) -> bool {
         if self.bad || self.dead {
             return false;
         }
@@ -116,7 +129,7 @@ impl Conn {
                 return false;
             }
             let whole = std::mem::take(&mut self.carry);
-            self.push(Seg::Owned(whole, 0), buf_size);
+            self.push(Seg::Owned(whole, 0));
         }
         let rest = &data[at..];
         let s = scan(rest, max_frame);
@@ -124,10 +137,11 @@ impl Conn {
         if kept {
             let seg = Seg::Buf {
                 bid,
-                off: at,
+                off: base + at,
                 len: s.complete,
+                weight,
             };
-            self.push(seg, buf_size);
+            self.push(seg);
         }
         if s.oversized {
             self.bad = true;
@@ -138,7 +152,7 @@ impl Conn {
         kept
     }
 
-    /// Bytes waiting to be sent (held buffers counted whole).
+    /// Bytes waiting to be sent (segments weighed as pushed).
     pub fn pending(&self) -> usize {
         self.pending
     }
@@ -173,7 +187,7 @@ impl Conn {
 
     /// The send in flight took `n` bytes: its whole segments are done (their buffers go to
     /// `freed`), a partly sent one and the rest go back to the head of the queue.
-    pub fn sent(&mut self, mut n: usize, buf_size: usize, freed: &mut Vec<u16>) {
+    pub fn sent(&mut self, mut n: usize, freed: &mut Vec<u16>) {
         self.sending = false;
         let mut flight = std::mem::take(&mut self.flight);
         let mut rest = Vec::new();
@@ -182,9 +196,9 @@ impl Conn {
             if n >= len {
                 n -= len;
                 self.pending -= match seg {
-                    Seg::Buf { bid, .. } => {
+                    Seg::Buf { bid, weight, .. } => {
                         freed.push(bid);
-                        buf_size
+                        weight
                     }
                     Seg::Owned(v, sent) => v.len() - sent,
                 };
@@ -244,7 +258,7 @@ mod tests {
         let mut out = Vec::new();
         for seg in &c.queue {
             match seg {
-                Seg::Buf { bid, off, len } => {
+                Seg::Buf { bid, off, len, .. } => {
                     out.extend_from_slice(&buffers[usize::from(*bid)][*off..*off + *len])
                 }
                 Seg::Owned(v, sent) => out.extend_from_slice(&v[*sent..]),
@@ -263,11 +277,26 @@ mod tests {
             let buffers: Vec<Vec<u8>> = wire.chunks(cut).map(<[u8]>::to_vec).collect();
             let mut c = Conn::new(-1);
             for (bid, b) in buffers.iter().enumerate() {
-                c.ingest(bid as u16, b, 1 << 20, 4096);
+                c.ingest(bid as u16, 0, b, 1 << 20, 4096);
             }
             assert_eq!(queued(&c, &buffers), wire, "cut {cut}");
             assert!(c.carry.is_empty() && !c.bad);
         }
+    }
+
+    #[test]
+    fn receives_sharing_one_buffer_keep_their_offsets() {
+        // One incrementally filled buffer holds bytes of two connections, ingested out of
+        // buffer order; each connection's segments point at its own bytes, at their offsets.
+        let (a, b) = ([frame(b"one"), frame(b"two")].concat(), frame(b"three"));
+        let buffers = vec![[a.clone(), b.clone()].concat()];
+        let (mut ca, mut cb) = (Conn::new(-1), Conn::new(-1));
+        assert!(ca.ingest(0, 0, &buffers[0][..7], 1 << 20, 7));
+        assert!(cb.ingest(0, a.len(), &buffers[0][a.len()..], 1 << 20, b.len()));
+        assert!(ca.ingest(0, 7, &buffers[0][7..a.len()], 1 << 20, a.len() - 7));
+        assert_eq!(queued(&ca, &buffers), a);
+        assert_eq!(queued(&cb, &buffers), b);
+        assert_eq!(ca.pending(), a.len(), "weighed as received");
     }
 
     #[test]
@@ -276,12 +305,12 @@ mod tests {
         wire.extend(11u32.to_be_bytes());
         let buffers = vec![wire[..8].to_vec(), wire[8..].to_vec()];
         let mut c = Conn::new(-1);
-        assert!(c.ingest(0, &buffers[0], 10, 64));
-        assert!(!c.ingest(1, &buffers[1], 10, 64));
+        assert!(c.ingest(0, 0, &buffers[0], 10, 64));
+        assert!(!c.ingest(1, 0, &buffers[1], 10, 64));
         assert!(c.bad);
         assert_eq!(queued(&c, &buffers), frame(b"ok"));
         assert!(
-            !c.ingest(2, &frame(b"later"), 10, 64),
+            !c.ingest(2, 0, &frame(b"later"), 10, 64),
             "nothing after a bad frame"
         );
     }
@@ -291,7 +320,7 @@ mod tests {
         let buffers = vec![frame(b"hello"), frame(b"world!")];
         let mut c = Conn::new(-1);
         for (bid, b) in buffers.iter().enumerate() {
-            c.ingest(bid as u16, b, 100, 64);
+            c.ingest(bid as u16, 0, b, 100, 64);
         }
         let seg_lens: Vec<usize> = c.queue.iter().map(Seg::len).collect();
         assert_eq!(seg_lens, [9, 10]);
@@ -299,7 +328,7 @@ mod tests {
         c.flight = c.queue.drain(..).collect();
         c.sending = true;
         let mut freed = Vec::new();
-        c.sent(12, 64, &mut freed);
+        c.sent(12, &mut freed);
         assert_eq!(freed, [0]);
         assert_eq!(queued(&c, &buffers), frame(b"world!")[3..].to_vec());
         assert_eq!(c.pending(), 64);

@@ -53,8 +53,13 @@ struct Args {
     /// Size of each provided buffer (bytes).
     #[arg(long, default_value_t = 32 * 1024)]
     buffer_size: u32,
-    /// Bytes waiting to be sent (held buffers counted whole) above which a connection stops
-    /// receiving.
+    /// Let the kernel fill each buffer with several receives (`IOU_PBUF_RING_INC`, Linux
+    /// 6.12): large buffers then waste no space on short reads.
+    #[arg(long)]
+    incremental: bool,
+    /// Bytes waiting to be sent (held buffers counted whole; with `--incremental` the bytes
+    /// received, so a client that does not read can keep every buffer its bytes landed in
+    /// from going back) above which a connection stops receiving.
     #[arg(long, default_value_t = 1 << 20)]
     max_pending: usize,
 }
@@ -86,6 +91,7 @@ struct Server {
     freed: Vec<u16>,
     max_frame: u32,
     max_pending: usize,
+    incremental: bool,
 }
 
 fn unavailable(e: &io::Error) -> bool {
@@ -106,8 +112,14 @@ impl Server {
             .build(4096)
             .or_else(|_| IoUring::builder().setup_cqsize(16384).build(4096))
             .map_err(Unavailable)?;
-        let bufs = BufRing::new(&ring.submitter(), args.buffers, args.buffer_size, BUF_GROUP)
-            .map_err(Unavailable)?;
+        let bufs = BufRing::new(
+            &ring.submitter(),
+            args.buffers,
+            args.buffer_size,
+            BUF_GROUP,
+            args.incremental,
+        )
+        .map_err(Unavailable)?;
         Ok(Server {
             ring,
             bufs,
@@ -118,6 +130,7 @@ impl Server {
             freed: Vec::new(),
             max_frame: args.max_frame,
             max_pending: args.max_pending,
+            incremental: args.incremental,
         })
     }
 
@@ -173,7 +186,7 @@ impl Server {
 
     fn give_back_freed(&mut self) {
         for bid in self.freed.drain(..) {
-            self.bufs.give_back(bid);
+            self.bufs.release(bid);
         }
     }
 
@@ -231,11 +244,16 @@ impl Server {
         }
         if res > 0 {
             let bid = cqueue::buffer_select(flags).expect("a receive with data names its buffer");
-            self.bufs.take(bid);
+            let len = res as usize;
+            let off = self.bufs.received(bid, len, cqueue::buffer_more(flags));
+            // A buffer shared by several receives weighs what this one took; one held by a
+            // single receive weighs all of it (nothing else can use it until it is sent).
+            let weight = if self.incremental { len } else { size };
             let was_bad = c.bad;
-            if !c.ingest(bid, self.bufs.data(bid, res as usize), max_frame, size) {
-                self.bufs.give_back(bid);
+            if c.ingest(bid, off, self.bufs.data(bid, off, len), max_frame, weight) {
+                self.bufs.hold(bid);
             }
+            self.bufs.settle(bid);
             let stop = (c.bad && !was_bad) || (!c.paused && c.pending() > self.max_pending);
             if c.pending() > self.max_pending {
                 c.paused = true;
@@ -260,7 +278,7 @@ impl Server {
     }
 
     fn on_send(&mut self, slot: usize, res: i32) -> io::Result<()> {
-        let (size, low) = (self.bufs.size() as usize, self.max_pending / 2);
+        let low = self.max_pending / 2;
         let c = self.conns[slot].as_mut().expect("live slot");
         if res < 0 {
             c.sending = false;
@@ -271,7 +289,7 @@ impl Server {
                 self.cancel_recv(slot)?;
             }
         } else {
-            c.sent(res as usize, size, &mut self.freed);
+            c.sent(res as usize, &mut self.freed);
             let resume = c.paused && c.pending() <= low;
             if resume {
                 c.paused = false;
