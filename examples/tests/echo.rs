@@ -352,9 +352,9 @@ fn uring_echo_with_incremental_buffers_serves_many_connections() {
 
 // Ignored: in CI's full parallel suite (a fresh-clone `.ci/run`, 2026-11-30) connection 0 of
 // the 20 got no echo within 30 s, while alone it passes every time. The prototype was measured
-// and dropped for the front (docs/io_uring.md); the stall, likely provided buffers held by
-// partial 64 KiB frames, is noted there and not chased. Run: `cargo test -p
-// shmrelay-examples --test echo -- --ignored`.
+// and dropped for the front (docs/io_uring.md); the stall, likely every provided buffer held
+// by echoes waiting on clients that are not being read, is noted there and not chased. Run:
+// `cargo test -p shmrelay-examples --test echo -- --ignored`.
 #[test]
 #[ignore = "stalls under CI load: see the comment and docs/io_uring.md"]
 fn uring_echo_client_that_does_not_read_does_not_stall_others() {
