@@ -47,6 +47,8 @@ pub struct BufRing {
     consumed: Vec<u32>,
     refs: Vec<u32>,
     nheld: usize,
+    /// Registered with `IOU_PBUF_RING_INC`.
+    incremental: bool,
     /// The buffer group id receives name.
     pub group: u16,
 }
@@ -115,6 +117,7 @@ impl BufRing {
             consumed: vec![0; usize::from(count)],
             refs: vec![0; usize::from(count)],
             nheld: usize::from(count),
+            incremental,
             group,
         };
         let flags = if incremental { IOU_PBUF_RING_INC } else { 0 };
@@ -232,9 +235,15 @@ impl BufRing {
         self.data(bid, 0, off).as_ptr_range().end
     }
 
-    /// Size of every buffer.
-    pub fn size(&self) -> u32 {
-        self.size
+    /// What `len` received bytes cost in buffer space, for a connection's pending count: just
+    /// those bytes when the kernel goes on filling the buffer with other receives, the whole
+    /// buffer when it took one receive alone (nothing else can use it until it is sent).
+    pub fn weight(&self, len: usize) -> usize {
+        if self.incremental {
+            len
+        } else {
+            self.size as usize
+        }
     }
 }
 

@@ -91,7 +91,6 @@ struct Server {
     freed: Vec<u16>,
     max_frame: u32,
     max_pending: usize,
-    incremental: bool,
 }
 
 fn unavailable(e: &io::Error) -> bool {
@@ -130,7 +129,6 @@ impl Server {
             freed: Vec::new(),
             max_frame: args.max_frame,
             max_pending: args.max_pending,
-            incremental: args.incremental,
         })
     }
 
@@ -237,7 +235,7 @@ impl Server {
 
     fn on_recv(&mut self, slot: usize, res: i32, flags: u32) -> io::Result<()> {
         let more = cqueue::more(flags);
-        let (max_frame, size) = (self.max_frame, self.bufs.size() as usize);
+        let max_frame = self.max_frame;
         let c = self.conns[slot].as_mut().expect("live slot");
         if !more {
             c.recv_armed = false;
@@ -246,9 +244,7 @@ impl Server {
             let bid = cqueue::buffer_select(flags).expect("a receive with data names its buffer");
             let len = res as usize;
             let off = self.bufs.received(bid, len, cqueue::buffer_more(flags));
-            // A buffer shared by several receives weighs what this one took; one held by a
-            // single receive weighs all of it (nothing else can use it until it is sent).
-            let weight = if self.incremental { len } else { size };
+            let weight = self.bufs.weight(len);
             let was_bad = c.bad;
             if c.ingest(bid, off, self.bufs.data(bid, off, len), max_frame, weight) {
                 self.bufs.hold(bid);
